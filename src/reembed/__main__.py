@@ -1,0 +1,5 @@
+import sys
+
+from reembed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,297 @@
+"""The re-embedding job: plan -> Ray Data read -> Embedder actor pool -> shard writer -> manifest commit.
+
+``run(cfg)`` is the whole job. Running it again on the same output resumes: committed shards are
+skipped, the rest are recomputed, and the result is the same as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reembed import embed, storage
+from reembed.config import JobConfig, validate
+from reembed.manifest import Manifest, ManifestError, now
+from reembed.plan import InputError, make_plan
+from reembed.writer import DEAD_LETTER, SHARDS, ShardAssembler, write_shard
+
+log = logging.getLogger(__name__)
+
+DUPLICATES = "plan/duplicates.parquet"
+
+
+def run(cfg: JobConfig) -> dict[str, Any]:
+    """Re-embed every document under ``cfg.input.uri`` into ``cfg.output.uri``; returns the summary."""
+    validate(cfg)
+    started, t0 = now(), time.monotonic()
+    out = storage.Location.from_uri(cfg.output.uri)
+    if cfg.output.fresh:
+        _wipe(out)
+
+    model_info = inspect_model(cfg)
+    manifest = Manifest.load(out)
+    if manifest is None:
+        plan, dups = make_plan(cfg.input, cfg.plan.shard_rows, cfg.on_bad_file)
+        dup_bytes = _parquet_bytes(dups)
+        out.write_bytes(dup_bytes, DUPLICATES)
+        import hashlib
+
+        manifest = Manifest.create(
+            out, model_info, plan,
+            {"path": DUPLICATES, "rows": dups.num_rows, "sha256": hashlib.sha256(dup_bytes).hexdigest()},
+        )
+    else:
+        check_resume(manifest, cfg, model_info)
+        dups = pq.read_table(pa.BufferReader(out.read_bytes(manifest.data["duplicates"]["path"])))
+
+    cleaned = out.clean_tmp(SHARDS) + out.clean_tmp(DEAD_LETTER)
+    if cleaned:
+        log.info("removed %d temporary file(s) left by an interrupted attempt", cleaned)
+    pending = manifest.pending()
+    plan = manifest.plan
+    log.info("%d of %d shards committed, %d pending", len(plan["shards"]) - len(pending), len(plan["shards"]), len(pending))
+
+    run_info: dict[str, Any] = {"started_at": started, "shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0}
+    if pending:
+        run_info.update(_execute(cfg, manifest, pending, dups))
+    run_info["finished_at"] = now()
+    run_info["wall_seconds"] = round(time.monotonic() - t0, 3)
+    if pending:
+        manifest.record_run(run_info)
+    summary = summarize(manifest)
+    summary["run"] = run_info
+    return summary
+
+
+def inspect_model(cfg: JobConfig) -> dict[str, Any]:
+    """Load the model on the driver's CPU once to learn its identity (dimension, pooling, revision), and
+    fail before any GPU work if it cannot be found."""
+    m = cfg.model
+    model = embed.load_model(m.name, m.revision, "cpu", "float32", m.max_seq_length)
+    return embed.describe_model(model, m.name, m.dtype, m.revision)
+
+
+def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any]) -> None:
+    """Refuse to resume an output made with another model, embedding setting or input."""
+    where = manifest.loc.display("manifest.json")
+    stored = manifest.model
+    if stored["fingerprint"] != model_info["fingerprint"]:
+        diffs = [f"{k}: {stored.get(k)!r} -> {model_info.get(k)!r}" for k in
+                 ("name", "revision", "dimension", "normalize", "pooling", "dtype", "max_seq_length")
+                 if stored.get(k) != model_info.get(k)]
+        raise ManifestError(
+            f"{where}: fingerprint mismatch: this output was made with fingerprint {stored['fingerprint']} "
+            f"and this job has {model_info['fingerprint']} ({'; '.join(diffs)}). Vectors from different "
+            "settings must not be mixed: use another --output, or --fresh to discard this one."
+        )
+    plan = manifest.plan
+    mine = {"input_uri": cfg.input.uri, "id_column": cfg.input.id_column, "text_column": cfg.input.text_column,
+            "passthrough": list(cfg.input.passthrough), "shard_rows": cfg.plan.shard_rows}
+    diffs = [f"{k}: {plan.get(k)!r} -> {v!r}" for k, v in mine.items() if plan.get(k) != v]
+    if diffs:
+        raise ManifestError(
+            f"{where}: this output was planned with other input settings ({'; '.join(diffs)}); "
+            "use another --output, or --fresh to re-plan"
+        )
+
+
+def summarize(manifest: Manifest) -> dict[str, Any]:
+    t = manifest.totals()
+    plan = manifest.plan
+    runs = manifest.data.get("runs", [])
+    wall = sum(r.get("wall_seconds", 0) for r in runs)
+    run_rows = sum(r.get("rows", 0) for r in runs)
+    return {
+        "output": manifest.loc.uri,
+        "model": manifest.model,
+        "input_rows": plan["rows"],
+        "shards": len(plan["shards"]),
+        "committed": len(manifest.committed),
+        "pending": manifest.pending(),
+        "embedded": t["embedded"],
+        "dead_lettered": t["dead_lettered"],
+        "reasons": t["reasons"],
+        "truncated": t["truncated"],
+        "tokens": t["tokens"],
+        "bytes": t["bytes"],
+        "device_seconds": round(t["device_seconds"], 3),
+        "bad_files": plan.get("bad_files", []),
+        "rows_per_second": round(run_rows / wall, 1) if wall else None,
+        "complete": manifest.is_complete(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster (``address``, or ``RAY_ADDRESS`` as set by ``ray job submit``) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+
+
+def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Table) -> dict[str, Any]:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from reembed.read import ShardDatasource
+
+    init_ray(cfg.compute.ray_address)
+    pool = plan_pool(cfg, ray.cluster_resources())
+    log.info(
+        "embedding %d shards on %s: %d-%d Embedder actors (%s GPU, %s CPU each), batch budget %s tokens",
+        len(pending), pool["device"], pool["min"], pool["max"], pool["num_gpus"], pool["num_cpus"],
+        pool["batch_tokens"] or "default",
+    )
+    plan = manifest.plan
+    model_args = {**_model_args(cfg), "device": pool["device"]}
+    ds = ray.data.read_datasource(ShardDatasource(plan, pending, dups), num_cpus=cfg.compute.read_cpus,
+                                  override_num_blocks=len(pending))
+    ds = ds.map_batches(
+        embed.Embedder,
+        fn_constructor_kwargs={
+            "model": model_args,
+            "batch_tokens": pool["batch_tokens"],
+            "max_batch_rows": cfg.model.max_batch_rows,
+            "torch_threads": pool["torch_threads"],
+            "compile": cfg.model.compile,
+            "crash_once": os.environ.get(embed.CRASH_ONCE_ENV),
+        },
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(
+            min_size=pool["min"], max_size=pool["max"],
+            max_tasks_in_flight_per_actor=cfg.compute.batches_in_flight + 1,
+            max_concurrent_calls_per_actor=2,
+        ),
+        num_gpus=pool["num_gpus"],
+        num_cpus=pool["num_cpus"],
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+    expected = {s: plan["shards"][s]["rows"] for s in pending}
+    assembler = ShardAssembler(expected)
+    out = manifest.loc
+    passthrough = list(plan["passthrough"])
+    total_rows = sum(expected.values())
+    stats = {"shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0, "bytes": 0,
+             "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],
+             "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "batch_tokens": pool["batch_tokens"]}
+    t0 = time.monotonic()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_rows, unit="doc", desc="embedded", disable=None, smoothing=0.1)
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            for shard, table in assembler.add(block):
+                rec = write_shard(out, shard, table, passthrough)
+                manifest.commit_shard(shard, rec)
+                stats["shards_committed"] += 1
+                stats["rows"] += rec["rows"]
+                stats["tokens"] += rec["tokens"]
+                stats["device_seconds"] += rec["device_seconds"]
+                stats["bytes"] += rec["bytes"]
+                bar.update(table.num_rows)
+                log.info("committed shard %05d: %d rows, %d dead letters, %d bytes", shard, rec["rows"], rec["dead_letters"], rec["bytes"])
+    except Exception as e:
+        raise _unwrap(e) from e
+    finally:
+        bar.close()
+    if assembler.incomplete:
+        raise RuntimeError(f"the pipeline ended with incomplete shards {assembler.incomplete}; rerun to resume")
+    secs = time.monotonic() - t0
+    log.info(
+        "embed: %d rows, %d bytes, %.1f s, %.1f rows/s (%d shards, %.1f device-seconds)",
+        stats["rows"], stats["bytes"], secs, stats["rows"] / secs if secs else 0.0,
+        stats["shards_committed"], stats["device_seconds"],
+    )
+    stats["embed_seconds"] = round(secs, 3)
+    stats["device_seconds"] = round(stats["device_seconds"], 3)
+    return stats
+
+
+def plan_pool(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
+    """Size the Embedder actor pool from the cluster's resources.
+
+    GPU: one actor per ``gpus_per_actor`` GPUs, up to every GPU the cluster has now (an autoscaling
+    cluster that starts at zero GPUs needs ``compute.max_actors``). CPU: actors hold all but one CPU of
+    the cluster between them, so read tasks never starve.
+    """
+    c = cfg.compute
+    gpus = resources.get("GPU", 0.0)
+    cpus = resources.get("CPU", 1.0)
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    accelerator = next((k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), None)
+    if device == "cuda":
+        num_gpus = c.gpus_per_actor
+        num_cpus = c.cpus_per_actor if c.cpus_per_actor is not None else 1.0
+        fit = int(gpus // num_gpus) if num_gpus else 1
+        max_actors = c.max_actors or max(1, fit)
+        threads = None
+    else:
+        num_gpus = 0
+        num_cpus = c.cpus_per_actor if c.cpus_per_actor is not None else max(1.0, cpus - 1.0)
+        max_actors = c.max_actors or max(1, int((cpus - 1) // num_cpus) or 1)
+        # Logical CPUs keep a slot free for reads; torch may still use the core the reads mostly wait on.
+        threads = min(os.cpu_count() or 1, int(num_cpus) + 1)
+    return {
+        "device": device, "num_gpus": num_gpus, "num_cpus": num_cpus,
+        "min": min(c.min_actors, max_actors), "max": max_actors, "torch_threads": threads,
+        "accelerator": accelerator,
+        "batch_tokens": cfg.model.batch_tokens or _tuned_budget(cfg, device, accelerator),
+    }
+
+
+def _tuned_budget(cfg: JobConfig, device: str, accelerator: str | None) -> int | None:
+    """A token budget from a tuning profile (``reembed tune``), if one matches; None for the default."""
+    try:
+        from reembed import tune
+    except ImportError:
+        return None
+    return tune.lookup_budget(cfg.model.name, device, accelerator, cfg.model.max_seq_length)
+
+
+def _model_args(cfg: JobConfig) -> dict[str, Any]:
+    m = cfg.model
+    return {"name": m.name, "revision": m.revision, "dtype": m.dtype, "max_seq_length": m.max_seq_length,
+            "normalize": m.normalize}
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """Surface our own errors (bad input, storage) from inside Ray's task-error wrappers."""
+    seen = 0
+    while seen < 5:
+        cause = getattr(e, "cause", None) or e.__cause__
+        if isinstance(e, (InputError, storage.StorageError, embed.ModelLoadError, ManifestError)):
+            return e
+        if cause is None:
+            return e
+        e, seen = cause, seen + 1
+    return e
+
+
+def _wipe(out: storage.Location) -> None:
+    for part in (SHARDS, DEAD_LETTER, "plan"):
+        out.delete_dir(part)
+    out.delete("manifest.json")
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

