@@ -180,8 +180,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
         ),
         num_gpus=pool["num_gpus"],
         num_cpus=pool["num_cpus"],
-        max_restarts=-1,
-        max_task_retries=-1,
+        # Ray Data restarts a dead Embedder actor and retries its in-flight blocks (max_restarts=-1,
+        # max_task_retries=-1 by default); a block is only ever delivered once, and the assembler
+        # refuses any shard that receives more rows than planned.
     )
     expected = {s: plan["shards"][s]["rows"] for s in pending}
     assembler = ShardAssembler(expected)
