@@ -51,10 +51,11 @@ def projected_minilm(folder: Path) -> Path:
     return folder
 
 
-def embed(model: str | Path, texts: Sequence[str]) -> np.ndarray:
+def embed(model: str | Path, texts: Sequence[str], max_seq_length: int | None = 256) -> np.ndarray:
+    """Vectors from the same cached Embedder that validate uses for an output made with ``model_info``."""
     from reembed.validate import text_embedder
 
-    return text_embedder(str(model), None, "cpu")(list(texts))
+    return text_embedder(str(model), max_seq_length, "auto")(list(texts))
 
 
 def model_info(name: str | Path, dim: int, normalize: bool = True) -> dict[str, Any]:

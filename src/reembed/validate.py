@@ -167,7 +167,7 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     kq = max(settings.k + 1, 10)
     q_new = embed_new([q.query for q in labelled]) if labelled else np.zeros((0, dim), np.float32)
     queries_new = np.vstack([sample_new, q_new]) if len(q_new) else sample_new
-    _, exact_new = exact_knn(queries_new, _shard_batches(loc, records, S.EMBEDDING), kq) if len(queries_new) else (None, np.zeros((0, kq), object))
+    _, exact_new = exact_knn(queries_new, _shard_batches(loc, records, S.EMBEDDING, dim), kq) if len(queries_new) else (None, np.zeros((0, kq), object))
     exact_sample_new, exact_labelled_new = exact_new[:n_sample], exact_new[n_sample:]
 
     gates["ann_recall"] = ann_gate(searchers or {}, sample_new, exact_sample_new, settings.k, settings.min_ann_recall)
@@ -288,9 +288,9 @@ def sanity_pairs(embed: Callable[[list[str]], np.ndarray], pairs: Sequence[Pair]
     """Cosine of each pair under ``embed``; paraphrases must reach their threshold, unrelated pairs stay under."""
     if not pairs:
         return {"status": SKIPPED, "message": "no pairs"}
-    a = _normalize(embed([p.a for p in pairs]))
-    b = _normalize(embed([p.b for p in pairs]))
-    cos = (a * b).sum(axis=1)
+    texts = list(dict.fromkeys([p.a for p in pairs] + [p.b for p in pairs]))
+    vec = dict(zip(texts, _normalize(embed(texts))))
+    cos = np.array([float(vec[p.a] @ vec[p.b]) for p in pairs])
     rows, failed = [], []
     for p, c in zip(pairs, cos):
         limit = p.threshold if p.threshold is not None else (paraphrase_min if p.label == "paraphrase" else unrelated_max)
@@ -323,7 +323,7 @@ def exact_knn(queries: np.ndarray, batches: Batches, k: int) -> tuple[np.ndarray
         if not len(ids):
             continue
         ids = np.asarray(ids, dtype=object)
-        s = q @ _normalize(np.nan_to_num(np.asarray(block, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)).T
+        s = q @ _normalize(block).T
         kk = min(k, s.shape[1])
         top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         cand_s = np.concatenate([best_s, np.take_along_axis(s, top, axis=1)], axis=1)
@@ -609,6 +609,8 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
         else:
             matrix = S.embedding_matrix(emb)
             stats = check_vectors(ids, matrix, dim, normalized, settings.norm_tol)
+            if stats.get("bad_dimension"):
+                matrix = None
         for key in ("non_finite", "zero", "bad_norm", "bad_dimension"):
             v = stats.get(key, 0)
             totals[key] += v
@@ -640,16 +642,18 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
     return gate, sample_ids, new, old
 
 
-def _shard_batches(loc: Location, records: list[tuple[int, dict]], column: str) -> Iterator[tuple[list[str], np.ndarray]]:
+def _shard_batches(loc: Location, records: list[tuple[int, dict]], column: str,
+                   dim: int | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, vectors) per shard; shards the integrity gate fails (unreadable, wrong type or dimension) are skipped."""
     from reembed.writer import read_shard_table
 
     for _, rec in records:
         try:
             table = read_shard_table(loc, rec, columns=[S.ID, column])
         except (OSError, pa.ArrowException):
-            continue  # reported by the integrity gate
+            continue
         emb = table.column(column)
-        if not pa.types.is_fixed_size_list(emb.type) or emb.null_count:
+        if not pa.types.is_fixed_size_list(emb.type) or emb.null_count or (dim and emb.type.list_size != dim):
             continue
         yield table.column(S.ID).to_pylist(), S.embedding_matrix(emb)
 
@@ -795,9 +799,12 @@ def render_html(r: dict[str, Any]) -> str:
 
 
 def _normalize(m: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm; NaN/inf read as 0 (the integrity gate reports them) and zero rows stay zero."""
     m = np.asarray(m, dtype=np.float32)
     if m.ndim != 2 or not len(m):
         return m
+    if not np.isfinite(m).all():
+        m = np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
     n = np.linalg.norm(m, axis=1, keepdims=True)
     return m / np.where(n > 0, n, 1.0)
 
