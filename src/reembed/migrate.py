@@ -70,6 +70,7 @@ class Store:
     """A searchable store with its own embedding model. Subclasses implement ``_search`` and maybe ``upsert``."""
 
     kind = "store"
+    writable = False
 
     def __init__(self, name: str, model: str | None, dim: int, device: str = "auto"):
         self.name = name
@@ -97,8 +98,11 @@ class Store:
 
     def upsert(self, ids: Sequence[str], texts: Sequence[str], vectors: np.ndarray,
                metadata: Sequence[Mapping[str, Any]]) -> None:
-        raise MigrationError(f"store {self.name!r} ({self.kind}) is read-only here: {self.kind} files are rebuilt by "
-                             "`reembed run` / the index stage, not written to; dual-write into a chroma:// or qdrant:// store")
+        raise self.read_only_error()
+
+    def read_only_error(self) -> MigrationError:
+        return MigrationError(f"store {self.name!r} ({self.kind}) is read-only here: {self.kind} files are rebuilt by "
+                              "`reembed run` / the index stage, not written to; dual-write into a chroma:// or qdrant:// store")
 
     def close(self) -> None:
         pass
@@ -132,6 +136,7 @@ class ExactStore(Store):
 
 class ChromaStore(Store):
     kind = "chroma"
+    writable = True
 
     def __init__(self, name: str, model: str | None, collection, dim: int, device: str = "auto"):
         super().__init__(name, model, dim, device)
@@ -152,6 +157,7 @@ class ChromaStore(Store):
 
 class QdrantStore(Store):
     kind = "qdrant"
+    writable = True
 
     def __init__(self, name: str, model: str | None, client, collection: str, dim: int, vector: str | None,
                  higher_is_better: bool, id_field: str = ID_FIELD, text_field: str = TEXT_FIELD, device: str = "auto"):
@@ -312,6 +318,9 @@ def dual_write(docs: Iterable[Mapping[str, Any]], old: Store, new: Store) -> dic
     """Embed ``docs`` (``{"id", "text", **metadata}``) with each store's own model and upsert them into
     both. Both embeddings are computed before anything is written, so a model failure writes nothing."""
     t0 = time.monotonic()
+    for store in (old, new):
+        if not store.writable:
+            raise store.read_only_error()
     docs = list(docs)
     for n, d in enumerate(docs):
         if not isinstance(d.get(ID_FIELD), (str, int)) or not isinstance(d.get(TEXT_FIELD), str) or not d[TEXT_FIELD].strip():
