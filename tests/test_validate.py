@@ -167,6 +167,19 @@ def test_integrity_fails_on_wrong_dimension_and_a_replaced_shard(tmp_path, space
     assert "sha256 does not match the manifest" in report["gates"]["integrity"]["message"]
 
 
+def test_incomplete_output_fails_and_unknown_labels_are_reported(tmp_path, space, proj):
+    out = new_output(tmp_path / "new", space, proj)
+    m = Manifest.load(out)
+    m.data["plan"]["shards"].append({"shard": 3, "rows": 5})  # planned, never committed
+    m.save()
+    labelled = [V.LabelledQuery("how do I make bread rise", {"cook-0": 1.0, "cook-99": 1.0})]
+    g = V.validate(out, queries=labelled, settings=FAST)["gates"]
+    assert g["integrity"]["status"] == "fail" and g["integrity"]["pending"] == 1
+    assert g["integrity"]["message"].startswith("1 of 4 planned shards are not committed yet")
+    assert g["ab"]["unknown_relevant"] == 1 and "e.g. cook-99" in g["ab"]["message"]
+    assert g["ab"]["new"]["recall@10"] == 0.5
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sanity pairs
 

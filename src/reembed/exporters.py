@@ -189,9 +189,16 @@ def export(uri: str, to_uri: str, page_size: int = 1000, part_rows: int = 100_00
     _prepare_target(out, overwrite)
     t0 = time.monotonic()
     writer = PartWriter(out, part_rows)
-    info = describe_source(src)
+    if src.kind == "faiss":  # read a (possibly large) index file once, not once to describe and once to read
+        index = read_faiss_index(src.path)
+        info = {"metric": _faiss_metric(index), "lossy": _faiss_is_lossy(index)}
+        batches = faiss_batches(index, read_docstore(docstore_path(src)), page_size,
+                                id_column=src.option("id_field", S.ID), text_column=src.option("text_field", TEXT))
+    else:
+        info = describe_source(src)
+        batches = iter_batches(src, page_size)
     missing_text = 0
-    for batch in iter_batches(src, page_size):
+    for batch in batches:
         missing_text += sum(t is None for t in batch.texts)
         writer.add(batch)
     parts = writer.close()
@@ -230,8 +237,7 @@ def describe_source(src: Source) -> dict[str, Any]:
         info["metric"] = meta.get("hnsw:space") or _chroma_space(col) or "l2"
     elif src.kind == "faiss":
         index = read_faiss_index(src.path)
-        info["metric"] = {0: "inner_product", 1: "l2"}.get(int(index.metric_type), str(index.metric_type))
-        info["lossy"] = _faiss_is_lossy(index)
+        info.update(metric=_faiss_metric(index), lossy=_faiss_is_lossy(index))
     elif src.kind == "qdrant":
         client = open_qdrant(src)
         try:
@@ -462,6 +468,10 @@ def faiss_labels(index):
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return faiss.vector_to_array(index.id_map).astype(np.int64), faiss.downcast_index(index.index)
     return np.arange(index.ntotal, dtype=np.int64), index
+
+
+def _faiss_metric(index) -> str:
+    return {0: "inner_product", 1: "l2"}.get(int(index.metric_type), f"faiss metric {int(index.metric_type)}")
 
 
 def _faiss_is_lossy(index) -> bool:
@@ -734,7 +744,7 @@ def _matrix(rows: Any, ids: Sequence[str], where: str) -> np.ndarray:
     for i, r in zip(ids, rows):
         if r is None or (hasattr(r, "__len__") and len(r) == 0):
             raise ExportError(f"{where}: document {i!r} has no vector")
-        if r and isinstance(r[0], (list, tuple, np.ndarray)):
+        if len(r) and isinstance(r[0], (list, tuple, np.ndarray)):
             raise ExportError(f"{where}: document {i!r} has a multi-vector; only single vectors can be exported")
         dims.add(len(r))
     if len(dims) > 1:

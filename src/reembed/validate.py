@@ -156,8 +156,14 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
 
     # Pass 1 over the shards: integrity, and the sampled documents' vectors.
     has_old_column = _shards_have(loc, records, OLD_EMBEDDING)
-    integrity, sample_ids, sample_new, sample_old = _integrity_pass(loc, records, dim, normalized, settings,
-                                                                   positions, want_old=has_old_column and old is None)
+    relevant = {r for q in labelled for r in q.relevant}
+    integrity, sample_ids, sample_new, sample_old, seen_relevant = _integrity_pass(
+        loc, records, dim, normalized, settings, positions, want_old=has_old_column and old is None, watch=relevant)
+    pending = manifest.pending()
+    if pending:
+        integrity["problems"].insert(0, f"{len(pending)} of {len(manifest.plan['shards'])} planned shards are not committed "
+                                        "yet; finish `reembed run` first")
+        integrity.update(status=FAIL, message="; ".join(integrity["problems"][:5]), pending=len(pending))
     gates: dict[str, dict[str, Any]] = {"integrity": integrity}
 
     embed_new = text_embedder(new_model, manifest.model.get("max_seq_length"), settings.device, expect_dim=dim)
@@ -176,29 +182,18 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     old_stream = _old_source(old, loc, records) if old or has_old_column else None
     old_src = old or (f"{loc.display()} (the shards' {OLD_EMBEDDING} column)" if has_old_column else None)
     old_model = old_model or (_old_manifest_model(old) if old else None)
-    exact_labelled_old = None
     if old_stream is None:
         gates["overlap"] = {"status": SKIPPED, "message": "no old store: pass --old URI (or pass old_embedding through the job)"}
+        exact_labelled_old = None
     else:
-        if sample_old is None:
-            sample_old = _lookup_vectors(old_stream(), sample_ids)
-        found = [i for i, v in enumerate(sample_old) if v is not None]
-        old_docs = _stack([sample_old[i] for i in found])
-        q_old = None
-        if labelled and old_model:
-            q_old = text_embedder(old_model, None, settings.device)([q.query for q in labelled])
-            if len(old_docs) and q_old.shape[1] != old_docs.shape[1]:
-                raise ValidationError(f"old model {old_model} gives {q_old.shape[1]}-d vectors but the old store holds "
-                                      f"{old_docs.shape[1]}-d ones; pass the old store's own model as --old-model")
-        queries_old = [m for m in (old_docs, q_old) if m is not None and len(m)]
-        exact_old = exact_knn(np.vstack(queries_old), old_stream(), kq)[1] if queries_old else np.zeros((0, kq), object)
-        gates["overlap"] = overlap_gate([sample_ids[i] for i in found], exact_sample_new[found], exact_old[:len(found)],
-                                        settings.k, settings.min_overlap, missing=n_sample - len(found))
-        if q_old is not None:
-            exact_labelled_old = exact_old[len(found):]
-
+        gates["overlap"], exact_labelled_old = _old_side(old_stream, old_model, sample_ids, sample_old, exact_sample_new,
+                                                         labelled, kq, settings)
     gates["ab"] = ab_gate(labelled, exact_labelled_new, exact_labelled_old, settings.k, settings.ab_tolerance,
                           have_old=old_stream is not None)
+    unknown = sorted({r for q in labelled for r in q.relevant} - seen_relevant)
+    if unknown:
+        gates["ab"]["unknown_relevant"] = len(unknown)
+        gates["ab"]["message"] += f"; {len(unknown)} labelled ids are not in the output (e.g. {', '.join(unknown[:3])})"
 
     report = {
         "format": 1,
@@ -223,6 +218,26 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
              total / report["seconds"] if report["seconds"] else 0.0,
              "passed" if report["passed"] else f"FAILED ({', '.join(failed)})")
     return report
+
+
+def _old_side(old_stream, old_model: str | None, sample_ids: list[str], sample_old, exact_sample_new: np.ndarray,
+              labelled: Sequence[LabelledQuery], kq: int, settings: Settings) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The overlap gate and the labelled queries' old-space rankings (None without an old model)."""
+    if sample_old is None:
+        sample_old = _lookup_vectors(old_stream(), sample_ids)
+    found = [i for i, v in enumerate(sample_old) if v is not None]
+    old_docs = _stack([sample_old[i] for i in found])
+    q_old = None
+    if labelled and old_model:
+        q_old = text_embedder(old_model, None, settings.device)([q.query for q in labelled])
+        if len(old_docs) and q_old.shape[1] != old_docs.shape[1]:
+            raise ValidationError(f"old model {old_model} gives {q_old.shape[1]}-d vectors but the old store holds "
+                                  f"{old_docs.shape[1]}-d ones; pass the old store's own model as --old-model")
+    queries_old = [m for m in (old_docs, q_old) if m is not None and len(m)]
+    exact_old = exact_knn(np.vstack(queries_old), old_stream(), kq)[1] if queries_old else np.zeros((0, kq), object)
+    gate = overlap_gate([sample_ids[i] for i in found], exact_sample_new[found], exact_old[:len(found)],
+                        settings.k, settings.min_overlap, missing=len(sample_ids) - len(found))
+    return gate, (exact_old[len(found):] if q_old is not None else None)
 
 
 def check_validation(output_loc: str | Location) -> tuple[bool, str]:
@@ -322,6 +337,9 @@ def exact_knn(queries: np.ndarray, batches: Batches, k: int) -> tuple[np.ndarray
     for ids, block in batches:
         if not len(ids):
             continue
+        if n and np.shape(block)[1] != q.shape[1]:
+            raise ValidationError(f"queries are {q.shape[1]}-d but the searched vectors {np.shape(block)[1]}-d "
+                                  f"(first id {ids[0]!r}); was the right model given?")
         ids = np.asarray(ids, dtype=object)
         s = q @ _normalize(block).T
         kk = min(k, s.shape[1])
@@ -576,7 +594,9 @@ def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, normalized: bool, settings: Settings,
-                    positions: np.ndarray, want_old: bool):
+                    positions: np.ndarray, want_old: bool, watch: set[str] = frozenset()):
+    """Stream every shard once: the integrity gate, the sampled rows' vectors (new, and old when the shards
+    carry them), and which of the ``watch`` ids (labelled relevant documents) the output holds."""
     from reembed.writer import read_shard_table
 
     problems: list[str] = []
@@ -584,6 +604,7 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
     totals = {"rows": 0, "non_finite": 0, "zero": 0, "bad_norm": 0, "bad_dimension": 0, "row_mismatch": 0, "corrupt": 0}
     sample_ids: list[str] = []
     sample_new, sample_old = [], []
+    seen: set[str] = set()
     start = 0
     cols = [S.ID, S.EMBEDDING] + ([OLD_EMBEDDING] if want_old else [])
     for shard, rec in records:
@@ -596,6 +617,8 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
             start += rec["rows"]
             continue
         ids = table.column(S.ID).to_pylist()
+        if watch:
+            seen.update(watch.intersection(ids))
         emb = table.column(S.EMBEDDING)
         if table.num_rows != rec["rows"]:
             problems.append(f"{name}: {table.num_rows} rows, the manifest says {rec['rows']}")
@@ -639,7 +662,7 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
             "per_shard": per_shard, "normalized": normalized, "dimension": dim}
     new = _stack(sample_new, dim)
     old = list(_stack(sample_old)) if want_old else None
-    return gate, sample_ids, new, old
+    return gate, sample_ids, new, old, seen
 
 
 def _shard_batches(loc: Location, records: list[tuple[int, dict]], column: str,
