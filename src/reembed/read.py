@@ -57,7 +57,10 @@ class ShardDatasource(Datasource):
 
 
 def _reader(plan: dict[str, Any], shard: dict[str, Any], dups: dict[int, set[int]]):
+    settings = storage.settings()  # S3 endpoint and region from the job config; credentials stay on each node
+
     def read() -> Iterable[pa.Table]:
+        storage.configure(settings)
         yield read_shard(plan, shard, dups)
 
     return read
