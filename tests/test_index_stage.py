@@ -62,9 +62,9 @@ def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
     assert meta["fingerprint"] == _manifest(out).model["fingerprint"]
 
     index_file = Path(out) / f["path"]
-    before = (_manifest(out).data["generation"], index_file.stat().st_mtime_ns, _collections(cfg.qdrant))
+    before = (_manifest(out).data["generation"], index_file.stat().st_mtime_ns, _collections(cfg.qdrant, cfg.collection))
     again = stage.run_index(out, cfg, use_ray=False)
-    after = (_manifest(out).data["generation"], index_file.stat().st_mtime_ns, _collections(cfg.qdrant))
+    after = (_manifest(out).data["generation"], index_file.stat().st_mtime_ns, _collections(cfg.qdrant, cfg.collection))
     assert after == before  # not a byte of the manifest, the FAISS file or the Qdrant target changed
     assert again == first
 
@@ -203,10 +203,10 @@ def test_run_with_index_then_search_versions_swap_rollback(tmp_path, fast_tmp, t
     assert "sha256" in capsys.readouterr().err
 
 
-def _collections(target: str) -> list[str]:
+def _collections(target: str, prefix: str) -> list[tuple[str, int]]:
     c = Q.connect(target)
     try:
-        return [(n, Q.count(c, n)) for n in Q.collections(c)]
+        return [(n, Q.count(c, n)) for n in Q.collections(c) if n.startswith(prefix)]
     finally:
         c.close()
 
@@ -257,3 +257,24 @@ def test_index_command_builds_and_reports(fast_tmp, capsys):
     assert result["qdrant"]["collection"] == "docs-v1" and result["qdrant"]["batch_size"] == 50
     assert cli.main(["versions", "--qdrant", str(fast_tmp / "q")]) == 0
     assert "docs-v1" in capsys.readouterr().out
+
+
+def test_parallel_upload_workers_keep_a_bounded_number_of_shards_in_flight():
+    """The server path's worker pool: every shard once, never more than `workers` at a time."""
+    import threading
+
+    lock, live, peak, seen = threading.Lock(), [0], [0], []
+
+    def upload(shard):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.01 * (shard % 3))
+        with lock:
+            live[0] -= 1
+        return shard
+
+    for result in stage.bounded_map(upload, range(25), workers=4):
+        seen.append(result)
+    assert sorted(seen) == list(range(25)) and 1 < peak[0] <= 4
+    assert list(stage.bounded_map(upload, range(5), workers=1)) == list(range(5))

@@ -82,7 +82,7 @@ class FaissBuild:
     """A built index, its position -> document id map, and what was measured while building it."""
 
     index: Any
-    ids: pa.Array
+    ids: pa.ChunkedArray  # chunked: a single string array overflows past 2 GiB of ids
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -142,7 +142,7 @@ def plan_index(rows: int, dim: int, kind: str = "auto", memory: str | int = "16G
     if pick is None:
         pick = (choices[-1], "")
         log.warning("FAISS: even IVF-PQ%d needs %s, over the %s budget; building it anyway", pick[0],
-                    _human(_ivf_bytes(rows, dim, nlist, pick[0], bits, "")), _human(budget))
+                    human_bytes(_ivf_bytes(rows, dim, nlist, pick[0], bits, "")), human_bytes(budget))
     m, refine = pick
     factory = f"IVF{nlist},PQ{m}x{bits}" + (f",Refine({refine})" if refine else "")
     return FaissPlan("ivf", factory, dim, rows, nlist=nlist, pq_m=m, pq_bits=bits, refine=refine,
@@ -187,7 +187,7 @@ def _train_size(rows: int, nlist: int, bits: int, dim: int, budget: int) -> int:
     return int(min(rows, want, cap))
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -261,7 +261,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
             kk = min(K + 1, len(x))
             D, I = faiss.knn(xq, x, kk, metric=faiss.METRIC_INNER_PRODUCT)
             heap.add_result(D, I + offset)
-        ids.append(table.column(S.ID).combine_chunks())
+        ids.extend(table.column(S.ID).chunks)
         offset += len(x)
     if offset == 0:
         raise ValueError("no vectors to index")
@@ -282,7 +282,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
         "tuning_queries": 0 if xq is None else len(xq), "train_seconds": round(train_s, 3),
         "add_seconds": round(add_s, 3), "seconds": round(time.monotonic() - t0, 3),
     }
-    return FaissBuild(index, pa.concat_arrays(ids) if len(ids) > 1 else ids[0], params)
+    return FaissBuild(index, pa.chunked_array(ids), params)
 
 
 def _tune(index, plan: FaissPlan, xq, qpos, gt, target: float) -> tuple[dict[str, Any], float]:
@@ -396,13 +396,13 @@ def write(loc: Location, built: FaissBuild, version: int) -> dict[str, Any]:
             "ntotal": built.ntotal}
 
 
-def load(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.Array]:
+def load(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedArray]:
     """Read an index and its id map, refusing either if its sha256 differs from ``record``'s."""
     import faiss
 
     ids_bytes = loc.read_bytes(record["ids_path"])
     _check(hashlib.sha256(ids_bytes).hexdigest(), record["ids_sha256"], loc.display(record["ids_path"]))
-    ids = pq.read_table(pa.BufferReader(ids_bytes)).column(S.ID).combine_chunks()
+    ids = pq.read_table(pa.BufferReader(ids_bytes)).column(S.ID)
     if loc.fs.type_name == "local":
         local = loc.path(record["path"])
         _check(_file_sha256(local)[0], record["sha256"], loc.display(record["path"]))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ def run_index(output_uri: str, cfg: IndexConfig, ray_address: str | None = None,
     """
     validate(cfg)
     loc = Location.from_uri(output_uri)
+    output_uri = _output_uri(loc)  # the tasks may run in another working directory
     manifest = _load(loc)
     target = qdrant_target(loc, cfg)
     wanted = (["faiss"] if cfg.faiss != "none" else []) + (["qdrant"] if target else [])
@@ -112,7 +114,9 @@ def qdrant_target(loc: Location, cfg: IndexConfig) -> str | None:
                 "give index.qdrant a local folder or a Qdrant server URL"
             )
         return os.path.join(loc.root, "indexes", "qdrant")
-    return q
+    from reembed.indexes.qdrant_index import is_server
+
+    return q if is_server(q) else os.path.abspath(os.path.expanduser(q))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
     plan = faiss_index.plan_index(rows, dim, cfg.faiss, cfg.faiss_memory)
     base = {"inputs": inputs_key(manifest), "request": faiss_request(cfg), "started_at": started}
     _record(loc, "faiss", {"status": "building", **base, "plan": asdict(plan)}, archive=True)
-    log.info("FAISS: %s over %d vectors of %d-d (about %s)", plan.factory, rows, dim, faiss_index._human(plan.estimated_bytes))
+    log.info("FAISS: %s over %d vectors of %d-d (about %s)", plan.factory, rows, dim, faiss_index.human_bytes(plan.estimated_bytes))
     train = None
     if plan.needs_training:
         train = faiss_index.sample_vectors(shard_tables(loc, manifest, [S.EMBEDDING]), rows, plan.train_size)
@@ -237,7 +241,7 @@ def run_qdrant(output_uri: str, cfg: IndexConfig, target: str) -> dict[str, Any]
         got = Q.count(client, state["collection"])
         if got != rows:
             raise ManifestError(f"Qdrant {state['collection']} holds {got} points after loading, the manifest committed {rows}")
-        meta = _collection_meta(manifest, state["version"])
+        meta = {**_collection_meta(manifest, state["version"]), **(Q.metadata(client, state["collection"]).get(Q.META) or {})}
         Q.set_metadata(client, state["collection"], {Q.META: {**meta, "state": "ready"}})
         state.update(status="done", count=got, bytes=sum(r["bytes"] for r in manifest.committed.values()),
                      finished_at=_stamp(), seconds=round(time.monotonic() - t0, 3))
@@ -261,35 +265,28 @@ def _load_shards(loc: Location, manifest: Manifest, client, state: dict[str, Any
         table = read_shard_table(loc, rec, columns=columns, verify=True)
         return shard, Q.upload(client, state["collection"], [table], cfg.batch_size, passthrough)
 
-    def finished(shard: int, n: int) -> None:
+    for shard, n in bounded_map(one, todo, workers):
         done.add(shard)
         state["shards_done"] = sorted(done)
         state["rows_done"] = state.get("rows_done", 0) + n
         _record(loc, "qdrant", state)
 
+
+def bounded_map(fn, items, workers: int) -> Iterator:
+    """``fn(item)`` for each item on ``workers`` threads, yielding results as they finish (on the caller's
+    thread) with at most ``workers`` items in flight, so at most that many shards are in memory."""
     if workers <= 1:
-        for item in todo:
-            finished(*one(item))
+        for item in items:
+            yield fn(item)
         return
-    # Manifest updates stay on this thread; at most `workers` shards are in memory at once.
+    queue = iter(items)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        queue = iter(todo)
-        running = {pool.submit(one, item) for item in _take(queue, workers)}
+        running = {pool.submit(fn, item) for item in itertools.islice(queue, workers)}
         while running:
             ready, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in ready:
-                finished(*fut.result())
-                running |= {pool.submit(one, item) for item in _take(queue, 1)}
-
-
-def _take(it: Iterator, n: int) -> list:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
+                yield fut.result()
+                running |= {pool.submit(fn, item) for item in itertools.islice(queue, 1)}
 
 
 def _same_qdrant(rec: dict[str, Any] | None, manifest: Manifest, cfg: IndexConfig, target: str) -> bool:
@@ -330,7 +327,13 @@ def _run_parallel(output_uri: str, cfg: IndexConfig, target: str | None, todo: l
         if not Q.is_server(target):
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         refs["qdrant"] = ray.remote(run_qdrant).options(**opts).remote(output_uri, cfg, target)
-    return _gather({name: (lambda r=ref: ray.get(r)) for name, ref in refs.items()})
+    try:
+        return _gather({name: (lambda r=ref: ray.get(r)) for name, ref in refs.items()})
+    except KeyboardInterrupt:
+        # Stop the builds too: a rerun must not meet a leftover writer (embedded Qdrant allows only one).
+        for ref in refs.values():
+            ray.cancel(ref, force=True)
+        raise
 
 
 def _faiss_task(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
