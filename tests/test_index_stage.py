@@ -184,10 +184,13 @@ def test_run_with_index_then_search_versions_swap_rollback(tmp_path, fast_tmp, t
     assert (coll["collection"], coll["dimension"], coll["points"], coll["model"]) == ("documents-v1", 32, 240, str(tiny_model))
     assert [r["version"] for r in listed["faiss"]] == [1]
 
-    # swap checks the count against the manifest and the dimension against the job's model.
-    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1", "--dimension", "384"]) == 1
+    # swap needs a passing validation report (the tiny random model has none) unless --force ...
+    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1"]) == 1
+    assert "validation gate" in capsys.readouterr().err
+    # ... and checks the count against the manifest and the dimension against the job's model.
+    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1", "--dimension", "384", "--force"]) == 1
     assert "refused" in capsys.readouterr().err
-    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1"]) == 0
+    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1", "--force"]) == 0
     assert "documents: (new) -> documents-v1" in capsys.readouterr().out
     assert cli.main(["rollback", "--output", out, "--alias", "documents"]) == 1
     assert "nothing to roll back" in capsys.readouterr().err

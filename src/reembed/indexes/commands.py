@@ -46,12 +46,14 @@ def register(sub) -> None:
     s = sub.add_parser("swap", help="point an alias at another collection in one atomic call",
                        description="Move ALIAS to collection TO in one atomic call, keeping the old collection. "
                                    "Refused unless TO finished loading, holds exactly the manifest's row count and "
-                                   "has the query model's dimension.")
+                                   "has the query model's dimension, and unless the output's latest `reembed validate` "
+                                   "report passed (--force skips that gate).")
     _target_args(s)
     s.add_argument("--alias", required=True)
     s.add_argument("--to", required=True, metavar="COLLECTION")
     s.add_argument("--dimension", type=int, help="dimension of the model the alias's users query with "
                    "(default: the output's model)")
+    s.add_argument("--force", action="store_true", help="swap even without a passing validation report")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_swap)
 
@@ -166,6 +168,12 @@ def cmd_swap(args: argparse.Namespace) -> int:
                     raise Q.SwapRefused(f"{args.to}: no output recorded with this collection; pass --output to give "
                                         "the manifest its point count is checked against")
                 manifest = _manifest(meta["output"])
+            if not args.force:
+                from reembed.validate import check_validation
+
+                ok, why = check_validation(manifest.loc)
+                if not ok:
+                    raise Q.SwapRefused(f"validation gate: {why}")
             from reembed.indexes import stage
 
             rows = stage.rows_of(manifest)
