@@ -186,7 +186,7 @@ def _is_user_error(e: Exception) -> bool:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose < 2 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("urllib3", "filelock", "httpx", "sentence_transformers", "transformers"):
+    for noisy in ("urllib3", "filelock", "httpx", "sentence_transformers", "transformers", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -102,6 +102,21 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    # Build the indexes at the end of `reembed run` (`reembed index` builds them whatever this says).
+    enabled: bool = False
+    faiss: Literal["auto", "flat", "ivf", "hnsw", "none"] = "auto"
+    # FAISS memory budget: auto picks the index type from it, ivf switches to PQ codes above it.
+    faiss_memory: str = "16G"
+    recall_target: float = 0.95
+    # "embedded" (OUTPUT/indexes/qdrant), a folder, an http(s):// server URL, or "none".
+    qdrant: str = "embedded"
+    collection: str = "documents"
+    batch_size: int = 256
+    upload_workers: int = 4  # against a server; embedded Qdrant takes a single writer
+
+
+@dataclass(frozen=True)
 class JobConfig:
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -109,6 +124,7 @@ class JobConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     on_bad_file: Literal["fail", "skip"] = "fail"
 
     def to_dict(self) -> dict[str, Any]:

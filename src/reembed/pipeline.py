@@ -69,6 +69,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         manifest.record_run(run_info)
     summary = summarize(manifest)
     summary["run"] = run_info
+    if cfg.index.enabled and summary["complete"]:
+        from reembed.indexes import stage
+
+        summary["index"] = stage.run_index(cfg.output.uri, cfg.index, ray_address=cfg.compute.ray_address)
     return summary
 
 
