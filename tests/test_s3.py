@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_docs
-from s3_fixtures import (ALLOW_S3, FaultProxy, aws_env, fault_proxy, free_port, moto_server,  # noqa: F401
+from s3_fixtures import (FaultProxy, aws_env, fault_proxy, free_port, moto_server,  # noqa: F401 (fixtures)
                          new_bucket, s3_env, s3_user, scrubbed_environ)
 from reembed import cli, pipeline, storage
 from reembed.config import load_config
@@ -340,16 +340,21 @@ def test_publish_verifies_and_a_truncated_object_is_never_committed(s3_env):
     buf = io.BytesIO()
     pq.write_table(pa.table({"id": [str(i) for i in range(100)]}), buf)
     data = buf.getvalue()
-    loc.publish(data, "shards", "part-00000.parquet", verify=_verifier(100, "part 0"))
+    loc.publish(data, "shards", "part-00000.parquet", verify=_verifier(100, "part 0"), exclusive=True)
     assert loc.read_bytes("shards", "part-00000.parquet") == data
-    # a retry never replaces an object that is there (committed or another job's)
+    # an exclusive publish never replaces an object that is there (committed, or another job's) ...
     with pytest.raises(storage.ObjectExistsError, match="part-00000.parquet: an object already exists"):
-        loc.publish(data, "shards", "part-00000.parquet", verify=_verifier(100, "part 0"))
+        loc.publish(b"other", "shards", "part-00000.parquet", exclusive=True)
+    assert loc.read_bytes("shards", "part-00000.parquet") == data
+    # ... a plain one does (the exporter rewrites a part whose schema widened)
+    loc.publish(data, "export", "part-00000.parquet")
+    loc.publish(data + b"", "export", "part-00000.parquet", verify=_verifier(100, "export part 0"))
     # a truncated write fails verification and is removed, so nothing is left to be taken for a shard
     with pytest.raises(storage.StorageError, match="part 1: written file has"):
-        loc.publish(data, "shards", "part-00001.parquet", verify=_verifier(99, "part 1"))
+        loc.publish(data, "shards", "part-00001.parquet", verify=_verifier(99, "part 1"), exclusive=True)
     with pytest.raises((OSError, pa.ArrowInvalid)):
-        loc.publish(data[: len(data) // 2], "shards", "part-00001.parquet", verify=_verifier(100, "part 1"))
+        loc.publish(data[: len(data) // 2], "shards", "part-00001.parquet", verify=_verifier(100, "part 1"),
+                    exclusive=True)
     assert [i.path.rsplit("/", 1)[-1] for i in loc.list("shards")] == ["part-00000.parquet"]
     loc.write_bytes(b"x", "shards", "_tmp", "part-00003.parquet.abc")
     loc.delete_dir("shards")  # what --fresh does, in batches of 1,000
@@ -522,7 +527,7 @@ def test_run_killed_then_resumed_through_faults_keeps_ledger_exact_and_secrets_p
     assert not any(s in json.dumps(recorded) for s in [*secrets, endpoint, "AWS_"]), recorded
 
 
-def test_two_jobs_on_one_output_commit_each_shard_exactly_once(s3_env, s3_user, moto_server, tiny_model, tmp_path):
+def test_two_jobs_on_one_output_commit_each_shard_exactly_once(s3_env, s3_user, tiny_model, tmp_path):
     server = s3_env
     bucket = new_bucket(server)
     docs = corpus(400)

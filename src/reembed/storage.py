@@ -11,8 +11,8 @@ S3 gets more than the generic path:
   config, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` / the profile's ``endpoint_url``, as boto3
   resolves it. Region: ``storage.region``, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / the profile,
   else the bucket's own region (``us-east-1`` on a custom endpoint).
-- Reads and listings stream through pyarrow (ranged GETs, 1,000 keys per listing page); writes, deletes
-  and conditional writes go through boto3, one request each.
+- Reads stream through pyarrow (ranged GETs); listings page through ListObjectsV2, 1,000 keys a request;
+  writes, deletes and conditional writes go through boto3, one request each.
 - Retries with backoff on throttling, 5xx and dropped connections only (:data:`THROTTLING_CODES`); any
   other 4xx fails at once. pyarrow's own requests use the AWS SDK's standard strategy, which draws the
   same line.
@@ -22,6 +22,8 @@ S3 gets more than the generic path:
 Ray workers get the same settings without them travelling in a runtime_env: read tasks carry
 :func:`settings` (endpoint and region only, never credentials) and call :func:`configure` with it; the
 credentials come from the worker's own environment (a local Ray inherits the driver's) or its node's role.
+On a remote cluster, give the nodes the variables or a role (IRSA on Kubernetes), or name the endpoint
+with ``storage.endpoint_url``.
 """
 
 from __future__ import annotations
@@ -124,19 +126,11 @@ class Location:
         return posixpath.join(self.uri.rstrip("/"), *parts) if parts else self.uri
 
     def exists(self, *parts: str) -> bool:
-        try:
-            return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
-        except OSError as e:
-            raise explain(e, self.display(*parts), "check") from e
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def read_bytes(self, *parts: str) -> bytes:
-        try:
-            with self.fs.open_input_stream(self.path(*parts)) as f:
-                return f.read()
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            raise explain(e, self.display(*parts), "read") from e
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read()
 
     def size(self, *parts: str) -> int:
         return self.fs.get_file_info(self.path(*parts)).size
@@ -168,20 +162,21 @@ class Location:
             _delete_quietly(self.fs, tmp)
             raise
 
-    def publish(self, data: bytes, *parts: str, verify=None) -> None:
-        """Write ``data`` at ``parts`` so that a reader never sees a partial or unchecked file there, and
-        run ``verify(fs, path)`` on what was written.
+    def publish(self, data: bytes, *parts: str, verify=None, exclusive: bool = False) -> None:
+        """Write ``data`` at ``parts``, run ``verify(fs, path)`` on what was written, and leave nothing
+        there if a check fails.
 
         Filesystems with rename: write under a temporary name in ``_tmp/`` beside the target, verify,
         move; a crash leaves only a temporary file, which :meth:`clean_tmp` removes on resume. S3 has no
-        rename, but a PUT is atomic: the object is created at its final key with ``If-None-Match: *``
-        (so an object another job wrote there is never replaced: :class:`ObjectExistsError`), then its
-        size and ``verify`` are checked, and the object is deleted again if either fails. The caller
-        commits it in the manifest only after this returns; until then it does not count.
+        rename (and a copy of a large object costs as much as the write), but a PUT is atomic: the object
+        goes straight to its final key, then its size and ``verify`` are checked, and it is deleted again
+        if either fails. What it holds counts only once the caller records it (shards: in the manifest).
+        ``exclusive`` makes the S3 PUT create-only (``If-None-Match: *``): an object already at the key,
+        another job's, is never replaced; :class:`ObjectExistsError` says so.
         """
         target = self.path(*parts)
         if self.fs.type_name == "s3":
-            _s3_put(target, data, self.display(*parts), create_only=True)
+            _s3_put(target, data, self.display(*parts), create_only=exclusive)
             try:
                 written = self.fs.get_file_info(target).size
                 if written != len(data):

@@ -65,7 +65,7 @@ def write_shard(loc: Location, shard: int, table: pa.Table, passthrough: list[st
     )
     name = shard_name(shard)
     data = _parquet_bytes(out)
-    loc.publish(data, SHARDS, name, verify=_verifier(out.num_rows, loc.display(SHARDS, name)))
+    loc.publish(data, SHARDS, name, verify=_verifier(out.num_rows, loc.display(SHARDS, name)), exclusive=True)
     record: dict[str, Any] = {
         "path": f"{SHARDS}/{name}",
         "rows": out.num_rows,
@@ -83,7 +83,8 @@ def write_shard(loc: Location, shard: int, table: pa.Table, passthrough: list[st
             schema=S.DEAD_LETTER_SCHEMA,
         )
         dl_data = _parquet_bytes(dl)
-        loc.publish(dl_data, DEAD_LETTER, name, verify=_verifier(dl.num_rows, loc.display(DEAD_LETTER, name)))
+        loc.publish(dl_data, DEAD_LETTER, name, verify=_verifier(dl.num_rows, loc.display(DEAD_LETTER, name)),
+                    exclusive=True)
         record.update(dead_letter_path=f"{DEAD_LETTER}/{name}", dead_letter_bytes=len(dl_data),
                       dead_letter_sha256=hashlib.sha256(dl_data).hexdigest())
     return record
