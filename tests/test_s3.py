@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +29,7 @@ from s3_fixtures import (FaultProxy, aws_env, fault_proxy, free_port, moto_serve
 from reembed import cli, pipeline, storage
 from reembed.config import load_config
 from reembed.manifest import ConcurrentWriteError, Manifest
+from reembed.schema import embedding_matrix
 from reembed.writer import read_shard_table
 
 pytestmark = pytest.mark.s3
@@ -108,6 +110,15 @@ def s3_ledger(out_uri: str) -> tuple[Counter, Counter]:
             assert hashlib.sha256(data).hexdigest() == rec["dead_letter_sha256"]
             dead.update(pq.read_table(pa.BufferReader(data)).column("id").to_pylist())
     return embedded, dead
+
+
+def s3_vectors(out_uri: str) -> dict[str, np.ndarray]:
+    loc = storage.Location.from_uri(out_uri)
+    vecs = {}
+    for rec in Manifest.load(loc).committed.values():
+        t = read_shard_table(loc, rec, columns=["id", "embedding"])
+        vecs.update(zip(t.column("id").to_pylist(), embedding_matrix(t.column("embedding"))))
+    return vecs
 
 
 def committed_keys(manifest: dict, prefix: str) -> list[str]:
@@ -281,6 +292,21 @@ def test_writes_retry_throttling_and_5xx_but_never_other_4xx(s3_env, fault_proxy
     with pytest.raises(storage.StorageError, match="s3://.*/out/e: write failed: SlowDown"):
         loc.write_bytes(b"e", "e")
     assert fault_proxy.count("PUT", r"/out/e$") == 3
+
+
+def test_pyarrow_reads_retry_5xx_but_not_403(s3_env, fault_proxy, monkeypatch):
+    bucket = new_bucket(s3_env)
+    s3_env.client("s3").put_object(Bucket=bucket, Key="docs/a.parquet", Body=b"x" * 100_000)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.endpoint)
+    loc = storage.Location.from_uri(f"s3://{bucket}/docs")
+    fault_proxy.add("GET", r"/docs/a\.parquet", times=2, status=503, code="SlowDown")
+    assert len(loc.read_bytes("a.parquet")) == 100_000
+    assert fault_proxy.count("GET", r"/docs/a\.parquet") == 3
+    fault_proxy.clear()
+    fault_proxy.add("GET", r"/docs/a\.parquet", times=2, status=403, code="AccessDenied")
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        loc.read_bytes("a.parquet")
+    assert fault_proxy.count("GET", r"/docs/a\.parquet") == 1
 
 
 def test_conditional_write_whose_answer_was_lost_is_not_a_conflict(s3_env, fault_proxy, monkeypatch):
@@ -510,6 +536,14 @@ def test_run_killed_then_resumed_through_faults_keeps_ledger_exact_and_secrets_p
     for k, rec in first["shards"].items():
         assert final["shards"][k] == rec, "a committed shard was recomputed"
     assert_ledger_exact(out, docs)
+    # the vectors that went through S3 are the model's own
+    from sentence_transformers import SentenceTransformer
+
+    live = [d for d in docs if d["text"].strip()]
+    ref = SentenceTransformer(str(tiny_model), device="cpu").encode([d["text"] for d in live], batch_size=16)
+    got = s3_vectors(out)
+    for d, r in zip(live, ref):
+        np.testing.assert_allclose(got[d["id"]], r, atol=1e-5)
     # no duplicates, no truncated or temporary leftovers: exactly the committed objects remain
     assert sorted(keys(server, bucket, "emb/v1/shards/") + keys(server, bucket, "emb/v1/dead_letter/")) == \
         committed_keys(final, "emb/v1")
