@@ -384,6 +384,7 @@ def register(subparsers) -> None:
     v.add_argument("--norm-tol", type=float, default=1e-3)
     v.add_argument("--paraphrase-min", type=float, default=0.55)
     v.add_argument("--unrelated-max", type=float, default=0.45)
+    v.add_argument("--no-builtin-pairs", action="store_true", help="judge sanity only by --pairs (a domain model)")
     v.add_argument("--min-ann-recall", type=float, default=0.90)
     v.add_argument("--min-overlap", type=float, default=None, help="gate old/new neighbour overlap (default: report only)")
     v.add_argument("--ab-tolerance", type=float, default=0.02, help="how far new may fall below old on recall@k / nDCG@10")
@@ -424,7 +425,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         settings = V.Settings(k=args.k, sample=args.sample, seed=args.seed, norm_tol=args.norm_tol,
                               paraphrase_min=args.paraphrase_min, unrelated_max=args.unrelated_max,
                               min_ann_recall=args.min_ann_recall, min_overlap=args.min_overlap,
-                              ab_tolerance=args.ab_tolerance, device=args.device)
+                              ab_tolerance=args.ab_tolerance, device=args.device,
+                              builtin_pairs=not args.no_builtin_pairs)
         searchers, closers = _searchers(args)
         try:
             report = V.validate(args.output, queries=args.queries, old=args.old, old_model=args.old_model,
