@@ -488,6 +488,18 @@ def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[
         if not args.faiss_ids:
             raise MigrationError("--faiss needs --faiss-ids (the document id of each FAISS label, in order)")
         searchers["faiss"] = V.faiss_searcher(V.read_faiss(args.faiss), V.read_ids(args.faiss_ids))
+    elif getattr(args, "output", None):
+        # The output's own FAISS index from `reembed index`, sha256-checked before it is read.
+        from reembed.indexes import faiss_index
+        from reembed.manifest import Manifest
+        from reembed.storage import Location
+
+        loc = Location.from_uri(args.output)
+        m = Manifest.load(loc)
+        rec = ((m.data.get("stages") or {}).get("index") or {}).get("faiss") if m else None
+        if rec and rec.get("status") == "done":
+            index, ids = faiss_index.load(loc, rec)
+            searchers["faiss"] = V.faiss_searcher(index, ids.to_pylist())
     if args.qdrant:
         src = exporters.parse_source(args.qdrant)
         if src.kind != "qdrant":
