@@ -351,6 +351,9 @@ def test_publish_verifies_and_a_truncated_object_is_never_committed(s3_env):
     with pytest.raises((OSError, pa.ArrowInvalid)):
         loc.publish(data[: len(data) // 2], "shards", "part-00001.parquet", verify=_verifier(100, "part 1"))
     assert [i.path.rsplit("/", 1)[-1] for i in loc.list("shards")] == ["part-00000.parquet"]
+    loc.write_bytes(b"x", "shards", "_tmp", "part-00003.parquet.abc")
+    loc.delete_dir("shards")  # what --fresh does, in batches of 1,000
+    assert loc.list("shards", recursive=True) == [] and not loc.exists("shards", "part-00000.parquet")
 
 
 def test_no_secret_in_pickled_filesystem_or_read_tasks(s3_env, s3_user):

@@ -259,8 +259,7 @@ class Location:
     def delete_dir(self, *parts: str) -> None:
         path = self.path(*parts)
         if self.fs.type_name == "s3":
-            for info in self.list(*parts, recursive=True):
-                self.delete_path(info.path)
+            _s3_delete_many([i.path for i in self.list(*parts, recursive=True)], self.display(*parts))
             return
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:
             self.fs.delete_dir(path)
@@ -390,10 +389,12 @@ def _aws_environment() -> tuple[tuple[str, str], ...]:
 @functools.lru_cache(maxsize=32)
 def _connect_s3(bucket: str, cfg: Settings, _env: tuple) -> _S3:
     import boto3
+    import botocore.session
     from botocore.config import Config
 
-    session = boto3.session.Session()
-    endpoint, source = _endpoint(cfg, session)
+    core = botocore.session.Session()
+    session = boto3.session.Session(botocore_session=core)
+    endpoint, source = _endpoint(cfg, core)
     region = cfg.region or os.environ.get("AWS_REGION") or session.region_name
     if not region:
         region = "us-east-1" if endpoint else _bucket_region(bucket)
@@ -411,7 +412,9 @@ def _connect_s3(bucket: str, cfg: Settings, _env: tuple) -> _S3:
         scheme, _, host = endpoint.partition("://")
         fs_kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
     # No credentials are passed: pyarrow's AWS SDK reads the same chain as boto3 in whichever process
-    # unpickles or builds this filesystem, so none ever sits in a pickled task.
+    # unpickles or builds this filesystem, so none ever sits in a pickled task. Its standard retry strategy
+    # retries throttling, 5xx and network errors, not other 4xx (one known gap, in the SDK: a ranged GET
+    # shorter than the error document S3 sends back fails without a retry).
     fs = pafs.S3FileSystem(
         region=region, connect_timeout=_CONNECT_TIMEOUT_S, request_timeout=_READ_TIMEOUT_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts), **fs_kwargs,
@@ -419,7 +422,7 @@ def _connect_s3(bucket: str, cfg: Settings, _env: tuple) -> _S3:
     return _S3(fs=fs, client=client, endpoint_source=source, region=region, max_attempts=cfg.max_attempts)
 
 
-def _endpoint(cfg: Settings, session) -> tuple[str | None, str | None]:
+def _endpoint(cfg: Settings, core) -> tuple[str | None, str | None]:
     """The custom S3 endpoint and the setting it came from, in boto3's order of precedence."""
     if cfg.endpoint_url:
         return cfg.endpoint_url, "storage.endpoint_url"
@@ -428,7 +431,6 @@ def _endpoint(cfg: Settings, session) -> tuple[str | None, str | None]:
     for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         if os.environ.get(var):
             return os.environ[var], var
-    core = session._session  # botocore session: public config accessors
     scoped = core.get_scoped_config()
     services = core.full_config.get("services", {}).get(scoped.get("services", ""), {})
     if services.get("s3", {}).get("endpoint_url"):
@@ -541,6 +543,21 @@ def _s3_delete(path: str, uri: str, quiet: bool = False) -> None:
             log.warning("%s: could not delete (%s)", uri, _code(e) or e)
             return
         raise explain(e, uri, "delete") from e
+
+
+def _s3_delete_many(paths: list[str], uri: str) -> None:
+    """Delete objects 1,000 per request (DeleteObjects)."""
+    for i in range(0, len(paths), 1000):
+        batch = paths[i:i + 1000]
+        bucket = _split(batch[0])[0]
+        objects = [{"Key": _split(p)[1]} for p in batch]
+        try:
+            resp = _s3_call("delete_objects", uri, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+        except Exception as e:
+            raise explain(e, uri, "delete") from e
+        if resp.get("Errors"):
+            err = resp["Errors"][0]
+            raise StorageError(f"s3://{bucket}/{err['Key']}: delete failed: {err.get('Code')}: {err.get('Message')}")
 
 
 def _s3_list(path: str, uri: str, recursive: bool) -> list[pafs.FileInfo]:
