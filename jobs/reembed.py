@@ -9,8 +9,12 @@ Inside a submitted job RAY_ADDRESS points at the cluster; on a laptop a local Ra
 import os
 import sys
 
-# Submitted with --working-dir . the package sits under src/ next to this file.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+HERE = os.path.dirname(os.path.realpath(__file__))
+# Python put this folder first on sys.path, and ray.init hands the script's folder to every worker
+# (unless the job has a working_dir): a worker's `import reembed` would then load this script, not the
+# package. Drop it; the package sits under src/ next to this folder (also with --working-dir .).
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
 from reembed.cli import main  # noqa: E402
 

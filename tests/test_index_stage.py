@@ -195,6 +195,13 @@ def test_run_with_index_then_search_versions_swap_rollback(tmp_path, fast_tmp, t
     assert cli.main(["rollback", "--output", out, "--alias", "documents"]) == 1
     assert "nothing to roll back" in capsys.readouterr().err
 
+    # validate finds the output's own FAISS index for its ANN-recall gate.
+    cli.main(["validate", out, "--no-builtin-pairs"])
+    capsys.readouterr()
+    report = json.loads(_manifest(out).loc.read_bytes("validation/report.json"))
+    # (the tiny random model gives many tied vectors here, so only the wiring is checked, not the value)
+    assert 0 < report["gates"]["ann_recall"]["recall"]["faiss"] <= 1
+
     # a rerun of the whole job changes nothing; a corrupted index is refused by search.
     gen = _manifest(out).data["generation"]
     assert pipeline.run(cfg)["index"]["faiss"] == f and _manifest(out).data["generation"] == gen

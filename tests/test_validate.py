@@ -21,7 +21,7 @@ from reembed import validate as V
 from reembed.manifest import Manifest
 from reembed.storage import Location
 
-FAST = V.Settings(sample=30)
+FAST = V.Settings(sample=30, builtin_pairs=False)  # the built-in pairs are exercised where they are the subject
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def hnsw_searcher(vectors, ids):
 def test_sound_migration_passes_every_gate(tmp_path, space, proj, minilm, old_export):
     out = new_output(tmp_path / "new", space, proj)
     report = V.validate(out, queries=str(QUERIES), old=old_export, old_model=str(minilm),
-                        searchers={"faiss-hnsw": hnsw_searcher(space["new"], space["ids"])}, settings=FAST)
+                        searchers={"faiss-hnsw": hnsw_searcher(space["new"], space["ids"])}, settings=V.Settings(sample=30))
     status = {n: g["status"] for n, g in report["gates"].items()}
     assert status == {"integrity": "pass", "sanity_pairs": "pass", "ann_recall": "pass", "overlap": "info", "ab": "pass"}, \
         {n: g["message"] for n, g in report["gates"].items()}
@@ -188,7 +188,7 @@ def test_sanity_pairs_fail_for_a_random_model(tmp_path, space, tiny_model):
     """A randomly initialised BERT maps every sentence to nearly the same direction."""
     vectors = embed(tiny_model, space["texts"])
     out = write_output(tmp_path / "new", space["ids"], vectors, model_info(tiny_model, vectors.shape[1]))
-    gate = V.validate(out, settings=FAST)["gates"]["sanity_pairs"]
+    gate = V.validate(out, settings=V.Settings(sample=30))["gates"]["sanity_pairs"]
     assert gate["status"] == "fail" and gate["failed"] >= 12
     assert "unrelated" in gate["message"]
 
@@ -198,8 +198,8 @@ def test_sanity_pairs_user_file(tmp_path, space, proj):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"a": "The dog chased the ball.", "b": "A dog ran after a ball.", "label": "paraphrase"}) + "\n"
                      + json.dumps({"a": "The cat sat on the mat.", "b": "A cat was sitting on a mat.", "label": "unrelated"}) + "\n")
-    gate = V.validate(out, pairs=str(pairs), settings=FAST)["gates"]["sanity_pairs"]
-    assert gate["status"] == "fail" and gate["failed"] == 1
+    gate = V.validate(out, pairs=str(pairs), settings=V.Settings(sample=30))["gates"]["sanity_pairs"]
+    assert gate["status"] == "fail" and gate["failed"] == 1 and len(gate["pairs"]) == 26
     bad = [p for p in gate["pairs"] if not p["passed"]]
     assert bad[0]["source"] == "pairs.jsonl:2" and bad[0]["cosine"] > 0.7
 
@@ -251,7 +251,7 @@ def test_misaligned_ids_fail_overlap_and_ab(tmp_path, space, proj, minilm, old_e
     report = V.validate(out, queries=str(QUERIES), old=old_export, old_model=str(minilm),
                         settings=V.Settings(sample=30, min_overlap=0.5))
     g = report["gates"]
-    assert g["integrity"]["status"] == "pass" and g["sanity_pairs"]["status"] == "pass"  # the vectors themselves are fine
+    assert g["integrity"]["status"] == "pass" and g["sanity_pairs"]["status"] == "pass"  # the model itself is fine
     assert g["overlap"]["status"] == "fail" and g["overlap"]["mean"] < 0.3
     assert g["ab"]["status"] == "fail" and g["ab"]["new"]["recall@10"] < 0.5 and g["ab"]["old"]["recall@10"] == 1.0
     assert "new is worse than old" in g["ab"]["message"] and not report["passed"]
@@ -306,7 +306,7 @@ def test_check_validation_refuses_missing_failed_and_stale_reports(tmp_path, spa
 
     bad = np.roll(space["new"], 1, axis=1)  # still unit norm and finite, but no longer MiniLM's meaning
     bad_out = new_output(tmp_path / "bad", space, proj, vectors=bad)
-    V.validate(bad_out, settings=V.Settings(sample=30, min_ann_recall=0.9),
+    V.validate(bad_out, settings=V.Settings(sample=30, min_ann_recall=0.9, builtin_pairs=False),
                searchers={"shifted": V.faiss_searcher(__import__("faiss").IndexFlatIP(1024), space["ids"])})
     ok, msg = V.check_validation(bad_out)
     assert not ok and "validation FAILED" in msg and "ann_recall" in msg
@@ -331,10 +331,12 @@ def test_cli_validate_exit_codes(tmp_path, space, proj, minilm, old_export, caps
     from reembed.cli import main
 
     out = new_output(tmp_path / "good", space, proj)
-    args = ["--queries", str(QUERIES), "--old", old_export, "--old-model", str(minilm), "--sample", "20"]
+    args = ["--queries", str(QUERIES), "--old", old_export, "--old-model", str(minilm), "--sample", "20",
+            "--no-builtin-pairs"]
     assert main(["validate", str(tmp_path / "good"), *args]) == 0
     text = capsys.readouterr().out
-    assert "ab            PASS" in text and "PASSED: report at" in text and out.exists("validation/report.html")
+    assert "ab            PASS" in text and "sanity_pairs  SKIPPED" in text and "PASSED: report at" in text
+    assert out.exists("validation/report.html")
 
     new_output(tmp_path / "bad", space, proj, vectors=shuffled(space["new"]))
     assert main(["validate", str(tmp_path / "bad"), *args]) == 1
@@ -364,7 +366,7 @@ def test_export_run_validate_end_to_end(tmp_path, space, proj, minilm, ray_local
     summary = pipeline.run(cfg)
     assert summary["complete"] and summary["embedded"] == 60
 
-    report = V.validate(str(tmp_path / "new"), queries=str(QUERIES), old_model=str(minilm), settings=FAST)
+    report = V.validate(str(tmp_path / "new"), queries=str(QUERIES), old_model=str(minilm), settings=V.Settings(sample=30))
     g = report["gates"]
     assert report["passed"], {n: x["message"] for n, x in g.items()}
     assert g["integrity"]["shards"] == 3 and g["ab"]["status"] == "pass" and g["overlap"]["mean"] > 0.6

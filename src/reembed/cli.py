@@ -167,7 +167,9 @@ def _extra_commands() -> list[Callable[[Any], None]]:
     for mod in ("reembed.indexes.commands", "reembed.tune", "reembed.cost", "reembed.migrate"):
         try:
             module = __import__(mod, fromlist=["register"])
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a real import error inside the module must not vanish
+                raise
             continue
         if hasattr(module, "register"):
             registers.append(module.register)

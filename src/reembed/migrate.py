@@ -384,6 +384,7 @@ def register(subparsers) -> None:
     v.add_argument("--norm-tol", type=float, default=1e-3)
     v.add_argument("--paraphrase-min", type=float, default=0.55)
     v.add_argument("--unrelated-max", type=float, default=0.45)
+    v.add_argument("--no-builtin-pairs", action="store_true", help="judge sanity only by --pairs (a domain model)")
     v.add_argument("--min-ann-recall", type=float, default=0.90)
     v.add_argument("--min-overlap", type=float, default=None, help="gate old/new neighbour overlap (default: report only)")
     v.add_argument("--ab-tolerance", type=float, default=0.02, help="how far new may fall below old on recall@k / nDCG@10")
@@ -424,7 +425,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         settings = V.Settings(k=args.k, sample=args.sample, seed=args.seed, norm_tol=args.norm_tol,
                               paraphrase_min=args.paraphrase_min, unrelated_max=args.unrelated_max,
                               min_ann_recall=args.min_ann_recall, min_overlap=args.min_overlap,
-                              ab_tolerance=args.ab_tolerance, device=args.device)
+                              ab_tolerance=args.ab_tolerance, device=args.device,
+                              builtin_pairs=not args.no_builtin_pairs)
         searchers, closers = _searchers(args)
         try:
             report = V.validate(args.output, queries=args.queries, old=args.old, old_model=args.old_model,
@@ -486,6 +488,18 @@ def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[
         if not args.faiss_ids:
             raise MigrationError("--faiss needs --faiss-ids (the document id of each FAISS label, in order)")
         searchers["faiss"] = V.faiss_searcher(V.read_faiss(args.faiss), V.read_ids(args.faiss_ids))
+    elif getattr(args, "output", None):
+        # The output's own FAISS index from `reembed index`, sha256-checked before it is read.
+        from reembed.indexes import faiss_index
+        from reembed.manifest import Manifest
+        from reembed.storage import Location
+
+        loc = Location.from_uri(args.output)
+        m = Manifest.load(loc)
+        rec = ((m.data.get("stages") or {}).get("index") or {}).get("faiss") if m else None
+        if rec and rec.get("status") == "done":
+            index, ids = faiss_index.load(loc, rec)
+            searchers["faiss"] = V.faiss_searcher(index, ids.to_pylist())
     if args.qdrant:
         src = exporters.parse_source(args.qdrant)
         if src.kind != "qdrant":

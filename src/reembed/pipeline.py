@@ -178,7 +178,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
             "compile": cfg.model.compile,
             "crash_once": os.environ.get(embed.CRASH_ONCE_ENV),
         },
-        batch_size=None,
+        # One shard per call (Ray Data requires a batch size for GPU actors); the Embedder sorts and
+        # batches by tokens inside it, and the assembler accepts any grouping of rows.
+        batch_size=cfg.plan.shard_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
             min_size=pool["min"], max_size=pool["max"],

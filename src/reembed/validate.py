@@ -104,6 +104,7 @@ class Settings:
     min_overlap: float | None = None
     ab_tolerance: float = 0.02
     device: str = "auto"
+    builtin_pairs: bool = True  # off for a domain model judged by its own --pairs file only
 
 
 @dataclass
@@ -144,7 +145,8 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     if manifest is None:
         raise ValidationError(f"{loc.display('manifest.json')}: no manifest here; validate a reembed output")
     labelled = load_queries(queries) if isinstance(queries, str) else list(queries or [])
-    all_pairs = builtin_pairs() + (load_pairs(pairs) if isinstance(pairs, str) else list(pairs or []))
+    all_pairs = (builtin_pairs() if settings.builtin_pairs else []) + (
+        load_pairs(pairs) if isinstance(pairs, str) else list(pairs or []))
     new_model = model or manifest.model["name"]
     dim = int(manifest.model["dimension"])
     normalized = bool(manifest.model.get("normalize"))
@@ -302,7 +304,7 @@ def sanity_pairs(embed: Callable[[list[str]], np.ndarray], pairs: Sequence[Pair]
                  unrelated_max: float) -> dict[str, Any]:
     """Cosine of each pair under ``embed``; paraphrases must reach their threshold, unrelated pairs stay under."""
     if not pairs:
-        return {"status": SKIPPED, "message": "no pairs"}
+        return {"status": SKIPPED, "message": "no sanity pairs (built-in set off and no --pairs file)"}
     texts = list(dict.fromkeys([p.a for p in pairs] + [p.b for p in pairs]))
     vec = dict(zip(texts, _normalize(embed(texts))))
     cos = np.array([float(vec[p.a] @ vec[p.b]) for p in pairs])
