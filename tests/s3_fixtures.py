@@ -50,20 +50,24 @@ class MotoServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"},
         )
-        deadline = time.time() + 60
-        while True:
-            try:
-                urlopen(f"{self.endpoint}/moto-api/", timeout=2).read()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.1)
-        # Every request is unauthenticated until reset-auth; make an admin, then switch auth on for good.
-        self.admin = self._create_user("admin", ALLOW_ALL, authenticated=False)
-        req = Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
-                      headers={"Content-Type": "text/plain"})
-        urlopen(req, timeout=10).read()
+        try:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    urlopen(f"{self.endpoint}/moto-api/", timeout=2).read()
+                    break
+                except OSError:
+                    if self.proc.poll() is not None or time.time() > deadline:
+                        raise RuntimeError("moto server did not start")
+                    time.sleep(0.1)
+            # Every request is unauthenticated until reset-auth; make an admin, then switch auth on for good.
+            self.admin = self._create_user("admin", ALLOW_ALL, authenticated=False)
+            req = Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                          headers={"Content-Type": "text/plain"})
+            urlopen(req, timeout=10).read()
+        except BaseException:
+            self.stop()
+            raise
 
     def client(self, service: str, creds: Credentials | None = None, endpoint: str | None = None):
         import boto3
