@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -102,3 +103,18 @@ def write_export(folder: Path, ids: Sequence[str], texts: Sequence[str], vectors
     pq.write_table(pa.table({"id": list(ids), "text": list(texts), "old_embedding": S.embedding_array(vectors)}),
                    folder / "part-00000.parquet")
     return folder
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory):
+    """MiniLM followed by a fixed random 384 -> 1024 projection: a second space with real meaning."""
+    return projected_minilm(tmp_path_factory.getbasetemp() / "minilm-proj-1024")
+
+
+@pytest.fixture(scope="module")
+def space(minilm, proj):
+    """The test corpus embedded in both spaces: ids, texts, topics, old (384-d) and new (1024-d)."""
+    rows = corpus()
+    texts = [r["text"] for r in rows]
+    return {"ids": [r["id"] for r in rows], "texts": texts, "topics": [r["topic"] for r in rows],
+            "old": embed(minilm, texts), "new": embed(proj, texts)}

@@ -14,20 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from migrate_fixtures import corpus, embed, model_info, projected_minilm, write_output
+from migrate_fixtures import proj, space  # noqa: F401  (fixtures)
 from reembed import migrate as M
-
-
-@pytest.fixture(scope="module")
-def proj(tmp_path_factory):
-    return projected_minilm(tmp_path_factory.getbasetemp() / "minilm-proj-1024")
-
-
-@pytest.fixture(scope="module")
-def space(minilm, proj):
-    rows = corpus()
-    texts = [r["text"] for r in rows]
-    return {"ids": [r["id"] for r in rows], "texts": texts, "topics": [r["topic"] for r in rows],
-            "old": embed(minilm, texts), "new": embed(proj, texts)}
 
 
 def chroma_store(path, space, minilm, keep=None):

@@ -17,23 +17,12 @@ import pytest
 
 from migrate_fixtures import (QUERIES, commit_table, corpus, embed, model_info, projected_minilm, queries,
                               write_export, write_output)
+from migrate_fixtures import proj, space  # noqa: F401  (fixtures)
 from reembed import validate as V
 from reembed.manifest import Manifest
 from reembed.storage import Location
 
 FAST = V.Settings(sample=30, builtin_pairs=False)  # the built-in pairs are exercised where they are the subject
-
-
-@pytest.fixture(scope="module")
-def proj(tmp_path_factory):
-    return projected_minilm(tmp_path_factory.getbasetemp() / "minilm-proj-1024")
-
-
-@pytest.fixture(scope="module")
-def space(minilm, proj):
-    rows = corpus()
-    texts = [r["text"] for r in rows]
-    return {"ids": [r["id"] for r in rows], "texts": texts, "old": embed(minilm, texts), "new": embed(proj, texts)}
 
 
 @pytest.fixture(scope="module")
