@@ -167,7 +167,9 @@ def _extra_commands() -> list[Callable[[Any], None]]:
     for mod in ("reembed.indexes.commands", "reembed.tune", "reembed.cost", "reembed.migrate"):
         try:
             module = __import__(mod, fromlist=["register"])
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a real import error inside the module must not vanish
+                raise
             continue
         if hasattr(module, "register"):
             registers.append(module.register)
@@ -186,7 +188,7 @@ def _is_user_error(e: Exception) -> bool:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose < 2 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("urllib3", "filelock", "httpx", "sentence_transformers", "transformers"):
+    for noisy in ("urllib3", "filelock", "httpx", "sentence_transformers", "transformers", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

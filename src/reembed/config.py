@@ -91,12 +91,40 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    # S3-compatible endpoint (MinIO, Ceph, R2), e.g. http://minio.internal:9000. None: AWS_ENDPOINT_URL_S3,
+    # AWS_ENDPOINT_URL or the AWS profile's endpoint_url, else AWS itself. Credentials never go here.
+    endpoint_url: Optional[str] = None
+    # None: AWS_REGION, AWS_DEFAULT_REGION or the profile, else the bucket's own region.
+    region: Optional[str] = None
+    # Attempts per S3 request on throttling, 5xx and dropped connections (backoff between); other 4xx fail at once.
+    max_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    # Build the indexes at the end of `reembed run` (`reembed index` builds them whatever this says).
+    enabled: bool = False
+    faiss: Literal["auto", "flat", "ivf", "hnsw", "none"] = "auto"
+    # FAISS memory budget: auto picks the index type from it, ivf switches to PQ codes above it.
+    faiss_memory: str = "16G"
+    recall_target: float = 0.95
+    # "embedded" (OUTPUT/indexes/qdrant), a folder, an http(s):// server URL, or "none".
+    qdrant: str = "embedded"
+    collection: str = "documents"
+    batch_size: int = 256
+    upload_workers: int = 4  # against a server; embedded Qdrant takes a single writer
+
+
+@dataclass(frozen=True)
 class JobConfig:
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     on_bad_file: Literal["fail", "skip"] = "fail"
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,6 +260,8 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("output.uri is required (--output)")
     if cfg.plan.shard_rows < 1:
         raise ConfigError(f"plan.shard_rows must be >= 1, got {cfg.plan.shard_rows}")
+    if cfg.storage.max_attempts < 1:
+        raise ConfigError(f"storage.max_attempts must be >= 1, got {cfg.storage.max_attempts}")
     if cfg.compute.min_actors < 1:
         raise ConfigError(f"compute.min_actors must be >= 1, got {cfg.compute.min_actors}")
     if cfg.compute.max_actors is not None and cfg.compute.max_actors < cfg.compute.min_actors:

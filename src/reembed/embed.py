@@ -141,11 +141,16 @@ def _model_folder(model, name: str) -> Path | None:
     p = Path(name).expanduser()
     if p.is_dir():
         return p.resolve()
-    for m in model:
-        auto = getattr(m, "auto_model", None)
-        path = getattr(getattr(auto, "config", None), "_name_or_path", None)
-        if path and Path(path).is_dir():
-            return Path(path).resolve()
+    from huggingface_hub import try_to_load_from_cache
+
+    for probe in ("modules.json", "config.json"):
+        for repo in (name, f"sentence-transformers/{name}"):
+            try:
+                hit = try_to_load_from_cache(repo, probe)
+            except ValueError:  # not a valid repo id
+                hit = None
+            if isinstance(hit, str):
+                return Path(hit).parent
     return None
 
 

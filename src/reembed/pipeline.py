@@ -30,6 +30,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     """Re-embed every document under ``cfg.input.uri`` into ``cfg.output.uri``; returns the summary."""
     validate(cfg)
     started, t0 = now(), time.monotonic()
+    storage.configure(cfg.storage)
+    storage.preflight(cfg.input.uri, cfg.output.uri)
     out = storage.Location.from_uri(cfg.output.uri)
     if cfg.output.fresh:
         _wipe(out)
@@ -50,9 +52,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         check_resume(manifest, cfg, model_info)
         dups = pq.read_table(pa.BufferReader(out.read_bytes(manifest.data["duplicates"]["path"])))
 
-    cleaned = out.clean_tmp(SHARDS) + out.clean_tmp(DEAD_LETTER)
+    # Claiming fences any other job on this output before leftovers of crashed attempts are removed.
+    cleaned = manifest.claim(SHARDS, DEAD_LETTER) if manifest.pending() else 0
     if cleaned:
-        log.info("removed %d temporary file(s) left by an interrupted attempt", cleaned)
+        log.info("removed %d uncommitted file(s) left by an interrupted attempt", cleaned)
     pending = manifest.pending()
     plan = manifest.plan
     log.info("%d of %d shards committed, %d pending", len(plan["shards"]) - len(pending), len(plan["shards"]), len(pending))
@@ -66,6 +69,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         manifest.record_run(run_info)
     summary = summarize(manifest)
     summary["run"] = run_info
+    if cfg.index.enabled and summary["complete"]:
+        from reembed.indexes import stage
+
+        summary["index"] = stage.run_index(cfg.output.uri, cfg.index, ray_address=cfg.compute.ray_address)
     return summary
 
 
@@ -171,7 +178,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
             "compile": cfg.model.compile,
             "crash_once": os.environ.get(embed.CRASH_ONCE_ENV),
         },
-        batch_size=None,
+        # One shard per call (Ray Data requires a batch size for GPU actors); the Embedder sorts and
+        # batches by tokens inside it, and the assembler accepts any grouping of rows.
+        batch_size=cfg.plan.shard_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
             min_size=pool["min"], max_size=pool["max"],
@@ -199,7 +208,12 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             for shard, table in assembler.add(block):
-                rec = write_shard(out, shard, table, passthrough)
+                try:
+                    rec = write_shard(out, shard, table, passthrough)
+                except storage.ObjectExistsError:
+                    # A job fenced by our claim wrote this shard late; its objects are uncommitted.
+                    manifest.discard_uncommitted(shard, SHARDS, DEAD_LETTER)
+                    rec = write_shard(out, shard, table, passthrough)
                 manifest.commit_shard(shard, rec)
                 stats["shards_committed"] += 1
                 stats["rows"] += rec["rows"]

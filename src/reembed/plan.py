@@ -9,10 +9,8 @@ resumed job sees exactly the same shards whatever has changed under the input UR
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
-import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -194,12 +192,12 @@ def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
         raise InputError(f"{scan.path}: no line is a JSON object; expected one document per line")
     if scan.rows:
         _check_columns(scan.path, sorted(keys), cfg)
-    scan.ids = pa.array([_id_string(v) for v in ids], pa.string())
+    scan.ids = pa.array([json_id(v) for v in ids], pa.string())
     if cfg.passthrough and sample:
         scan.passthrough_schema = pa.Table.from_pylist(sample).select(list(cfg.passthrough)).schema
 
 
-def _id_string(value: Any) -> str | None:
+def json_id(value: Any) -> str | None:
     """JSON ids as strings: 7 -> "7"; objects and lists are not ids (None: dead-lettered as null_id)."""
     if value is None or isinstance(value, (dict, list)):
         return None

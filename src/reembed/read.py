@@ -19,7 +19,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from reembed import schema as S
 from reembed import storage
-from reembed.plan import InputError, passthrough_schema
+from reembed.plan import InputError, json_id, passthrough_schema
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,10 @@ class ShardDatasource(Datasource):
 
 
 def _reader(plan: dict[str, Any], shard: dict[str, Any], dups: dict[int, set[int]]):
+    settings = storage.settings()  # S3 endpoint and region from the job config; credentials stay on each node
+
     def read() -> Iterable[pa.Table]:
+        storage.configure(settings)
         yield read_shard(plan, shard, dups)
 
     return read
@@ -154,7 +157,7 @@ def _read_jsonl_segment(fs, f: dict, seg: dict, plan: dict, pschema: pa.Schema) 
         text = obj.get(text_col)
         if text is not None and not isinstance(text, str):
             text, reason = None, reason or S.INVALID_TEXT
-        ids.append(_json_id(obj.get(id_col)))
+        ids.append(json_id(obj.get(id_col)))
         texts.append(text)
         reasons.append(reason)
         rows.append(line_no)
@@ -212,11 +215,3 @@ def _as_string(ids: pa.ChunkedArray) -> pa.Array:
     if pa.types.is_null(ids.type):
         return pa.nulls(len(ids), pa.string())
     return pc.cast(ids, pa.string())
-
-
-def _json_id(value: Any) -> str | None:
-    if value is None or isinstance(value, (dict, list)):
-        return None
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)

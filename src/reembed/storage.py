@@ -1,18 +1,42 @@
-"""URIs to pyarrow filesystems, listing, and atomic publish.
+"""URIs to pyarrow filesystems, listing, atomic publish, and the S3 client behind them.
 
 Every URI pyarrow understands goes through the same code path: a local path or ``file://`` by default,
-``s3://``, ``gs://``, ``abfs://`` and ``hdfs://`` alike. Credentials are never part of a URI or a config:
-pyarrow (and boto3 where used) read them from the standard chains on each node.
+``s3://``, ``gs://``, ``abfs://`` and ``hdfs://`` alike. Credentials are never part of a URI, a config, a
+log line or a pickled filesystem: pyarrow and boto3 read them from the standard AWS chain (environment,
+shared profile, instance role, IRSA web identity) in whichever process opens the filesystem.
+
+S3 gets more than the generic path:
+
+- An endpoint override for S3-compatible stores (MinIO, Ceph, R2): ``storage.endpoint_url`` in the job
+  config, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` / the profile's ``endpoint_url``, as boto3
+  resolves it. Region: ``storage.region``, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / the profile,
+  else the bucket's own region (``us-east-1`` on a custom endpoint).
+- Reads and listings stream through pyarrow (ranged GETs, 1,000 keys per listing page); writes, deletes
+  and conditional writes go through boto3, one request each.
+- Retries with backoff on throttling, 5xx and dropped connections only (:data:`THROTTLING_CODES`); any
+  other 4xx fails at once. pyarrow's own requests use the AWS SDK's standard strategy, which draws the
+  same line.
+- :func:`preflight` turns a missing bucket or prefix, denied access, rejected credentials or an
+  unreachable endpoint into a one-line :class:`StorageError` before the job loads a model.
+
+Ray workers get the same settings without them travelling in a runtime_env: read tasks carry
+:func:`settings` (endpoint and region only, never credentials) and call :func:`configure` with it; the
+credentials come from the worker's own environment (a local Ray inherits the driver's) or its node's role.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import posixpath
+import random
+import re
+import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -20,9 +44,55 @@ log = logging.getLogger(__name__)
 
 _OBJECT_STORE_TYPES = {"s3", "gcs", "abfs"}
 
+# S3 error codes that mean "slow down"; they are retried like any 5xx. Every other 4xx is final.
+THROTTLING_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "ProvisionedThroughputExceededException",
+})
+_BACKOFF_BASE_S = 0.1
+_BACKOFF_CAP_S = 10.0
+_CONNECT_TIMEOUT_S = 10
+_LIST_PAGE = 1000  # keys per ListObjectsV2 request (S3's maximum)
+_READ_TIMEOUT_S = 120
+
 
 class StorageError(RuntimeError):
-    """A URI cannot be reached, listed, read or written. The message names the URI."""
+    """A URI cannot be reached, listed, read or written. The message names the URI and the likely cause."""
+
+
+class ObjectExistsError(StorageError):
+    """A create-only write found an object already at the key (another job wrote it)."""
+
+
+class VersionConflict(StorageError):
+    """A conditional write found the object changed (or created) since the version this process holds."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where S3 is and how hard to retry: never credentials. Safe to pickle into Ray tasks."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = 8
+
+
+_settings = Settings()
+
+
+def configure(cfg: Any = None) -> None:
+    """Use the S3 endpoint, region and retry settings of ``cfg`` (a :class:`Settings` or the job's
+    ``config.StorageConfig``) in this process from now on; None restores the defaults."""
+    global _settings
+    if cfg is None:
+        _settings = Settings()
+    else:
+        _settings = Settings(cfg.endpoint_url or None, cfg.region or None, max(1, int(cfg.max_attempts)))
+
+
+def settings() -> Settings:
+    return _settings
 
 
 @dataclass(frozen=True)
@@ -41,6 +111,11 @@ class Location:
     def is_object_store(self) -> bool:
         return self.fs.type_name in _OBJECT_STORE_TYPES
 
+    @property
+    def conditional_writes(self) -> bool:
+        """Whether :meth:`read_versioned` / :meth:`write_if` are available (S3 If-Match / If-None-Match)."""
+        return self.fs.type_name == "s3"
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if parts else self.root
 
@@ -49,11 +124,19 @@ class Location:
         return posixpath.join(self.uri.rstrip("/"), *parts) if parts else self.uri
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+        try:
+            return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+        except OSError as e:
+            raise explain(e, self.display(*parts), "check") from e
 
     def read_bytes(self, *parts: str) -> bytes:
-        with self.fs.open_input_stream(self.path(*parts)) as f:
-            return f.read()
+        try:
+            with self.fs.open_input_stream(self.path(*parts)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise explain(e, self.display(*parts), "read") from e
 
     def size(self, *parts: str) -> int:
         return self.fs.get_file_info(self.path(*parts)).size
@@ -66,6 +149,9 @@ class Location:
         object is written in place.
         """
         target = self.path(*parts)
+        if self.fs.type_name == "s3":
+            _s3_put(target, data, self.display(*parts))
+            return
         parent = posixpath.dirname(target)
         if parent:
             self.fs.create_dir(parent, recursive=True)
@@ -83,10 +169,29 @@ class Location:
             raise
 
     def publish(self, data: bytes, *parts: str, verify=None) -> None:
-        """Write ``data`` under a temporary name in ``_tmp/`` beside the target, run ``verify(fs, tmp_path)``
-        on what was written, then move it to the target. A crash leaves only a temporary object, which
-        :meth:`clean_tmp` removes on resume."""
+        """Write ``data`` at ``parts`` so that a reader never sees a partial or unchecked file there, and
+        run ``verify(fs, path)`` on what was written.
+
+        Filesystems with rename: write under a temporary name in ``_tmp/`` beside the target, verify,
+        move; a crash leaves only a temporary file, which :meth:`clean_tmp` removes on resume. S3 has no
+        rename, but a PUT is atomic: the object is created at its final key with ``If-None-Match: *``
+        (so an object another job wrote there is never replaced: :class:`ObjectExistsError`), then its
+        size and ``verify`` are checked, and the object is deleted again if either fails. The caller
+        commits it in the manifest only after this returns; until then it does not count.
+        """
         target = self.path(*parts)
+        if self.fs.type_name == "s3":
+            _s3_put(target, data, self.display(*parts), create_only=True)
+            try:
+                written = self.fs.get_file_info(target).size
+                if written != len(data):
+                    raise StorageError(f"{self.display(*parts)}: stored {written} bytes of {len(data)}")
+                if verify is not None:
+                    verify(self.fs, target)
+            except BaseException:
+                _s3_delete(target, self.display(*parts), quiet=True)
+                raise
+            return
         tmp_dir = posixpath.join(posixpath.dirname(target), "_tmp")
         tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{uuid.uuid4().hex[:12]}")
         self.fs.create_dir(tmp_dir, recursive=True)
@@ -103,23 +208,66 @@ class Location:
             _delete_quietly(self.fs, tmp)
             raise
 
+    def read_versioned(self, *parts: str) -> tuple[bytes, str] | None:
+        """The object's bytes and its version tag (S3 ETag), read in one request; None if absent."""
+        bucket, key = _split(self.path(*parts))
+        try:
+            resp = _s3_call("get_object", self.display(*parts), Bucket=bucket, Key=key)
+        except Exception as e:
+            if _code(e) in ("NoSuchKey", "404"):
+                return None
+            raise explain(e, self.display(*parts), "read") from e
+        return resp["Body"].read(), resp["ETag"]
+
+    def version(self, *parts: str) -> str | None:
+        """The object's current version tag, or None if it does not exist."""
+        bucket, key = _split(self.path(*parts))
+        try:
+            return _s3_call("head_object", self.display(*parts), Bucket=bucket, Key=key)["ETag"]
+        except Exception as e:
+            if _code(e) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise explain(e, self.display(*parts), "check") from e
+
+    def write_if(self, data: bytes, *parts: str, version: str | None) -> str:
+        """Write ``data`` only if the object is still at ``version`` (``If-Match``), or, with ``version``
+        None, only if there is no object yet (``If-None-Match: *``). Returns the new version tag; raises
+        :class:`VersionConflict` when someone else wrote first, and nothing is overwritten."""
+        target = self.path(*parts)
+        if version is None:
+            return _s3_put(target, data, self.display(*parts), create_only=True, conflict=VersionConflict)
+        return _s3_put(target, data, self.display(*parts), if_match=version, conflict=VersionConflict)
+
     def clean_tmp(self, *parts: str) -> int:
         """Remove temporary objects left in ``parts/_tmp/`` by a crashed attempt; returns how many."""
         leftovers = self.list(*parts, "_tmp", recursive=True)
         for info in leftovers:
-            _delete_quietly(self.fs, info.path)
+            self.delete_path(info.path)
         return len(leftovers)
 
     def delete(self, *parts: str) -> None:
-        _delete_quietly(self.fs, self.path(*parts))
+        self.delete_path(self.path(*parts))
+
+    def delete_path(self, path: str) -> None:
+        """Delete the file at ``path`` (a full path on this filesystem, as :meth:`list` returns); no error
+        if it is already gone."""
+        if self.fs.type_name == "s3":
+            _s3_delete(path, _s3_uri(path))
+        else:
+            _delete_quietly(self.fs, path)
 
     def delete_dir(self, *parts: str) -> None:
         path = self.path(*parts)
+        if self.fs.type_name == "s3":
+            _s3_delete_many([i.path for i in self.list(*parts, recursive=True)], self.display(*parts))
+            return
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:
             self.fs.delete_dir(path)
 
     def list(self, *parts: str, recursive: bool = False) -> list[pafs.FileInfo]:
         """Files directly under ``parts`` (all levels if ``recursive``), sorted by path; none if missing."""
+        if self.fs.type_name == "s3":
+            return _s3_list(self.path(*parts), self.display(*parts), recursive)
         sel = pafs.FileSelector(self.path(*parts), recursive=recursive, allow_not_found=True)
         infos = self.fs.get_file_info(sel)
         return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
@@ -129,6 +277,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Map a URI or local path to (filesystem, path)."""
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
+    if uri.startswith("s3://"):
+        path = uri[len("s3://"):].split("?", 1)[0].rstrip("/")
+        bucket = path.split("/", 1)[0]
+        if not bucket:
+            raise StorageError(f"{uri}: no bucket in this URI (expected s3://BUCKET/PREFIX)")
+        return _s3(bucket).fs, path
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:  # ArrowInvalid (a ValueError) for an unknown scheme
@@ -139,16 +293,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 def list_inputs(uri: str, pattern: str = "*") -> tuple[Location, list[pafs.FileInfo]]:
     """The input files under ``uri``: a single file, a folder (recursively, filtered by ``pattern``),
     or a glob in the last path component (``s3://b/docs/*.parquet``)."""
-    glob = None
-    base_uri = uri
-    head, tail = posixpath.split(uri.rstrip("/"))
-    if any(c in tail for c in "*?["):
-        base_uri, glob = head, tail
+    base_uri, glob = _split_glob(uri)
     loc = Location.from_uri(base_uri)
     try:
         info = loc.fs.get_file_info(loc.root)
     except OSError as e:
-        raise StorageError(f"{uri}: cannot list input ({e})") from e
+        raise explain(e, uri, "list") from e
     if info.type == pafs.FileType.File and glob is None:
         return loc, [info]
     if info.type == pafs.FileType.NotFound:
@@ -156,7 +306,7 @@ def list_inputs(uri: str, pattern: str = "*") -> tuple[Location, list[pafs.FileI
     try:
         files = loc.list(recursive=True)
     except OSError as e:
-        raise StorageError(f"{uri}: cannot list input ({e})") from e
+        raise explain(e, uri, "list") from e
     match = glob or pattern
     picked = [
         f for f in files
@@ -168,8 +318,347 @@ def list_inputs(uri: str, pattern: str = "*") -> tuple[Location, list[pafs.FileI
     return loc, picked
 
 
+def preflight(input_uri: str, output_uri: str) -> None:
+    """Check, in a few requests and before any model or GPU work, that the input can be listed and the
+    output written; raise a one-line :class:`StorageError` naming the URI and the likely cause."""
+    t0 = time.monotonic()
+    _check_input(input_uri)
+    _check_output(output_uri)
+    log.debug("preflight: input and output reachable (%.2f s)", time.monotonic() - t0)
+
+
+def explain(e: BaseException, uri: str, action: str) -> StorageError:
+    """Turn a boto3 or pyarrow storage error into a one-line :class:`StorageError` with the likely cause."""
+    if isinstance(e, StorageError):
+        return e
+    code = _code(e)
+    where = _endpoint_words(uri)
+    bucket = uri[len("s3://"):].split("/", 1)[0] if uri.startswith("s3://") else ""
+    if code in ("NoSuchBucket", "NO_SUCH_BUCKET"):
+        cause = f"bucket {bucket!r} does not exist on {where} (check the bucket name and the endpoint)"
+    elif code in ("InvalidAccessKeyId", "INVALID_ACCESS_KEY_ID", "InvalidClientTokenId"):
+        cause = (f"{where} does not recognise the access key id (wrong or deleted credentials: check "
+                 "AWS_ACCESS_KEY_ID / AWS_PROFILE)")
+    elif code in ("SignatureDoesNotMatch", "SIGNATURE_DOES_NOT_MATCH"):
+        cause = ("the secret access key does not match the access key id (wrong credentials: check "
+                 "AWS_SECRET_ACCESS_KEY / AWS_PROFILE)")
+    elif code in ("ExpiredToken", "InvalidToken", "TokenRefreshRequired", "EXPIRED_TOKEN", "RequestExpired"):
+        cause = "the session token is expired or invalid (refresh the credentials)"
+    elif code in ("AccessDenied", "ACCESS_DENIED", "Forbidden", "403", "AllAccessDisabled"):
+        perm = {"list": "s3:ListBucket", "read": "s3:GetObject", "write": "s3:PutObject",
+                "delete": "s3:DeleteObject", "check": "s3:GetObject / s3:ListBucket"}.get(action, "access")
+        cause = f"access denied to {action} (the credentials in use lack {perm} here: check the IAM and bucket policies)"
+    elif code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "301"):
+        cause = "the bucket is in another region (set AWS_REGION or storage.region)"
+    elif code in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        cause = ("no usable AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                 "AWS_PROFILE, or run with an instance role / IRSA)")
+    elif code in ("EndpointConnectionError", "ConnectTimeoutError", "NETWORK_CONNECTION", "ProxyConnectionError"):
+        cause = f"cannot connect to {where} (check the URL and that the server is running and reachable)"
+    elif code in ("SSLError",):
+        cause = f"TLS handshake with {where} failed (http vs https, or an untrusted certificate)"
+    elif code and code.isdigit():
+        cause = f"{where} answered HTTP {code} without an S3 error code (is it an S3 endpoint?)"
+    else:
+        detail = " ".join(str(e).split())
+        cause = f"{action} failed: {code + ': ' if code else ''}{detail[:300]}"
+    return StorageError(f"{uri}: {cause}")
+
+
+# -- S3 -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _S3:
+    fs: pafs.S3FileSystem
+    client: Any  # boto3 S3 client with botocore's own retries off: _s3_call retries
+    endpoint_source: str | None  # which setting named a custom endpoint; None on AWS itself
+    region: str
+    max_attempts: int
+
+
+def _s3(bucket: str) -> _S3:
+    return _connect_s3(bucket, _settings, _aws_environment())
+
+
+def _aws_environment() -> tuple[tuple[str, str], ...]:
+    # Part of the cache key so a changed environment (tests, credential rotation by env) takes effect.
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+
+
+@functools.lru_cache(maxsize=32)
+def _connect_s3(bucket: str, cfg: Settings, _env: tuple) -> _S3:
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
+    core = botocore.session.Session()
+    session = boto3.session.Session(botocore_session=core)
+    endpoint, source = _endpoint(cfg, core)
+    region = cfg.region or os.environ.get("AWS_REGION") or session.region_name
+    if not region:
+        region = "us-east-1" if endpoint else _bucket_region(bucket)
+    client = session.client(
+        "s3", region_name=region, endpoint_url=endpoint,
+        config=Config(
+            retries={"total_max_attempts": 1},
+            connect_timeout=_CONNECT_TIMEOUT_S, read_timeout=_READ_TIMEOUT_S,
+            # S3-compatible stores address buckets by path; pyarrow does the same with an endpoint override.
+            s3={"addressing_style": "path"} if endpoint else None,
+        ),
+    )
+    fs_kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        fs_kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    # No credentials are passed: pyarrow's AWS SDK reads the same chain as boto3 in whichever process
+    # unpickles or builds this filesystem, so none ever sits in a pickled task. Its standard retry strategy
+    # retries throttling, 5xx and network errors, not other 4xx (one known gap, in the SDK: a ranged GET
+    # shorter than the error document S3 sends back fails without a retry).
+    fs = pafs.S3FileSystem(
+        region=region, connect_timeout=_CONNECT_TIMEOUT_S, request_timeout=_READ_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts), **fs_kwargs,
+    )
+    return _S3(fs=fs, client=client, endpoint_source=source, region=region, max_attempts=cfg.max_attempts)
+
+
+def _endpoint(cfg: Settings, core) -> tuple[str | None, str | None]:
+    """The custom S3 endpoint and the setting it came from, in boto3's order of precedence."""
+    if cfg.endpoint_url:
+        return cfg.endpoint_url, "storage.endpoint_url"
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return None, None
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return os.environ[var], var
+    scoped = core.get_scoped_config()
+    services = core.full_config.get("services", {}).get(scoped.get("services", ""), {})
+    if services.get("s3", {}).get("endpoint_url"):
+        return services["s3"]["endpoint_url"], "the AWS profile's services s3 endpoint_url"
+    if scoped.get("endpoint_url"):
+        return scoped["endpoint_url"], "the AWS profile's endpoint_url"
+    return None, None
+
+
+def _bucket_region(bucket: str) -> str:
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError) as e:
+        log.debug("cannot resolve the region of bucket %s (%s); using us-east-1", bucket, e)
+        return "us-east-1"
+
+
+def _s3_call(op: str, uri: str, attempts: int | None = None, **kwargs) -> Any:
+    """One boto3 S3 call, retried with exponential backoff and jitter on throttling, 5xx and dropped
+    connections; anything else (every other 4xx included) is raised at once. The exception raised carries
+    ``attempts``, how many requests were made."""
+    s3 = _s3(kwargs["Bucket"])
+    call = getattr(s3.client, op)
+    limit = attempts or s3.max_attempts
+    for attempt in range(1, limit + 1):
+        try:
+            return call(**kwargs)
+        except Exception as e:
+            if attempt >= limit or not _retryable(e):
+                e.attempts = attempt  # type: ignore[attr-defined]
+                raise
+            step = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** (attempt - 1))
+            delay = step / 2 + random.uniform(0, step / 2)
+            log.warning("%s %s: %s; retry %d of %d in %.2f s", op, uri, _code(e) or type(e).__name__,
+                        attempt, limit - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retryable(e: BaseException) -> bool:
+    from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTimeoutError,
+                                     EndpointConnectionError, ReadTimeoutError, ResponseStreamingError)
+
+    if isinstance(e, ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or _code(e) in THROTTLING_CODES
+    return isinstance(e, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
+                          ResponseStreamingError))
+
+
+def _code(e: BaseException) -> str:
+    """An S3 error code (``NoSuchBucket``), a pyarrow AWS error name (``ACCESS_DENIED``), or the botocore
+    exception class name; '' if none applies."""
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        return str(err.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+    if type(e).__module__.startswith("botocore"):
+        return type(e).__name__
+    m = re.search(r"AWS Error ([A-Z_]+)", str(e))
+    return m.group(1) if m else ""
+
+
+def _split(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _s3_uri(path: str) -> str:
+    return f"s3://{path}"
+
+
+def _s3_put(path: str, data: bytes, uri: str, create_only: bool = False, if_match: str | None = None,
+            conflict: type[StorageError] = ObjectExistsError) -> str:
+    """PUT ``data`` at ``path`` (optionally create-only or If-Match); returns the new ETag.
+
+    A retried conditional PUT can meet its own first attempt, which landed although its answer was lost:
+    the 412 it then gets is checked against the stored bytes before it counts as a conflict.
+    """
+    bucket, key = _split(path)
+    cond = {"IfNoneMatch": "*"} if create_only else {"IfMatch": if_match} if if_match else {}
+    try:
+        return _s3_call("put_object", uri, Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+    except Exception as e:
+        if _code(e) not in ("PreconditionFailed", "412", "ConditionalRequestConflict") or not cond:
+            raise explain(e, uri, "write") from e
+        if getattr(e, "attempts", 1) > 1:
+            mine = _s3_own_write(bucket, key, data, uri)
+            if mine:
+                return mine
+        what = "an object already exists here" if create_only else "the object changed since it was read"
+        raise conflict(f"{uri}: {what}: another job is writing this output at the same time") from e
+
+
+def _s3_own_write(bucket: str, key: str, data: bytes, uri: str) -> str | None:
+    """The ETag of the object at ``key`` if it holds exactly ``data``, else None."""
+    try:
+        resp = _s3_call("get_object", uri, Bucket=bucket, Key=key)
+        return resp["ETag"] if resp["Body"].read() == data else None
+    except Exception:
+        return None
+
+
+def _s3_delete(path: str, uri: str, quiet: bool = False) -> None:
+    bucket, key = _split(path)
+    try:
+        _s3_call("delete_object", uri, Bucket=bucket, Key=key)
+    except Exception as e:
+        if quiet:
+            log.warning("%s: could not delete (%s)", uri, _code(e) or e)
+            return
+        raise explain(e, uri, "delete") from e
+
+
+def _s3_delete_many(paths: list[str], uri: str) -> None:
+    """Delete objects 1,000 per request (DeleteObjects)."""
+    for i in range(0, len(paths), 1000):
+        batch = paths[i:i + 1000]
+        bucket = _split(batch[0])[0]
+        objects = [{"Key": _split(p)[1]} for p in batch]
+        try:
+            resp = _s3_call("delete_objects", uri, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+        except Exception as e:
+            raise explain(e, uri, "delete") from e
+        if resp.get("Errors"):
+            err = resp["Errors"][0]
+            raise StorageError(f"s3://{bucket}/{err['Key']}: delete failed: {err.get('Code')}: {err.get('Message')}")
+
+
+def _s3_list(path: str, uri: str, recursive: bool) -> list[pafs.FileInfo]:
+    """Objects under the prefix ``path``, 1,000 per request (ListObjectsV2 pages), sorted by path."""
+    bucket, key = _split(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": _LIST_PAGE}
+    if not recursive:
+        kwargs["Delimiter"] = "/"
+    out = []
+    while True:
+        try:
+            page = _s3_call("list_objects_v2", uri, **kwargs)
+        except Exception as e:
+            raise explain(e, uri, "list") from e
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):  # folder markers some tools create
+                out.append(pafs.FileInfo(f"{bucket}/{obj['Key']}", pafs.FileType.File, size=obj["Size"],
+                                         mtime=obj["LastModified"]))
+        if not page.get("IsTruncated"):
+            break
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+    return sorted(out, key=lambda i: i.path)
+
+
+def _endpoint_words(uri: str) -> str:
+    """How messages name the server: the setting that chose it, never its value (which may be private)."""
+    if not uri.startswith("s3://"):
+        return "the storage service"
+    try:
+        source = _s3(uri[len("s3://"):].split("/", 1)[0]).endpoint_source
+    except Exception:
+        source = None
+    return f"the S3 endpoint set by {source}" if source else "AWS S3"
+
+
+# -- preflight ----------------------------------------------------------------------------------------
+
+
+def _check_input(uri: str) -> None:
+    base_uri, _ = _split_glob(uri)
+    loc = Location.from_uri(base_uri)
+    if loc.fs.type_name != "s3":
+        try:
+            info = loc.fs.get_file_info(loc.root)
+        except OSError as e:
+            raise explain(e, uri, "list") from e
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{uri}: input not found (no such file, folder or prefix)")
+        return
+    bucket, key = _split(loc.root)
+    prefix = f"{key}/" if key else ""
+    try:
+        page = _s3_call("list_objects_v2", uri, attempts=min(3, _settings.max_attempts),
+                        Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except Exception as e:
+        raise explain(e, uri, "list") from e
+    if page.get("KeyCount", 0):
+        return
+    if not key:
+        raise StorageError(f"{uri}: bucket {bucket!r} is empty; no input to read")
+    try:
+        _s3_call("head_object", uri, Bucket=bucket, Key=key)
+    except Exception as e:
+        if _code(e) in ("404", "NoSuchKey", "NotFound"):
+            raise StorageError(f"{uri}: no object or prefix {key!r} in bucket {bucket!r} (check the path; "
+                               "S3 keys are case-sensitive)") from e
+        raise explain(e, uri, "read") from e
+
+
+def _check_output(uri: str) -> None:
+    loc = Location.from_uri(uri)
+    if loc.fs.type_name != "s3":
+        return
+    bucket, key = _split(loc.root)
+    attempts = min(3, _settings.max_attempts)
+    try:
+        _s3_call("list_objects_v2", uri, attempts=attempts, Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
+    except Exception as e:
+        raise explain(e, uri, "list") from e
+    probe = posixpath.join(key, f".reembed-write-check-{uuid.uuid4().hex[:12]}")
+    try:
+        _s3_call("put_object", uri, attempts=attempts, Bucket=bucket, Key=probe, Body=b"")
+    except Exception as e:
+        raise explain(e, uri, "write") from e
+    try:
+        _s3_call("delete_object", uri, attempts=attempts, Bucket=bucket, Key=probe)
+    except Exception as e:
+        raise explain(e, uri, "delete") from e
+
+
+def _split_glob(uri: str) -> tuple[str, str | None]:
+    head, tail = posixpath.split(uri.rstrip("/"))
+    if any(c in tail for c in "*?["):
+        return head, tail
+    return uri, None
+
+
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
     try:
         fs.delete_file(path)
     except (FileNotFoundError, OSError):
         pass
+

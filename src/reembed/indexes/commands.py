@@ -1,0 +1,272 @@
+"""``reembed index | versions | swap | rollback | search``: the index stage's subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "index", help="build the FAISS index and a Qdrant collection from an output's shards, in parallel",
+        description="Build a FAISS index (OUTPUT/indexes/faiss/index-vN.faiss) and a versioned Qdrant collection "
+                    "(<collection>-vN) from the committed shards, as two parallel Ray tasks. Rerunning resumes "
+                    "a killed build and leaves a finished one untouched. The Qdrant API key, if any, is read "
+                    "from QDRANT_API_KEY.",
+    )
+    p.add_argument("output", metavar="OUTPUT_URI", help="the job's output folder or URI")
+    p.add_argument("--faiss", choices=["auto", "flat", "ivf", "hnsw", "none"],
+                   help="FAISS index type (default auto: picked from corpus size and --faiss-memory); none skips it")
+    p.add_argument("--faiss-memory", metavar="SIZE", help="FAISS memory budget, e.g. 16G (default 16G)")
+    p.add_argument("--recall-target", type=float, help="recall@10 the search setting is tuned to (default 0.95)")
+    p.add_argument("--qdrant", metavar="URL_OR_PATH", help="Qdrant server URL (http[s]://...), a folder for an "
+                   "embedded Qdrant, or none (default: embedded, under OUTPUT/indexes/qdrant)")
+    p.add_argument("--collection", help="collection name; versions are NAME-v1, NAME-v2, ... (default documents)")
+    p.add_argument("--batch-size", type=int, help="points per Qdrant upsert (default 256)")
+    p.add_argument("--workers", type=int, help="parallel Qdrant upload workers against a server (default 4)")
+    p.add_argument("--config", metavar="job.yaml", help="YAML job file; its index section is used")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a setting, e.g. --set index.faiss=hnsw (repeatable)")
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--no-ray", action="store_true", help="run both builds on threads of this process instead of Ray tasks")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.set_defaults(func=cmd_index)
+
+    v = sub.add_parser("versions", help="Qdrant collections with model, dimension, points and aliases; FAISS versions",
+                       description="List the collections of a Qdrant target (model, dimension, point count, state, "
+                                   "aliases pointing at each) and, with --output, the FAISS index versions.")
+    _target_args(v)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_versions)
+
+    s = sub.add_parser("swap", help="point an alias at another collection in one atomic call",
+                       description="Move ALIAS to collection TO in one atomic call, keeping the old collection. "
+                                   "Refused unless TO finished loading, holds exactly the manifest's row count and "
+                                   "has the query model's dimension, and unless the output's latest `reembed validate` "
+                                   "report passed (--force skips that gate).")
+    _target_args(s)
+    s.add_argument("--alias", required=True)
+    s.add_argument("--to", required=True, metavar="COLLECTION")
+    s.add_argument("--dimension", type=int, help="dimension of the model the alias's users query with "
+                   "(default: the output's model)")
+    s.add_argument("--force", action="store_true", help="swap even without a passing validation report")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_swap)
+
+    r = sub.add_parser("rollback", help="point an alias back at the collection it left in the last swap")
+    _target_args(r)
+    r.add_argument("--alias", required=True)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_rollback)
+
+    q = sub.add_parser("search", help="search an output's FAISS index with a text query",
+                       description="Embed the query with the job's model (on the CPU) and search the FAISS index.")
+    q.add_argument("output", metavar="OUTPUT_URI")
+    q.add_argument("query", nargs="+", help="query text (one query per argument)")
+    q.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    q.add_argument("--version", type=int, help="FAISS index version (default: the newest)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_search)
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qdrant", metavar="URL_OR_PATH", help="Qdrant server URL or embedded Qdrant folder "
+                   "(default: the one recorded in --output's manifest)")
+    p.add_argument("--output", metavar="OUTPUT_URI", help="the job's output (its manifest gives the expected "
+                   "row count, the model and the Qdrant target)")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from reembed.config import load_config, replace_path
+    from reembed.indexes import stage
+
+    cfg = load_config(args.config, args.overrides)
+    flags = {"faiss": args.faiss, "faiss_memory": args.faiss_memory, "recall_target": args.recall_target,
+             "qdrant": args.qdrant, "collection": args.collection, "batch_size": args.batch_size,
+             "upload_workers": args.workers}
+    for key, value in flags.items():
+        if value is not None:
+            cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
+    return _guard(lambda: _print_index(stage.run_index(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
+                                                       use_ray=not args.no_ray), args.json))
+
+
+def _print_index(results: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(results, indent=1, default=str))
+        return EXIT_OK
+    if "faiss" in results:
+        f = results["faiss"]
+        p = f.get("params", {})
+        print(f"faiss:   {f['path']} (v{f['version']}, {p.get('factory')}, {f['ntotal']} vectors, {f['bytes']} bytes, "
+              f"search {p.get('search') or 'exact'}, recall@10 {p.get('recall_at_10')}, sha256 {f['sha256'][:16]})")
+    if "qdrant" in results:
+        q = results["qdrant"]
+        print(f"qdrant:  {q['collection']} at {q['target']} ({q['count']} points)")
+    return EXIT_OK
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from reembed.indexes import qdrant_index as Q
+
+        out: dict[str, Any] = {}
+        manifest = _manifest(args.output) if args.output else None
+        if manifest is not None:
+            from reembed.indexes import stage
+
+            st = stage.state_of(manifest)
+            out["faiss"] = [r for r in [*st.get("faiss_history", []), st.get("faiss")] if r]
+        target = _target(args, manifest, required=manifest is None)
+        if target:
+            client = Q.connect(target)
+            try:
+                out["qdrant"] = {"target": Q.describe(target), "collections": Q.versions(client)}
+            finally:
+                client.close()
+        if args.json:
+            print(json.dumps(out, indent=1, default=str))
+            return EXIT_OK
+        for r in out.get("faiss", []):
+            p = r.get("params") or r.get("plan") or {}
+            print(f"faiss v{r.get('version', '?')}: {r.get('status')} {p.get('factory')} {r.get('ntotal', '')} vectors "
+                  f"{r.get('path', '')}")
+        if "qdrant" in out:
+            print(f"qdrant {out['qdrant']['target']}:")
+            rows = [["collection", "model", "dim", "points", "state", "aliases"]]
+            for c in out["qdrant"]["collections"]:
+                rows.append([c["collection"], str(c["model"] or "-"), str(c["dimension"]), str(c["points"]),
+                             str(c["state"] or "-"), ", ".join(c["aliases"]) or "-"])
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        return EXIT_OK
+
+    return _guard(run)
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from reembed.indexes import qdrant_index as Q
+
+        manifest = _manifest(args.output) if args.output else None
+        target = _target(args, manifest, required=True)
+        client = Q.connect(target)
+        try:
+            if manifest is None:  # the manifest of the output the collection was built from
+                if args.to not in Q.collections(client):
+                    raise Q.SwapRefused(f"no collection {args.to!r} at {Q.describe(target)}")
+                meta = Q.metadata(client, args.to).get(Q.META)
+                if not meta or not meta.get("output"):
+                    raise Q.SwapRefused(f"{args.to}: no output recorded with this collection; pass --output to give "
+                                        "the manifest its point count is checked against")
+                manifest = _manifest(meta["output"])
+            if not args.force:
+                from reembed.validate import check_validation
+
+                ok, why = check_validation(manifest.loc)
+                if not ok:
+                    raise Q.SwapRefused(f"validation gate: {why}")
+            from reembed.indexes import stage
+
+            rows = stage.rows_of(manifest)
+            dim = args.dimension if args.dimension is not None else int(manifest.model["dimension"])
+            result = Q.swap(client, args.alias, args.to, rows=rows, dim=dim, fingerprint=manifest.model.get("fingerprint"))
+        finally:
+            client.close()
+        _print_move(result, args.json)
+        return EXIT_OK
+
+    return _guard(run)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from reembed.indexes import qdrant_index as Q
+
+        manifest = _manifest(args.output) if args.output else None
+        client = Q.connect(_target(args, manifest, required=True))
+        try:
+            result = Q.rollback(client, args.alias)
+        finally:
+            client.close()
+        _print_move(result, args.json)
+        return EXIT_OK
+
+    return _guard(run)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    def run() -> int:
+        from reembed.indexes.faiss_index import Searcher
+
+        searcher = Searcher(args.output, version=args.version)
+        hits = searcher.search(args.query, k=args.k)
+        if args.json:
+            print(json.dumps([{"query": q, "hits": [{"id": i, "score": s} for i, s in h]}
+                              for q, h in zip(args.query, hits)], indent=1))
+            return EXIT_OK
+        for q, h in zip(args.query, hits):
+            if len(args.query) > 1:
+                print(f"# {q}")
+            for rank, (doc, score) in enumerate(h, 1):
+                print(f"{rank:>3}  {score:.4f}  {doc}")
+        return EXIT_OK
+
+    return _guard(run)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _print_move(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=1))
+    elif not result["changed"]:
+        print(f"alias {result['alias']} already points at {result['to']}; nothing changed")
+    else:
+        print(f"alias {result['alias']}: {result['from'] or '(new)'} -> {result['to']}")
+
+
+def _manifest(uri: str):
+    from reembed.manifest import Manifest, ManifestError
+    from reembed.storage import Location
+
+    m = Manifest.load(Location.from_uri(uri))
+    if m is None:
+        raise ManifestError(f"{uri}: no manifest.json here (not a reembed output)")
+    return m
+
+
+def _target(args: argparse.Namespace, manifest, required: bool) -> str | None:
+    if args.qdrant:
+        return args.qdrant
+    if manifest is not None:
+        from reembed.indexes import stage
+
+        rec = stage.state_of(manifest).get("qdrant")
+        if rec and rec.get("target"):
+            return rec["target"]
+    if required:
+        from reembed.config import ConfigError
+
+        raise ConfigError("--qdrant URL_OR_PATH is required (or --output of a job whose manifest records a Qdrant target)")
+    return None
+
+
+def _guard(fn) -> int:
+    """Refusals and Qdrant errors are one clear line, like the CLI's other user errors."""
+    from reembed.indexes.qdrant_index import QdrantError
+
+    try:
+        return fn()
+    except QdrantError as e:
+        print(f"reembed: {'refused' if type(e).__name__ == 'SwapRefused' else 'error'}: {e}", file=sys.stderr)
+        return EXIT_FAIL

@@ -1,0 +1,356 @@
+"""Qdrant: versioned collections ``<name>-v<N>`` loaded in bulk mode, and atomic alias swap / rollback.
+
+A target is either a server URL (``http://`` or ``https://``; TLS follows the scheme; the API key comes
+from the ``QDRANT_API_KEY`` environment variable only, never from a config file, and is never logged or
+recorded) or a folder holding an embedded Qdrant (``QdrantClient(path=...)``). Embedded Qdrant takes a
+file lock: one process at a time may open a folder, so it is loaded by a single writer.
+
+Every collection carries collection metadata (Qdrant >= 1.16) under ``"reembed"``: model name,
+revision, dimension, fingerprint, the output it was built from, the expected point count and a ``state``
+(``loading`` until the count is verified, then ``ready``). Point ids are uuid5 of the document ids, so
+re-uploading a shard overwrites its points instead of duplicating them; the document id itself is kept in
+the payload under ``"id"``, beside the passthrough columns.
+
+Loading follows Qdrant's bulk-upload guide: the collection is created with HNSW indexing deferred
+(``hnsw_config.m = 0``, ``optimizers_config.indexing_threshold = 0``), the points are upserted in batches
+(``wait=False`` except for each shard's last batch), then indexing is switched back on.
+
+An alias swap deletes and re-creates the alias in one ``update_collection_aliases`` call, which Qdrant
+applies atomically, so readers of the alias see the old collection or the new one and never nothing. The
+collection an alias left is remembered in the new collection's metadata (``reembed_previous:<alias>``),
+which is what ``rollback`` goes back to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+import uuid
+from typing import Any, Callable, Iterable, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow as pa
+
+from reembed import schema as S
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "QDRANT_API_KEY"
+META = "reembed"
+PAYLOAD_ID = "id"
+# Fixed namespace: the same document id maps to the same point id in every collection and every run.
+NAMESPACE = uuid.UUID("5b0f8a39-3c53-4d6c-9a57-0c4be3d0e1a7")
+# Qdrant's defaults, restored when a bulk load ends.
+HNSW_M = 16
+INDEXING_THRESHOLD = 10_000
+
+T = TypeVar("T")
+
+
+class QdrantError(RuntimeError):
+    """A Qdrant target cannot be used as asked; the message names the target or collection."""
+
+
+class SwapRefused(QdrantError):
+    """A swap or rollback was refused; the alias was not touched."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets
+
+
+def is_server(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+def describe(target: str) -> str:
+    """The target for logs and the manifest: a URL without credentials or query, or an absolute path."""
+    if is_server(target):
+        parts = urlsplit(target)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return os.path.abspath(os.path.expanduser(target))
+
+
+def connect(target: str, timeout: int = 60):
+    """A client for a server URL (API key from ``QDRANT_API_KEY``) or an embedded Qdrant folder."""
+    from qdrant_client import QdrantClient
+
+    if is_server(target):
+        return QdrantClient(url=target, api_key=os.environ.get(API_KEY_ENV) or None, timeout=timeout)
+    path = describe(target)
+    try:
+        return QdrantClient(path=path)
+    except RuntimeError as e:
+        if "already accessed" in str(e):
+            raise QdrantError(
+                f"{path}: this embedded Qdrant is open in another process (an index build still running?). "
+                "Embedded Qdrant allows one process at a time; wait for it, or use a Qdrant server."
+            ) from e
+        raise
+
+
+def point_id(doc_id: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, doc_id))
+
+
+def versioned(name: str, version: int) -> str:
+    return f"{name}-v{version}"
+
+
+def version_of(name: str, collection: str) -> int | None:
+    m = re.fullmatch(re.escape(name) + r"-v(\d+)", collection)
+    return int(m.group(1)) if m else None
+
+
+def collections(client) -> list[str]:
+    return sorted(c.name for c in call_with_retry(client.get_collections, what="list collections").collections)
+
+
+def next_version(client, name: str) -> int:
+    """The next free N for ``<name>-v<N>``."""
+    found = [v for v in (version_of(name, c) for c in collections(client)) if v is not None]
+    return max(found, default=0) + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def create_collection(client, collection: str, dim: int, meta: dict[str, Any]) -> None:
+    """Create ``collection`` (cosine, ``dim``) in bulk mode, with ``meta`` stored as its metadata."""
+    from qdrant_client import models
+
+    client.create_collection(
+        collection,
+        vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+        hnsw_config=models.HnswConfigDiff(m=0),
+        optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),
+        metadata={META: meta},
+    )
+
+
+def upload(client, collection: str, tables: Iterable[pa.Table], batch_size: int = 256,
+           passthrough: Iterable[str] = ()) -> int:
+    """Upsert every row of ``tables`` (``id``, ``embedding`` and the ``passthrough`` columns) as points.
+
+    Batches go out with ``wait=False`` so the server pipelines them; the last one waits, which (updates
+    being applied in order) means every point of these tables is stored when this returns.
+    """
+    from qdrant_client import models
+
+    cols = list(passthrough)
+    rows = 0
+    pending = None
+    for table in tables:
+        x = S.embedding_matrix(table.column(S.EMBEDDING))
+        ids = table.column(S.ID).to_pylist()
+        extra = table.select(cols).to_pylist() if cols else [{} for _ in ids]
+        for lo in range(0, len(ids), batch_size):
+            hi = min(lo + batch_size, len(ids))
+            if pending is not None:
+                _upsert(client, collection, pending, wait=False)
+            pending = models.Batch(
+                ids=[point_id(i) for i in ids[lo:hi]],
+                vectors=x[lo:hi].tolist(),
+                payloads=[{PAYLOAD_ID: i, **p} for i, p in zip(ids[lo:hi], extra[lo:hi])],
+            )
+            rows += hi - lo
+    if pending is not None:
+        _upsert(client, collection, pending, wait=True)
+    return rows
+
+
+def _upsert(client, collection: str, batch, wait: bool) -> None:
+    call_with_retry(lambda: client.upsert(collection, points=batch, wait=wait), what=f"upsert into {collection}")
+
+
+def end_bulk(client, collection: str, hnsw_m: int = HNSW_M, indexing_threshold: int = INDEXING_THRESHOLD) -> None:
+    """Switch HNSW indexing back on after a bulk load (embedded Qdrant does not index and ignores this)."""
+    from qdrant_client import models
+
+    call_with_retry(lambda: client.update_collection(
+        collection, hnsw_config=models.HnswConfigDiff(m=hnsw_m),
+        optimizers_config=models.OptimizersConfigDiff(indexing_threshold=indexing_threshold),
+    ), what=f"restore indexing on {collection}")
+
+
+def count(client, collection: str) -> int:
+    return call_with_retry(lambda: client.count(collection, exact=True), what=f"count {collection}").count
+
+
+def metadata(client, collection: str) -> dict[str, Any]:
+    info = call_with_retry(lambda: client.get_collection(collection), what=f"read {collection}")
+    return dict(info.config.metadata or {})
+
+
+def set_metadata(client, collection: str, values: dict[str, Any]) -> None:
+    """Merge ``values`` into the collection's metadata (top-level keys are replaced)."""
+    call_with_retry(lambda: client.update_collection(collection, metadata=values), what=f"update {collection}")
+
+
+def dimension(client, collection: str) -> int | None:
+    info = call_with_retry(lambda: client.get_collection(collection), what=f"read {collection}")
+    vectors = info.config.params.vectors
+    if vectors is None:
+        return None
+    if isinstance(vectors, dict):  # named vectors: only a single one has an unambiguous dimension
+        return next(iter(vectors.values())).size if len(vectors) == 1 else None
+    return vectors.size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Versions, swap, rollback
+
+
+def aliases(client) -> dict[str, str]:
+    """alias -> collection."""
+    resp = call_with_retry(client.get_aliases, what="list aliases")
+    return {a.alias_name: a.collection_name for a in resp.aliases}
+
+
+def versions(client) -> list[dict[str, Any]]:
+    """Every collection with its model, dimension, point count, state and the aliases pointing at it."""
+    where = aliases(client)
+    out = []
+    for name in collections(client):
+        meta = metadata(client, name).get(META) or {}
+        out.append({
+            "collection": name,
+            "model": meta.get("model"),
+            "dimension": dimension(client, name),
+            "points": count(client, name),
+            "fingerprint": meta.get("fingerprint"),
+            "state": meta.get("state"),
+            "expected_points": meta.get("rows"),
+            "created_at": meta.get("created_at"),
+            "aliases": sorted(a for a, c in where.items() if c == name),
+        })
+    return out
+
+
+def swap(client, alias: str, to: str, rows: int, dim: int, fingerprint: str | None = None) -> dict[str, Any]:
+    """Point ``alias`` at collection ``to`` in one atomic call, keeping the collection it pointed at.
+
+    Refused (nothing changed) unless ``to`` exists, finished loading, holds exactly ``rows`` points (the
+    manifest's count) and has vectors of ``dim`` (the dimension of the model the alias's users query
+    with), and, when both are known, was built with the model of ``fingerprint``.
+    """
+    names = set(collections(client))
+    if to not in names:
+        raise SwapRefused(f"no collection {to!r} here (collections: {', '.join(sorted(names)) or 'none'})")
+    if alias in names:
+        raise SwapRefused(f"{alias!r} is a collection, not an alias; Qdrant aliases cannot shadow a collection")
+    meta = metadata(client, to).get(META) or {}
+    if meta.get("state") != "ready":
+        raise SwapRefused(f"{to}: loading did not finish (state {meta.get('state')!r}); rerun `reembed index`")
+    got_dim = dimension(client, to)
+    if got_dim != dim:
+        raise SwapRefused(f"{to}: vectors have dimension {got_dim}, but the alias's queries are {dim}-d")
+    if fingerprint and meta.get("fingerprint") and meta["fingerprint"] != fingerprint:
+        raise SwapRefused(f"{to}: built with model fingerprint {meta['fingerprint']}, the output has {fingerprint}")
+    got = count(client, to)
+    if got != rows:
+        raise SwapRefused(f"{to}: holds {got} points, the manifest committed {rows}")
+    current = aliases(client).get(alias)
+    if current == to:
+        return {"alias": alias, "from": current, "to": to, "changed": False, "points": got, "dimension": got_dim}
+    # Remember where the alias came from before moving it: a crash in between leaves only a harmless note.
+    set_metadata(client, to, {f"{META}_previous:{alias}": current})
+    _move_alias(client, alias, current, to)
+    return {"alias": alias, "from": current, "to": to, "changed": True, "points": got, "dimension": got_dim}
+
+
+def rollback(client, alias: str) -> dict[str, Any]:
+    """Point ``alias`` back at the collection it pointed at before the last swap."""
+    current = aliases(client).get(alias)
+    if current is None:
+        raise SwapRefused(f"alias {alias!r} does not exist; nothing to roll back")
+    previous = metadata(client, current).get(f"{META}_previous:{alias}")
+    if not previous:
+        raise SwapRefused(f"{current}: no earlier collection recorded for alias {alias!r}; nothing to roll back to")
+    if previous not in set(collections(client)):
+        raise SwapRefused(f"alias {alias!r} came from {previous!r}, which no longer exists")
+    meta = metadata(client, previous).get(META) or {}
+    if meta.get("rows") is not None:
+        got = count(client, previous)
+        if got != meta["rows"]:
+            raise SwapRefused(f"{previous}: holds {got} points, {meta['rows']} when it was built")
+    _move_alias(client, alias, current, previous)
+    return {"alias": alias, "from": current, "to": previous, "changed": True}
+
+
+def _move_alias(client, alias: str, current: str | None, to: str) -> None:
+    from qdrant_client import models
+
+    ops: list[Any] = []
+    if current is not None:
+        ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+    ops.append(models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=to, alias_name=alias)))
+    client.update_collection_aliases(change_aliases_operations=ops)
+    now = aliases(client).get(alias)
+    if now != to:
+        raise QdrantError(f"alias {alias!r} points at {now!r} after the swap, expected {to!r}")
+    log.info("alias %s: %s -> %s", alias, current, to)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retries at the I/O edge
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """429, 5xx, and a server that cannot be reached or timed out; never another 4xx."""
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code is not None and (exc.status_code == 429 or exc.status_code >= 500)
+    if isinstance(exc, ResponseHandlingException):  # transport failures (connect, read timeout) wrapped by the client
+        return True
+    try:
+        import httpx
+
+        if isinstance(exc, httpx.TransportError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    code = getattr(exc, "code", None)  # grpc.RpcError
+    if callable(code):
+        try:
+            return code().name in ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
+        except Exception:  # noqa: BLE001 - not a grpc error after all
+            return False
+    return False
+
+
+def call_with_retry(fn: Callable[[], T], what: str, attempts: int = 8, base: float = 0.5, cap: float = 30.0,
+                    sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, retried with exponential backoff and jitter while it fails with a retryable error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not is_retryable(e) or attempt == attempts:
+                raise
+            delay = min(cap, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            delay = max(delay, _retry_after(e))
+            log.warning("Qdrant %s failed (%s); retry %d/%d in %.1f s", what, _short(e), attempt, attempts - 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retry_after(e: BaseException) -> float:
+    headers = getattr(e, "headers", None)
+    try:
+        return min(60.0, float(headers.get("retry-after"))) if headers is not None and headers.get("retry-after") else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _short(e: BaseException) -> str:
+    status = getattr(e, "status_code", None)
+    return f"HTTP {status}" if status else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

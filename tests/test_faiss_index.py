@@ -1,0 +1,191 @@
+"""FAISS index: choice of type, recall against exact search, id map, versioned files, checksums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index_fixtures import clustered, tables
+from reembed.indexes import faiss_index as F
+from reembed.storage import Location
+
+faiss = pytest.importorskip("faiss")
+
+N, DIM, SHARD = 6000, 32, 500
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Seeded clustered corpus and fresh queries drawn from the same clusters (not in the corpus)."""
+    x = clustered(N + 300, DIM, clusters=40, seed=7)
+    return x[:N], x[N:]
+
+
+def _exact(xb, xq, k=10):
+    return faiss.knn(xq, xb, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+
+def _recall(found, truth):
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def _build(xb, plan, **kw):
+    train = F.sample_vectors(iter(tables(xb, SHARD)), len(xb), plan.train_size) if plan.needs_training else None
+    return F.build(iter(tables(xb, SHARD)), plan, train, **kw)
+
+
+# -- choosing the index -------------------------------------------------------------------------------
+
+
+def test_auto_picks_from_corpus_size_and_memory_budget():
+    assert F.plan_index(500, 384).kind == "flat"
+    small = F.plan_index(5_000, 384, memory="1M")  # under 10k vectors: HNSW whatever the budget
+    assert small.kind == "hnsw"
+    roomy = F.plan_index(200_000, 384, memory="16G")
+    assert (roomy.kind, roomy.hnsw_m) == ("hnsw", 32)
+    # 200k x 384-d: an HNSW graph needs ~360 MB, IVF-Flat ~310 MB; 200 MB leaves IVF-PQ with SQ8 re-ranking.
+    tight = F.plan_index(200_000, 384, memory="200M")
+    assert tight.kind == "ivf" and tight.pq_m and tight.refine == "SQ8"
+    assert tight.estimated_bytes <= F.parse_memory("200M")
+    assert tight.factory == f"IVF{tight.nlist},PQ{tight.pq_m}x8,Refine(SQ8)"
+    # Too tight even for re-ranking codes: PQ alone.
+    tighter = F.plan_index(200_000, 384, memory="50M")
+    assert tighter.kind == "ivf" and tighter.refine == "" and tighter.estimated_bytes <= F.parse_memory("50M")
+    # Between those: IVF-Flat fits where HNSW does not.
+    mid = F.plan_index(200_000, 384, memory="300M")
+    assert mid.factory == f"IVF{mid.nlist},Flat"
+    assert F.plan_index(50_000_000, 1024, memory="64G").factory.startswith("IVF65536,PQ")
+
+
+def test_ivf_switches_to_pq_only_above_the_budget():
+    assert F.plan_index(100_000, 128, "ivf", memory="16G").factory.endswith(",Flat")
+    assert ",PQ" in F.plan_index(100_000, 128, "ivf", memory="20M").factory
+    assert ",PQ" in F.plan_index(100_000, 128, "ivf", pq=True).factory
+
+
+def test_nlist_leaves_enough_training_points_per_centroid():
+    for rows in (1_000, 6_000, 100_000, 900_000):
+        plan = F.plan_index(rows, 64, "ivf")
+        assert plan.nlist >= 1 and rows / plan.nlist >= 39
+        assert plan.train_size <= rows and plan.train_size >= 39 * plan.nlist
+
+
+def test_memory_sizes_parse_and_bad_ones_are_refused():
+    assert F.parse_memory("16G") == 16 * 2**30
+    assert F.parse_memory("512MB") == 512 * 2**20
+    assert F.parse_memory("1.5GiB") == int(1.5 * 2**30)
+    assert F.parse_memory(1000) == 1000
+    with pytest.raises(ValueError, match="memory budget"):
+        F.parse_memory("lots")
+    with pytest.raises(ValueError, match="index type"):
+        F.plan_index(10, 4, "annoy")
+
+
+# -- recall --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,pq", [("hnsw", None), ("ivf", False), ("ivf", True)], ids=["hnsw", "ivf-flat", "ivf-pq-refine"])
+def test_recall_at_10_against_exact_search(corpus, kind, pq, tmp_path):
+    """Every ANN type reaches recall@10 >= 0.95 on fresh queries at the search setting saved in its file."""
+    xb, xq = corpus
+    plan = F.plan_index(len(xb), DIM, kind, pq=pq)
+    built = _build(xb, plan)
+    assert built.ntotal == len(xb)
+    assert built.params["search"], "an ANN index must carry a tuned search setting"
+    loc = Location.from_uri(str(tmp_path))
+    index, ids = F.load(loc, F.write(loc, built, version=1))
+    found = index.search(xq, 10)[1]  # the default setting: whatever the file holds
+    assert _recall(found, _exact(xb, xq)) >= 0.95
+    if pq:
+        assert faiss.downcast_index(index).k_factor >= 1 and ",PQ" in plan.factory and plan.refine
+
+
+def test_auto_on_a_mid_sized_corpus_builds_hnsw_with_recall(corpus):
+    xb, xq = corpus
+    plan = F.plan_index(len(xb), DIM, "auto", memory="1G")
+    assert plan.kind == "hnsw"
+    built = _build(xb, plan)
+    assert _recall(built.index.search(xq, 10)[1], _exact(xb, xq)) >= 0.95
+
+
+def test_flat_is_exact_and_ids_map_back(corpus):
+    xb, xq = corpus
+    built = _build(xb, F.plan_index(len(xb), DIM, "flat"))
+    assert built.params["recall_at_10"] == 1.0 and built.params["search"] == {}
+    assert _recall(built.index.search(xq, 10)[1], _exact(xb, xq)) == 1.0
+    # Position i holds document d{i}: each corpus vector finds its own id first.
+    ids = built.ids.to_pylist()
+    _, top = built.index.search(xb[[0, 1234, 5999]], 1)
+    assert [ids[i] for i in top[:, 0]] == ["d0", "d1234", "d5999"]
+
+
+def test_unnormalized_vectors_are_indexed_as_cosine():
+    x = clustered(1200, 16, seed=3)
+    scaled = x * np.random.default_rng(0).uniform(0.1, 10, (len(x), 1)).astype(np.float32)
+    built = F.build(iter(tables(scaled, 400)), F.plan_index(len(x), 16, "flat"))
+    D, I = built.index.search(x[:5], 1)
+    assert list(I[:, 0]) == [0, 1, 2, 3, 4]
+    assert np.allclose(D[:, 0], 1.0, atol=1e-5)
+
+
+def test_training_sample_is_uniform_and_knows_positions(corpus):
+    xb, _ = corpus
+    sample, pos = F.sample_vectors(iter(tables(xb, SHARD)), len(xb), 800, seed=1)
+    assert sample.shape == (800, DIM) and len(set(pos.tolist())) == 800
+    assert np.allclose(sample, xb[pos], atol=1e-6)
+    # Spread over the whole stream, not the first shards.
+    assert pos.min() < SHARD and pos.max() > len(xb) - SHARD
+    with pytest.raises(ValueError, match="manifest says"):
+        F.sample_vectors(iter(tables(xb, SHARD)), len(xb) + 1, 10)
+
+
+def test_wrong_dimension_is_refused(corpus):
+    xb, _ = corpus
+    with pytest.raises(ValueError, match="dimension"):
+        F.build(iter(tables(xb, SHARD)), F.plan_index(len(xb), DIM + 1, "flat"))
+
+
+# -- files -----------------------------------------------------------------------------------------------
+
+
+def test_versions_are_numbered_and_written_with_checksums(corpus, tmp_path):
+    xb, _ = corpus
+    loc = Location.from_uri(str(tmp_path))
+    assert F.next_version(loc) == 1
+    built = _build(xb[:1500], F.plan_index(1500, DIM, "hnsw"))
+    rec = F.write(loc, built, version=F.next_version(loc))
+    assert rec["path"] == "indexes/faiss/index-v1.faiss" and rec["ids_path"] == "indexes/faiss/index-v1.ids.parquet"
+    assert rec["ntotal"] == 1500 and rec["bytes"] == (tmp_path / rec["path"]).stat().st_size
+    assert F.next_version(loc) == 2 and F.next_version(loc, recorded=[5]) == 6
+    assert not list((tmp_path / "indexes/faiss/_tmp").glob("*"))  # nothing left behind
+    index, ids = F.load(loc, rec)
+    assert index.ntotal == 1500 and ids.to_pylist()[:2] == ["d0", "d1"]
+
+
+@pytest.mark.parametrize("which", ["index", "ids"])
+def test_corrupted_file_is_caught_by_the_checksum_before_faiss_reads_it(corpus, tmp_path, monkeypatch, which):
+    xb, _ = corpus
+    loc = Location.from_uri(str(tmp_path))
+    rec = F.write(loc, _build(xb[:1500], F.plan_index(1500, DIM, "hnsw")), version=1)
+    path = tmp_path / rec["path" if which == "index" else "ids_path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    path.write_bytes(bytes(data))
+
+    def must_not_run(*a, **k):
+        raise AssertionError("faiss was asked to read a file that failed its checksum")
+
+    monkeypatch.setattr(faiss, "read_index", must_not_run)
+    monkeypatch.setattr(faiss, "deserialize_index", must_not_run)
+    with pytest.raises(F.ChecksumError, match="sha256"):
+        F.load(loc, rec)
+
+
+@pytest.mark.gpu
+def test_ivf_trains_on_the_gpu_when_faiss_sees_one(corpus):
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("faiss sees no GPU (faiss-cpu, or no CUDA device)")
+    xb, xq = corpus
+    built = _build(xb, F.plan_index(len(xb), DIM, "ivf"))
+    assert built.params["device"] == "cuda"
+    assert _recall(built.index.search(xq, 10)[1], _exact(xb, xq)) >= 0.95

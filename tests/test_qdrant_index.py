@@ -1,0 +1,243 @@
+"""Qdrant: versioned collections, uuid5 point ids, payloads, counts, alias swap / rollback and refusals,
+retry policy. Runs on embedded Qdrant, and also against a server when QDRANT_URL is set."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import numpy as np
+import pytest
+
+from index_fixtures import clustered, fast_tmp, qdrant_target, tables  # noqa: F401 (fixtures)
+from reembed.indexes import qdrant_index as Q
+
+pytest.importorskip("qdrant_client")
+# The client probes a server's version when it connects; the tests that point it at nothing expect that to fail.
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to obtain server version")
+
+DIM = 16
+
+
+@pytest.fixture
+def client(qdrant_target):
+    target, prefix = qdrant_target
+    c = Q.connect(target)
+    yield c, prefix
+    c.close()
+
+
+def _meta(rows: int, fingerprint: str = "fp-1", dim: int = DIM) -> dict:
+    return {"model": "synthetic-model", "dimension": dim, "fingerprint": fingerprint, "rows": rows, "state": "loading"}
+
+
+def _load(c, name: str, vectors: np.ndarray, fingerprint: str = "fp-1", ready: bool = True, prefix: str = "d") -> None:
+    """A collection holding ``vectors`` as finished by the index stage."""
+    Q.create_collection(c, name, vectors.shape[1], _meta(len(vectors), fingerprint, vectors.shape[1]))
+    Q.upload(c, name, tables(vectors, 50, prefix=prefix), batch_size=32, passthrough=["text", "lang"])
+    Q.end_bulk(c, name)
+    if ready:
+        Q.set_metadata(c, name, {Q.META: {**_meta(len(vectors), fingerprint, vectors.shape[1]), "state": "ready"}})
+
+
+def test_points_have_uuid5_ids_vectors_and_passthrough_payload(client):
+    c, prefix = client
+    name = Q.versioned(prefix, 1)
+    x = clustered(120, DIM, seed=1)
+    Q.create_collection(c, name, DIM, _meta(120))
+    assert Q.upload(c, name, tables(x, 50), batch_size=32, passthrough=["text", "lang"]) == 120
+    assert Q.count(c, name) == 120
+    pid = str(uuid.uuid5(Q.NAMESPACE, "d42"))
+    assert Q.point_id("d42") == pid
+    [p] = c.retrieve(name, ids=[pid], with_vectors=True, with_payload=True)
+    assert p.payload == {"id": "d42", "text": "text of d42", "lang": "en"}
+    assert np.allclose(p.vector, x[42], atol=1e-5)  # cosine: stored normalized, and x already is
+    assert Q.dimension(c, name) == DIM
+    assert Q.metadata(c, name)[Q.META]["fingerprint"] == "fp-1"
+
+
+def test_uploading_again_overwrites_instead_of_duplicating(client):
+    c, prefix = client
+    name = Q.versioned(prefix, 1)
+    x = clustered(100, DIM, seed=2)
+    Q.create_collection(c, name, DIM, _meta(100))
+    Q.upload(c, name, tables(x[:60], 30), batch_size=16)
+    Q.upload(c, name, tables(x, 30), batch_size=16)  # the first 60 again, then the rest
+    assert Q.count(c, name) == 100
+
+
+def test_versions_take_the_next_free_number_and_list_model_dimension_points_aliases(client):
+    c, prefix = client
+    assert Q.next_version(c, prefix) == 1
+    _load(c, Q.versioned(prefix, 1), clustered(60, DIM, seed=3))
+    _load(c, Q.versioned(prefix, 3), clustered(80, DIM, seed=4))
+    assert Q.next_version(c, prefix) == 4
+    assert Q.next_version(c, prefix + "-other") == 1
+    Q.swap(c, prefix, Q.versioned(prefix, 3), rows=80, dim=DIM)
+    listed = {v["collection"]: v for v in Q.versions(c) if v["collection"].startswith(prefix)}
+    v3 = listed[Q.versioned(prefix, 3)]
+    assert (v3["model"], v3["dimension"], v3["points"], v3["state"], v3["aliases"]) == ("synthetic-model", DIM, 80, "ready", [prefix])
+    assert listed[Q.versioned(prefix, 1)]["aliases"] == []
+
+
+def test_swap_and_rollback_move_the_alias_atomically_and_keep_the_old_collection(client):
+    c, prefix = client
+    alias, v1, v2, v3 = prefix, Q.versioned(prefix, 1), Q.versioned(prefix, 2), Q.versioned(prefix, 3)
+    _load(c, v1, clustered(70, DIM, seed=5))
+    _load(c, v2, clustered(90, DIM, seed=6))
+    _load(c, v3, clustered(40, DIM, seed=7))
+
+    first = Q.swap(c, alias, v1, rows=70, dim=DIM)
+    assert first == {"alias": alias, "from": None, "to": v1, "changed": True, "points": 70, "dimension": DIM}
+    assert Q.swap(c, alias, v2, rows=90, dim=DIM)["from"] == v1
+    assert Q.aliases(c)[alias] == v2
+    # Queries through the alias now reach v2; v1 is kept.
+    assert c.count(alias, exact=True).count == 90 and Q.count(c, v1) == 70
+    assert Q.swap(c, alias, v2, rows=90, dim=DIM)["changed"] is False
+    Q.swap(c, alias, v3, rows=40, dim=DIM)
+
+    # Rollback walks back through the swaps: v3 -> v2 -> v1, then there is nothing before v1.
+    assert Q.rollback(c, alias)["to"] == v2
+    assert Q.rollback(c, alias)["to"] == v1
+    assert Q.aliases(c)[alias] == v1
+    with pytest.raises(Q.SwapRefused, match="no earlier collection"):
+        Q.rollback(c, alias)
+    assert Q.aliases(c)[alias] == v1
+    with pytest.raises(Q.SwapRefused, match="does not exist"):
+        Q.rollback(c, prefix + "-nope")
+
+
+def test_swap_refusals_leave_the_alias_where_it_was(client):
+    c, prefix = client
+    alias, good, other = prefix, Q.versioned(prefix, 1), Q.versioned(prefix, 2)
+    _load(c, good, clustered(50, DIM, seed=8))
+    Q.swap(c, alias, good, rows=50, dim=DIM)
+
+    _load(c, other, clustered(60, DIM, seed=9))
+    wide = Q.versioned(prefix, 3)
+    _load(c, wide, clustered(60, DIM * 2, seed=10))
+    loading = Q.versioned(prefix, 4)
+    _load(c, loading, clustered(60, DIM, seed=11), ready=False)
+    foreign = Q.versioned(prefix, 5)
+    _load(c, foreign, clustered(60, DIM, seed=12), fingerprint="fp-other")
+
+    refusals = [
+        (dict(to=other, rows=61, dim=DIM), "holds 60 points, the manifest committed 61"),
+        (dict(to=wide, rows=60, dim=DIM), f"dimension {DIM * 2}"),
+        (dict(to=loading, rows=60, dim=DIM), "loading did not finish"),
+        (dict(to=foreign, rows=60, dim=DIM, fingerprint="fp-1"), "fingerprint"),
+        (dict(to=Q.versioned(prefix, 9), rows=60, dim=DIM), "no collection"),
+        (dict(to=alias, rows=60, dim=DIM), "no collection"),  # an alias is not a collection to swap to
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(Q.SwapRefused, match=message):
+            Q.swap(c, alias, **kwargs)
+        assert Q.aliases(c)[alias] == good
+        assert c.count(alias, exact=True).count == 50
+    # An alias may not take the name of a collection.
+    with pytest.raises(Q.SwapRefused, match="is a collection"):
+        Q.swap(c, good, other, rows=60, dim=DIM)
+
+
+def test_rollback_refuses_a_collection_that_lost_points(client):
+    c, prefix = client
+    alias, v1, v2 = prefix, Q.versioned(prefix, 1), Q.versioned(prefix, 2)
+    _load(c, v1, clustered(30, DIM, seed=13))
+    _load(c, v2, clustered(30, DIM, seed=14), prefix="e")
+    Q.swap(c, alias, v1, rows=30, dim=DIM)
+    Q.swap(c, alias, v2, rows=30, dim=DIM)
+    from qdrant_client import models
+
+    c.delete(v1, points_selector=models.PointIdsList(points=[Q.point_id("d0")]), wait=True)
+    with pytest.raises(Q.SwapRefused, match="holds 29 points"):
+        Q.rollback(c, alias)
+    assert Q.aliases(c)[alias] == v2
+
+
+# -- embedded specifics, targets, retries -------------------------------------------------------------
+
+
+def test_embedded_qdrant_allows_one_process_and_says_so(fast_tmp):
+    first = Q.connect(str(fast_tmp / "q"))
+    try:
+        with pytest.raises(Q.QdrantError, match="one process at a time"):
+            Q.connect(str(fast_tmp / "q"))
+    finally:
+        first.close()
+    Q.connect(str(fast_tmp / "q")).close()  # free again once closed
+
+
+def test_targets_are_described_without_credentials(monkeypatch):
+    monkeypatch.setenv(Q.API_KEY_ENV, "sekret-key-123")
+    assert Q.describe("https://user:pw@qdrant.example.com:6333/base?api_key=x") == "https://qdrant.example.com:6333/base"
+    assert Q.is_server("http://127.0.0.1:6333") and not Q.is_server("/data/qdrant")
+    c = Q.connect(f"http://127.0.0.1:{_closed_port()}")  # nothing listens there: only the version probe fails
+    try:
+        assert c._client._rest_headers.get("api-key") == "sekret-key-123"  # from the environment
+    finally:
+        c.close()
+
+
+def _http_error(status: int, headers: dict | None = None):
+    import httpx
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    return UnexpectedResponse(status, "x", b"{}", httpx.Headers(headers or {}))
+
+
+def test_retries_only_429_5xx_and_unreachable():
+    from qdrant_client.http.exceptions import ResponseHandlingException
+
+    assert Q.is_retryable(_http_error(429)) and Q.is_retryable(_http_error(503)) and Q.is_retryable(_http_error(500))
+    assert not Q.is_retryable(_http_error(400)) and not Q.is_retryable(_http_error(404))
+    assert not Q.is_retryable(_http_error(409))
+    assert Q.is_retryable(ResponseHandlingException(ConnectionRefusedError()))
+    assert not Q.is_retryable(ValueError("bad vector size"))
+
+    calls, sleeps = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise _http_error(503)
+        return "ok"
+
+    assert Q.call_with_retry(flaky, what="t", sleep=sleeps.append) == "ok"
+    assert len(calls) == 3 and len(sleeps) == 2 and sleeps[1] > sleeps[0] * 0.9 / 2
+
+    calls.clear()
+
+    def bad_request():
+        calls.append(1)
+        raise _http_error(400)
+
+    with pytest.raises(Exception, match="400"):
+        Q.call_with_retry(bad_request, what="t", sleep=sleeps.append)
+    assert len(calls) == 1  # never retried
+
+    sleeps.clear()
+
+    def throttled():
+        if not sleeps:
+            raise _http_error(429, {"retry-after": "7"})
+        return 1
+
+    Q.call_with_retry(throttled, what="t", sleep=sleeps.append)
+    assert sleeps == [7.0]  # the server's Retry-After wins over a shorter backoff
+
+
+def test_an_unreachable_server_is_retried_then_reported():
+    c = Q.connect(f"http://127.0.0.1:{_closed_port()}", timeout=2)
+    sleeps = []
+    try:
+        with pytest.raises(Exception):
+            Q.call_with_retry(lambda: c.get_collections(), what="list", attempts=3, sleep=sleeps.append)
+    finally:
+        c.close()
+    assert len(sleeps) == 2
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
