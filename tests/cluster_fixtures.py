@@ -233,8 +233,8 @@ def _node_loss_main(spec: dict, report_path: str) -> None:
         cluster.wait_for_nodes()
         args = [sys.executable, str(REPO / "jobs" / "reembed.py"), "--input", spec["input"], "--output", spec["output"],
                 "--model", spec["model"], "--address", cluster.address, *spec["job_args"]]
-        driver_log = open(out.parent / "driver.log", "wb")
-        driver = subprocess.Popen(args, stdout=driver_log, stderr=subprocess.STDOUT, cwd=str(REPO))
+        with open(out.parent / "driver.log", "wb") as driver_log:
+            driver = subprocess.Popen(args, stdout=driver_log, stderr=subprocess.STDOUT, cwd=str(REPO))
         deadline = time.monotonic() + spec["timeout"]
         total = None
         while time.monotonic() < deadline:

@@ -32,6 +32,64 @@ SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|\b[0-9a-f]{40,}\b|BEGIN 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+def committed(out: Path) -> dict:
+    try:
+        return json.loads((out / "manifest.json").read_text())["shards"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return {}
+
+
+def ledger(out: Path) -> tuple[Counter, Counter]:
+    """(ids in committed shards, ids in dead letters) of an output, read back from its files."""
+    m = Manifest.load(Location.from_uri(str(out)))
+    embedded, dead = Counter(), Counter()
+    for rec in m.committed.values():
+        embedded.update(pq.read_table(out / rec["path"], columns=["id"]).column("id").to_pylist())
+        if rec.get("dead_letter_path"):
+            dead.update(pq.read_table(out / rec["dead_letter_path"], columns=["id"]).column("id").to_pylist())
+    return embedded, dead
+
+
+# ---------------------------------------------------------------------------------------------------
+# A worker node lost while shards are being embedded (first: the module's Ray head is not up yet)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_node_lost_mid_run_keeps_the_ledger_exact(tiny_model, tmp_path):
+    """A head with no CPUs and two 3-CPU worker nodes; the job runs against it; once shards are being
+    committed, the worker node hosting an Embedder actor is killed (SIGKILL, no drain). Ray restarts the
+    actor on the surviving node and rebuilds the lost blocks; every input id ends up in exactly one
+    committed shard."""
+    docs = make_docs(2400)
+    write_parquet(tmp_path / "in" / "docs.parquet", docs, row_group_size=200)
+    out = tmp_path / "out"
+    report = run_node_loss(tmp_path / "in", out, tiny_model, [
+        "--shard-rows", "40", "--set", "model.batch_tokens=256",
+        "--set", "compute.cpus_per_actor=1", "--set", "compute.min_actors=2", "--set", "compute.max_actors=2",
+    ])
+    log = report.pop("log")
+    driver_log = (tmp_path / "driver.log").read_text() if (tmp_path / "driver.log").exists() else ""
+    assert report["error"] is None, f"{report}\n{log}\n{driver_log[-6000:]}"
+    assert report["victim_had_embedder"]
+    assert report["embedder_restarts"] >= 1, "the lost node's Embedder actor was never restarted"
+    assert 1 <= len(report["before"]) < report["planned"], report
+    assert report["rc"] == 0, driver_log[-6000:]
+
+    m = Manifest.load(Location.from_uri(str(out)))
+    assert m.is_complete() and len(m.committed) == report["planned"] == 60
+    # Shards committed after the node died were embedded too (the loss happened mid-run).
+    assert len(m.committed) > len(report["after_removal"])
+    embedded, dead = ledger(out)
+    assert embedded == Counter(d["id"] for d in docs), "an id is missing or committed twice"
+    assert not dead
+    assert sum(rec["rows"] for rec in m.committed.values()) == len(docs)
+    # No stray shard file beside the committed ones, nothing left half-written.
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == sorted(
+        Path(rec["path"]).name for rec in m.committed.values())
+    assert not list(out.glob("shards/_tmp/*"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Job submission: `ray start --head` on 127.0.0.1, token auth on, jobs submitted with a working_dir
 
@@ -45,8 +103,8 @@ def head():
 
 def job_runtime_env() -> dict:
     """cluster/runtime_env.yaml as `ray job submit` run from the repository root would send it, minus
-    `pip`: this machine has no package index to install from, and the test environment already holds
-    exactly those pins (test_pins_match_pyproject checks them)."""
+    `pip`: a fresh virtualenv per job would need a package index and minutes, and this environment
+    already holds exactly those pins (test_images_and_pins_match_pyproject checks them)."""
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     env.pop("pip")
     env["working_dir"] = str(REPO)
@@ -65,24 +123,6 @@ def wait_for(client, job_id: str, statuses: set[str], timeout: float) -> str:
             break
         time.sleep(0.5)
     pytest.fail(f"job {job_id} is {status}, expected {statuses}; log:\n{client.get_job_logs(job_id)[-4000:]}")
-
-
-def committed(out: Path) -> dict:
-    try:
-        return json.loads((out / "manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return {}
-
-
-def ledger(out: Path) -> tuple[Counter, Counter]:
-    """(ids in committed shards, ids in dead letters) of an output, read back from its files."""
-    m = Manifest.load(Location.from_uri(str(out)))
-    embedded, dead = Counter(), Counter()
-    for rec in m.committed.values():
-        embedded.update(pq.read_table(out / rec["path"], columns=["id"]).column("id").to_pylist())
-        if rec.get("dead_letter_path"):
-            dead.update(pq.read_table(out / rec["dead_letter_path"], columns=["id"]).column("id").to_pylist())
-    return embedded, dead
 
 
 @pytest.mark.ray
@@ -110,8 +150,7 @@ def test_failing_job_is_reported_failed_with_its_error(head, tiny_model, tmp_pat
            "--submission-id", job_id, "--runtime-env", str(env_file), "--",
            "python", "jobs/reembed.py", "--input", str(missing), "--output", str(tmp_path / "out"),
            "--model", str(tiny_model)]
-    env = {k: v for k, v in head.env.items()}
-    proc = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cli, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0, proc.stdout[-3000:]
     client = head.client()
     assert str(client.get_job_status(job_id).value) == "FAILED"
@@ -178,46 +217,6 @@ def test_runtime_env_carries_no_secrets():
     from ray.runtime_env import RuntimeEnv
 
     RuntimeEnv(**env)  # Ray accepts it as it is
-
-
-# ---------------------------------------------------------------------------------------------------
-# A worker node lost while shards are being embedded
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_worker_node_lost_mid_run_keeps_the_ledger_exact(tiny_model, tmp_path):
-    """A head with no CPUs and two 3-CPU worker nodes; the job runs against it; once shards are being
-    committed, the worker node hosting an Embedder actor is killed (SIGKILL, no drain). Ray restarts the
-    actor on the surviving node and rebuilds the lost blocks; every input id ends up in exactly one
-    committed shard."""
-    docs = make_docs(2400)
-    write_parquet(tmp_path / "in" / "docs.parquet", docs, row_group_size=200)
-    out = tmp_path / "out"
-    report = run_node_loss(tmp_path / "in", out, tiny_model, [
-        "--shard-rows", "40", "--set", "model.batch_tokens=256",
-        "--set", "compute.cpus_per_actor=1", "--set", "compute.min_actors=2", "--set", "compute.max_actors=2",
-    ])
-    log = report.pop("log")
-    driver_log = (tmp_path / "driver.log").read_text() if (tmp_path / "driver.log").exists() else ""
-    assert report["error"] is None, f"{report}\n{log}\n{driver_log[-6000:]}"
-    assert report["victim_had_embedder"]
-    assert report["embedder_restarts"] >= 1, "the lost node's Embedder actor was never restarted"
-    assert 1 <= len(report["before"]) < report["planned"], report
-    assert report["rc"] == 0, driver_log[-6000:]
-
-    m = Manifest.load(Location.from_uri(str(out)))
-    assert m.is_complete() and len(m.committed) == report["planned"] == 60
-    # Shards committed after the node died were embedded too (the loss happened mid-run).
-    assert len(m.committed) > len(report["after_removal"])
-    embedded, dead = ledger(out)
-    assert embedded == Counter(d["id"] for d in docs), "an id is missing or committed twice"
-    assert not dead
-    assert sum(rec["rows"] for rec in m.committed.values()) == len(docs)
-    # No stray shard file beside the committed ones, nothing left half-written.
-    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == sorted(
-        Path(rec["path"]).name for rec in m.committed.values())
-    assert not list(out.glob("shards/_tmp/*"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,19 +445,34 @@ def test_images_and_pins_match_pyproject():
             assert image.startswith(f"rayproject/ray:{ray_version}-py{sys.version_info.major}{sys.version_info.minor}"), image
 
 
+def secret_problems(text: str, name: str) -> list[str]:
+    """Secrets in a config file: a key-like string, a Kubernetes Secret, a credential variable set to a
+    literal value (references such as valueFrom are fine: the value then lives elsewhere)."""
+    problems = [f"{name}: a key-like string"] if SECRET_VALUE.search(text) else []
+    for doc in (yaml.safe_load_all(text) if name.endswith((".yaml", ".yml")) else []):
+        if isinstance(doc, dict) and doc.get("kind") == "Secret":
+            problems.append(f"{name}: a Secret object")
+        problems += [f"{name}: {var} has a literal value" for var, value in _env_vars(doc) if SECRET_ENV.search(var) and value]
+    return problems
+
+
 def test_no_secrets_in_cluster_configs():
-    for path in sorted(CLUSTER.rglob("*")):
-        if path.suffix not in (".yaml", ".yml", ".txt") and path.name != "Dockerfile":
-            continue
-        text = path.read_text()
-        assert not SECRET_VALUE.search(text), path
-        for doc in (yaml.safe_load_all(text) if path.suffix in (".yaml", ".yml") else []):
-            assert not (isinstance(doc, dict) and doc.get("kind") == "Secret"), path
-            for name, value in _env_vars(doc):
-                assert not (SECRET_ENV.search(name) and value), f"{path}: {name} has a literal value"
+    files = [p for p in sorted(CLUSTER.rglob("*")) if p.suffix in (".yaml", ".yml", ".txt") or p.name == "Dockerfile"]
+    assert len(files) >= 8
+    for path in files:
+        assert secret_problems(path.read_text(), path.name) == []
+    # The check can fail: a key in a pod's env, in a runtime_env, in a RayJob's runtimeEnvYAML.
+    planted = (CLUSTER / "kuberay" / "raycluster.yaml").read_text().replace(
+        "          - name: ray-head\n", "          - name: ray-head\n            env: [{name: AWS_SECRET_ACCESS_KEY, value: x}]\n")
+    assert secret_problems(planted, "raycluster.yaml")
+    assert secret_problems("env_vars: {QDRANT_API_KEY: x}\n", "runtime_env.yaml")
+    assert secret_problems("spec: {runtimeEnvYAML: 'env_vars: {HF_TOKEN: x}'}\n", "rayjob.yaml")
+
+    # The pods' credentials come from their service account (IRSA / workload identity).
     sa = load_yaml("kuberay/serviceaccount.yaml")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
-    for g in [load_yaml("kuberay/raycluster.yaml")["spec"]["headGroupSpec"], *load_yaml("kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"]]:
+    spec = load_yaml("kuberay/raycluster.yaml")["spec"]
+    for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         assert g["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
 
 
