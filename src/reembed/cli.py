@@ -177,12 +177,14 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 
 
 def _is_user_error(e: Exception) -> bool:
+    from reembed.cost import CostError
     from reembed.embed import ModelLoadError
     from reembed.manifest import ManifestError
     from reembed.plan import InputError
     from reembed.storage import StorageError
 
-    return isinstance(e, (InputError, StorageError, ManifestError, ModelLoadError, FileNotFoundError, PermissionError))
+    return isinstance(e, (InputError, StorageError, ManifestError, ModelLoadError, CostError, FileNotFoundError,
+                          PermissionError))
 
 
 def _setup_logging(verbose: int) -> None:

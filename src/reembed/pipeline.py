@@ -200,7 +200,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     total_rows = sum(expected.values())
     stats = {"shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0, "bytes": 0,
              "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],
-             "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "batch_tokens": pool["batch_tokens"]}
+             "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "batch_tokens": pool["batch_tokens"],
+             # vCPUs a CPU run keeps busy (what a cloud bills it for); GPU runs are billed per GPU.
+             "vcpus": (pool["torch_threads"] or 1) * pool["max"] if pool["device"] == "cpu" else None}
     t0 = time.monotonic()
     from tqdm import tqdm
 
