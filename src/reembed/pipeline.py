@@ -151,7 +151,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     from reembed.read import ShardDatasource
 
     init_ray(cfg.compute.ray_address)
-    pool = plan_pool(cfg, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    pool = plan_pool(cfg, resources)
     log.info(
         "embedding %d shards on %s: %d-%d Embedder actors (%s GPU, %s CPU each), batch budget %s tokens",
         len(pending), pool["device"], pool["min"], pool["max"], pool["num_gpus"], pool["num_cpus"],
@@ -171,7 +172,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
             "compile": cfg.model.compile,
             "crash_once": os.environ.get(embed.CRASH_ONCE_ENV),
         },
-        batch_size=None,
+        # One block per shard; Ray Data insists on a row count when the UDF asks for GPUs.
+        batch_size=None if not pool["num_gpus"] else cfg.plan.shard_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
             min_size=pool["min"], max_size=pool["max"],
@@ -190,6 +192,7 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     total_rows = sum(expected.values())
     stats = {"shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0, "bytes": 0,
              "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],
+             "cpus": int(resources.get("CPU", 0)),
              "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "batch_tokens": pool["batch_tokens"]}
     t0 = time.monotonic()
     from tqdm import tqdm
