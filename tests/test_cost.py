@@ -1,67 +1,93 @@
-"""The cost report's arithmetic on recorded runs, and the command on a real output."""
+"""``reembed cost``: the arithmetic on a recorded run, price files, the report."""
+
+from __future__ import annotations
 
 import json
 
 import pytest
 
 from reembed import cost
-from reembed.cli import main
+from reembed.manifest import Manifest
+from reembed.storage import Location
+
+from conftest import make_docs, write_parquet
 
 
-def manifest_with(*runs):
-    return {"runs": list(runs)}
-
-
-GPU_RUN = {"device": "cuda", "accelerator": "H100", "device_count": 2, "wall_seconds": 1800.0,
-           "device_seconds": 3240.0, "rows": 9_000_000, "tokens": 1_152_000_000}
-CPU_RUN = {"device": "cpu", "accelerator": None, "device_count": 1, "vcpus": 16, "wall_seconds": 3600.0,
-           "device_seconds": 3500.0, "rows": 180_000, "tokens": 23_040_000}
-
-
-def test_gpu_run_arithmetic():
-    c = cost.run_cost("gpu-out", manifest_with(GPU_RUN), cost.DEFAULT_PRICES)
-    # 0.5 h x 2 GPUs x $12.29 = $12.29
-    assert c.dollars == pytest.approx(12.29)
-    assert c.per_million_docs == pytest.approx(12.29 / 9)
-    assert c.per_million_tokens == pytest.approx(12.29 / 1152)
-    assert c.docs_per_second_per_device == pytest.approx(9_000_000 / 3600)
-    assert c.busy_share == pytest.approx(3240 / 3600)
-
-
-def test_cpu_run_is_priced_per_vcpu_and_resumed_runs_add_up():
-    first = {**CPU_RUN, "wall_seconds": 1200.0, "rows": 60_000, "tokens": 7_680_000}
-    second = {**CPU_RUN, "wall_seconds": 2400.0, "rows": 120_000, "tokens": 15_360_000}
-    c = cost.run_cost("cpu-out", manifest_with(first, second), cost.DEFAULT_PRICES)
-    assert c.devices == 16 and c.wall_seconds == 3600.0 and c.docs == 180_000
-    assert c.dollars == pytest.approx(1.0 * 16 * 0.0504)
-    assert c.per_million_docs == pytest.approx(16 * 0.0504 / 0.18)
-    assert c.busy_share is None
-
-
-def test_price_override_and_refusals(tmp_path):
-    p = tmp_path / "prices.yaml"
-    p.write_text("date: 2026-01-01\nsource: our contract\nper_hour:\n  H100: 2.0\n")
-    prices = cost.load_prices(str(p))
-    assert prices["per_hour"]["H100"] == 2.0 and prices["per_hour"]["cpu"] == cost.DEFAULT_PRICES["per_hour"]["cpu"]
-    assert cost.run_cost("o", manifest_with(GPU_RUN), prices).dollars == pytest.approx(0.5 * 2 * 2.0)
-    p.write_text("per_hour:\n  H100: cheap\n")
-    with pytest.raises(cost.CostError, match="per_hour.H100 must be a non-negative number"):
-        cost.load_prices(str(p))
-    with pytest.raises(cost.CostError, match="no recorded run"):
-        cost.run_cost("empty", manifest_with(), cost.DEFAULT_PRICES)
-
-
-def test_cost_command_on_a_real_output(tmp_path, tiny_model, ray_local, capsys):
-    from conftest import make_docs, write_parquet
+@pytest.fixture(scope="module")
+def recorded_run(tiny_model, ray_local, tmp_path_factory):
+    """A real job output: 80 documents on the local Ray, CPU."""
     from reembed import pipeline
     from reembed.config import load_config
 
-    write_parquet(tmp_path / "in" / "a.parquet", make_docs(40))
-    out = tmp_path / "out"
-    pipeline.run(load_config(None, [f"input.uri={tmp_path / 'in'}", f"output.uri={out}", f"model.name={tiny_model}"]))
-    html = tmp_path / "cost.html"
-    assert main(["cost", str(out), "--html", str(html), "--json"]) == 0
-    [row] = json.loads(capsys.readouterr().out)
-    assert row["device"] == "CPU" and row["docs"] == 40 and row["devices"] >= 1 and row["$/1M docs"] > 0
-    page = html.read_text()
-    assert "<svg" in page and "$ per 1M documents" in page and cost.DEFAULT_PRICES["date"] in page
+    root = tmp_path_factory.mktemp("cost")
+    docs = write_parquet(root / "docs" / "a.parquet", make_docs(80))
+    out = root / "cpu-run"
+    pipeline.run(load_config(None, [f"input.uri={docs.parent}", f"output.uri={out}", f"model.name={tiny_model}",
+                                    "plan.shard_rows=40"]))
+    return out
+
+
+def write_prices(path, **values) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+@pytest.mark.ray
+def test_cost_arithmetic_on_recorded_run(recorded_run, tmp_path):
+    run = Manifest.load(Location.from_uri(str(recorded_run))).data["runs"][-1]
+    assert run["device"] == "cpu" and run["cpus"] == 2 and run["rows"] == 80 and run["tokens"] > 0
+    prices = cost.load_prices(write_prices(tmp_path / "p.yaml", as_of="2026-11-25", source="test", cpu=0.36))
+    [row] = cost.price_runs([str(recorded_run)], prices)
+    hours = run["wall_seconds"] / 3600
+    assert row["cost_usd"] == pytest.approx(hours * 2 * 0.36)
+    assert row["usd_per_1m_docs"] == pytest.approx(hours * 2 * 0.36 / 80 * 1e6)
+    assert row["usd_per_1m_tokens"] == pytest.approx(hours * 2 * 0.36 / run["tokens"] * 1e6)
+    assert row["docs_per_s_per_device"] == pytest.approx(80 / run["wall_seconds"] / 2)
+    assert row["docs"] == 80 and row["count"] == 2 and row["device"] == "CPU" and row["run"] == "cpu-run"
+
+
+def test_gpu_run_is_priced_per_device_hour(tmp_path):
+    """A run record as a 2-GPU H100 job writes it (hand-made: no GPU here)."""
+    run = {"device": "cuda", "accelerator": "H100", "device_count": 2, "cpus": 32, "wall_seconds": 1800.0,
+           "device_seconds": 2880.0, "rows": 10_000_000, "tokens": 1_280_000_000}
+    row = cost.price_run(run, cost.load_prices(), "h100")
+    assert row["cost_usd"] == pytest.approx(0.5 * 2 * 3.9492)
+    assert row["usd_per_1m_docs"] == pytest.approx(3.9492 / 10)
+    assert row["usd_per_1m_tokens"] == pytest.approx(3.9492 / 1280)
+    assert row["docs_per_s_per_device"] == pytest.approx(10_000_000 / 1800 / 2)
+    assert row["utilisation"] == pytest.approx(0.8)
+    a100 = cost.price_run({**run, "accelerator": "A100-80G"}, cost.load_prices(), "a100")
+    assert a100["usd_per_device_hour"] == pytest.approx(2.4984)  # Ray's A100-80G label -> the A100 price
+    with pytest.raises(cost.PriceError, match=r"h100: no price for GPU type 'MI300X'.*--prices"):
+        cost.price_run({**run, "accelerator": "MI300X"}, cost.load_prices(), "h100")
+
+
+def test_price_file_overrides_and_is_checked(tmp_path):
+    prices = cost.load_prices(write_prices(tmp_path / "p.yaml", as_of="2026-11-01", source="contract",
+                                           devices={"H100": 2.1, "MI300X": 3.0}))
+    assert prices["devices"]["H100"] == 2.1 and prices["devices"]["MI300X"] == 3.0
+    assert prices["devices"]["L4"] == cost.DEFAULT_PRICES["devices"]["L4"]  # the rest stays
+    assert prices["as_of"] == "2026-11-01" and prices["source"] == "contract"
+    assert cost.DEFAULT_PRICES["as_of"] and "modal.com/pricing" in cost.DEFAULT_PRICES["source"]
+    with pytest.raises(cost.PriceError, match="'H100' must be a number"):
+        cost.load_prices(write_prices(tmp_path / "bad.yaml", devices={"H100": "cheap"}))
+    with pytest.raises(cost.PriceError, match="unknown key"):
+        cost.load_prices(write_prices(tmp_path / "bad2.yaml", gpu=1.0))
+
+
+@pytest.mark.ray
+def test_cost_cli_table_json_and_bar_charts(recorded_run, tmp_path, capsys):
+    from reembed.cli import main
+
+    report = tmp_path / "cost.html"
+    assert main(["cost", str(recorded_run), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "cpu-run" in out and "$/1M docs" in out and "as of 2026-06-27" in out
+    html = report.read_text()
+    assert html.count("<svg") == 3 and "<rect" in html and "$ per 1M documents" in html
+    assert main(["cost", str(recorded_run), "--json", "--report", ""]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["runs"][0]["docs"] == 80 and data["prices"]["currency"] == "USD"
+    assert main(["cost", str(tmp_path / "nothing-here")]) == 1

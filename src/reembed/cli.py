@@ -177,13 +177,13 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from reembed.cost import CostError
+    from reembed.cost import PriceError
     from reembed.embed import ModelLoadError
     from reembed.manifest import ManifestError
     from reembed.plan import InputError
     from reembed.storage import StorageError
 
-    return isinstance(e, (InputError, StorageError, ManifestError, ModelLoadError, CostError, FileNotFoundError,
+    return isinstance(e, (InputError, StorageError, ManifestError, ModelLoadError, PriceError, FileNotFoundError,
                           PermissionError))
 
 

@@ -1,10 +1,20 @@
-"""What a run really cost, from the run itself: ``reembed cost OUTPUT [OUTPUT ...] [--prices prices.yaml]``.
+"""``reembed cost OUTPUT [OUTPUT ...] [--prices prices.yaml]``: what each run cost and what it bought.
 
-Every run records in the manifest its device type and count, wall time, busy device-seconds, documents
-and real tokens. A cloud bills the devices for as long as the job holds them, so the bill is
-``wall hours x devices x price per device-hour``; busy device-seconds show how much of that the
-model actually used. GPU and CPU runs are compared on the same footing: $ per 1M documents, $ per 1M
-real tokens, and documents per second per device.
+Every run of a job records in its output's manifest the device type and count, the CPUs of the cluster,
+the wall time, the busy device-seconds, and the documents and real tokens it embedded. This module
+prices those runs side by side, GPU and CPU alike:
+
+* cost of a run = hours held x devices x price per device-hour (GPU runs), or hours held x CPUs x price
+  per CPU-hour (CPU runs). You pay for the wall time the devices are held, busy or not.
+* $ per 1M documents, $ per 1M real tokens, documents/s per device (per GPU, or per CPU for CPU runs),
+  and device utilisation (busy device-seconds over held device-seconds; GPU runs).
+
+The default price table names its date and source; ``--prices`` overrides any part of it::
+
+    as_of: 2026-11-01
+    source: our AWS contract
+    devices: {H100: 2.10, L4: 0.45}     # USD per device-hour, keyed by Ray's accelerator type
+    cpu: 0.02                           # USD per logical CPU-hour
 """
 
 from __future__ import annotations
@@ -13,169 +23,231 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
-# On-demand list prices per device-hour. Override with --prices (a YAML file of the same shape).
+# Modal's published per-second list prices, converted to hours (GPU prices are per GPU; CPU is billed per
+# physical core, which is two of Ray's logical CPUs). Read from modal.com/pricing as quoted by
+# https://techbytes.app/posts/serverless-gpu-pricing-matrix-modal-replicate-lambda-2026/ (verified there
+# 2026-05-07: H100 $3.9492/h, A100 80GB $2.4984/h, L40S $1.9512/h, L4 $0.7992/h, T4 $0.5904/h) and
+# https://www.beam.cloud/blog/modal-pricing-explained (verified there 2026-06-27: CPU $0.0000131 per
+# physical core-second), https://blaxel.ai/blog/modal-pricing-alternatives-guide (B200 $6.25/h).
 DEFAULT_PRICES: dict[str, Any] = {
-    "date": "2026-11-25",
-    "source": "AWS EC2 On-Demand list prices, us-east-1, divided per device: p5.48xlarge (8x H100) "
-              "$98.32/h, p4d.24xlarge (8x A100 40GB) $32.77/h, g6e.xlarge (1x L40S) $1.861/h, "
-              "g5.xlarge (1x A10G) $1.006/h, m7i.16xlarge (64 vCPU) $3.2256/h. Check current prices "
-              "for your region and discounts, and pass them with --prices.",
-    "per_hour": {
-        "H100": 12.29,
-        "A100": 4.10,
-        "L40S": 1.861,
-        "A10G": 1.006,
-        "gpu": 12.29,  # an unnamed GPU is priced as an H100
-        "cpu": 0.0504,  # per vCPU
-    },
+    "as_of": "2026-06-27",
+    "source": "Modal list prices (modal.com/pricing), per-second billing, as quoted by techbytes.app "
+              "(2026-05-07), beam.cloud (2026-06-27) and blaxel.ai",
+    "currency": "USD",
+    "devices": {"H100": 3.9492, "A100-80GB": 2.4984, "A100": 2.4984, "L40S": 1.9512, "L4": 0.7992, "T4": 0.5904,
+                "B200": 6.25},
+    "cpu": round(0.0000131 * 3600 / 2, 5),  # $0.02358 per logical CPU-hour
 }
 
 
-class CostError(ValueError):
-    """A price is missing or an output has no recorded run."""
+class PriceError(ValueError):
+    """A run cannot be priced: the message names the run and the price that is missing."""
 
 
-@dataclass(frozen=True)
-class RunCost:
-    output: str
-    device: str  # "cuda" or "cpu"
-    accelerator: str | None
-    devices: float  # GPUs, or vCPUs for a CPU run
-    wall_seconds: float
-    device_seconds: float
-    docs: int
-    tokens: int
-    price_per_device_hour: float
-
-    @property
-    def dollars(self) -> float:
-        return self.wall_seconds / 3600.0 * self.devices * self.price_per_device_hour
-
-    @property
-    def per_million_docs(self) -> float | None:
-        return self.dollars / self.docs * 1e6 if self.docs else None
-
-    @property
-    def per_million_tokens(self) -> float | None:
-        return self.dollars / self.tokens * 1e6 if self.tokens else None
-
-    @property
-    def docs_per_second_per_device(self) -> float | None:
-        return self.docs / (self.wall_seconds * self.devices) if self.wall_seconds and self.devices else None
-
-    @property
-    def busy_share(self) -> float | None:
-        """Busy device-seconds over held device-seconds (GPU runs; a CPU run's devices are vCPUs)."""
-        held = self.wall_seconds * self.devices
-        return self.device_seconds / held if held and self.device == "cuda" else None
-
-    def row(self) -> dict[str, Any]:
-        label = self.accelerator or ("GPU" if self.device == "cuda" else "CPU")
-        return {
-            "output": self.output, "device": label, "devices": self.devices, "docs": self.docs,
-            "tokens": self.tokens, "wall_s": round(self.wall_seconds, 2), "busy_device_s": round(self.device_seconds, 2),
-            "busy_share": _r(self.busy_share), "$/device-h": self.price_per_device_hour, "$": round(self.dollars, 6),
-            "$/1M docs": _r(self.per_million_docs), "$/1M tokens": _r(self.per_million_tokens),
-            "docs/s/device": _r(self.docs_per_second_per_device),
-        }
-
-
-def load_prices(path: str | None) -> dict[str, Any]:
+def load_prices(path: str | Path | None = None) -> dict[str, Any]:
+    """The default price table, with a YAML file's values laid over it (``devices`` merged by key)."""
+    prices = json.loads(json.dumps(DEFAULT_PRICES))
     if path is None:
-        return DEFAULT_PRICES
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict) or not isinstance(data.get("per_hour"), dict):
-        raise CostError(f"{path}: expected a mapping with 'per_hour: {{H100: 12.29, cpu: 0.05, ...}}' "
-                        "(and optionally 'date' and 'source')")
-    for k, v in data["per_hour"].items():
-        if not isinstance(v, (int, float)) or v < 0:
-            raise CostError(f"{path}: per_hour.{k} must be a non-negative number, got {v!r}")
-    return {"date": data.get("date", "unknown"), "source": data.get("source", str(path)),
-            "per_hour": {**DEFAULT_PRICES["per_hour"], **data["per_hour"]}}
+        return prices
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise PriceError(f"{path}: cannot read price file ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise PriceError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise PriceError(f"{path}: expected a mapping with keys as_of, source, currency, devices, cpu")
+    unknown = set(data) - set(DEFAULT_PRICES)
+    if unknown:
+        raise PriceError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(DEFAULT_PRICES)}")
+    devices = data.pop("devices", None) or {}
+    if not isinstance(devices, dict):
+        raise PriceError(f"{path}: devices must map accelerator types to USD per device-hour")
+    for key, value in {**devices, **({"cpu": data["cpu"]} if "cpu" in data else {})}.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise PriceError(f"{path}: price for {key!r} must be a number >= 0 (USD per hour), got {value!r}")
+    prices["devices"].update({str(k): float(v) for k, v in devices.items()})
+    prices.update(data)
+    if "as_of" in data or "source" in data or devices:
+        prices["source"] = str(data.get("source", f"{path} over the defaults"))
+    return prices
 
 
-def run_cost(output: str, manifest_data: dict[str, Any], prices: dict[str, Any]) -> RunCost:
-    """Add up every recorded run of one output (a resumed job is several runs) and price it."""
-    runs = [r for r in manifest_data.get("runs", []) if r.get("rows") is not None and r.get("device")]
-    if not runs:
-        raise CostError(f"{output}: no recorded run in its manifest (run `reembed run` first)")
-    kinds = {(r["device"], r.get("accelerator")) for r in runs}
-    if len(kinds) > 1:
-        log.warning("%s: runs on different devices %s; priced as the last one", output, sorted(map(str, kinds)))
-    last = runs[-1]
-    device, accelerator = last["device"], last.get("accelerator")
-    devices = float(last.get("vcpus") or last.get("device_count") or 1) if device == "cpu" else float(last.get("device_count") or 1)
-    key = "cpu" if device == "cpu" else (accelerator if accelerator in prices["per_hour"] else "gpu")
-    if key not in prices["per_hour"]:
-        raise CostError(f"{output}: no price for {key!r} in the price table")
-    return RunCost(
-        output=output, device=device, accelerator=accelerator if device == "cuda" else None, devices=devices,
-        wall_seconds=sum(r.get("wall_seconds", 0.0) for r in runs),
-        device_seconds=sum(r.get("device_seconds", 0.0) for r in runs),
-        docs=sum(r.get("rows", 0) for r in runs), tokens=sum(r.get("tokens", 0) for r in runs),
-        price_per_device_hour=float(prices["per_hour"][key]),
-    )
+def price_runs(outputs: Sequence[str], prices: dict[str, Any]) -> list[dict[str, Any]]:
+    """One priced row per recorded run of each output (a resumed job has several)."""
+    from reembed import storage
+    from reembed.manifest import Manifest
+
+    rows = []
+    labels = _labels(outputs)
+    for uri, label in zip(outputs, labels):
+        m = Manifest.load(storage.Location.from_uri(uri))
+        if m is None:
+            raise PriceError(f"{uri}: no manifest.json here (not a reembed output)")
+        runs = [r for r in m.data.get("runs", []) if r.get("rows")]
+        if not runs:
+            raise PriceError(f"{uri}: no recorded run with embedded rows")
+        for i, run in enumerate(runs):
+            name = label if len(runs) == 1 else f"{label} #{i + 1}"
+            rows.append(price_run(run, prices, name, model=m.model.get("name")))
+    return rows
 
 
-def report_html(costs: list[RunCost], prices: dict[str, Any]) -> str:
+def price_run(run: dict[str, Any], prices: dict[str, Any], label: str, model: str | None = None) -> dict[str, Any]:
+    """Price one manifest run record (see the module docstring for the arithmetic)."""
+    device = run.get("device", "cpu")
+    wall = float(run.get("wall_seconds") or 0.0)
+    rows, tokens = int(run.get("rows") or 0), int(run.get("tokens") or 0)
+    busy = float(run.get("device_seconds") or 0.0)
+    if device == "cuda":
+        kind = run.get("accelerator")
+        count = int(run.get("device_count") or 1)
+        rate = _device_price(prices, kind)
+        if rate is None:
+            raise PriceError(
+                f"{label}: no price for GPU type {kind!r} (known: {', '.join(sorted(prices['devices']))}); "
+                "add it under devices: in a --prices file")
+        unit = f"{kind} GPU"
+        utilisation = busy / (wall * count) if wall and count else None
+    else:
+        count = int(run.get("cpus") or 0)
+        if not count:
+            count = int(run.get("device_count") or 1)
+            log.warning("%s: the run did not record its CPUs; pricing %d CPU(s), one per Embedder actor", label, count)
+        rate = float(prices["cpu"])
+        unit = "CPU"
+        utilisation = None  # busy time on CPU runs is the Embedder's compute time, not a device's
+    cost = wall / 3600.0 * count * rate
+    return {
+        "run": label, "model": model, "device": unit, "count": count, "usd_per_device_hour": rate,
+        "wall_seconds": round(wall, 3), "device_seconds": round(busy, 3),
+        "utilisation": None if utilisation is None else round(utilisation, 4),
+        "docs": rows, "tokens": tokens, "cost_usd": cost,
+        "usd_per_1m_docs": cost / rows * 1e6 if rows else None,
+        "usd_per_1m_tokens": cost / tokens * 1e6 if tokens else None,
+        "docs_per_s_per_device": rows / wall / count if wall and count else None,
+        "docs_per_s": rows / wall if wall else None,
+    }
+
+
+def _device_price(prices: dict[str, Any], kind: str | None) -> float | None:
+    if not kind:
+        return None
+    table = {k.lower(): v for k, v in prices["devices"].items()}
+    for key in (kind.lower(), kind.lower().split("-")[0]):
+        if key in table:
+            return float(table[key])
+    return None
+
+
+def _labels(outputs: Sequence[str]) -> list[str]:
+    names = [o.rstrip("/").rsplit("/", 1)[-1] or o for o in outputs]
+    return [n if names.count(n) == 1 else o for n, o in zip(names, outputs)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+
+
+COLUMNS = ("run", "device", "count", "wall_seconds", "utilisation", "docs", "tokens", "docs_per_s_per_device",
+           "cost_usd", "usd_per_1m_docs", "usd_per_1m_tokens")
+
+
+def format_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> str:
+    head = (f"{'run':<28} {'device':<10} {'n':>3} {'wall s':>9} {'util':>6} {'docs':>10} {'docs/s/dev':>11} "
+            f"{'cost $':>10} {'$/1M docs':>10} {'$/1M tokens':>12}")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['run'][:28]:<28} {r['device'][:10]:<10} {r['count']:>3} {r['wall_seconds']:>9.1f} "
+            f"{_pct(r['utilisation']):>6} {r['docs']:>10} {_f(r['docs_per_s_per_device'], 1):>11} "
+            f"{_f(r['cost_usd'], 4):>10} {_f(r['usd_per_1m_docs'], 3):>10} {_f(r['usd_per_1m_tokens'], 4):>12}")
+    lines.append(f"prices: {prices['currency']} as of {prices['as_of']}, {prices['source']}")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str | Path) -> Path:
     from reembed import report
 
-    rows = [c.row() for c in costs]
-    label = lambda c: f"{c.output} ({c.row()['device']} x{c.devices:g})"  # noqa: E731
-    per_doc = {label(c): c.per_million_docs for c in costs if c.per_million_docs is not None}
-    speed = {label(c): c.docs_per_second_per_device for c in costs if c.docs_per_second_per_device is not None}
-    return report.page("reembed cost report", [
-        report.section("$ per 1M documents", report.bar_chart(per_doc, unit=" $")),
-        report.section("documents per second per device", report.bar_chart(speed)),
-        report.section("runs", report.table(rows)),
-        report.section("prices", report.paragraph(f"{prices['date']}: {prices['source']}"),
-                       report.table([{"device": k, "$ per device-hour": v} for k, v in prices["per_hour"].items()])),
+    table_rows = [{
+        "run": r["run"], "device": r["device"], "devices": r["count"], "$/device-hour": r["usd_per_device_hour"],
+        "wall s": r["wall_seconds"], "busy device-s": r["device_seconds"],
+        "utilisation %": None if r["utilisation"] is None else round(100 * r["utilisation"], 1),
+        "docs": r["docs"], "tokens": r["tokens"], "docs/s per device": _round(r["docs_per_s_per_device"], 2),
+        "cost $": _round(r["cost_usd"], 6), "$ / 1M docs": _round(r["usd_per_1m_docs"], 4),
+        "$ / 1M tokens": _round(r["usd_per_1m_tokens"], 5),
+    } for r in rows]
+    price_rows = [{"device": k, f"{prices['currency']} per device-hour": v} for k, v in sorted(prices["devices"].items())]
+    price_rows.append({"device": "CPU (logical)", f"{prices['currency']} per device-hour": prices["cpu"]})
+
+    def bars(key: str) -> dict[str, float]:
+        return {r["run"]: r[key] for r in rows if r[key] is not None}
+
+    page = report.page("Re-embedding cost", [
+        report.section("$ per 1M documents", report.bar_chart(bars("usd_per_1m_docs"), unit=" $")),
+        report.section("$ per 1M real tokens", report.bar_chart(bars("usd_per_1m_tokens"), unit=" $")),
+        report.section("Documents/s per device (per GPU; per CPU for CPU runs)",
+                       report.bar_chart(bars("docs_per_s_per_device"))),
+        report.section("Runs", report.table(table_rows),
+                       report.paragraph("Cost = wall hours x devices x price per device-hour (CPU runs: x the "
+                                        "cluster's logical CPUs x price per CPU-hour).")),
+        report.section("Prices", report.paragraph(f"{prices['currency']}, as of {prices['as_of']}; source: "
+                                                  f"{prices['source']}"), report.table(price_rows)),
     ])
+    return report.write(path, page)
 
 
-def register(sub: Any) -> None:
-    c = sub.add_parser("cost", help="what runs cost on GPU vs CPU: $ per 1M docs and tokens, docs/s per device",
-                       description="Put the recorded runs of one or more outputs side by side, priced per "
-                                   "device-hour (wall time x devices held), with bar charts in an HTML report.")
-    c.add_argument("outputs", nargs="+", metavar="OUTPUT_URI")
-    c.add_argument("--prices", metavar="prices.yaml", help="price table overriding the default "
-                   "(per_hour: {H100: ..., cpu: <per vCPU>}, date, source)")
-    c.add_argument("--html", metavar="report.html", default="cost-report.html", help="where the HTML report goes")
-    c.add_argument("--json", action="store_true", help="print the table as JSON")
-    c.set_defaults(func=cmd_cost)
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _f(v, digits: int) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _round(v, digits: int):
+    return None if v is None else round(v, digits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "cost", help="price recorded runs side by side: $ per 1M docs and tokens, docs/s per device",
+        description="Price every recorded run of the given outputs (GPU and CPU alike) from the device type and "
+                    "count, wall time, documents and tokens in their manifests. Prints a table and writes an HTML "
+                    "report with bar charts.",
+    )
+    p.add_argument("outputs", nargs="+", metavar="OUTPUT_URI", help="job output folders or URIs")
+    p.add_argument("--prices", metavar="prices.yaml", help="override the default price table (as_of, source, "
+                   "currency, devices: {TYPE: USD per hour}, cpu: USD per CPU-hour)")
+    p.add_argument("--report", default="reembed-cost.html", metavar="PATH", help="HTML report (default reembed-cost.html)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_cost)
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from reembed import report, storage
-    from reembed.manifest import Manifest
-
-    prices = load_prices(args.prices)
-    costs = []
-    for out in args.outputs:
-        m = Manifest.load(storage.Location.from_uri(out))
-        if m is None:
-            raise CostError(f"{out}: no manifest.json here")
-        costs.append(run_cost(out, m.data, prices))
-    report.write(args.html, report_html(costs, prices))
-    rows = [c.row() for c in costs]
+    try:
+        prices = load_prices(args.prices)
+        rows = price_runs(args.outputs, prices)
+    except PriceError as e:
+        print(f"reembed: cost: {e}", file=sys.stderr)
+        return 1
+    if args.report:
+        write_report(rows, prices, args.report)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"prices": prices, "runs": rows}, indent=1))
     else:
-        cols = ["output", "device", "devices", "docs", "wall_s", "busy_share", "$", "$/1M docs", "$/1M tokens", "docs/s/device"]
-        print("  ".join(cols))
-        for r in rows:
-            print("  ".join(str(r[c]) for c in cols))
-        print(f"prices: {prices['date']}, {prices['source'][:80]}...  report: {args.html}", file=sys.stderr)
+        print(format_table(rows, prices))
+        if args.report:
+            print(f"report: {args.report}")
     return 0
-
-
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(v, 6)

@@ -158,7 +158,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     from reembed.read import ShardDatasource
 
     init_ray(cfg.compute.ray_address)
-    pool = plan_pool(cfg, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    pool = plan_pool(cfg, resources)
     log.info(
         "embedding %d shards on %s: %d-%d Embedder actors (%s GPU, %s CPU each), batch budget %s tokens",
         len(pending), pool["device"], pool["min"], pool["max"], pool["num_gpus"], pool["num_cpus"],
@@ -200,9 +201,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     total_rows = sum(expected.values())
     stats = {"shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0, "bytes": 0,
              "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],
-             "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "batch_tokens": pool["batch_tokens"],
-             # vCPUs a CPU run keeps busy (what a cloud bills it for); GPU runs are billed per GPU.
-             "vcpus": (pool["torch_threads"] or 1) * pool["max"] if pool["device"] == "cpu" else None}
+             # CPUs of the cluster the run held (what a cloud bills a CPU run for); GPU runs are billed per GPU.
+             "cpus": int(resources.get("CPU", 0)),
+             "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "batch_tokens": pool["batch_tokens"]}
     t0 = time.monotonic()
     from tqdm import tqdm
 

