@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA ?= demo-data
 DEMO_OUT ?= demo-output
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-slow test-all bench clean
 
 venv: $(STAMP)
 
@@ -26,11 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/run_bench.py
+	$(PY) bench/run_bench.py --model minilm --mix mixed --docs 4000 --naive-docs 1000 --out bench/out/cpu
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT) .pytest_cache
