@@ -95,3 +95,15 @@ def test_run_picks_up_profile_and_logs_it(tiny_model, tune_dir, tmp_path, ray_lo
     assert any("using tuned batch budget" in r.getMessage() for r in caplog.records)
     run = Manifest.load(Location.from_uri(str(out))).data["runs"][-1]
     assert run["batch_tokens"] == profile["batch_tokens"] in (640, 768)
+
+
+def test_read_sample_from_parquet_and_jsonl(tmp_path):
+    from conftest import write_jsonl
+
+    write_parquet(tmp_path / "docs" / "a.parquet", [{"id": i, "body": f"text {i}"} for i in range(30)])
+    write_jsonl(tmp_path / "docs" / "b.jsonl", [{"id": 100 + i, "body": f"line {i}"} for i in range(30)] + ["{bad", {"body": ""}])
+    texts = tune.read_sample(str(tmp_path / "docs"), "body", rows=40)
+    assert len(texts) == 40 and set(texts) <= {f"text {i}" for i in range(30)} | {f"line {i}" for i in range(30)}
+    assert len(tune.read_sample(str(tmp_path / "docs"), "body", rows=1000)) == 60
+    with pytest.raises(ValueError, match="no column 'text'"):
+        tune.read_sample(str(tmp_path / "docs" / "a.parquet"), "text")

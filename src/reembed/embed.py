@@ -12,8 +12,12 @@ A block of texts goes through two stages:
 
 Two blocks can be in flight at once: while one runs, the next one is prepared (Ray Data calls the actor
 from two threads; :meth:`Embedder.embed_stream` does the same with a helper thread), so the device
-never waits for the tokenizer. The output equals ``SentenceTransformer.encode`` of the same texts, in
-the same order, within the precision of the dtype.
+never waits for the tokenizer. On GPU the tokenizer runs in its own process (its Python objects would
+otherwise hold the GIL the launching thread needs), the attention mask is handed to SDPA ready-made
+(transformers would otherwise sync with the device on every forward pass to see whether there is
+padding), and BERT-family layers get a fused residual-add + LayerNorm kernel; each fast path is checked
+against the plain forward pass when the model loads. The output equals ``SentenceTransformer.encode`` of
+the same texts, in the same order, within the precision of the dtype.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from reembed import schema as S
 log = logging.getLogger(__name__)
 
 # Defaults when no tuned profile exists (padded tokens per forward pass).
-DEFAULT_BATCH_TOKENS = {"cuda": 65_536, "cpu": 8_192}
+# CPU: small batches keep activations in cache (all-MiniLM-L6-v2 on 2 cores, 2026-11-25: 1024-2048 tokens
+# ~45 docs/s, 8192 ~37, 16384 ~35; see bench/RESULTS.md). GPU: enough rows to fill an H100.
+DEFAULT_BATCH_TOKENS = {"cuda": 131_072, "cpu": 2_048}
 CRASH_ONCE_ENV = "REEMBED_CRASH_ONCE"
 BACKENDS = ("torch", "onnx", "openvino")
 
