@@ -141,11 +141,11 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
 
 @pytest.mark.ray
 def test_faiss_and_qdrant_build_at_the_same_time_as_ray_tasks(fast_tmp, ray_local):
-    out = write_output(fast_tmp / "out", clustered(3000, 32, seed=4), shard_rows=250)
+    out = write_output(fast_tmp / "out", clustered(12000, 32, seed=4), shard_rows=1000)
     result = stage.run_index(out, IndexConfig(faiss="hnsw", batch_size=100))
     state = _index_state(out)
     f, q = state["faiss"], state["qdrant"]
-    assert f["ntotal"] == q["count"] == 3000
+    assert f["ntotal"] == q["count"] == 12000
     assert result["faiss"] == f and result["qdrant"] == q
     fs, fe, qs, qe = (dt.datetime.fromisoformat(t) for t in (f["started_at"], f["finished_at"], q["started_at"], q["finished_at"]))
     overlap = (min(fe, qe) - max(fs, qs)).total_seconds()
