@@ -22,21 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
-    "you were her she there one all we their has been would will its if more when who so no can said time year "
-    "people way day man thing woman life child world school state family student group country problem hand part "
-    "place case week company system program question work government number night point home water room mother "
-    "area money story fact month lot right study book eye job word business issue side kind head house service "
-    "friend father power hour game line end member law car city community name president team minute idea kid "
-    "body information back parent face others level office door health person art war history party result change "
-    "morning reason research girl guy moment air teacher force education model search index data river music light "
-    "food market price energy plant species film album season league club station road bridge church village town "
-    "county district region island lake mountain forest field paper report court police army battle ship train "
-    "song band record label radio television show series episode character novel author writer poet painter museum "
-    "gallery university college professor science theory method process design network software computer machine "
-    "engine language culture society economy policy election"
-).split()
+from reembed.tune import WORDS  # noqa: E402  (one BERT token each)
 
 MIXES: dict[str, list[tuple[float, tuple]]] = {
     "short": [(1.0, ("uniform", 32, 128))],

@@ -411,7 +411,9 @@ def read_sample(uri: str, text_column: str = "text", rows: int = 4096, seed: int
     return found
 
 
-_WORDS = (
+# Common English words that are each exactly one token in the BERT uncased vocabulary (MiniLM, BGE):
+# synthetic texts of a known token length, for tuning here and for the benchmarks' corpora.
+WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there one all we their has been would will its if more when who so no can said time year "
     "people way day man thing woman life child world school state family student group country problem hand part "
@@ -419,7 +421,12 @@ _WORDS = (
     "area money story fact month lot right study book eye job word business issue side kind head house service "
     "friend father power hour game line end member law car city community name president team minute idea kid "
     "body information back parent face others level office door health person art war history party result change "
-    "morning reason research girl guy moment air teacher force education model vector search index data cluster"
+    "morning reason research girl guy moment air teacher force education model search index data river music light "
+    "food market price energy plant species film album season league club station road bridge church village town "
+    "county district region island lake mountain forest field paper report court police army battle ship train "
+    "song band record label radio television show series episode character novel author writer poet painter museum "
+    "gallery university college professor science theory method process design network software computer machine "
+    "engine language culture society economy policy election vector cluster"
 ).split()
 
 
@@ -428,7 +435,7 @@ def synthetic_sample(n: int, max_seq_length: int, seed: int = 0) -> list[str]:
     little past it (so some rows are truncated), about one token per word."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(max(4, max_seq_length // 8), int(max_seq_length * 1.2) + 1, size=n)
-    words = np.array(_WORDS)
+    words = np.array(WORDS)
     return [" ".join(words[rng.integers(0, len(words), size=k)]) for k in lengths]
 
 
