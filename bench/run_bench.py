@@ -160,7 +160,8 @@ def run_embedder(model_args: dict[str, Any], texts: list[str], block_rows: int, 
         seconds = time.perf_counter() - t0
     st = emb.stats
     out = {"seconds": seconds, "gpu_util": gpu.mean, "load_and_warmup_seconds": round(warm, 2),
-           "batch_tokens": emb.batch_tokens, "dtype": emb.dtype, "attention": emb.attention, "compiled": emb.compiled,
+           "batch_tokens": emb.batch_tokens, "backend": emb.backend, "dtype": emb.dtype, "attention": emb.attention,
+           "compiled": emb.compiled,
            "fused_layers": emb.fused, "sync_free_masks": emb._split, "tokenize_workers": emb.block_tokenizer.workers,
            "padded_tokens": st.padded_tokens, "tokens": st.tokens, "batches": st.batches,
            "device_seconds": round(st.device_seconds, 3), "prepare_seconds": round(st.prepare_seconds, 3),
@@ -187,7 +188,7 @@ class _Commits(logging.Handler):
 
 
 def run_job(model_path: str, corpus_dir: Path, out_dir: Path, device: str, dtype: str, shard_rows: int,
-            batch_tokens: int | None, compile: bool = False) -> dict[str, Any]:
+            batch_tokens: int | None, compile: bool = False, backend: str = "auto") -> dict[str, Any]:
     """The job twice: on 16 documents (start-up: plan, model check, actor start, model load, one tiny
     block, commit) and on the whole corpus. The Ray cluster is up for both (the first job of the process
     starts it), as it is on a real cluster. Marginal docs/s = extra documents / extra seconds."""
@@ -199,8 +200,8 @@ def run_job(model_path: str, corpus_dir: Path, out_dir: Path, device: str, dtype
         first = sorted(corpus_dir.glob("*.parquet"))[0]
         pq.write_table(pq.read_table(first).slice(0, 16), tiny_dir / "part-000.parquet")
     tiny = _job_once(model_path, tiny_dir, out_dir.parent / f"{out_dir.name}-tiny", device, dtype, shard_rows,
-                     batch_tokens, compile)
-    full = _job_once(model_path, corpus_dir, out_dir, device, dtype, shard_rows, batch_tokens, compile)
+                     batch_tokens, compile, backend)
+    full = _job_once(model_path, corpus_dir, out_dir, device, dtype, shard_rows, batch_tokens, compile, backend)
     extra = full["seconds"] - tiny["seconds"]
     full["startup_seconds"] = round(tiny["seconds"], 2)
     full["steady_docs_per_s"] = round((full["rows"] - tiny["rows"]) / extra, 1) if extra > 0 else None
@@ -208,12 +209,12 @@ def run_job(model_path: str, corpus_dir: Path, out_dir: Path, device: str, dtype
 
 
 def _job_once(model_path: str, corpus_dir: Path, out_dir: Path, device: str, dtype: str, shard_rows: int,
-              batch_tokens: int | None, compile: bool = False) -> dict[str, Any]:
+              batch_tokens: int | None, compile: bool = False, backend: str = "auto") -> dict[str, Any]:
     from reembed import pipeline
     from reembed.config import load_config
 
     sets = [f"input.uri={corpus_dir}", f"output.uri={out_dir}", f"model.name={model_path}", f"model.device={device}",
-            f"model.dtype={dtype}", f"plan.shard_rows={shard_rows}", "output.fresh=true"]
+            f"model.dtype={dtype}", f"model.backend={backend}", f"plan.shard_rows={shard_rows}", "output.fresh=true"]
     if batch_tokens:
         sets.append(f"model.batch_tokens={batch_tokens}")
     if compile:
@@ -235,7 +236,7 @@ def _job_once(model_path: str, corpus_dir: Path, out_dir: Path, device: str, dty
     run = summary["run"]
     return {"seconds": seconds, "gpu_util": gpu.mean, "rows": run.get("rows"), "tokens": run.get("tokens"),
             "embed_seconds": run.get("embed_seconds"), "device_seconds": run.get("device_seconds"),
-            "batch_tokens": run.get("batch_tokens"), "first_commit_after_s": round(commits[0][0] - t0, 2) if commits else None,
+            "batch_tokens": run.get("batch_tokens"), "backend": run.get("backend"), "first_commit_after_s": round(commits[0][0] - t0, 2) if commits else None,
             "complete": summary["complete"], "log": handler.messages, "output": str(out_dir)}
 
 
@@ -253,7 +254,7 @@ def bench_mix(args, spec: str, model_path: str, model_config, peak_measured: flo
     cdir = corpus.make_corpus(work / f"corpus-{mix}", mix, docs, files=args.files)
     texts = corpus.read_texts(cdir)
     n_naive = min(int(sizes[1]) if len(sizes) > 1 else args.naive_docs, len(texts))
-    model_args = {"name": model_path, "device": args.device, "dtype": args.dtype}
+    model_args = {"name": model_path, "device": args.device, "dtype": args.dtype, "backend": args.backend}
     from transformers import AutoTokenizer
 
     tok = BlockTokenizer(AutoTokenizer.from_pretrained(model_path), _max_seq(model_path)).encode(texts)
@@ -300,7 +301,7 @@ def bench_mix(args, spec: str, model_path: str, model_config, peak_measured: flo
         if "c" not in args.skip:
             log.info("[%s] (c) Ray job on %d docs (repeat %d)", mix, len(texts), rep + 1)
             c = _guard(args, res, "c", run_job, model_path, cdir, work / f"job-{mix}", args.device, args.dtype,
-                       args.shard_rows, args.batch_tokens, args.compile)
+                       args.shard_rows, args.batch_tokens, args.compile, args.backend)
             if not c:
                 continue
             used = c.get("batch_tokens") or budget or DEFAULT_BATCH_TOKENS[args.device]
@@ -424,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-rows", type=int, default=10_000, help="rows per shard for (c), and per block for (b)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"],
+                   help="what runs the model in (b) and (c) (as model.backend; (a) is always plain torch)")
     p.add_argument("--batch-tokens", type=int, help="token budget for (b) and (c) (default: tuned profile, else default)")
     p.add_argument("--tune", action="store_true", help="run the tuner first (saved profile is then used by (b) and (c))")
     p.add_argument("--tune-budgets", help="budgets for --tune (comma list)")
@@ -469,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
 
         texts = tune.synthetic_sample(tune.DEFAULT_SAMPLE_ROWS[args.device], _max_seq(model_path))
         budgets = [int(b) for b in args.tune_budgets.split(",")] if args.tune_budgets else None
-        prof = tune.tune({"name": model_path, "device": args.device, "dtype": args.dtype}, texts, budgets,
+        prof = tune.tune({"name": model_path, "device": args.device, "dtype": args.dtype, "backend": args.backend},
+                         texts, budgets,
                          min_seconds=1.0 if args.device == "cuda" else 0.5)
         path = tune.save_profile(prof)
         tune.write_report(prof, out / "tune.html")
@@ -479,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_tokens is None:
         from reembed import tune
 
-        args.tune_budget = tune.lookup_budget(model_path, args.device, None, None)
+        from reembed.embed import resolve_backend
+
+        backend = resolve_backend(args.backend, args.device, _dtype(args))
+        args.tune_budget = tune.lookup_budget(model_path, args.device, None, None, backend)
     for spec in args.mix.split(","):
         results["mixes"][spec.split(":")[0]] = bench_mix(args, spec, model_path, cfg, results.get("matmul_tflops"))
         _write(out, results)

@@ -15,6 +15,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def reembed_caches(tmp_path_factory):
+    """ONNX exports and tuning profiles of this test session, not the user's ~/.cache/reembed (set before
+    Ray starts, so its workers and every job subprocess inherit them)."""
+    root = tmp_path_factory.mktemp("reembed-cache")
+    os.environ["REEMBED_CACHE_DIR"] = str(root)
+    os.environ.setdefault("REEMBED_TUNE_DIR", str(root / "tuning"))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 32-d random BERT sentence-transformers folder (CLS pooling, normalized), max 128 tokens."""

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from reembed import schema as S
-from reembed.embed import BlockTokenizer, Embedder, ModelLoadError, cpu_supports_bf16, token_budget_batches
+from reembed.embed import (BlockTokenizer, Embedder, ModelLoadError, cpu_supports_bf16, resolve_backend, space_dtype,
+                           token_budget_batches)
 
 WORDS = ("the cat dog bird river city music data vector search model token cluster gpu art science "
          "antidisestablishmentarianism naïve café 42 , . ! ?").split()
@@ -35,10 +36,11 @@ def full_token_counts(tokenizer, texts) -> np.ndarray:
 # -- output equals plain encode ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("budget", [256, 4096])
-def test_embed_equals_plain_encode_on_mixed_lengths(minilm, budget):
+@pytest.mark.parametrize("budget,backend", [(256, "torch"), (4096, "torch"), (256, "onnx"), (4096, "auto")])
+def test_embed_equals_plain_encode_on_mixed_lengths(minilm, budget, backend):
     texts = mixed_texts(120, seed=budget)
-    emb = Embedder({"name": str(minilm), "device": "cpu"}, batch_tokens=budget)
+    emb = Embedder({"name": str(minilm), "device": "cpu", "backend": backend}, batch_tokens=budget)
+    assert emb.backend == ("torch" if backend == "torch" else "onnx")  # auto on CPU: ONNX Runtime
     vectors, truncated = emb.embed(texts)
     ref = encode(minilm, texts)
     assert vectors.shape == ref.shape == (120, 384) and vectors.dtype == np.float32
@@ -69,7 +71,7 @@ def test_embed_stream_and_tokenizer_process_equal_encode(tiny_model):
 def test_sync_free_masks_and_fused_layernorm_equal_encode(minilm):
     """The GPU fast paths (a ready 4D mask or none, fused residual + LayerNorm) also run on CPU: same output."""
     texts = mixed_texts(60, seed=7)
-    emb = Embedder({"name": str(minilm), "device": "cpu"}, batch_tokens=2048, fuse=True)
+    emb = Embedder({"name": str(minilm), "device": "cpu", "backend": "torch"}, batch_tokens=2048, fuse=True)
     assert emb._split and emb.fused == 12  # 6 layers x (attention output, feed-forward output)
     np.testing.assert_allclose(emb.embed(texts)[0], encode(minilm, texts), atol=2e-5, rtol=0)
     fixed = [" ".join(["data"] * 20)] * 8 + [" ".join(["river"] * 20)] * 8  # equal lengths: no mask at all
@@ -104,14 +106,74 @@ def test_ray_udf_keeps_every_row_in_place(tiny_model):
     assert out.column("_device_s").to_numpy()[live].min() > 0
 
 
-def test_unavailable_backend_is_a_clear_error(tiny_model):
-    try:
-        import optimum  # noqa: F401
-    except ImportError:
-        with pytest.raises(ModelLoadError, match="backend 'onnx'"):
-            Embedder({"name": str(tiny_model), "device": "cpu", "backend": "onnx"})
-    with pytest.raises(ModelLoadError, match="unknown backend"):
+def test_backend_settings_that_cannot_work_are_clear_errors(tiny_model):
+    with pytest.raises(ModelLoadError, match="unknown backend 'tensorrt'"):
         Embedder({"name": str(tiny_model), "device": "cpu", "backend": "tensorrt"})
+    with pytest.raises(ModelLoadError, match="backend 'onnx' runs on CPU only"):
+        resolve_backend("onnx", "cuda", "float16")
+    with pytest.raises(ModelLoadError, match="backend 'onnx-int8' runs float32 models"):
+        Embedder({"name": str(tiny_model), "device": "cpu", "dtype": "bfloat16", "backend": "onnx-int8"})
+    assert resolve_backend("auto", "cuda", "float16") == "torch"
+    assert resolve_backend("auto", "cpu", "bfloat16") == "torch"  # ONNX Runtime runs the float32 export
+
+
+# -- the ONNX Runtime backends -------------------------------------------------------------------------
+
+
+def test_onnx_int8_close_to_float32_and_has_its_own_fingerprint_dtype(minilm):
+    texts = mixed_texts(80, seed=13)
+    emb = Embedder({"name": str(minilm), "device": "cpu", "backend": "onnx-int8"}, batch_tokens=2048)
+    assert emb.backend == "onnx-int8" and emb.attention == "onnxruntime"
+    assert emb._onnx.path.name == "model_qint8.onnx"
+    got, ref = emb.embed(texts)[0], encode(minilm, texts)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.97 and cos.mean() > 0.985  # int8 weights: close, but measurably not the same vectors
+    assert np.abs(got - ref).max() > 1e-3
+    assert space_dtype("auto", "onnx-int8") == "int8" and space_dtype("auto", "onnx") == "auto"
+
+
+def test_onnx_export_is_cached_and_keyed_by_model_contents(tiny_model, tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil
+
+    from reembed.testing import tiny_bert
+
+    monkeypatch.setenv("REEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    texts = mixed_texts(40, seed=17)
+    with caplog.at_level(logging.INFO, logger="reembed.onnx_backend"):
+        first = Embedder({"name": str(tiny_model), "device": "cpu", "backend": "onnx"}, batch_tokens=512)
+        path = first._onnx.path
+        stamp = path.stat().st_mtime_ns
+        second = Embedder({"name": str(tiny_model), "device": "cpu", "backend": "onnx"}, batch_tokens=512)
+    assert second._onnx.path == path and path.stat().st_mtime_ns == stamp
+    assert sum("exported to ONNX" in r.getMessage() for r in caplog.records) == 1
+    assert path.is_relative_to(tmp_path / "cache" / "onnx") and not list(path.parent.glob(".*.tmp"))
+    np.testing.assert_allclose(second.embed(texts)[0], encode(tiny_model, texts), atol=2e-6, rtol=0)
+
+    # Other weights under the same folder name: another key, another export, its own vectors.
+    other = tmp_path / "m" / tiny_model.name
+    tiny_bert(other, seed=1)
+    third = Embedder({"name": str(other), "device": "cpu", "backend": "onnx"}, batch_tokens=512)
+    assert third._onnx.path != path
+    np.testing.assert_allclose(third.embed(texts)[0], encode(other, texts), atol=2e-6, rtol=0)
+    shutil.rmtree(tmp_path / "m")
+
+
+def test_onnx_unusable_falls_back_under_auto_and_fails_when_asked_for(tiny_model, tmp_path, monkeypatch, caplog):
+    import logging
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("REEMBED_CACHE_DIR", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="reembed.embed"):
+        emb = Embedder({"name": str(tiny_model), "device": "cpu"}, batch_tokens=512)
+    assert emb.backend == "torch" and emb._onnx is None
+    assert any("running the torch backend instead" in r.getMessage() and str(blocker) in r.getMessage()
+               for r in caplog.records)
+    texts = mixed_texts(20, seed=19)
+    np.testing.assert_allclose(emb.embed(texts)[0], encode(tiny_model, texts), atol=2e-6, rtol=0)
+    with pytest.raises(ModelLoadError, match="cannot create the ONNX cache folder .*REEMBED_CACHE_DIR"):
+        Embedder({"name": str(tiny_model), "device": "cpu", "backend": "onnx"})
 
 
 # -- the token-budget batcher ----------------------------------------------------------------------------

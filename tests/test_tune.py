@@ -46,19 +46,27 @@ def test_choose_takes_largest_budget_within_tolerance():
 
 
 def test_profile_saved_and_looked_up_by_model_device_and_seq_len(tiny_model, tune_dir):
-    profile = tune.tune({"name": str(tiny_model), "device": "cpu"}, tune.synthetic_sample(32, 128),
+    profile = tune.tune({"name": str(tiny_model), "device": "cpu", "backend": "torch"}, tune.synthetic_sample(32, 128),
                         [512, 1024], min_seconds=0.0)
     path = tune.save_profile(profile)
     assert path.parent == tune_dir and path.name.endswith("--cpu--L128.json")
     saved = json.loads(path.read_text())
     assert saved["batch_tokens"] in (512, 1024) and saved["max_fitting_budget"] == 1024
+    assert saved["backend"] == "torch"
     assert tune.lookup_budget(str(tiny_model), "cpu", None, None) == saved["batch_tokens"]
     assert tune.lookup_budget(str(tiny_model), "cpu", None, 128) == saved["batch_tokens"]
     assert tune.lookup_budget(str(tiny_model), "cpu", None, 64) is None  # another max_seq_len
     assert tune.lookup_budget(str(tiny_model), "cuda", "H100", None) is None  # another device
+    assert tune.lookup_budget(str(tiny_model), "cpu", None, None, "onnx") is None  # another backend
     assert tune.lookup_budget(str(tiny_model) + "-other", "cpu", None, None) is None
     path.write_text("{not json")
     assert tune.lookup_budget(str(tiny_model), "cpu", None, None) is None
+
+    # The ONNX Runtime backend gets a profile of its own, next to the torch one.
+    onnx = tune.save_profile(tune.tune({"name": str(tiny_model), "device": "cpu", "backend": "onnx"},
+                                       tune.synthetic_sample(32, 128), [256, 512], min_seconds=0.0))
+    assert onnx.name.endswith("--cpu-onnx--L128.json") and json.loads(onnx.read_text())["backend"] == "onnx"
+    assert tune.lookup_budget(str(tiny_model), "cpu", None, None, "onnx") in (256, 512)
 
 
 def test_tune_cli_prints_table_writes_profile_and_chart(tiny_model, tune_dir, tmp_path, capsys):
@@ -70,7 +78,7 @@ def test_tune_cli_prints_table_writes_profile_and_chart(tiny_model, tune_dir, tm
     assert rc == 0
     out = capsys.readouterr().out
     assert "out of memory" in out and "chosen budget" in out and "largest that fits: 2816" in out
-    assert len(list(tune_dir.glob("*--cpu--L128.json"))) == 1
+    assert len(list(tune_dir.glob("*--cpu-onnx--L128.json"))) == 1  # auto on CPU: the ONNX Runtime backend
     html = report.read_text()
     assert "<polyline" in html and "Throughput vs token budget" in html
 
@@ -95,6 +103,7 @@ def test_run_picks_up_profile_and_logs_it(tiny_model, tune_dir, tmp_path, ray_lo
     assert any("using tuned batch budget" in r.getMessage() for r in caplog.records)
     run = Manifest.load(Location.from_uri(str(out))).data["runs"][-1]
     assert run["batch_tokens"] == profile["batch_tokens"] in (640, 768)
+    assert run["backend"] == profile["backend"] == "onnx"
 
 
 def test_read_sample_from_parquet_and_jsonl(tmp_path):

@@ -80,6 +80,8 @@ def add_run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--shard-rows", type=int, help="rows per output shard, the unit of commit and resume (default 10000)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="embedding device (default auto: GPU when the cluster has one)")
     r.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="model dtype (default auto: float16 on GPU, float32 on CPU)")
+    r.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8"], help="what runs the model (default "
+                   "auto: torch on GPU, ONNX Runtime float32 on CPU); onnx-int8 quantizes for CPU; config key model.backend")
     r.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: tuned profile, else a device default)")
     r.add_argument("--min-actors", type=int, help="Embedder actor pool minimum (default 1)")
     r.add_argument("--max-actors", type=int, help="Embedder actor pool maximum (default: one per GPU)")
@@ -96,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "input.uri": args.input, "output.uri": args.output, "model.name": args.model,
         "input.id_column": args.id_column, "input.text_column": args.text_column,
         "input.passthrough": args.passthrough, "plan.shard_rows": args.shard_rows, "model.device": args.device,
-        "model.dtype": args.dtype, "model.batch_tokens": args.batch_tokens, "compute.min_actors": args.min_actors,
+        "model.dtype": args.dtype, "model.backend": args.backend, "model.batch_tokens": args.batch_tokens, "compute.min_actors": args.min_actors,
         "compute.max_actors": args.max_actors, "compute.ray_address": args.address, "on_bad_file": args.on_bad_file,
         "output.fresh": True if args.fresh else None,
     }

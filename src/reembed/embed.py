@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 # ~45 docs/s, 8192 ~37, 16384 ~35; see bench/RESULTS.md). GPU: enough rows to fill an H100.
 DEFAULT_BATCH_TOKENS = {"cuda": 131_072, "cpu": 2_048}
 CRASH_ONCE_ENV = "REEMBED_CRASH_ONCE"
-BACKENDS = ("torch", "onnx", "openvino")
+# torch: eager PyTorch (SDPA). onnx / onnx-int8: the transformer in ONNX Runtime, float32 or dynamic int8
+# (CPU only, see onnx_backend). auto: torch on GPU; on CPU onnx where onnxruntime is installed.
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
 class ModelLoadError(RuntimeError):
@@ -87,35 +89,21 @@ def cpu_supports_bf16() -> bool:
 
 
 def load_model(name: str, revision: str | None = None, device: str = "cpu", dtype: str = "float32",
-               max_seq_length: int | None = None, backend: str = "torch"):
+               max_seq_length: int | None = None):
     """Load a sentence-transformers model by hub name (through the local Hugging Face cache) or path.
 
     Attention runs through PyTorch's fused ``scaled_dot_product_attention`` (SDPA) where the architecture
-    supports it. ``backend`` ``onnx`` / ``openvino`` use sentence-transformers' own exported backends
-    (they need ``optimum``). ``trust_remote_code`` stays off: a model that needs custom code is refused.
+    supports it. ``trust_remote_code`` stays off: a model that needs custom code is refused.
     """
     import torch
     from sentence_transformers import SentenceTransformer
 
-    if backend not in BACKENDS:
-        raise ModelLoadError(f"{name}: unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
-    if backend != "torch":
-        import importlib.util
-
-        need = ("optimum", "onnxruntime") if backend == "onnx" else ("optimum", "openvino")
-        missing = [m for m in need if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ModelLoadError(f"{name}: backend {backend!r} needs {', '.join(missing)} "
-                                 f"(pip install sentence-transformers[{backend}]), or use backend 'torch'")
-    if backend == "torch":
-        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
-    else:
-        kwargs = {"provider": "CPUExecutionProvider"} if backend == "onnx" and device == "cpu" else {}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
     def build(model_kwargs: dict[str, Any]):
         return SentenceTransformer(
-            name, device=device, revision=revision, trust_remote_code=False, backend=backend,
+            name, device=device, revision=revision, trust_remote_code=False,
             local_files_only=offline, model_kwargs=model_kwargs,
         )
 
@@ -123,15 +111,10 @@ def load_model(name: str, revision: str | None = None, device: str = "cpu", dtyp
         try:
             model = build(kwargs)
         except ValueError as e:
-            if "sdpa" not in str(e).lower() or "attn_implementation" not in kwargs:
+            if "sdpa" not in str(e).lower():
                 raise
             log.info("%s: no SDPA attention for this architecture; using its default attention", name)
             model = build({k: v for k, v in kwargs.items() if k != "attn_implementation"})
-    except ImportError as e:
-        raise ModelLoadError(
-            f"{name}: backend {backend!r} needs extra packages ({e}); install sentence-transformers[{backend}] "
-            "or use backend 'torch'"
-        ) from e
     except (OSError, ValueError) as e:
         local = Path(name).expanduser()
         if local.exists():
@@ -147,6 +130,33 @@ def load_model(name: str, revision: str | None = None, device: str = "cpu", dtyp
         model.max_seq_length = max_seq_length
     model.eval()
     return model
+
+
+def resolve_backend(backend: str, device: str, dtype: str) -> str:
+    """``auto`` is ONNX Runtime for float32 on CPU where onnxruntime is installed, else torch. ONNX
+    backends run on CPU only, and in float32 (onnx-int8 quantizes the float32 export itself)."""
+    from reembed import onnx_backend
+
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
+    if backend == "auto":
+        return "onnx" if device == "cpu" and dtype == "float32" and onnx_backend.available() is None else "torch"
+    if backend != "torch":
+        if device != "cpu":
+            raise ModelLoadError(f"backend {backend!r} runs on CPU only; use backend 'torch' (or auto) on {device}")
+        if dtype != "float32":
+            raise ModelLoadError(f"backend {backend!r} runs float32 models (int8 is its own backend, onnx-int8); "
+                                 f"got dtype {dtype!r}")
+        missing = onnx_backend.available(backend)
+        if missing:
+            raise ModelLoadError(f"backend {backend!r} needs packages that are not installed: {missing}")
+    return backend
+
+
+def space_dtype(dtype: str, backend: str | None) -> str:
+    """The precision that defines the embedding space, for the manifest fingerprint: int8 weights make
+    vectors measurably different from float ones (cosine ~0.99), so they must not be mixed in one output."""
+    return "int8" if backend == "onnx-int8" else dtype
 
 
 def describe_model(model, name: str, dtype: str, revision: str | None = None) -> dict[str, Any]:
@@ -533,11 +543,11 @@ class Embedder:
         self.name = model["name"]
         self.device = resolve_device(model.get("device", "auto"))
         self.dtype = resolve_dtype(model.get("dtype", "auto"), self.device)
-        self.backend = model.get("backend") or "torch"
+        requested = model.get("backend") or "auto"
+        self.backend = resolve_backend(requested, self.device, self.dtype)
         if self.device == "cpu" and self.dtype == "bfloat16" and not cpu_supports_bf16():
             log.warning("bfloat16 on a CPU without AVX512-BF16/AMX runs emulated and is usually slower than float32")
-        self.model = load_model(self.name, model.get("revision"), self.device, self.dtype,
-                                model.get("max_seq_length"), self.backend)
+        self.model = load_model(self.name, model.get("revision"), self.device, self.dtype, model.get("max_seq_length"))
         if model.get("normalize") is not None:
             has_norm = any(type(m).__name__ == "Normalize" for m in self.model)
             self._extra_normalize = bool(model["normalize"]) and not has_norm
@@ -558,6 +568,9 @@ class Embedder:
         self._split = False  # run the transformer with a mask SDPA can take without a device sync
         self.fused = 0  # layers with the fused residual + LayerNorm
         self.compiled = False
+        self._onnx = None  # onnx_backend.OnnxTransformer when an ONNX backend runs the transformer
+        if self.backend != "torch":
+            self._use_onnx(requested, model.get("revision"), torch_threads)
         if self.backend == "torch":
             self._speed_up(compile, self.device == "cuda" if fuse is None else fuse)
         self._crash_once = crash_once
@@ -619,8 +632,41 @@ class Embedder:
                     del mod.forward  # back to the class's own forward
                 self.fused = 0
 
+    def _use_onnx(self, requested: str, revision: str | None, threads: int | None) -> None:
+        """Run the transformer in ONNX Runtime, checked against the torch forward pass on a padded batch.
+        Asked for explicitly, a failure is an error; under ``auto`` it falls back to torch (logged)."""
+        import torch
+
+        from reembed import onnx_backend
+
+        try:
+            runner = onnx_backend.OnnxTransformer(self.model, self.name, revision or model_revision(self.model, self.name),
+                                                  self.backend, threads)
+            prep = self.prepare(["a short text", "a longer text, with quite a few more words in it than the first"])
+            with torch.inference_mode():
+                ref = self._forward(prep.feats[0], False).float()
+                self._onnx = runner
+                got = self._forward(prep.feats[0], False).float()
+            self._onnx = None
+            cos = float(torch.nn.functional.cosine_similarity(got, ref).min())
+            floor = 0.95 if self.backend == "onnx-int8" else 0.99999
+            if not (bool(torch.isfinite(got).all()) and cos >= floor):
+                raise onnx_backend.OnnxUnavailable(
+                    f"{self.name}: the {self.backend} export disagrees with the torch model (cosine {cos:.6f} < {floor})")
+        except onnx_backend.OnnxUnavailable as e:
+            if requested != "auto":
+                raise ModelLoadError(str(e)) from e
+            log.warning("%s; running the torch backend instead", e)
+            self.backend = "torch"
+            return
+        self._onnx = runner
+        log.info("%s: %s backend (ONNX Runtime, %d threads, %s), cosine to torch %.6f on the check batch",
+                 self.name, self.backend, runner.threads, runner.path, cos)
+
     @property
     def attention(self) -> str:
+        if self._onnx is not None:
+            return "onnxruntime"
         config = getattr(getattr(self.model[0], "auto_model", None), "config", None)
         return str(getattr(config, "_attn_implementation", None) or "default")
 
@@ -678,6 +724,14 @@ class Embedder:
     def _forward(self, feats: dict[str, Any], full: bool):
         import torch
 
+        if self._onnx is not None:
+            out = {self._onnx.output_name: self._onnx(feats), "attention_mask": feats["attention_mask"]}
+            for module in list(self.model)[1:]:  # pooling, Dense, Normalize: the model's own modules
+                out = module(out)
+            emb = out["sentence_embedding"]
+            if self._extra_normalize:
+                emb = torch.nn.functional.normalize(emb.float(), p=2, dim=1)
+            return emb
         feats = {k: t.to(self._device, non_blocking=True) for k, t in feats.items()}
         if self._split:
             # transformers asks the device whether a 2D mask has padding (a sync on every forward pass,

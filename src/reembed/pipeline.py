@@ -81,7 +81,7 @@ def inspect_model(cfg: JobConfig) -> dict[str, Any]:
     fail before any GPU work if it cannot be found."""
     m = cfg.model
     model = embed.load_model(m.name, m.revision, "cpu", "float32", m.max_seq_length)
-    return embed.describe_model(model, m.name, m.dtype, m.revision)
+    return embed.describe_model(model, m.name, embed.space_dtype(m.dtype, m.backend), m.revision)
 
 
 def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any]) -> None:
@@ -161,8 +161,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     resources = ray.cluster_resources()
     pool = plan_pool(cfg, resources)
     log.info(
-        "embedding %d shards on %s: %d-%d Embedder actors (%s GPU, %s CPU each), batch budget %s tokens",
-        len(pending), pool["device"], pool["min"], pool["max"], pool["num_gpus"], pool["num_cpus"],
+        "embedding %d shards on %s (%s backend): %d-%d Embedder actors (%s GPU, %s CPU each), batch budget %s tokens",
+        len(pending), pool["device"], pool["backend"], pool["min"], pool["max"], pool["num_gpus"], pool["num_cpus"],
         pool["batch_tokens"] or "default",
     )
     plan = manifest.plan
@@ -203,7 +203,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
              "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],
              # CPUs of the cluster the run held (what a cloud bills a CPU run for); GPU runs are billed per GPU.
              "cpus": int(resources.get("CPU", 0)),
-             "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "batch_tokens": pool["batch_tokens"]}
+             "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "backend": pool["backend"],
+             "batch_tokens": pool["batch_tokens"]}
     t0 = time.monotonic()
     from tqdm import tqdm
 
@@ -256,6 +257,9 @@ def plan_pool(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
     accelerator = next((k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), None)
+    # Resolved here for the log, the run record and the tuning profile; each actor resolves it again (and
+    # under auto falls back to torch, with a warning, where the ONNX export fails).
+    backend = embed.resolve_backend(cfg.model.backend, device, embed.resolve_dtype(cfg.model.dtype, device))
     if device == "cuda":
         num_gpus = c.gpus_per_actor
         num_cpus = c.cpus_per_actor if c.cpus_per_actor is not None else 1.0
@@ -271,24 +275,24 @@ def plan_pool(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
     return {
         "device": device, "num_gpus": num_gpus, "num_cpus": num_cpus,
         "min": min(c.min_actors, max_actors), "max": max_actors, "torch_threads": threads,
-        "accelerator": accelerator,
-        "batch_tokens": cfg.model.batch_tokens or _tuned_budget(cfg, device, accelerator),
+        "accelerator": accelerator, "backend": backend,
+        "batch_tokens": cfg.model.batch_tokens or _tuned_budget(cfg, device, accelerator, backend),
     }
 
 
-def _tuned_budget(cfg: JobConfig, device: str, accelerator: str | None) -> int | None:
+def _tuned_budget(cfg: JobConfig, device: str, accelerator: str | None, backend: str) -> int | None:
     """A token budget from a tuning profile (``reembed tune``), if one matches; None for the default."""
     try:
         from reembed import tune
     except ImportError:
         return None
-    return tune.lookup_budget(cfg.model.name, device, accelerator, cfg.model.max_seq_length)
+    return tune.lookup_budget(cfg.model.name, device, accelerator, cfg.model.max_seq_length, backend)
 
 
 def _model_args(cfg: JobConfig) -> dict[str, Any]:
     m = cfg.model
     return {"name": m.name, "revision": m.revision, "dtype": m.dtype, "max_seq_length": m.max_seq_length,
-            "normalize": m.normalize}
+            "normalize": m.normalize, "backend": m.backend}
 
 
 def _unwrap(e: BaseException) -> BaseException:

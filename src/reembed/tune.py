@@ -69,14 +69,16 @@ def tune_dir() -> Path:
     return Path(os.environ.get(TUNE_DIR_ENV) or Path.home() / ".cache" / "reembed" / "tuning").expanduser()
 
 
-def lookup_budget(model_name: str, device: str, accelerator: str | None, max_seq_length: int | None) -> int | None:
+def lookup_budget(model_name: str, device: str, accelerator: str | None, max_seq_length: int | None,
+                  backend: str = "torch") -> int | None:
     """The tuned budget for this model on this kind of device, or None when no profile matches.
 
     ``accelerator`` is Ray's accelerator type of the cluster's GPUs (e.g. ``H100``); None on CPU, or on
     a GPU cluster that does not label its GPUs (then this machine's own GPU, if any, names the type).
-    ``max_seq_length`` None means the model's own setting.
+    ``max_seq_length`` None means the model's own setting. ``backend`` is the resolved one (torch, onnx,
+    onnx-int8): each has its own best budget.
     """
-    key = accelerator_key(device, accelerator)
+    key = accelerator_key(device, accelerator, backend)
     if key is None:
         return None
     folder = tune_dir()
@@ -100,10 +102,11 @@ def lookup_budget(model_name: str, device: str, accelerator: str | None, max_seq
     return None
 
 
-def accelerator_key(device: str, accelerator: str | None = None) -> str | None:
-    """``cpu``, or the GPU type as Ray names it (``H100``, ``A100``, ``L4``...), as a file-name-safe slug."""
+def accelerator_key(device: str, accelerator: str | None = None, backend: str = "torch") -> str | None:
+    """``cpu`` (``cpu-onnx``, ``cpu-onnx-int8`` for the ONNX Runtime backends), or the GPU type as Ray names
+    it (``H100``, ``A100``, ``L4``...), as a file-name-safe slug."""
     if device != "cuda":
-        return "cpu"
+        return "cpu" if backend in (None, "torch") else f"cpu-{backend}"
     if not accelerator:
         accelerator = local_accelerator()
     return _slug(accelerator) if accelerator else None
@@ -199,7 +202,9 @@ def tune(model: dict[str, Any], texts: Sequence[str], budgets: Sequence[int] | N
         "format": FORMAT,
         "model": _model_key(model["name"]),
         "device": embedder.device,
-        "accelerator": accelerator_key(embedder.device, gpu_type(device_name) if embedder.device == "cuda" else None),
+        "accelerator": accelerator_key(embedder.device, gpu_type(device_name) if embedder.device == "cuda" else None,
+                                       embedder.backend),
+        "backend": embedder.backend,
         "device_name": device_name,
         "max_seq_length": embedder.max_seq_length,
         "model_max_seq_length": _model_default_seq_len(embedder, model),
@@ -503,6 +508,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-seq-len", type=int, help="truncate at this many tokens (default: the model's own setting)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
+                   help="what runs the model (as model.backend in `reembed run`; default auto)")
     p.add_argument("--budgets", metavar="N[,N]", help="token budgets to try (default: powers of two, 8192-524288 on "
                    "GPU, 512-16384 on CPU)")
     p.add_argument("--max-batch-rows", type=int, default=1024, help="rows per forward pass at most (default 1024)")
@@ -522,7 +529,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     rows = args.sample_rows or DEFAULT_SAMPLE_ROWS[device]
-    model = {"name": args.model, "device": device, "dtype": args.dtype, "max_seq_length": args.max_seq_len}
+    model = {"name": args.model, "device": device, "dtype": args.dtype, "max_seq_length": args.max_seq_len,
+             "backend": args.backend}
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
     if args.sample:
         texts, source = read_sample(args.sample, args.text_column, rows), args.sample
@@ -543,7 +551,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(profile, indent=1))
     else:
-        print(f"{profile['model']} on {profile['device_name']} ({profile['dtype']}, {profile['attention']} attention, "
+        print(f"{profile['model']} on {profile['device_name']} ({profile['backend']} backend, {profile['dtype']}, "
+              f"{profile['attention']} attention, "
               f"max_seq_len {profile['max_seq_length']}), sample: {profile['sample']['rows']} docs, "
               f"mean {profile['sample']['mean_tokens']} tokens")
         print(format_table(profile))
