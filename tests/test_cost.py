@@ -46,6 +46,8 @@ def test_cost_arithmetic_on_recorded_run(recorded_run, tmp_path):
     assert row["usd_per_1m_tokens"] == pytest.approx(hours * 2 * 0.36 / run["tokens"] * 1e6)
     assert row["docs_per_s_per_device"] == pytest.approx(80 / run["wall_seconds"] / 2)
     assert row["docs"] == 80 and row["count"] == 2 and row["device"] == "CPU" and row["run"] == "cpu-run"
+    assert row["backend"] == run["backend"] == "onnx"  # auto on CPU: ONNX Runtime, recorded with the run
+    assert "cpu-run" in (table := cost.format_table([row], prices)) and " onnx " in table
 
 
 def test_gpu_run_is_priced_per_device_hour(tmp_path):

@@ -173,6 +173,35 @@ def test_fingerprint_mismatch_refused(tmp_path, tiny_model, ray_local):
     assert s["complete"] and s["model"]["max_seq_length"] == 64
 
 
+def test_backends_float_resumes_across_them_int8_is_its_own_space(tmp_path, tiny_model, ray_local):
+    """torch and ONNX Runtime float32 compute the same vectors (one fingerprint: an output started by one
+    resumes under the other); int8 weights are another embedding space and are refused on a float output."""
+    docs = make_docs(40)
+    write_parquet(tmp_path / "in" / "a.parquet", docs)
+    out = tmp_path / "out"
+    first = pipeline.run(cfg_for(tmp_path / "in", out, tiny_model, "model.backend=torch", "plan.shard_rows=10"))
+    m = Manifest.load(Location.from_uri(str(out)))
+    assert m.data["runs"][-1]["backend"] == "torch"
+    # Same fingerprint under onnx: the run resumes (nothing pending) instead of refusing.
+    again = pipeline.run(cfg_for(tmp_path / "in", out, tiny_model, "model.backend=onnx", "plan.shard_rows=10"))
+    assert again["complete"] and again["model"]["fingerprint"] == first["model"]["fingerprint"]
+    with pytest.raises(ManifestError, match=r"fingerprint mismatch.*dtype: 'auto' -> 'int8'"):
+        pipeline.run(cfg_for(tmp_path / "in", out, tiny_model, "model.backend=onnx-int8", "plan.shard_rows=10"))
+
+    q = tmp_path / "q"
+    s = pipeline.run(cfg_for(tmp_path / "in", q, tiny_model, "model.backend=onnx-int8", "plan.shard_rows=10"))
+    assert s["complete"] and s["model"]["dtype"] == "int8"
+    assert Manifest.load(Location.from_uri(str(q))).data["runs"][-1]["backend"] == "onnx-int8"
+    vec = {}
+    for root in (out, q):
+        t = pa.concat_tables(pq.read_table(f) for f in sorted((root / "shards").glob("*.parquet")))
+        vec[root] = dict(zip(t.column("id").to_pylist(), embedding_matrix(t.column("embedding"))))
+    a = np.stack([vec[out][d["id"]] for d in docs])
+    b = np.stack([vec[q][d["id"]] for d in docs])
+    assert ((a * b).sum(1)).min() > 0.95  # both normalized: close, not equal
+    assert np.abs(a - b).max() > 1e-4
+
+
 def test_actor_exit_mid_batch_keeps_ledger_exact(tmp_path, tiny_model, ray_local, monkeypatch):
     docs = make_docs(200)
     write_parquet(tmp_path / "in" / "a.parquet", docs)

@@ -126,7 +126,8 @@ def price_run(run: dict[str, Any], prices: dict[str, Any], label: str, model: st
         utilisation = None  # busy time on CPU runs is the Embedder's compute time, not a device's
     cost = wall / 3600.0 * count * rate
     return {
-        "run": label, "model": model, "device": unit, "count": count, "usd_per_device_hour": rate,
+        "run": label, "model": model, "device": unit, "backend": run.get("backend"), "precision": run.get("dtype"),
+        "count": count, "usd_per_device_hour": rate,
         "wall_seconds": round(wall, 3), "device_seconds": round(busy, 3),
         "utilisation": None if utilisation is None else round(utilisation, 4),
         "docs": rows, "tokens": tokens, "cost_usd": cost,
@@ -161,12 +162,12 @@ COLUMNS = ("run", "device", "count", "wall_seconds", "utilisation", "docs", "tok
 
 
 def format_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> str:
-    head = (f"{'run':<28} {'device':<10} {'n':>3} {'wall s':>9} {'util':>6} {'docs':>10} {'docs/s/dev':>11} "
+    head = (f"{'run':<28} {'device':<10} {'backend':<17} {'n':>3} {'wall s':>9} {'util':>6} {'docs':>10} {'docs/s/dev':>11} "
             f"{'cost $':>10} {'$/1M docs':>10} {'$/1M tokens':>12}")
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['run'][:28]:<28} {r['device'][:10]:<10} {r['count']:>3} {r['wall_seconds']:>9.1f} "
+            f"{r['run'][:28]:<28} {r['device'][:10]:<10} {_backend(r)[:17]:<17} {r['count']:>3} {r['wall_seconds']:>9.1f} "
             f"{_pct(r['utilisation']):>6} {r['docs']:>10} {_f(r['docs_per_s_per_device'], 1):>11} "
             f"{_f(r['cost_usd'], 4):>10} {_f(r['usd_per_1m_docs'], 3):>10} {_f(r['usd_per_1m_tokens'], 4):>12}")
     lines.append(f"prices: {prices['currency']} as of {prices['as_of']}, {prices['source']}")
@@ -177,7 +178,8 @@ def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str |
     from reembed import report
 
     table_rows = [{
-        "run": r["run"], "device": r["device"], "devices": r["count"], "$/device-hour": r["usd_per_device_hour"],
+        "run": r["run"], "device": r["device"], "backend": _backend(r), "devices": r["count"],
+        "$/device-hour": r["usd_per_device_hour"],
         "wall s": r["wall_seconds"], "busy device-s": r["device_seconds"],
         "utilisation %": None if r["utilisation"] is None else round(100 * r["utilisation"], 1),
         "docs": r["docs"], "tokens": r["tokens"], "docs/s per device": _round(r["docs_per_s_per_device"], 2),
@@ -202,6 +204,14 @@ def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str |
                                                   f"{prices['source']}"), report.table(price_rows)),
     ])
     return report.write(path, page)
+
+
+def _backend(r: dict[str, Any]) -> str:
+    """What ran the model: ``onnx``, ``onnx-int8``, ``torch float16``...; ``-`` for runs that predate it."""
+    backend, precision = r.get("backend"), r.get("precision")
+    if not backend:
+        return precision or "-"
+    return f"{backend} {precision}" if backend == "torch" and precision else backend
 
 
 def _pct(v) -> str:
