@@ -41,6 +41,8 @@ def test_embed_equals_plain_encode_on_mixed_lengths(minilm, budget, backend):
     texts = mixed_texts(120, seed=budget)
     emb = Embedder({"name": str(minilm), "device": "cpu", "backend": backend}, batch_tokens=budget)
     assert emb.backend == ("torch" if backend == "torch" else "onnx")  # auto on CPU: ONNX Runtime
+    # under ONNX Runtime the torch copy of the transformer's weights is freed
+    assert all(p.is_meta for p in emb.model[0].auto_model.parameters()) == (emb.backend == "onnx")
     vectors, truncated = emb.embed(texts)
     ref = encode(minilm, texts)
     assert vectors.shape == ref.shape == (120, 384) and vectors.dtype == np.float32

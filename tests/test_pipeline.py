@@ -201,6 +201,16 @@ def test_backends_float_resumes_across_them_int8_is_its_own_space(tmp_path, tiny
     assert ((a * b).sum(1)).min() > 0.95  # both normalized: close, not equal
     assert np.abs(a - b).max() > 1e-4
 
+    # Queries against the int8 output are embedded by the int8 model: a document's own text finds its vector.
+    from reembed.migrate import open_store
+
+    store = open_store(str(q), name="new", device="cpu")
+    assert store.backend == "onnx-int8" and open_store(str(out), device="cpu").backend == "auto"
+    own = store.embed([d["text"] for d in docs[:5]])
+    # Dynamic int8 quantizes activations per batch, so a row moves ~1e-4 with its batch-mates: far closer
+    # to its int8 vector than the float model's vector is.
+    assert np.abs(own - b[:5]).max() < 1e-3 < np.abs(a[:5] - b[:5]).max()
+
 
 def test_actor_exit_mid_batch_keeps_ledger_exact(tmp_path, tiny_model, ray_local, monkeypatch):
     docs = make_docs(200)

@@ -57,8 +57,8 @@ class ModelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: float16 on GPU (bfloat16 where supported), float32 on CPU.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    # auto: torch on GPU; on CPU the transformer in ONNX Runtime (float32, same vectors, ~1.6x faster) where
-    # onnxruntime is installed. onnx-int8: dynamic int8 on CPU (~2.7x, cosine ~0.99 to float32; its own fingerprint).
+    # auto: torch on GPU; on CPU the transformer in ONNX Runtime (float32, same vectors, ~1.5x faster) where
+    # onnxruntime is installed. onnx-int8: dynamic int8 on CPU (~2.2x, cosine ~0.99 to float32; its own fingerprint).
     backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     # None keeps the model's own setting (512 for BGE-large, 256 for all-MiniLM-L6-v2).
     max_seq_length: Optional[int] = None

@@ -153,6 +153,11 @@ def resolve_backend(backend: str, device: str, dtype: str) -> str:
     return backend
 
 
+def query_backend(model_info: dict[str, Any]) -> str:
+    """The backend that embeds queries into an output's space: int8 outputs need the int8 model."""
+    return "onnx-int8" if model_info.get("dtype") == "int8" else "auto"
+
+
 def space_dtype(dtype: str, backend: str | None) -> str:
     """The precision that defines the embedding space, for the manifest fingerprint: int8 weights make
     vectors measurably different from float ones (cosine ~0.99), so they must not be mixed in one output."""
@@ -660,6 +665,8 @@ class Embedder:
             self.backend = "torch"
             return
         self._onnx = runner
+        # ONNX Runtime holds its own copy of the weights: free torch's (the pooling modules stay).
+        self.model[0].auto_model.to("meta")
         log.info("%s: %s backend (ONNX Runtime, %d threads, %s), cosine to torch %.6f on the check batch",
                  self.name, self.backend, runner.threads, runner.path, cos)
 

@@ -390,21 +390,10 @@ def read_docstore(path: str) -> pa.Table:
     if not os.path.isfile(path):
         raise ExportError(f"{path}: no docstore file here")
     if path.endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz")):
-        rows = []
-        import gzip
+        from reembed.storage import json_lines
 
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise ExportError(f"{path}:{n}: not valid JSON ({e})") from e
-                if not isinstance(obj, dict):
-                    raise ExportError(f"{path}:{n}: expected a JSON object per line")
-                rows.append(obj)
+        with open(path, "rb") as f:
+            rows = [obj for _, obj in json_lines(f.read(), path, ExportError)]
         return pa.Table.from_pylist(rows)
     return pq.read_table(path)
 

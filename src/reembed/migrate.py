@@ -77,6 +77,7 @@ class Store:
         self.model = model
         self.dim = dim
         self.device = device
+        self.backend = "auto"  # a reembed output embedded in int8 sets onnx-int8 (see _exact_from_output)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not self.model:
@@ -84,7 +85,7 @@ class Store:
                                  f"(--{self.name}-model NAME_OR_PATH)")
         from reembed.validate import text_embedder
 
-        return text_embedder(self.model, None, self.device, expect_dim=self.dim)(list(texts))
+        return text_embedder(self.model, None, self.device, expect_dim=self.dim, backend=self.backend)(list(texts))
 
     def search(self, vectors: np.ndarray, k: int) -> list[Result]:
         """Top-``k`` per query vector, best first; scores are higher-is-better in this store's own scale."""
@@ -567,7 +568,11 @@ def _exact_from_output(loc, manifest, name: str, model: str | None, device: str)
         texts.extend(table.column(TEXT_FIELD).to_pylist() if TEXT_FIELD in table.column_names else [None] * table.num_rows)
     if not ids:
         raise MigrationError(f"{loc.display()}: no committed shards to search")
-    return ExactStore(name, model or manifest.model["name"], ids, np.vstack(blocks), texts, device)
+    from reembed.embed import query_backend
+
+    store = ExactStore(name, model or manifest.model["name"], ids, np.vstack(blocks), texts, device)
+    store.backend = query_backend(manifest.model)
+    return store
 
 
 def _exact_from_export(uri: str, name: str, model: str | None, device: str) -> ExactStore:

@@ -168,7 +168,10 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
         integrity.update(status=FAIL, message="; ".join(integrity["problems"][:5]), pending=len(pending))
     gates: dict[str, dict[str, Any]] = {"integrity": integrity}
 
-    embed_new = text_embedder(new_model, manifest.model.get("max_seq_length"), settings.device, expect_dim=dim)
+    from reembed.embed import query_backend
+
+    embed_new = text_embedder(new_model, manifest.model.get("max_seq_length"), settings.device, expect_dim=dim,
+                              backend=query_backend(manifest.model))
     gates["sanity_pairs"] = sanity_pairs(embed_new, all_pairs, settings.paraphrase_min, settings.unrelated_max)
 
     # Pass 2: exact search in the new space for sampled documents and labelled queries together.
@@ -574,21 +577,13 @@ def load_queries(path: str) -> list[LabelledQuery]:
 
 
 def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    loc = Location.from_uri(path)
+    from reembed.storage import json_lines
+
     try:
-        text = loc.read_bytes().decode()
+        data = Location.from_uri(path).read_bytes()
     except FileNotFoundError as e:
         raise ValidationError(f"{path}: no such file") from e
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ValidationError(f"{path}:{n}: not valid JSON ({e})") from e
-        if not isinstance(obj, dict):
-            raise ValidationError(f"{path}:{n}: expected a JSON object")
-        yield n, obj
+    return json_lines(data, path, ValidationError)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -755,13 +750,18 @@ def _old_manifest_model(old: str) -> str | None:
 _EMBEDDERS: dict[tuple, Any] = {}
 
 
-def text_embedder(name: str, max_seq_length: int | None, device: str, expect_dim: int | None = None) -> Callable[[list[str]], np.ndarray]:
-    """A cached ``texts -> vectors`` function for a model (one load per process)."""
+def text_embedder(name: str, max_seq_length: int | None, device: str, expect_dim: int | None = None,
+                  backend: str = "auto") -> Callable[[list[str]], np.ndarray]:
+    """A cached ``texts -> vectors`` function for a model (one load per process). ``backend`` onnx-int8
+    (for outputs embedded in int8, see :func:`reembed.embed.query_backend`) runs on CPU."""
     from reembed.embed import Embedder
 
-    key = (str(name), max_seq_length, device)
+    if backend == "onnx-int8":
+        device = "cpu"
+    key = (str(name), max_seq_length, device, backend)
     if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = Embedder({"name": str(name), "device": device, "max_seq_length": max_seq_length})
+        _EMBEDDERS[key] = Embedder({"name": str(name), "device": device, "max_seq_length": max_seq_length,
+                                    "backend": backend})
     emb = _EMBEDDERS[key]
     if expect_dim is not None and emb.dim != expect_dim:
         raise ValidationError(f"model {name} gives {emb.dim}-d vectors but the output holds {expect_dim}-d ones; "

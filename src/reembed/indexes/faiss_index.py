@@ -483,14 +483,14 @@ class Searcher:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self._embedder is None:
-            from reembed.embed import Embedder
+            from reembed.embed import Embedder, query_backend
 
             m = self.model
             # A hub model is pinned to the revision the job used; a local folder has no revisions.
             local = os.path.isdir(os.path.expanduser(m["name"]))
             revision = None if local or m.get("revision") in (None, "unknown") else m["revision"]
             self._embedder = Embedder({"name": m["name"], "revision": revision, "device": "cpu", "dtype": "float32",
-                                       "max_seq_length": m.get("max_seq_length")})
+                                       "max_seq_length": m.get("max_seq_length"), "backend": query_backend(m)})
             if self._embedder.dim != self.index.d:
                 raise ValueError(f"model {m['name']} gives {self._embedder.dim}-d vectors, the index holds {self.index.d}-d")
         vectors, _ = self._embedder.embed(texts)
