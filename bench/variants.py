@@ -43,14 +43,16 @@ def main() -> int:
                 if pair == "default":
                     continue
                 k, v = pair.split("=")
-                kw[k] = v if k == "dtype" else int(v)
+                kw[k] = v if k in ("dtype", "backend") else int(v)
             dtype = kw.pop("dtype", a.dtype)
+            backend = kw.pop("backend", "auto")
             budget = kw.pop("batch_tokens", a.batch_tokens)
             compile = bool(kw.pop("compile", 0))
             if "fuse" in kw:
                 kw["fuse"] = bool(kw["fuse"])
             try:
-                r = run_embedder({"name": a.model, "device": a.device, "dtype": dtype}, texts, a.block_rows, budget,
+                r = run_embedder({"name": a.model, "device": a.device, "dtype": dtype, "backend": backend}, texts,
+                                 a.block_rows, budget,
                                  compile=compile, **kw)
             except Exception as e:  # record and go on: one broken variant must not lose the others
                 logging.exception("variant %s failed", variant)
@@ -59,7 +61,7 @@ def main() -> int:
             r.pop("vectors", None)
             r.update(mix=mix, variant=variant, docs=len(texts), docs_per_s=round(len(texts) / r["seconds"], 1))
             rows.append(r)
-            print(f"{mix:10s} {variant:40s} {r['docs_per_s']:9.1f} docs/s  gpu {r['gpu_util']}%  "
+            print(f"{mix:10s} {variant:40s} {r['docs_per_s']:9.1f} docs/s  {r['backend']}  gpu {r['gpu_util']}%  "
                   f"budget {r['batch_tokens']}  fused {r['fused_layers']}  sync-free {r['sync_free_masks']}  "
                   f"workers {r['tokenize_workers']}  compiled {r['compiled']}  prepare {r['prepare_seconds']} s  "
                   f"load+warm {r['load_and_warmup_seconds']} s", flush=True)
