@@ -9,6 +9,7 @@ import pytest
 from reembed import schema as S
 from reembed.embed import (BlockTokenizer, Embedder, ModelLoadError, cpu_supports_bf16, resolve_backend, space_dtype,
                            token_budget_batches)
+from reembed.testing import TINY_ARCHITECTURES, tiny_encoder
 
 WORDS = ("the cat dog bird river city music data vector search model token cluster gpu art science "
          "antidisestablishmentarianism naïve café 42 , . ! ?").split()
@@ -132,6 +133,20 @@ def test_onnx_int8_close_to_float32_and_has_its_own_fingerprint_dtype(minilm):
     assert cos.min() > 0.97 and cos.mean() > 0.985  # int8 weights: close, but measurably not the same vectors
     assert np.abs(got - ref).max() > 1e-3
     assert space_dtype("auto", "onnx-int8") == "int8" and space_dtype("auto", "onnx") == "auto"
+
+
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_encoder_architectures_equal_encode_on_both_backends(architecture, tmp_path):
+    """What the export must handle besides BERT: no token types (DistilBERT), position ids from the padding
+    (RoBERTa, XLM-R), relative attention bias without SDPA (MPNet), factorized embeddings (ELECTRA), local
+    attention and rotary positions (ModernBERT)."""
+    path = tiny_encoder(tmp_path / architecture, architecture)
+    texts = mixed_texts(50, seed=23)
+    ref = encode(path, texts)
+    for backend in ("torch", "auto"):
+        emb = Embedder({"name": str(path), "device": "cpu", "backend": backend}, batch_tokens=700)
+        assert emb.backend == ("torch" if backend == "torch" else "onnx")
+        np.testing.assert_allclose(emb.embed(texts)[0], ref, atol=2e-6, rtol=0)
 
 
 def test_onnx_export_is_cached_and_keyed_by_model_contents(tiny_model, tmp_path, monkeypatch, caplog):

@@ -111,7 +111,8 @@ def load_model(name: str, revision: str | None = None, device: str = "cpu", dtyp
         try:
             model = build(kwargs)
         except ValueError as e:
-            if "sdpa" not in str(e).lower():
+            # transformers says "sdpa" or "scaled_dot_product_attention" (e.g. MPNet, all-mpnet-base-v2)
+            if not any(w in str(e).lower() for w in ("sdpa", "scaled_dot_product_attention", "attention implementation")):
                 raise
             log.info("%s: no SDPA attention for this architecture; using its default attention", name)
             model = build({k: v for k, v in kwargs.items() if k != "attn_implementation"})
@@ -647,12 +648,20 @@ class Embedder:
         try:
             runner = onnx_backend.OnnxTransformer(self.model, self.name, revision or model_revision(self.model, self.name),
                                                   self.backend, threads)
-            prep = self.prepare(["a short text", "a longer text, with quite a few more words in it than the first"])
+            # Three rows of three lengths: neither the export's batch size (2) nor its width (16) is reused,
+            # so a shape the tracer froze into the graph shows up here, not in the first real batch.
+            prep = self.prepare(["a short text", "a longer text, with quite a few more words in it than the first",
+                                 "and a third text, of a length between the other two"])
             with torch.inference_mode():
-                ref = self._forward(prep.feats[0], False).float()
+                ref = torch.cat([self._forward(f, False).float() for f in prep.feats])
                 self._onnx = runner
-                got = self._forward(prep.feats[0], False).float()
-            self._onnx = None
+                try:
+                    got = torch.cat([self._forward(f, False).float() for f in prep.feats])
+                except Exception as e:  # onnxruntime's errors share no base class; the export is unusable
+                    raise onnx_backend.OnnxUnavailable(
+                        f"{self.name}: the {self.backend} export fails on a new shape ({type(e).__name__}: {e})") from e
+                finally:
+                    self._onnx = None
             cos = float(torch.nn.functional.cosine_similarity(got, ref).min())
             floor = 0.95 if self.backend == "onnx-int8" else 0.99999
             if not (bool(torch.isfinite(got).all()) and cos >= floor):

@@ -35,10 +35,47 @@ def minilm_path() -> Path:
 def tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, max_len: int = 128,
               pooling: str = "cls", normalize: bool = True, seed: int = 0) -> Path:
     """Save a tiny random BERT sentence-transformers model to ``folder`` and return its path."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    import torch
+    from transformers import BertConfig, BertModel
 
-    folder = Path(folder)
+    hf_tok = _tiny_tokenizer(max_len)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(hf_tok), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=max_len)
+    return _save_st(Path(folder), BertModel(config), hf_tok, max_len, pooling, normalize)
+
+
+# Tiny random encoders of other architectures: what the ONNX export must handle (or refuse) besides BERT.
+TINY_ARCHITECTURES = ("distilbert", "roberta", "xlm-roberta", "mpnet", "electra", "modernbert")
+
+
+def tiny_encoder(folder: str | Path, architecture: str, hidden: int = 32, layers: int = 2, heads: int = 2,
+                 max_len: int = 128, pooling: str = "mean", seed: int = 0) -> Path:
+    """Save a tiny random sentence-transformers model of ``architecture`` (one of TINY_ARCHITECTURES)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    tok = _tiny_tokenizer(max_len)
+    common = dict(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=hidden * 2, max_position_embeddings=max_len + 2, pad_token_id=tok.pad_token_id)
+    if architecture == "distilbert":
+        common = dict(vocab_size=len(tok), dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=hidden * 2,
+                      max_position_embeddings=max_len, pad_token_id=tok.pad_token_id)
+    elif architecture == "modernbert":
+        common.update(global_attn_every_n_layers=1, local_attention=16, bos_token_id=2, eos_token_id=3,
+                      cls_token_id=2, sep_token_id=3)
+    elif architecture == "electra":
+        common.update(embedding_size=hidden)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(AutoConfig.for_model(architecture, **common))
+    return _save_st(Path(folder), model, tok, max_len, pooling, True)
+
+
+def _tiny_tokenizer(max_len: int):
+    """A WordPiece tokenizer over a small fixed vocabulary (letters, digits, punctuation, common words)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab_list = specials + list(string.ascii_lowercase + string.digits + string.punctuation) + _WORDS
     vocab_list += ["##" + c for c in string.ascii_lowercase + string.digits]
@@ -50,16 +87,10 @@ def tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, heads: int 
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
-    hf_tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_max_length=max_len,
     )
-    import torch
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=max_len)
-    return _save_st(folder, BertModel(config), hf_tok, max_len, pooling, normalize)
 
 
 def bge_large_random(folder: str | Path, seed: int = 0, tokenizer: str | Path | None = None) -> Path:
