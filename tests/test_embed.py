@@ -176,6 +176,26 @@ def test_onnx_export_is_cached_and_keyed_by_model_contents(tiny_model, tmp_path,
     shutil.rmtree(tmp_path / "m")
 
 
+def test_failed_export_is_remembered_and_explained(tiny_model, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from reembed import onnx_backend
+
+    monkeypatch.setenv("REEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_backend, "MAX_EXPORT_BYTES", 1024)  # the tiny model stands in for a > 2 GiB one
+    with pytest.raises(ModelLoadError, match="too large for a single-file ONNX export"):
+        Embedder({"name": str(tiny_model), "device": "cpu", "backend": "onnx"})
+    [marker] = (tmp_path / "cache" / "onnx").glob("*/export-failed.txt")
+    assert not list(marker.parent.glob("*.onnx"))  # nothing half-written is left to be picked up
+    monkeypatch.setattr(onnx_backend, "MAX_EXPORT_BYTES", 2 << 30)
+    with caplog.at_level(logging.WARNING, logger="reembed.embed"):
+        emb = Embedder({"name": str(tiny_model), "device": "cpu"})  # auto: falls back at once, says where
+    assert emb.backend == "torch"
+    assert any("too large" in r.getMessage() and "delete it to try again" in r.getMessage() for r in caplog.records)
+    marker.unlink()
+    assert Embedder({"name": str(tiny_model), "device": "cpu"}).backend == "onnx"
+
+
 def test_onnx_unusable_falls_back_under_auto_and_fails_when_asked_for(tiny_model, tmp_path, monkeypatch, caplog):
     import logging
 

@@ -32,6 +32,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 EXPORT_VERSION = 1  # bump when the export recipe changes, so old cached files are not reused
 # protobuf's hard limit on one ONNX file; the export keeps weights inside the file.
 MAX_EXPORT_BYTES = 2 << 30
+FAILED = "export-failed.txt"  # why the export of this model failed, so later starts fall back at once
 
 
 class OnnxUnavailable(RuntimeError):
@@ -118,9 +119,16 @@ def ensure_export(model, name: str, revision: str, variant: str) -> Path:
         raise OnnxUnavailable(f"cannot create the ONNX cache folder {folder} ({e}); set REEMBED_CACHE_DIR "
                               "to a writable folder") from e
     fp32 = folder / VARIANTS["onnx"]
+    failed = folder / FAILED
+    if not fp32.exists() and failed.exists():  # do not spend minutes on a known failure at every start
+        raise OnnxUnavailable(f"{failed.read_text().strip()} (remembered in {failed}; delete it to try again)")
     if not fp32.exists():
         t0 = time.perf_counter()
-        _publish(fp32, lambda tmp: export(model, tmp))
+        try:
+            _publish(fp32, lambda tmp: export(model, tmp))
+        except OnnxUnavailable as e:
+            _publish(failed, lambda tmp: tmp.write_text(f"{name}: {e}\n"))
+            raise
         log.info("%s: exported to ONNX in %.1f s (%s, %.0f MB)", name, time.perf_counter() - t0, fp32,
                  fp32.stat().st_size / 1e6)
     if variant == "onnx":
