@@ -83,6 +83,29 @@ def test_tune_cli_prints_table_writes_profile_and_chart(tiny_model, tune_dir, tm
     assert "<polyline" in html and "Throughput vs token budget" in html
 
 
+def test_tune_all_cpu_backends_side_by_side(tiny_model, tune_dir, capsys):
+    from reembed.cli import main
+    from reembed.embed import cpu_supports_bf16
+
+    rc = main(["tune", "--model", str(tiny_model), "--device", "cpu", "--backend", "all", "--budgets", "512,1024",
+               "--sample-rows", "32", "--min-seconds", "0"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    keys = ["cpu", "cpu-onnx", "cpu-onnx-int8"] + (["cpu-bfloat16"] if cpu_supports_bf16() else [])
+    for key in keys:  # a profile (and a report) per setting, each where `reembed run` with it looks
+        [path] = tune_dir.glob(f"*--{key}--L128.json")
+        profile = json.loads(path.read_text())
+        assert path.with_suffix(".html").exists()
+        budget = tune.lookup_budget(str(tiny_model), "cpu", None, None, profile["backend"], profile["dtype"])
+        assert budget == profile["batch_tokens"]
+    table = out[out.index("backend     dtype"):].splitlines()
+    assert len(table) == len(keys) + 2  # header, one row per setting, the note
+    rates = [float(line.split()[3]) for line in table[1:-1]]
+    assert rates == sorted(rates, reverse=True) and "--backend onnx-int8" in out
+    with pytest.raises(SystemExit, match="compares the CPU backends"):
+        tune._settings(type("A", (), {"backend": "all", "dtype": "auto"})(), "cuda")
+
+
 @pytest.mark.ray
 def test_run_picks_up_profile_and_logs_it(tiny_model, tune_dir, tmp_path, ray_local, caplog):
     from reembed import pipeline

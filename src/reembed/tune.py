@@ -70,15 +70,15 @@ def tune_dir() -> Path:
 
 
 def lookup_budget(model_name: str, device: str, accelerator: str | None, max_seq_length: int | None,
-                  backend: str = "torch") -> int | None:
+                  backend: str = "torch", dtype: str = "auto") -> int | None:
     """The tuned budget for this model on this kind of device, or None when no profile matches.
 
     ``accelerator`` is Ray's accelerator type of the cluster's GPUs (e.g. ``H100``); None on CPU, or on
     a GPU cluster that does not label its GPUs (then this machine's own GPU, if any, names the type).
     ``max_seq_length`` None means the model's own setting. ``backend`` is the resolved one (torch, onnx,
-    onnx-int8): each has its own best budget.
+    onnx-int8) and ``dtype`` the configured one: each backend (and bfloat16 on CPU) has its own best budget.
     """
-    key = accelerator_key(device, accelerator, backend)
+    key = accelerator_key(device, accelerator, backend, dtype)
     if key is None:
         return None
     folder = tune_dir()
@@ -102,11 +102,13 @@ def lookup_budget(model_name: str, device: str, accelerator: str | None, max_seq
     return None
 
 
-def accelerator_key(device: str, accelerator: str | None = None, backend: str = "torch") -> str | None:
-    """``cpu`` (``cpu-onnx``, ``cpu-onnx-int8`` for the ONNX Runtime backends), or the GPU type as Ray names
-    it (``H100``, ``A100``, ``L4``...), as a file-name-safe slug."""
+def accelerator_key(device: str, accelerator: str | None = None, backend: str = "torch", dtype: str = "auto") -> str | None:
+    """``cpu`` (``cpu-onnx``, ``cpu-onnx-int8`` for the ONNX Runtime backends, ``cpu-bfloat16`` for torch in
+    bfloat16), or the GPU type as Ray names it (``H100``, ``A100``, ``L4``...), as a file-name-safe slug."""
     if device != "cuda":
-        return "cpu" if backend in (None, "torch") else f"cpu-{backend}"
+        if backend not in (None, "torch"):
+            return f"cpu-{backend}"
+        return "cpu-bfloat16" if dtype == "bfloat16" else "cpu"
     if not accelerator:
         accelerator = local_accelerator()
     return _slug(accelerator) if accelerator else None
@@ -203,7 +205,7 @@ def tune(model: dict[str, Any], texts: Sequence[str], budgets: Sequence[int] | N
         "model": _model_key(model["name"]),
         "device": embedder.device,
         "accelerator": accelerator_key(embedder.device, gpu_type(device_name) if embedder.device == "cuda" else None,
-                                       embedder.backend),
+                                       embedder.backend, embedder.dtype),
         "backend": embedder.backend,
         "device_name": device_name,
         "max_seq_length": embedder.max_seq_length,
@@ -460,6 +462,31 @@ def format_table(profile: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(profiles: Sequence[dict[str, Any]]) -> str:
+    """The best point of each backend side by side, fastest first, against the first one (torch float32)."""
+    base = profiles[0]["chosen"]["docs_per_s"]
+    lines = [f"{'backend':<11} {'dtype':<9} {'budget':>7} {'docs/s':>9} {'x ' + profiles[0]['backend']:>9}  run with"]
+    for p in sorted(profiles, key=lambda p: -p["chosen"]["docs_per_s"]):
+        best = p["chosen"]["docs_per_s"]
+        flags = f"--backend {p['backend']}" + (f" --dtype {p['dtype']}" if p["dtype"] == "bfloat16" else "")
+        lines.append(f"{p['backend']:<11} {p['dtype']:<9} {p['batch_tokens']:>7} {best:>9.1f} {best / base:>9.2f}  {flags}")
+    lines.append("float32 backends give the same vectors; bfloat16 and onnx-int8 are close (cosine ~0.9999 / ~0.99), "
+                 "not equal, and get their own output fingerprint.")
+    return "\n".join(lines)
+
+
+def _settings(args: argparse.Namespace, device: str) -> list[tuple[str, str]]:
+    """(backend, dtype) pairs to tune: the one asked for, or with ``--backend all`` every CPU setting."""
+    if args.backend != "all":
+        return [(args.backend, args.dtype)]
+    if device != "cpu":
+        raise SystemExit("reembed tune: --backend all compares the CPU backends; on GPU the backend is torch")
+    from reembed.embed import cpu_supports_bf16
+
+    torch_dtypes = ["float32"] + (["bfloat16"] if cpu_supports_bf16() else [])
+    return [("torch", d) for d in torch_dtypes] + [("onnx", "float32"), ("onnx-int8", "float32")]
+
+
 def write_report(profile: dict[str, Any], path: str | Path) -> Path:
     from reembed import report
 
@@ -508,8 +535,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-seq-len", type=int, help="truncate at this many tokens (default: the model's own setting)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8"], default="auto",
-                   help="what runs the model (as model.backend in `reembed run`; default auto)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8", "all"], default="auto",
+                   help="what runs the model (as model.backend in `reembed run`; default auto). On CPU, 'all' tunes "
+                        "torch float32, torch bfloat16 (where the CPU has it), onnx and onnx-int8 one after the "
+                        "other, saves a profile for each and prints them side by side")
     p.add_argument("--budgets", metavar="N[,N]", help="token budgets to try (default: powers of two, 8192-524288 on "
                    "GPU, 512-16384 on CPU)")
     p.add_argument("--max-batch-rows", type=int, default=1024, help="rows per forward pass at most (default 1024)")
@@ -540,26 +569,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
         seq = args.max_seq_len or load_model(args.model, None, "cpu", "float32").max_seq_length
         texts, source = synthetic_sample(rows, seq), f"synthetic ({rows} texts, up to 1.2 x {seq} words)"
     t0 = time.monotonic()
-    profile = tune(model, texts, budgets, max_batch_rows=args.max_batch_rows, compile=args.compile,
-                   min_seconds=args.min_seconds, oom_above=args.simulate_oom_above, sample_source=source)
-    saved = None if args.no_save else save_profile(profile)
-    report_path = Path(args.report) if args.report else (saved.with_suffix(".html") if saved else None)
-    if report_path:
-        write_report(profile, report_path)
-    log.info("tune: %d budgets, %.1f s, chosen %d tokens", len(profile["points"]), time.monotonic() - t0,
-             profile["batch_tokens"])
-    if args.json:
-        print(json.dumps(profile, indent=1))
-    else:
+    summary = []
+    for backend, dtype in _settings(args, device):
+        profile = tune({**model, "backend": backend, "dtype": dtype}, texts, budgets, max_batch_rows=args.max_batch_rows,
+                       compile=args.compile, min_seconds=args.min_seconds, oom_above=args.simulate_oom_above,
+                       sample_source=source)
+        saved = None if args.no_save else save_profile(profile)
+        report_path = Path(args.report) if args.report and args.backend != "all" else (
+            saved.with_suffix(".html") if saved else None)
+        if report_path:
+            write_report(profile, report_path)
+        log.info("tune: %d budgets, %.1f s, chosen %d tokens", len(profile["points"]), time.monotonic() - t0,
+                 profile["batch_tokens"])
+        summary.append(profile)
+        if args.json:
+            print(json.dumps(profile, indent=1))
+            continue
         print(f"{profile['model']} on {profile['device_name']} ({profile['backend']} backend, {profile['dtype']}, "
-              f"{profile['attention']} attention, "
-              f"max_seq_len {profile['max_seq_length']}), sample: {profile['sample']['rows']} docs, "
-              f"mean {profile['sample']['mean_tokens']} tokens")
+              f"{profile['attention']} attention, max_seq_len {profile['max_seq_length']}), sample: "
+              f"{profile['sample']['rows']} docs, mean {profile['sample']['mean_tokens']} tokens")
         print(format_table(profile))
         print(f"chosen budget: {profile['batch_tokens']} tokens; largest that fits: {profile['max_fitting_budget']}")
         if saved:
             print(f"profile: {saved} (`reembed run` on {profile['accelerator']} with this model and max_seq_len uses it)")
         if report_path:
             print(f"report:  {report_path}")
+    if len(summary) > 1 and not args.json:
+        print()
+        print(format_comparison(summary))
     sys.stdout.flush()
     return 0
