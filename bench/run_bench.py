@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from reembed.embed import resolve_backend
 
-        backend = resolve_backend(args.backend, args.device, _dtype(args))
+        backend = resolve_backend(args.backend, args.device, _dtype(args), args.compile)
         args.tune_budget = tune.lookup_budget(model_path, args.device, None, None, backend, _dtype(args))
     for spec in args.mix.split(","):
         results["mixes"][spec.split(":")[0]] = bench_mix(args, spec, model_path, cfg, results.get("matmul_tflops"))

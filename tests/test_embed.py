@@ -118,6 +118,9 @@ def test_backend_settings_that_cannot_work_are_clear_errors(tiny_model):
         Embedder({"name": str(tiny_model), "device": "cpu", "dtype": "bfloat16", "backend": "onnx-int8"})
     assert resolve_backend("auto", "cuda", "float16") == "torch"
     assert resolve_backend("auto", "cpu", "bfloat16") == "torch"  # ONNX Runtime runs the float32 export
+    assert resolve_backend("auto", "cpu", "float32", compile=True) == "torch"  # torch.compile is torch's
+    with pytest.raises(ModelLoadError, match="applies to the torch backend, not 'onnx'"):
+        resolve_backend("onnx", "cpu", "float32", compile=True)
 
 
 # -- the ONNX Runtime backends -------------------------------------------------------------------------

@@ -133,16 +133,20 @@ def load_model(name: str, revision: str | None = None, device: str = "cpu", dtyp
     return model
 
 
-def resolve_backend(backend: str, device: str, dtype: str) -> str:
-    """``auto`` is ONNX Runtime for float32 on CPU where onnxruntime is installed, else torch. ONNX
-    backends run on CPU only, and in float32 (onnx-int8 quantizes the float32 export itself)."""
+def resolve_backend(backend: str, device: str, dtype: str, compile: bool = False) -> str:
+    """``auto`` is ONNX Runtime for float32 on CPU where onnxruntime is installed, else torch (and torch
+    whenever ``torch.compile`` is asked for). ONNX backends run on CPU only, and in float32 (onnx-int8
+    quantizes the float32 export itself)."""
     from reembed import onnx_backend
 
     if backend not in BACKENDS:
         raise ModelLoadError(f"unknown backend {backend!r} (one of {', '.join(BACKENDS)})")
     if backend == "auto":
-        return "onnx" if device == "cpu" and dtype == "float32" and onnx_backend.available() is None else "torch"
+        cpu_fp32 = device == "cpu" and dtype == "float32" and not compile
+        return "onnx" if cpu_fp32 and onnx_backend.available() is None else "torch"
     if backend != "torch":
+        if compile:
+            raise ModelLoadError(f"model.compile (torch.compile) applies to the torch backend, not {backend!r}")
         if device != "cpu":
             raise ModelLoadError(f"backend {backend!r} runs on CPU only; use backend 'torch' (or auto) on {device}")
         if dtype != "float32":
@@ -550,7 +554,7 @@ class Embedder:
         self.device = resolve_device(model.get("device", "auto"))
         self.dtype = resolve_dtype(model.get("dtype", "auto"), self.device)
         requested = model.get("backend") or "auto"
-        self.backend = resolve_backend(requested, self.device, self.dtype)
+        self.backend = resolve_backend(requested, self.device, self.dtype, compile)
         if self.device == "cpu" and self.dtype == "bfloat16" and not cpu_supports_bf16():
             log.warning("bfloat16 on a CPU without AVX512-BF16/AMX runs emulated and is usually slower than float32")
         self.model = load_model(self.name, model.get("revision"), self.device, self.dtype, model.get("max_seq_length"))

@@ -262,7 +262,8 @@ def plan_pool(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
     accelerator = next((k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), None)
     # Resolved here for the log, the run record and the tuning profile; each actor resolves it again (and
     # under auto falls back to torch, with a warning, where the ONNX export fails).
-    backend = embed.resolve_backend(cfg.model.backend, device, embed.resolve_dtype(cfg.model.dtype, device))
+    backend = embed.resolve_backend(cfg.model.backend, device, embed.resolve_dtype(cfg.model.dtype, device),
+                                    cfg.model.compile)
     if device == "cuda":
         num_gpus = c.gpus_per_actor
         num_cpus = c.cpus_per_actor if c.cpus_per_actor is not None else 1.0
