@@ -67,6 +67,17 @@ def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
     return path
 
 
+def write_resume_corpus(folder: Path) -> list[dict]:
+    """1,500 documents for the resume tests: Parquet (row groups of 100) and JSON Lines, every third text
+    three times as long, so shards finish at uneven times."""
+    docs = make_docs(1500)
+    for d in docs[::3]:
+        d["text"] = d["text"] * 3
+    write_parquet(folder / "a.parquet", docs[:900], row_group_size=100)
+    write_jsonl(folder / "b.jsonl", docs[900:])
+    return docs
+
+
 def make_docs(n: int, prefix: str = "d", start: int = 0) -> list[dict]:
     """Deterministic documents of mixed lengths from a small vocabulary."""
     words = "the cat dog bird river city music data vector search model token cluster gpu art science".split()

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cluster_fixtures import REPO, run_node_loss, start_head
-from conftest import make_docs, write_jsonl, write_parquet
+from conftest import make_docs, write_parquet, write_resume_corpus
 from reembed import pipeline
 from reembed.config import load_config
 from reembed.manifest import Manifest
@@ -166,11 +166,7 @@ def test_failing_job_is_reported_failed_with_its_error(head, tiny_model, tmp_pat
 def test_stopped_job_resumes_when_resubmitted(head, tiny_model, tmp_path):
     """A job stopped mid-run (a preempted driver, a `ray job stop`) and submitted again resumes: shards
     committed by the first run are kept as they are, the rest are embedded, and the ledger is exact."""
-    docs = make_docs(1500)
-    for d in docs[::3]:
-        d["text"] = d["text"] * 3
-    write_parquet(tmp_path / "in" / "a.parquet", docs[:900], row_group_size=100)
-    write_jsonl(tmp_path / "in" / "b.jsonl", docs[900:])
+    docs = write_resume_corpus(tmp_path / "in")
     out = tmp_path / "out"
     entrypoint = (f"python jobs/reembed.py --input {tmp_path / 'in'} --output {out} --model {tiny_model} "
                   "--shard-rows 50 --set model.batch_tokens=512")

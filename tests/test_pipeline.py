@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_docs, write_jsonl, write_parquet
+from conftest import make_docs, write_jsonl, write_parquet, write_resume_corpus
 from reembed import pipeline
 from reembed.config import load_config
 from reembed.manifest import Manifest, ManifestError
@@ -233,11 +233,7 @@ def _committed(out: Path) -> dict:
 
 
 def test_resume_after_sigkill(tmp_path, tiny_model):
-    docs = make_docs(1500)
-    for d in docs[::3]:
-        d["text"] = d["text"] * 3
-    write_parquet(tmp_path / "in" / "a.parquet", docs[:900], row_group_size=100)
-    write_jsonl(tmp_path / "in" / "b.jsonl", docs[900:])
+    docs = write_resume_corpus(tmp_path / "in")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "reembed", "run", "--input", str(tmp_path / "in"), "--output", str(out),
             "--model", str(tiny_model), "--shard-rows", "50", "--set", "model.batch_tokens=128"]
