@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from index_fixtures import clustered, tables
-from reembed.indexes import faiss_index as F
+from reembed.indexes import faiss as F
 from reembed.storage import Location
 
 faiss = pytest.importorskip("faiss")

@@ -18,8 +18,8 @@ import reembed
 from index_fixtures import clustered, fast_tmp, qdrant_target, write_output  # noqa: F401 (fixtures)
 from reembed import cli
 from reembed.config import IndexConfig
-from reembed.indexes import qdrant_index as Q
-from reembed.indexes import stage
+from reembed.indexes import qdrant as Q
+from reembed.indexes import build as stage
 from reembed.manifest import Manifest, ManifestError
 from reembed.storage import Location
 
@@ -94,7 +94,7 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
     """SIGKILL a real process mid-upload, rerun: the same collection is finished with every point once."""
     out = write_output(fast_tmp / "out", clustered(1200, 16, seed=3), shard_rows=30)  # 40 shards
     cfg = _cfg(qdrant_target, batch_size=5)
-    script = ("import sys; from reembed.config import IndexConfig; from reembed.indexes import stage; "
+    script = ("import sys; from reembed.config import IndexConfig; from reembed.indexes import build as stage; "
               f"stage.run_qdrant({out!r}, IndexConfig(batch_size=5, collection={cfg.collection!r}), {cfg.qdrant!r})")
     src = str(Path(reembed.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}

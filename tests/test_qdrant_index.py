@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from index_fixtures import clustered, fast_tmp, qdrant_target, tables  # noqa: F401 (fixtures)
-from reembed.indexes import qdrant_index as Q
+from reembed.indexes import qdrant as Q
 
 pytest.importorskip("qdrant_client")
 # The client probes a server's version when it connects; the tests that point it at nothing expect that to fail.

@@ -30,7 +30,7 @@ from reembed import cli, pipeline, storage
 from reembed.config import load_config
 from reembed.manifest import ConcurrentWriteError, Manifest
 from reembed.schema import embedding_matrix
-from reembed.writer import read_shard_table
+from reembed.write import read_shard_table
 
 pytestmark = pytest.mark.s3
 
@@ -359,7 +359,7 @@ def test_manifest_on_s3_lets_only_one_job_commit(s3_env):
 
 
 def test_publish_verifies_and_a_truncated_object_is_never_committed(s3_env):
-    from reembed.writer import _verifier
+    from reembed.write import _verifier
 
     bucket = new_bucket(s3_env)
     loc = storage.Location.from_uri(f"s3://{bucket}/out")

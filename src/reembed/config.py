@@ -21,14 +21,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from reembed.errors import ConfigError  # noqa: F401 (re-exported)
 
 DEFAULT_MODEL = "BAAI/bge-large-en-v1.5"
 
 _SECRET_HINTS = ("secret", "password", "api_key", "apikey", "token", "access_key")
-
-
-class ConfigError(ValueError):
-    """A setting is unknown, mistyped or out of range. The message names the key and its source."""
 
 
 @dataclass(frozen=True)

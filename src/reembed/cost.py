@@ -25,6 +25,7 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+from reembed.errors import PriceError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,6 @@ DEFAULT_PRICES: dict[str, Any] = {
                 "B200": 6.25},
     "cpu": round(0.0000131 * 3600 / 2, 5),  # $0.02358 per logical CPU-hour
 }
-
-
-class PriceError(ValueError):
-    """A run cannot be priced: the message names the run and the price that is missing."""
 
 
 def load_prices(path: str | Path | None = None) -> dict[str, Any]:

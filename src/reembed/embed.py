@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from reembed import schema as S
+from reembed.errors import ModelLoadError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,6 @@ CRASH_ONCE_ENV = "REEMBED_CRASH_ONCE"
 # torch: eager PyTorch (SDPA). onnx / onnx-int8: the transformer in ONNX Runtime, float32 or dynamic int8
 # (CPU only, see onnx_backend). auto: torch on GPU; on CPU onnx where onnxruntime is installed.
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded; the message says why and how to fix it."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,8 +237,6 @@ def _pooling_mode(module) -> str | None:
         if k.startswith("pooling_mode_") and v is True:
             return k.removeprefix("pooling_mode_").removesuffix("_tokens")
     return cfg.get("pooling_mode")
-
-
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 from reembed import schema as S
 from reembed.manifest import now
 from reembed.storage import Location, StorageError
+from reembed.errors import ExportError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,6 @@ _RESERVED = (S.ID, TEXT, OLD_EMBEDDING)
 _SECRET_PARAMS = ("api_key", "apikey", "key", "token", "password", "secret")
 _ENV_KEYS = {"chroma": "CHROMA_API_KEY", "qdrant": "QDRANT_API_KEY", "pinecone": "PINECONE_API_KEY",
              "weaviate": "WEAVIATE_API_KEY"}
-
-
-class ExportError(RuntimeError):
-    """The source cannot be exported (bad URI, missing collection, inconsistent vectors, ...)."""
 
 
 @dataclass

@@ -39,19 +39,12 @@ from typing import Any, Iterator
 
 from reembed import storage
 from reembed.storage import Location
+from reembed.errors import ConcurrentWriteError, ManifestError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-
-
-class ManifestError(RuntimeError):
-    """The output's manifest refuses this job (fingerprint mismatch, corrupt file, ...)."""
-
-
-class ConcurrentWriteError(ManifestError):
-    """Another job changed the manifest since this one read it."""
 
 
 def now() -> str:

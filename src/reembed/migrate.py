@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from reembed.errors import DualWriteError, MigrationError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ FUSIONS = ("rrf", "weighted")
 RRF_K = 60
 ID_FIELD = "id"
 TEXT_FIELD = "text"
-
-
-class MigrationError(RuntimeError):
-    """A store cannot be opened, searched or written as asked; the message says which and why."""
-
-
-class DualWriteError(MigrationError):
-    """The old store was written but the new one was not. Upserts are idempotent: retry the same call."""
 
 
 @dataclass
@@ -491,7 +484,7 @@ def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[
         searchers["faiss"] = V.faiss_searcher(V.read_faiss(args.faiss), V.read_ids(args.faiss_ids))
     elif getattr(args, "output", None):
         # The output's own FAISS index from `reembed index`, sha256-checked before it is read.
-        from reembed.indexes import faiss_index
+        from reembed.indexes import faiss as faiss_index
         from reembed.manifest import Manifest
         from reembed.storage import Location
 
@@ -558,7 +551,7 @@ def _faiss_docs(doc, src) -> tuple[dict[int, str], dict[int, str | None]]:
 
 def _exact_from_output(loc, manifest, name: str, model: str | None, device: str) -> ExactStore:
     from reembed import schema as S
-    from reembed.writer import read_shard_table
+    from reembed.write import read_shard_table
 
     ids, blocks, texts = [], [], []
     for _, rec in sorted(manifest.committed.items()):

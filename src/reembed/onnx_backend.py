@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from reembed.errors import OnnxUnavailable  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ EXPORT_VERSION = 1  # bump when the export recipe changes, so old cached files a
 # protobuf's hard limit on one ONNX file; the export keeps weights inside the file.
 MAX_EXPORT_BYTES = 2 << 30
 FAILED = "export-failed.txt"  # why the export of this model failed, so later starts fall back at once
-
-
-class OnnxUnavailable(RuntimeError):
-    """This model or machine cannot use the ONNX Runtime backend; the message says why."""
 
 
 def cache_dir() -> Path:

@@ -19,7 +19,7 @@ from reembed import embed, storage
 from reembed.config import JobConfig, validate
 from reembed.manifest import Manifest, ManifestError, now
 from reembed.plan import InputError, make_plan
-from reembed.writer import DEAD_LETTER, SHARDS, ShardAssembler, write_shard
+from reembed.write import DEAD_LETTER, SHARDS, ShardAssembler, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     summary = summarize(manifest)
     summary["run"] = run_info
     if cfg.index.enabled and summary["complete"]:
-        from reembed.indexes import stage
+        from reembed.indexes import build as stage
 
         summary["index"] = stage.run_index(cfg.output.uri, cfg.index, ray_address=cfg.compute.ray_address)
     return summary

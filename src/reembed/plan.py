@@ -22,15 +22,12 @@ import pyarrow.parquet as pq
 
 from reembed import storage
 from reembed.config import InputConfig
+from reembed.errors import InputError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
-
-
-class InputError(ValueError):
-    """The input cannot be used as it is (a missing column, a corrupt file). The message names the file."""
 
 
 @dataclass

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
+from reembed.errors import ObjectExistsError, StorageError, VersionConflict  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,6 @@ _BACKOFF_CAP_S = 10.0
 _CONNECT_TIMEOUT_S = 10
 _LIST_PAGE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 _READ_TIMEOUT_S = 120
-
-
-class StorageError(RuntimeError):
-    """A URI cannot be reached, listed, read or written. The message names the URI and the likely cause."""
-
-
-class ObjectExistsError(StorageError):
-    """A create-only write found an object already at the key (another job wrote it)."""
-
-
-class VersionConflict(StorageError):
-    """A conditional write found the object changed (or created) since the version this process holds."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import pyarrow as pa
 from reembed import schema as S
 from reembed.manifest import Manifest, now
 from reembed.storage import Location, StorageError
+from reembed.errors import ValidationError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,6 @@ UNRELATED = [
     ("The children played football in the park.", "Quantum computers use qubits."),
     ("How long does it take to boil an egg?", "The museum is closed on Mondays."),
 ]
-
-
-class ValidationError(ValueError):
-    """A validation input (queries file, pairs file, old store, model) is unusable; names the file/line."""
 
 
 @dataclass(frozen=True)
@@ -594,7 +591,7 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
                     positions: np.ndarray, want_old: bool, watch: set[str] = frozenset()):
     """Stream every shard once: the integrity gate, the sampled rows' vectors (new, and old when the shards
     carry them), and which of the ``watch`` ids (labelled relevant documents) the output holds."""
-    from reembed.writer import read_shard_table
+    from reembed.write import read_shard_table
 
     problems: list[str] = []
     per_shard = []
@@ -665,7 +662,7 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
 def _shard_batches(loc: Location, records: list[tuple[int, dict]], column: str,
                    dim: int | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
     """(ids, vectors) per shard; shards the integrity gate fails (unreadable, wrong type or dimension) are skipped."""
-    from reembed.writer import read_shard_table
+    from reembed.write import read_shard_table
 
     for _, rec in records:
         try:

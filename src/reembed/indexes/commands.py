@@ -85,7 +85,7 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from reembed.config import load_config, replace_path
-    from reembed.indexes import stage
+    from reembed.indexes import build as stage
 
     cfg = load_config(args.config, args.overrides)
     flags = {"faiss": args.faiss, "faiss_memory": args.faiss_memory, "recall_target": args.recall_target,
@@ -115,12 +115,12 @@ def _print_index(results: dict[str, Any], as_json: bool) -> int:
 
 def cmd_versions(args: argparse.Namespace) -> int:
     def run() -> int:
-        from reembed.indexes import qdrant_index as Q
+        from reembed.indexes import qdrant as Q
 
         out: dict[str, Any] = {}
         manifest = _manifest(args.output) if args.output else None
         if manifest is not None:
-            from reembed.indexes import stage
+            from reembed.indexes import build as stage
 
             st = stage.state_of(manifest)
             out["faiss"] = [r for r in [*st.get("faiss_history", []), st.get("faiss")] if r]
@@ -154,7 +154,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_swap(args: argparse.Namespace) -> int:
     def run() -> int:
-        from reembed.indexes import qdrant_index as Q
+        from reembed.indexes import qdrant as Q
 
         manifest = _manifest(args.output) if args.output else None
         target = _target(args, manifest, required=True)
@@ -174,7 +174,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
                 ok, why = check_validation(manifest.loc)
                 if not ok:
                     raise Q.SwapRefused(f"validation gate: {why}")
-            from reembed.indexes import stage
+            from reembed.indexes import build as stage
 
             rows = stage.rows_of(manifest)
             dim = args.dimension if args.dimension is not None else int(manifest.model["dimension"])
@@ -189,7 +189,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     def run() -> int:
-        from reembed.indexes import qdrant_index as Q
+        from reembed.indexes import qdrant as Q
 
         manifest = _manifest(args.output) if args.output else None
         client = Q.connect(_target(args, manifest, required=True))
@@ -205,7 +205,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     def run() -> int:
-        from reembed.indexes.faiss_index import Searcher
+        from reembed.indexes.faiss import Searcher
 
         searcher = Searcher(args.output, version=args.version)
         hits = searcher.search(args.query, k=args.k)
@@ -249,7 +249,7 @@ def _target(args: argparse.Namespace, manifest, required: bool) -> str | None:
     if args.qdrant:
         return args.qdrant
     if manifest is not None:
-        from reembed.indexes import stage
+        from reembed.indexes import build as stage
 
         rec = stage.state_of(manifest).get("qdrant")
         if rec and rec.get("target"):
@@ -263,7 +263,7 @@ def _target(args: argparse.Namespace, manifest, required: bool) -> str | None:
 
 def _guard(fn) -> int:
     """Refusals and Qdrant errors are one clear line, like the CLI's other user errors."""
-    from reembed.indexes.qdrant_index import QdrantError
+    from reembed.indexes.qdrant import QdrantError
 
     try:
         return fn()

@@ -41,7 +41,7 @@ from reembed import schema as S
 from reembed.config import ConfigError, IndexConfig
 from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError
 from reembed.storage import Location
-from reembed.writer import read_shard_table
+from reembed.write import read_shard_table
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def run_index(output_uri: str, cfg: IndexConfig, ray_address: str | None = None,
 
 def validate(cfg: IndexConfig) -> None:
     """Refuse index settings that cannot work, naming the key."""
-    from reembed.indexes.faiss_index import parse_memory
+    from reembed.indexes.faiss import parse_memory
 
     if cfg.batch_size < 1:
         raise ConfigError(f"index.batch_size must be >= 1, got {cfg.batch_size}")
@@ -114,7 +114,7 @@ def qdrant_target(loc: Location, cfg: IndexConfig) -> str | None:
                 "give index.qdrant a local folder or a Qdrant server URL"
             )
         return os.path.join(loc.root, "indexes", "qdrant")
-    from reembed.indexes.qdrant_index import is_server
+    from reembed.indexes.qdrant import is_server
 
     return q if is_server(q) else os.path.abspath(os.path.expanduser(q))
 
@@ -153,7 +153,7 @@ def faiss_record(manifest: Manifest, version: int | None = None) -> dict[str, An
 
 def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
     """Build, tune and publish the FAISS index; record it in the manifest."""
-    from reembed.indexes import faiss_index
+    from reembed.indexes import faiss as faiss_index
 
     started, t0 = _stamp(), time.monotonic()
     loc = Location.from_uri(output_uri)
@@ -188,7 +188,7 @@ def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
 
 def qdrant_current(manifest: Manifest, cfg: IndexConfig, target: str) -> dict[str, Any] | None:
     """The Qdrant record if a finished load of these inputs is still there with every point."""
-    from reembed.indexes import qdrant_index as Q
+    from reembed.indexes import qdrant as Q
 
     rec = state_of(manifest).get("qdrant")
     if not _same_qdrant(rec, manifest, cfg, target) or rec.get("status") != "done":
@@ -205,7 +205,7 @@ def qdrant_current(manifest: Manifest, cfg: IndexConfig, target: str) -> dict[st
 
 def run_qdrant(output_uri: str, cfg: IndexConfig, target: str) -> dict[str, Any]:
     """Load (or resume loading) a versioned collection from the shards; verify its count; record it."""
-    from reembed.indexes import qdrant_index as Q
+    from reembed.indexes import qdrant as Q
 
     started, t0 = _stamp(), time.monotonic()
     loc = Location.from_uri(output_uri)
@@ -253,7 +253,7 @@ def run_qdrant(output_uri: str, cfg: IndexConfig, target: str) -> dict[str, Any]
 
 def _load_shards(loc: Location, manifest: Manifest, client, state: dict[str, Any], cfg: IndexConfig, workers: int) -> None:
     """Upload the shards not yet in ``state["shards_done"]``, ``workers`` at a time, recording each."""
-    from reembed.indexes import qdrant_index as Q
+    from reembed.indexes import qdrant as Q
 
     passthrough = list(manifest.plan.get("passthrough", []))
     columns = [S.ID, S.EMBEDDING, *passthrough]
@@ -290,7 +290,7 @@ def bounded_map(fn, items, workers: int) -> Iterator:
 
 
 def _same_qdrant(rec: dict[str, Any] | None, manifest: Manifest, cfg: IndexConfig, target: str) -> bool:
-    from reembed.indexes import qdrant_index as Q
+    from reembed.indexes import qdrant as Q
 
     return bool(rec) and rec.get("inputs") == inputs_key(manifest) and rec.get("target") == Q.describe(target) \
         and rec.get("name") == cfg.collection
@@ -314,7 +314,7 @@ def _run_parallel(output_uri: str, cfg: IndexConfig, target: str | None, todo: l
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from reembed.indexes import qdrant_index as Q
+    from reembed.indexes import qdrant as Q
     from reembed.pipeline import init_ray
 
     init_ray(ray_address)

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from reembed import schema as S
 from reembed.storage import Location, StorageError
+from reembed.errors import ChecksumError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,6 @@ _EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
 _NPROBE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096, 8192)
 _K_FACTORS = (4, 8, 16, 32)
 _VERSION_RE = re.compile(r"^index-v(\d+)\.faiss$")
-
-
-class ChecksumError(StorageError):
-    """An index file's bytes do not match the sha256 recorded in the manifest."""
 
 
 @dataclass(frozen=True)
@@ -452,7 +449,7 @@ class Searcher:
     """
 
     def __init__(self, output_uri: str, version: int | None = None):
-        from reembed.indexes import stage
+        from reembed.indexes import build as stage
         from reembed.manifest import Manifest
 
         self.loc = Location.from_uri(output_uri)

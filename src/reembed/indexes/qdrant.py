@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 
 from reembed import schema as S
+from reembed.errors import QdrantError, SwapRefused  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ HNSW_M = 16
 INDEXING_THRESHOLD = 10_000
 
 T = TypeVar("T")
-
-
-class QdrantError(RuntimeError):
-    """A Qdrant target cannot be used as asked; the message names the target or collection."""
-
-
-class SwapRefused(QdrantError):
-    """A swap or rollback was refused; the alias was not touched."""
 
 
 # ---------------------------------------------------------------------------------------------------

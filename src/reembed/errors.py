@@ -1,0 +1,88 @@
+"""Every error reembed raises on purpose, under one base.
+
+A :class:`ReembedError` is a user-facing failure: its message names the file, row, key or URI, the cause
+and what to do. The CLI prints it as one line (exit 1, or 2 for :class:`UsageError`) and shows the
+traceback only with ``-v``. Anything else that escapes is a bug in reembed.
+"""
+
+from __future__ import annotations
+
+
+class ReembedError(Exception):
+    """Base of every error reembed raises for a user to act on."""
+
+    exit_code = 1
+
+
+class UsageError(ReembedError):
+    """The command line or a config file asks for something invalid (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError, ValueError):
+    """A setting is unknown, mistyped or out of range. The message names the key and its source."""
+
+
+class InputError(ReembedError, ValueError):
+    """The input cannot be used as it is (a missing column, a corrupt file). The message names the file."""
+
+
+class StorageError(ReembedError):
+    """A URI cannot be reached, listed, read or written. The message names the URI and the likely cause."""
+
+
+class ObjectExistsError(StorageError):
+    """A create-only write found an object already at the key (another job wrote it)."""
+
+
+class VersionConflict(StorageError):
+    """A conditional write found the object changed (or created) since the version this process holds."""
+
+
+class ChecksumError(StorageError):
+    """A file's bytes do not match the sha256 recorded for it (in the manifest or a commit record)."""
+
+
+class ManifestError(ReembedError):
+    """The output's manifest refuses this job (fingerprint mismatch, corrupt file, ...)."""
+
+
+class ConcurrentWriteError(ManifestError):
+    """Another job changed the manifest since this one read it."""
+
+
+class ModelLoadError(ReembedError):
+    """The model cannot be loaded; the message says why and how to fix it."""
+
+
+class OnnxUnavailable(ModelLoadError):
+    """This model or machine cannot use the ONNX Runtime backend; the message says why."""
+
+
+class QdrantError(ReembedError):
+    """A Qdrant target cannot be used as asked; the message names the target or collection."""
+
+
+class SwapRefused(QdrantError):
+    """A swap or rollback was refused; the alias was not touched."""
+
+
+class ValidationError(ReembedError, ValueError):
+    """A validation input (queries file, pairs file, old store, model) is unusable; names the file/line."""
+
+
+class ExportError(ReembedError):
+    """The source cannot be exported (bad URI, missing collection, inconsistent vectors, ...)."""
+
+
+class MigrationError(ReembedError):
+    """A store cannot be opened, searched or written as asked; the message says which and why."""
+
+
+class DualWriteError(MigrationError):
+    """The old store was written but the new one was not. Upserts are idempotent: retry the same call."""
+
+
+class PriceError(UsageError, ValueError):
+    """A run cannot be priced: the message names the run and the price that is missing."""
