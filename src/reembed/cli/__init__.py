@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
     setup_logging(verbose)
+    log.debug("reembed %s, Python %s, command %s", _version(), sys.version.split()[0], args.command)
     try:
         return args.func(args) or EXIT_OK
     except KeyboardInterrupt:
@@ -55,15 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(err, "exit_code", EXIT_FAIL)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _version() -> str:
     from reembed import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="reembed",
         description="Re-embed a document corpus with a new embedding model on Ray: sharded, resumable output "
                     "with a checkpoint manifest.",
     )
-    p.add_argument("--version", action="version", version=f"reembed {__version__}")
+    p.add_argument("--version", action="version", version=f"reembed {_version()}")
     _verbosity(p, argparse.SUPPRESS)
     p.set_defaults(verbose=0, quiet=0)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
