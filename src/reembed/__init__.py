@@ -26,16 +26,17 @@ from reembed.errors import ReembedError
 
 __version__ = "0.1.0"
 
-# name -> "module:attribute", resolved on first access (PEP 562).
+# name -> "module:attribute", resolved on first access (PEP 562). No top-level module shares a name with
+# an API function (an imported submodule would replace the function as the package's attribute).
 _API = {
     "load_config": "reembed.config:load_config",
     "run": "reembed.pipeline:run",
     "status": "reembed.pipeline:status",
     "build_indexes": "reembed.indexes.build:build_indexes",
-    "search": "reembed.search:search",
-    "validate": "reembed.validate:validate",
-    "swap": "reembed.swap:swap",
-    "rollback": "reembed.swap:rollback",
+    "search": "reembed.indexes.search:search",
+    "validate": "reembed.validation:validate",
+    "swap": "reembed.indexes.swap:swap",
+    "rollback": "reembed.indexes.swap:rollback",
     "export": "reembed.migrate:export",
     "dual_query": "reembed.migrate:dual_query",
     "dual_write": "reembed.migrate:dual_write",
