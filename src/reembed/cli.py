@@ -166,7 +166,7 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands of the later stages (index, migrate, tune, cost), registered by their modules."""
     registers = []
-    for mod in ("reembed.indexes.commands", "reembed.tune", "reembed.cost", "reembed.migrate"):
+    for mod in ("reembed.indexes.commands", "reembed.tune", "reembed.cost", "reembed.migrate.commands"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ModuleNotFoundError as e:
