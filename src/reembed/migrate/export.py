@@ -108,8 +108,9 @@ def read_parts(loc: Location) -> Iterator[tuple[str, pa.Table]]:
 
 def inside(loc: Location, rel: Any, source: str) -> str:
     """``rel`` (a path read from the file ``source``) as a path inside ``loc``, or a one-line refusal."""
-    norm = posixpath.normpath(rel) if isinstance(rel, str) and rel else ""
-    escapes = (not norm or norm.startswith(("/", "../")) or norm == ".." or "\\" in norm or "://" in norm)
+    text = rel if isinstance(rel, str) else ""
+    norm = posixpath.normpath(text) if text else ""
+    escapes = not norm or norm.startswith(("/", "../")) or norm == ".." or "\\" in text or ":" in text
     if not escapes and loc.fs.type_name == "local":  # links must not lead out either
         root = os.path.realpath(loc.root)
         escapes = os.path.commonpath([root, os.path.realpath(loc.path(norm))]) != root

@@ -49,7 +49,10 @@ class FaissStore(Store):
         if not src.option("docstore"):
             raise ExportError(f"{src.shown}: a FAISS index holds only vectors; add ?docstore=FILE (Parquet or JSONL "
                               "with id, text and optionally position) to map positions to documents")
-        docstore = read_docstore(docstore_path(src), src)
+        docstore_file = docstore_path(src)
+        if not os.path.isfile(src.path):
+            raise ExportError(f"{src.shown}: no FAISS index file at {src.path}")
+        docstore = read_docstore(docstore_file, src)
         index = read_index(src.path)
         return cls(index, docstore, id_field=src.option("id_field", S.ID), text_field=src.option("text_field", TEXT),
                    uri=src.uri, **common)
