@@ -65,3 +65,12 @@ def test_the_real_command_prints_one_line(stores):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"reembed: error: qdrant://{stores}/qdrant?collection=x: no Qdrant "
                                                 "collection 'x' (collections: none)"]
+
+
+@pytest.mark.parametrize("argv", [["query", "x", "--old", "a", "--new", "b", "-k", "0"],
+                                  ["query", "x", "--old", "a", "--new", "b", "--depth", "-3"],
+                                  ["export", "--from", "chroma:///x?collection=d", "--to", "o", "--page-size", "0"]])
+def test_counts_below_one_are_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "must be >= 1" in capsys.readouterr().err

@@ -28,8 +28,8 @@ def register(subparsers) -> None:
                         "pinecone://INDEX?namespace=NS, weaviate://host:8080/Collection; options text_field=, id_field=, "
                         "vector=. Keys come from CHROMA_API_KEY / QDRANT_API_KEY / PINECONE_API_KEY / WEAVIATE_API_KEY")
     e.add_argument("--to", dest="target", required=True, metavar="OUTPUT_URI", help="folder or URI (s3://...) for the parts")
-    e.add_argument("--page-size", type=int, default=1000, help="documents per request to the store (default 1000)")
-    e.add_argument("--part-rows", type=int, default=100_000, help="rows per Parquet part (default 100000)")
+    e.add_argument("--page-size", type=_positive, default=1000, help="documents per request to the store (default 1000)")
+    e.add_argument("--part-rows", type=_positive, default=100_000, help="rows per Parquet part (default 100000)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export in the same place")
     e.add_argument("--json", action="store_true", help="print the export summary as JSON")
     e.set_defaults(func=cmd_export)
@@ -48,8 +48,8 @@ def register(subparsers) -> None:
     v.add_argument("--faiss", metavar="INDEX_URI", help="a built FAISS index to measure ANN recall on")
     v.add_argument("--faiss-ids", metavar="URI", help="document ids in FAISS label order (Parquet id column, .npy, or lines)")
     v.add_argument("--qdrant", metavar="URI", help="a built Qdrant collection, e.g. qdrant:///path?collection=docs")
-    v.add_argument("-k", type=int, default=10, help="k for recall@k and overlap@k (default 10)")
-    v.add_argument("--sample", type=int, default=200, help="documents sampled as queries (default 200)")
+    v.add_argument("-k", type=_positive, default=10, help="k for recall@k and overlap@k (default 10)")
+    v.add_argument("--sample", type=_positive, default=200, help="documents sampled as queries (default 200)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--norm-tol", type=float, default=1e-3)
     v.add_argument("--paraphrase-min", type=float, default=0.55)
@@ -71,11 +71,11 @@ def register(subparsers) -> None:
     q.add_argument("--new", required=True, metavar="URI", help="new store (a reembed output, or chroma:// / qdrant:// / faiss://)")
     q.add_argument("--old-model", metavar="NAME_OR_PATH", help="the old store's model (default: its manifest's, if any)")
     q.add_argument("--new-model", metavar="NAME_OR_PATH", help="the new store's model (default: its manifest's, if any)")
-    q.add_argument("-k", type=int, default=10)
-    q.add_argument("--depth", type=int, help="results taken from each store before fusion (default max(2k, 20))")
+    q.add_argument("-k", type=_positive, default=10)
+    q.add_argument("--depth", type=_positive, help="results taken from each store before fusion (default max(2k, 20))")
     q.add_argument("--fusion", choices=FUSIONS, default="rrf")
     q.add_argument("--weights", metavar="OLD,NEW", default="1,1", help="store weights (default 1,1)")
-    q.add_argument("--rrf-k", type=int, default=RRF_K)
+    q.add_argument("--rrf-k", type=_positive, default=RRF_K)
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_query)
@@ -189,6 +189,14 @@ def _guard(args: argparse.Namespace, fn: Callable[[], int]) -> int:
         if getattr(args, "verbose", 0):
             raise
         return e.exit_code
+
+
+def _positive(value: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def _print_export(summary: dict[str, Any], as_json: bool) -> int:

@@ -155,8 +155,9 @@ class Store:
         raise self.read_only_error()  # pragma: no cover - writable stores override it
 
     def read_only_error(self) -> MigrationError:
-        return MigrationError(f"store {self.name!r} ({self.kind}) is read-only here: {self.kind} files are rebuilt by "
-                              "`reembed run` / the index stage, not written to; dual-write into a chroma:// or qdrant:// store")
+        return MigrationError(f"store {self.name!r} ({self.kind}) is read-only here (reembed outputs, exports and FAISS "
+                              "files are rebuilt by `reembed run` / the index stage); dual-write into a chroma:// or "
+                              "qdrant:// store")
 
     def close(self) -> None:
         pass
