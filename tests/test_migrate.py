@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from migrate_fixtures import corpus, embed, model_info, projected_minilm, write_output
+from migrate_fixtures import embed, model_info, write_output
 from migrate_fixtures import proj, space  # noqa: F401  (fixtures)
 from reembed import migrate as M
 from reembed.indexes.qdrant import point_id

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from reembed import migrate as M
-from reembed import schema as S
 
 N, DIM = 12, 8
 

@@ -8,7 +8,6 @@ nothing here connects to an address read from a file (an export summary, a manif
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
@@ -16,8 +15,6 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 
 from reembed.errors import ExportError, MigrationError
-
-log = logging.getLogger(__name__)
 
 TEXT = "text"
 OLD_EMBEDDING = "old_embedding"
