@@ -27,7 +27,7 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PIPE, EXIT_INTERRUPTED = 0, 1, 2, 141, 130
 COMMAND_MODULES = (
     "reembed.cli.run",        # run, status
     "reembed.indexes.commands",  # index, versions, swap, rollback, search
-    "reembed.migrate",        # export, validate, query
+    "reembed.migrate.commands",  # export, validate, query
     "reembed.tune",           # tune
     "reembed.cli.cost",       # cost
 )
