@@ -197,6 +197,7 @@ def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
     pos = 0
     end = len(data)
     sample: list[dict] = []
+    sample_lines: list[int] = []
     while pos < end:
         nl = data.find(b"\n", pos)
         stop = end if nl < 0 else nl
@@ -214,6 +215,7 @@ def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
                 ids.append(obj.get(cfg.id_column))
                 if len(sample) < 1000:
                     sample.append({c: obj.get(c) for c in cfg.passthrough})
+                    sample_lines.append(line_no)
             else:
                 ids.append(None)  # an invalid line; the read stage dead-letters it as invalid_json
         line_no += 1
@@ -227,7 +229,35 @@ def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
         _check_columns(where, sorted(keys), cfg)
     scan.ids = pa.array([S.json_id(v)[0] for v in ids], pa.string())
     if cfg.passthrough and sample:
-        scan.passthrough_schema = pa.Table.from_pylist(sample).select(list(cfg.passthrough)).schema
+        scan.passthrough_schema = _sample_schema(where, sample, sample_lines, cfg.passthrough)
+
+
+def _sample_schema(where: str, sample: list[dict], lines: list[int], columns: tuple[str, ...]) -> pa.Schema:
+    """The Arrow types of the passthrough columns, inferred from the first rows of a JSON Lines file."""
+    fields = []
+    for c in columns:
+        values = [row[c] for row in sample]
+        try:
+            fields.append(pa.field(c, pa.array(values).type))
+        except (pa.ArrowException, TypeError) as e:
+            first = next((v for v in values if v is not None), None)
+            row = misfit(values, pa.array([first]).type)
+            at = f"line {lines[row]}: {values[row]!r}" if row is not None else "several lines"
+            raise InputError(
+                f"{where}: passthrough column {c!r} mixes types ({at}, after {first!r}); make its values one "
+                f"type, or leave it out of input.passthrough ({e})"
+            ) from e
+    return pa.schema(fields)
+
+
+def misfit(values: list, type_: pa.DataType) -> int | None:
+    """The index of the first value that is not of Arrow type ``type_`` (None: they all fit)."""
+    for i, v in enumerate(values):
+        try:
+            pa.array([v], type=type_)
+        except (pa.ArrowException, TypeError):
+            return i
+    return None
 
 
 def _read_all(fs, path: str) -> bytes:

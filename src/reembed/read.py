@@ -20,7 +20,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from reembed import schema as S
-from reembed.plan import InputError, input_location, passthrough_schema
+from reembed.plan import InputError, input_location, misfit, passthrough_schema
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def _read_jsonl_segment(fs, f: dict, seg: dict, plan: dict, pschema: pa.Schema) 
         try:
             col = pa.array(extra[field.name], type=field.type)
         except (pa.ArrowException, TypeError) as e:
-            row = _first_misfit(extra[field.name], field.type)
+            row = misfit(extra[field.name], field.type)
             at = f" (line {rows[row]}: {extra[field.name][row]!r})" if row is not None else ""
             raise InputError(
                 f"{f['uri']}: passthrough column {field.name!r} does not fit type {field.type}{at}; "
@@ -236,11 +236,3 @@ def _mark(table: pa.Table, dup_rows: set[int], seg: dict, flags: dict[str, np.nd
 def _mask(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.asarray(a.to_numpy(zero_copy_only=False), dtype=bool)
 
-
-def _first_misfit(values: list, type_: pa.DataType) -> int | None:
-    for i, v in enumerate(values):
-        try:
-            pa.array([v], type=type_)
-        except (pa.ArrowException, TypeError):
-            return i
-    return None
