@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_jsonl
 from input_fixtures import outcome, plan_and_read
 from reembed import schema as S
 

@@ -11,7 +11,6 @@ import pytest
 
 from conftest import make_docs, write_jsonl, write_parquet
 from input_fixtures import outcome, plan_and_read
-from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (fixtures)
 from reembed import storage
 from reembed.errors import StorageError
 
@@ -93,23 +92,3 @@ def test_a_glob_that_names_nothing_that_exists_is_still_a_glob(tmp_path):
         storage.list_inputs(str(tmp_path / "missing" / "*.parquet"))
     with pytest.raises(StorageError, match="input not found"):
         storage.list_inputs(str(tmp_path / "missing"))
-
-
-@pytest.mark.s3
-def test_s3_prefixes_follow_the_same_rules(s3_env, tmp_path):
-    server = s3_env
-    bucket = new_bucket(server)
-    s3 = server.client("s3")
-    body = "".join(f'{{"id": "{d["id"]}", "text": "{d["text"]}"}}\n' for d in make_docs(2)).encode()
-    for key in ("data[2024]/a.jsonl", "data[2024]/sub/b.jsonl", "data[2024]/.ipynb_checkpoints/a.jsonl",
-                "data[2024]/_temporary/0/b.jsonl", "data[2024]/_SUCCESS", "data2/c.jsonl"):
-        s3.put_object(Bucket=bucket, Key=key, Body=body)
-    loc, files = storage.list_inputs(f"s3://{bucket}/data[2024]")
-    assert [f.path for f in files] == [f"{bucket}/data[2024]/a.jsonl", f"{bucket}/data[2024]/sub/b.jsonl"]
-    _, files = storage.list_inputs(f"s3://{bucket}/data[2024]/*.jsonl")
-    assert [f.path for f in files] == [f"{bucket}/data[2024]/a.jsonl", f"{bucket}/data[2024]/sub/b.jsonl"]
-    # Plan and read on S3: the read tasks open files through the plan's input Location.
-    plan, read = plan_and_read(f"s3://{bucket}/data[2024]", shard_rows=3)
-    assert plan["input_root"] == f"s3://{bucket}/data[2024]" and plan["duplicate_rows"] == 2
-    assert [r for _, r in outcome(read)] == [None, None, "duplicate_id", "duplicate_id"]
-
