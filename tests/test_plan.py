@@ -167,3 +167,13 @@ def test_no_data_files_says_what_was_looked_for(tmp_path, caplog):
     with caplog.at_level("INFO", logger="reembed.plan"):
         plan, _ = make_plan(InputConfig(uri=str(tmp_path)), 10)
     assert plan["rows"] == 1 and "1 file(s) are neither Parquet nor JSON Lines" in caplog.text and "notes.txt" in caplog.text
+
+
+def test_passthrough_types_that_clash_across_files_name_both_files(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"], "meta": pa.array([{"k": 1}])}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["b"], "text": ["y"], "meta": pa.array([[1, 2]])}), tmp_path / "b.parquet")
+    with pytest.raises(InputError) as e:
+        make_plan(InputConfig(uri=str(tmp_path), passthrough=("meta",)), 10)
+    msg = one_line(e)
+    assert "column 'meta' is struct<k: int64> in " in msg and "a.parquet and list<element: int64> in " in msg
+    assert msg.index("a.parquet") < msg.index("b.parquet") and "input.passthrough" in msg

@@ -86,7 +86,7 @@ def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail") -> t
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         scans = list(pool.map(lambda f: _scan_file(base.fs, f, cfg, on_bad_file), files))
 
-    bad = [{"path": _display(scheme, s.path), "error": s.error} for s in scans if s.error]
+    bad = [{"path": s.uri, "error": s.error} for s in scans if s.error]
     good = [s for s in scans if not s.error]
     for b in bad:
         log.warning("skipping unreadable input file %s: %s", b["path"], b["error"])
@@ -106,7 +106,7 @@ def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail") -> t
         "shard_rows": shard_rows,
         "rows": total,
         "files": [
-            {"path": s.path, "uri": _display(scheme, s.path), "format": s.format, "size": s.size, "rows": s.rows}
+            {"path": s.path, "uri": s.uri, "format": s.format, "size": s.size, "rows": s.rows}
             for s in good
         ],
         "bad_files": bad,
@@ -289,12 +289,33 @@ def _unify_passthrough(scans: list[FileScan], cfg: InputConfig) -> pa.Schema:
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except pa.ArrowException as e:
-        raise InputError(f"{cfg.uri}: passthrough columns have incompatible types across files ({e})") from e
+        raise InputError(f"{cfg.uri}: passthrough columns have incompatible types across files "
+                         f"({_type_clash(scans, cfg.passthrough) or e}); make them one type, or leave them "
+                         "out of input.passthrough") from e
     fields = []
     for c in cfg.passthrough:
         f = unified.field(c)
         fields.append(pa.field(c, pa.string()) if pa.types.is_null(f.type) else f.with_nullable(True))
     return pa.schema(fields)
+
+
+def _type_clash(scans: list[FileScan], columns: tuple[str, ...]) -> str | None:
+    """'column c is T in file A and U in file B' for the first passthrough column whose types clash."""
+    for c in columns:
+        seen: tuple[pa.DataType, str] | None = None
+        for s in scans:
+            if s.passthrough_schema is None:
+                continue
+            t = s.passthrough_schema.field(c).type
+            if seen is None:
+                seen = (t, s.uri or s.path)
+                continue
+            try:
+                pa.unify_schemas([pa.schema([pa.field(c, seen[0])]), pa.schema([pa.field(c, t)])],
+                                 promote_options="permissive")
+            except pa.ArrowException:
+                return f"column {c!r} is {seen[0]} in {seen[1]} and {t} in {s.uri or s.path}"
+    return None
 
 
 def _find_duplicates(scans: list[FileScan]) -> pa.Table:
