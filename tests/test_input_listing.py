@@ -92,3 +92,15 @@ def test_a_glob_that_names_nothing_that_exists_is_still_a_glob(tmp_path):
         storage.list_inputs(str(tmp_path / "missing" / "*.parquet"))
     with pytest.raises(StorageError, match="input not found"):
         storage.list_inputs(str(tmp_path / "missing"))
+
+
+def test_a_location_is_listed_on_its_own_filesystem_glob_or_not(tmp_path):
+    write_jsonl(tmp_path / "docs" / "a.jsonl", make_docs(1))
+    write_jsonl(tmp_path / "docs" / "b.txt", make_docs(1))
+    given = storage.Location.from_uri(str(tmp_path / "docs" / "*.jsonl"))
+    loc, files = storage.list_inputs(given)
+    assert loc.fs is given.fs and loc.root == str(tmp_path / "docs") and loc.uri == str(tmp_path / "docs")
+    assert names(tmp_path, files) == ["docs/a.jsonl"]
+    folder = storage.Location.from_uri(str(tmp_path / "docs"))
+    loc, files = storage.list_inputs(folder, "*.txt")
+    assert loc == folder and names(tmp_path, files) == ["docs/b.txt"]

@@ -57,14 +57,16 @@ class FileScan:
     error: str | None = None
 
 
-def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail") -> tuple[dict[str, Any], pa.Table]:
+def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail",
+              source: storage.Location | None = None) -> tuple[dict[str, Any], pa.Table]:
     """Scan the input and return ``(plan, duplicates)``.
 
     ``plan`` is JSON-serialisable and goes into the manifest; ``duplicates`` is a table of
-    (file, row, id) for every row that repeats an earlier id, to be stored beside it.
+    (file, row, id) for every row that repeats an earlier id, to be stored beside it. ``source`` is
+    ``cfg.uri`` opened as a Location with the job's storage settings (default: opened here).
     """
     t0 = time.monotonic()
-    base, infos = storage.list_inputs(cfg.uri, cfg.pattern)
+    base, infos = storage.list_inputs(source or cfg.uri, cfg.pattern)
     scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
     files, other = [], []
     for info in infos:

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 class ShardDatasource(Datasource):
     """A Ray Data datasource with one read task per pending plan shard.
 
-    Each read task carries ``source``, the input's :class:`~reembed.storage.Location` (by default the
-    plan's input root, opened here on the driver), so the storage settings it was made with travel with
-    the task.
+    Each read task carries ``source``, a :class:`~reembed.storage.Location` on the input's filesystem
+    (the one the plan was made from; by default the plan's input root, opened here on the driver), so
+    the storage settings it was opened with travel with the task.
     """
 
     def __init__(self, plan: dict[str, Any], shard_ids: list[int], duplicates: pa.Table,

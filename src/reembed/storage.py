@@ -294,9 +294,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/") or path
 
 
-def list_inputs(uri: str, pattern: str = "*") -> tuple[Location, list[pafs.FileInfo]]:
+def list_inputs(uri: str | Location, pattern: str = "*") -> tuple[Location, list[pafs.FileInfo]]:
     """The input files under ``uri``, sorted by path: a single file, a folder (recursively, file names
-    filtered by ``pattern``), or a glob in the last path component (``s3://b/docs/*.parquet``).
+    filtered by ``pattern``), or a glob in the last path component (``s3://b/docs/*.parquet``). Given a
+    :class:`Location`, its filesystem (and the settings it was opened with) is used for everything; the
+    returned Location is on the same filesystem, rooted at the folder (or file) the files are under.
 
     An existing path is a path, never a glob: a folder named ``data[2024]`` is that folder. Only a last
     component that does not exist and contains ``*``, ``?`` or ``[`` is a glob, matched against file
@@ -305,20 +307,23 @@ def list_inputs(uri: str, pattern: str = "*") -> tuple[Location, list[pafs.FileI
     ``.git/``, ``_SUCCESS``) are not input; one INFO line counts them and names the first few. A file
     named directly is read whatever its name.
     """
+    from dataclasses import replace  # (here, not at the top: the rest of this module has another owner)
+
     def info_of(loc: Location) -> pafs.FileInfo:
         try:
             return loc.fs.get_file_info(loc.root)
         except OSError as e:
             raise explain(e, uri, "list") from e
 
-    loc = Location.from_uri(uri)
+    loc = uri if isinstance(uri, Location) else Location.from_uri(uri)
+    uri = loc.uri
     info = info_of(loc)
     glob = None
     if info.type == pafs.FileType.NotFound:
         base_uri, glob = _split_glob(uri)
         if glob is None:
             raise StorageError(f"{uri}: input not found (no such file, folder or prefix)")
-        loc = Location.from_uri(base_uri)
+        loc = replace(loc, root=posixpath.dirname(loc.root.rstrip("/")), uri=base_uri)
         info = info_of(loc)
         if info.type != pafs.FileType.Directory:
             raise StorageError(f"{uri}: input not found (no file matches {glob!r}, and {base_uri} is not a folder)")
