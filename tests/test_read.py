@@ -120,3 +120,11 @@ def test_a_passthrough_value_of_another_type_after_the_sampled_rows_names_its_li
     with pytest.raises(InputError, match=r"a\.jsonl: passthrough column 'n' does not fit type int64 "
                                          r"\(line 1100: 'eleven hundred'\)"):
         plan_and_read(tmp_path, shard_rows=2000, passthrough=("n",))
+
+
+def test_a_passed_through_text_column_does_not_turn_a_bad_text_into_a_type_clash(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "fine", "lang": "en"}, {"id": "b", "text": {"x": 1}, "lang": "fr"},
+                                       {"id": "c", "text": 7, "lang": "de"}])
+    _, docs = plan_and_read(tmp_path, shard_rows=2, passthrough=("text", "lang"))
+    assert outcome(docs) == [("a", None), ("b", "invalid_text"), ("c", "invalid_text")]
+    assert docs.column("text").to_pylist() == ["fine", None, None] and docs.column("lang").to_pylist() == ["en", "fr", "de"]

@@ -216,7 +216,7 @@ def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
                 keys.update(obj)
                 ids.append(obj.get(cfg.id_column))
                 if len(sample) < 1000:
-                    sample.append({c: obj.get(c) for c in cfg.passthrough})
+                    sample.append({c: passthrough_value(obj, c, cfg.text_column) for c in cfg.passthrough})
                     sample_lines.append(line_no)
             else:
                 ids.append(None)  # an invalid line; the read stage dead-letters it as invalid_json
@@ -232,6 +232,15 @@ def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
     scan.ids = pa.array([S.json_id(v)[0] for v in ids], pa.string())
     if cfg.passthrough and sample:
         scan.passthrough_schema = _sample_schema(where, sample, sample_lines, cfg.passthrough)
+
+
+def passthrough_value(obj: dict, column: str, text_column: str) -> Any:
+    """A JSON passthrough value; the text column passes through as the text that is embedded (a string
+    or null), so a row whose text is not a string is dead-lettered, not a type clash."""
+    value = obj.get(column)
+    if column == text_column and not isinstance(value, str):
+        return None
+    return value
 
 
 def _sample_schema(where: str, sample: list[dict], lines: list[int], columns: tuple[str, ...]) -> pa.Schema:

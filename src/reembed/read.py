@@ -20,7 +20,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from reembed import schema as S
-from reembed.plan import InputError, input_location, misfit, passthrough_schema
+from reembed.plan import InputError, passthrough_value, input_location, misfit, passthrough_schema
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def _read_jsonl_segment(fs, f: dict, seg: dict, plan: dict, pschema: pa.Schema) 
         texts.append(text if isinstance(text, str) else None)
         rows.append(line_no)
         for c in extra:
-            extra[c].append(obj.get(c))
+            extra[c].append(passthrough_value(obj, c, text_col))
         line_no += 1
     want = seg["stop"] - seg["start"]
     if len(ids) != want:
