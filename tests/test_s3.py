@@ -405,8 +405,9 @@ def test_no_secret_in_pickled_filesystem_or_read_tasks(s3_env, s3_user):
     assert not any(s in blob for s in secrets)
     plan = {"input_uri": f"s3://{bucket}/docs", "rows": 1, "files": [{"uri": "u", "size": 1}],
             "shards": [{"shard": 0, "rows": 1, "segments": [{"file": 0}]}]}
-    storage.configure(load_config(None, ["storage.region=us-east-1"]).storage)
-    tasks = ShardDatasource(plan, [0], pa.table({"file": pa.array([], pa.int64()), "row": pa.array([], pa.int64())})).get_read_tasks(1)
+    source = storage.Location.from_uri(f"s3://{bucket}/docs", load_config(None, ["storage.region=us-east-1"]).storage)
+    no_dups = pa.table({"file": pa.array([], pa.int64()), "row": pa.array([], pa.int64())})
+    tasks = ShardDatasource(plan, [0], no_dups, source=source).get_read_tasks(1)
     blob = cloudpickle.dumps(tasks)
     assert not any(s in blob for s in secrets) and b"us-east-1" in blob
 
