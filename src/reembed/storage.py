@@ -19,11 +19,11 @@ S3 gets more than the generic path:
 - :func:`preflight` turns a missing bucket or prefix, denied access, rejected credentials or an
   unreachable endpoint into a one-line :class:`StorageError` before the job loads a model.
 
-Ray workers get the same settings without them travelling in a runtime_env: read tasks carry
-:func:`settings` (endpoint and region only, never credentials) and call :func:`configure` with it; the
-credentials come from the worker's own environment (a local Ray inherits the driver's) or its node's role.
-On a remote cluster, give the nodes the variables or a role (IRSA on Kubernetes), or name the endpoint
-with ``storage.endpoint_url``.
+Settings (endpoint, region, retry attempts: never credentials) travel on each :class:`Location`, the way
+Ray Data's datasinks carry theirs: a Location pickled into a Ray task brings them along, and nothing is
+process-wide. The credentials come from the worker's own environment (a local Ray inherits the driver's)
+or its node's role. On a remote cluster, give the nodes the variables or a role (IRSA on Kubernetes), or
+name the endpoint with ``storage.endpoint_url``.
 """
 
 from __future__ import annotations
@@ -69,21 +69,15 @@ class Settings:
     max_attempts: int = 8
 
 
-_settings = Settings()
-
-
-def configure(cfg: Any = None) -> None:
-    """Use the S3 endpoint, region and retry settings of ``cfg`` (a :class:`Settings` or the job's
-    ``config.StorageConfig``) in this process from now on; None restores the defaults."""
-    global _settings
-    if cfg is None:
-        _settings = Settings()
-    else:
-        _settings = Settings(cfg.endpoint_url or None, cfg.region or None, max(1, int(cfg.max_attempts)))
-
-
-def settings() -> Settings:
-    return _settings
+    @classmethod
+    def of(cls, cfg: Any = None) -> "Settings":
+        """Settings from the job config's ``storage`` section (a ``config.StorageConfig``), a
+        :class:`Settings`, or None for the defaults (boto3's own resolution of endpoint and region)."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, Settings):
+            return cfg
+        return cls(cfg.endpoint_url or None, cfg.region or None, max(1, int(cfg.max_attempts)))
 
 
 @dataclass(frozen=True)
@@ -93,10 +87,18 @@ class Location:
     fs: pafs.FileSystem
     root: str
     uri: str
+    settings: Settings = Settings()
 
     @classmethod
-    def from_uri(cls, uri: str) -> "Location":
-        return cls(*resolve(uri), uri=uri)
+    def from_uri(cls, uri: str, settings: Any = None) -> "Location":
+        """The location of ``uri``; ``settings`` (a :class:`Settings` or the job's ``StorageConfig``) say
+        where S3 is. They travel with the Location, into Ray tasks too: there is no process-wide setting."""
+        settings = Settings.of(settings)
+        return cls(*resolve(uri, settings), uri=uri, settings=settings)
+
+    def child(self, *parts: str) -> "Location":
+        """The location of a sub-folder, with the same filesystem and settings."""
+        return Location(self.fs, self.path(*parts), self.display(*parts), self.settings)
 
     @property
     def is_object_store(self) -> bool:
@@ -133,7 +135,7 @@ class Location:
         """
         target = self.path(*parts)
         if self.fs.type_name == "s3":
-            _s3_put(target, data, self.display(*parts))
+            _s3_put(target, data, self.display(*parts), self.settings)
             return
         parent = posixpath.dirname(target)
         if parent:
@@ -165,7 +167,7 @@ class Location:
         """
         target = self.path(*parts)
         if self.fs.type_name == "s3":
-            _s3_put(target, data, self.display(*parts), create_only=exclusive)
+            _s3_put(target, data, self.display(*parts), self.settings, create_only=exclusive)
             try:
                 written = self.fs.get_file_info(target).size
                 if written != len(data):
@@ -173,7 +175,7 @@ class Location:
                 if verify is not None:
                     verify(self.fs, target)
             except BaseException:
-                _s3_delete(target, self.display(*parts), quiet=True)
+                _s3_delete(target, self.display(*parts), self.settings, quiet=True)
                 raise
             return
         tmp_dir = posixpath.join(posixpath.dirname(target), "_tmp")
@@ -196,22 +198,22 @@ class Location:
         """The object's bytes and its version tag (S3 ETag), read in one request; None if absent."""
         bucket, key = _split(self.path(*parts))
         try:
-            resp = _s3_call("get_object", self.display(*parts), Bucket=bucket, Key=key)
+            resp = _s3_call("get_object", self.display(*parts), self.settings, Bucket=bucket, Key=key)
         except Exception as e:
             if _code(e) in ("NoSuchKey", "404"):
                 return None
-            raise explain(e, self.display(*parts), "read") from e
+            raise explain(e, self.display(*parts), "read", self.settings) from e
         return resp["Body"].read(), resp["ETag"]
 
     def version(self, *parts: str) -> str | None:
         """The object's current version tag, or None if it does not exist."""
         bucket, key = _split(self.path(*parts))
         try:
-            return _s3_call("head_object", self.display(*parts), Bucket=bucket, Key=key)["ETag"]
+            return _s3_call("head_object", self.display(*parts), self.settings, Bucket=bucket, Key=key)["ETag"]
         except Exception as e:
             if _code(e) in ("NoSuchKey", "404", "NotFound"):
                 return None
-            raise explain(e, self.display(*parts), "check") from e
+            raise explain(e, self.display(*parts), "check", self.settings) from e
 
     def write_if(self, data: bytes, *parts: str, version: str | None) -> str:
         """Write ``data`` only if the object is still at ``version`` (``If-Match``), or, with ``version``
@@ -219,8 +221,8 @@ class Location:
         :class:`VersionConflict` when someone else wrote first, and nothing is overwritten."""
         target = self.path(*parts)
         if version is None:
-            return _s3_put(target, data, self.display(*parts), create_only=True, conflict=VersionConflict)
-        return _s3_put(target, data, self.display(*parts), if_match=version, conflict=VersionConflict)
+            return _s3_put(target, data, self.display(*parts), self.settings, create_only=True, conflict=VersionConflict)
+        return _s3_put(target, data, self.display(*parts), self.settings, if_match=version, conflict=VersionConflict)
 
     def clean_tmp(self, *parts: str) -> int:
         """Remove temporary objects left in ``parts/_tmp/`` by a crashed attempt; returns how many."""
@@ -236,14 +238,14 @@ class Location:
         """Delete the file at ``path`` (a full path on this filesystem, as :meth:`list` returns); no error
         if it is already gone."""
         if self.fs.type_name == "s3":
-            _s3_delete(path, _s3_uri(path))
+            _s3_delete(path, _s3_uri(path), self.settings)
         else:
             _delete_quietly(self.fs, path)
 
     def delete_dir(self, *parts: str) -> None:
         path = self.path(*parts)
         if self.fs.type_name == "s3":
-            _s3_delete_many([i.path for i in self.list(*parts, recursive=True)], self.display(*parts))
+            _s3_delete_many([i.path for i in self.list(*parts, recursive=True)], self.display(*parts), self.settings)
             return
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:
             self.fs.delete_dir(path)
@@ -251,7 +253,7 @@ class Location:
     def list(self, *parts: str, recursive: bool = False) -> list[pafs.FileInfo]:
         """Files directly under ``parts`` (all levels if ``recursive``), sorted by path; none if missing."""
         if self.fs.type_name == "s3":
-            return _s3_list(self.path(*parts), self.display(*parts), recursive)
+            return _s3_list(self.path(*parts), self.display(*parts), self.settings, recursive)
         sel = pafs.FileSelector(self.path(*parts), recursive=recursive, allow_not_found=True)
         infos = self.fs.get_file_info(sel)
         return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
@@ -277,7 +279,7 @@ def json_lines(data: bytes, where: str, error: type[Exception] = ValueError):
         yield n, obj
 
 
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str, settings: Settings | None = None) -> tuple[pafs.FileSystem, str]:
     """Map a URI or local path to (filesystem, path)."""
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -286,7 +288,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         bucket = path.split("/", 1)[0]
         if not bucket:
             raise StorageError(f"{uri}: no bucket in this URI (expected s3://BUCKET/PREFIX)")
-        return _s3(bucket).fs, path
+        return _s3(bucket, settings or Settings()).fs, path
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as e:  # ArrowInvalid (a ValueError) for an unknown scheme
@@ -294,15 +296,15 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/") or path
 
 
-def list_inputs(uri: str, pattern: str = "*") -> tuple[Location, list[pafs.FileInfo]]:
+def list_inputs(uri: str, pattern: str = "*", settings: Any = None) -> tuple[Location, list[pafs.FileInfo]]:
     """The input files under ``uri``: a single file, a folder (recursively, filtered by ``pattern``),
     or a glob in the last path component (``s3://b/docs/*.parquet``)."""
     base_uri, glob = _split_glob(uri)
-    loc = Location.from_uri(base_uri)
+    loc = Location.from_uri(base_uri, settings)
     try:
         info = loc.fs.get_file_info(loc.root)
     except OSError as e:
-        raise explain(e, uri, "list") from e
+        raise explain(e, uri, "list", loc.settings) from e
     if info.type == pafs.FileType.File and glob is None:
         return loc, [info]
     if info.type == pafs.FileType.NotFound:
@@ -310,7 +312,7 @@ def list_inputs(uri: str, pattern: str = "*") -> tuple[Location, list[pafs.FileI
     try:
         files = loc.list(recursive=True)
     except OSError as e:
-        raise explain(e, uri, "list") from e
+        raise explain(e, uri, "list", loc.settings) from e
     match = glob or pattern
     picked = [
         f for f in files
@@ -322,21 +324,22 @@ def list_inputs(uri: str, pattern: str = "*") -> tuple[Location, list[pafs.FileI
     return loc, picked
 
 
-def preflight(input_uri: str, output_uri: str) -> None:
+def preflight(input_uri: str, output_uri: str, settings: Any = None) -> None:
     """Check, in a few requests and before any model or GPU work, that the input can be listed and the
     output written; raise a one-line :class:`StorageError` naming the URI and the likely cause."""
     t0 = time.monotonic()
-    _check_input(input_uri)
-    _check_output(output_uri)
+    settings = Settings.of(settings)
+    _check_input(input_uri, settings)
+    _check_output(output_uri, settings)
     log.debug("preflight: input and output reachable (%.2f s)", time.monotonic() - t0)
 
 
-def explain(e: BaseException, uri: str, action: str) -> StorageError:
+def explain(e: BaseException, uri: str, action: str, settings: Settings | None = None) -> StorageError:
     """Turn a boto3 or pyarrow storage error into a one-line :class:`StorageError` with the likely cause."""
     if isinstance(e, StorageError):
         return e
     code = _code(e)
-    where = _endpoint_words(uri)
+    where = _endpoint_words(uri, settings or Settings())
     bucket = uri[len("s3://"):].split("/", 1)[0] if uri.startswith("s3://") else ""
     if code in ("NoSuchBucket", "NO_SUCH_BUCKET"):
         cause = f"bucket {bucket!r} does not exist on {where} (check the bucket name and the endpoint)"
@@ -381,8 +384,8 @@ class _S3:
     max_attempts: int
 
 
-def _s3(bucket: str) -> _S3:
-    return _connect_s3(bucket, _settings, _aws_environment())
+def _s3(bucket: str, settings: Settings) -> _S3:
+    return _connect_s3(bucket, settings, _aws_environment())
 
 
 def _aws_environment() -> tuple[tuple[str, str], ...]:
@@ -452,11 +455,11 @@ def _bucket_region(bucket: str) -> str:
         return "us-east-1"
 
 
-def _s3_call(op: str, uri: str, attempts: int | None = None, **kwargs) -> Any:
+def _s3_call(op: str, uri: str, settings: Settings, attempts: int | None = None, **kwargs) -> Any:
     """One boto3 S3 call, retried with exponential backoff and jitter on throttling, 5xx and dropped
     connections; anything else (every other 4xx included) is raised at once. The exception raised carries
     ``attempts``, how many requests were made."""
-    s3 = _s3(kwargs["Bucket"])
+    s3 = _s3(kwargs["Bucket"], settings)
     call = getattr(s3.client, op)
     limit = attempts or s3.max_attempts
     for attempt in range(1, limit + 1):
@@ -507,7 +510,7 @@ def _s3_uri(path: str) -> str:
     return f"s3://{path}"
 
 
-def _s3_put(path: str, data: bytes, uri: str, create_only: bool = False, if_match: str | None = None,
+def _s3_put(path: str, data: bytes, uri: str, settings: Settings, create_only: bool = False, if_match: str | None = None,
             conflict: type[StorageError] = ObjectExistsError) -> str:
     """PUT ``data`` at ``path`` (optionally create-only or If-Match); returns the new ETag.
 
@@ -517,54 +520,54 @@ def _s3_put(path: str, data: bytes, uri: str, create_only: bool = False, if_matc
     bucket, key = _split(path)
     cond = {"IfNoneMatch": "*"} if create_only else {"IfMatch": if_match} if if_match else {}
     try:
-        return _s3_call("put_object", uri, Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+        return _s3_call("put_object", uri, settings, Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
     except Exception as e:
         if _code(e) not in ("PreconditionFailed", "412", "ConditionalRequestConflict") or not cond:
-            raise explain(e, uri, "write") from e
+            raise explain(e, uri, "write", settings) from e
         if getattr(e, "attempts", 1) > 1:
-            mine = _s3_own_write(bucket, key, data, uri)
+            mine = _s3_own_write(bucket, key, data, uri, settings)
             if mine:
                 return mine
         what = "an object already exists here" if create_only else "the object changed since it was read"
         raise conflict(f"{uri}: {what}: another job is writing this output at the same time") from e
 
 
-def _s3_own_write(bucket: str, key: str, data: bytes, uri: str) -> str | None:
+def _s3_own_write(bucket: str, key: str, data: bytes, uri: str, settings: Settings) -> str | None:
     """The ETag of the object at ``key`` if it holds exactly ``data``, else None."""
     try:
-        resp = _s3_call("get_object", uri, Bucket=bucket, Key=key)
+        resp = _s3_call("get_object", uri, settings, Bucket=bucket, Key=key)
         return resp["ETag"] if resp["Body"].read() == data else None
     except Exception:
         return None
 
 
-def _s3_delete(path: str, uri: str, quiet: bool = False) -> None:
+def _s3_delete(path: str, uri: str, settings: Settings, quiet: bool = False) -> None:
     bucket, key = _split(path)
     try:
-        _s3_call("delete_object", uri, Bucket=bucket, Key=key)
+        _s3_call("delete_object", uri, settings, Bucket=bucket, Key=key)
     except Exception as e:
         if quiet:
             log.warning("%s: could not delete (%s)", uri, _code(e) or e)
             return
-        raise explain(e, uri, "delete") from e
+        raise explain(e, uri, "delete", settings) from e
 
 
-def _s3_delete_many(paths: list[str], uri: str) -> None:
+def _s3_delete_many(paths: list[str], uri: str, settings: Settings) -> None:
     """Delete objects 1,000 per request (DeleteObjects)."""
     for i in range(0, len(paths), 1000):
         batch = paths[i:i + 1000]
         bucket = _split(batch[0])[0]
         objects = [{"Key": _split(p)[1]} for p in batch]
         try:
-            resp = _s3_call("delete_objects", uri, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            resp = _s3_call("delete_objects", uri, settings, Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
         except Exception as e:
-            raise explain(e, uri, "delete") from e
+            raise explain(e, uri, "delete", settings) from e
         if resp.get("Errors"):
             err = resp["Errors"][0]
             raise StorageError(f"s3://{bucket}/{err['Key']}: delete failed: {err.get('Code')}: {err.get('Message')}")
 
 
-def _s3_list(path: str, uri: str, recursive: bool) -> list[pafs.FileInfo]:
+def _s3_list(path: str, uri: str, settings: Settings, recursive: bool) -> list[pafs.FileInfo]:
     """Objects under the prefix ``path``, 1,000 per request (ListObjectsV2 pages), sorted by path."""
     bucket, key = _split(path)
     prefix = f"{key.rstrip('/')}/" if key else ""
@@ -574,9 +577,9 @@ def _s3_list(path: str, uri: str, recursive: bool) -> list[pafs.FileInfo]:
     out = []
     while True:
         try:
-            page = _s3_call("list_objects_v2", uri, **kwargs)
+            page = _s3_call("list_objects_v2", uri, settings, **kwargs)
         except Exception as e:
-            raise explain(e, uri, "list") from e
+            raise explain(e, uri, "list", settings) from e
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):  # folder markers some tools create
                 out.append(pafs.FileInfo(f"{bucket}/{obj['Key']}", pafs.FileType.File, size=obj["Size"],
@@ -587,12 +590,12 @@ def _s3_list(path: str, uri: str, recursive: bool) -> list[pafs.FileInfo]:
     return sorted(out, key=lambda i: i.path)
 
 
-def _endpoint_words(uri: str) -> str:
+def _endpoint_words(uri: str, settings: Settings) -> str:
     """How messages name the server: the setting that chose it, never its value (which may be private)."""
     if not uri.startswith("s3://"):
         return "the storage service"
     try:
-        source = _s3(uri[len("s3://"):].split("/", 1)[0]).endpoint_source
+        source = _s3(uri[len("s3://"):].split("/", 1)[0], settings).endpoint_source
     except Exception:
         source = None
     return f"the S3 endpoint set by {source}" if source else "AWS S3"
@@ -601,56 +604,56 @@ def _endpoint_words(uri: str) -> str:
 # -- preflight ----------------------------------------------------------------------------------------
 
 
-def _check_input(uri: str) -> None:
+def _check_input(uri: str, settings: Settings) -> None:
     base_uri, _ = _split_glob(uri)
-    loc = Location.from_uri(base_uri)
+    loc = Location.from_uri(base_uri, settings)
     if loc.fs.type_name != "s3":
         try:
             info = loc.fs.get_file_info(loc.root)
         except OSError as e:
-            raise explain(e, uri, "list") from e
+            raise explain(e, uri, "list", settings) from e
         if info.type == pafs.FileType.NotFound:
             raise StorageError(f"{uri}: input not found (no such file, folder or prefix)")
         return
     bucket, key = _split(loc.root)
     prefix = f"{key}/" if key else ""
     try:
-        page = _s3_call("list_objects_v2", uri, attempts=min(3, _settings.max_attempts),
+        page = _s3_call("list_objects_v2", uri, settings, attempts=min(3, settings.max_attempts),
                         Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except Exception as e:
-        raise explain(e, uri, "list") from e
+        raise explain(e, uri, "list", settings) from e
     if page.get("KeyCount", 0):
         return
     if not key:
         raise StorageError(f"{uri}: bucket {bucket!r} is empty; no input to read")
     try:
-        _s3_call("head_object", uri, Bucket=bucket, Key=key)
+        _s3_call("head_object", uri, settings, Bucket=bucket, Key=key)
     except Exception as e:
         if _code(e) in ("404", "NoSuchKey", "NotFound"):
             raise StorageError(f"{uri}: no object or prefix {key!r} in bucket {bucket!r} (check the path; "
                                "S3 keys are case-sensitive)") from e
-        raise explain(e, uri, "read") from e
+        raise explain(e, uri, "read", settings) from e
 
 
-def _check_output(uri: str) -> None:
-    loc = Location.from_uri(uri)
+def _check_output(uri: str, settings: Settings) -> None:
+    loc = Location.from_uri(uri, settings)
     if loc.fs.type_name != "s3":
         return
     bucket, key = _split(loc.root)
-    attempts = min(3, _settings.max_attempts)
+    attempts = min(3, settings.max_attempts)
     try:
-        _s3_call("list_objects_v2", uri, attempts=attempts, Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
+        _s3_call("list_objects_v2", uri, settings, attempts=attempts, Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
     except Exception as e:
-        raise explain(e, uri, "list") from e
+        raise explain(e, uri, "list", settings) from e
     probe = posixpath.join(key, f".reembed-write-check-{uuid.uuid4().hex[:12]}")
     try:
-        _s3_call("put_object", uri, attempts=attempts, Bucket=bucket, Key=probe, Body=b"")
+        _s3_call("put_object", uri, settings, attempts=attempts, Bucket=bucket, Key=probe, Body=b"")
     except Exception as e:
-        raise explain(e, uri, "write") from e
+        raise explain(e, uri, "write", settings) from e
     try:
-        _s3_call("delete_object", uri, attempts=attempts, Bucket=bucket, Key=probe)
+        _s3_call("delete_object", uri, settings, attempts=attempts, Bucket=bucket, Key=probe)
     except Exception as e:
-        raise explain(e, uri, "delete") from e
+        raise explain(e, uri, "delete", settings) from e
 
 
 def _split_glob(uri: str) -> tuple[str, str | None]:
