@@ -6,13 +6,14 @@ skipped, the rest are recomputed, and the result is the same as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -226,7 +227,6 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     )
     expected = {s: plan["shards"][s]["rows"] for s in pending}
     assembler = ShardAssembler(expected)
-    out = manifest.loc
     # Passthrough values may be null whatever the input's schema said (a JSON Lines row may lack the key).
     shard_schema = S.shard_schema(manifest.model["dimension"],
                                   pa.schema([f.with_nullable(True) for f in passthrough_schema(plan)]))
@@ -241,6 +241,25 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     from tqdm import tqdm
 
     bar = tqdm(total=total_rows, unit="doc", desc="embedded", disable=None, smoothing=0.1)
+    with _ray_data_console():
+        stats = _commit_stream(ds, assembler, manifest, shard_schema, stats, bar)
+    if assembler.incomplete:
+        raise RuntimeError(f"the pipeline ended with incomplete shards {assembler.incomplete}; rerun to resume")
+    secs = time.monotonic() - t0
+    log.info(
+        "embed: %d rows, %d bytes, %.1f s, %.1f rows/s (%d shards, %.1f device-seconds)",
+        stats["rows"], stats["bytes"], secs, stats["rows"] / secs if secs else 0.0,
+        stats["shards_committed"], stats["device_seconds"],
+    )
+    stats["embed_seconds"] = round(secs, 3)
+    stats["device_seconds"] = round(stats["device_seconds"], 3)
+    return stats
+
+
+def _commit_stream(ds, assembler: ShardAssembler, manifest: Manifest, shard_schema: pa.Schema,
+                   stats: dict[str, Any], bar) -> dict[str, Any]:
+    """Write and commit each shard as soon as its last row arrives from the actor pool."""
+    out = manifest.loc
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             for shard, table in assembler.add(block):
@@ -260,16 +279,6 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
                 log.info("committed shard %05d: %d rows, %d dead letters, %d bytes", shard, rec["rows"], rec["dead_letters"], rec["bytes"])
     finally:
         bar.close()
-    if assembler.incomplete:
-        raise RuntimeError(f"the pipeline ended with incomplete shards {assembler.incomplete}; rerun to resume")
-    secs = time.monotonic() - t0
-    log.info(
-        "embed: %d rows, %d bytes, %.1f s, %.1f rows/s (%d shards, %.1f device-seconds)",
-        stats["rows"], stats["bytes"], secs, stats["rows"] / secs if secs else 0.0,
-        stats["shards_committed"], stats["device_seconds"],
-    )
-    stats["embed_seconds"] = round(secs, 3)
-    stats["device_seconds"] = round(stats["device_seconds"], 3)
     return stats
 
 
@@ -348,8 +357,10 @@ def surface(e: BaseException) -> BaseException:
 
 
 def _clean(e: ReembedError) -> ReembedError:
+    # Our messages are one line; Ray Data appends lines of its own ("Failed to ... after 1/1 attempts").
     text = str(e)
-    line = " ".join(_ANSI.sub("", text).split("Traceback (most recent call last)")[0].split())
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
     if line == text or not line:
         return e
     try:
@@ -358,6 +369,36 @@ def _clean(e: ReembedError) -> ReembedError:
         return e
     clean.__cause__ = e.__cause__
     return clean
+
+
+@contextlib.contextmanager
+def _ray_data_console() -> Iterator[None]:
+    """While the dataset runs, Ray Data's console log follows reembed's log level (-q hides its progress
+    lines), and leaves out its report of a task that raised one of our errors: that report is a
+    traceback, and the error reaches the user once, as one line, from whoever catches it. Ray Data's own
+    log file (``ray-data.log`` in the session's logs) still gets every record."""
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    gate = _RayDataConsoleFilter(logging.getLogger("reembed").getEffectiveLevel())
+    for h in handlers:
+        h.addFilter(gate)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(gate)
+
+
+class _RayDataConsoleFilter(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level:
+            return False
+        err = record.exc_info[1] if record.exc_info else None
+        return err is None or surface(err) is err
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
