@@ -41,6 +41,27 @@ def minilm() -> Path:
     return minilm_path()
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """(folder, resize): a tmpfs of 96 KiB mounted at ``folder``, a disk that really fills up; ``resize("8m")``
+    grows or shrinks it. Needs root to mount; skipped where mounting is not allowed."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+    try:
+        yield mnt, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray for the whole session: 2 CPUs, a small object store, loopback only."""

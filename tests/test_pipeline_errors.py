@@ -119,26 +119,8 @@ def test_an_input_error_inside_a_read_task_is_one_line(tmp_path, tiny_model, ray
     assert type(e.value) is InputError and "\n" not in str(e.value)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 96 KiB, grown on request: a disk that really fills up (needs root to mount)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-
-    def grow(size: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
-
-    try:
-        yield mnt, grow
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_a_full_disk_is_one_line_and_the_resume_completes_exactly(tmp_path, tiny_model, ray_local, capsys, small_disk):
-    disk, grow = small_disk
+    disk, resize = small_disk
     docs = make_docs(1200)
     write_parquet(tmp_path / "in" / "a.parquet", docs)
     out = disk / "out"
@@ -148,7 +130,7 @@ def test_a_full_disk_is_one_line_and_the_resume_completes_exactly(tmp_path, tiny
     first = Manifest.load(Location.from_uri(str(out)))
     assert 0 < len(first.committed) < 12, "the disk should fill up part way"
 
-    grow("8m")
+    resize("8m")
     assert main(["-q", "run", *args]) == 0
     m = Manifest.load(Location.from_uri(str(out)))
     assert m.is_complete() and all(m.committed[s] == rec for s, rec in first.committed.items())

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import sys
 import time
 from typing import Any, Iterator
 
@@ -397,7 +398,9 @@ class _RayDataConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.level:
             return False
-        err = record.exc_info[1] if record.exc_info else None
+        # Ray Data also logs while it handles the exception, without attaching it ("Exception occurred in
+        # Ray Data or Ray Core internal code ..."): the exception being handled tells those records apart.
+        err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
         return err is None or surface(err) is err
 
 
