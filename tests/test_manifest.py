@@ -14,7 +14,7 @@ from conftest import embedded_rows
 from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (fixtures)
 from reembed import schema as S
 from reembed.cli import main
-from reembed.errors import ChecksumError, ConcurrentWriteError, ManifestError
+from reembed.errors import ChecksumError, ConcurrentWriteError, ManifestError, StorageError
 from reembed.manifest import Manifest, read_recorded
 from reembed.storage import Location
 from reembed.write import read_shard_table, write_shard
@@ -200,3 +200,20 @@ def test_a_hostile_path_is_refused_on_s3_too(s3_env):
     loc.write_bytes(json.dumps(data).encode(), "manifest.json")
     with pytest.raises(ManifestError, match=r"shards.00000.path = 's3://.*-other/secrets.parquet' points outside"):
         Manifest.load(loc)
+
+
+def test_a_save_on_a_full_disk_is_one_line_and_keeps_the_stored_manifest(small_disk):
+    disk, resize = small_disk
+    resize("128k")
+    m = make_output(disk / "out", commit=1)
+    rec = write_shard(m.loc, 1, embedded_rows(1, 5), SCHEMA)
+    before = (disk / "out" / "manifest.json").read_bytes()
+    m.data["runs"].append({"note": "x" * 200_000})  # a manifest too large for what is left
+    with pytest.raises(StorageError) as e:
+        m.commit_shard(1, rec)
+    assert "\n" not in str(e.value) and "manifest.json: no space left on the device" in str(e.value)
+    assert (disk / "out" / "manifest.json").read_bytes() == before  # the stored manifest is intact
+    assert 1 not in m.committed and not list((disk / "out").glob("manifest.json.tmp-*"))
+    m.data["runs"].pop()
+    m.commit_shard(1, rec)  # with room again, the same job goes on
+    assert sorted(Manifest.load(m.loc).committed) == [0, 1]
