@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from reembed import embed, storage
 from reembed import schema as S
-from reembed.cluster import init_ray  # noqa: F401 (re-exported: ``pipeline.init_ray`` is older code's name)
+from reembed.cluster import init_ray  # also reached as pipeline.init_ray by indexes.build, until it imports cluster
 from reembed.config import JobConfig, validate
 from reembed.errors import ReembedError
 from reembed.indexes import build as index_stage
