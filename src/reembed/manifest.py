@@ -14,7 +14,9 @@ every job that read the manifest earlier (their next save fails), after which fi
 
 Every path in a manifest is relative to the output and must stay inside it: :meth:`Manifest.load` refuses a
 manifest that names ``../x``, ``/etc/passwd`` or another bucket's URI, and :func:`read_recorded` (the one
-way a file is read on a manifest's word) checks the path again and the bytes against their sha256.
+way a file is read on a manifest's word) checks the path again and the bytes against their sha256. This
+holds for the ``path`` / ``*_path`` entries a later stage records under ``stages`` too: a stage that must
+remember a file outside the output records it under another name (a URI the user gave, say ``target``).
 
 Layout::
 
