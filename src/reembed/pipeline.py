@@ -86,7 +86,8 @@ def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any
     on a resume, loaded and checked (model, input settings, and the duplicates file against its sha256)."""
     manifest = Manifest.load(out)
     if manifest is None:
-        plan, dups = make_plan(cfg.input, cfg.plan.shard_rows, cfg.on_bad_file)
+        plan, dups = make_plan(cfg.input, cfg.plan.shard_rows, cfg.on_bad_file,
+                               source=storage.Location.from_uri(cfg.input.uri, cfg.storage))
         dup_bytes = _parquet_bytes(dups)
         try:
             out.write_bytes(dup_bytes, DUPLICATES)
