@@ -150,6 +150,16 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
         )
 
 
+def status(output: str | storage.Location, settings: Any = None) -> dict[str, Any]:
+    """The progress of an output (the summary ``reembed status`` prints), from its manifest; ``settings``
+    are the storage settings (``storage.Settings`` or the job config's ``storage`` section)."""
+    loc = output if isinstance(output, storage.Location) else storage.Location.from_uri(output, settings)
+    m = Manifest.load(loc)
+    if m is None:
+        raise ManifestError(f"{loc.uri}: no manifest.json here (not a reembed output, or nothing planned yet)")
+    return summarize(m)
+
+
 def summarize(manifest: Manifest) -> dict[str, Any]:
     t = manifest.totals()
     plan = manifest.plan

@@ -102,13 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from reembed import pipeline, storage
-    from reembed.manifest import Manifest, ManifestError
+    from reembed import pipeline
 
-    m = Manifest.load(storage.Location.from_uri(args.output, storage_settings(args)))
-    if m is None:
-        raise ManifestError(f"{args.output}: no manifest.json here (not a reembed output, or nothing planned yet)")
-    summary = pipeline.summarize(m)
+    summary = pipeline.status(args.output, storage_settings(args))
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     else:
