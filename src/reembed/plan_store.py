@@ -102,7 +102,8 @@ def write_files(plan: Location, files: Iterable[dict[str, Any]]) -> int:
     return table.num_rows
 
 
-def write_segments(plan: Location, segments: Iterable[dict[str, int]], dedup_partitions: int = 0) -> tuple[int, int]:
+def write_segments(plan: Location, segments: Iterable[dict[str, int]], dedup_partitions: int = 0,
+                   row_group: int = SEGMENT_ROW_GROUP) -> tuple[int, int]:
     """Write ``segments.parquet`` from a stream of segments in shard order (as :func:`pack_shards` yields
     them); returns ``(segments, shards)``. ``dedup_partitions`` says how many ``duplicates/part-*``
     files :func:`read_shard` must consult (0: duplicate detection was off)."""
@@ -121,7 +122,7 @@ def write_segments(plan: Location, segments: Iterable[dict[str, int]], dedup_par
                 last = seg["shard"]
             batch.append(seg)
             n += 1
-            if len(batch) == SEGMENT_ROW_GROUP:
+            if len(batch) == row_group:
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
                 batch = []
         if batch or not n:
