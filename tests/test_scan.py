@@ -284,3 +284,10 @@ def test_s3_counts_reads_and_etags(moto_server, s3_env):
     client.put_object(Bucket=bucket, Key="in/b.jsonl", Body=data.replace(b"w", b"v"))
     after = scan.stat_file(loc, "b.jsonl")
     assert after.size == before.size and after.etag != before.etag
+
+
+def test_blank_means_what_bytes_strip_strips():
+    import numpy as np
+
+    every = np.arange(256, dtype=np.uint8)
+    assert [not x for x in scan._non_space(every)] == [not bytes([i]).strip() for i in range(256)]

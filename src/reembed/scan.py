@@ -20,7 +20,6 @@ input that changed under its plan.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -48,8 +47,6 @@ INVALID = "_invalid_json"
 columns are null; the read stage dead-letters it as ``invalid_json``)."""
 
 _CHUNK = 8 * 1024 * 1024  # bytes per read; a range is scanned in chunks of this size
-_WHITESPACE = np.zeros(256, dtype=bool)
-_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True  # bytes.strip()'s whitespace: \t \n \v \f \r and space
 
 
 @dataclass(frozen=True)
@@ -314,7 +311,7 @@ class _LineCounter:
         nl = np.flatnonzero(b == 10)
         starts = np.concatenate(([0], nl + 1))
         starts = starts[starts < len(b)]
-        nonblank = np.logical_or.reduceat(~_WHITESPACE[b], starts)
+        nonblank = np.logical_or.reduceat(_non_space(b), starts)
         closed = len(nl)
         if closed:
             nonblank[0] |= self._open_nonblank
@@ -345,11 +342,17 @@ class _Lines:
         ends = np.concatenate((nl, [len(b)]))
         keep = starts < len(b) if final else np.arange(len(starts)) < len(nl)
         starts, ends = starts[keep], ends[keep]
-        nonblank = np.logical_or.reduceat(~_WHITESPACE[b], starts) if len(starts) else np.zeros(0, bool)
+        nonblank = np.logical_or.reduceat(_non_space(b), starts) if len(starts) else np.zeros(0, bool)
         self.lines = len(starts)
         idx = np.flatnonzero(nonblank)
         self.starts, self.ends, self.numbers = starts[idx], ends[idx], idx
         self.rows = len(idx)
+
+
+def _non_space(b: np.ndarray) -> np.ndarray:
+    """True where a byte is not what ``bytes.strip()`` strips (\\t \\n \\v \\f \\r and space). Two
+    comparisons: uint8 arithmetic wraps, so ``b - 9 < 5`` holds for 9..13 only (a lookup table is 10x slower)."""
+    return (b != 32) & ((b - np.uint8(9)) >= 5)
 
 
 def _first_line_start(f, range_start: int, size: int) -> int:
@@ -374,7 +377,8 @@ def _open_gz(loc: Location, path: str):
 
 def _parse(lines: _Lines, buf: bytes, skip: int, rows: int, first_line: int, id_column: str | None) -> pa.Table:
     lo, hi = skip, skip + rows
-    piece = buf[int(lines.starts[lo]):int(lines.ends[hi - 1])]
+    start, stop = int(lines.starts[lo]), int(lines.ends[hi - 1])
+    piece = pa.py_buffer(buf)[start:stop]  # a view: no copy of the range's bytes
     numbers = pa.array(lines.numbers[lo:hi] + first_line, pa.int64())
     table = _parse_fast(piece, rows, id_column)
     if table is None:
@@ -384,14 +388,14 @@ def _parse(lines: _Lines, buf: bytes, skip: int, rows: int, first_line: int, id_
     return table.append_column(LINE, numbers)
 
 
-def _parse_fast(piece: bytes, rows: int, id_column: str | None) -> pa.Table | None:
+def _parse_fast(piece: pa.Buffer, rows: int, id_column: str | None) -> pa.Table | None:
     """pyarrow's JSON reader over the whole piece, or None where its result could differ from parsing
     each line with ``json`` (an invalid line, a type change between lines, strings read as timestamps,
     two objects on one line, ids that are floats: Arrow reads 7 beside 7.5 as 7.0, ``json`` as 7)."""
     import pyarrow.json as pj
 
     try:
-        table = pj.read_json(io.BytesIO(piece), read_options=pj.ReadOptions(block_size=max(1 << 20, len(piece) + 1)))
+        table = pj.read_json(pa.BufferReader(piece), read_options=pj.ReadOptions(block_size=max(1 << 20, piece.size + 1)))
     except pa.ArrowException:
         return None
     if table.num_rows != rows or any(_inferred_from_string(f.type) for f in table.schema):
