@@ -291,3 +291,17 @@ def test_blank_means_what_bytes_strip_strips():
 
     every = np.arange(256, dtype=np.uint8)
     assert [not x for x in scan._non_space(every)] == [not bytes([i]).strip() for i in range(256)]
+
+
+def test_first_range_and_gz_carry_the_file_stat(tmp_path):
+    data = b'{"id": 1}\n' * 50
+    (tmp_path / "f.jsonl").write_bytes(data)
+    (tmp_path / "f.jsonl.gz").write_bytes(gzip.compress(data))
+    loc = Location.from_uri(str(tmp_path))
+    ranges = scan.scan_jsonl(loc, "f.jsonl", range_bytes=100).ranges
+    assert ranges[0].stat == scan.stat_file(loc, "f.jsonl") and ranges[0].stat.size == len(data)
+    assert all(r.stat is None for r in ranges[1:])  # one stat per file, not per range
+    assert scan.jsonl_ids(loc, "f.jsonl", 0, 100, "id")[0].stat.mtime_ns
+    gz = scan.count_gz(loc, "f.jsonl.gz")
+    assert gz.stat.size == (tmp_path / "f.jsonl.gz").stat().st_size == gz.range_stop
+    assert scan.jsonl_ids(loc, "f.jsonl.gz", 0, 0, "id")[0].stat == gz.stat

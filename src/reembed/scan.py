@@ -73,7 +73,8 @@ class RangeCount:
 
     ``first_line_start`` is the byte offset of the first of them (``range_stop`` or beyond when none
     starts there), ``rows`` the non-blank ones, ``lines`` all of them (blank too: summed over the earlier
-    ranges they give a range's first line number).
+    ranges they give a range's first line number). The file's first range (and a ``.gz`` file's only
+    one) carries the file's :class:`FileStat`, taken before its bytes are read.
     """
 
     range_start: int
@@ -81,6 +82,7 @@ class RangeCount:
     first_line_start: int
     rows: int
     lines: int
+    stat: FileStat | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ def count_jsonl_range(loc: Location, path: str, range_start: int, range_stop: in
     Reads the range, plus the rest of its last line (up to the next newline) when that line runs past
     ``range_stop``; never more.
     """
+    stat = stat_file(loc, path) if range_start <= 0 else None
     with loc.fs.open_input_file(loc.path(path)) as f:
         size = f.size()
         first = _first_line_start(f, range_start, size)
@@ -151,28 +154,29 @@ def count_jsonl_range(loc: Location, path: str, range_start: int, range_stop: in
             counter.feed(chunk if nl < 0 else chunk[: nl + 1])
             pos += len(chunk)
     rows, lines = counter.finish()
-    return RangeCount(range_start, range_stop, first, rows, lines)
+    return RangeCount(range_start, range_stop, first, rows, lines, stat)
 
 
 def scan_jsonl(loc: Location, path: str, range_bytes: int = RANGE_BYTES) -> JsonlScan:
     """Every range of one JSON Lines file, counted in this process (a ``.gz`` file: one range, read
     once). A distributed plan calls :func:`count_jsonl_range` / :func:`count_gz` as tasks instead."""
-    stat = stat_file(loc, path)
     if is_gzip(path):
-        return JsonlScan(stat, (count_gz(loc, path),))
-    return JsonlScan(stat, tuple(count_jsonl_range(loc, path, s, e) for s, e in jsonl_ranges(stat.size, range_bytes)))
+        count = count_gz(loc, path)
+        return JsonlScan(count.stat, (count,))
+    stat = stat_file(loc, path)
+    ranges = [count_jsonl_range(loc, path, s, e) for s, e in jsonl_ranges(stat.size, range_bytes)]
+    return JsonlScan(ranges[0].stat, tuple(ranges))
 
 
 def count_gz(loc: Location, path: str) -> RangeCount:
     """Count the rows of a gzipped JSON Lines file in one streaming pass (one range: ``(0, size)``)."""
+    stat = stat_file(loc, path)
     counter = _LineCounter()
-    size = 0
     with _open_gz(loc, path) as f:
         while chunk := f.read(_CHUNK):
             counter.feed(chunk)
-        size = loc.fs.get_file_info(loc.path(path)).size
     rows, lines = counter.finish()
-    return RangeCount(0, size, 0, rows, lines)
+    return RangeCount(0, stat.size, 0, rows, lines, stat)
 
 
 def read_jsonl_rows(loc: Location, path: str, range_start: int, skip: int, rows: int,
@@ -241,10 +245,11 @@ def jsonl_ids(loc: Location, path: str, range_start: int, range_stop: int, id_co
 
     A ``.gz`` file is one range: ``range_start``/``range_stop`` are ignored and the file is read once.
     """
+    stat = stat_file(loc, path) if is_gzip(path) or range_start <= 0 else None
     if is_gzip(path):
         with _open_gz(loc, path) as f:
             buf = f.read()
-        range_start, range_stop, first = 0, loc.fs.get_file_info(loc.path(path)).size, 0
+        range_start, range_stop, first = 0, stat.size, 0
     else:
         with loc.fs.open_input_file(loc.path(path)) as f:
             size = f.size()
@@ -262,7 +267,7 @@ def jsonl_ids(loc: Location, path: str, range_start: int, range_stop: int, id_co
                         break
     lines = _Lines(buf, final=True)
     ids = _ids_of(lines, buf, id_column, loc.display(path))
-    return RangeCount(range_start, range_stop, first, lines.rows, lines.lines), ids
+    return RangeCount(range_start, range_stop, first, lines.rows, lines.lines, stat), ids
 
 
 def canonical_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
