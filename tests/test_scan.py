@@ -17,7 +17,7 @@ from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (
 from reembed import scan
 from reembed.errors import InputError
 from reembed.plan import json_id
-from reembed.plan_store import Unit, pack_shards
+from reembed.plan_store import jsonl_units, pack_shards
 from reembed.storage import Location
 
 
@@ -114,11 +114,7 @@ def test_segments_read_back_every_row_once_in_order(tmp_path, seed):
     result = scan.scan_jsonl(loc, "f.jsonl", range_bytes=range_bytes)
     assert result.rows == len(ref)
 
-    first_lines, line = [], 0
-    for r in result.ranges:
-        first_lines.append(line)
-        line += r.lines
-    units = [Unit(0, r.rows, r.range_start, fl) for r, fl in zip(result.ranges, first_lines)]
+    units = list(jsonl_units(0, result.ranges))
     got_lines, got_ids = [], []
     for seg in pack_shards(units, shard_rows=rng.choice([1, 7, 50])):
         t = scan.read_jsonl_rows(loc, "f.jsonl", seg["range_start"], seg["skip"], seg["rows"],

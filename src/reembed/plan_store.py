@@ -95,6 +95,15 @@ def pack_shards(units: Iterable[Unit], shard_rows: int) -> Iterator[dict[str, in
         file_row += u.rows
 
 
+def jsonl_units(file: int, ranges: Iterable[Any]) -> Iterator[Unit]:
+    """The :class:`Unit` of each range of one JSON Lines file (``scan.RangeCount`` in byte order), with
+    the line number each range starts at: the lines of the ranges before it."""
+    line = 0
+    for r in ranges:
+        yield Unit(file, r.rows, r.range_start, line)
+        line += r.lines
+
+
 def write_files(plan: Location, files: Iterable[dict[str, Any]]) -> int:
     """Write ``files.parquet`` (rows in file-index order); returns how many files."""
     table = pa.Table.from_pylist(list(files), schema=FILES_SCHEMA).sort_by("file")
