@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=1_000_000, help="documents per format")
     p.add_argument("--files", type=int, default=4, help="JSON Lines files (Parquet gets 5x as many)")
     p.add_argument("--out", type=Path, default=Path("/tmp/reembed-plan-scan"), help="folder for the corpus")
+    p.add_argument("--words", type=int, nargs=2, default=(5, 25), metavar=("MIN", "MAX"),
+                   help="words per document (default 5 25: ~130-byte lines; 45 100 gives the ~400 bytes of issue 12)")
     p.add_argument("--cpu", type=int, default=None, help="the CPU to pin to (default: the first allowed)")
     p.add_argument("--partitions", type=int, default=8, help="dedup partitions")
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement; the fastest counts")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {cpu})
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    jsonl, parquet, gz = make_corpus(args.out, args.docs, args.files)
+    jsonl, parquet, gz = make_corpus(args.out, args.docs, args.files, tuple(args.words))
     loc = Location.from_uri(str(args.out))
     cfg = InputConfig(uri=str(args.out))
     n = args.docs
@@ -88,18 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def make_corpus(out: Path, n: int, files: int) -> tuple[list[Path], list[Path], list[Path]]:
-    """Short documents (a few words, 80-200 bytes a line) as JSON Lines, Parquet and one .jsonl.gz;
-    reused when already there."""
+def make_corpus(out: Path, n: int, files: int, words: tuple[int, int] = (5, 25)) -> tuple[list[Path], list[Path], list[Path]]:
+    """Documents of ``words`` words as JSON Lines, Parquet and one .jsonl.gz; reused when already there."""
     out.mkdir(parents=True, exist_ok=True)
-    stamp = out / f".corpus-{n}-{files}"
+    stamp = out / f".corpus-{n}-{files}-{words[0]}-{words[1]}"
     jsonl = [out / f"part-{i:03d}.jsonl" for i in range(files)]
     parquet = [out / f"part-{i:03d}.parquet" for i in range(files * 5)]
     gz = [out / "all.jsonl.gz"]
     if stamp.exists():
         return jsonl, parquet, gz
     rng = np.random.default_rng(0)
-    lengths = rng.integers(5, 25, n)
+    lengths = rng.integers(words[0], words[1] + 1, n)
     words = np.array(WORDS)
     texts = [" ".join(words[rng.integers(0, len(WORDS), k)]) for k in lengths]
     ids = [f"doc-{i:09d}" for i in range(n)]
