@@ -33,8 +33,7 @@ def test_packing_splits_ranges_with_skip():
     units = [Unit(0, 3, range_start=0, first_line=0), Unit(0, 4, range_start=100, first_line=5), Unit(1, 2)]
     segs = list(pack_shards(units, shard_rows=4))
     assert [(s["shard"], s["file"], s["start"], s["stop"], s["range_start"], s["skip"], s["rows"], s["first_line"]) for s in segs] == [
-        (0, 0, 0, 3, 0, 0, 3, 0),
-        (0, 0, 3, 4, 100, 0, 1, 5),
+        (0, 0, 0, 4, 0, 0, 4, 0),  # one segment per file per shard: read on from range 0 into range 100
         (1, 0, 4, 7, 100, 1, 3, 5),
         (1, 1, 0, 1, 0, 0, 1, 0),
         (2, 1, 1, 2, 0, 1, 1, 0),
@@ -123,3 +122,60 @@ def test_a_shard_the_plan_lacks_is_a_manifest_error(tmp_path):
         plan_store.read_shard(plan, 7)
     with pytest.raises(ValueError, match="out of shard order"):
         plan_store.write_segments(plan, iter([{"shard": 1}, {"shard": 0}]))
+
+
+def test_blocks_compose_to_todays_plan(tmp_path):
+    """scan -> dedup -> pack -> plan files -> one shard's read gives the shards, duplicates and JSON Lines
+    line numbers that today's plan.make_plan gives, on a corpus with blank lines and repeated ids."""
+    from conftest import make_docs, write_jsonl, write_parquet
+    from reembed import scan
+    from reembed.config import InputConfig
+    from reembed.plan import make_plan
+
+    docs = make_docs(600)
+    for d in docs[::17]:
+        d["id"] = "d3"  # repeated within and across files
+    src = tmp_path / "in"
+    write_parquet(src / "a.parquet", docs[:200], row_group_size=64)
+    write_jsonl(src / "b.jsonl", [x for d in docs[200:450] for x in ([d, "  "] if d["id"] == "d3" else [d])])
+    write_parquet(src / "c.parquet", docs[450:])
+    old_plan, old_dups = make_plan(InputConfig(uri=str(src)), shard_rows=37)
+
+    source = Location.from_uri(str(src))
+    plan = Location.from_uri(str(tmp_path / "out" / "plan"))
+    names = [f["path"].rsplit("/", 1)[1] for f in old_plan["files"]]
+    files, units, tasks = [], [], []
+    for i, name in enumerate(names):
+        if name.endswith(".parquet"):
+            count = scan.count_parquet(source, name)
+            stat, rows, file_units = count.stat, count.rows, [Unit(i, count.rows)]
+            tasks.append(dedup.IdTask(i, name, "parquet"))
+        else:
+            js = scan.scan_jsonl(source, name, range_bytes=700)
+            stat, rows, file_units = js.stat, js.rows, list(plan_store.jsonl_units(i, js.ranges))
+            tasks += [dedup.IdTask(i, name, "jsonl", r.range_start, r.range_stop) for r in js.ranges]
+        units += file_units
+        files.append({"file": i, "path": name, "uri": source.display(name), "format": "parquet" if name.endswith("parquet") else "jsonl",
+                      "size": stat.size, "mtime_ns": stat.mtime_ns, "etag": stat.etag, "rows": rows, "dup_rows": 0})
+    result = dedup.find_duplicates(source, tasks, "id", plan, partitions=4)
+    for f in files:
+        f["dup_rows"] = result.duplicates_by_file.get(f["file"], 0)
+    plan_store.write_files(plan, files)
+    _, shards = plan_store.write_segments(plan, pack_shards(units, 37), dedup_partitions=4)
+
+    assert shards == len(old_plan["shards"])
+    assert [f["rows"] for f in files] == [f["rows"] for f in old_plan["files"]]
+    old_dup_rows = list(zip(*(old_dups.column(c).to_pylist() for c in ("file", "row", "id"))))
+    assert result.duplicates == len(old_dup_rows) > 30
+    for old in old_plan["shards"]:
+        got = plan_store.read_shard(plan, old["shard"])
+        assert [(s["file"], s["start"], s["stop"]) for s in got.segments.to_pylist()] == \
+            [(s["file"], s["start"], s["stop"]) for s in old["segments"]]
+        spans = [(s["file"], s["start"], s["stop"]) for s in old["segments"]]
+        want = [d for d in old_dup_rows if any(f == d[0] and a <= d[1] < b for f, a, b in spans)]
+        assert list(zip(*(got.duplicates.column(c).to_pylist() for c in ("file", "row", "id")))) == want
+        for seg, old_seg in zip(got.segments.to_pylist(), old["segments"]):
+            if files[seg["file"]]["format"] == "jsonl":
+                t = scan.read_jsonl_rows(source, names[seg["file"]], seg["range_start"], seg["skip"], seg["rows"],
+                                         first_line=seg["first_line"], id_column="id")
+                assert t.column(scan.LINE)[0].as_py() == old_seg["line"]

@@ -75,24 +75,35 @@ class ShardPlan:
 def pack_shards(units: Iterable[Unit], shard_rows: int) -> Iterator[dict[str, int]]:
     """Pack rows, in plan order, into shards of ``shard_rows`` rows (the last may be smaller), yielding
     segments as they close. A segment is the rows ``[start, stop)`` of its file, found in the file as
-    ``skip`` rows past the first line at or after ``range_start``."""
+    ``skip`` rows past the first line at or after ``range_start``: one segment per file per shard, as
+    in today's plan, since a reader may run on past the end of the range it starts in."""
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
     shard, filled = 0, 0
     file, file_row = None, 0
+    pending: dict[str, int] | None = None
     for u in units:
         if u.file != file:
             file, file_row = u.file, 0
         taken = 0
         while taken < u.rows:
             take = min(shard_rows - filled, u.rows - taken)
-            yield {"shard": shard, "file": u.file, "start": file_row + taken, "stop": file_row + taken + take,
-                   "range_start": u.range_start, "skip": taken, "rows": take, "first_line": u.first_line}
+            start = file_row + taken
+            if pending and pending["shard"] == shard and pending["file"] == u.file and pending["stop"] == start:
+                pending["stop"] += take
+                pending["rows"] += take
+            else:
+                if pending:
+                    yield pending
+                pending = {"shard": shard, "file": u.file, "start": start, "stop": start + take,
+                           "range_start": u.range_start, "skip": taken, "rows": take, "first_line": u.first_line}
             taken += take
             filled += take
             if filled == shard_rows:
                 shard, filled = shard + 1, 0
         file_row += u.rows
+    if pending:
+        yield pending
 
 
 def jsonl_units(file: int, ranges: Iterable[Any]) -> Iterator[Unit]:
