@@ -68,28 +68,35 @@ def write_plan(plan: Location, rng: random.Random, files: int = 400, partitions:
     return segments, dups
 
 
-def test_a_shard_reads_only_its_own_row_groups(tmp_path):
+def test_a_shard_reads_only_its_own_row_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_store, "SHARDS_PER_PART", 100)  # several segments files from a small plan
     (tmp_path / "plan" / dedup.DUPLICATES_DIR).mkdir(parents=True)
     rng = random.Random(0)
     counts, plan = counting_location(tmp_path / "plan")
     segments, dups = write_plan(plan, rng)
     shards = max(s["shard"] for s in segments) + 1
     assert shards > 200
-    md = pq.read_metadata(plan.path(plan_store.SEGMENTS))
-    assert md.num_row_groups > 3
-    bounds, row = [], 0
-    for g in range(md.num_row_groups):
-        bounds.append((row, row + md.row_group(g).num_rows))
-        row += md.row_group(g).num_rows
+    parts = sorted(p.name for p in (tmp_path / "plan" / plan_store.SEGMENTS_DIR).iterdir())
+    assert parts == [f"part-{i:05d}.parquet" for i in range((shards + 99) // 100)]
 
-    for shard in [0, 1, shards // 2, shards - 1]:
+    for shard in [0, 1, 99, 100, shards // 2, shards - 1]:
+        name = plan_store.segments_file(shard)
+        md = pq.read_metadata(plan.path(name))
+        assert md.num_row_groups > 1 or shard // 100 == (shards - 1) // 100  # the last part may be small
+        part_segments = pq.read_table(plan.path(name)).to_pylist()
+        assert {s["shard"] // 100 for s in part_segments} == {shard // 100}
+        bounds, row = [], 0
+        for g in range(md.num_row_groups):
+            bounds.append((row, row + md.row_group(g).num_rows))
+            row += md.row_group(g).num_rows
         counts.reset()
         got = plan_store.read_shard(plan, shard)
         want = [s for s in segments if s["shard"] == shard]
         assert got.segments.to_pylist() == want
         assert got.rows == sum(s["rows"] for s in want)
-        owning = [g for g, (lo, hi) in enumerate(bounds) if any(segments[i]["shard"] == shard for i in range(lo, hi))]
-        assert got.row_groups_read[plan_store.SEGMENTS] == owning
+        owning = [g for g, (lo, hi) in enumerate(bounds) if any(part_segments[i]["shard"] == shard for i in range(lo, hi))]
+        assert got.row_groups_read[name] == owning
+        assert [p for p in counts.opens if plan_store.SEGMENTS_DIR in p] == [plan.path(name)]  # no other part opened
         assert sorted(got.files.column("file").to_pylist()) == sorted({s["file"] for s in want})
         assert set(got.files.column("etag").to_pylist()) == {f'"etag-{s["file"]}"' for s in want}
         want_dups = sorted(d for d in dups for s in want if d[0] == s["file"] and s["start"] <= d[1] < s["stop"])
@@ -97,9 +104,16 @@ def test_a_shard_reads_only_its_own_row_groups(tmp_path):
         for p in range(3):
             part = pq.ParquetFile(plan.path(dedup.DUPLICATES_DIR, dedup.duplicates_file(p)))
             assert len(got.row_groups_read[f"{dedup.DUPLICATES_DIR}/{dedup.duplicates_file(p)}"]) <= 2 < part.metadata.num_row_groups
-        seg_path = plan.path(plan_store.SEGMENTS)
-        footer = md.serialized_size
-        assert counts.bytes_read[seg_path] < 64 * 1024 + footer + 8 + 2 * 8 * 1024  # footer plus a couple of small groups
+        assert counts.bytes_read[plan.path(name)] < 64 * 1024 + md.serialized_size + 8 + 2 * 8 * 1024
+
+
+def test_segments_footer_stays_small_however_many_shards(tmp_path):
+    plan = Location.from_uri(str(tmp_path / "plan"))
+    n, shards = plan_store.write_segments(plan, pack_shards((Unit(i, 10) for i in range(30_000)), shard_rows=10))
+    assert n == shards == 30_000
+    parts = sorted((tmp_path / "plan" / plan_store.SEGMENTS_DIR).iterdir())
+    assert len(parts) == -(-30_000 // plan_store.SHARDS_PER_PART)
+    assert max(pq.read_metadata(p).serialized_size for p in parts) < 8 * 1024
 
 
 def test_files_round_trip_with_change_detection_data(tmp_path):
@@ -118,8 +132,10 @@ def test_a_shard_the_plan_lacks_is_a_manifest_error(tmp_path):
                                    "etag": None, "rows": 3, "dup_rows": 0}])
     assert plan_store.write_segments(plan, pack_shards([Unit(0, 3)], 2)) == (2, 2)
     assert plan_store.read_shard(plan, 1).duplicates.num_rows == 0  # dedup off: no duplicates files consulted
-    with pytest.raises(ManifestError, match=r"segments\.parquet: the plan has no shard 7"):
+    with pytest.raises(ManifestError, match=r"part-00000\.parquet: the plan has no shard 7"):
         plan_store.read_shard(plan, 7)
+    with pytest.raises(ManifestError, match=r"part-00009\.parquet: missing, so the plan has no shard 9999"):
+        plan_store.read_shard(plan, 9999)
     with pytest.raises(ValueError, match="out of shard order"):
         plan_store.write_segments(plan, iter([{"shard": 1}, {"shard": 0}]))
 

@@ -2,12 +2,14 @@
 
 ``plan/files.parquet``     one row per input file: index, path, uri, format, size, mtime/ETag, rows,
                            duplicate rows (what a resume compares to refuse changed input)
-``plan/segments.parquet``  one row per segment: (shard, file, start, stop, range_start, skip, rows,
-                           first_line), sorted by shard in small row groups
+``plan/segments/part-NNNNN.parquet``  one row per segment: (shard, file, start, stop, range_start, skip,
+                           rows, first_line), :data:`SHARDS_PER_PART` shards a file, sorted by shard in small
+                           row groups (so a file's footer stays small however many shards the plan has)
 ``plan/duplicates/``       ``part-PPPP.parquet`` of (file, row, id), written by :mod:`reembed.dedup`
 
-A read task calls :func:`read_shard`: the row-group statistics of ``shard`` (and of ``file``/``row`` in
-the duplicates) pick the few row groups it needs, so it reads a few KB whatever the size of the plan.
+A read task calls :func:`read_shard`: its shard names its segments file, whose row-group statistics of
+``shard`` (and of ``file``/``row`` in the duplicates) pick the few row groups it needs, so it reads a few KB
+whatever the size of the plan.
 :func:`pack_shards` turns per-file / per-range row counts into segments as a stream: its memory is
 O(1) per unit, never O(documents).
 """
@@ -28,9 +30,11 @@ from reembed.storage import Location
 log = logging.getLogger(__name__)
 
 FILES = "files.parquet"
-SEGMENTS = "segments.parquet"
+SEGMENTS_DIR = "segments"
+SHARDS_PER_PART = 1024
+"""Shards per segments file: part of the plan's format (each file records it; a reader refuses another)."""
 SEGMENT_ROW_GROUP = 256
-"""Segments per row group of segments.parquet: a shard's read fetches one or two of these (~ a few KB)."""
+"""Segments per row group: a shard's read fetches one or two of these (~ a few KB)."""
 FILE_ROW_GROUP = 1024
 
 FILES_SCHEMA = pa.schema([
@@ -43,6 +47,7 @@ SEGMENTS_SCHEMA = pa.schema([
     ("range_start", pa.int64()), ("skip", pa.int64()), ("rows", pa.int64()), ("first_line", pa.int64()),
 ])
 _PARTITIONS_KEY = b"reembed.dedup_partitions"
+_SHARDS_PER_PART_KEY = b"reembed.shards_per_part"
 
 
 @dataclass(frozen=True)
@@ -122,32 +127,33 @@ def write_files(plan: Location, files: Iterable[dict[str, Any]]) -> int:
     return table.num_rows
 
 
+def segments_file(shard: int) -> str:
+    """The segments file holding ``shard``, relative to the plan folder."""
+    return f"{SEGMENTS_DIR}/part-{shard // SHARDS_PER_PART:05d}.parquet"
+
+
 def write_segments(plan: Location, segments: Iterable[dict[str, int]], dedup_partitions: int = 0,
                    row_group: int = SEGMENT_ROW_GROUP) -> tuple[int, int]:
-    """Write ``segments.parquet`` from a stream of segments in shard order (as :func:`pack_shards` yields
-    them); returns ``(segments, shards)``. ``dedup_partitions`` says how many ``duplicates/part-*``
-    files :func:`read_shard` must consult (0: duplicate detection was off)."""
-    import pyarrow.parquet as pq
-
-    schema = SEGMENTS_SCHEMA.with_metadata({_PARTITIONS_KEY: str(dedup_partitions).encode()})
-    sink = pa.BufferOutputStream()
+    """Write ``segments/part-*.parquet`` from a stream of segments in shard order (as :func:`pack_shards`
+    yields them); returns ``(segments, shards)``. Memory: one file's segments. ``dedup_partitions`` says
+    how many ``duplicates/part-*`` files :func:`read_shard` must consult (0: duplicate detection was off)."""
+    schema = SEGMENTS_SCHEMA.with_metadata({_PARTITIONS_KEY: str(dedup_partitions).encode(),
+                                            _SHARDS_PER_PART_KEY: str(SHARDS_PER_PART).encode()})
     n, shards, last = 0, 0, -1
-    with pq.ParquetWriter(sink, schema, write_statistics=True) as writer:
-        batch: list[dict[str, int]] = []
-        for seg in segments:
-            if seg["shard"] < last:
-                raise ValueError(f"segments out of shard order: shard {seg['shard']} after {last}")
-            if seg["shard"] != last:
-                shards += 1
-                last = seg["shard"]
-            batch.append(seg)
-            n += 1
-            if len(batch) == row_group:
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-                batch = []
-        if batch or not n:
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-    plan.write_bytes(sink.getvalue().to_pybytes(), SEGMENTS)
+    part: list[dict[str, int]] = []
+    for seg in segments:
+        if seg["shard"] < last:
+            raise ValueError(f"segments out of shard order: shard {seg['shard']} after {last}")
+        if part and segments_file(seg["shard"]) != segments_file(part[0]["shard"]):
+            _write_part(plan, part, schema, row_group)
+            part = []
+        if seg["shard"] != last:
+            shards += 1
+            last = seg["shard"]
+        part.append(seg)
+        n += 1
+    if part or not n:
+        _write_part(plan, part, schema, row_group)
     return n, shards
 
 
@@ -157,14 +163,21 @@ def read_shard(plan: Location, shard: int) -> ShardPlan:
     import pyarrow.parquet as pq
 
     read: dict[str, list[int]] = {}
-    with plan.fs.open_input_file(plan.path(SEGMENTS)) as f:
+    name = segments_file(shard)
+    if not plan.exists(name):
+        raise ManifestError(f"{plan.display(name)}: missing, so the plan has no shard {shard}; the plan and the "
+                            "manifest disagree (start a fresh output to re-plan)")
+    with plan.fs.open_input_file(plan.path(name)) as f:
         pf = pq.ParquetFile(f)
         meta = pf.schema_arrow.metadata or {}
+        if int(meta.get(_SHARDS_PER_PART_KEY, b"0")) != SHARDS_PER_PART:
+            raise ManifestError(f"{plan.display(name)}: written with {meta.get(_SHARDS_PER_PART_KEY, b'?').decode()} shards "
+                                f"a file, this version reads {SHARDS_PER_PART}; re-plan with this version")
         partitions = int(meta.get(_PARTITIONS_KEY, b"0"))
-        segments, read[SEGMENTS] = _read_range(pf, "shard", shard, shard)
-    segments = segments.filter(pc.equal(segments.column("shard"), shard)).cast(SEGMENTS_SCHEMA)
+        segments, read[name] = _read_range(pf, "shard", shard, shard)
+    segments = segments.cast(SEGMENTS_SCHEMA)
     if not segments.num_rows:
-        raise ManifestError(f"{plan.display(SEGMENTS)}: the plan has no shard {shard}; the plan and the manifest "
+        raise ManifestError(f"{plan.display(name)}: the plan has no shard {shard}; the plan and the manifest "
                             "disagree (start a fresh output to re-plan)")
     file_ids = sorted(set(segments.column("file").to_pylist()))
     with plan.fs.open_input_file(plan.path(FILES)) as f:
@@ -230,6 +243,12 @@ def _read_segment_rows(pf, segments: pa.Table) -> tuple[pa.Table, list[int]]:
                       pc.and_(pc.greater_equal(table.column("row"), start), pc.less(table.column("row"), stop)))
         keep = pc.or_(keep, hit)
     return table.filter(keep), groups
+
+
+def _write_part(plan: Location, part: list[dict[str, int]], schema: pa.Schema, row_group: int) -> None:
+    table = pa.Table.from_pylist(part, schema=schema)
+    name = segments_file(part[0]["shard"]) if part else segments_file(0)
+    plan.write_bytes(_parquet_bytes(table, row_group), name)
 
 
 def _parquet_bytes(table: pa.Table, row_group: int) -> bytes:
