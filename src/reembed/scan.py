@@ -270,10 +270,9 @@ def jsonl_ids(loc: Location, path: str, range_start: int, range_stop: int, id_co
 
 
 def canonical_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
-    """THE hook for id canonicalisation: Arrow ids (a Parquet column, or a JSON column parsed by
-    pyarrow) -> string ids exactly as ``plan`` makes them. Parquet ids go through ``plan``'s own
-    conversion; JSON values of types where Arrow's formatting could differ from ``plan.json_id``
-    (floats, timestamps inferred from strings) go through ``json_id`` value by value."""
+    """The one hook for Arrow id canonicalisation (a Parquet id column -> string ids), delegating to
+    ``plan``'s own conversion so the planner, the scans and dedup can never disagree. JSON values go
+    through :func:`canonical_json_ids`, which delegates to ``plan.json_id``."""
     from reembed.plan import _ids_to_string
 
     if isinstance(ids, pa.ChunkedArray):
