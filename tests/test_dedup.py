@@ -15,6 +15,7 @@ import pytest
 from reembed import dedup, scan
 from reembed.errors import ConfigError
 from reembed.storage import Location
+from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (fixtures)
 
 
 def plant_corpus(folder: Path, seed: int) -> tuple[list, list[dict]]:
@@ -160,3 +161,23 @@ def test_ray_tasks_equal_in_process(tmp_path, ray_local):
     remote = dedup.find_duplicates(source, tasks, "id", Location.from_uri(str(tmp_path / "b")), partitions=5, use_ray=True)
     assert remote.duplicates_by_file == local.duplicates_by_file
     assert stored_duplicates(Location.from_uri(str(tmp_path / "b")), 5) == reference_duplicates(files)
+
+
+@pytest.mark.s3
+def test_on_s3_equals_reference(tmp_path, moto_server, s3_env):
+    """Input and plan folder on S3 (moto): the id files and duplicates parts go through the Location."""
+    (tmp_path / "in").mkdir()
+    tasks, files = plant_corpus(tmp_path / "in", 6)
+    bucket = new_bucket(moto_server)
+    client = moto_server.client("s3")
+    for path in (tmp_path / "in").iterdir():
+        client.put_object(Bucket=bucket, Key=f"in/{path.name}", Body=path.read_bytes())
+    source, work = Location.from_uri(f"s3://{bucket}/in"), Location.from_uri(f"s3://{bucket}/out/plan")
+    result = dedup.find_duplicates(source, tasks, "id", work, partitions=3)
+    ref = reference_duplicates(files)
+    got = []
+    for p in range(3):
+        t = pq.read_table(pa.BufferReader(work.read_bytes(dedup.DUPLICATES_DIR, dedup.duplicates_file(p))))
+        got += list(zip(*(t.column(c).to_pylist() for c in ("file", "row", "id"))))
+    assert sorted(got) == ref and result.duplicates == len(ref)
+    assert not work.list(dedup.IDS_DIR, recursive=True)
