@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 IDS_DIR = "_ids"
 DUPLICATES_DIR = "duplicates"
 MODES = ("hash", "none")
+DUPLICATES_ROW_GROUP = 4096
+"""Rows per row group of a duplicates part: a shard's reader fetches the one or two that hold its rows."""
 DUPLICATES_SCHEMA = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("id", pa.string())])
 _IDS_SCHEMA = pa.schema([("id", pa.string()), ("file", pa.int32()), ("range_start", pa.int64()), ("row", pa.int64())])
 
@@ -137,7 +139,7 @@ def partition_ids(source: Location, task: IdTask, id_column: str, work: Location
             pa.array(np.full(len(take), task.range_start, dtype=np.int64)),
             pa.array(row[take]),
         ], schema=_IDS_SCHEMA)
-        work.write_bytes(_parquet_bytes(table), IDS_DIR, _partition_dir(p), f"{task.name}.parquet")
+        work.write_bytes(_parquet_bytes(table, stats=[]), IDS_DIR, _partition_dir(p), f"{task.name}.parquet")
         written.append(p)
     return TaskIds(task, rows, len(ids), tuple(written), count)
 
@@ -159,7 +161,7 @@ def dedup_partition(work: Location, partition: int, tasks: Iterable[tuple[str, i
         parts.append(pa.table({"file": t.column("file"), "row": row, "id": t.column("id")}, schema=DUPLICATES_SCHEMA))
     table = pa.concat_tables(parts) if parts else DUPLICATES_SCHEMA.empty_table()
     dups = first_wins(table)
-    work.write_bytes(_parquet_bytes(dups), DUPLICATES_DIR, duplicates_file(partition))
+    work.write_bytes(_parquet_bytes(dups, stats=["file", "row"]), DUPLICATES_DIR, duplicates_file(partition))
     if not dups.num_rows:
         return {}
     vc = pc.value_counts(dups.column("file"))
@@ -236,11 +238,13 @@ def _string_hash(ids: pa.Array) -> np.ndarray:
     return h
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def _parquet_bytes(table: pa.Table, stats: list[str]) -> bytes:
+    """Parquet with statistics on the ``stats`` columns only (a shard's reader selects duplicates row
+    groups by ``file`` and ``row``; min/max ids would only grow the footer)."""
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=64 * 1024)
+    pq.write_table(table, sink, row_group_size=DUPLICATES_ROW_GROUP, write_statistics=stats or False)
     return sink.getvalue().to_pybytes()
 
 

@@ -123,7 +123,7 @@ def jsonl_units(file: int, ranges: Iterable[Any]) -> Iterator[Unit]:
 def write_files(plan: Location, files: Iterable[dict[str, Any]]) -> int:
     """Write ``files.parquet`` (rows in file-index order); returns how many files."""
     table = pa.Table.from_pylist(list(files), schema=FILES_SCHEMA).sort_by("file")
-    plan.write_bytes(_parquet_bytes(table, FILE_ROW_GROUP), FILES)
+    plan.write_bytes(_parquet_bytes(table, FILE_ROW_GROUP, stats=["file"]), FILES)
     return table.num_rows
 
 
@@ -248,12 +248,14 @@ def _read_segment_rows(pf, segments: pa.Table) -> tuple[pa.Table, list[int]]:
 def _write_part(plan: Location, part: list[dict[str, int]], schema: pa.Schema, row_group: int) -> None:
     table = pa.Table.from_pylist(part, schema=schema)
     name = segments_file(part[0]["shard"]) if part else segments_file(0)
-    plan.write_bytes(_parquet_bytes(table, row_group), name)
+    plan.write_bytes(_parquet_bytes(table, row_group, stats=["shard"]), name)
 
 
-def _parquet_bytes(table: pa.Table, row_group: int) -> bytes:
+def _parquet_bytes(table: pa.Table, row_group: int, stats: list[str]) -> bytes:
+    """Parquet with statistics on the ``stats`` columns only: those a reader selects row groups by.
+    (Statistics of the string columns would only make every reader's footer bigger.)"""
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group, write_statistics=True)
+    pq.write_table(table, sink, row_group_size=row_group, write_statistics=stats)
     return sink.getvalue().to_pybytes()
