@@ -275,8 +275,12 @@ class CommitLog:
             os.makedirs(tmp_dir, exist_ok=True)
             self._local_dirs_made = True
         tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{self.writer}")
-        with open(tmp, "wb") as f:
-            f.write(body)
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            if os.write(fd, body) != len(body):
+                raise ManifestError(f"{target}: short write to the commit log (disk full?)")
+        finally:
+            os.close(fd)
         try:
             os.link(tmp, target)
             return True
