@@ -326,3 +326,25 @@ def test_on_s3_entries_are_create_only_and_claims_fence(s3_env, fault_proxy, mon
     assert parts == ["000000000000-000000000004.parquet", "000000000005-000000000009.parquet"]
     assert_state(loc, records)
     assert read_state(loc).ignored == 1
+
+
+def test_a_part_that_cannot_be_written_does_not_fail_the_commit(tmp_path, caplog):
+    loc = Location.from_uri(str(tmp_path / "out"))
+    clog = CommitLog.create(loc, checkpoint_every=10)
+    blocker = Path(loc.path("_log", "_checkpoints", "_tmp"))
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")  # a file where publish needs its temporary folder
+    records = {}
+    for s in range(15):
+        records[s] = record(s)
+        clog.commit(s, records[s])
+    assert "checkpoint part 000000000000-000000000009.parquet not written" in caplog.text
+    assert_state(loc, records)  # from the entries
+    blocker.unlink()
+    while not list(blocker.parent.glob("*.parquet")):
+        s += 1
+        records[s] = record(s)
+        clog.commit(s, records[s])
+    assert s == 15  # retried a tenth of a window (one entry) later; the part covers every entry so far
+    assert [p.name for p in blocker.parent.glob("*.parquet")] == ["000000000000-000000000016.parquet"]
+    assert_state(loc, records)

@@ -99,6 +99,7 @@ class CommitLog:
         self._next = 0  # the next seq this writer will try
         self._covered = 0  # the first seq no checkpoint part covers
         self._tail = _Delta()  # the effect of the entries from _covered to _next - 1
+        self._part_due = checkpoint_every  # the next part is written once _next reaches this
         self._local_dirs_made = False
         self._warned_best_effort = False
 
@@ -117,6 +118,7 @@ class CommitLog:
         for entry in _read_from(loc, clog._covered):
             clog._tail.apply(entry)
         clog._next = clog._covered + clog._tail.count
+        clog._part_due = clog._covered + checkpoint_every
         if clog._next == 0:
             return None
         return clog
@@ -180,6 +182,7 @@ class CommitLog:
             for entry in _read_from(self.loc, state.last_seq + 1, stop=self._next):
                 self._tail.apply(entry)
             self._covered = state.last_seq + 1
+            self._part_due = self._covered + self.checkpoint_every
         log.info("%s: compacted entries 0..%d into %s (%d shards), %d parts removed",
                  self.loc.display(LOG_DIR), state.last_seq, name, len(state), removed)
         return removed
@@ -223,7 +226,7 @@ class CommitLog:
             self.epoch = entry["epoch"]
         self._tail.apply(entry)
         self._next = seq + 1
-        if self._next - self._covered >= self.checkpoint_every:
+        if self._next >= self._part_due:
             cost.add(self._checkpoint())
         self.last_write = cost
         self.written.add(cost)
@@ -290,11 +293,21 @@ class CommitLog:
             os.unlink(tmp)
 
     def _checkpoint(self) -> WriteCost:
-        """Publish the part covering ``_covered .. _next - 1`` and start a new tail."""
+        """Publish the part covering ``_covered .. _next - 1`` and start a new tail.
+
+        The entry just written is the commit; a part only saves readers work. So a part that cannot be
+        written is logged and tried again a tenth of a window later, and the commit still succeeds."""
         first, last = self._covered, self._next - 1
         data = _part_bytes(self._tail.table(), first=first, last=last, epoch=self._tail.epoch)
-        self.loc.publish(data, LOG_DIR, CHECKPOINTS, _part_name(first, last))
+        try:
+            self.loc.publish(data, LOG_DIR, CHECKPOINTS, _part_name(first, last))
+        except (storage.StorageError, OSError) as e:
+            self._part_due = self._next + max(1, self.checkpoint_every // 10)
+            log.warning("%s: checkpoint part %s not written (%s); entries stay readable, retrying at seq %d",
+                        self.loc.display(LOG_DIR, CHECKPOINTS), _part_name(first, last), e, self._part_due)
+            return WriteCost(len(data), 1)
         self._covered = last + 1
+        self._part_due = self._covered + self.checkpoint_every
         self._tail = _Delta(epoch=self._tail.epoch, first=last + 1)
         log.debug("%s: checkpoint part %s (%d bytes)", self.loc.display(LOG_DIR), _part_name(first, last), len(data))
         return WriteCost(len(data), 1)
@@ -392,16 +405,16 @@ class State:
         table = pq.read_table(path, filesystem=self.loc.fs, columns=cols)
         start = self.last_seq + 1  # rows before it were applied from an earlier part of the chain
         seq = table.column("seq").to_numpy()
-        kind = np.asarray(table.column("kind").to_pylist(), dtype=object)
+        kind = table.column("kind")
         keep = seq >= start
-        claims = keep & (kind == "claim")
+        claims = keep & _is(kind, "claim")
         if claims.any():
             self.epoch = max(self.epoch, int(table.column("epoch").to_numpy()[claims].max()))
-        runs = np.flatnonzero(keep & (kind == "run"))
+        runs = np.flatnonzero(keep & _is(kind, "run"))
         if len(runs):
             records = pq.read_table(path, filesystem=self.loc.fs, columns=["record"]).column("record")
             self.runs.extend(json.loads(records[int(i)].as_py()) for i in runs)
-        commits = np.flatnonzero(keep & (kind == "commit"))
+        commits = np.flatnonzero(keep & _is(kind, "commit"))
         if len(commits):
             shards = table.column("shard").to_numpy(zero_copy_only=False)[commits].astype(np.int64)
             self._grow(int(shards.max()) + 1)
@@ -647,6 +660,12 @@ def _read_from(loc: Location, seq: int, stop: int | None = None) -> Iterator[dic
                 yield entry
                 seq += 1
             batch = min(2 * batch, _PROBE_BATCH_MAX)
+
+
+def _is(column, value: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.equal(column, value).to_numpy(zero_copy_only=False)
 
 
 def _same_entry(a: dict[str, Any], b: dict[str, Any]) -> bool:
