@@ -11,6 +11,7 @@ reports the last 1,000 (their entries and the one part among them, i.e. amortize
 
     python bench/commit_cost.py                      # 1k, 10k, 50k shards
     python bench/commit_cost.py --sizes 1000,100000 --sample 5
+    python bench/commit_cost.py --sizes 100000 --old-max 0 --compact   # the new path alone, with compaction
 
 Prints a table and writes ``bench/out/commit_cost.json``.
 """
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1000,10000,50000", help="shard counts, comma-separated")
     ap.add_argument("--sample", type=int, default=10, help="old path: commits timed at each size")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"), help="folder for the JSON")
+    ap.add_argument("--old-max", type=int, default=50_000, help="measure the old path only up to this size")
+    ap.add_argument("--compact", action="store_true", help="new path: also time compact() and status after it")
     ap.add_argument("--tmp", default=None, help="where the outputs are written (default: the system temp)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -50,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in sizes:
         with tempfile.TemporaryDirectory(dir=args.tmp) as d:
-            old = bench_manifest(Location.from_uri(os.path.join(d, "old")), n, min(args.sample, n))
-            new = bench_log(Location.from_uri(os.path.join(d, "new")), n)
+            old = (bench_manifest(Location.from_uri(os.path.join(d, "old")), n, min(args.sample, n))
+                   if n <= args.old_max else None)
+            new = bench_log(Location.from_uri(os.path.join(d, "new")), n, args.compact)
         rows.append({"shards": n, "old": old, "new": new})
         print_row(rows[-1])
 
@@ -92,7 +96,7 @@ def bench_manifest(loc: Location, n: int, sample: int) -> dict:
             "status_s": status_s, "stored_bytes": loc.size(MANIFEST)}
 
 
-def bench_log(loc: Location, n: int) -> dict:
+def bench_log(loc: Location, n: int, compact: bool = False) -> dict:
     """The new path: ``n`` commits; the last ``WINDOW`` are reported (amortized over their part)."""
     clog = CommitLog.create(loc)
     seconds, costs = [], []
@@ -114,13 +118,21 @@ def bench_log(loc: Location, n: int) -> dict:
     t = time.perf_counter()
     CommitLog.open(loc)
     open_s = time.perf_counter() - t
+    extra = {}
+    if compact:
+        t = time.perf_counter()
+        CommitLog.open(loc).compact()
+        extra["compact_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        assert read_state(loc).totals["embedded"] == 1000 * n
+        extra["status_s_compacted"] = time.perf_counter() - t
     stored = sum(e.stat().st_size for e in os.scandir(loc.path("_log")) if e.is_file())
     stored += sum(e.stat().st_size for e in os.scandir(loc.path("_log", "_checkpoints")) if e.is_file())
     return {"commit_s": statistics.median(last_s), "commit_s_max": max(last_s),
             "commit_s_amortized": sum(last_s) / window, "all_commits_s": all_s,
             "bytes_per_commit": sum(c.bytes for c in last) / window, "entry_bytes": statistics.mean(entries),
             "requests_per_commit": sum(c.requests for c in last) / window, "commits_timed": window,
-            "status_s": status_s, "open_s": open_s, "stored_bytes": stored}
+            "status_s": status_s, "open_s": open_s, "stored_bytes": stored, **extra}
 
 
 def _warm_up() -> None:
@@ -149,7 +161,9 @@ def print_row(row: dict) -> None:
         print(f"{'shards':>8} | {'old s/commit':>12} {'old B/commit':>13} {'old status s':>12} | "
               f"{'new s/commit':>12} {'new B/commit':>12} {'req/commit':>10} {'new status s':>12}")
         print_row.header = True
-    print(f"{row['shards']:>8} | {old['commit_s']:>12.5f} {old['bytes_per_commit']:>13,.0f} {old['status_s']:>12.3f} | "
+    old_cols = (f"{old['commit_s']:>12.5f} {old['bytes_per_commit']:>13,.0f} {old['status_s']:>12.3f}" if old
+                else f"{'-':>12} {'-':>13} {'-':>12}")
+    print(f"{row['shards']:>8} | {old_cols} | "
           f"{new['commit_s_amortized']:>12.6f} {new['bytes_per_commit']:>12,.0f} {new['requests_per_commit']:>10.3f} "
           f"{new['status_s']:>12.3f}", flush=True)
 

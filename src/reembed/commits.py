@@ -166,9 +166,8 @@ class CommitLog:
         state = self.state()
         if state.last_seq < 0:
             return 0
-        rows = _StateRows(state)
         name = _part_name(0, state.last_seq)
-        data = _part_bytes(rows.table(), first=0, last=state.last_seq, epoch=state.epoch)
+        data = _part_bytes(_state_table(state), first=0, last=state.last_seq, epoch=state.epoch)
         self.loc.publish(data, LOG_DIR, CHECKPOINTS, name)
         self.written.add(WriteCost(len(data), 1))
         removed = 0
@@ -176,9 +175,10 @@ class CommitLog:
             if part.last <= state.last_seq and part.name != name:
                 self.loc.delete(LOG_DIR, CHECKPOINTS, part.name)
                 removed += 1
-        if self._covered <= state.last_seq:
-            # This writer's next part starts where the compacted one ends.
-            self._tail = _Delta(epoch=self._tail.epoch, first=state.last_seq + 1)
+        if self._covered <= state.last_seq < self._next:
+            # This writer's next part starts where the compacted one ends. (A writer that has not seen
+            # every compacted entry keeps its own window: its next part overlaps, which readers allow.)
+            self._tail = _Delta(epoch=state.epoch)
             for entry in _read_from(self.loc, state.last_seq + 1, stop=self._next):
                 self._tail.apply(entry)
             self._covered = state.last_seq + 1
@@ -308,7 +308,7 @@ class CommitLog:
             return WriteCost(len(data), 1)
         self._covered = last + 1
         self._part_due = self._covered + self.checkpoint_every
-        self._tail = _Delta(epoch=self._tail.epoch, first=last + 1)
+        self._tail = _Delta(epoch=self._tail.epoch)
         log.debug("%s: checkpoint part %s (%d bytes)", self.loc.display(LOG_DIR), _part_name(first, last), len(data))
         return WriteCost(len(data), 1)
 
@@ -327,7 +327,7 @@ def read_state(loc: Location) -> "State":
                 raise
             log.debug("%s: a checkpoint part vanished while reading (compaction); reading again", loc.display(LOG_DIR))
             continue
-        tail = _Delta(epoch=state.epoch, first=state.last_seq + 1)
+        tail = _Delta(epoch=state.epoch)
         for entry in _read_from(loc, state.last_seq + 1):
             tail.apply(entry)
         state._apply_tail(tail)
@@ -467,7 +467,6 @@ class _Delta:
     """
 
     epoch: int = 0
-    first: int = 0
     count: int = 0
     ignored: int = 0
     commits: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -501,21 +500,15 @@ class _Delta:
         return _rows_table(rows)
 
 
-class _StateRows:
+def _state_table(state: State):
     """A whole :class:`State` as one part's rows (for :meth:`CommitLog.compact`). Claims collapse to one
     row with the latest epoch and runs keep their order; both take seq 0 (the first claim's), ahead of
     every commit, which is right because a part starting at seq 0 always heads the chain."""
-
-    def __init__(self, state: State):
-        self.state = state
-
-    def table(self):
-        state = self.state
-        head = [{"seq": 0, "kind": "claim", "epoch": state.epoch}] if state.epoch else []
-        head += [{"seq": 0, "kind": "run", "epoch": state.epoch, "record": r} for r in state.runs]
-        commits = [{"seq": int(state._seq[shard]), "kind": "commit", "epoch": state.epoch, "shard": shard,
-                    "record": rec} for shard, rec in state.iter_records()]
-        return _rows_table(head + sorted(commits, key=lambda r: r["seq"]))
+    head = [{"seq": 0, "kind": "claim", "epoch": state.epoch}] if state.epoch else []
+    head += [{"seq": 0, "kind": "run", "epoch": state.epoch, "record": r} for r in state.runs]
+    commits = [{"seq": int(state._seq[shard]), "kind": "commit", "epoch": state.epoch, "shard": shard,
+                "record": rec} for shard, rec in state.iter_records()]
+    return _rows_table(head + sorted(commits, key=lambda r: r["seq"]))
 
 
 _PART_COLUMNS = ("seq", "kind", "epoch", "at", "writer", "shard", *_COUNTS, "device_seconds", "reasons", "record")
