@@ -320,8 +320,8 @@ def read_state(loc: Location) -> "State":
         chain = _chain(loc)
         state = State(loc, chain)
         try:
-            for part in chain:
-                state._apply_part(part)
+            for part, table in _part_tables(loc, chain, [c for c in _PART_COLUMNS if c != "record"]):
+                state._apply_part(part, table)
         except FileNotFoundError:
             if attempt == 2:
                 raise
@@ -397,12 +397,7 @@ class State:
 
     # -- building ------------------------------------------------------------------------------------
 
-    def _apply_part(self, part: "_Part") -> None:
-        import pyarrow.parquet as pq
-
-        cols = [c for c in _PART_COLUMNS if c != "record"]
-        path = self.loc.path(LOG_DIR, CHECKPOINTS, part.name)
-        table = pq.read_table(path, filesystem=self.loc.fs, columns=cols)
+    def _apply_part(self, part: "_Part", table) -> None:
         start = self.last_seq + 1  # rows before it were applied from an earlier part of the chain
         seq = table.column("seq").to_numpy()
         kind = table.column("kind")
@@ -412,7 +407,7 @@ class State:
             self.epoch = max(self.epoch, int(table.column("epoch").to_numpy()[claims].max()))
         runs = np.flatnonzero(keep & _is(kind, "run"))
         if len(runs):
-            records = pq.read_table(path, filesystem=self.loc.fs, columns=["record"]).column("record")
+            records = _read_part(self.loc, part, ["record"]).column("record")
             self.runs.extend(json.loads(records[int(i)].as_py()) for i in runs)
         commits = np.flatnonzero(keep & _is(kind, "commit"))
         if len(commits):
@@ -423,8 +418,12 @@ class State:
                 self._counts[shards, j] = table.column(name).fill_null(0).to_numpy()[commits]
             self._device_s[shards] = table.column("device_seconds").fill_null(0.0).to_numpy()[commits]
             reasons = table.column("reasons").to_pylist()
-            for i, shard in zip(commits, shards):
-                self._set_reasons(int(shard), json.loads(reasons[i]) if reasons[i] else None)
+            for shard in shards[[reasons[i] is None for i in commits]].tolist():
+                self._reasons.pop(shard, None)
+            some = [i for i in commits if reasons[i] is not None]
+            if some:  # one JSON document for the whole part: per-row json.loads dominates otherwise
+                parsed = json.loads("[" + ",".join(reasons[i] for i in some) + "]")
+                self._reasons.update(zip(table.column("shard").take(some).to_pylist(), parsed))
         self.last_seq = part.last
 
     def _apply_tail(self, tail: "_Delta") -> None:
@@ -591,6 +590,25 @@ def _part_bytes(table, first: int, last: int, epoch: int) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
     return buf.getvalue()
+
+
+def _read_part(loc: Location, part: _Part, columns: list[str]):
+    import pyarrow.parquet as pq
+
+    with loc.fs.open_input_file(loc.path(LOG_DIR, CHECKPOINTS, part.name)) as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
+def _part_tables(loc: Location, chain: list[_Part], columns: list[str]):
+    """(part, table of ``columns``) along ``chain``; on an object store a few parts are fetched at once."""
+    if not loc.is_object_store:
+        for part in chain:
+            yield part, _read_part(loc, part, columns)
+        return
+    with concurrent.futures.ThreadPoolExecutor(_PROBE_THREADS) as pool:
+        for i in range(0, len(chain), _PROBE_THREADS):
+            window = chain[i:i + _PROBE_THREADS]
+            yield from zip(window, pool.map(lambda p: _read_part(loc, p, columns), window))
 
 
 def _read_part_epoch(loc: Location, part: _Part) -> int:
