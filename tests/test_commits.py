@@ -115,6 +115,9 @@ def test_a_claim_fences_the_older_job_even_if_its_late_entry_lands(tmp_path):
                                                    r"output \(epoch 2, this job holds 1\).*without committing shard 2"):
         a.commit(2, record(2))
     assert 2 not in read_state(loc)
+    with pytest.raises(ConcurrentWriteError, match=r"000000000003\.json: another job has taken over"):
+        a.check_current()
+    b.check_current()
 
     # A store that let A's entry land after B's claim (A skipping the claim it never read) changes nothing:
     # replay ignores a commit whose epoch is below the latest claim.

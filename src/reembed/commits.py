@@ -187,6 +187,19 @@ class CommitLog:
                  self.loc.display(LOG_DIR), state.last_seq, name, len(state), removed)
         return removed
 
+    def check_current(self) -> None:
+        """Raise :class:`ConcurrentWriteError` if another job has claimed the output since this one last
+        wrote (reads only the entries appended since then)."""
+        held = self._held()
+        for entry in _read_from(self.loc, self._next):
+            if entry["kind"] == "claim" and entry["epoch"] > held:
+                raise ConcurrentWriteError(
+                    f"{self.loc.display(LOG_DIR, _entry_name(entry['seq']))}: another job has taken over this "
+                    f"output (epoch {entry['epoch']}, this job holds {held}); two jobs must not write the same "
+                    "output at once")
+            self._tail.apply(entry)
+            self._next = entry["seq"] + 1
+
     # -- queries -------------------------------------------------------------------------------------
 
     def state(self) -> "State":
