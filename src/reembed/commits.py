@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -64,6 +65,7 @@ KINDS = ("claim", "commit", "run")
 _COUNTS = ("rows", "dead_letters", "truncated", "tokens", "bytes")
 _PROBE_BATCH_MAX = 64  # entries read in parallel when finding the end of the log on an object store
 _PROBE_THREADS = 16
+_UNSEEN_RETRIES = 5
 
 
 @dataclass
@@ -217,6 +219,7 @@ class CommitLog:
     def _append(self, what: dict[str, Any], new_log: bool = False) -> dict[str, Any]:
         """Write ``what`` as the next entry, moving past entries other writers appended meanwhile."""
         cost = WriteCost()
+        unseen = 0  # create-only writes refused for an entry that could not be read yet
         while True:
             seq = self._next
             entry = {"seq": seq, "kind": what["kind"], "epoch": what["epoch"], "at": _now(),
@@ -226,9 +229,15 @@ class CommitLog:
             if self._create(seq, body):
                 break
             found = _read_entry(self.loc, seq)
-            if found is None:  # deleted under us: nothing sane to do but stop
-                raise ManifestError(f"{self.loc.display(LOG_DIR, _entry_name(seq))}: vanished right after "
-                                    "a create-only write found it; is something deleting the log?")
+            if found is None:
+                # S3 answers 409 ConditionalRequestConflict while another conditional PUT of the key is in
+                # flight: the entry may not be readable yet. Try the same seq again, briefly.
+                unseen += 1
+                if unseen > _UNSEEN_RETRIES:
+                    raise ManifestError(f"{self.loc.display(LOG_DIR, _entry_name(seq))}: refused as existing but "
+                                        "cannot be read; is something deleting the log?")
+                time.sleep(0.05 * 2 ** unseen)
+                continue
             if _same_entry(found, entry):
                 entry = found  # our own earlier attempt landed (its answer was lost)
                 break
