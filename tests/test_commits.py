@@ -137,6 +137,36 @@ def test_a_claim_fences_the_older_job_even_if_its_late_entry_lands(tmp_path):
     assert_state(loc, {s: record(s) for s in (0, 1, 3, 4, 5, 6, 7, 8, 9)})
 
 
+def test_a_claim_racing_a_committing_job_keeps_exactly_what_it_was_told_is_committed(tmp_path):
+    import threading
+
+    loc = Location.from_uri(str(tmp_path / "out"))
+    a = CommitLog.create(loc, checkpoint_every=50)
+    told, refused = [], []
+
+    def job_a() -> None:
+        for s in range(5000):
+            try:
+                a.commit(s, record(s))
+            except ConcurrentWriteError:
+                refused.append(s)
+                return
+            told.append(s)
+
+    thread = threading.Thread(target=job_a)
+    thread.start()
+    while len(told) < 200:
+        thread.join(0.001)
+    b = CommitLog.open(loc, checkpoint_every=50)
+    b.claim()  # races A's next commits: whichever lands first at a seq wins it
+    thread.join(60)
+    assert refused and told == list(range(len(told)))
+    # Every commit A was told succeeded is in the state, and nothing else.
+    assert_state(loc, {s: record(s) for s in told})
+    b.commit(9999, record(9999))
+    assert read_state(loc).shards.tolist() == [*told, 9999]
+
+
 def test_two_claims_at_the_same_moment_one_fails(tmp_path):
     loc = Location.from_uri(str(tmp_path / "out"))
     CommitLog.create(loc)
