@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import errno
 import io
 import json
 import logging
@@ -86,7 +87,8 @@ class CommitLog:
     ``CommitLog.create(loc)`` starts a new log and holds its first epoch; ``CommitLog.open(loc)`` reads
     where an existing one ends (O(1) in its length) and may :meth:`claim` it. Only a log that holds an
     epoch (created or claimed) can :meth:`commit`. :attr:`last_write` says what the last append wrote,
-    :attr:`written` what this object wrote in all.
+    :attr:`written` what this object wrote in all. One object is one writer: call it from one thread
+    (the driver's commit loop), as with :class:`~reembed.manifest.Manifest`.
     """
 
     def __init__(self, loc: Location, checkpoint_every: int = CHECKPOINT_EVERY):
@@ -311,6 +313,10 @@ class CommitLog:
             return True
         except FileExistsError:
             return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            return _create_exclusive(target, body)  # a filesystem without hard links
         finally:
             os.unlink(tmp)
 
@@ -644,6 +650,21 @@ def _read_part_epoch(loc: Location, part: _Part) -> int:
     except (KeyError, ValueError) as e:
         raise ManifestError(f"{loc.display(LOG_DIR, CHECKPOINTS, part.name)}: not a commit-log checkpoint "
                             "(no epoch in its metadata); move it away and reopen") from e
+
+
+def _create_exclusive(target: str, body: bytes) -> bool:
+    """O_CREAT | O_EXCL, then the bytes: create-only, but a crash mid-write leaves a short entry (which
+    readers then report as not an entry), so only where hard links are not available."""
+    try:
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _read_entry(loc: Location, seq: int) -> dict[str, Any] | None:
