@@ -41,6 +41,7 @@ import concurrent.futures
 import datetime as dt
 import errno
 import io
+import itertools
 import json
 import logging
 import os
@@ -230,7 +231,10 @@ class CommitLog:
             cost.add(WriteCost(len(body), 1))
             if self._create(seq, body):
                 break
-            found = _read_entry(self.loc, seq)
+            # Taken: read every entry appended since this writer's last one (in one sweep, so a writer
+            # catching up with a busy one gets there), then try again after them.
+            missed = _read_from(self.loc, seq)
+            found = next(missed, None)
             if found is None:
                 # S3 answers 409 ConditionalRequestConflict while another conditional PUT of the key is in
                 # flight: the entry may not be readable yet. Try the same seq again, briefly.
@@ -243,9 +247,10 @@ class CommitLog:
             if _same_entry(found, entry):
                 entry = found  # our own earlier attempt landed (its answer was lost)
                 break
-            self._refuse_if_fenced(found, entry, new_log)
-            self._tail.apply(found)
-            self._next = seq + 1
+            for found in itertools.chain([found], missed):
+                self._refuse_if_fenced(found, entry, new_log)
+                self._tail.apply(found)
+                self._next = found["seq"] + 1
         if entry["kind"] == "claim":
             self.epoch = entry["epoch"]
         self._tail.apply(entry)
