@@ -172,7 +172,7 @@ class CommitLog:
         if state.last_seq < 0:
             return 0
         name = _part_name(0, state.last_seq)
-        data = _part_bytes(_state_table(state), first=0, last=state.last_seq, epoch=state.epoch)
+        data = _part_bytes(_state_tables(state), first=0, last=state.last_seq, epoch=state.epoch)
         self.loc.publish(data, LOG_DIR, CHECKPOINTS, name)
         self.written.add(WriteCost(len(data), 1))
         removed = 0
@@ -532,15 +532,21 @@ class _Delta:
         return _rows_table(rows)
 
 
-def _state_table(state: State):
-    """A whole :class:`State` as one part's rows (for :meth:`CommitLog.compact`). Claims collapse to one
-    row with the latest epoch and runs keep their order; both take seq 0 (the first claim's), ahead of
-    every commit, which is right because a part starting at seq 0 always heads the chain."""
-    head = [{"seq": 0, "kind": "claim", "epoch": state.epoch}] if state.epoch else []
-    head += [{"seq": 0, "kind": "run", "epoch": state.epoch, "record": r} for r in state.runs]
-    commits = [{"seq": int(state._seq[shard]), "kind": "commit", "epoch": state.epoch, "shard": shard,
-                "record": rec} for shard, rec in state.iter_records()]
-    return _rows_table(head + sorted(commits, key=lambda r: r["seq"]))
+def _state_tables(state: State, batch: int = 10_000) -> Iterator[Any]:
+    """A whole :class:`State` as one part's rows, ``batch`` rows at a time (for :meth:`CommitLog.compact`).
+    Claims collapse to one row with the latest epoch and runs keep their order; both take seq 0 (the first
+    claim's), ahead of every commit, which is right because a part starting at seq 0 always heads the
+    chain. Commits come in seq order, as :meth:`State.iter_records` yields them."""
+    rows = [{"seq": 0, "kind": "claim", "epoch": state.epoch}] if state.epoch else []
+    rows += [{"seq": 0, "kind": "run", "epoch": state.epoch, "record": r} for r in state.runs]
+    for shard, rec in state.iter_records():
+        rows.append({"seq": int(state._seq[shard]), "kind": "commit", "epoch": state.epoch, "shard": shard,
+                     "record": rec})
+        if len(rows) >= batch:
+            yield _rows_table(rows)
+            rows = []
+    if rows:
+        yield _rows_table(rows)
 
 
 _PART_COLUMNS = ("seq", "kind", "epoch", "at", "writer", "shard", *_COUNTS, "device_seconds", "reasons", "record")
@@ -615,13 +621,21 @@ def _chain(loc: Location) -> list[_Part]:
         pos = best.last + 1
 
 
-def _part_bytes(table, first: int, last: int, epoch: int) -> bytes:
+def _part_bytes(tables, first: int, last: int, epoch: int) -> bytes:
+    """A checkpoint part: ``tables`` (one table, or an iterable of tables with its schema) as Parquet, with
+    the seqs it covers and the latest epoch at its end in the footer."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     meta = {b"reembed.first": str(first).encode(), b"reembed.last": str(last).encode(),
             b"reembed.epoch": str(epoch).encode()}
     buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
+    writer = None
+    for table in [tables] if isinstance(tables, pa.Table) else tables:
+        if writer is None:
+            writer = pq.ParquetWriter(buf, table.schema.with_metadata(meta), compression="zstd")
+        writer.write_table(table.replace_schema_metadata(meta))
+    writer.close()
     return buf.getvalue()
 
 
