@@ -16,9 +16,12 @@ keeps its next seq in memory; a writer only tries seq ``n`` after it has written
 the log has no gaps and readers find its end by reading forward until an entry is missing (no listing).
 
 **Fencing by epoch.** :meth:`CommitLog.claim` appends a ``claim`` entry whose epoch is one more than the
-latest. A writer whose create-only write finds its seq taken reads that entry: its own earlier write
-(a retry whose answer was lost) counts as written; a claim with a higher epoch fences it
-(:class:`ConcurrentWriteError`, nothing written); anything else moves it on to the next seq. Replay
+latest. A writer whose create-only write finds its seq taken reads the entries it missed, in one
+sweep: its own earlier write at that seq (a retry whose answer was lost) counts as written; a claim with
+a higher epoch fences it (:class:`ConcurrentWriteError`, nothing written); anything else moves it on past
+them. :meth:`CommitLog.check_current` does the same sweep without writing. A claim that meets another
+claim fails, as two racing ``Manifest.claim`` calls do; it goes after plain commits of the job it fences.
+Replay
 applies entries in seq order and ignores a commit (or run) whose epoch is below the latest claim seen
 so far: a fenced job can never commit after the claim that fenced it, even on a store that lets its
 entry land.
@@ -32,7 +35,10 @@ reaches furthest (so :meth:`CommitLog.compact`'s one big part supersedes the sma
 by a crashed compaction is harmless), then reads the entries after the chain. A part is published like a
 shard (temporary name, then rename; one PUT on S3), so a crash mid-checkpoint leaves only a temporary
 file under ``_checkpoints/_tmp/`` that no reader looks at, and the entries it would have covered are
-still read from the log.
+still read from the log. Entries are never deleted (a fenced writer must keep finding its seq taken).
+
+A claimer should take the output first and only then compute leftovers from :func:`read_state`: after
+the claim, no older job's commit can count, so the state it reads is final for them.
 """
 
 from __future__ import annotations
