@@ -381,3 +381,21 @@ def test_a_part_that_cannot_be_written_does_not_fail_the_commit(tmp_path, caplog
     assert s == 15  # retried a tenth of a window (one entry) later; the part covers every entry so far
     assert [p.name for p in blocker.parent.glob("*.parquet")] == ["000000000000-000000000016.parquet"]
     assert_state(loc, records)
+
+
+@pytest.mark.s3
+def test_on_s3_reading_the_state_lists_only_the_parts_and_reads_only_the_tail(s3_env, fault_proxy, monkeypatch):
+    bucket = new_bucket(s3_env)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", fault_proxy.endpoint)
+    loc = Location.from_uri(f"s3://{bucket}/out")
+    clog = CommitLog.create(loc, checkpoint_every=100)
+    records = {s: record(s) for s in range(180)}
+    for s, rec in records.items():
+        clog.commit(s, rec)
+    fault_proxy.clear()
+    assert_state(loc, records)
+    lists = [s.path for s in fault_proxy.seen if s.method == "GET" and "list-type=2" in s.path]
+    assert lists and all("prefix=out%2F_log%2F_checkpoints%2F" in p for p in lists)  # never the entries
+    entry_gets = fault_proxy.count("GET", r"/out/_log/\d{12}\.json")
+    assert 81 <= entry_gets <= 81 + 64  # entries 100..180, then one batch that finds the end
+    assert fault_proxy.count("GET", r"/out/_log/0000000000\d\d\.json") == 0  # covered by the part
