@@ -81,7 +81,7 @@ def test_int8_recipe_keeps_down_projections_float_and_weights_7_bit(tmp_path):
     float_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert len(float_matmuls) == 2 and all(weights[n.input[1]].shape == (64, 32) for n in float_matmuls)
     int8 = [w for w in weights.values() if w.dtype == np.int8 and w.ndim == 2]
-    assert int8 and all(w.min() >= -64 and w.max() <= 63 for w in int8)
+    assert int8 and max(int(np.abs(w.astype(np.int32)).max()) for w in int8) <= 64  # 255 x 64 x 2 < 32767
 
 
 def test_int8_hostile_model_is_refused_by_the_driver_check_in_one_line(tmp_path):

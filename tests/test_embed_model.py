@@ -103,11 +103,12 @@ def test_max_seq_length_beyond_the_position_table_is_refused(tiny_model, tmp_pat
     with pytest.raises(ModelLoadError, match="max_seq_length 0"):
         load_model(str(tiny_model), max_seq_length=0)
     assert load_model(str(tiny_model), max_seq_length=64).max_seq_length == 64
-    # RoBERTa-style positions start after the padding index: 130 slots hold 128 tokens
+    # RoBERTa-style positions start after the padding index (0 here): 130 slots hold 129 tokens
     roberta = load_model(str(tiny_encoder(tmp_path / "roberta", "roberta")))
-    assert architecture(roberta) == "roberta" and position_limit(roberta) == 128
-    with pytest.raises(ModelLoadError, match="1..128"):
-        load_model(str(tmp_path / "roberta"), max_seq_length=129)
+    assert architecture(roberta) == "roberta" and position_limit(roberta) == 129
+    assert load_model(str(tmp_path / "roberta"), max_seq_length=129).encode(["word " * 300]).shape == (1, 32)
+    with pytest.raises(ModelLoadError, match="1..129"):
+        load_model(str(tmp_path / "roberta"), max_seq_length=130)
 
 
 def test_cli_run_on_pickle_weights_is_one_line_exit_1(tiny_model, tmp_path):

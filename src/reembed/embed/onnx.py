@@ -128,7 +128,8 @@ def ensure_export(model, name: str, revision: str, variant: str) -> Path:
         try:
             _publish(fp32, lambda tmp: export(model, tmp))
         except OnnxUnavailable as e:
-            _publish(failed, lambda tmp: tmp.write_text(f"{name}: {e}\n"))
+            why = f"{name}: {e}\n"
+            _publish(failed, lambda tmp: tmp.write_text(why))
             raise
         log.info("%s: exported to ONNX in %.1f s (%s, %.0f MB)", name, time.perf_counter() - t0, fp32,
                  fp32.stat().st_size / 1e6)
