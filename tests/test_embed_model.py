@@ -128,3 +128,14 @@ def test_cli_run_on_pickle_weights_is_one_line_exit_1(tiny_model, tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert len(lines) == 1 and "pytorch_model.bin" in lines[0] and "safetensors" in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_unknown_device_and_dtype_are_one_line(tiny_model):
+    from reembed.embed import Embedder, resolve_device, resolve_dtype
+
+    with pytest.raises(ModelLoadError, match="model.device 'mps' is not one of auto, cpu, cuda"):
+        resolve_device("mps")
+    with pytest.raises(ModelLoadError, match="model.dtype 'int4' is not one of"):
+        resolve_dtype("int4", "cpu")
+    with pytest.raises(ModelLoadError, match="model.dtype 'fp16'"):
+        Embedder({"name": str(tiny_model), "device": "cpu", "dtype": "fp16"})

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,6 @@ def fuse_residual_layernorm(first) -> list:
     PyTorch runs the add and the LayerNorm as two passes over the activations, and its LayerNorm kernel
     reaches well under the memory bandwidth; together they were ~17% of BGE-large's forward time on an
     H100. Returns the patched modules."""
-    import types
-
     import torch
 
     model = getattr(first, "auto_model", None)

@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 # torch: eager PyTorch (SDPA). onnx / onnx-int8: the transformer in ONNX Runtime, float32 or dynamic int8
 # (CPU only, see reembed.embed.onnx). auto: torch on GPU; on CPU onnx where onnxruntime is installed.
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def resolve_device(device: str) -> str:
     import torch
 
+    if device not in DEVICES:
+        raise ModelLoadError(f"model.device {device!r} is not one of {', '.join(DEVICES)}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -40,6 +44,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
     """``auto`` is float16 on GPU (BERT-family encoders stay well inside its range, and it keeps more
     mantissa bits than bfloat16) and float32 on CPU (exact; ask for ``bfloat16`` explicitly on CPUs with
     AVX512-BF16 or AMX, see :func:`cpu_supports_bf16`)."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype != "auto":
         return dtype
     return "float16" if device == "cuda" else "float32"

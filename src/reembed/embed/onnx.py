@@ -17,10 +17,13 @@ one node share one export.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import inspect
 import logging
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +49,6 @@ def cache_dir() -> Path:
 
 def available(variant: str = "onnx") -> str | None:
     """None when the packages for ``variant`` import, else what is missing."""
-    import importlib.util
-
     need = ["onnxruntime"] + (["onnx"] if variant == "onnx-int8" else [])
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     return f"pip install {' '.join(missing)}" if missing else None
@@ -146,8 +147,6 @@ def ensure_export(model, name: str, revision: str, variant: str) -> Path:
 
 def export(model, path: Path) -> None:
     """Export ``model`` (token ids -> last hidden state) with dynamic batch and sequence axes."""
-    import warnings
-
     import torch
 
     names = [n for n in INPUTS if n == "input_ids" or n in _forward_params(model)]
@@ -200,10 +199,10 @@ def quantize_int8(src: Path, dst: Path) -> None:
       the GELU output, is long-tailed, so one uint8 scale per tensor loses most of it (all-mpnet-base-v2
       keeps cosine ~0.89 even with exact int8 arithmetic while they are quantized, ~0.99 without).
     """
-    import onnx
+    from onnx import load as load_onnx  # the ONNX package, not this module
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(src), load_external_data=False)
+    model = load_onnx(str(src), load_external_data=False)
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
     down = [n.name for n in model.graph.node
             if n.op_type == "MatMul" and len(shapes.get(n.input[1], ())) == 2 and shapes[n.input[1]][0] > shapes[n.input[1]][1]]
@@ -229,6 +228,4 @@ def _publish(target: Path, write) -> None:
 
 
 def _forward_params(model) -> set[str]:
-    import inspect
-
     return set(inspect.signature(model.forward).parameters)
