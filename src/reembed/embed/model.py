@@ -92,10 +92,10 @@ def load_model(name: str, revision: str | None = None, device: str = "cpu", dtyp
                 raise
             log.info("%s: no SDPA attention for this architecture; using its default attention", name)
             model = build({k: v for k, v in kwargs.items() if k != "attn_implementation"})
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise _load_failure(name, e) from e
     except Exception as e:
-        if type(e).__name__ != "SafetensorError":  # safetensors' own error, not importable by a stable name
+        if not _unreadable_weights(e):  # anything else (out of memory, a bug) keeps its own traceback
             raise
         raise _load_failure(name, e) from e
     if max_seq_length is not None:
@@ -196,6 +196,17 @@ def model_revision(model, name: str) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
+def default_prompt(model, name: str) -> str:
+    """The prompt plain ``encode`` prepends by default (``default_prompt_name``), or ''."""
+    prompt_name = getattr(model, "default_prompt_name", None)
+    prompt = (getattr(model, "prompts", None) or {}).get(prompt_name) if prompt_name else None
+    if not prompt:
+        return ""
+    if any(getattr(m, "include_prompt", True) is False for m in model):
+        raise ModelLoadError(f"{name}: pooling that excludes prompt tokens (include_prompt=false) is not supported")
+    return prompt
+
+
 def position_limit(model) -> int | None:
     """The most tokens a row can have: the learned position table's size, less the ids RoBERTa-style
     models (RoBERTa, XLM-R, MPNet, ...) reserve below the padding index. None without a position table
@@ -236,16 +247,6 @@ def _pooling_mode(module) -> str | None:
             return k.removeprefix("pooling_mode_").removesuffix("_tokens")
     return cfg.get("pooling_mode")
 
-def default_prompt(model, name: str) -> str:
-    """The prompt plain ``encode`` prepends by default (``default_prompt_name``), or ''."""
-    prompt_name = getattr(model, "default_prompt_name", None)
-    prompt = (getattr(model, "prompts", None) or {}).get(prompt_name) if prompt_name else None
-    if not prompt:
-        return ""
-    if any(getattr(m, "include_prompt", True) is False for m in model):
-        raise ModelLoadError(f"{name}: pooling that excludes prompt tokens (include_prompt=false) is not supported")
-    return prompt
-
 
 def _looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything else with a separator (or ~, ., a drive) is a path."""
@@ -257,8 +258,7 @@ def _load_failure(name: str, e: BaseException) -> ModelLoadError:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours parts of its messages
     cause = f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0]}"
     local = Path(name).expanduser()
-    if isinstance(e, pickle.UnpicklingError) or "weights only load failed" in str(e).lower() or (
-            isinstance(e, (RuntimeError, EOFError)) and any(w in str(e) for w in ("PytorchStreamReader", "pickle", "Ran out of input"))):
+    if _unreadable_weights(e) and type(e).__name__ != "SafetensorError":
         where = _weights_files(local if local.is_dir() else None) or name
         found = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\.\s|\n|$)", str(e))
         if found:  # torch's message is a page long; this is the line that says what it refused
@@ -281,6 +281,16 @@ def _load_failure(name: str, e: BaseException) -> ModelLoadError:
         f"Fix: on a machine with internet run `huggingface-cli download {name}` and copy the cache "
         "(or set HF_HOME to a shared cache), or pass --model /path/to/a/saved/model. "
         f"({cause})")
+
+
+def _unreadable_weights(e: BaseException) -> bool:
+    """A weights file torch or safetensors cannot read (refused pickle, damaged file)."""
+    if type(e).__name__ == "SafetensorError":  # safetensors' own error, not importable by a stable name
+        return True
+    if isinstance(e, pickle.UnpicklingError) or "weights only load failed" in str(e).lower():
+        return True
+    return isinstance(e, (RuntimeError, EOFError)) and any(
+        w in str(e) for w in ("PytorchStreamReader", "pickle", "Ran out of input"))
 
 
 def _weights_files(folder: Path | None) -> str:
