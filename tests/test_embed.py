@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from reembed import schema as S
-from reembed.embed import (BlockTokenizer, Embedder, ModelLoadError, cpu_supports_bf16, resolve_backend, space_dtype,
-                           token_budget_batches)
+from reembed.embed import (BlockTokenizer, Embedder, ModelLoadError, cpu_supports_bf16, onnx, resolve_backend,
+                           space_dtype, token_budget_batches)
 from reembed.testing import TINY_ARCHITECTURES, tiny_encoder
 
 WORDS = ("the cat dog bird river city music data vector search model token cluster gpu art science "
@@ -130,7 +130,7 @@ def test_onnx_int8_close_to_float32_and_has_its_own_fingerprint_dtype(minilm):
     texts = mixed_texts(80, seed=13)
     emb = Embedder({"name": str(minilm), "device": "cpu", "backend": "onnx-int8"}, batch_tokens=2048)
     assert emb.backend == "onnx-int8" and emb.attention == "onnxruntime"
-    assert emb._onnx.path.name == "model_qint8.onnx"
+    assert emb._onnx.path.name == onnx.VARIANTS["onnx-int8"] == "model_qint8.r2.onnx"
     got, ref = emb.embed(texts)[0], encode(minilm, texts)
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.97 and cos.mean() > 0.985  # int8 weights: close, but measurably not the same vectors
@@ -160,7 +160,7 @@ def test_onnx_export_is_cached_and_keyed_by_model_contents(tiny_model, tmp_path,
 
     monkeypatch.setenv("REEMBED_CACHE_DIR", str(tmp_path / "cache"))
     texts = mixed_texts(40, seed=17)
-    with caplog.at_level(logging.INFO, logger="reembed.onnx_backend"):
+    with caplog.at_level(logging.INFO, logger="reembed.embed.onnx"):
         first = Embedder({"name": str(tiny_model), "device": "cpu", "backend": "onnx"}, batch_tokens=512)
         path = first._onnx.path
         stamp = path.stat().st_mtime_ns
@@ -182,15 +182,13 @@ def test_onnx_export_is_cached_and_keyed_by_model_contents(tiny_model, tmp_path,
 def test_failed_export_is_remembered_and_explained(tiny_model, tmp_path, monkeypatch, caplog):
     import logging
 
-    from reembed import onnx_backend
-
     monkeypatch.setenv("REEMBED_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(onnx_backend, "MAX_EXPORT_BYTES", 1024)  # the tiny model stands in for a > 2 GiB one
+    monkeypatch.setattr(onnx, "MAX_EXPORT_BYTES", 1024)  # the tiny model stands in for a > 2 GiB one
     with pytest.raises(ModelLoadError, match="too large for a single-file ONNX export"):
         Embedder({"name": str(tiny_model), "device": "cpu", "backend": "onnx"})
     [marker] = (tmp_path / "cache" / "onnx").glob("*/export-failed.txt")
     assert not list(marker.parent.glob("*.onnx"))  # nothing half-written is left to be picked up
-    monkeypatch.setattr(onnx_backend, "MAX_EXPORT_BYTES", 2 << 30)
+    monkeypatch.setattr(onnx, "MAX_EXPORT_BYTES", 2 << 30)
     with caplog.at_level(logging.WARNING, logger="reembed.embed"):
         emb = Embedder({"name": str(tiny_model), "device": "cpu"})  # auto: falls back at once, says where
     assert emb.backend == "torch"

