@@ -120,8 +120,10 @@ def check_output_folder(out: storage.Location) -> None:
 
 def inspect_model(cfg: JobConfig) -> dict[str, Any]:
     """Load the model on the driver's CPU once to learn its identity (dimension, pooling, revision), and
-    fail before any GPU work if it cannot be found."""
+    fail before any GPU work if it cannot be found, or cannot run on the backend asked for (before the
+    manifest is created: a refused backend leaves nothing behind)."""
     m = cfg.model
+    embed.check_backend(_model_args(cfg), m.device, m.compile)
     model = embed.load_model(m.name, m.revision, "cpu", "float32", m.max_seq_length)
     return embed.describe_model(model, m.name, embed.space_dtype(m.dtype, m.backend), m.revision)
 
