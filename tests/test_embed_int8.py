@@ -6,7 +6,6 @@ float32 and uses 7-bit weights; ONNX Runtime's defaults collapsed all-mpnet-base
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -111,14 +110,6 @@ def test_check_backend_refuses_impossible_settings_without_loading_anything(tmp_
     assert check_backend({"name": missing}, "cpu") == "onnx"  # auto on CPU; an actor falls back itself
 
 
-def _pipeline_checks_backend() -> bool:
-    from reembed import pipeline
-
-    return "check_backend" in inspect.getsource(pipeline)
-
-
-@pytest.mark.skipif(not _pipeline_checks_backend(),
-                    reason="pipeline.py does not call embed.check_backend before Ray starts yet")
 def test_cli_run_int8_on_hostile_mpnet_is_one_line_exit_1(tmp_path):
     from conftest import make_docs, write_parquet
 
