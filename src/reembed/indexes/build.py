@@ -39,6 +39,9 @@ import pyarrow as pa
 
 from reembed import schema as S
 from reembed.config import ConfigError, IndexConfig
+from reembed.errors import InputError
+from reembed.indexes import faiss as faiss_index
+from reembed.indexes import qdrant as Q
 from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError
 from reembed.storage import Location
 from reembed.write import read_shard_table
@@ -86,8 +89,6 @@ def run_index(output_uri: str, cfg: IndexConfig, ray_address: str | None = None,
 
 def validate(cfg: IndexConfig) -> None:
     """Refuse index settings that cannot work, naming the key."""
-    from reembed.indexes.faiss import parse_memory
-
     if cfg.batch_size < 1:
         raise ConfigError(f"index.batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.upload_workers < 1:
@@ -97,7 +98,7 @@ def validate(cfg: IndexConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.collection):
         raise ConfigError(f"index.collection must be a plain name (letters, digits, _ . -), got {cfg.collection!r}")
     try:
-        parse_memory(cfg.faiss_memory)
+        faiss_index.parse_memory(cfg.faiss_memory)
     except ValueError as e:
         raise ConfigError(f"index.faiss_memory: {e}") from e
 
@@ -114,9 +115,7 @@ def qdrant_target(loc: Location, cfg: IndexConfig) -> str | None:
                 "give index.qdrant a local folder or a Qdrant server URL"
             )
         return os.path.join(loc.root, "indexes", "qdrant")
-    from reembed.indexes.qdrant import is_server
-
-    return q if is_server(q) else os.path.abspath(os.path.expanduser(q))
+    return q if Q.is_server(q) else os.path.abspath(os.path.expanduser(q))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,7 +133,9 @@ def faiss_current(loc: Location, manifest: Manifest, cfg: IndexConfig) -> dict[s
         return None
     if rec.get("inputs") != inputs_key(manifest) or rec.get("request") != faiss_request(cfg):
         return None
-    if not (loc.exists(rec["path"]) and loc.exists(rec["ids_path"]) and loc.size(rec["path"]) == rec["bytes"]):
+    path = faiss_index.inside_output(loc, rec.get("path"), "stages.index.faiss.path")
+    ids_path = faiss_index.inside_output(loc, rec.get("ids_path"), "stages.index.faiss.ids_path")
+    if not (loc.exists(path) and loc.exists(ids_path) and loc.size(path) == rec.get("bytes")):
         return None
     return rec
 
@@ -153,8 +154,6 @@ def faiss_record(manifest: Manifest, version: int | None = None) -> dict[str, An
 
 def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
     """Build, tune and publish the FAISS index; record it in the manifest."""
-    from reembed.indexes import faiss as faiss_index
-
     started, t0 = _stamp(), time.monotonic()
     loc = Location.from_uri(output_uri)
     manifest = _load(loc)
@@ -170,7 +169,7 @@ def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
     if plan.needs_training:
         train = faiss_index.sample_vectors(shard_tables(loc, manifest, [S.EMBEDDING]), rows, plan.train_size)
     built = faiss_index.build(shard_tables(loc, manifest, [S.ID, S.EMBEDDING]), plan, train,
-                              recall_target=cfg.recall_target)
+                              recall_target=cfg.recall_target, exact_fallback=cfg.faiss == "auto")
     if built.ntotal != rows:
         raise ManifestError(f"FAISS index holds {built.ntotal} vectors, the manifest committed {rows}")
     history = state_of(_load(loc)).get("faiss_history", [])
@@ -188,8 +187,6 @@ def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
 
 def qdrant_current(manifest: Manifest, cfg: IndexConfig, target: str) -> dict[str, Any] | None:
     """The Qdrant record if a finished load of these inputs is still there with every point."""
-    from reembed.indexes import qdrant as Q
-
     rec = state_of(manifest).get("qdrant")
     if not _same_qdrant(rec, manifest, cfg, target) or rec.get("status") != "done":
         return None
@@ -205,8 +202,6 @@ def qdrant_current(manifest: Manifest, cfg: IndexConfig, target: str) -> dict[st
 
 def run_qdrant(output_uri: str, cfg: IndexConfig, target: str) -> dict[str, Any]:
     """Load (or resume loading) a versioned collection from the shards; verify its count; record it."""
-    from reembed.indexes import qdrant as Q
-
     started, t0 = _stamp(), time.monotonic()
     loc = Location.from_uri(output_uri)
     manifest = _load(loc)
@@ -253,8 +248,6 @@ def run_qdrant(output_uri: str, cfg: IndexConfig, target: str) -> dict[str, Any]
 
 def _load_shards(loc: Location, manifest: Manifest, client, state: dict[str, Any], cfg: IndexConfig, workers: int) -> None:
     """Upload the shards not yet in ``state["shards_done"]``, ``workers`` at a time, recording each."""
-    from reembed.indexes import qdrant as Q
-
     passthrough = list(manifest.plan.get("passthrough", []))
     columns = [S.ID, S.EMBEDDING, *passthrough]
     done = set(state.get("shards_done", []))
@@ -262,7 +255,7 @@ def _load_shards(loc: Location, manifest: Manifest, client, state: dict[str, Any
 
     def one(item: tuple[int, dict[str, Any]]) -> tuple[int, int]:
         shard, rec = item
-        table = read_shard_table(loc, rec, columns=columns, verify=True)
+        table = read_shard(loc, shard, rec, columns)
         return shard, Q.upload(client, state["collection"], [table], cfg.batch_size, passthrough)
 
     for shard, n in bounded_map(one, todo, workers):
@@ -290,8 +283,6 @@ def bounded_map(fn, items, workers: int) -> Iterator:
 
 
 def _same_qdrant(rec: dict[str, Any] | None, manifest: Manifest, cfg: IndexConfig, target: str) -> bool:
-    from reembed.indexes import qdrant as Q
-
     return bool(rec) and rec.get("inputs") == inputs_key(manifest) and rec.get("target") == Q.describe(target) \
         and rec.get("name") == cfg.collection
 
@@ -314,7 +305,6 @@ def _run_parallel(output_uri: str, cfg: IndexConfig, target: str | None, todo: l
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from reembed.indexes import qdrant as Q
     from reembed.pipeline import init_ray
 
     init_ray(ray_address)
@@ -379,8 +369,14 @@ def _gather(waits: dict[str, Any]) -> dict[str, Any]:
 
 def shard_tables(loc: Location, manifest: Manifest, columns: list[str]) -> Iterator[pa.Table]:
     """Every committed shard in shard order, sha256-checked, one at a time."""
-    for _, rec in sorted(manifest.committed.items()):
-        yield read_shard_table(loc, rec, columns=columns, verify=True)
+    for shard, rec in sorted(manifest.committed.items()):
+        yield read_shard(loc, shard, rec, columns)
+
+
+def read_shard(loc: Location, shard: int, rec: dict[str, Any], columns: list[str] | None) -> pa.Table:
+    """One committed shard through ``read_shard_table`` (sha256-checked), its path first held inside the output."""
+    faiss_index.inside_output(loc, rec.get("path"), f"shards.{shard}.path")
+    return read_shard_table(loc, rec, columns=columns, verify=True)
 
 
 def inputs_key(manifest: Manifest) -> str:
@@ -399,6 +395,15 @@ def _load(loc: Location) -> Manifest:
             f"{loc.display('manifest.json')}: {len(m.pending())} shards are not committed yet; indexes are built "
             "from a complete output (rerun `reembed run` to finish it)"
         )
+    if rows_of(m) == 0:
+        dead = sum(rec.get("dead_letters", 0) for rec in m.committed.values())
+        reasons: dict[str, int] = {}
+        for rec in m.committed.values():
+            for why, n in (rec.get("reasons") or {}).items():
+                reasons[why] = reasons.get(why, 0) + n
+        why = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "no input rows"
+        raise InputError(f"{loc.uri}: nothing to index: the output holds 0 embedded rows ({dead} dead-lettered: "
+                         f"{why}); fix the input (see `reembed status {loc.uri}`) and rerun `reembed run`")
     return m
 
 
