@@ -115,9 +115,9 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     # Queries go through the query path `reembed search` uses (model, revision, backend; on the CPU unless
     # --device says otherwise), so the sanity pairs and the ANN figure judge what users will get.
     device = "cpu" if settings.device == "auto" else settings.device
+    searcher = _own_index(loc, manifest, model, device)  # its files are checked before any model loads
     embed_new = query_embedder(manifest.model, model, device, expect_dim=dim)
     gates["sanity_pairs"] = sanity_pairs(embed_new, all_pairs, settings.paraphrase_min, settings.unrelated_max)
-    searcher = _own_index(loc, manifest, model, device)
     texts = gate_queries(labelled, all_pairs or builtin_pairs(), sample_texts, settings.seed) if searcher else []
 
     # Pass 2: exact search in the new space for sampled documents, labelled queries and the gate's text
