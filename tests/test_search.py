@@ -19,7 +19,7 @@ from reembed import validate as V
 from reembed.config import IndexConfig
 from reembed.indexes import build as stage
 from reembed.indexes import faiss as F
-from reembed.indexes.exact import KnnHeap, exact_knn, recall
+from reembed.indexes.exact import DEPTH, KnnHeap, exact_knn, recall
 from reembed.search import Searcher, check_k
 from reembed.errors import UsageError
 
@@ -55,10 +55,9 @@ def _exact(out: str, vectors: np.ndarray, k: int):
 
 def _search_recall(searcher: Searcher, texts: list[str], k: int = 10) -> float:
     hits = searcher.search(texts, k)
-    scores, ids = _exact(str(searcher.loc.root), searcher.embed(texts), k)
+    scores, ids = _exact(str(searcher.loc.root), searcher.embed(texts), DEPTH * k)
     found_ids = np.array([[i for i, _ in h] for h in hits], dtype=object)
-    found_s = np.array([[s for _, s in h] for h in hits], dtype=np.float32)
-    return float(recall(found_ids, found_s, ids, scores, k).mean())
+    return float(recall(found_ids, ids, scores, k).mean())
 
 
 def test_auto_picks_hnsw_and_search_matches_exact_search(topics_output):
@@ -163,14 +162,16 @@ def test_exact_knn_streams_blocks_and_keeps_the_best():
     assert (heap.ids == ids).all()
 
 
-def test_recall_counts_ties_and_leaves_out_the_query_itself():
-    exact_ids = np.array([["a", "b", "c"]], dtype=object)
-    exact_s = np.array([[1.0, 0.5, 0.5]], dtype=np.float32)
-    # "z" duplicates "c" (same score): right; "y" scores below the 2nd-best exact score: wrong.
-    assert recall(np.array([["a", "b", "z"]], dtype=object), np.array([[1.0, 0.5, 0.5]]), exact_ids, exact_s, 3)[0] == 1.0
-    assert recall(np.array([["a", "b", "y"]], dtype=object), np.array([[1.0, 0.5, 0.3]]), exact_ids, exact_s, 3)[0] == 2 / 3
+def test_recall_counts_ties_by_id_and_leaves_out_the_query_itself():
+    exact_ids = np.array([["a", "b", "c", "z", "y"]], dtype=object)
+    exact_s = np.array([[1.0, 0.5, 0.4, 0.4, 0.2]], dtype=np.float32)
+    # "z" ties with "c", the exact 3rd: right; "y" scores below it: wrong.
+    assert recall(np.array([["a", "b", "z"]], dtype=object), exact_ids, exact_s, 3)[0] == 1.0
+    assert recall(np.array([["a", "b", "y"]], dtype=object), exact_ids, exact_s, 3)[0] == 2 / 3
+    # ids are checked, not the searcher's scores: an id the exact search never ranked is wrong
+    assert recall(np.array([["a", "q", "r"]], dtype=object), exact_ids, exact_s, 3)[0] == 1 / 3
     # the query document "a" itself is left out of both lists
-    assert recall(np.array([["b", "c"]], dtype=object), np.array([[0.5, 0.5]]), exact_ids, exact_s, 2, exclude=["a"])[0] == 1.0
+    assert recall(np.array([["b", "c"]], dtype=object), exact_ids, exact_s, 2, exclude=["a"])[0] == 1.0
 
 
 def test_an_hnsw_graph_below_the_target_is_replaced_by_exact_search():

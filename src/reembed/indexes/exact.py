@@ -2,9 +2,9 @@
 ``knn_ground_truth(xq, db_iterator, k)``), used by the FAISS build's tuning, the validation gate and
 ``reembed.search``. Numpy only, so every layer above can use it.
 
-Recall counts a returned hit as right when it is one of the exact top-k *or* scores at least the exact
-k-th score (within ``TIE``): with duplicate documents, which of several equal vectors comes back is
-arbitrary, and an id-only count would call a perfect answer wrong (or, tuned on it, a wrong one right).
+Recall counts a returned id as right when it is one of the exact top-k *or* one of the exact neighbours tied
+with the k-th (within ``TIE``): with duplicate documents, which of several equal vectors comes back is
+arbitrary, and a plain top-k count would call a perfect answer wrong (or, tuned on it, a wrong one right).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 from reembed.errors import ValidationError
 
 TIE = 1e-4  # cosine scores this close to the exact k-th one count as ties
+DEPTH = 4  # exact results are kept this many times deeper than k, so ties at the k-th place are seen
 Batches = Iterable[tuple[Sequence[Any], np.ndarray]]
 
 
@@ -57,23 +58,30 @@ def exact_knn(queries: np.ndarray, batches: Batches, k: int) -> tuple[np.ndarray
     return heap.scores, heap.ids
 
 
-def recall(found_ids: np.ndarray, found_scores: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray,
-           k: int, exclude: Sequence[Any] | None = None) -> np.ndarray:
-    """Per-query recall@k of an ANN answer against the exact one (ties by score count as right, see the
-    module docstring). ``exclude``: one id per query left out of both lists (a document used as its own
-    query). Queries with no exact neighbour count as 1."""
+def recall(found_ids: np.ndarray, exact_ids: np.ndarray, exact_scores: np.ndarray, k: int,
+           exclude: Sequence[Any] | None = None) -> np.ndarray:
+    """Per-query recall@k of an ANN answer against the exact one, by ids only (a searcher's own scores are
+    never trusted: a shuffled id map returns right scores for wrong documents).
+
+    A returned id counts when it is among the exact neighbours that score at least the exact k-th score
+    (within ``TIE``), so with duplicate documents any of the tied copies is right. Pass exact results
+    deeper than ``k`` (see ``DEPTH``) for the ties to be seen; ties beyond that depth count as misses,
+    which errs on the safe side. ``exclude``: one id per query left out of both lists (a document used as
+    its own query). Queries with no exact neighbour count as 1.
+    """
     out = np.ones(len(found_ids))
     for row in range(len(found_ids)):
         skip = exclude[row] if exclude is not None else None
         want = [(i, s) for i, s in zip(exact_ids[row], exact_scores[row]) if i is not None and i != skip
-                and np.isfinite(s)][:k]
+                and np.isfinite(s)]
         if not want:
             continue
-        have = [(i, s) for i, s in zip(found_ids[row], found_scores[row]) if i is not None and i != skip
+        need = min(k, len(want))
+        kth = want[need - 1][1]
+        right = {i for i, s in want if s >= kth - TIE}
+        have = [i for i in found_ids[row] if i is not None and i != skip
                 and not (isinstance(i, (int, np.integer)) and i < 0)][:k]
-        kth = want[-1][1]
-        ids = {i for i, _ in want}
-        out[row] = min(1.0, sum(1 for i, s in have if i in ids or s >= kth - TIE) / len(want))
+        out[row] = min(1.0, sum(1 for i in have if i in right) / need)
     return out
 
 

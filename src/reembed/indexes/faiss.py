@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from reembed import schema as S
 from reembed.errors import ChecksumError, ManifestError, StorageError
-from reembed.indexes.exact import KnnHeap, normalize, recall
+from reembed.indexes.exact import DEPTH, KnnHeap, normalize, recall
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
             device = "cuda"
         index.train(x_train)
         xq, exclude = tuning_queries(x_train, pos, queries, rng)
-        heap = KnnHeap(xq, K + 1)
+        heap = KnnHeap(xq, DEPTH * K + 1)
     train_s = time.monotonic() - t0
 
     ids: list[pa.Array] = []
@@ -270,7 +270,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
         storage = faiss.downcast_index(faiss.downcast_index(index).storage)
         pos = np.sort(rng.choice(offset, size=min(queries, offset), replace=False))
         xq, exclude = tuning_queries(storage.reconstruct_batch(pos), pos, queries, rng)
-        heap = KnnHeap(xq, K + 1)
+        heap = KnnHeap(xq, DEPTH * K + 1)
         for lo in range(0, offset, 65_536):
             n = min(65_536, offset - lo)
             heap.add(np.arange(lo, lo + n), storage.reconstruct_n(lo, n))
@@ -333,8 +333,8 @@ def _tune(index, plan: FaissPlan, xq, exclude, heap, target: float) -> tuple[dic
     groups = np.array_split(np.arange(len(xq)), 3)  # documents, mixes, Gaussian draws (tuning_queries)
 
     def passes() -> tuple[bool, float]:
-        D, I = index.search(xq, K + 1)
-        per_query = recall(I, D, heap.ids, heap.scores, K, exclude=exclude)
+        _, I = index.search(xq, K + 1)
+        per_query = recall(I, heap.ids, heap.scores, K, exclude=exclude)
         lows = [float(per_query[g].mean()) - 2 * float(per_query[g].std()) / math.sqrt(len(g)) for g in groups if len(g)]
         return min(lows) >= target, round(float(per_query.mean()), 4)
 

@@ -43,6 +43,7 @@ import numpy as np
 from reembed import schema as S
 from reembed.errors import ManifestError, ValidationError
 from reembed.indexes.build import faiss_record, state_of
+from reembed.indexes.exact import DEPTH
 from reembed.indexes.faiss import read_ids_file as read_ids, read_index_file as read_faiss  # noqa: F401 (re-exported)
 from reembed.manifest import Manifest, now
 from reembed.search import (Searcher, exact_knn, faiss_searcher, normalize as _normalize, qdrant_searcher,  # noqa: F401
@@ -123,13 +124,14 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     # Pass 2: exact search in the new space for sampled documents, labelled queries and the gate's text
     # queries, together.
     kq = max(settings.k + 1, 10)
+    kx = DEPTH * kq  # exact results deep enough to see ties at the k-th place
     q_new = embed_new([q.query for q in labelled]) if labelled else np.zeros((0, dim), np.float32)
     q_text = searcher.embed(texts) if texts else np.zeros((0, dim), np.float32)
     queries_new = np.vstack([sample_new, q_new, q_text]).astype(np.float32)
-    exact_s, exact_new = (exact_knn(queries_new, _shard_batches(loc, records, S.EMBEDDING, dim), kq) if len(queries_new)
-                          else (np.zeros((0, kq), np.float32), np.zeros((0, kq), object)))
+    exact_s, exact_new = (exact_knn(queries_new, _shard_batches(loc, records, S.EMBEDDING, dim), kx) if len(queries_new)
+                          else (np.zeros((0, kx), np.float32), np.zeros((0, kx), object)))
     n_lab = len(q_new)
-    exact_sample_new, exact_labelled_new = exact_new[:n_sample], exact_new[n_sample:n_sample + n_lab]
+    exact_sample_new, exact_labelled_new = exact_new[:n_sample, :kq], exact_new[n_sample:n_sample + n_lab, :kq]
     text_exact = (exact_new[n_sample + n_lab:], exact_s[n_sample + n_lab:])
 
     own = {}
@@ -230,11 +232,10 @@ def _search_recall(searcher: Searcher, texts: list[str], exact: tuple[np.ndarray
     """Recall@k of ``searcher.search(texts)`` - the very call ``reembed search`` makes - against exact search."""
     hits = searcher.search(texts, k)
     found_ids = np.full((len(hits), k), None, dtype=object)
-    found_s = np.full((len(hits), k), -np.inf, dtype=np.float32)
     for row, h in enumerate(hits):
-        for j, (i, sc) in enumerate(h[:k]):
-            found_ids[row, j], found_s[row, j] = i, sc
-    per = recall(found_ids, found_s, exact[0], exact[1], k)
+        for j, (i, _) in enumerate(h[:k]):
+            found_ids[row, j] = i
+    per = recall(found_ids, exact[0], exact[1], k)
     return {"recall": round(float(per.mean()), 4) if len(per) else float("nan"), "queries": len(texts),
             "index": searcher.record["path"], "via": "reembed search (text queries)"}
 

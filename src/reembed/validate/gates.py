@@ -79,11 +79,11 @@ def sanity_pairs(embed: Callable[[list[str]], np.ndarray], pairs: Sequence[Pair]
 
 
 def ann_recall(search: Search, queries: np.ndarray, exact: tuple[np.ndarray, np.ndarray], k: int) -> float:
-    """Mean recall@k of ``search`` against ``exact`` = (ids, scores) of exact search (ties by score count,
-    see :func:`reembed.indexes.exact.recall`)."""
-    scores, got = search(np.asarray(queries, dtype=np.float32), k)
+    """Mean recall@k of ``search`` against ``exact`` = (ids, scores) of exact search, deeper than k so ties
+    count (see :func:`reembed.indexes.exact.recall`)."""
+    _, got = search(np.asarray(queries, dtype=np.float32), k)
     got = np.array([[None if h is None else str(h) for h in row] for row in got], dtype=object).reshape(len(got), -1)
-    per = recall(got, np.asarray(scores), exact[0], exact[1], k)
+    per = recall(got, exact[0], exact[1], k)
     return float(per.mean()) if len(per) else float("nan")
 
 

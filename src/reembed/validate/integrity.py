@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from reembed import schema as S
-from reembed.errors import ManifestError, StorageError, ValidationError
+from reembed.errors import StorageError, ValidationError
 from reembed.indexes.build import read_shard
 from reembed.manifest import Manifest
 from reembed.storage import Location
@@ -35,9 +35,11 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
     for shard, rec in records:
         name = loc.display(rec["path"])
         try:
-            table = read_shard(loc, shard, rec, cols)
-        except ManifestError:  # a path outside the output: the manifest itself is not to be trusted
-            raise
+            table = read_shard(loc, shard, rec, None)  # then checked: a shard may lack a column
+            table = table.select([c for c in cols if c in table.column_names])
+            missing = [c for c in (S.ID, S.EMBEDDING) if c not in table.column_names]
+            if missing:
+                raise StorageError(f"{name}: no {' or '.join(missing)} column; not a reembed shard")
         except (OSError, pa.ArrowException, StorageError) as e:  # StorageError: sha256 mismatch, missing file
             problems.append(str(e) if isinstance(e, StorageError) else f"{name}: unreadable ({e})")
             totals["corrupt"] += 1
@@ -80,7 +82,7 @@ def _integrity_pass(loc: Location, records: list[tuple[int, dict]], dim: int, no
             sample_new.append(matrix[here])
             if want_old:
                 sample_old.append(S.embedding_matrix(table.column(OLD_EMBEDDING))[here])
-            if text_column:
+            if text_column and text_column in table.column_names:
                 texts = table.column(text_column).to_pylist()
                 sample_texts.extend(texts[i] for i in here)
         start += rec["rows"]
@@ -101,9 +103,7 @@ def _shard_batches(loc: Location, records: list[tuple[int, dict]], column: str,
     for shard, rec in records:
         try:
             table = read_shard(loc, shard, rec, [S.ID, column])
-        except (OSError, pa.ArrowException, StorageError) as e:
-            if isinstance(e, ManifestError):
-                raise
+        except (OSError, pa.ArrowException, StorageError):  # the integrity gate reports it
             continue
         emb = table.column(column)
         if not pa.types.is_fixed_size_list(emb.type) or emb.null_count or (dim and emb.type.list_size != dim):
@@ -118,9 +118,7 @@ def _shards_have(loc: Location, records: list[tuple[int, dict]], column: str) ->
     shard, rec = records[0]
     try:
         return column in read_shard(loc, shard, rec, None).column_names
-    except (OSError, pa.ArrowException, StorageError) as e:
-        if isinstance(e, ManifestError):
-            raise
+    except (OSError, pa.ArrowException, StorageError):
         return False
 
 
