@@ -440,6 +440,9 @@ def read_index(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedAr
     return index, ids
 
 
+load = read_index  # the name reembed.migrate imports until it moves to read_index
+
+
 def read_index_file(uri: str):
     """A FAISS index a user names (a local path or any storage URI), with no manifest to check it against."""
     import faiss
