@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 
 from reembed import schema as S
+from reembed.embed import Embedder, query_backend
 from reembed.errors import ManifestError, UsageError, ValidationError
 from reembed.indexes import faiss as faiss_index
 from reembed.indexes.build import faiss_record, shard_tables
-from reembed.indexes.exact import TIE, Batches, KnnHeap, exact_knn, normalize, recall  # noqa: F401 (re-exported)
+from reembed.indexes.exact import DEPTH, TIE, Batches, KnnHeap, exact_knn, normalize, recall  # noqa: F401 (re-exported)
 from reembed.manifest import Manifest
 from reembed.storage import Location
 
@@ -110,8 +111,6 @@ def query_embedder(model_info: dict[str, Any], model: str | None = None, device:
                    expect_dim: int | None = None) -> Callable[[list[str]], np.ndarray]:
     """``texts -> vectors`` in an output's space: its model (or ``model``, the same one stored elsewhere),
     pinned to the recorded hub revision, its max_seq_length, and the backend its dtype needs."""
-    from reembed.embed import query_backend
-
     name = model or model_info["name"]
     local = os.path.isdir(os.path.expanduser(str(name)))
     rev = model_info.get("revision")
@@ -123,8 +122,6 @@ def query_embedder(model_info: dict[str, Any], model: str | None = None, device:
 def text_embedder(name: str, max_seq_length: int | None, device: str, expect_dim: int | None = None,
                   backend: str = "auto", revision: str | None = None) -> Callable[[list[str]], np.ndarray]:
     """A cached ``texts -> vectors`` function for a model (one load per process); onnx-int8 runs on CPU."""
-    from reembed.embed import Embedder
-
     if backend == "onnx-int8":
         device = "cpu"
     key = (str(name), max_seq_length, device, backend, revision)

@@ -8,12 +8,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from reembed import exporters
 from reembed import schema as S
 from reembed.errors import StorageError, ValidationError
 from reembed.indexes.build import read_shard
 from reembed.manifest import Manifest
-from reembed.storage import Location
+from reembed.storage import Location, list_inputs
 from reembed.validate.gates import FAIL, PASS, Settings, check_vectors
 
 OLD_EMBEDDING = "old_embedding"
@@ -126,8 +128,6 @@ def _old_source(old: str | None, loc: Location, records: list[tuple[int, dict]])
     """A re-iterable stream of (ids, old vectors)."""
     if old is None:
         return lambda: _shard_batches(loc, records, OLD_EMBEDDING)
-    from reembed import exporters  # the old-store readers (chroma, qdrant, ...) load only when asked for
-
     if exporters.is_store_uri(old):
         src = exporters.parse_source(old)
         return lambda: ((b.ids, b.vectors) for b in exporters.iter_batches(src))
@@ -140,10 +140,6 @@ def _old_source(old: str | None, loc: Location, records: list[tuple[int, dict]])
 
 
 def _parquet_batches(uri: str) -> Iterator[tuple[list[str], np.ndarray]]:
-    import pyarrow.parquet as pq
-
-    from reembed.storage import list_inputs
-
     loc, files = list_inputs(uri, "*.parquet")
     for info in files:
         with loc.fs.open_input_file(info.path) as f:
@@ -168,8 +164,6 @@ def _lookup_vectors(batches: Iterable[tuple[Sequence[str], np.ndarray]], ids: Se
 
 
 def _old_manifest_model(old: str) -> str | None:
-    from reembed import exporters
-
     if exporters.is_store_uri(old):
         return None
     m = Manifest.load(Location.from_uri(old))
