@@ -168,3 +168,11 @@ def test_swap_and_rollback_refusals_on_embedded_qdrant_are_one_line(out, tmp_pat
     _one_line(capsys, 1, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "documents-v1"]),
               "refused", "validation gate")
     _one_line(capsys, 1, cli.main(["rollback", "--qdrant", target, "--alias", "docs"]), "refused", "does not exist")
+
+
+def test_verbose_shows_the_traceback_after_the_line(tmp_path, capsys):
+    from reembed.errors import ManifestError
+
+    with pytest.raises(ManifestError):
+        cli.main(["-v", "search", str(tmp_path / "missing"), "cat"])
+    assert capsys.readouterr().err.startswith("reembed: error:")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -111,7 +110,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         if value is not None:
             cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
     return _guard(lambda: _print_index(stage.run_index(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
-                                                       use_ray=not args.no_ray), args.json))
+                                                       use_ray=not args.no_ray), args.json), args)
 
 
 def _print_index(results: dict[str, Any], as_json: bool) -> int:
@@ -161,7 +160,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         return EXIT_OK
 
-    return _guard(run)
+    return _guard(run, args)
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
@@ -190,7 +189,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
         _print_move(result, args.json)
         return EXIT_OK
 
-    return _guard(run)
+    return _guard(run, args)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -205,7 +204,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         _print_move(result, args.json)
         return EXIT_OK
 
-    return _guard(run)
+    return _guard(run, args)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -226,7 +225,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 print(f"{rank:>3}. {score:.4f}  {doc}" + (f"  {_snippet(extra)}" if extra is not None else ""))
         return EXIT_OK
 
-    return _guard(run)
+    return _guard(run, args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,14 +266,14 @@ def _target(args: argparse.Namespace, manifest, required: bool) -> tuple[str | N
     return None, False
 
 
-def _guard(fn) -> int:
-    """A user's mistake is one line on stderr: exit 2 for usage, 1 for the rest (the traceback with -v)."""
+def _guard(fn, args: argparse.Namespace) -> int:
+    """A user's mistake is one line on stderr: exit 2 for usage, 1 for the rest (the traceback too with -v)."""
     try:
         return fn()
     except ReembedError as e:
         word = "refused" if isinstance(e, SwapRefused) else "usage error" if isinstance(e, UsageError) else "error"
         print(f"reembed: {word}: {e}", file=sys.stderr)
-        if logging.getLogger().isEnabledFor(logging.DEBUG) or logging.getLogger("reembed").isEnabledFor(logging.DEBUG):
+        if getattr(args, "verbose", 0):
             raise
         return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAIL
 
