@@ -77,8 +77,8 @@ def register(sub) -> None:
     r.set_defaults(func=cmd_rollback)
 
     q = sub.add_parser("search", help="search an output's FAISS index with a text query",
-                       description="Embed the query with the job's model (on the CPU, as `reembed query` and the "
-                                   "validation gate do) and search the output's FAISS index; each hit is shown with "
+                       description="Embed the query with the job's model (on the CPU, the query path the "
+                                   "validation gate measures) and search the output's FAISS index; each hit is shown with "
                                    "its text (or another passthrough column, --show).")
     q.add_argument("output", metavar="OUTPUT_URI")
     q.add_argument("query", nargs="+", help="query text (one query per argument)")
