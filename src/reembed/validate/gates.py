@@ -9,10 +9,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from reembed.indexes.exact import normalize, recall
+from reembed.search import Search
 from reembed.validate.queries import LabelledQuery, Pair
 
 PASS, FAIL, INFO, SKIPPED = "pass", "fail", "info", "skipped"
-Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
