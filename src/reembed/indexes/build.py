@@ -51,14 +51,14 @@ log = logging.getLogger(__name__)
 STAGE = "index"
 
 
-def run_index(output_uri: str, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True) -> dict[str, Any]:
-    """Build what ``cfg`` asks for (FAISS, Qdrant, or both in parallel) from ``output_uri``'s shards.
+def run_index(output: str | Location, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True) -> dict[str, Any]:
+    """Build what ``cfg`` asks for (FAISS, Qdrant, or both in parallel) from the shards of ``output`` (a URI,
+    or a Location, whose storage settings then travel with it into the build tasks).
 
     Returns ``{"faiss": record, "qdrant": record}`` for the backends built or found up to date.
     """
     validate(cfg)
-    loc = Location.from_uri(output_uri)
-    output_uri = _output_uri(loc)  # the tasks may run in another working directory
+    loc = _location(output)  # a local root is absolute: the tasks may run in another working directory
     manifest = _load(loc)
     target = qdrant_target(loc, cfg)
     wanted = (["faiss"] if cfg.faiss != "none" else []) + (["qdrant"] if target else [])
@@ -75,8 +75,8 @@ def run_index(output_uri: str, cfg: IndexConfig, ray_address: str | None = None,
             todo.append(backend)
     if todo:
         t0 = time.monotonic()
-        results.update(_run_parallel(output_uri, cfg, target, todo, ray_address) if use_ray
-                       else _run_threads(output_uri, cfg, target, todo))
+        results.update(_run_parallel(loc, cfg, target, todo, ray_address) if use_ray
+                       else _run_threads(loc, cfg, target, todo))
         for backend in todo:
             rec = results[backend]
             rows = rec.get("ntotal", rec.get("count", 0))
@@ -152,10 +152,10 @@ def faiss_record(manifest: Manifest, version: int | None = None) -> dict[str, An
     return max(done, key=lambda r: r["version"])
 
 
-def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
+def run_faiss(output: str | Location, cfg: IndexConfig) -> dict[str, Any]:
     """Build, tune and publish the FAISS index; record it in the manifest."""
     started, t0 = _stamp(), time.monotonic()
-    loc = Location.from_uri(output_uri)
+    loc = _location(output)
     manifest = _load(loc)
     current = faiss_current(loc, manifest, cfg)
     if current is not None:
@@ -200,10 +200,10 @@ def qdrant_current(manifest: Manifest, cfg: IndexConfig, target: str) -> dict[st
     return rec
 
 
-def run_qdrant(output_uri: str, cfg: IndexConfig, target: str) -> dict[str, Any]:
+def run_qdrant(output: str | Location, cfg: IndexConfig, target: str) -> dict[str, Any]:
     """Load (or resume loading) a versioned collection from the shards; verify its count; record it."""
     started, t0 = _stamp(), time.monotonic()
-    loc = Location.from_uri(output_uri)
+    loc = _location(output)
     manifest = _load(loc)
     rows, dim = rows_of(manifest), int(manifest.model["dimension"])
     rec = state_of(manifest).get("qdrant")
@@ -298,7 +298,7 @@ def _collection_meta(manifest: Manifest, version: int) -> dict[str, Any]:
 # Running both at once
 
 
-def _run_parallel(output_uri: str, cfg: IndexConfig, target: str | None, todo: list[str],
+def _run_parallel(loc: Location, cfg: IndexConfig, target: str | None, todo: list[str],
                   ray_address: str | None) -> dict[str, Any]:
     """Both builds as Ray tasks. The FAISS task takes a GPU when the cluster has a free one (faiss trains on
     it if faiss-gpu is installed); an embedded Qdrant task is pinned to this node, where its folder is."""
@@ -311,12 +311,12 @@ def _run_parallel(output_uri: str, cfg: IndexConfig, target: str | None, todo: l
     refs = {}
     if "faiss" in todo:
         gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
-        refs["faiss"] = ray.remote(_faiss_task).options(num_cpus=1, num_gpus=gpus).remote(output_uri, cfg)
+        refs["faiss"] = ray.remote(_faiss_task).options(num_cpus=1, num_gpus=gpus).remote(loc, cfg)
     if "qdrant" in todo:
         opts: dict[str, Any] = {"num_cpus": 1}
         if not Q.is_server(target):
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        refs["qdrant"] = ray.remote(run_qdrant).options(**opts).remote(output_uri, cfg, target)
+        refs["qdrant"] = ray.remote(run_qdrant).options(**opts).remote(loc, cfg, target)
     try:
         return _gather({name: (lambda r=ref: ray.get(r)) for name, ref in refs.items()})
     except KeyboardInterrupt:
@@ -326,23 +326,23 @@ def _run_parallel(output_uri: str, cfg: IndexConfig, target: str | None, todo: l
         raise
 
 
-def _faiss_task(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
+def _faiss_task(loc: Location, cfg: IndexConfig) -> dict[str, Any]:
     import faiss
 
     # Ray sets OMP_NUM_THREADS=1 in a 1-CPU task; the FAISS build is the CPU-heavy half of the stage (the
     # Qdrant upload mostly waits on the server), so it takes the node's cores.
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    return run_faiss(output_uri, cfg)
+    return run_faiss(loc, cfg)
 
 
-def _run_threads(output_uri: str, cfg: IndexConfig, target: str | None, todo: list[str]) -> dict[str, Any]:
+def _run_threads(loc: Location, cfg: IndexConfig, target: str | None, todo: list[str]) -> dict[str, Any]:
     """Both builds on threads of this process (no Ray)."""
     with ThreadPoolExecutor(max_workers=len(todo)) as pool:
         futs = {}
         if "faiss" in todo:
-            futs["faiss"] = pool.submit(run_faiss, output_uri, cfg)
+            futs["faiss"] = pool.submit(run_faiss, loc, cfg)
         if "qdrant" in todo:
-            futs["qdrant"] = pool.submit(run_qdrant, output_uri, cfg, target)
+            futs["qdrant"] = pool.submit(run_qdrant, loc, cfg, target)
         return _gather({name: fut.result for name, fut in futs.items()})
 
 
@@ -433,6 +433,10 @@ def _record(loc: Location, backend: str, state: dict[str, Any], archive: bool = 
         except ConcurrentWriteError:
             time.sleep(0.02 * (1 + attempt % 10))
     raise ManifestError(f"{loc.display('manifest.json')}: could not record index progress (kept changing)")
+
+
+def _location(output: str | Location) -> Location:
+    return output if isinstance(output, Location) else Location.from_uri(output)
 
 
 def _output_uri(loc: Location) -> str:
