@@ -29,12 +29,18 @@ ROWS, DIM = 6_000, 32
 
 
 @pytest.fixture(scope="module")
-def topics_output(tmp_path_factory):
-    """6,000 documents in five tight topics, indexed with auto; a tiny mean-pooling model embeds the queries
-    (mean pooling: the CLS-pooled tiny model gives every query nearly the same vector)."""
+def tiny_mean(tmp_path_factory):
+    """A tiny mean-pooling model to embed the queries (the CLS-pooled tiny model gives every query nearly
+    the same vector)."""
     from reembed.testing import tiny_bert
 
-    model = tiny_bert(tmp_path_factory.mktemp("models") / "tiny-mean", pooling="mean")
+    return tiny_bert(tmp_path_factory.mktemp("models") / "tiny-mean", pooling="mean")
+
+
+@pytest.fixture(scope="module")
+def topics_output(tmp_path_factory, tiny_mean):
+    """6,000 documents in five tight topics, indexed with auto."""
+    model = tiny_mean
     vectors = clustered(ROWS, DIM, clusters=5, spread=0.3, seed=3)
     out = write_output(tmp_path_factory.mktemp("topics") / "out", vectors, shard_rows=1_000, model_name=str(model))
     rec = stage.run_index(out, IndexConfig(qdrant="none"), use_ray=False)["faiss"]
@@ -89,6 +95,31 @@ def test_a_gate_below_its_minimum_fails(topics_output):
     out, _ = topics_output
     report = V.validate(out, settings=V.Settings(sample=20, builtin_pairs=False, min_ann_recall=1.01), write=False)
     assert report["gates"]["ann_recall"]["status"] == "fail" and not report["passed"]
+
+
+def test_the_gate_catches_an_id_map_out_of_order(tmp_path, tiny_mean):
+    """Right vectors, wrong ids (an id map written in another order, its sha256 updated to match): search
+    answers with the wrong documents, and the gate, measuring search itself, says so."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reembed.manifest import Manifest
+    from reembed.storage import Location
+
+    out = write_output(tmp_path / "out", clustered(600, DIM, clusters=5, seed=4), shard_rows=200, model_name=str(tiny_mean))
+    rec = stage.run_index(out, IndexConfig(qdrant="none", faiss="flat"), use_ray=False)["faiss"]
+    settings = V.Settings(sample=20, builtin_pairs=False)
+    assert V.validate(out, settings=settings, write=False)["gates"]["ann_recall"]["recall"]["faiss"] == 1.0
+    ids_file = tmp_path / "out" / rec["ids_path"]
+    ids = pq.read_table(ids_file).column(S.ID).to_pylist()
+    pq.write_table(pa.table({S.ID: ids[1:] + ids[:1]}), ids_file)
+    m = Manifest.load(Location.from_uri(out))
+    m.data["stages"]["index"]["faiss"]["ids_sha256"] = hashlib.sha256(ids_file.read_bytes()).hexdigest()
+    m.save()
+    gate = V.validate(out, settings=settings, write=False)["gates"]["ann_recall"]
+    assert gate["status"] == "fail" and gate["recall"]["faiss"] < 0.2
 
 
 def test_tuning_on_documents_alone_is_what_hid_the_bad_answers(topics_output):
