@@ -48,7 +48,7 @@ def _qdrant_count(target: str, collection: str) -> int:
 def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
     out = write_output(fast_tmp / "out", clustered(1200, 16, seed=1), shard_rows=100)
     cfg = _cfg(qdrant_target, faiss="hnsw", batch_size=64)
-    first = stage.run_index(out, cfg, use_ray=False)
+    first = stage.build_indexes(out, cfg, use_ray=False)
 
     rows = sum(r["rows"] for r in _manifest(out).committed.values())
     f, q = first["faiss"], first["qdrant"]
@@ -63,7 +63,7 @@ def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
 
     index_file = Path(out) / f["path"]
     before = (_manifest(out).data["generation"], index_file.stat().st_mtime_ns, _collections(cfg.qdrant, cfg.collection))
-    again = stage.run_index(out, cfg, use_ray=False)
+    again = stage.build_indexes(out, cfg, use_ray=False)
     after = (_manifest(out).data["generation"], index_file.stat().st_mtime_ns, _collections(cfg.qdrant, cfg.collection))
     assert after == before  # not a byte of the manifest, the FAISS file or the Qdrant target changed
     assert again == first
@@ -71,8 +71,8 @@ def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
 
 def test_other_faiss_settings_make_a_new_version_and_keep_the_old(fast_tmp):
     out = write_output(fast_tmp / "out", clustered(1500, 16, seed=2), shard_rows=500)
-    v1 = stage.run_index(out, IndexConfig(faiss="hnsw", qdrant="none"), use_ray=False)["faiss"]
-    v2 = stage.run_index(out, IndexConfig(faiss="flat", qdrant="none"), use_ray=False)["faiss"]
+    v1 = stage.build_indexes(out, IndexConfig(faiss="hnsw", qdrant="none"), use_ray=False)["faiss"]
+    v2 = stage.build_indexes(out, IndexConfig(faiss="flat", qdrant="none"), use_ray=False)["faiss"]
     assert (v1["version"], v2["version"]) == (1, 2)
     assert v2["path"] == "indexes/faiss/index-v2.faiss" and (Path(out) / v1["path"]).exists()
     state = _index_state(out)
@@ -87,7 +87,7 @@ def test_an_incomplete_output_is_refused(fast_tmp):
     m.data["plan"]["shards"].append({"shard": 3, "rows": 10, "segments": []})
     m.save()
     with pytest.raises(ManifestError, match="1 shards are not committed"):
-        stage.run_index(out, IndexConfig(qdrant="none"), use_ray=False)
+        stage.build_indexes(out, IndexConfig(qdrant="none"), use_ray=False)
 
 
 def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
@@ -120,7 +120,7 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
     collection = killed["collection"]
     assert _qdrant_count(cfg.qdrant, collection) < 1200
 
-    result = stage.run_index(out, IndexConfig(faiss="none", qdrant=cfg.qdrant, collection=cfg.collection,
+    result = stage.build_indexes(out, IndexConfig(faiss="none", qdrant=cfg.qdrant, collection=cfg.collection,
                                               batch_size=64), use_ray=False)["qdrant"]
     assert result["collection"] == collection  # resumed, not a new version
     assert result["status"] == "done" and result["shards_done"] == list(range(40))
@@ -142,7 +142,7 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
 @pytest.mark.ray
 def test_faiss_and_qdrant_build_at_the_same_time_as_ray_tasks(fast_tmp, ray_local):
     out = write_output(fast_tmp / "out", clustered(12000, 32, seed=4), shard_rows=1000)
-    result = stage.run_index(out, IndexConfig(faiss="hnsw", batch_size=100))
+    result = stage.build_indexes(out, IndexConfig(faiss="hnsw", batch_size=100))
     state = _index_state(out)
     f, q = state["faiss"], state["qdrant"]
     assert f["ntotal"] == q["count"] == 12000
@@ -242,7 +242,7 @@ def test_bad_index_settings_are_refused_naming_the_key(fast_tmp, setting, messag
 
     out = write_output(fast_tmp / "out", clustered(50, 8), shard_rows=50)
     with pytest.raises(ConfigError, match=message):
-        stage.run_index(out, IndexConfig(**setting), use_ray=False)
+        stage.build_indexes(out, IndexConfig(**setting), use_ray=False)
 
 
 def test_index_settings_load_from_yaml_and_are_off_by_default(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from index_fixtures import closed_port, clustered, recording_server, write_output
 from reembed import cli
-from reembed import validate as V
+from reembed import validation as V
 from reembed.config import IndexConfig
 from reembed.indexes import build as stage
 from reembed.indexes import qdrant as Q
@@ -93,7 +93,7 @@ def test_a_shard_whose_bytes_changed_is_refused(out, capsys):
 @pytest.mark.parametrize("field,path", [("path", "../elsewhere.faiss"), ("path", "/etc/passwd"),
                                         ("ids_path", "../../ids.parquet")])
 def test_faiss_files_named_outside_the_output_are_refused(out, capsys, field, path):
-    stage.run_index(out, IndexConfig(qdrant="none", faiss="flat"), use_ray=False)
+    stage.build_indexes(out, IndexConfig(qdrant="none", faiss="flat"), use_ray=False)
     _edit(out, lambda d: d["stages"]["index"]["faiss"].update({field: path}))
     err = _one_line(capsys, 1, cli.main(["search", out, "anything"]))
     assert "not a path inside the output" in err or "outside the output" in err
@@ -102,7 +102,7 @@ def test_faiss_files_named_outside_the_output_are_refused(out, capsys, field, pa
 
 
 def test_a_replaced_id_map_is_refused_by_its_sha256(out, capsys):
-    rec = stage.run_index(out, IndexConfig(qdrant="none", faiss="flat"), use_ray=False)["faiss"]
+    rec = stage.build_indexes(out, IndexConfig(qdrant="none", faiss="flat"), use_ray=False)["faiss"]
     ids = Path(out) / rec["ids_path"]
     ids.write_bytes(ids.read_bytes()[::-1])
     _one_line(capsys, 1, cli.main(["search", out, "anything"]), "sha256", rec["ids_path"])
@@ -162,7 +162,7 @@ def test_target_mistakes_are_one_line(tmp_path, capsys, argv, code, words):
 
 def test_swap_and_rollback_refusals_on_embedded_qdrant_are_one_line(out, tmp_path, capsys):
     target = str(tmp_path / "q")
-    stage.run_index(out, IndexConfig(qdrant=target, faiss="none"), use_ray=False)
+    stage.build_indexes(out, IndexConfig(qdrant=target, faiss="none"), use_ray=False)
     _one_line(capsys, 1, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "nope", "--output", out,
                                    "--force"]), "refused", "no collection 'nope'")
     _one_line(capsys, 1, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "documents-v1"]),

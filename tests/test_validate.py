@@ -18,7 +18,7 @@ import pytest
 from migrate_fixtures import (QUERIES, commit_table, corpus, embed, model_info, projected_minilm, queries,
                               write_export, write_output)
 from migrate_fixtures import proj, space  # noqa: F401  (fixtures)
-from reembed import validate as V
+from reembed import validation as V
 from reembed.manifest import Manifest
 from reembed.storage import Location
 

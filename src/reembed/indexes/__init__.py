@@ -8,5 +8,5 @@
   loading, alias swap and rollback.
 * :mod:`reembed.indexes.commands` - ``reembed index | versions | swap | rollback | search``.
 
-Searching an output by text is :mod:`reembed.search`.
+Searching an output by text is :mod:`reembed.indexes.search`.
 """

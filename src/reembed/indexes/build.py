@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 STAGE = "index"
 
 
-def run_index(output: str | Location, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True) -> dict[str, Any]:
+def build_indexes(output: str | Location, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True) -> dict[str, Any]:
     """Build what ``cfg`` asks for (FAISS, Qdrant, or both in parallel) from the shards of ``output`` (a URI,
     or a Location, whose storage settings then travel with it into the build tasks).
 
@@ -85,6 +85,9 @@ def run_index(output: str | Location, cfg: IndexConfig, ray_address: str | None 
                      secs, rows / secs if secs else 0.0, _what(backend, rec))
         log.info("index: %s built in %.1f s", " and ".join(todo), time.monotonic() - t0)
     return results
+
+
+run_index = build_indexes  # the name reembed.pipeline calls
 
 
 def validate(cfg: IndexConfig) -> None:

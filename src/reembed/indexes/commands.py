@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-from reembed.config import ConfigError, load_config, replace_path
+from reembed.config import load_config, replace_path
 from reembed.errors import ReembedError, SwapRefused, UsageError
 from reembed.indexes import build as stage
 from reembed.indexes import qdrant as Q
-from reembed.manifest import Manifest, ManifestError
-from reembed.search import Searcher
-from reembed.storage import Location
-from reembed.validate import check_validation
+from reembed.indexes.search import Searcher
+from reembed.indexes.swap import open_manifest, rollback, swap, target_of
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-URL_ENV = "QDRANT_URL"
 _KEY_HELP = ("The API key is read from QDRANT_API_KEY and sent only to a server you name (--qdrant, QDRANT_URL or "
              "index.qdrant), never to one read from a manifest, and never over plain http to a host other than "
              "this machine unless REEMBED_QDRANT_ALLOW_HTTP=1.")
@@ -109,7 +105,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     for key, value in flags.items():
         if value is not None:
             cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
-    return _guard(lambda: _print_index(stage.run_index(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
+    return _guard(lambda: _print_index(stage.build_indexes(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
                                                        use_ray=not args.no_ray), args.json), args)
 
 
@@ -131,11 +127,11 @@ def _print_index(results: dict[str, Any], as_json: bool) -> int:
 def cmd_versions(args: argparse.Namespace) -> int:
     def run() -> int:
         out: dict[str, Any] = {}
-        manifest = _manifest(args.output) if args.output else None
+        manifest = open_manifest(args.output) if args.output else None
         if manifest is not None:
             st = stage.state_of(manifest)
             out["faiss"] = [r for r in [*st.get("faiss_history", []), st.get("faiss")] if r]
-        target, named = _target(args, manifest, required=manifest is None)
+        target, named = target_of(args.qdrant, manifest, required=manifest is None)
         if target:
             client = Q.connect(target, named_by_user=named)
             try:
@@ -165,28 +161,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_swap(args: argparse.Namespace) -> int:
     def run() -> int:
-        manifest = _manifest(args.output) if args.output else None
-        target, named = _target(args, manifest, required=True)
-        client = Q.connect(target, named_by_user=named)
-        try:
-            if manifest is None:  # the manifest of the output the collection was built from
-                if args.to not in Q.collections(client):
-                    raise Q.SwapRefused(f"no collection {args.to!r} at {Q.describe(target)}")
-                meta = Q.metadata(client, args.to).get(Q.META)
-                if not meta or not meta.get("output"):
-                    raise Q.SwapRefused(f"{args.to}: no output recorded with this collection; pass --output to give "
-                                        "the manifest its point count is checked against")
-                manifest = _manifest(meta["output"])
-            if not args.force:
-                ok, why = check_validation(manifest.loc)
-                if not ok:
-                    raise Q.SwapRefused(f"validation gate: {why}")
-            rows = stage.rows_of(manifest)
-            dim = args.dimension if args.dimension is not None else int(manifest.model["dimension"])
-            result = Q.swap(client, args.alias, args.to, rows=rows, dim=dim, fingerprint=manifest.model.get("fingerprint"))
-        finally:
-            client.close()
-        _print_move(result, args.json)
+        _print_move(swap(args.alias, args.to, qdrant=args.qdrant, output=args.output, dimension=args.dimension,
+                         force=args.force), args.json)
         return EXIT_OK
 
     return _guard(run, args)
@@ -194,14 +170,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     def run() -> int:
-        manifest = _manifest(args.output) if args.output else None
-        target, named = _target(args, manifest, required=True)
-        client = Q.connect(target, named_by_user=named)
-        try:
-            result = Q.rollback(client, args.alias)
-        finally:
-            client.close()
-        _print_move(result, args.json)
+        _print_move(rollback(args.alias, qdrant=args.qdrant, output=args.output), args.json)
         return EXIT_OK
 
     return _guard(run, args)
@@ -238,32 +207,6 @@ def _print_move(result: dict[str, Any], as_json: bool) -> None:
         print(f"alias {result['alias']} already points at {result['to']}; nothing changed")
     else:
         print(f"alias {result['alias']}: {result['from'] or '(new)'} -> {result['to']}")
-
-
-def _manifest(uri: str):
-    m = Manifest.load(Location.from_uri(uri))
-    if m is None:
-        raise ManifestError(f"{uri}: no manifest.json here (not a reembed output)")
-    return m
-
-
-def _target(args: argparse.Namespace, manifest, required: bool) -> tuple[str | None, bool]:
-    """(target, named by the user): --qdrant, else the manifest's recorded target, else QDRANT_URL. A target
-    read from the manifest gets the API key only when it is the server QDRANT_URL names."""
-    if args.qdrant:
-        return args.qdrant, True
-    env = os.environ.get(URL_ENV) or None
-    if manifest is not None:
-        rec = stage.state_of(manifest).get("qdrant")
-        if rec and rec.get("target"):
-            target = rec["target"]
-            return target, bool(env) and Q.describe(env) == Q.describe(target)
-    if env:
-        return env, True
-    if required:
-        raise ConfigError("--qdrant URL_OR_PATH is required (or --output of a job whose manifest records a Qdrant "
-                          "target, or QDRANT_URL)")
-    return None, False
 
 
 def _guard(fn, args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Exact search and recall: the one exact kNN (after faiss ``contrib/exhaustive_search.py``'s
 ``knn_ground_truth(xq, db_iterator, k)``), used by the FAISS build's tuning, the validation gate and
-``reembed.search``. Numpy only, so every layer above can use it.
+``reembed.indexes.search``. Numpy only, so every layer above can use it.
 
 Recall counts a returned id as right when it is one of the exact top-k *or* one of the exact neighbours tied
 with the k-th (within ``TIE``): with duplicate documents, which of several equal vectors comes back is

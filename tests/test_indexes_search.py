@@ -1,4 +1,4 @@
-"""reembed.search: `reembed search` answers what exact search answers, and the validation gate's ANN figure
+"""reembed.indexes.search: `reembed search` answers what exact search answers, and the validation gate's ANN figure
 is the recall `search` gives (issue 11: search returned unrelated documents while the gate said 0.96).
 
 The reproduction: ~6,000 documents in five tight topics (seeded clustered vectors) with a tiny model from
@@ -15,12 +15,12 @@ import pytest
 from index_fixtures import clustered, write_output
 from reembed import cli
 from reembed import schema as S
-from reembed import validate as V
+from reembed import validation as V
 from reembed.config import IndexConfig
 from reembed.indexes import build as stage
 from reembed.indexes import faiss as F
 from reembed.indexes.exact import DEPTH, KnnHeap, exact_knn, recall
-from reembed.search import Searcher, check_k
+from reembed.indexes.search import Searcher, check_k
 from reembed.errors import UsageError
 
 WORDS = ("cat dog bird fish tree river mountain city car train music art science history sport food water fire "
@@ -43,7 +43,7 @@ def topics_output(tmp_path_factory, tiny_mean):
     model = tiny_mean
     vectors = clustered(ROWS, DIM, clusters=5, spread=0.3, seed=3)
     out = write_output(tmp_path_factory.mktemp("topics") / "out", vectors, shard_rows=1_000, model_name=str(model))
-    rec = stage.run_index(out, IndexConfig(qdrant="none"), use_ray=False)["faiss"]
+    rec = stage.build_indexes(out, IndexConfig(qdrant="none"), use_ray=False)["faiss"]
     return out, rec
 
 
@@ -109,7 +109,7 @@ def test_the_gate_catches_an_id_map_out_of_order(tmp_path, tiny_mean):
     from reembed.storage import Location
 
     out = write_output(tmp_path / "out", clustered(600, DIM, clusters=5, seed=4), shard_rows=200, model_name=str(tiny_mean))
-    rec = stage.run_index(out, IndexConfig(qdrant="none", faiss="flat"), use_ray=False)["faiss"]
+    rec = stage.build_indexes(out, IndexConfig(qdrant="none", faiss="flat"), use_ray=False)["faiss"]
     settings = V.Settings(sample=20, builtin_pairs=False)
     assert V.validate(out, settings=settings, write=False)["gates"]["ann_recall"]["recall"]["faiss"] == 1.0
     ids_file = tmp_path / "out" / rec["ids_path"]

@@ -11,7 +11,7 @@ Gates, each ``pass``, ``fail``, ``info`` (reported, not gated) or ``skipped`` (n
   unrelated pairs at most ``unrelated_max`` (a built-in set plus ``--pairs FILE``);
 * **ann_recall** - recall@k of the output's own FAISS index measured the way ``reembed search`` answers:
   text queries (labelled queries, the sanity-pair sentences, and a few words cut from sampled documents)
-  embedded by the same query path and searched through :class:`reembed.search.Searcher`, the same index
+  embedded by the same query path and searched through :class:`reembed.indexes.search.Searcher`, the same index
   file and id map, against exact search of the same vectors; other ANN searchers (``searchers=``, e.g. a
   Qdrant collection) on those query vectors and on sampled documents; at least ``min_ann_recall``;
 * **overlap** - old vs new: mean overlap@k of each sampled document's k nearest neighbours in the old
@@ -26,7 +26,7 @@ holds one shard and the running top-k, never the corpus. ``reembed swap`` calls
 
 The package: :mod:`.gates` (the gates on data), :mod:`.integrity` (streaming the shards and the old
 store), :mod:`.queries` (pairs and labelled queries), :mod:`.report` (HTML). Search adapters and the
-exact kNN live in :mod:`reembed.search`.
+exact kNN live in :mod:`reembed.indexes.search`.
 """
 
 from __future__ import annotations
@@ -46,17 +46,17 @@ from reembed.indexes.build import faiss_record, state_of
 from reembed.indexes.exact import DEPTH
 from reembed.indexes.faiss import read_ids_file as read_ids, read_index_file as read_faiss  # noqa: F401 (re-exported)
 from reembed.manifest import Manifest, now
-from reembed.search import (Searcher, exact_knn, faiss_searcher, normalize as _normalize, qdrant_searcher,  # noqa: F401
+from reembed.indexes.search import (Searcher, exact_knn, faiss_searcher, normalize as _normalize, qdrant_searcher,  # noqa: F401
                             query_embedder, recall, text_embedder)
 from reembed.storage import Location
-from reembed.validate.gates import (FAIL, INFO, PASS, SKIPPED, Search, Settings, ab_gate, ann_gate,  # noqa: F401
+from reembed.validation.gates import (FAIL, INFO, PASS, SKIPPED, Search, Settings, ab_gate, ann_gate,  # noqa: F401
                                     ann_recall, check_vectors, ndcg_at_k, neighbour_overlap, overlap_gate,
                                     recall_at_k, retrieval_metrics, sanity_pairs)
-from reembed.validate.integrity import (OLD_EMBEDDING, _integrity_pass, _lookup_vectors, _old_manifest_model,  # noqa: F401
+from reembed.validation.integrity import (OLD_EMBEDDING, _integrity_pass, _lookup_vectors, _old_manifest_model,  # noqa: F401
                                         _old_source, _shard_batches, _shards_have, _stack)
-from reembed.validate.queries import (PARAPHRASES, UNRELATED, LabelledQuery, Pair, builtin_pairs,  # noqa: F401
+from reembed.validation.queries import (PARAPHRASES, UNRELATED, LabelledQuery, Pair, builtin_pairs,  # noqa: F401
                                       load_pairs, load_queries)
-from reembed.validate.report import _json_default, render_html  # noqa: F401
+from reembed.validation.report import _json_default, render_html  # noqa: F401
 
 log = logging.getLogger(__name__)
 

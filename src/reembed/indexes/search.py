@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
+def search(output: str | Location, queries: str | Sequence[str], k: int = 10, version: int | None = None,
+           model: str | None = None) -> list[list[tuple[str, float]]]:
+    """The ``k`` nearest documents (id, cosine) of each query text in the output's FAISS index, best first:
+    what ``reembed search`` prints. Opens the index each call; hold a :class:`Searcher` to search often."""
+    return Searcher(output, version=version, model=model).search([queries] if isinstance(queries, str) else queries, k)
+
+
 class Searcher:
     """Text or vector search over an output's FAISS index (the newest finished build, or ``version``).
 

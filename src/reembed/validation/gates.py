@@ -9,8 +9,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from reembed.indexes.exact import normalize, recall
-from reembed.search import Search
-from reembed.validate.queries import LabelledQuery, Pair
+from reembed.indexes.search import Search
+from reembed.validation.queries import LabelledQuery, Pair
 
 PASS, FAIL, INFO, SKIPPED = "pass", "fail", "info", "skipped"
 

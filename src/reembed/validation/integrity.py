@@ -16,7 +16,7 @@ from reembed.errors import StorageError, ValidationError
 from reembed.indexes.build import read_shard
 from reembed.manifest import Manifest
 from reembed.storage import Location, list_inputs
-from reembed.validate.gates import FAIL, PASS, Settings, check_vectors
+from reembed.validation.gates import FAIL, PASS, Settings, check_vectors
 
 OLD_EMBEDDING = "old_embedding"
 
