@@ -41,6 +41,27 @@ def minilm() -> Path:
     return minilm_path()
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """(folder, resize): a tmpfs of 96 KiB mounted at ``folder``, a disk that really fills up; ``resize("8m")``
+    grows or shrinks it. Needs root to mount; skipped where mounting is not allowed."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+    try:
+        yield mnt, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray for the whole session: 2 CPUs, a small object store, loopback only."""
@@ -87,3 +108,29 @@ def make_docs(n: int, prefix: str = "d", start: int = 0) -> list[dict]:
         docs.append({"id": f"{prefix}{i}", "text": " ".join(words[(i + j) % len(words)] for j in range(k)),
                      "lang": "en" if i % 2 else "fr"})
     return docs
+
+
+def embedded_rows(shard: int, n: int, dim: int = 4, dead: dict[int, str] | None = None, seed: int = 0) -> pa.Table:
+    """A shard's rows as the Embedder hands them to the shard writer: ids ``s{shard}-{pos}``, seeded vectors,
+    and a dead-letter reason at the positions in ``dead`` (those rows carry a zero vector, as embed does)."""
+    import numpy as np
+
+    from reembed import schema as S
+
+    dead = dead or {}
+    rng = np.random.default_rng(seed + shard)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    return pa.table({
+        S.ID: pa.array([f"s{shard}-{i}" for i in range(n)], pa.string()),
+        S.TEXT: pa.array([f"text {i}" for i in range(n)], pa.string()),
+        S.REASON: pa.array([dead.get(i) for i in range(n)], pa.string()),
+        S.SOURCE_FILE: pa.array(["in/a.parquet"] * n, pa.string()),
+        S.SOURCE_ROW: pa.array(range(shard * 1000, shard * 1000 + n), pa.int64()),
+        "lang": pa.array(["en" if i % 2 else None for i in range(n)], pa.string()),
+        S.SHARD: pa.array([shard] * n, pa.int32()),
+        S.POS: pa.array(range(n), pa.int64()),
+        S.EMBEDDING: S.embedding_array(vectors),
+        S.TRUNCATED: pa.array([i % 5 == 0 for i in range(n)]),
+        "_tokens": pa.array([3] * n, pa.int64()),
+        "_device_s": pa.array([0.001] * n, pa.float64()),
+    })

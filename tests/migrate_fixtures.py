@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 from reembed import schema as S
 from reembed.embed import fingerprint
 from reembed.manifest import Manifest
-from reembed.storage import Location
+from reembed.storage import Location, json_lines
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "migrate_corpus.jsonl"
@@ -26,11 +25,11 @@ PROJECTION_SEED = 1234
 
 
 def corpus() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
+    return [obj for _, obj in json_lines(CORPUS.read_bytes(), str(CORPUS))]
 
 
 def queries() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in QUERIES.read_text().splitlines() if line.strip()]
+    return [obj for _, obj in json_lines(QUERIES.read_bytes(), str(QUERIES))]
 
 
 def projected_minilm(folder: Path) -> Path:

@@ -315,16 +315,12 @@ def s3_user(moto_server) -> Credentials:
 @pytest.fixture
 def s3_env(moto_server, s3_user, monkeypatch):
     """The standard AWS variables pointing this process at the test server with ``s3_user``'s keys."""
-    from reembed import storage
-
     for k in list(os.environ):
         if k.startswith("AWS_"):
             monkeypatch.delenv(k)
     for k, v in aws_env(s3_user, moto_server.endpoint).items():
         monkeypatch.setenv(k, v)
-    storage.configure(None)
     yield moto_server
-    storage.configure(None)
 
 
 _bucket_seq = iter(range(10_000))

@@ -1,4 +1,4 @@
-"""reembed export: each store that runs here (Chroma persistent + HTTP, Qdrant embedded, FAISS) round-trips
+"""reembed.migrate.export: each store that runs here (Chroma persistent + HTTP, Qdrant embedded, FAISS) round-trips
 counts, ids, texts, metadata and old vectors exactly."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from migrate_fixtures import corpus, embed
-from reembed import exporters
-from reembed.exporters import Batch, ExportError, PartWriter
+from reembed import migrate as M
+from reembed.migrate import Batch, ExportError, PartWriter, PineconeStore, WeaviateStore
 from reembed.storage import Location
 
 
@@ -66,7 +66,7 @@ def test_chroma_persistent_round_trip(tmp_path, docs):
 
     fill_chroma(chromadb.PersistentClient(path=str(tmp_path / "chroma")), docs)
     out = tmp_path / "backup"
-    summary = exporters.export(f"chroma://{tmp_path}/chroma?collection=docs", str(out), page_size=7, part_rows=25)
+    summary = M.export(f"chroma://{tmp_path}/chroma?collection=docs", str(out), page_size=7, part_rows=25)
 
     table, meta = read_export(out)
     rows, vectors = docs
@@ -89,7 +89,7 @@ def test_chroma_cosine_exports_what_chroma_stores(tmp_path, docs):
 
     col = fill_chroma(chromadb.PersistentClient(path=str(tmp_path / "chroma")), docs, space="cosine")
     stored = col.get(include=["embeddings"])
-    exporters.export(f"chroma://{tmp_path}/chroma?collection=docs", str(tmp_path / "out"), page_size=13)
+    M.export(f"chroma://{tmp_path}/chroma?collection=docs", str(tmp_path / "out"), page_size=13)
     table, meta = read_export(tmp_path / "out")
     assert meta["metric"] == "cosine"
     want = dict(zip(stored["ids"], np.asarray(stored["embeddings"], np.float32)))
@@ -117,7 +117,7 @@ def test_chroma_http_server_round_trip(tmp_path, docs):
         client = _wait_for_chroma(chromadb, port)
         fill_chroma(client, docs, name="remote")
         out = tmp_path / "backup"
-        exporters.export(f"chroma://127.0.0.1:{port}?collection=remote", str(out), page_size=16)
+        M.export(f"chroma://127.0.0.1:{port}?collection=remote", str(out), page_size=16)
         table, meta = read_export(out)
         assert_round_trip(table, *docs)
         assert meta["source"] == f"chroma://127.0.0.1:{port}?collection=remote"
@@ -162,7 +162,7 @@ def test_qdrant_embedded_round_trip(tmp_path, docs):
     client.close()
 
     out = tmp_path / "backup"
-    summary = exporters.export(f"qdrant://{tmp_path}/qdrant?collection=docs&text_field=body&id_field=doc_id",
+    summary = M.export(f"qdrant://{tmp_path}/qdrant?collection=docs&text_field=body&id_field=doc_id",
                                str(out), page_size=9, part_rows=1000)
     table, meta = read_export(out)
     assert_round_trip(table, rows, vectors)
@@ -184,8 +184,8 @@ def test_qdrant_named_vectors_need_a_choice(tmp_path, docs):
     client.close()
     uri = f"qdrant://{tmp_path}/qdrant?collection=docs"
     with pytest.raises(ExportError, match="several named vectors"):
-        exporters.export(uri, str(tmp_path / "a"))
-    exporters.export(uri + "&vector=minilm", str(tmp_path / "b"))
+        M.export(uri, str(tmp_path / "a"))
+    M.export(uri + "&vector=minilm", str(tmp_path / "b"))
     table, _ = read_export(tmp_path / "b")
     assert table.column("id").to_pylist() == [str(i) for i in range(10)]  # point ids when no id_field
     got = np.asarray(table.column("old_embedding").combine_chunks().flatten()).reshape(10, -1)
@@ -206,7 +206,7 @@ def test_faiss_flat_with_positional_docstore(tmp_path, docs):
     pq.write_table(pa.Table.from_pylist([{"id": r["id"], "text": r["text"], "topic": r["topic"]} for r in rows]),
                    tmp_path / "docstore.parquet")
 
-    summary = exporters.export(f"faiss://{tmp_path}/index.faiss?docstore=docstore.parquet", str(tmp_path / "out"),
+    summary = M.export(f"faiss://{tmp_path}/index.faiss?docstore=docstore.parquet", str(tmp_path / "out"),
                                page_size=16)
     table, meta = read_export(tmp_path / "out")
     assert_round_trip(table, rows, vectors)
@@ -226,7 +226,7 @@ def test_faiss_idmap_with_jsonl_docstore_in_any_order(tmp_path, docs):
         for i in order:
             f.write(json.dumps({"position": int(labels[i]), "id": rows[i]["id"], "text": rows[i]["text"]}) + "\n")
 
-    exporters.export(f"faiss://{tmp_path}/index.faiss?docstore={tmp_path}/docs.jsonl", str(tmp_path / "out"))
+    M.export(f"faiss://{tmp_path}/index.faiss?docstore={tmp_path}/docs.jsonl", str(tmp_path / "out"))
     table, meta = read_export(tmp_path / "out")
     assert_round_trip(table, rows, vectors)
     assert meta["metric"] == "l2"
@@ -242,7 +242,7 @@ def test_faiss_docstore_mismatch_is_named(tmp_path, docs):
     faiss.write_index(index, str(tmp_path / "index.faiss"))
     pq.write_table(pa.Table.from_pylist([{"id": r["id"], "text": r["text"]} for r in rows[:-1]]), tmp_path / "d.parquet")
     with pytest.raises(ExportError, match="docstore has 59 rows and the index 60 vectors"):
-        exporters.export(f"faiss://{tmp_path}/index.faiss?docstore=d.parquet", str(tmp_path / "out"))
+        M.export(f"faiss://{tmp_path}/index.faiss?docstore=d.parquet", str(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,17 +282,17 @@ def test_export_refuses_to_overwrite_and_secrets_in_uris(tmp_path, docs):
 
     fill_chroma(chromadb.PersistentClient(path=str(tmp_path / "chroma")), docs)
     uri = f"chroma://{tmp_path}/chroma?collection=docs"
-    exporters.export(uri, str(tmp_path / "out"), part_rows=40)
+    M.export(uri, str(tmp_path / "out"), part_rows=40)
     with pytest.raises(ExportError, match="already holds an export"):
-        exporters.export(uri, str(tmp_path / "out"))
-    summary = exporters.export(uri, str(tmp_path / "out"), part_rows=100, overwrite=True)
+        M.export(uri, str(tmp_path / "out"))
+    summary = M.export(uri, str(tmp_path / "out"), part_rows=100, overwrite=True)
     assert len(summary["parts"]) == 1 and sorted(os.listdir(tmp_path / "out")) == ["_export.json", "part-00000.parquet"]
     with pytest.raises(ExportError, match="secrets never go in a URI .* set QDRANT_API_KEY"):
-        exporters.parse_source("qdrant://db:6333?collection=docs&api_key=abc")
+        M.parse_uri("qdrant://db:6333?collection=docs&api_key=abc")
     with pytest.raises(ExportError, match=r"no Chroma collection 'nope' \(collections: docs\)"):
-        exporters.export(f"chroma://{tmp_path}/chroma?collection=nope", str(tmp_path / "x"))
+        M.export(f"chroma://{tmp_path}/chroma?collection=nope", str(tmp_path / "x"))
     with pytest.raises(ExportError, match="unknown store scheme"):
-        exporters.parse_source("milvus://host/docs")
+        M.parse_uri("milvus://host/docs")
 
 
 def test_cli_export(tmp_path, docs, capsys):
@@ -334,7 +334,7 @@ def test_pinecone_paging_against_a_stand_in():
             return _Obj(vectors={i: vectors[i] for i in ids if i != "v7"})  # v7 deleted meanwhile
 
     idx = Index()
-    batches = list(exporters.pinecone_batches(idx, "ns", page_size=100, fetch_size=40))
+    batches = list(PineconeStore(idx, "ns", fetch_size=40).batches(page_size=100))
     ids = [i for b in batches for i in b.ids]
     assert len(ids) == 249 and "v7" not in ids and max(idx.fetches) == 40
     b = batches[0]
@@ -350,7 +350,7 @@ def test_weaviate_cursor_against_a_stand_in():
             assert include_vector
             return iter(objs)
 
-    batches = list(exporters.weaviate_batches(Collection(), page_size=2))
+    batches = list(WeaviateStore(Collection()).batches(page_size=2))
     assert [len(b) for b in batches] == [2, 2, 1]
     assert batches[2].ids == [objs[4].uuid] and batches[2].texts == ["t4"] and batches[2].metadata == [{"k": 4}]
     assert np.array_equal(batches[1].vectors, np.array([[1, 2], [1, 3]], np.float32))

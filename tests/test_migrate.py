@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from migrate_fixtures import corpus, embed, model_info, projected_minilm, write_output
+from migrate_fixtures import embed, model_info, write_output
 from migrate_fixtures import proj, space  # noqa: F401  (fixtures)
 from reembed import migrate as M
+from reembed.indexes.qdrant import point_id
 
 
 def chroma_store(path, space, minilm, keep=None):
@@ -117,8 +118,6 @@ def test_dual_query_refuses_a_store_without_a_model(tmp_path, space, minilm, pro
 def test_faiss_and_export_folder_stores(tmp_path, space, minilm, proj):
     import faiss
 
-    from reembed import exporters
-
     index = faiss.IndexIDMap(faiss.IndexFlatIP(384))
     labels = np.arange(60, dtype=np.int64) + 1000
     index.add_with_ids(space["old"], labels)
@@ -129,7 +128,7 @@ def test_faiss_and_export_folder_stores(tmp_path, space, minilm, proj):
     new = M.open_store(output_store(tmp_path / "new", space, proj), None, "new")
     assert M.dual_query("goalkeeper stops a penalty", old, new, k=3)[0].id == "soccer-1"
 
-    exporters.export(uri, str(tmp_path / "export"))
+    M.export(uri, str(tmp_path / "export"))
     exported = M.open_store(str(tmp_path / "export"), str(minilm), "old")
     assert exported.kind == "exact" and M.dual_query("goalkeeper stops a penalty", exported, new, k=3)[0].id == "soccer-1"
     with pytest.raises(M.MigrationError, match="read-only here"):
@@ -146,7 +145,7 @@ def qdrant_new_store(path, space, proj, with_corpus=True):
     client = QdrantClient(path=str(path))
     client.create_collection("docs", vectors_config=models.VectorParams(size=1024, distance=models.Distance.COSINE))
     if with_corpus:
-        client.upsert("docs", points=[models.PointStruct(id=M.point_id(d), vector=v.tolist(), payload={"id": d, "text": t})
+        client.upsert("docs", points=[models.PointStruct(id=point_id(d), vector=v.tolist(), payload={"id": d, "text": t})
                                       for d, v, t in zip(space["ids"], space["new"], space["texts"])])
     client.close()
     return f"qdrant://{path}?collection=docs"
@@ -161,11 +160,11 @@ def test_dual_write_lands_in_both_stores_with_each_model(tmp_path, space, minilm
         summary = M.dual_write(docs, old, new)
         assert summary["rows"] == 2
 
-        got = old.collection.get(ids=["late-1", "late-2"], include=["embeddings", "documents", "metadatas"])
+        got = old.handle.get(ids=["late-1", "late-2"], include=["embeddings", "documents", "metadatas"])
         assert got["documents"] == [d["text"] for d in docs] and got["metadatas"][0] == {"topic": "cook"}
         want_old = embed(minilm, [d["text"] for d in docs], None)
         assert np.allclose(np.asarray(got["embeddings"]), want_old, atol=1e-5)
-        points = new.client.retrieve("docs", ids=[M.point_id("late-1")], with_vectors=True)
+        points = new.client.retrieve("docs", ids=[point_id("late-1")], with_vectors=True)
         assert points[0].payload == {"id": "late-1", "text": docs[0]["text"], "topic": "cook"}
         assert np.allclose(points[0].vector, embed(proj, [docs[0]["text"]])[0], atol=1e-5)
 
@@ -173,7 +172,7 @@ def test_dual_write_lands_in_both_stores_with_each_model(tmp_path, space, minilm
         assert hits[0].id == "late-1" and hits[0].ranks == {"old": 1, "new": 1}
         # Upserts: writing the same documents again changes nothing.
         M.dual_write(docs, old, new)
-        assert old.collection.count() == 62 and new.client.count("docs").count == 62
+        assert old.handle.count() == 62 and new.client.count("docs").count == 62
     finally:
         new.close()
 
@@ -185,17 +184,11 @@ def test_dual_write_reports_a_half_done_write(tmp_path, space, minilm, proj):
     try:
         with pytest.raises(M.DualWriteError, match="written to 'old' but not to 'new'.*retry the same call"):
             M.dual_write([{"id": "late-1", "text": "A new document."}], old, new)
-        assert old.collection.get(ids=["late-1"])["ids"] == ["late-1"]
+        assert old.handle.get(ids=["late-1"])["ids"] == ["late-1"]
         with pytest.raises(M.MigrationError, match="document 0: needs"):
             M.dual_write([{"id": "x", "text": "  "}], old, new)
     finally:
         new.close()
-
-
-def test_point_ids():
-    assert M.point_id("42") == 42
-    assert M.point_id("0b0e4c6e-6b7a-4a8e-9c53-2f1e1c4f3a10") == "0b0e4c6e-6b7a-4a8e-9c53-2f1e1c4f3a10"
-    assert M.point_id("cook-1") == M.point_id("cook-1") != M.point_id("cook-2")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -127,8 +127,6 @@ class JobConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     on_bad_file: Literal["fail", "skip"] = "fail"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -142,7 +140,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from e
         try:
-            loaded = yaml.safe_load(text)
+            loaded = _load_yaml(text, str(path))
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if loaded is None:
@@ -156,6 +154,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+# A job.yaml is a few dozen keys. YAML aliases let a few hundred bytes stand for billions of nodes (the
+# "billion laughs"); PyYAML shares the aliased objects, but anything that walks or prints the value expands
+# them. Refuse a document whose expanded size is past this many nodes, before constructing anything.
+MAX_YAML_NODES = 10_000
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            size = _expanded_size(node, {})
+            if size > MAX_YAML_NODES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values through its "
+                                  "aliases (&anchor / *alias); a job config needs no such nesting: write the values out")
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (memoised: linear in the document)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 1  # a recursive alias counts once instead of looping
+        if isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_expanded_size(child, memo) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        memo[key] = min(memo[key], MAX_YAML_NODES + 1)
+    return memo[key]
+
+
+def _show(value: Any) -> str:
+    """A value echoed in an error message: bounded, whatever the user wrote."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 60, 60, 4, 4, 2
+    return r.repr(value)
+
+
 def apply_override(cfg: JobConfig, item: str) -> JobConfig:
     """Apply one ``section.key=value`` override (value parsed as YAML: ``8``, ``true``, ``[a, b]``)."""
     if "=" not in item:
@@ -163,7 +203,7 @@ def apply_override(cfg: JobConfig, item: str) -> JobConfig:
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw, f"--set {key}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return replace_path(cfg, parts, value, source=f"--set {item}")
@@ -221,34 +261,34 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return _coerce(inner[0], value, key, source)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, args))}, got {_show(value)}")
         return value
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{source}: {key} must be a list of strings, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a list of strings, got {_show(value)}")
         return tuple(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 0:
                 raise ConfigError(f"{source}: {key} must be >= 0, got {value}")
             return value
-        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be an integer, got {_show(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value < 0:
                 raise ConfigError(f"{source}: {key} must be >= 0, got {value}")
             return float(value)
-        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be a string, got {_show(value)}")
     raise ConfigError(f"{source}: {key}: unsupported setting type {tp}")  # pragma: no cover
 
 

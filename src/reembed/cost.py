@@ -19,10 +19,8 @@ The default price table names its date and source; ``--prices`` overrides any pa
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 from reembed.errors import PriceError  # noqa: F401 (re-exported)
@@ -77,15 +75,16 @@ def load_prices(path: str | Path | None = None) -> dict[str, Any]:
     return prices
 
 
-def price_runs(outputs: Sequence[str], prices: dict[str, Any]) -> list[dict[str, Any]]:
-    """One priced row per recorded run of each output (a resumed job has several)."""
+def price_runs(outputs: Sequence[str], prices: dict[str, Any], settings: Any = None) -> list[dict[str, Any]]:
+    """One priced row per recorded run of each output (a resumed job has several); ``settings`` are the
+    outputs' storage settings (``storage.Settings``)."""
     from reembed import storage
     from reembed.manifest import Manifest
 
     rows = []
     labels = _labels(outputs)
     for uri, label in zip(outputs, labels):
-        m = Manifest.load(storage.Location.from_uri(uri))
+        m = Manifest.load(storage.Location.from_uri(uri, settings))
         if m is None:
             raise PriceError(f"{uri}: no manifest.json here (not a reembed output)")
         runs = [r for r in m.data.get("runs", []) if r.get("rows")]
@@ -153,9 +152,6 @@ def _labels(outputs: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # Output
 
-
-COLUMNS = ("run", "device", "count", "wall_seconds", "utilisation", "docs", "tokens", "docs_per_s_per_device",
-           "cost_usd", "usd_per_1m_docs", "usd_per_1m_tokens")
 
 
 def format_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> str:
@@ -225,36 +221,3 @@ def _round(v, digits: int):
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "cost", help="price recorded runs side by side: $ per 1M docs and tokens, docs/s per device",
-        description="Price every recorded run of the given outputs (GPU and CPU alike) from the device type and "
-                    "count, wall time, documents and tokens in their manifests. Prints a table and writes an HTML "
-                    "report with bar charts.",
-    )
-    p.add_argument("outputs", nargs="+", metavar="OUTPUT_URI", help="job output folders or URIs")
-    p.add_argument("--prices", metavar="prices.yaml", help="override the default price table (as_of, source, "
-                   "currency, devices: {TYPE: USD per hour}, cpu: USD per CPU-hour)")
-    p.add_argument("--report", default="reembed-cost.html", metavar="PATH", help="HTML report (default reembed-cost.html)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.set_defaults(func=cmd_cost)
-
-
-def cmd_cost(args: argparse.Namespace) -> int:
-    try:
-        prices = load_prices(args.prices)
-        rows = price_runs(args.outputs, prices)
-    except PriceError as e:
-        print(f"reembed: cost: {e}", file=sys.stderr)
-        return 1
-    if args.report:
-        write_report(rows, prices, args.report)
-    if args.json:
-        print(json.dumps({"prices": prices, "runs": rows}, indent=1))
-    else:
-        print(format_table(rows, prices))
-        if args.report:
-            print(f"report: {args.report}")
-    return 0

@@ -12,6 +12,12 @@ Before a job writes shards it claims the output (:meth:`Manifest.claim`): one co
 every job that read the manifest earlier (their next save fails), after which files under ``shards/`` and
 ``dead_letter/`` that no committed record names are leftovers and can be deleted safely.
 
+Every path in a manifest is relative to the output and must stay inside it: :meth:`Manifest.load` refuses a
+manifest that names ``../x``, ``/etc/passwd`` or another bucket's URI, and :func:`read_recorded` (the one
+way a file is read on a manifest's word) checks the path again and the bytes against their sha256. This
+holds for the ``path`` / ``*_path`` entries a later stage records under ``stages`` too: a stage that must
+remember a file outside the output records it under another name (a URI the user gave, say ``target``).
+
 Layout::
 
     {
@@ -32,14 +38,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
+import hashlib
 import json
 import logging
 import os
+import posixpath
+import re
 from typing import Any, Iterator
 
 from reembed import storage
+from reembed.errors import ChecksumError, ConcurrentWriteError, ManifestError, StorageError  # noqa: F401 (re-exported)
 from reembed.storage import Location
-from reembed.errors import ConcurrentWriteError, ManifestError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +91,9 @@ class Manifest:
         try:
             data = json.loads(raw)
         except ValueError as e:
-            raise ManifestError(f"{loc.display(MANIFEST)}: not valid JSON ({e}); restore it or start a fresh output") from e
-        if data.get("format") != FORMAT:
-            raise ManifestError(f"{loc.display(MANIFEST)}: unknown manifest format {data.get('format')!r}")
+            raise ManifestError(f"{loc.display(MANIFEST)}: not valid JSON ({e}); restore it or start a fresh "
+                                "output (--fresh)") from e
+        check_layout(loc, data)
         return cls(loc, data, version)
 
     @classmethod
@@ -122,6 +132,9 @@ class Manifest:
             self.data["updated_at"] = now()
             try:
                 self.loc.write_bytes(json.dumps(self.data, indent=1, sort_keys=False).encode(), MANIFEST)
+            except OSError as e:
+                self.data["generation"] = mine
+                raise write_failed(e, self.loc.display(MANIFEST)) from e
             except BaseException:
                 self.data["generation"] = mine
                 raise
@@ -143,13 +156,6 @@ class Manifest:
         except BaseException:
             self.data["generation"] = mine
             raise
-
-    def reload(self) -> None:
-        fresh = Manifest.load(self.loc)
-        if fresh is None:
-            raise ManifestError(f"{self.loc.display(MANIFEST)}: disappeared")
-        self.data = fresh.data
-        self._version = fresh._version
 
     def check_current(self) -> None:
         """Raise :class:`ConcurrentWriteError` unless the stored manifest is still the one this job last
@@ -179,7 +185,37 @@ class Manifest:
         self.save()
         for path in leftovers:
             self.loc.delete_path(path)
-        return len(leftovers)
+        return len(leftovers) + self.clean_temp(*folders)
+
+    def clean_temp(self, *folders: str) -> int:
+        """Remove what killed saves left behind: ``manifest.json.tmp-*`` and the same temporary names of the
+        other files the manifest names outside ``shards`` (``plan/duplicates.parquet.tmp-*``), and empty
+        ``_tmp/`` folders under ``folders``. Only these names are touched, never another file. Returns how
+        many were removed.
+
+        Temporary files exist only where writes go through a rename (local and POSIX-like filesystems);
+        the manifest's are removed under the lock every save takes, so no save in progress loses its file.
+        """
+        if self.loc.is_object_store:
+            return 0
+        removed = 0
+        singles = [MANIFEST]
+        dup = (self.data.get("duplicates") or {}).get("path")
+        if dup:
+            singles.append(dup)
+        with _lock(self.loc):
+            for rel in singles:
+                folder, name = posixpath.split(rel)
+                pattern = re.compile(re.escape(name) + r"\.tmp-[0-9a-f]{12}")
+                for info in self.loc.list(folder) if folder else self.loc.list():
+                    if pattern.fullmatch(posixpath.basename(info.path)):
+                        self.loc.delete_path(info.path)
+                        removed += 1
+        for folder in folders:
+            removed += _remove_empty_dir(self.loc, posixpath.join(folder, "_tmp"))
+        if removed:
+            log.info("%s: removed %d temporary file(s) or folder(s) left by an interrupted attempt", self.loc.uri, removed)
+        return removed
 
     def discard_uncommitted(self, shard: int, *folders: str) -> int:
         """Delete the files of ``shard`` under ``folders`` that are not committed, after checking that this
@@ -213,9 +249,10 @@ class Manifest:
         if not self.loc.exists(MANIFEST):
             return None
         try:
-            return json.loads(self.loc.read_bytes(MANIFEST)).get("generation")
+            stored = json.loads(self.loc.read_bytes(MANIFEST))
         except ValueError:
             return None
+        return stored.get("generation") if isinstance(stored, dict) else None
 
     # -- queries -------------------------------------------------------------------------------------
 
@@ -255,14 +292,12 @@ class Manifest:
         return {"embedded": rows, "dead_lettered": dead, "reasons": reasons, "truncated": truncated,
                 "tokens": tokens, "bytes": size, "device_seconds": device_s}
 
-    def shard_paths(self) -> Iterator[tuple[int, str]]:
-        """(shard, path relative to the output) for every committed shard, in shard order."""
-        for shard, rec in sorted(self.committed.items()):
-            yield shard, rec["path"]
-
     # -- updates -------------------------------------------------------------------------------------
 
     def commit_shard(self, shard: int, record: dict[str, Any]) -> None:
+        for field in _PATH_FIELDS:
+            if field in record:
+                inside_output(self.loc, record[field], f"shards.{shard:05d}.{field}")
         record = {**record, "committed_at": now()}
         self.data["shards"][f"{shard:05d}"] = record
         try:
@@ -278,6 +313,141 @@ class Manifest:
     def set_stage(self, name: str, state: dict[str, Any]) -> None:
         self.data.setdefault("stages", {})[name] = state
         self.save()
+
+
+def inside_output(loc: Location, rel: Any, key: str) -> str:
+    """``rel``, a path the manifest names at ``key``, normalised, once it is known to stay inside the output.
+
+    Refused with a one-line :class:`ManifestError`: anything but a non-empty relative path, a URI (another
+    bucket), an absolute path, a ``..`` step, and on a local disk a symlink that leads out of the output.
+    """
+    where = loc.display(MANIFEST)
+    if not isinstance(rel, str) or not rel.strip():
+        raise ManifestError(f"{where}: {key} is {rel!r}, not a path inside the output; restore the manifest "
+                            "or start a fresh output (--fresh)")
+    parts = rel.replace("\\", "/").split("/")
+    if "://" in rel or rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", rel) or ".." in parts:
+        raise ManifestError(f"{where}: {key} = {rel!r} points outside the output (only paths relative to it are "
+                            "allowed); the manifest was edited or corrupted: restore it or start a fresh output (--fresh)")
+    norm = posixpath.normpath(rel)
+    if loc.fs.type_name == "local":
+        root = os.path.realpath(loc.root)
+        real = os.path.realpath(os.path.join(root, norm))
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise ManifestError(f"{where}: {key} = {rel!r} leads outside the output through a symbolic link "
+                                f"(to {real}); remove the link or start a fresh output (--fresh)")
+    return norm
+
+
+def read_recorded(loc: Location, record: dict[str, Any], key: str, path_field: str = "path",
+                  sha_field: str = "sha256", verify: bool = True) -> bytes:
+    """The bytes of the file ``record[path_field]`` (``key`` names the record in messages), read only after
+    the path is known to stay inside the output, and checked against ``record[sha_field]``: a mismatch
+    raises :class:`ChecksumError`. ``verify=False`` skips only the checksum, never the path check."""
+    rel = inside_output(loc, record.get(path_field), f"{key}.{path_field}")
+    try:
+        data = loc.read_bytes(rel)
+    except FileNotFoundError as e:
+        raise StorageError(f"{loc.display(rel)}: missing, although {loc.display(MANIFEST)} records it at "
+                           f"{key}; restore the file, or start a fresh output (--fresh)") from e
+    except OSError as e:
+        raise storage.explain(e, loc.display(rel), "read") from e
+    if verify:
+        want = record.get(sha_field)
+        got = hashlib.sha256(data).hexdigest()
+        if got != want:
+            raise ChecksumError(f"{loc.display(rel)}: sha256 {got[:16]}... does not match {key}.{sha_field} "
+                                f"{str(want)[:16]}... in {loc.display(MANIFEST)} (corrupt or replaced); restore "
+                                "it, or start a fresh output (--fresh)")
+    return data
+
+
+def check_layout(loc: Location, data: Any) -> None:
+    """Refuse, in one line naming the key, a manifest that is not the layout above: not an object, a key
+    missing or of the wrong type, or a path that leaves the output."""
+    where = loc.display(MANIFEST)
+    fix = "restore it from a backup, or start a fresh output (--fresh)"
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected a JSON object, found {type(data).__name__}; {fix}")
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"{where}: unknown manifest format {data.get('format')!r} (expected {FORMAT}); {fix}")
+    for key, kind in _REQUIRED.items():
+        if key not in data:
+            raise ManifestError(f"{where}: key {key!r} is missing; {fix}")
+        if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+            raise ManifestError(f"{where}: {key} is {type(data[key]).__name__}, expected {kind.__name__}; {fix}")
+    if not isinstance(data["plan"].get("shards"), list):
+        raise ManifestError(f"{where}: plan.shards is missing or not a list; {fix}")
+    for name, rec in data["shards"].items():
+        if not name.isdigit() or not isinstance(rec, dict):
+            raise ManifestError(f"{where}: shards.{name} is not a shard record; {fix}")
+        for field in ("path", "rows"):
+            if field not in rec:
+                raise ManifestError(f"{where}: shards.{name}.{field} is missing; {fix}")
+        for field in _PATH_FIELDS:
+            if field in rec:
+                inside_output(loc, rec[field], f"shards.{name}.{field}")
+    if "path" in data["duplicates"]:
+        inside_output(loc, data["duplicates"]["path"], "duplicates.path")
+    for key, value in _paths_under(data.get("stages") or {}, "stages"):
+        inside_output(loc, value, key)
+
+
+_REQUIRED = {"generation": int, "model": dict, "fingerprint": str, "plan": dict, "duplicates": dict, "shards": dict,
+             "runs": list}
+_PATH_FIELDS = ("path", "dead_letter_path")
+
+
+def write_failed(e: OSError, where: str) -> StorageError:
+    """A one-line :class:`StorageError` for an OS error met while writing ``where``, with what to do; a
+    job that stops on it resumes from its last committed shard."""
+    code = e.errno
+    if code is None:  # pyarrow's own OSError carries the errno only in its text: "[errno 28] ..."
+        m = re.search(r"\[errno (\d+)\]", str(e), re.IGNORECASE)
+        code = int(m.group(1)) if m else None
+    resume = "then rerun the same command to resume"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        cause = f"no space left on the device (or over quota); free some space or use another --output, {resume}"
+    elif code == errno.EROFS:
+        cause = f"the filesystem is read-only; use a writable --output, {resume}"
+    elif code in (errno.EACCES, errno.EPERM):
+        cause = f"permission denied; make the output writable, {resume}"
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        cause = "a file stands where a folder is needed; --output must be a folder (or a URI prefix)"
+    else:
+        cause = f"write failed ({' '.join(str(e).split())[:200]}); fix the cause, {resume}"
+    return StorageError(f"{where}: {cause}")
+
+
+def _paths_under(node: Any, key: str) -> Iterator[tuple[str, Any]]:
+    """(key, value) for every ``path`` / ``*_path`` entry under ``node``, at any depth."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if isinstance(k, str) and (k == "path" or k.endswith("_path")) and not isinstance(v, (dict, list)):
+                yield f"{key}.{k}", v
+            else:
+                yield from _paths_under(v, f"{key}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths_under(v, f"{key}[{i}]")
+
+
+def _remove_empty_dir(loc: Location, rel: str) -> int:
+    """Remove the folder ``rel`` if it exists and is empty (object stores have no folders); 1 if removed."""
+    import pyarrow.fs as pafs
+
+    path = loc.path(rel)
+    if loc.fs.type_name == "local":
+        try:
+            os.rmdir(path)
+            return 1
+        except OSError:  # absent, or not empty: a temporary file there belongs to a live or fenced writer
+            return 0
+    if loc.fs.get_file_info(path).type == pafs.FileType.Directory and not loc.fs.get_file_info(
+            pafs.FileSelector(path, recursive=False)):
+        loc.fs.delete_dir(path)
+        return 1
+    return 0
 
 
 @contextlib.contextmanager

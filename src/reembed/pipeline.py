@@ -6,19 +6,28 @@ skipped, the rest are recomputed, and the result is the same as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import logging
 import os
+import re
+import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from reembed import embed, storage
+from reembed import schema as S
+from reembed.cluster import init_ray  # also reached as pipeline.init_ray by indexes.build, until it imports cluster
 from reembed.config import JobConfig, validate
-from reembed.manifest import Manifest, ManifestError, now
-from reembed.plan import InputError, make_plan
+from reembed.errors import ReembedError
+from reembed.indexes import build as index_stage
+from reembed.manifest import Manifest, ManifestError, now, read_recorded, write_failed
+from reembed.plan import make_plan, passthrough_schema
 from reembed.write import DEAD_LETTER, SHARDS, ShardAssembler, write_shard
 
 log = logging.getLogger(__name__)
@@ -27,33 +36,24 @@ DUPLICATES = "plan/duplicates.parquet"
 
 
 def run(cfg: JobConfig) -> dict[str, Any]:
-    """Re-embed every document under ``cfg.input.uri`` into ``cfg.output.uri``; returns the summary."""
+    """Re-embed every document under ``cfg.input.uri`` into ``cfg.output.uri``; returns the summary.
+
+    Every error a user can cause comes out as a :class:`ReembedError` of its own class, also when it was
+    raised inside a Ray task (Ray's wrappers are taken off, see :func:`surface`).
+    """
     validate(cfg)
     started, t0 = now(), time.monotonic()
-    storage.configure(cfg.storage)
-    storage.preflight(cfg.input.uri, cfg.output.uri)
-    out = storage.Location.from_uri(cfg.output.uri)
+    storage.preflight(cfg.input.uri, cfg.output.uri, cfg.storage)
+    out = storage.Location.from_uri(cfg.output.uri, cfg.storage)
+    check_output_folder(out)
     if cfg.output.fresh:
         _wipe(out)
 
     model_info = inspect_model(cfg)
-    manifest = Manifest.load(out)
-    if manifest is None:
-        plan, dups = make_plan(cfg.input, cfg.plan.shard_rows, cfg.on_bad_file)
-        dup_bytes = _parquet_bytes(dups)
-        out.write_bytes(dup_bytes, DUPLICATES)
-        import hashlib
-
-        manifest = Manifest.create(
-            out, model_info, plan,
-            {"path": DUPLICATES, "rows": dups.num_rows, "sha256": hashlib.sha256(dup_bytes).hexdigest()},
-        )
-    else:
-        check_resume(manifest, cfg, model_info)
-        dups = pq.read_table(pa.BufferReader(out.read_bytes(manifest.data["duplicates"]["path"])))
+    manifest, dups = open_output(cfg, out, model_info)
 
     # Claiming fences any other job on this output before leftovers of crashed attempts are removed.
-    cleaned = manifest.claim(SHARDS, DEAD_LETTER) if manifest.pending() else 0
+    cleaned = manifest.claim(SHARDS, DEAD_LETTER) if manifest.pending() else manifest.clean_temp(SHARDS, DEAD_LETTER)
     if cleaned:
         log.info("removed %d uncommitted file(s) left by an interrupted attempt", cleaned)
     pending = manifest.pending()
@@ -62,18 +62,60 @@ def run(cfg: JobConfig) -> dict[str, Any]:
 
     run_info: dict[str, Any] = {"started_at": started, "shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0}
     if pending:
-        run_info.update(_execute(cfg, manifest, pending, dups))
+        try:
+            run_info.update(_execute(cfg, manifest, pending, dups))
+        except Exception as e:
+            found = surface(e)
+            if found is e:
+                raise
+            raise found from e
     run_info["finished_at"] = now()
     run_info["wall_seconds"] = round(time.monotonic() - t0, 3)
     if pending:
         manifest.record_run(run_info)
+        manifest.clean_temp(SHARDS, DEAD_LETTER)  # the _tmp/ folders this run's writes went through
     summary = summarize(manifest)
     summary["run"] = run_info
     if cfg.index.enabled and summary["complete"]:
-        from reembed.indexes import build as stage
-
-        summary["index"] = stage.run_index(cfg.output.uri, cfg.index, ray_address=cfg.compute.ray_address)
+        summary["index"] = index_stage.run_index(cfg.output.uri, cfg.index, ray_address=cfg.compute.ray_address)
     return summary
+
+
+def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any]) -> tuple[Manifest, pa.Table]:
+    """The output's manifest and its table of duplicate input rows: planned and saved now on a new output;
+    on a resume, loaded and checked (model, input settings, and the duplicates file against its sha256)."""
+    manifest = Manifest.load(out)
+    if manifest is None:
+        plan, dups = make_plan(cfg.input, cfg.plan.shard_rows, cfg.on_bad_file,
+                               source=storage.Location.from_uri(cfg.input.uri, cfg.storage))
+        dup_bytes = _parquet_bytes(dups)
+        try:
+            out.write_bytes(dup_bytes, DUPLICATES)
+        except OSError as e:
+            raise write_failed(e, out.display(DUPLICATES)) from e
+        manifest = Manifest.create(
+            out, model_info, plan,
+            {"path": DUPLICATES, "rows": dups.num_rows, "sha256": hashlib.sha256(dup_bytes).hexdigest()},
+        )
+        return manifest, dups
+    check_resume(manifest, cfg, model_info)
+    data = read_recorded(out, manifest.data["duplicates"], "duplicates")
+    return manifest, pq.read_table(pa.BufferReader(data))
+
+
+def check_output_folder(out: storage.Location) -> None:
+    """Refuse an output that is an existing file (a folder is expected) before anything is planned."""
+    if out.is_object_store:
+        return  # an object at the prefix's own key does not stop keys under it
+    try:
+        kind = out.fs.get_file_info(out.root).type
+    except OSError as e:
+        raise storage.explain(e, out.uri, "check", out.settings) from e
+    if kind == pafs.FileType.File:
+        raise storage.StorageError(
+            f"{out.uri}: is a file; the output must be a folder (new, or one a reembed run wrote): "
+            "choose another --output (output.uri)"
+        )
 
 
 def inspect_model(cfg: JobConfig) -> dict[str, Any]:
@@ -108,6 +150,16 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
         )
 
 
+def status(output: str | storage.Location, settings: Any = None) -> dict[str, Any]:
+    """The progress of an output (the summary ``reembed status`` prints), from its manifest; ``settings``
+    are the storage settings (``storage.Settings`` or the job config's ``storage`` section)."""
+    loc = output if isinstance(output, storage.Location) else storage.Location.from_uri(output, settings)
+    m = Manifest.load(loc)
+    if m is None:
+        raise ManifestError(f"{loc.uri}: no manifest.json here (not a reembed output, or nothing planned yet)")
+    return summarize(m)
+
+
 def summarize(manifest: Manifest) -> dict[str, Any]:
     t = manifest.totals()
     plan = manifest.plan
@@ -137,20 +189,6 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to a cluster (``address``, or ``RAY_ADDRESS`` as set by ``ray job submit``) or start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": always a fresh local Ray, never some other cluster found on this machine.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-
-
 def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Table) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
@@ -170,7 +208,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
                  "(vectors at cosine ~0.9999 to float32; a new output, since the fingerprint changes)")
     plan = manifest.plan
     model_args = {**_model_args(cfg), "device": pool["device"]}
-    ds = ray.data.read_datasource(ShardDatasource(plan, pending, dups), num_cpus=cfg.compute.read_cpus,
+    # The input's Location carries the job's storage settings into every read task.
+    source = storage.Location.from_uri(plan.get("input_root") or plan["input_uri"], cfg.storage)
+    ds = ray.data.read_datasource(ShardDatasource(plan, pending, dups, source=source), num_cpus=cfg.compute.read_cpus,
                                   override_num_blocks=len(pending))
     ds = ds.map_batches(
         embed.Embedder,
@@ -199,8 +239,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     )
     expected = {s: plan["shards"][s]["rows"] for s in pending}
     assembler = ShardAssembler(expected)
-    out = manifest.loc
-    passthrough = list(plan["passthrough"])
+    # Passthrough values may be null whatever the input's schema said (a JSON Lines row may lack the key).
+    shard_schema = S.shard_schema(manifest.model["dimension"],
+                                  pa.schema([f.with_nullable(True) for f in passthrough_schema(plan)]))
     total_rows = sum(expected.values())
     stats = {"shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0, "bytes": 0,
              "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],
@@ -212,27 +253,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     from tqdm import tqdm
 
     bar = tqdm(total=total_rows, unit="doc", desc="embedded", disable=None, smoothing=0.1)
-    try:
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            for shard, table in assembler.add(block):
-                try:
-                    rec = write_shard(out, shard, table, passthrough)
-                except storage.ObjectExistsError:
-                    # A job fenced by our claim wrote this shard late; its objects are uncommitted.
-                    manifest.discard_uncommitted(shard, SHARDS, DEAD_LETTER)
-                    rec = write_shard(out, shard, table, passthrough)
-                manifest.commit_shard(shard, rec)
-                stats["shards_committed"] += 1
-                stats["rows"] += rec["rows"]
-                stats["tokens"] += rec["tokens"]
-                stats["device_seconds"] += rec["device_seconds"]
-                stats["bytes"] += rec["bytes"]
-                bar.update(table.num_rows)
-                log.info("committed shard %05d: %d rows, %d dead letters, %d bytes", shard, rec["rows"], rec["dead_letters"], rec["bytes"])
-    except Exception as e:
-        raise _unwrap(e) from e
-    finally:
-        bar.close()
+    with _ray_data_console():
+        stats = _commit_stream(ds, assembler, manifest, shard_schema, stats, bar)
     if assembler.incomplete:
         raise RuntimeError(f"the pipeline ended with incomplete shards {assembler.incomplete}; rerun to resume")
     secs = time.monotonic() - t0
@@ -243,6 +265,32 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
     )
     stats["embed_seconds"] = round(secs, 3)
     stats["device_seconds"] = round(stats["device_seconds"], 3)
+    return stats
+
+
+def _commit_stream(ds, assembler: ShardAssembler, manifest: Manifest, shard_schema: pa.Schema,
+                   stats: dict[str, Any], bar) -> dict[str, Any]:
+    """Write and commit each shard as soon as its last row arrives from the actor pool."""
+    out = manifest.loc
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            for shard, table in assembler.add(block):
+                try:
+                    rec = write_shard(out, shard, table, shard_schema)
+                except storage.ObjectExistsError:
+                    # A job fenced by our claim wrote this shard late; its objects are uncommitted.
+                    manifest.discard_uncommitted(shard, SHARDS, DEAD_LETTER)
+                    rec = write_shard(out, shard, table, shard_schema)
+                manifest.commit_shard(shard, rec)
+                stats["shards_committed"] += 1
+                stats["rows"] += rec["rows"]
+                stats["tokens"] += rec["tokens"]
+                stats["device_seconds"] += rec["device_seconds"]
+                stats["bytes"] += rec["bytes"]
+                bar.update(table.num_rows)
+                log.info("committed shard %05d: %d rows, %d dead letters, %d bytes", shard, rec["rows"], rec["dead_letters"], rec["bytes"])
+    finally:
+        bar.close()
     return stats
 
 
@@ -300,17 +348,74 @@ def _model_args(cfg: JobConfig) -> dict[str, Any]:
             "normalize": m.normalize, "backend": m.backend}
 
 
-def _unwrap(e: BaseException) -> BaseException:
-    """Surface our own errors (bad input, storage) from inside Ray's task-error wrappers."""
-    seen = 0
-    while seen < 5:
-        cause = getattr(e, "cause", None) or e.__cause__
-        if isinstance(e, (InputError, storage.StorageError, embed.ModelLoadError, ManifestError)):
-            return e
-        if cause is None:
-            return e
-        e, seen = cause, seen + 1
+def surface(e: BaseException) -> BaseException:
+    """The :class:`ReembedError` behind Ray's wrappers, or ``e`` itself if there is none.
+
+    Ray re-raises a task's exception as a ``RayTaskError`` (whose ``cause`` is the original, and which with
+    ``as_instanceof_cause`` also *is* an instance of the original's class, with Ray's whole coloured
+    traceback as its message); Ray Data chains its own exceptions on top. This walks ``cause`` /
+    ``__cause__`` / ``__context__`` to the error the task raised, and returns it with ANSI escapes and
+    any traceback text taken out of its message.
+    """
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        cause = getattr(node, "cause", None)
+        if isinstance(node, ReembedError) and not isinstance(cause, BaseException):
+            return _clean(node)
+        node = cause if isinstance(cause, BaseException) else (node.__cause__ or node.__context__)
     return e
+
+
+def _clean(e: ReembedError) -> ReembedError:
+    # Our messages are one line; Ray Data appends lines of its own ("Failed to ... after 1/1 attempts").
+    text = str(e)
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    if line == text or not line:
+        return e
+    try:
+        clean = type(e)(line)
+    except Exception:  # a class with another constructor: keep it as it is
+        return e
+    clean.__cause__ = e.__cause__
+    return clean
+
+
+@contextlib.contextmanager
+def _ray_data_console() -> Iterator[None]:
+    """While the dataset runs, Ray Data's console log follows reembed's log level (-q hides its progress
+    lines), and leaves out its report of a task that raised one of our errors: that report is a
+    traceback, and the error reaches the user once, as one line, from whoever catches it. Ray Data's own
+    log file (``ray-data.log`` in the session's logs) still gets every record."""
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    gate = _RayDataConsoleFilter(logging.getLogger("reembed").getEffectiveLevel())
+    for h in handlers:
+        h.addFilter(gate)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(gate)
+
+
+class _RayDataConsoleFilter(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level:
+            return False
+        # Ray Data also logs while it handles the exception, without attaching it ("Exception occurred in
+        # Ray Data or Ray Core internal code ..."): the exception being handled tells those records apart.
+        err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return err is None or surface(err) is err
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def _wipe(out: storage.Location) -> None:

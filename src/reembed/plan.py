@@ -1,9 +1,16 @@
 """Input files -> a deterministic shard list.
 
-The plan lists the input files in path order, counts their rows, finds duplicate ids across the whole
-corpus (the first occurrence in plan order wins; later ones are dead-lettered as ``duplicate_id``), and
-packs the rows into shards of ``shard_rows`` rows. The plan is stored in the output's manifest, so a
-resumed job sees exactly the same shards whatever has changed under the input URI since.
+The plan lists the input files in path order (files under hidden or underscore folders are not input:
+see :func:`reembed.storage.list_inputs`), counts their rows, turns every id into its canonical string
+(integers and integral floats -> ``"7"``, other floats -> their shortest ``repr``, strings unchanged,
+NaN / infinities -> ``invalid_id``; the full rule is in :mod:`reembed.schema`), finds duplicate ids
+across the whole corpus (the first occurrence in plan order wins; later ones are dead-lettered as
+``duplicate_id``), and packs the rows into shards of ``shard_rows`` rows. The plan is stored in the
+output's manifest, so a resumed job sees exactly the same shards whatever has changed under the input
+URI since.
+
+Every input row lands in exactly one shard: the read stage embeds it or dead-letters it with a reason
+(:data:`reembed.schema.REASONS`), so input rows = embedded + dead-lettered.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from reembed import schema as S
 from reembed import storage
 from reembed.config import InputConfig
 from reembed.errors import InputError  # noqa: F401 (re-exported)
@@ -38,6 +45,7 @@ class FileScan:
     path: str
     format: str
     size: int
+    uri: str = ""  # for messages: the path as a URI (s3://bucket/key)
     rows: int = 0
     ids: pa.Array | None = None
     # JSONL only: for each row, its 0-based line number and the byte offset where that line starts,
@@ -49,28 +57,38 @@ class FileScan:
     error: str | None = None
 
 
-def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail") -> tuple[dict[str, Any], pa.Table]:
+def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail",
+              source: storage.Location | None = None) -> tuple[dict[str, Any], pa.Table]:
     """Scan the input and return ``(plan, duplicates)``.
 
     ``plan`` is JSON-serialisable and goes into the manifest; ``duplicates`` is a table of
-    (file, row, id) for every row that repeats an earlier id, to be stored beside it.
+    (file, row, id) for every row that repeats an earlier id, to be stored beside it. ``source`` is
+    ``cfg.uri`` opened as a Location with the job's storage settings (default: opened here).
     """
     t0 = time.monotonic()
-    base, infos = storage.list_inputs(cfg.uri, cfg.pattern)
+    base, infos = storage.list_inputs(source or cfg.uri, cfg.pattern)
     scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
-    files = []
-    for i, info in enumerate(infos):
+    files, other = [], []
+    for info in infos:
         fmt = _detect_format(info.path, cfg.format)
         if fmt is None:
+            other.append(_display(scheme, info.path))
             continue
-        files.append(FileScan(index=len(files), path=info.path, format=fmt, size=info.size))
+        files.append(FileScan(index=len(files), path=info.path, format=fmt, size=info.size,
+                              uri=_display(scheme, info.path)))
     if not files:
-        raise InputError(f"{cfg.uri}: no Parquet or JSON Lines files found (looked for {', '.join(PARQUET_SUFFIXES + JSONL_SUFFIXES)})")
+        raise InputError(
+            f"{cfg.uri}: no Parquet or JSON Lines files found (looked for {', '.join(PARQUET_SUFFIXES + JSONL_SUFFIXES)}); "
+            "point input.uri at the data, or set input.format for files named otherwise"
+        )
+    if other:
+        log.info("plan: %d file(s) are neither Parquet nor JSON Lines by name and are not input: %s%s",
+                 len(other), ", ".join(other[:3]), " ..." if len(other) > 3 else "")
 
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
         scans = list(pool.map(lambda f: _scan_file(base.fs, f, cfg, on_bad_file), files))
 
-    bad = [{"path": _display(scheme, s.path), "error": s.error} for s in scans if s.error]
+    bad = [{"path": s.uri, "error": s.error} for s in scans if s.error]
     good = [s for s in scans if not s.error]
     for b in bad:
         log.warning("skipping unreadable input file %s: %s", b["path"], b["error"])
@@ -81,6 +99,7 @@ def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail") -> t
     total = sum(s.rows for s in good)
     plan = {
         "input_uri": cfg.uri,
+        "input_root": base.uri,  # the folder (or file) the input paths are under; a glob is resolved
         "scheme": scheme,
         "id_column": cfg.id_column,
         "text_column": cfg.text_column,
@@ -89,7 +108,7 @@ def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail") -> t
         "shard_rows": shard_rows,
         "rows": total,
         "files": [
-            {"path": s.path, "uri": _display(scheme, s.path), "format": s.format, "size": s.size, "rows": s.rows}
+            {"path": s.path, "uri": s.uri, "format": s.format, "size": s.size, "rows": s.rows}
             for s in good
         ],
         "bad_files": bad,
@@ -105,7 +124,13 @@ def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail") -> t
 
 
 def passthrough_schema(plan: dict[str, Any]) -> pa.Schema:
+    """The Arrow types of the passthrough columns, unified over all input files."""
     return _schema_from_b64(plan["passthrough_schema"])
+
+
+def input_location(plan: dict[str, Any]) -> storage.Location:
+    """The input's :class:`~reembed.storage.Location` (its filesystem opens every path in the plan)."""
+    return storage.Location.from_uri(plan.get("input_root") or plan["input_uri"])
 
 
 def _detect_format(path: str, fmt: str) -> str | None:
@@ -124,7 +149,7 @@ def _display(scheme: str, path: str) -> str:
 
 
 def _scan_file(fs, scan: FileScan, cfg: InputConfig, on_bad_file: str) -> FileScan:
-    display = scan.path
+    display = scan.uri or scan.path
     try:
         if scan.format == "parquet":
             _scan_parquet(fs, scan, cfg)
@@ -145,13 +170,24 @@ def _scan_file(fs, scan: FileScan, cfg: InputConfig, on_bad_file: str) -> FileSc
 
 
 def _scan_parquet(fs, scan: FileScan, cfg: InputConfig) -> None:
+    where = scan.uri or scan.path
     with fs.open_input_file(scan.path) as f:
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
-        _check_columns(scan.path, schema.names, cfg)
+        _check_columns(where, schema.names, cfg)
+        text_type = schema.field(cfg.text_column).type
+        if not S.is_text_type(text_type):
+            raise InputError(
+                f"{where}: text column {cfg.text_column!r} has type {text_type}, not string or binary; "
+                "set input.text_column to the column that holds the documents"
+            )
         scan.rows = pf.metadata.num_rows
         ids = pf.read(columns=[cfg.id_column]).column(0)
-    scan.ids = _ids_to_string(ids, scan.path)
+    try:
+        scan.ids, _ = S.id_strings(ids)  # invalid ids are null here: they never count as duplicates
+    except TypeError as e:
+        raise InputError(f"{where}: id column {cfg.id_column!r} cannot hold ids ({e}); "
+                         "set input.id_column to a string or number column") from e
     scan.passthrough_schema = pa.schema([schema.field(c) for c in cfg.passthrough])
 
 
@@ -163,6 +199,7 @@ def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
     pos = 0
     end = len(data)
     sample: list[dict] = []
+    sample_lines: list[int] = []
     while pos < end:
         nl = data.find(b"\n", pos)
         stop = end if nl < 0 else nl
@@ -179,28 +216,59 @@ def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
                 keys.update(obj)
                 ids.append(obj.get(cfg.id_column))
                 if len(sample) < 1000:
-                    sample.append({c: obj.get(c) for c in cfg.passthrough})
+                    sample.append({c: passthrough_value(obj, c, cfg.text_column) for c in cfg.passthrough})
+                    sample_lines.append(line_no)
             else:
                 ids.append(None)  # an invalid line; the read stage dead-letters it as invalid_json
         line_no += 1
         pos = stop + 1
     scan.rows = len(scan.lines)
+    where = scan.uri or scan.path
     if scan.rows and not keys:
-        raise InputError(f"{scan.path}: no line is a JSON object; expected one document per line")
+        raise InputError(f"{where}: no line is a JSON object; expected one document per line "
+                         "(is this JSON Lines? set input.format if the name misleads)")
     if scan.rows:
-        _check_columns(scan.path, sorted(keys), cfg)
-    scan.ids = pa.array([json_id(v) for v in ids], pa.string())
+        _check_columns(where, sorted(keys), cfg)
+    scan.ids = pa.array([S.json_id(v)[0] for v in ids], pa.string())
     if cfg.passthrough and sample:
-        scan.passthrough_schema = pa.Table.from_pylist(sample).select(list(cfg.passthrough)).schema
+        scan.passthrough_schema = _sample_schema(where, sample, sample_lines, cfg.passthrough)
 
 
-def json_id(value: Any) -> str | None:
-    """JSON ids as strings: 7 -> "7"; objects and lists are not ids (None: dead-lettered as null_id)."""
-    if value is None or isinstance(value, (dict, list)):
+def passthrough_value(obj: dict, column: str, text_column: str) -> Any:
+    """A JSON passthrough value; the text column passes through as the text that is embedded (a string
+    or null), so a row whose text is not a string is dead-lettered, not a type clash."""
+    value = obj.get(column)
+    if column == text_column and not isinstance(value, str):
         return None
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+    return value
+
+
+def _sample_schema(where: str, sample: list[dict], lines: list[int], columns: tuple[str, ...]) -> pa.Schema:
+    """The Arrow types of the passthrough columns, inferred from the first rows of a JSON Lines file."""
+    fields = []
+    for c in columns:
+        values = [row[c] for row in sample]
+        try:
+            fields.append(pa.field(c, pa.array(values).type))
+        except (pa.ArrowException, TypeError) as e:
+            first = next((v for v in values if v is not None), None)
+            row = misfit(values, pa.array([first]).type)
+            at = f"line {lines[row]}: {values[row]!r}" if row is not None else "several lines"
+            raise InputError(
+                f"{where}: passthrough column {c!r} mixes types ({at}, after {first!r}); make its values one "
+                f"type, or leave it out of input.passthrough ({e})"
+            ) from e
+    return pa.schema(fields)
+
+
+def misfit(values: list, type_: pa.DataType) -> int | None:
+    """The index of the first value that is not of Arrow type ``type_`` (None: they all fit)."""
+    for i, v in enumerate(values):
+        try:
+            pa.array([v], type=type_)
+        except (pa.ArrowException, TypeError):
+            return i
+    return None
 
 
 def _read_all(fs, path: str) -> bytes:
@@ -223,19 +291,6 @@ def _check_columns(path: str, found: list[str], cfg: InputConfig) -> None:
         )
 
 
-def _ids_to_string(ids: pa.Array | pa.ChunkedArray, path: str) -> pa.Array:
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
-        return ids.cast(pa.string())
-    if pa.types.is_null(ids.type):
-        return pa.nulls(len(ids), pa.string())
-    try:
-        return pc.cast(ids, pa.string())
-    except pa.ArrowException as e:
-        raise InputError(f"{path}: id column of type {ids.type} cannot be used as string ids ({e})") from e
-
-
 def _unify_passthrough(scans: list[FileScan], cfg: InputConfig) -> pa.Schema:
     if not cfg.passthrough:
         return pa.schema([])
@@ -245,12 +300,33 @@ def _unify_passthrough(scans: list[FileScan], cfg: InputConfig) -> pa.Schema:
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except pa.ArrowException as e:
-        raise InputError(f"{cfg.uri}: passthrough columns have incompatible types across files ({e})") from e
+        raise InputError(f"{cfg.uri}: passthrough columns have incompatible types across files "
+                         f"({_type_clash(scans, cfg.passthrough) or e}); make them one type, or leave them "
+                         "out of input.passthrough") from e
     fields = []
     for c in cfg.passthrough:
         f = unified.field(c)
         fields.append(pa.field(c, pa.string()) if pa.types.is_null(f.type) else f.with_nullable(True))
     return pa.schema(fields)
+
+
+def _type_clash(scans: list[FileScan], columns: tuple[str, ...]) -> str | None:
+    """'column c is T in file A and U in file B' for the first passthrough column whose types clash."""
+    for c in columns:
+        seen: tuple[pa.DataType, str] | None = None
+        for s in scans:
+            if s.passthrough_schema is None:
+                continue
+            t = s.passthrough_schema.field(c).type
+            if seen is None:
+                seen = (t, s.uri or s.path)
+                continue
+            try:
+                pa.unify_schemas([pa.schema([pa.field(c, seen[0])]), pa.schema([pa.field(c, t)])],
+                                 promote_options="permissive")
+            except pa.ArrowException:
+                return f"column {c!r} is {seen[0]} in {seen[1]} and {t} in {s.uri or s.path}"
+    return None
 
 
 def _find_duplicates(scans: list[FileScan]) -> pa.Table:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reembed import schema as S
-from reembed.manifest import shard_name
+from reembed.manifest import read_recorded, shard_name, write_failed
 from reembed.storage import Location, StorageError
 
 SHARDS = "shards"
@@ -52,20 +52,23 @@ class ShardAssembler:
         return {s: self.count.get(s, 0) for s in self.expected}
 
 
-def write_shard(loc: Location, shard: int, table: pa.Table, passthrough: list[str]) -> dict[str, Any]:
-    """Write a complete shard and its dead letters; return the manifest record."""
+def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema) -> dict[str, Any]:
+    """Write a complete shard and its dead letters; return the manifest record.
+
+    ``schema`` is the output's :func:`schema.shard_schema`: the shard is written with exactly these columns,
+    and a table that does not fit it (a type, a null where none may be) is a bug upstream and raises
+    ``TypeError`` before anything is written. A file that fails its check after the write (short, wrong row
+    count) is never published; nor is one cut short by a full disk, which raises a one-line StorageError.
+    """
     table = table.sort_by(S.POS)
     live_mask = pc.is_null(table.column(S.REASON))
     live = table.filter(live_mask)
     dead = table.filter(pc.invert(live_mask))
 
-    out = pa.table(
-        [live.column(S.ID), live.column(S.EMBEDDING), live.column(S.TRUNCATED), *[live.column(c) for c in passthrough]],
-        names=[S.ID, S.EMBEDDING, S.TRUNCATED, *passthrough],
-    )
+    out = conform(live, schema, f"shard {shard}")
     name = shard_name(shard)
     data = _parquet_bytes(out)
-    loc.publish(data, SHARDS, name, verify=_verifier(out.num_rows, loc.display(SHARDS, name)), exclusive=True)
+    _publish(loc, data, out.num_rows, SHARDS, name)
     record: dict[str, Any] = {
         "path": f"{SHARDS}/{name}",
         "rows": out.num_rows,
@@ -83,11 +86,42 @@ def write_shard(loc: Location, shard: int, table: pa.Table, passthrough: list[st
             schema=S.DEAD_LETTER_SCHEMA,
         )
         dl_data = _parquet_bytes(dl)
-        loc.publish(dl_data, DEAD_LETTER, name, verify=_verifier(dl.num_rows, loc.display(DEAD_LETTER, name)),
-                    exclusive=True)
+        _publish(loc, dl_data, dl.num_rows, DEAD_LETTER, name)
         record.update(dead_letter_path=f"{DEAD_LETTER}/{name}", dead_letter_bytes=len(dl_data),
                       dead_letter_sha256=hashlib.sha256(dl_data).hexdigest())
     return record
+
+
+def read_shard_table(loc: Location, record: dict[str, Any], columns: list[str] | None = None, verify: bool = True,
+                     key: str = "a shard record") -> pa.Table:
+    """Read one committed shard named by its manifest ``record``: the path must stay inside the output
+    (:class:`ManifestError` otherwise) and the bytes must match the record's sha256 (:class:`ChecksumError`);
+    ``verify=False`` skips only the checksum. ``key`` names the record in messages (``shards.00042``)."""
+    data = read_recorded(loc, record, key, verify=verify)
+    return pq.read_table(pa.BufferReader(data), columns=columns)
+
+
+def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    """``table``'s columns named by ``schema``, as exactly that schema; ``TypeError`` if a column is
+    missing, of another type, or holds nulls where the schema allows none."""
+    cols = []
+    for field in schema:
+        if field.name not in table.column_names:
+            raise TypeError(f"{what}: column {field.name!r} is missing (have {table.column_names})")
+        col = table.column(field.name)
+        if col.type != field.type:
+            raise TypeError(f"{what}: column {field.name!r} is {col.type}, the shard schema says {field.type}")
+        if not field.nullable and col.null_count:
+            raise TypeError(f"{what}: column {field.name!r} holds {col.null_count} null(s) and may hold none")
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _publish(loc: Location, data: bytes, rows: int, folder: str, name: str) -> None:
+    try:
+        loc.publish(data, folder, name, verify=_verifier(rows, loc.display(folder, name)), exclusive=True)
+    except OSError as e:
+        raise write_failed(e, loc.display(folder, name)) from e
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -98,17 +132,12 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 def _verifier(rows: int, display: str):
     def verify(fs, path: str) -> None:
-        with fs.open_input_file(path) as f:
-            md = pq.ParquetFile(f).metadata
+        try:
+            with fs.open_input_file(path) as f:
+                md = pq.ParquetFile(f).metadata
+        except pa.ArrowInvalid as e:
+            raise StorageError(f"{display}: written file is not readable Parquet ({e})") from e
         if md.num_rows != rows:
             raise StorageError(f"{display}: written file has {md.num_rows} rows, expected {rows}")
 
     return verify
-
-
-def read_shard_table(loc: Location, record: dict[str, Any], columns: list[str] | None = None, verify: bool = False) -> pa.Table:
-    """Read one committed shard, optionally checking its sha256 against the manifest record first."""
-    data = loc.read_bytes(record["path"])
-    if verify and hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise StorageError(f"{loc.display(record['path'])}: sha256 does not match the manifest (corrupt or replaced)")
-    return pq.read_table(pa.BufferReader(data), columns=columns)

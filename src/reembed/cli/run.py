@@ -1,50 +1,17 @@
-"""The ``reembed`` command: parses arguments, then calls one function per subcommand."""
+"""``reembed run | status``: the embedding job and its progress."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from typing import Any, Callable
+from typing import Any
 
-from reembed.config import DEFAULT_MODEL, ConfigError, JobConfig, load_config
+from reembed.config import DEFAULT_MODEL, JobConfig, load_config, replace_path
 
-log = logging.getLogger("reembed")
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAIL = 0, 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
-    try:
-        return args.func(args) or EXIT_OK
-    except ConfigError as e:
-        print(f"reembed: config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("reembed: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as e:  # the CLI owns user-facing output: one clear line, details with -v
-        if _is_user_error(e):
-            print(f"reembed: error: {e}", file=sys.stderr)
-            if args.verbose:
-                raise
-            return EXIT_FAIL
-        raise
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="reembed",
-        description="Re-embed a document corpus with a new embedding model on Ray: sharded, resumable output "
-                    "with a checkpoint manifest.",
-    )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(sub) -> None:
     r = sub.add_parser(
         "run", help="re-embed every document under --input into --output (rerun to resume)",
         description="Re-embed every document under the input into the output. Running the same command again "
@@ -56,12 +23,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="committed and pending shards, rows, dead letters, model, throughput",
                        description="Show an output's progress from its manifest.")
     s.add_argument("output", metavar="OUTPUT_URI", help="the job's output folder or URI")
+    add_storage_config(s)
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=cmd_status)
 
-    for register in _extra_commands():
-        register(sub)
-    return p
+
+def add_storage_config(p: argparse.ArgumentParser) -> None:
+    """``--config job.yaml``: the job's storage settings (S3 endpoint, region, retries) for a command that
+    reads an output."""
+    p.add_argument("--config", metavar="job.yaml", help="the job's YAML config; its storage section (endpoint_url, "
+                   "region, max_attempts) says where the output's object store is")
+
+
+def storage_settings(args: argparse.Namespace):
+    """The storage settings of ``--config`` (defaults without one), for ``Location.from_uri``."""
+    from reembed.storage import Settings
+
+    path = getattr(args, "config", None)
+    return Settings.of(load_config(path).storage) if path else Settings()
 
 
 def add_run_arguments(r: argparse.ArgumentParser) -> None:
@@ -102,7 +81,6 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "compute.max_actors": args.max_actors, "compute.ray_address": args.address, "on_bad_file": args.on_bad_file,
         "output.fresh": True if args.fresh else None,
     }
-    from reembed.config import replace_path
 
     cfg = load_config(args.config, args.overrides)
     for key, value in flags.items():
@@ -124,14 +102,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from reembed import pipeline, storage
-    from reembed.manifest import Manifest
+    from reembed import pipeline
 
-    m = Manifest.load(storage.Location.from_uri(args.output))
-    if m is None:
-        print(f"reembed: {args.output}: no manifest.json here (not a reembed output, or nothing planned yet)", file=sys.stderr)
-        return EXIT_FAIL
-    summary = pipeline.summarize(m)
+    summary = pipeline.status(args.output, storage_settings(args))
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     else:
@@ -163,38 +136,3 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _extra_commands() -> list[Callable[[Any], None]]:
-    """Subcommands of the later stages (index, migrate, tune, cost), registered by their modules."""
-    registers = []
-    for mod in ("reembed.indexes.commands", "reembed.tune", "reembed.cost", "reembed.migrate"):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a real import error inside the module must not vanish
-                raise
-            continue
-        if hasattr(module, "register"):
-            registers.append(module.register)
-    return registers
-
-
-def _is_user_error(e: Exception) -> bool:
-    from reembed.cost import PriceError
-    from reembed.embed import ModelLoadError
-    from reembed.manifest import ManifestError
-    from reembed.plan import InputError
-    from reembed.storage import StorageError
-
-    return isinstance(e, (InputError, StorageError, ManifestError, ModelLoadError, PriceError, FileNotFoundError,
-                          PermissionError))
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose < 0 else logging.INFO if verbose < 2 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("urllib3", "filelock", "httpx", "sentence_transformers", "transformers", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

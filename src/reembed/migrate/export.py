@@ -1,0 +1,259 @@
+"""Export (back up) the old vector store in reembed's input format: the backup *is* the job's input.
+
+    reembed export --from "chroma:///data/chroma?collection=docs" --to s3://bucket/backup/docs/
+
+writes ``part-00000.parquet``, ``part-00001.parquet``, ... with the columns ``id`` (string), ``text``
+(string, null where the store kept none), one column per metadata key, and ``old_embedding``
+(``fixed_size_list<float32>[dim]``), plus ``_export.json`` (source, rows, dimension, metric, parts with
+sha256). ``reembed run --input`` that folder reads the parts and skips the ``_``-prefixed summary.
+The sources are the stores of :mod:`reembed.migrate.stores`.
+
+Chroma, Qdrant (embedded) and FAISS are exercised for real by the tests. Pinecone and Weaviate are
+written against their official clients (``pinecone`` >= 5, ``weaviate-client`` >= 4) but no server of
+either was available when this was written, so those two paths have not been run against a live store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import time
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reembed import schema as S
+from reembed.errors import ExportError
+from reembed.manifest import now
+from reembed.migrate.stores import STORES, Batch, parse_uri
+from reembed.migrate.stores.base import OLD_EMBEDDING, TEXT
+from reembed.storage import Location, StorageError
+
+log = logging.getLogger(__name__)
+
+EXPORT_META = "_export.json"
+_RESERVED = (S.ID, TEXT, OLD_EMBEDDING)
+
+
+def export(uri: str, to: str | Location, page_size: int = 1000, part_rows: int = 100_000,
+           overwrite: bool = False) -> dict[str, Any]:
+    """Export every document of the store at ``uri`` into ``to``; returns the ``_export.json`` summary."""
+    src = parse_uri(uri)
+    out = to if isinstance(to, Location) else Location.from_uri(to)
+    t0 = time.monotonic()
+    with STORES[src.kind].from_uri(src) as store:
+        info = store.describe()
+        _prepare_target(out, overwrite)
+        writer = PartWriter(out, part_rows)
+        missing_text = 0
+        for batch in store.batches(page_size):
+            missing_text += sum(t is None for t in batch.texts)
+            writer.add(batch)
+    parts = writer.close()
+    out.delete_dir("_tmp")  # publish's staging folder, empty once every part is in place
+    rows = sum(p["rows"] for p in parts)
+    secs = time.monotonic() - t0
+    summary = {
+        "format": 1,
+        "source": src.shown,  # for people: never opened again, so no credentials can follow it
+        "kind": src.kind,
+        "collection": store.collection,
+        **info,
+        "dimension": writer.dim,
+        "rows": rows,
+        "text_missing": missing_text,
+        "columns": writer.schema.names if writer.schema is not None else [],
+        "parts": parts,
+        "exported_at": now(),
+        "seconds": round(secs, 3),
+    }
+    out.write_bytes(json.dumps(summary, indent=1).encode(), EXPORT_META)
+    size = sum(p["bytes"] for p in parts)
+    log.info("export: %d rows, %d bytes, %.1f s, %.1f rows/s (%s -> %s, %d parts, %d without text)",
+             rows, size, secs, rows / secs if secs else 0.0, summary["source"], out.display(), len(parts), missing_text)
+    if missing_text:
+        log.warning("%d documents have no text in the store; `reembed run` will dead-letter them (null_text)", missing_text)
+    return summary
+
+
+def read_parts(loc: Location) -> Iterator[tuple[str, pa.Table]]:
+    """(where, table) for each part of an export folder: the parts ``_export.json`` lists, each of which must
+    lie inside the folder and match its sha256, or, without a summary, every ``*.parquet`` file there."""
+    if not loc.exists(EXPORT_META):
+        for info in loc.list():
+            if info.path.endswith(".parquet") and not posixpath.basename(info.path).startswith(("_", ".")):
+                with loc.fs.open_input_file(info.path) as f:
+                    yield info.path, pq.read_table(f)
+        return
+    try:
+        summary = json.loads(loc.read_bytes(EXPORT_META))
+        parts = summary["parts"]
+        listed = [(p["path"], p["sha256"]) for p in parts]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{loc.display(EXPORT_META)}: not an export summary ({type(e).__name__}: {e}); "
+                          "export again") from e
+    for rel, sha in listed:
+        rel = inside(loc, rel, EXPORT_META)
+        data = loc.read_bytes(rel)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ExportError(f"{loc.display(rel)}: sha256 does not match {EXPORT_META} (corrupt or replaced); "
+                              "export again")
+        yield loc.display(rel), pq.read_table(pa.BufferReader(data))
+
+
+def inside(loc: Location, rel: Any, source: str) -> str:
+    """``rel`` (a path read from the file ``source``) as a path inside ``loc``, or a one-line refusal."""
+    text = rel if isinstance(rel, str) else ""
+    norm = posixpath.normpath(text) if text else ""
+    escapes = not norm or norm.startswith(("/", "../")) or norm == ".." or "\\" in text or ":" in text
+    if not escapes and loc.fs.type_name == "local":  # links must not lead out either
+        root = os.path.realpath(loc.root)
+        escapes = os.path.commonpath([root, os.path.realpath(loc.path(norm))]) != root
+    if escapes:
+        raise ExportError(f"{loc.display(source)}: part path {rel!r} points outside {loc.display()}; refusing to read "
+                          "it (the file was edited or is hostile); export again")
+    return norm
+
+
+class PartWriter:
+    """Buffers batches into Parquet parts of ``part_rows`` rows, published atomically.
+
+    Metadata keys become columns. A key that first appears in a later part, or a column whose type widens
+    (int -> float, anything mixed -> string), makes :meth:`close` rewrite the earlier parts to the final
+    schema, so every part of an export has the same columns and types.
+    """
+
+    def __init__(self, loc: Location, part_rows: int = 100_000):
+        if part_rows < 1:
+            raise ExportError(f"rows per part must be >= 1, got {part_rows}")
+        self.loc = loc
+        self.part_rows = part_rows
+        self.dim: int | None = None
+        self.schema: pa.Schema | None = None
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._parts: list[dict[str, Any]] = []
+        self._seen: set[str] = set()
+
+    def add(self, batch: Batch) -> None:
+        if not len(batch):
+            return
+        dim = batch.vectors.shape[1]
+        if self.dim is None:
+            self.dim = dim
+        elif dim != self.dim:
+            raise ExportError(f"document {batch.ids[0]!r} has a {dim}-d vector, earlier ones {self.dim}-d")
+        dupes = [i for i in batch.ids if i in self._seen]
+        if dupes:
+            log.warning("export: %d repeated ids (first %r); `reembed run` dead-letters the repeats", len(dupes), dupes[0])
+        self._seen.update(batch.ids)
+        table = batch_table(batch)
+        while table.num_rows:
+            room = self.part_rows - self._buffered
+            head, table = table.slice(0, room), table.slice(room)
+            self._buffer.append(head)
+            self._buffered += head.num_rows
+            if self._buffered == self.part_rows:
+                self._flush()
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._buffered:
+            self._flush()
+        for part in self._parts:
+            if part.pop("_schema") != self.schema:
+                table = pq.read_table(pa.BufferReader(self.loc.read_bytes(part["path"])))
+                self._publish(conform(table, self.schema), part)
+        return self._parts
+
+    def _flush(self) -> None:
+        schema = self.schema or self._buffer[0].schema
+        for t in self._buffer:
+            schema = unify(schema, t.schema)
+        self.schema = schema
+        table = pa.concat_tables([conform(t, schema) for t in self._buffer])
+        self._buffer, self._buffered = [], 0
+        part = {"path": f"part-{len(self._parts):05d}.parquet"}
+        self._publish(table, part)
+        self._parts.append(part)
+
+    def _publish(self, table: pa.Table, part: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        rows = table.num_rows
+
+        def verify(fs, path: str) -> None:
+            with fs.open_input_file(path) as f:
+                got = pq.ParquetFile(f).metadata.num_rows
+            if got != rows:
+                raise StorageError(f"{self.loc.display(part['path'])}: written file has {got} rows, expected {rows}")
+
+        self.loc.publish(data, part["path"], verify=verify)
+        part.update(rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), _schema=table.schema)
+
+
+def batch_table(batch: Batch) -> pa.Table:
+    """A batch as an Arrow table: id, text, metadata columns (sorted by name), old_embedding."""
+    keys = sorted({k for m in batch.metadata for k in m})
+    columns: dict[str, pa.Array] = {S.ID: pa.array(batch.ids, pa.string()), TEXT: pa.array(batch.texts, pa.string())}
+    for key in keys:
+        name = f"meta_{key}" if key in _RESERVED else key
+        columns[name] = metadata_column([m.get(key) for m in batch.metadata])
+    columns[OLD_EMBEDDING] = S.embedding_array(batch.vectors)
+    return pa.table(columns)
+
+
+def metadata_column(values: Sequence[Any]) -> pa.Array:
+    """Scalars keep their type; nested values become JSON strings; a column of mixed types becomes strings."""
+    values = [json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v for v in values]
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def unify(a: pa.Schema, b: pa.Schema) -> pa.Schema:
+    """The schema both ``a`` and ``b`` conform to: union of columns, widened types, strings when types clash;
+    id and text first, old_embedding last."""
+    fields: dict[str, pa.Field] = {f.name: f for f in a}
+    for f in b:
+        if f.name not in fields:
+            fields[f.name] = f
+        elif fields[f.name].type != f.type:
+            if f.name == OLD_EMBEDDING:
+                raise ExportError(f"old_embedding type changed from {fields[f.name].type} to {f.type}")
+            try:
+                fields[f.name] = pa.unify_schemas([pa.schema([fields[f.name]]), pa.schema([f])],
+                                                  promote_options="permissive").field(f.name)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                fields[f.name] = pa.field(f.name, pa.string())
+    meta = sorted(n for n in fields if n not in _RESERVED)
+    return pa.schema([fields[S.ID], fields[TEXT], *[fields[n] for n in meta], fields[OLD_EMBEDDING]])
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns: missing ones null, others cast."""
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            cols.append(col if col.type == f.type else col.cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _prepare_target(out: Location, overwrite: bool) -> None:
+    existing = [i.path for i in out.list() if os.path.basename(i.path).startswith("part-") or i.path.endswith(EXPORT_META)]
+    if not existing:
+        return
+    if not overwrite:
+        raise ExportError(f"{out.display()}: already holds an export ({len(existing)} files); pass --overwrite to "
+                          "replace it, or export somewhere else")
+    for path in existing:
+        out.fs.delete_file(path)

@@ -1,0 +1,153 @@
+"""Qdrant: ``qdrant:///path?collection=docs`` (embedded storage folder), ``qdrant://host:6333?collection=docs``
+(http) or ``qdrants://host:6333?collection=docs`` (https). Options ``id_field`` (payload field holding the
+document id, default ``id`` as the index stage writes it, falling back to the point id), ``text_field``
+(default ``text``) and ``vector`` (a named vector).
+
+The client comes from :func:`reembed.indexes.qdrant.connect` and point ids from
+:func:`reembed.indexes.qdrant.point_id`, exactly as the index stage writes them, so a dual write of a
+document the index stage loaded replaces its point instead of adding a second one. ``QDRANT_API_KEY``
+goes only to the server of the URI the caller passed in.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from reembed.errors import ExportError, MigrationError
+from reembed.indexes import qdrant as Q
+from reembed.migrate.stores.base import (TEXT, Batch, Result, Store, StoreURI, as_text, matrix, page_size_checked,
+                                         take_id)
+
+DEFAULT_PORT = 6333
+
+
+class QdrantStore(Store):
+    kind = "qdrant"
+    writable = True
+
+    def __init__(self, client, collection: str, vector: str | None = None, id_field: str | None = None,
+                 text_field: str = TEXT, **common: Any):
+        """``id_field`` None: ids from payload ``id`` where a point has it, else the point id; a name: that
+        payload field, which every point must have."""
+        super().__init__(collection=collection, **common)
+        self.client = client
+        self.id_field = id_field
+        self.text_field = text_field
+        params = Q.call_with_retry(lambda: client.get_collection(collection), what=f"read {collection}").config.params.vectors
+        if isinstance(params, dict):
+            if vector is None:
+                if len(params) != 1:
+                    raise ExportError(f"qdrant collection {collection}: several named vectors ({', '.join(params)}); "
+                                      "choose one with ?vector=NAME")
+                vector = next(iter(params))
+            elif vector not in params:
+                raise ExportError(f"qdrant collection {collection}: no vector named {vector!r} (has {', '.join(params)})")
+            params = params[vector]
+        elif vector is not None:
+            raise ExportError(f"qdrant collection {collection}: has one unnamed vector; drop ?vector={vector}")
+        self.vector = vector
+        self.metric = str(params.distance.value).lower()
+        self._dim = int(params.size)
+        self.sign = 1.0 if self.metric in ("cosine", "dot") else -1.0  # euclid / manhattan return distances
+
+    @classmethod
+    def from_uri(cls, src: StoreURI, **common: Any) -> "QdrantStore":
+        name = src.option("collection", "")
+        if not name:
+            raise ExportError(f"{src.shown}: name the collection, e.g. {src.scheme}://{src.host}{src.path or '/path'}"
+                              "?collection=docs")
+        client = Q.connect(_target(src))
+        try:
+            if not client.collection_exists(name):
+                names = Q.collections(client)
+                raise ExportError(f"{src.shown}: no Qdrant collection {name!r} (collections: {', '.join(names) or 'none'})")
+            return cls(client, name, vector=src.option("vector"), id_field=src.option("id_field"),
+                       text_field=src.option("text_field", TEXT), uri=src.uri, **common)
+        except BaseException:
+            client.close()
+            raise
+
+    def describe(self) -> dict[str, Any]:
+        return {"metric": self.metric, "lossy": False}
+
+    def batches(self, page_size: int = 1000) -> Iterator[Batch]:
+        """Scroll the collection; the text comes from payload ``text_field``, the rest of the payload is metadata."""
+        page_size = page_size_checked(page_size)
+        with_vectors: Any = [self.vector] if self.vector else True
+        offset = None
+        while True:
+            points, offset = Q.call_with_retry(
+                lambda: self.client.scroll(self.collection, limit=page_size, offset=offset, with_payload=True,
+                                           with_vectors=with_vectors), what=f"scroll {self.collection}")
+            if points:
+                ids, texts, metas, rows = [], [], [], []
+                for p in points:
+                    payload = dict(p.payload or {})
+                    ids.append(self._doc_id(payload, p.id))
+                    texts.append(as_text(payload.pop(self.text_field, None)))
+                    metas.append(payload)
+                    v = p.vector
+                    rows.append(v.get(self.vector) if isinstance(v, dict) else v)
+                yield Batch(ids=ids, texts=texts, metadata=metas,
+                            vectors=matrix(rows, ids, f"qdrant collection {self.collection}"))
+            if offset is None:
+                break
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _search(self, vectors: np.ndarray, k: int) -> list[Result]:
+        from qdrant_client import models
+
+        id_field = self.id_field or Q.PAYLOAD_ID
+        reqs = [models.QueryRequest(query=v.tolist(), limit=k, using=self.vector, with_payload=[id_field, self.text_field])
+                for v in vectors]
+        results = Q.call_with_retry(lambda: self.client.query_batch_points(self.collection, requests=reqs),
+                                    what=f"query {self.collection}")
+        return [[(str((p.payload or {}).get(id_field, p.id)), self.sign * float(p.score), (p.payload or {}).get(self.text_field))
+                 for p in res.points] for res in results]
+
+    def _upsert(self, ids, texts, vectors, metadata) -> None:
+        """Points keyed by :func:`reembed.indexes.qdrant.point_id`, with the document id in the payload as the
+        index stage stores it."""
+        from qdrant_client import models
+
+        id_field = self.id_field or Q.PAYLOAD_ID
+        points = []
+        for i, t, v, m in zip(ids, texts, vectors, metadata):
+            points.append(models.PointStruct(id=Q.point_id(i), vector={self.vector: v.tolist()} if self.vector else v.tolist(),
+                                             payload={**m, id_field: i, self.text_field: t}))
+        try:
+            Q.call_with_retry(lambda: self.client.upsert(self.collection, points=points, wait=True),
+                              what=f"upsert into {self.collection}")
+        except (ValueError, RuntimeError) as e:  # embedded Qdrant: the collection is gone, a wrong vector size
+            raise MigrationError(f"{self.where}: Qdrant upsert of {len(ids)} documents failed ({e})") from e
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _doc_id(self, payload: dict[str, Any], point_id: Any) -> str:
+        if self.id_field:
+            return take_id(payload, self.id_field, point_id, f"qdrant point {point_id}")
+        return take_id(payload, Q.PAYLOAD_ID, point_id, f"qdrant point {point_id}", required=False)
+
+
+def _target(src: StoreURI) -> str:
+    """The target :func:`reembed.indexes.qdrant.connect` takes: a server URL or an existing local folder."""
+    if src.host:
+        if src.path not in ("", "/"):
+            raise ExportError(f"{src.shown}: a server URI has no path ({src.scheme}://host:port?collection=...); "
+                              f"for a local folder use {src.scheme}:///abs/path")
+        host = src.host.rpartition("@")[2]
+        if ":" not in host.rpartition("]")[2]:
+            host = f"{host}:{DEFAULT_PORT}"
+        return f"{'https' if src.scheme == 'qdrants' else 'http'}://{host}"
+    if src.path in ("", "/"):
+        raise ExportError(f"{src.shown}: give a server (host:port) or a local folder ({src.scheme}:///abs/path)")
+    if not os.path.isdir(src.path):  # QdrantClient(path=) would create an empty store here
+        raise ExportError(f"{src.shown}: no Qdrant storage folder at {src.path}")
+    return src.path

@@ -1,0 +1,462 @@
+"""Counting input rows at scale: Parquet footers, JSON Lines byte ranges, gzipped JSON Lines.
+
+Each function takes a :class:`reembed.storage.Location` and a path relative to it, so a Ray task that
+calls it carries its storage settings with it and needs no process-wide state. None of them loops in
+Python per row: Parquet rows come from the footer, JSON Lines rows from a numpy scan of the bytes
+(newline positions; lines holding only ASCII whitespace are blank and are not rows, as in
+``plan._scan_jsonl``).
+
+A JSON Lines file is cut into byte ranges (:data:`RANGE_BYTES`). A range owns the lines that *start* in
+it; :func:`count_jsonl_range` returns their number, so a plan segment is ``(file, range_start, skip,
+rows)``: :func:`read_jsonl_rows` finds the range's first line, skips ``skip`` rows with the same
+vectorized scan and parses only its ``rows`` lines. No per-row offsets are stored anywhere.
+
+A ``.jsonl.gz`` file cannot be split: it is one range, and :func:`read_gz_slices` decompresses it once
+and returns the row slices of every shard that reads from it.
+
+Every scan reports the file's size and its mtime (filesystems) or ETag (S3), for a resume to refuse an
+input that changed under its plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from reembed.errors import InputError
+from reembed.storage import Location
+
+log = logging.getLogger(__name__)
+
+RANGE_BYTES = 64 * 1024 * 1024
+"""Bytes of JSON Lines per counting range: one scan task's read."""
+
+LINE = "_line"
+"""Column of :func:`read_jsonl_rows` / :func:`read_gz_slices`: the row's 0-based line number in its file
+(blank lines counted), given the ``first_line`` of its range."""
+
+INVALID = "_invalid_json"
+"""Column of :func:`read_jsonl_rows` / :func:`read_gz_slices`: the line is not a JSON object (its other
+columns are null; the read stage dead-letters it as ``invalid_json``)."""
+
+_CHUNK = 8 * 1024 * 1024  # bytes per read; a range is scanned in chunks of this size
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What identifies one version of an input file: its size and its mtime (ns) or S3 ETag."""
+
+    path: str
+    size: int
+    mtime_ns: int | None = None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class ParquetCount:
+    stat: FileStat
+    rows: int
+    row_groups: int
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RangeCount:
+    """The lines starting in ``[range_start, range_stop)`` of a JSON Lines file.
+
+    ``first_line_start`` is the byte offset of the first of them (``range_stop`` or beyond when none
+    starts there), ``rows`` the non-blank ones, ``lines`` all of them (blank too: summed over the earlier
+    ranges they give a range's first line number). The file's first range (and a ``.gz`` file's only
+    one) carries the file's :class:`FileStat`, taken before its bytes are read.
+    """
+
+    range_start: int
+    range_stop: int
+    first_line_start: int
+    rows: int
+    lines: int
+    stat: FileStat | None = None
+
+
+@dataclass(frozen=True)
+class JsonlScan:
+    stat: FileStat
+    ranges: tuple[RangeCount, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.ranges)
+
+
+def is_gzip(path: str) -> bool:
+    return path.lower().endswith(".gz")
+
+
+def stat_file(loc: Location, path: str) -> FileStat:
+    """Size and mtime (or ETag on S3) of ``path`` under ``loc``; :class:`InputError` if it is missing."""
+    info = loc.fs.get_file_info(loc.path(path))
+    if info.type != pafs.FileType.File:
+        raise InputError(f"{loc.display(path)}: no such input file (it was listed, then removed?); re-run the plan")
+    etag = loc.version(path) if loc.fs.type_name == "s3" else None
+    mtime = info.mtime_ns if info.mtime is not None else None
+    return FileStat(path=path, size=info.size, mtime_ns=mtime, etag=etag)
+
+
+def count_parquet(loc: Location, path: str) -> ParquetCount:
+    """Rows of a Parquet file from its footer alone: no data page is read."""
+    import pyarrow.parquet as pq
+
+    stat = stat_file(loc, path)
+    try:
+        with loc.fs.open_input_file(loc.path(path)) as f:
+            md = pq.read_metadata(f)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{loc.display(path)}: cannot read the Parquet footer ({type(e).__name__}: {e}); "
+                         "fix or remove the file") from e
+    return ParquetCount(stat, md.num_rows, md.num_row_groups, tuple(md.schema.to_arrow_schema().names))
+
+
+def jsonl_ranges(size: int, range_bytes: int = RANGE_BYTES) -> list[tuple[int, int]]:
+    """``[start, stop)`` byte ranges covering a file of ``size`` bytes (one empty range for an empty file)."""
+    if range_bytes < 1:
+        raise ValueError(f"range_bytes must be positive, got {range_bytes}")
+    if size <= 0:
+        return [(0, 0)]
+    return [(s, min(s + range_bytes, size)) for s in range(0, size, range_bytes)]
+
+
+def count_jsonl_range(loc: Location, path: str, range_start: int, range_stop: int) -> RangeCount:
+    """Count the lines that start in ``[range_start, range_stop)`` of an uncompressed JSON Lines file.
+
+    Reads the range, plus the rest of its last line (up to the next newline) when that line runs past
+    ``range_stop``; never more.
+    """
+    stat = stat_file(loc, path) if range_start <= 0 else None
+    with loc.fs.open_input_file(loc.path(path)) as f:
+        size = f.size()
+        first = _first_line_start(f, range_start, size)
+        counter = _LineCounter()
+        pos = first
+        while pos < min(range_stop, size):
+            chunk = f.read_at(min(_CHUNK, range_stop - pos), pos)
+            counter.feed(chunk)
+            pos += len(chunk)
+        while counter.open and pos < size:  # finish the last line, which started in the range
+            chunk = f.read_at(min(_CHUNK, size - pos), pos)
+            nl = chunk.find(b"\n")
+            counter.feed(chunk if nl < 0 else chunk[: nl + 1])
+            pos += len(chunk)
+    rows, lines = counter.finish()
+    return RangeCount(range_start, range_stop, first, rows, lines, stat)
+
+
+def scan_jsonl(loc: Location, path: str, range_bytes: int = RANGE_BYTES) -> JsonlScan:
+    """Every range of one JSON Lines file, counted in this process (a ``.gz`` file: one range, read
+    once). A distributed plan calls :func:`count_jsonl_range` / :func:`count_gz` as tasks instead."""
+    if is_gzip(path):
+        count = count_gz(loc, path)
+        return JsonlScan(count.stat, (count,))
+    stat = stat_file(loc, path)
+    ranges = [count_jsonl_range(loc, path, s, e) for s, e in jsonl_ranges(stat.size, range_bytes)]
+    return JsonlScan(ranges[0].stat, tuple(ranges))
+
+
+def count_gz(loc: Location, path: str) -> RangeCount:
+    """Count the rows of a gzipped JSON Lines file in one streaming pass (one range: ``(0, size)``)."""
+    stat = stat_file(loc, path)
+    counter = _LineCounter()
+    with _open_gz(loc, path) as f:
+        while chunk := f.read(_CHUNK):
+            counter.feed(chunk)
+    rows, lines = counter.finish()
+    return RangeCount(0, stat.size, 0, rows, lines, stat)
+
+
+def read_jsonl_rows(loc: Location, path: str, range_start: int, skip: int, rows: int,
+                    first_line: int = 0, id_column: str | None = None) -> pa.Table:
+    """Parse ``rows`` documents of an uncompressed JSON Lines file: those after the first ``skip``
+    non-blank lines starting at or after ``range_start``.
+
+    Returns one row per document with the objects' fields as columns, plus :data:`LINE` (0-based line
+    number, counting from ``first_line`` at the range's first line) and :data:`INVALID`. ``id_column``
+    is parsed so that :func:`canonical_json_ids` of it equals ``plan.json_id`` of each value. Raises
+    :class:`InputError` when the file holds fewer rows than asked (it changed since the plan).
+    """
+    if rows <= 0:
+        return _empty_rows()
+    with loc.fs.open_input_file(loc.path(path)) as f:
+        size = f.size()
+        start = _first_line_start(f, range_start, size)
+        buf = b""
+        want = max(_CHUNK // 8, (skip + rows) * 256)
+        while True:
+            more = f.read_at(min(want, size - start - len(buf)), start + len(buf)) if start + len(buf) < size else b""
+            buf += more
+            at_eof = start + len(buf) >= size
+            lines = _Lines(buf, final=at_eof)
+            if lines.rows >= skip + rows or at_eof:
+                break
+            want = len(buf)  # double the read
+    if lines.rows < skip + rows:
+        raise InputError(
+            f"{loc.display(path)}: expected {skip + rows} documents from byte {range_start}, found {lines.rows}; "
+            "the file changed since the plan was made (start a fresh output to re-plan)"
+        )
+    return _parse(lines, buf, skip, rows, first_line, id_column)
+
+
+def read_gz_slices(loc: Location, path: str, slices: Iterable[tuple[int, int]],
+                   id_column: str | None = None) -> list[pa.Table]:
+    """Decompress a gzipped JSON Lines file once and return, for each ``(skip, rows)``, the table
+    :func:`read_jsonl_rows` would return for those rows (one read task per ``.gz`` file emits all its
+    shards from one pass)."""
+    with _open_gz(loc, path) as f:
+        buf = f.read()
+    lines = _Lines(buf, final=True)
+    out = []
+    for skip, rows in slices:
+        if lines.rows < skip + rows:
+            raise InputError(
+                f"{loc.display(path)}: expected {skip + rows} documents, found {lines.rows}; "
+                "the file changed since the plan was made (start a fresh output to re-plan)"
+            )
+        out.append(_parse(lines, buf, skip, rows, 0, id_column) if rows else _empty_rows())
+    return out
+
+
+def parquet_ids(loc: Location, path: str, id_column: str) -> pa.Array:
+    """The id column of a Parquet file (only that column is read), as canonical string ids."""
+    import pyarrow.parquet as pq
+
+    with loc.fs.open_input_file(loc.path(path)) as f:
+        ids = pq.ParquetFile(f).read(columns=[id_column]).column(0)
+    return canonical_ids(ids, loc.display(path))
+
+
+def jsonl_ids(loc: Location, path: str, range_start: int, range_stop: int, id_column: str) -> tuple[RangeCount, pa.Array]:
+    """Count the rows starting in a range (as :func:`count_jsonl_range`) and return their canonical ids.
+
+    A ``.gz`` file is one range: ``range_start``/``range_stop`` are ignored and the file is read once.
+    """
+    stat = stat_file(loc, path) if is_gzip(path) or range_start <= 0 else None
+    if is_gzip(path):
+        with _open_gz(loc, path) as f:
+            buf = f.read()
+        range_start, range_stop, first = 0, stat.size, 0
+    else:
+        with loc.fs.open_input_file(loc.path(path)) as f:
+            size = f.size()
+            first = _first_line_start(f, range_start, size)
+            stop = min(range_stop, size)
+            buf = f.read_at(stop - first, first) if first < stop else b""
+            if buf and not buf.endswith(b"\n") and stop < size:  # the last line runs past the range
+                pos = stop
+                while pos < size:
+                    chunk = f.read_at(min(_CHUNK, size - pos), pos)
+                    nl = chunk.find(b"\n")
+                    buf += chunk if nl < 0 else chunk[: nl + 1]
+                    pos += len(chunk)
+                    if nl >= 0:
+                        break
+    lines = _Lines(buf, final=True)
+    ids = _ids_of(lines, buf, id_column, loc.display(path))
+    return RangeCount(range_start, range_stop, first, lines.rows, lines.lines, stat), ids
+
+
+def canonical_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
+    """The one hook for Arrow id canonicalisation (a Parquet id column -> string ids), delegating to
+    ``plan``'s own conversion so the planner, the scans and dedup can never disagree. JSON values go
+    through :func:`canonical_json_ids`, which delegates to ``plan.json_id``."""
+    from reembed.plan import _ids_to_string
+
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    return _ids_to_string(ids, where)
+
+
+def canonical_json_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
+    """String ids of a JSON id column as :func:`read_jsonl_rows` returns it, equal to ``plan.json_id``
+    applied to each parsed value."""
+    from reembed.plan import json_id
+
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    t = ids.type
+    if pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_null(t):
+        return pa.nulls(len(ids), pa.string())
+    if pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t):
+        return canonical_ids(ids, where)
+    return pa.array([json_id(v) for v in ids.to_pylist()], pa.string())
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class _LineCounter:
+    """Counts lines and non-blank lines over bytes fed in order, without a Python loop per line."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.lines = 0
+        self.open = False  # a line has started and its newline has not been seen yet
+        self._open_nonblank = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        b = np.frombuffer(chunk, dtype=np.uint8)
+        nl = np.flatnonzero(b == 10)
+        starts = np.concatenate(([0], nl + 1))
+        starts = starts[starts < len(b)]
+        nonblank = np.logical_or.reduceat(_non_space(b), starts)
+        closed = len(nl)
+        if closed:
+            nonblank[0] |= self._open_nonblank
+            self.rows += int(np.count_nonzero(nonblank[:closed]))
+            self.lines += closed
+            self.open = len(starts) > closed
+            self._open_nonblank = bool(nonblank[closed]) if self.open else False
+        else:
+            self.open = True
+            self._open_nonblank = self._open_nonblank or bool(nonblank[0])
+
+    def finish(self) -> tuple[int, int]:
+        """(rows, lines), counting an unterminated last line."""
+        if self.open:
+            return self.rows + int(self._open_nonblank), self.lines + 1
+        return self.rows, self.lines
+
+
+class _Lines:
+    """The lines of a buffer that begins at a line start: where each non-blank one starts and ends
+    (its newline excluded) and its 0-based line number. Unless ``final``, an unterminated last line is
+    left out (more bytes may follow)."""
+
+    def __init__(self, buf: bytes, final: bool) -> None:
+        b = np.frombuffer(buf, dtype=np.uint8)
+        nl = np.flatnonzero(b == 10)
+        starts = np.concatenate(([0], nl + 1))
+        ends = np.concatenate((nl, [len(b)]))
+        keep = starts < len(b) if final else np.arange(len(starts)) < len(nl)
+        starts, ends = starts[keep], ends[keep]
+        nonblank = np.logical_or.reduceat(_non_space(b), starts) if len(starts) else np.zeros(0, bool)
+        self.lines = len(starts)
+        idx = np.flatnonzero(nonblank)
+        self.starts, self.ends, self.numbers = starts[idx], ends[idx], idx
+        self.rows = len(idx)
+
+
+def _non_space(b: np.ndarray) -> np.ndarray:
+    """True where a byte is not what ``bytes.strip()`` strips (\\t \\n \\v \\f \\r and space). Two
+    comparisons: uint8 arithmetic wraps, so ``b - 9 < 5`` holds for 9..13 only (a lookup table is 10x slower)."""
+    return (b != 32) & ((b - np.uint8(9)) >= 5)
+
+
+def _first_line_start(f, range_start: int, size: int) -> int:
+    """Byte offset of the first line starting at or after ``range_start`` (``size`` if none)."""
+    if range_start <= 0:
+        return 0
+    pos = range_start - 1  # range_start is a line start iff the byte before it is a newline
+    while pos < size:
+        chunk = f.read_at(min(64 * 1024, size - pos), pos)
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            return pos + nl + 1
+        pos += len(chunk)
+    return size
+
+
+def _open_gz(loc: Location, path: str):
+    """A decompressing stream: pyarrow decompresses by the ``.gz`` extension, so it is asked exactly
+    once, explicitly, and the bytes are never decompressed a second time."""
+    return loc.fs.open_input_stream(loc.path(path), compression="gzip")
+
+
+def _parse(lines: _Lines, buf: bytes, skip: int, rows: int, first_line: int, id_column: str | None) -> pa.Table:
+    lo, hi = skip, skip + rows
+    start, stop = int(lines.starts[lo]), int(lines.ends[hi - 1])
+    piece = pa.py_buffer(buf)[start:stop]  # a view: no copy of the range's bytes
+    numbers = pa.array(lines.numbers[lo:hi] + first_line, pa.int64())
+    table = _parse_fast(piece, rows, id_column)
+    if table is None:
+        table = _parse_slow(buf, lines.starts[lo:hi], lines.ends[lo:hi], id_column)
+    else:
+        table = table.append_column(INVALID, pa.array(np.zeros(rows, dtype=bool)))
+    return table.append_column(LINE, numbers)
+
+
+def _parse_fast(piece: pa.Buffer, rows: int, id_column: str | None) -> pa.Table | None:
+    """pyarrow's JSON reader over the whole piece, or None where its result could differ from parsing
+    each line with ``json`` (an invalid line, a type change between lines, strings read as timestamps,
+    two objects on one line, ids that are floats: Arrow reads 7 beside 7.5 as 7.0, ``json`` as 7)."""
+    import pyarrow.json as pj
+
+    try:
+        table = pj.read_json(pa.BufferReader(piece), read_options=pj.ReadOptions(block_size=max(1 << 20, piece.size + 1)))
+    except pa.ArrowException:
+        return None
+    if table.num_rows != rows or any(_inferred_from_string(f.type) for f in table.schema):
+        return None
+    if id_column in table.column_names and pa.types.is_floating(table.schema.field(id_column).type):
+        return None
+    return table
+
+
+def _inferred_from_string(t: pa.DataType) -> bool:
+    if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_time(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_inferred_from_string(f.type) for f in t)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _inferred_from_string(t.value_type)
+    return False
+
+
+def _parse_slow(buf: bytes, starts: np.ndarray, ends: np.ndarray, id_column: str | None) -> pa.Table:
+    """Line by line with ``json``: a line that is not a JSON object becomes a row of nulls flagged
+    :data:`INVALID`; the id column, and a column whose values do not share one Arrow type, keep
+    ``plan.json_id``'s string of each value (Arrow would turn 2 beside 7.5 into 2.0)."""
+    from reembed.plan import json_id
+
+    objs: list[dict] = []
+    invalid: list[bool] = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        try:
+            obj = json.loads(buf[s:e])
+        except ValueError:
+            obj = None
+        ok = isinstance(obj, dict)
+        objs.append(obj if ok else {})
+        invalid.append(not ok)
+    keys = list(dict.fromkeys(k for o in objs for k in o))
+    cols: dict[str, Any] = {}
+    for k in keys:
+        values = [o.get(k) for o in objs]
+        if k == id_column:
+            cols[k] = pa.array([json_id(v) for v in values], pa.string())
+            continue
+        try:
+            cols[k] = pa.array(values)
+        except (pa.ArrowException, TypeError, OverflowError):
+            cols[k] = pa.array([json_id(v) for v in values], pa.string())
+    cols[INVALID] = pa.array(invalid, pa.bool_())
+    return pa.table(cols)
+
+
+def _ids_of(lines: _Lines, buf: bytes, id_column: str, where: str) -> pa.Array:
+    if not lines.rows:
+        return pa.array([], pa.string())
+    table = _parse(lines, buf, 0, lines.rows, 0, id_column)
+    if id_column not in table.column_names:
+        return pa.nulls(lines.rows, pa.string())
+    return canonical_json_ids(table.column(id_column), where)
+
+
+def _empty_rows() -> pa.Table:
+    return pa.table({INVALID: pa.array([], pa.bool_()), LINE: pa.array([], pa.int64())})

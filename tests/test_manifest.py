@@ -1,0 +1,219 @@
+"""The manifest without Ray: its layout and paths are checked when it is loaded, files are read on its word
+only inside the output and against their sha256, saves fence a second job, and a claim cleans up what
+killed attempts left (uncommitted shards, temporary files, empty _tmp/ folders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from conftest import embedded_rows
+from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (fixtures)
+from reembed import schema as S
+from reembed.cli import main
+from reembed.errors import ChecksumError, ConcurrentWriteError, ManifestError, StorageError
+from reembed.manifest import Manifest, read_recorded
+from reembed.storage import Location
+from reembed.write import read_shard_table, write_shard
+
+SCHEMA = S.shard_schema(4, pa.schema([pa.field("lang", pa.string())]))
+MODEL = {"name": "m", "revision": "r", "dimension": 4, "normalize": True, "pooling": "cls", "dtype": "float32",
+         "max_seq_length": 16, "fingerprint": "f0"}
+
+
+def make_output(folder: Path, shards: int = 3, commit: int = 2) -> Manifest:
+    """An output of ``shards`` planned shards of 5 rows, the first ``commit`` written and committed."""
+    loc = Location.from_uri(str(folder))
+    plan = {"shards": [{"shard": i, "rows": 5, "segments": []} for i in range(shards)], "rows": 5 * shards}
+    dups = b"no duplicates"
+    loc.write_bytes(dups, "plan", "duplicates.parquet")
+    import hashlib
+
+    m = Manifest.create(loc, MODEL, plan, {"path": "plan/duplicates.parquet", "rows": 0,
+                                           "sha256": hashlib.sha256(dups).hexdigest()})
+    for i in range(commit):
+        m.commit_shard(i, write_shard(loc, i, embedded_rows(i, 5), SCHEMA))
+    return m
+
+
+def edit(folder: Path, change) -> None:
+    data = json.loads((folder / "manifest.json").read_text())
+    change(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+
+
+def status_line(folder: Path, capsys) -> tuple[int, str]:
+    """``reembed status`` in this process: exit code and stderr, which must be one line, no traceback."""
+    rc = main(["status", str(folder)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return rc, err.strip()
+
+
+HOSTILE = {
+    "relative escape": "../../etc/passwd",
+    "absolute path": "/etc/passwd",
+    "another bucket": "s3://someone-elses-bucket/shards/part-00000.parquet",
+    "escape after a folder": "shards/../../outside.parquet",
+}
+
+
+@pytest.mark.parametrize("path", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_shard_path_outside_the_output_is_refused_in_one_line(tmp_path, capsys, path):
+    out = tmp_path / "out"
+    make_output(out)
+    edit(out, lambda d: d["shards"]["00001"].update(path=path))
+    with pytest.raises(ManifestError, match=r"shards.00001.path = .* points outside the output"):
+        Manifest.load(Location.from_uri(str(out)))
+    rc, line = status_line(out, capsys)
+    assert rc == 1 and "manifest.json: shards.00001.path" in line and path in line and "--fresh" in line
+
+
+@pytest.mark.parametrize("key, change", [
+    ("shards.00000.dead_letter_path", lambda d: d["shards"]["00000"].update(dead_letter_path="/etc/shadow")),
+    ("duplicates.path", lambda d: d["duplicates"].update(path="../elsewhere/duplicates.parquet")),
+    ("stages.index.faiss.ids_path", lambda d: d.update(stages={"index": {"faiss": {"ids_path": "/tmp/x"}}})),
+])
+def test_every_path_the_manifest_names_is_checked(tmp_path, key, change):
+    out = tmp_path / "out"
+    make_output(out)
+    edit(out, change)
+    with pytest.raises(ManifestError, match=key.replace(".", r"\.") + " = .* points outside the output"):
+        Manifest.load(Location.from_uri(str(out)))
+
+
+def test_a_symlink_out_of_the_output_is_refused(tmp_path):
+    out = tmp_path / "out"
+    m = make_output(out)
+    secret = tmp_path / "secret.parquet"
+    secret.write_bytes(b"not yours")
+    (out / "shards" / "link.parquet").symlink_to(secret)
+    edit(out, lambda d: d["shards"]["00001"].update(path="shards/link.parquet"))
+    with pytest.raises(ManifestError, match="leads outside the output through a symbolic link"):
+        Manifest.load(m.loc)
+
+
+def test_files_are_read_on_the_manifests_word_only_with_a_matching_sha256(tmp_path):
+    out = tmp_path / "out"
+    m = make_output(out)
+    loc = m.loc
+    assert read_recorded(loc, m.data["duplicates"], "duplicates") == b"no duplicates"
+    (out / "plan" / "duplicates.parquet").write_bytes(b"tampered")
+    with pytest.raises(ChecksumError, match=r"duplicates.parquet: sha256 .* does not match duplicates.sha256"):
+        read_recorded(loc, m.data["duplicates"], "duplicates")
+    with pytest.raises(ManifestError, match="points outside the output"):
+        read_shard_table(loc, {**m.committed[0], "path": str(out / "shards" / "part-00000.parquet")})
+    with pytest.raises(ManifestError, match=r"shards.00009.path = '/etc/passwd'"):
+        m.commit_shard(9, {**m.committed[0], "path": "/etc/passwd"})
+    assert 9 not in Manifest.load(loc).committed
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[1, 2, 3]", "expected a JSON object, found list"),
+    ("{not json", "not valid JSON"),
+    ('{"format": 1, "generation": 3}', "key 'model' is missing"),
+    ('{"format": 7}', "unknown manifest format 7"),
+    ("MISSING shards", "key 'shards' is missing"),
+    ("shards is a list", "shards is list, expected dict"),
+    ("record without path", "shards.00000.path is missing"),
+])
+def test_a_malformed_manifest_is_one_line(tmp_path, capsys, content, words):
+    out = tmp_path / "out"
+    make_output(out)
+    if content == "MISSING shards":
+        edit(out, lambda d: d.pop("shards"))
+    elif content == "shards is a list":
+        edit(out, lambda d: d.update(shards=[]))
+    elif content == "record without path":
+        edit(out, lambda d: d["shards"]["00000"].pop("path"))
+    else:
+        (out / "manifest.json").write_text(content)
+    with pytest.raises(ManifestError, match=words):
+        Manifest.load(Location.from_uri(str(out)))
+    rc, line = status_line(out, capsys)
+    assert rc == 1 and line.startswith("reembed: error: ") and words in line and "manifest.json" in line
+
+
+def test_a_save_after_another_job_saved_is_refused_and_changes_nothing(tmp_path):
+    out = tmp_path / "out"
+    make_output(out, commit=1)
+    loc = Location.from_uri(str(out))
+    a, b = Manifest.load(loc), Manifest.load(loc)
+    a.commit_shard(1, write_shard(loc, 1, embedded_rows(1, 5), SCHEMA))
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ConcurrentWriteError, match="changed by another job"):
+        b.commit_shard(2, write_shard(loc, 2, embedded_rows(2, 5), SCHEMA))
+    assert (out / "manifest.json").read_bytes() == before and 2 not in b.committed
+    with pytest.raises(ConcurrentWriteError, match="another job has taken over"):
+        b.check_current()
+    a.check_current()
+
+
+def test_claim_fences_earlier_readers_and_removes_only_leftovers(tmp_path):
+    out = tmp_path / "out"
+    make_output(out, commit=1)
+    loc = Location.from_uri(str(out))
+    early = Manifest.load(loc)
+    # What killed attempts leave: an uncommitted shard, a temporary shard, a killed manifest save, a killed
+    # duplicates write; and files that are not ours to touch.
+    late = write_shard(loc, 1, embedded_rows(1, 5), SCHEMA)
+    (out / "shards" / "_tmp" / "part-00002.parquet.0123456789ab").write_bytes(b"half")
+    (out / "manifest.json.tmp-0123456789ab").write_text("{")
+    (out / "plan" / "duplicates.parquet.tmp-ba9876543210").write_bytes(b"half")
+    (out / "manifest.json.backup").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+
+    claimer = Manifest.load(loc)
+    assert claimer.claim("shards", "dead_letter") == 5  # 2 shards files, 2 temporary files, 1 empty _tmp/
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-00000.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [".manifest.lock", "manifest.json", "manifest.json.backup",
+                                                     "notes.txt", "plan", "shards"]
+    assert [p.name for p in (out / "plan").iterdir()] == ["duplicates.parquet"]
+    with pytest.raises(ConcurrentWriteError):
+        early.commit_shard(1, late)  # the fenced job cannot commit what it wrote
+    assert sorted(Manifest.load(loc).committed) == [0]
+
+
+def test_clean_temp_keeps_a_tmp_folder_in_use(tmp_path):
+    out = tmp_path / "out"
+    m = make_output(out, commit=1)
+    (out / "shards" / "_tmp").mkdir(exist_ok=True)
+    assert m.clean_temp("shards", "dead_letter") == 1 and not (out / "shards" / "_tmp").exists()
+    (out / "shards" / "_tmp").mkdir()
+    (out / "shards" / "_tmp" / "part-00001.parquet.0123456789ab").write_bytes(b"a writer's file")
+    assert m.clean_temp("shards") == 0 and (out / "shards" / "_tmp").exists()
+
+
+@pytest.mark.s3
+def test_a_hostile_path_is_refused_on_s3_too(s3_env):
+    bucket = new_bucket(s3_env)
+    loc = Location.from_uri(f"s3://{bucket}/out")
+    plan = {"shards": [{"shard": 0, "rows": 5, "segments": []}], "rows": 5}
+    m = Manifest.create(loc, MODEL, plan, {})
+    m.commit_shard(0, write_shard(loc, 0, embedded_rows(0, 5), SCHEMA))
+    assert read_shard_table(loc, m.committed[0]).num_rows == 5
+    data = json.loads(loc.read_bytes("manifest.json"))
+    data["shards"]["00000"]["path"] = f"s3://{bucket}-other/secrets.parquet"
+    loc.write_bytes(json.dumps(data).encode(), "manifest.json")
+    with pytest.raises(ManifestError, match=r"shards.00000.path = 's3://.*-other/secrets.parquet' points outside"):
+        Manifest.load(loc)
+
+
+def test_a_save_on_a_full_disk_is_one_line_and_keeps_the_stored_manifest(small_disk):
+    disk, resize = small_disk
+    resize("128k")
+    m = make_output(disk / "out", commit=1)
+    rec = write_shard(m.loc, 1, embedded_rows(1, 5), SCHEMA)
+    before = (disk / "out" / "manifest.json").read_bytes()
+    m.data["runs"].append({"note": "x" * 200_000})  # a manifest too large for what is left
+    with pytest.raises(StorageError) as e:
+        m.commit_shard(1, rec)
+    assert "\n" not in str(e.value) and "manifest.json: no space left on the device" in str(e.value)
+    assert (disk / "out" / "manifest.json").read_bytes() == before  # the stored manifest is intact
+    assert 1 not in m.committed and not list((disk / "out").glob("manifest.json.tmp-*"))
+    m.data["runs"].pop()
+    m.commit_shard(1, rec)  # with room again, the same job goes on
+    assert sorted(Manifest.load(m.loc).committed) == [0, 1]
