@@ -38,11 +38,12 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from reembed import schema as S
+from reembed.cluster import init_ray
 from reembed.config import ConfigError, IndexConfig
 from reembed.errors import InputError
 from reembed.indexes import faiss as faiss_index
 from reembed.indexes import qdrant as Q
-from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError
+from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError, inside_output
 from reembed.storage import Location
 from reembed.write import read_shard_table
 
@@ -136,8 +137,8 @@ def faiss_current(loc: Location, manifest: Manifest, cfg: IndexConfig) -> dict[s
         return None
     if rec.get("inputs") != inputs_key(manifest) or rec.get("request") != faiss_request(cfg):
         return None
-    path = faiss_index.inside_output(loc, rec.get("path"), "stages.index.faiss.path")
-    ids_path = faiss_index.inside_output(loc, rec.get("ids_path"), "stages.index.faiss.ids_path")
+    path = inside_output(loc, rec.get("path"), "stages.index.faiss.path")
+    ids_path = inside_output(loc, rec.get("ids_path"), "stages.index.faiss.ids_path")
     if not (loc.exists(path) and loc.exists(ids_path) and loc.size(path) == rec.get("bytes")):
         return None
     return rec
@@ -308,8 +309,6 @@ def _run_parallel(loc: Location, cfg: IndexConfig, target: str | None, todo: lis
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from reembed.pipeline import init_ray
-
     init_ray(ray_address)
     refs = {}
     if "faiss" in todo:
@@ -377,9 +376,8 @@ def shard_tables(loc: Location, manifest: Manifest, columns: list[str]) -> Itera
 
 
 def read_shard(loc: Location, shard: int, rec: dict[str, Any], columns: list[str] | None) -> pa.Table:
-    """One committed shard through ``read_shard_table`` (sha256-checked), its path first held inside the output."""
-    faiss_index.inside_output(loc, rec.get("path"), f"shards.{shard}.path")
-    return read_shard_table(loc, rec, columns=columns, verify=True)
+    """One committed shard through ``read_shard_table``: its path held inside the output, its sha256 checked."""
+    return read_shard_table(loc, rec, columns=columns, verify=True, key=f"shards.{shard:05d}")
 
 
 def inputs_key(manifest: Manifest) -> str:

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from reembed import schema as S
 from reembed.errors import ChecksumError, ManifestError, StorageError
 from reembed.indexes.exact import DEPTH, KnnHeap, normalize, recall
+from reembed.manifest import inside_output
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -479,26 +480,6 @@ def read_ids_file(uri: str, column: str = S.ID) -> list[str]:
             except (ValueError, KeyError) as e:
                 raise StorageError(f"{uri}:{n}: expected an id or a JSON object with {column!r} ({e})") from e
     return out
-
-
-def inside_output(loc: Location, rel: Any, key: str) -> str:
-    """``rel``, a path the manifest names at ``key``, normalised, once it is known to stay inside the output:
-    a relative path with no ``..`` step, no URI, and (on a local disk) no symlink leading out. The same rule
-    as the manifest's own path check (branch commit's ``manifest.inside_output``)."""
-    where = loc.display("manifest.json")
-    parts = str(rel).replace("\\", "/").split("/")
-    if not isinstance(rel, str) or not rel.strip() or "://" in rel or rel.startswith(("/", "\\")) \
-            or re.match(r"[A-Za-z]:", rel) or ".." in parts:
-        raise ManifestError(f"{where}: {key} = {rel!r} is not a path inside the output; not reading it. Restore "
-                            "the manifest, or rebuild with `reembed index`")
-    norm = posixpath.normpath(rel)
-    if loc.fs.type_name == "local":
-        root = os.path.realpath(loc.root)
-        real = os.path.realpath(os.path.join(root, norm))
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise ManifestError(f"{where}: {key} = {rel!r} leads outside the output through a symbolic link "
-                                f"(to {real}); not reading it")
-    return norm
 
 
 def _read(loc: Location, rel: str | None) -> bytes:
