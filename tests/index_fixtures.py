@@ -170,3 +170,16 @@ def _client_version() -> str:
     from importlib.metadata import version
 
     return version("qdrant-client")
+
+
+@pytest.fixture(autouse=True)
+def cli_logging_reset():
+    """``reembed.cli.main`` points the root logger at the sys.stderr of its call, which pytest closes after
+    the test; drop that handler afterwards so a later test's logging does not write to a closed stream."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)

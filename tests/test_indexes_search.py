@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index_fixtures import clustered, write_output
+from index_fixtures import cli_logging_reset, clustered, write_output  # noqa: F401
 from reembed import cli
 from reembed import schema as S
 from reembed import validation as V
@@ -161,16 +161,22 @@ def test_search_k_below_one_is_a_usage_error(topics_output, capsys, k):
         check_k(0)
 
 
+def _error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("reembed:")]
+
+
 def test_search_mistakes_are_one_line(topics_output, tmp_path, capsys):
     out, _ = topics_output
     assert cli.main(["search", out, "cat", "--show", "nope"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    assert len(_error_lines(capsys)) == 1
     assert cli.main(["search", out, "cat", "--version", "9"]) == 1
-    err = capsys.readouterr().err
-    assert "version 9" in err and err.count("\n") == 1
+    [err] = _error_lines(capsys)
+    assert "version 9" in err
     assert cli.main(["search", str(tmp_path / "nothing"), "cat"]) == 1
-    err = capsys.readouterr().err
-    assert "manifest.json" in err and err.count("\n") == 1
+    [err] = _error_lines(capsys)
+    assert "manifest.json" in err
 
 
 # ---------------------------------------------------------------------------------------------------

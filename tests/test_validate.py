@@ -153,7 +153,7 @@ def test_integrity_fails_on_wrong_dimension_and_a_replaced_shard(tmp_path, space
     pq.write_table(pa.table({"id": ["x"]}), tmp_path / "b" / "shards" / "part-00002.parquet")
     report = V.validate(out, settings=FAST)
     assert report["gates"]["integrity"]["corrupt"] == 1 and not report["passed"]
-    assert "sha256 does not match the manifest" in report["gates"]["integrity"]["message"]
+    assert "part-00002.parquet: sha256" in report["gates"]["integrity"]["message"]
 
 
 def test_incomplete_output_fails_and_unknown_labels_are_reported(tmp_path, space, proj):

@@ -356,10 +356,11 @@ def _gather(waits: dict[str, Any]) -> dict[str, Any]:
             results[name] = get()
         except Exception as e:  # surfaced below, once every build has ended
             errors[name] = e
-    for name, e in errors.items():
-        log.error("index %s failed: %s", name, e)
     if errors:
         first = next(iter(errors.values()))
+        for name, e in errors.items():  # the first is raised (the CLI prints it); the others would be lost
+            if e is not first:
+                log.error("index %s failed too: %s", name, e)
         cause = getattr(first, "cause", None)  # a Ray task's own exception, unwrapped from RayTaskError
         raise (cause if isinstance(cause, Exception) else first) from first
     return results

@@ -1,14 +1,13 @@
-"""``reembed index | versions | swap | rollback | search``: the index stage's subcommands."""
+"""``reembed index | versions | swap | rollback | search``: the index stage's subcommands. They parse and call
+the library; a :class:`ReembedError` they meet is printed by :func:`reembed.cli.main` as one line."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from reembed.config import load_config, replace_path
-from reembed.errors import ReembedError, SwapRefused, UsageError
 from reembed.indexes import build as stage
 from reembed.indexes import qdrant as Q
 from reembed.indexes.search import Searcher
@@ -105,8 +104,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     for key, value in flags.items():
         if value is not None:
             cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
-    return _guard(lambda: _print_index(stage.build_indexes(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
-                                                       use_ray=not args.no_ray), args.json), args)
+    return _print_index(stage.build_indexes(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
+                                            use_ray=not args.no_ray), args.json)
 
 
 def _print_index(results: dict[str, Any], as_json: bool) -> int:
@@ -156,7 +155,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         return EXIT_OK
 
-    return _guard(run, args)
+    return run()
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
@@ -165,7 +164,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
                          force=args.force), args.json)
         return EXIT_OK
 
-    return _guard(run, args)
+    return run()
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -173,7 +172,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         _print_move(rollback(args.alias, qdrant=args.qdrant, output=args.output), args.json)
         return EXIT_OK
 
-    return _guard(run, args)
+    return run()
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -194,7 +193,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 print(f"{rank:>3}. {score:.4f}  {doc}" + (f"  {_snippet(extra)}" if extra is not None else ""))
         return EXIT_OK
 
-    return _guard(run, args)
+    return run()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,18 +206,6 @@ def _print_move(result: dict[str, Any], as_json: bool) -> None:
         print(f"alias {result['alias']} already points at {result['to']}; nothing changed")
     else:
         print(f"alias {result['alias']}: {result['from'] or '(new)'} -> {result['to']}")
-
-
-def _guard(fn, args: argparse.Namespace) -> int:
-    """A user's mistake is one line on stderr: exit 2 for usage, 1 for the rest (the traceback too with -v)."""
-    try:
-        return fn()
-    except ReembedError as e:
-        word = "refused" if isinstance(e, SwapRefused) else "usage error" if isinstance(e, UsageError) else "error"
-        print(f"reembed: {word}: {e}", file=sys.stderr)
-        if getattr(args, "verbose", 0):
-            raise
-        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAIL
 
 
 def _positive_int(text: str) -> int:
