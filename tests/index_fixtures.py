@@ -4,6 +4,7 @@ manifest format, without running the embedding job."""
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 import io
 import os
 import uuid
@@ -114,3 +115,71 @@ def fast_tmp(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
     else:
         yield tmp_path
+
+
+@contextmanager
+def recording_server(host: str = "127.0.0.1", status: int = 200):
+    """A tiny HTTP listener on ``host`` that records every request's path and headers and answers like an
+    empty Qdrant (version, no collections, no aliases), or with ``status`` for the collection list.
+    Yields (url, requests) where requests is a list of (path, {header: value})."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, dict[str, str]]] = []
+    answers = {"/": {"title": "qdrant - vector search engine", "version": _client_version()},
+               "/collections": {"result": {"collections": []}, "status": "ok", "time": 0.0},
+               "/aliases": {"result": {"aliases": []}, "status": "ok", "time": 0.0}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            path = self.path.split("?")[0]
+            seen.append((path, {k.lower(): v for k, v in self.headers.items()}))
+            code = status if path == "/collections" else 200 if path in answers else 404
+            body = json.dumps(answers.get(path, {"status": {"error": "not found"}}) if code == 200
+                              else {"status": {"error": f"HTTP {code}"}}).encode()
+            self.send_response(code)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 with nothing listening."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client_version() -> str:
+    from importlib.metadata import version
+
+    return version("qdrant-client")
+
+
+@pytest.fixture(autouse=True)
+def cli_logging_reset():
+    """``reembed.cli.main`` points the root logger at the sys.stderr of its call, which pytest closes after
+    the test; drop that handler afterwards so a later test's logging does not write to a closed stream."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)

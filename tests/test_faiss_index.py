@@ -93,7 +93,7 @@ def test_recall_at_10_against_exact_search(corpus, kind, pq, tmp_path):
     assert built.ntotal == len(xb)
     assert built.params["search"], "an ANN index must carry a tuned search setting"
     loc = Location.from_uri(str(tmp_path))
-    index, ids = F.load(loc, F.write(loc, built, version=1))
+    index, ids = F.read_index(loc, F.write(loc, built, version=1))
     found = index.search(xq, 10)[1]  # the default setting: whatever the file holds
     assert _recall(found, _exact(xb, xq)) >= 0.95
     if pq:
@@ -158,7 +158,7 @@ def test_versions_are_numbered_and_written_with_checksums(corpus, tmp_path):
     assert rec["ntotal"] == 1500 and rec["bytes"] == (tmp_path / rec["path"]).stat().st_size
     assert F.next_version(loc) == 2 and F.next_version(loc, recorded=[5]) == 6
     assert not list((tmp_path / "indexes/faiss/_tmp").glob("*"))  # nothing left behind
-    index, ids = F.load(loc, rec)
+    index, ids = F.read_index(loc, rec)
     assert index.ntotal == 1500 and ids.to_pylist()[:2] == ["d0", "d1"]
 
 
@@ -178,7 +178,7 @@ def test_corrupted_file_is_caught_by_the_checksum_before_faiss_reads_it(corpus, 
     monkeypatch.setattr(faiss, "read_index", must_not_run)
     monkeypatch.setattr(faiss, "deserialize_index", must_not_run)
     with pytest.raises(F.ChecksumError, match="sha256"):
-        F.load(loc, rec)
+        F.read_index(loc, rec)
 
 
 @pytest.mark.gpu

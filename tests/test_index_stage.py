@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 import reembed
-from index_fixtures import clustered, fast_tmp, qdrant_target, write_output  # noqa: F401 (fixtures)
+from index_fixtures import cli_logging_reset, clustered, fast_tmp, qdrant_target, write_output  # noqa: F401 (fixtures)
 from reembed import cli
+from reembed import validation as V
 from reembed.config import IndexConfig
 from reembed.indexes import qdrant as Q
 from reembed.indexes import build as stage
@@ -48,7 +49,7 @@ def _qdrant_count(target: str, collection: str) -> int:
 def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
     out = write_output(fast_tmp / "out", clustered(1200, 16, seed=1), shard_rows=100)
     cfg = _cfg(qdrant_target, faiss="hnsw", batch_size=64)
-    first = stage.run_index(out, cfg, use_ray=False)
+    first = stage.build_indexes(out, cfg, use_ray=False)
 
     rows = sum(r["rows"] for r in _manifest(out).committed.values())
     f, q = first["faiss"], first["qdrant"]
@@ -63,7 +64,7 @@ def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
 
     index_file = Path(out) / f["path"]
     before = (_manifest(out).data["generation"], index_file.stat().st_mtime_ns, _collections(cfg.qdrant, cfg.collection))
-    again = stage.run_index(out, cfg, use_ray=False)
+    again = stage.build_indexes(out, cfg, use_ray=False)
     after = (_manifest(out).data["generation"], index_file.stat().st_mtime_ns, _collections(cfg.qdrant, cfg.collection))
     assert after == before  # not a byte of the manifest, the FAISS file or the Qdrant target changed
     assert again == first
@@ -71,8 +72,8 @@ def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
 
 def test_other_faiss_settings_make_a_new_version_and_keep_the_old(fast_tmp):
     out = write_output(fast_tmp / "out", clustered(1500, 16, seed=2), shard_rows=500)
-    v1 = stage.run_index(out, IndexConfig(faiss="hnsw", qdrant="none"), use_ray=False)["faiss"]
-    v2 = stage.run_index(out, IndexConfig(faiss="flat", qdrant="none"), use_ray=False)["faiss"]
+    v1 = stage.build_indexes(out, IndexConfig(faiss="hnsw", qdrant="none"), use_ray=False)["faiss"]
+    v2 = stage.build_indexes(out, IndexConfig(faiss="flat", qdrant="none"), use_ray=False)["faiss"]
     assert (v1["version"], v2["version"]) == (1, 2)
     assert v2["path"] == "indexes/faiss/index-v2.faiss" and (Path(out) / v1["path"]).exists()
     state = _index_state(out)
@@ -87,7 +88,7 @@ def test_an_incomplete_output_is_refused(fast_tmp):
     m.data["plan"]["shards"].append({"shard": 3, "rows": 10, "segments": []})
     m.save()
     with pytest.raises(ManifestError, match="1 shards are not committed"):
-        stage.run_index(out, IndexConfig(qdrant="none"), use_ray=False)
+        stage.build_indexes(out, IndexConfig(qdrant="none"), use_ray=False)
 
 
 def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
@@ -120,7 +121,7 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
     collection = killed["collection"]
     assert _qdrant_count(cfg.qdrant, collection) < 1200
 
-    result = stage.run_index(out, IndexConfig(faiss="none", qdrant=cfg.qdrant, collection=cfg.collection,
+    result = stage.build_indexes(out, IndexConfig(faiss="none", qdrant=cfg.qdrant, collection=cfg.collection,
                                               batch_size=64), use_ray=False)["qdrant"]
     assert result["collection"] == collection  # resumed, not a new version
     assert result["status"] == "done" and result["shards_done"] == list(range(40))
@@ -142,7 +143,7 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
 @pytest.mark.ray
 def test_faiss_and_qdrant_build_at_the_same_time_as_ray_tasks(fast_tmp, ray_local):
     out = write_output(fast_tmp / "out", clustered(12000, 32, seed=4), shard_rows=1000)
-    result = stage.run_index(out, IndexConfig(faiss="hnsw", batch_size=100))
+    result = stage.build_indexes(out, IndexConfig(faiss="hnsw", batch_size=100))
     state = _index_state(out)
     f, q = state["faiss"], state["qdrant"]
     assert f["ntotal"] == q["count"] == 12000
@@ -189,15 +190,14 @@ def test_run_with_index_then_search_versions_swap_rollback(tmp_path, fast_tmp, t
     assert "validation gate" in capsys.readouterr().err
     # ... and checks the count against the manifest and the dimension against the job's model.
     assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1", "--dimension", "384", "--force"]) == 1
-    assert "refused" in capsys.readouterr().err
+    assert "vectors have dimension 32, but the alias's queries are 384-d" in capsys.readouterr().err
     assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1", "--force"]) == 0
     assert "documents: (new) -> documents-v1" in capsys.readouterr().out
     assert cli.main(["rollback", "--output", out, "--alias", "documents"]) == 1
     assert "nothing to roll back" in capsys.readouterr().err
 
     # validate finds the output's own FAISS index for its ANN-recall gate.
-    cli.main(["validate", out, "--no-builtin-pairs"])
-    capsys.readouterr()
+    V.validate(out, settings=V.Settings(builtin_pairs=False))
     report = json.loads(_manifest(out).loc.read_bytes("validation/report.json"))
     # (the tiny random model gives many tied vectors here, so only the wiring is checked, not the value)
     assert 0 < report["gates"]["ann_recall"]["recall"]["faiss"] <= 1
@@ -242,7 +242,7 @@ def test_bad_index_settings_are_refused_naming_the_key(fast_tmp, setting, messag
 
     out = write_output(fast_tmp / "out", clustered(50, 8), shard_rows=50)
     with pytest.raises(ConfigError, match=message):
-        stage.run_index(out, IndexConfig(**setting), use_ray=False)
+        stage.build_indexes(out, IndexConfig(**setting), use_ray=False)
 
 
 def test_index_settings_load_from_yaml_and_are_off_by_default(tmp_path):

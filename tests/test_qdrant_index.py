@@ -3,13 +3,13 @@ retry policy. Runs on embedded Qdrant, and also against a server when QDRANT_URL
 
 from __future__ import annotations
 
-import socket
+import time
 import uuid
 
 import numpy as np
 import pytest
 
-from index_fixtures import clustered, fast_tmp, qdrant_target, tables  # noqa: F401 (fixtures)
+from index_fixtures import clustered, closed_port, fast_tmp, qdrant_target, recording_server, tables  # noqa: F401
 from reembed.indexes import qdrant as Q
 
 pytest.importorskip("qdrant_client")
@@ -171,11 +171,50 @@ def test_targets_are_described_without_credentials(monkeypatch):
     monkeypatch.setenv(Q.API_KEY_ENV, "sekret-key-123")
     assert Q.describe("https://user:pw@qdrant.example.com:6333/base?api_key=x") == "https://qdrant.example.com:6333/base"
     assert Q.is_server("http://127.0.0.1:6333") and not Q.is_server("/data/qdrant")
-    c = Q.connect(f"http://127.0.0.1:{_closed_port()}")  # nothing listens there: only the version probe fails
-    try:
-        assert c._client._rest_headers.get("api-key") == "sekret-key-123"  # from the environment
-    finally:
-        c.close()
+    with recording_server() as (url, seen):
+        c = Q.connect(url)  # a server the user named: the key from the environment goes along
+        try:
+            Q.collections(c)
+        finally:
+            c.close()
+    assert {h.get("api-key") for path, h in seen if path != "/"} == {"sekret-key-123"}
+
+
+def test_a_target_read_from_a_file_never_gets_the_key(monkeypatch):
+    monkeypatch.setenv(Q.API_KEY_ENV, "sekret-key-123")
+    with recording_server("127.0.0.2") as (url, seen):
+        c = Q.connect(url, named_by_user=False)
+        try:
+            assert Q.collections(c) == []
+        finally:
+            c.close()
+    assert seen and not any("api-key" in h for _, h in seen)
+
+
+def test_a_key_over_plain_http_to_another_host_is_refused(monkeypatch):
+    monkeypatch.setenv(Q.API_KEY_ENV, "sekret-key-123")
+    monkeypatch.delenv(Q.ALLOW_HTTP_ENV, raising=False)
+    for url in ("http://10.11.12.13:6333", "http://qdrant.example.com"):
+        with pytest.raises(Q.QdrantError, match=f"refusing to send {Q.API_KEY_ENV} over plain http.*{Q.ALLOW_HTTP_ENV}=1"):
+            Q.connect(url)  # refused before any connection: no network needed
+    # loopback is this machine; https is fine; no key, nothing to protect (these fail only at the probe)
+    for url in (f"http://127.0.0.1:{closed_port()}", f"http://localhost:{closed_port()}",
+                f"https://127.0.0.1:{closed_port()}"):
+        with pytest.raises(Q.QdrantError, match="cannot reach"):
+            Q.connect(url)
+    monkeypatch.delenv(Q.API_KEY_ENV)
+    with pytest.raises(Q.QdrantError, match="cannot reach"):
+        Q.connect("http://127.0.0.3:1")
+
+
+def test_nothing_listening_fails_at_once_in_one_line():
+    url = f"http://127.0.0.1:{closed_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(Q.QdrantError) as e:
+        Q.connect(url)
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert "\n" not in msg and url in msg and "connection refused" in msg and "--qdrant" in msg
 
 
 def _http_error(status: int, headers: dict | None = None):
@@ -226,18 +265,14 @@ def test_retries_only_429_5xx_and_unreachable():
     assert sleeps == [7.0]  # the server's Retry-After wins over a shorter backoff
 
 
-def test_an_unreachable_server_is_retried_then_reported():
-    c = Q.connect(f"http://127.0.0.1:{_closed_port()}", timeout=2)
-    sleeps = []
-    try:
-        with pytest.raises(Exception):
-            Q.call_with_retry(lambda: c.get_collections(), what="list", attempts=3, sleep=sleeps.append)
-    finally:
-        c.close()
-    assert len(sleeps) == 2
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:  # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_a_failing_server_is_retried_then_reported_in_one_line():
+    with recording_server(status=503) as (url, seen):
+        c = Q.connect(url, timeout=2)
+        sleeps = []
+        try:
+            with pytest.raises(Q.QdrantError, match=r"Qdrant list failed after 3 attempts: HTTP 503") as e:
+                Q.call_with_retry(lambda: c.get_collections(), what="list", attempts=3, sleep=sleeps.append)
+        finally:
+            c.close()
+    assert len(sleeps) == 2 and "\n" not in str(e.value)
+    assert [p for p, _ in seen].count("/collections") == 3

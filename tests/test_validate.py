@@ -18,7 +18,7 @@ import pytest
 from migrate_fixtures import (QUERIES, commit_table, corpus, embed, model_info, projected_minilm, queries,
                               write_export, write_output)
 from migrate_fixtures import proj, space  # noqa: F401  (fixtures)
-from reembed import validate as V
+from reembed import validation as V
 from reembed.manifest import Manifest
 from reembed.storage import Location
 
@@ -153,7 +153,7 @@ def test_integrity_fails_on_wrong_dimension_and_a_replaced_shard(tmp_path, space
     pq.write_table(pa.table({"id": ["x"]}), tmp_path / "b" / "shards" / "part-00002.parquet")
     report = V.validate(out, settings=FAST)
     assert report["gates"]["integrity"]["corrupt"] == 1 and not report["passed"]
-    assert "sha256 does not match the manifest" in report["gates"]["integrity"]["message"]
+    assert "part-00002.parquet: sha256" in report["gates"]["integrity"]["message"]
 
 
 def test_incomplete_output_fails_and_unknown_labels_are_reported(tmp_path, space, proj):

@@ -38,8 +38,12 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from reembed import schema as S
+from reembed.cluster import init_ray
 from reembed.config import ConfigError, IndexConfig
-from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError
+from reembed.errors import InputError
+from reembed.indexes import faiss as faiss_index
+from reembed.indexes import qdrant as Q
+from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError, inside_output
 from reembed.storage import Location
 from reembed.write import read_shard_table
 
@@ -48,14 +52,14 @@ log = logging.getLogger(__name__)
 STAGE = "index"
 
 
-def run_index(output_uri: str, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True) -> dict[str, Any]:
-    """Build what ``cfg`` asks for (FAISS, Qdrant, or both in parallel) from ``output_uri``'s shards.
+def build_indexes(output: str | Location, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True) -> dict[str, Any]:
+    """Build what ``cfg`` asks for (FAISS, Qdrant, or both in parallel) from the shards of ``output`` (a URI,
+    or a Location, whose storage settings then travel with it into the build tasks).
 
     Returns ``{"faiss": record, "qdrant": record}`` for the backends built or found up to date.
     """
     validate(cfg)
-    loc = Location.from_uri(output_uri)
-    output_uri = _output_uri(loc)  # the tasks may run in another working directory
+    loc = _location(output)  # a local root is absolute: the tasks may run in another working directory
     manifest = _load(loc)
     target = qdrant_target(loc, cfg)
     wanted = (["faiss"] if cfg.faiss != "none" else []) + (["qdrant"] if target else [])
@@ -72,8 +76,8 @@ def run_index(output_uri: str, cfg: IndexConfig, ray_address: str | None = None,
             todo.append(backend)
     if todo:
         t0 = time.monotonic()
-        results.update(_run_parallel(output_uri, cfg, target, todo, ray_address) if use_ray
-                       else _run_threads(output_uri, cfg, target, todo))
+        results.update(_run_parallel(loc, cfg, target, todo, ray_address) if use_ray
+                       else _run_threads(loc, cfg, target, todo))
         for backend in todo:
             rec = results[backend]
             rows = rec.get("ntotal", rec.get("count", 0))
@@ -84,10 +88,11 @@ def run_index(output_uri: str, cfg: IndexConfig, ray_address: str | None = None,
     return results
 
 
+run_index = build_indexes  # the name reembed.pipeline calls
+
+
 def validate(cfg: IndexConfig) -> None:
     """Refuse index settings that cannot work, naming the key."""
-    from reembed.indexes.faiss import parse_memory
-
     if cfg.batch_size < 1:
         raise ConfigError(f"index.batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.upload_workers < 1:
@@ -97,7 +102,7 @@ def validate(cfg: IndexConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.collection):
         raise ConfigError(f"index.collection must be a plain name (letters, digits, _ . -), got {cfg.collection!r}")
     try:
-        parse_memory(cfg.faiss_memory)
+        faiss_index.parse_memory(cfg.faiss_memory)
     except ValueError as e:
         raise ConfigError(f"index.faiss_memory: {e}") from e
 
@@ -114,9 +119,7 @@ def qdrant_target(loc: Location, cfg: IndexConfig) -> str | None:
                 "give index.qdrant a local folder or a Qdrant server URL"
             )
         return os.path.join(loc.root, "indexes", "qdrant")
-    from reembed.indexes.qdrant import is_server
-
-    return q if is_server(q) else os.path.abspath(os.path.expanduser(q))
+    return q if Q.is_server(q) else os.path.abspath(os.path.expanduser(q))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,7 +137,9 @@ def faiss_current(loc: Location, manifest: Manifest, cfg: IndexConfig) -> dict[s
         return None
     if rec.get("inputs") != inputs_key(manifest) or rec.get("request") != faiss_request(cfg):
         return None
-    if not (loc.exists(rec["path"]) and loc.exists(rec["ids_path"]) and loc.size(rec["path"]) == rec["bytes"]):
+    path = inside_output(loc, rec.get("path"), "stages.index.faiss.path")
+    ids_path = inside_output(loc, rec.get("ids_path"), "stages.index.faiss.ids_path")
+    if not (loc.exists(path) and loc.exists(ids_path) and loc.size(path) == rec.get("bytes")):
         return None
     return rec
 
@@ -151,12 +156,10 @@ def faiss_record(manifest: Manifest, version: int | None = None) -> dict[str, An
     return max(done, key=lambda r: r["version"])
 
 
-def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
+def run_faiss(output: str | Location, cfg: IndexConfig) -> dict[str, Any]:
     """Build, tune and publish the FAISS index; record it in the manifest."""
-    from reembed.indexes import faiss as faiss_index
-
     started, t0 = _stamp(), time.monotonic()
-    loc = Location.from_uri(output_uri)
+    loc = _location(output)
     manifest = _load(loc)
     current = faiss_current(loc, manifest, cfg)
     if current is not None:
@@ -170,7 +173,7 @@ def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
     if plan.needs_training:
         train = faiss_index.sample_vectors(shard_tables(loc, manifest, [S.EMBEDDING]), rows, plan.train_size)
     built = faiss_index.build(shard_tables(loc, manifest, [S.ID, S.EMBEDDING]), plan, train,
-                              recall_target=cfg.recall_target)
+                              recall_target=cfg.recall_target, exact_fallback=cfg.faiss == "auto")
     if built.ntotal != rows:
         raise ManifestError(f"FAISS index holds {built.ntotal} vectors, the manifest committed {rows}")
     history = state_of(_load(loc)).get("faiss_history", [])
@@ -188,8 +191,6 @@ def run_faiss(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
 
 def qdrant_current(manifest: Manifest, cfg: IndexConfig, target: str) -> dict[str, Any] | None:
     """The Qdrant record if a finished load of these inputs is still there with every point."""
-    from reembed.indexes import qdrant as Q
-
     rec = state_of(manifest).get("qdrant")
     if not _same_qdrant(rec, manifest, cfg, target) or rec.get("status") != "done":
         return None
@@ -203,12 +204,10 @@ def qdrant_current(manifest: Manifest, cfg: IndexConfig, target: str) -> dict[st
     return rec
 
 
-def run_qdrant(output_uri: str, cfg: IndexConfig, target: str) -> dict[str, Any]:
+def run_qdrant(output: str | Location, cfg: IndexConfig, target: str) -> dict[str, Any]:
     """Load (or resume loading) a versioned collection from the shards; verify its count; record it."""
-    from reembed.indexes import qdrant as Q
-
     started, t0 = _stamp(), time.monotonic()
-    loc = Location.from_uri(output_uri)
+    loc = _location(output)
     manifest = _load(loc)
     rows, dim = rows_of(manifest), int(manifest.model["dimension"])
     rec = state_of(manifest).get("qdrant")
@@ -253,8 +252,6 @@ def run_qdrant(output_uri: str, cfg: IndexConfig, target: str) -> dict[str, Any]
 
 def _load_shards(loc: Location, manifest: Manifest, client, state: dict[str, Any], cfg: IndexConfig, workers: int) -> None:
     """Upload the shards not yet in ``state["shards_done"]``, ``workers`` at a time, recording each."""
-    from reembed.indexes import qdrant as Q
-
     passthrough = list(manifest.plan.get("passthrough", []))
     columns = [S.ID, S.EMBEDDING, *passthrough]
     done = set(state.get("shards_done", []))
@@ -262,7 +259,7 @@ def _load_shards(loc: Location, manifest: Manifest, client, state: dict[str, Any
 
     def one(item: tuple[int, dict[str, Any]]) -> tuple[int, int]:
         shard, rec = item
-        table = read_shard_table(loc, rec, columns=columns, verify=True)
+        table = read_shard(loc, shard, rec, columns)
         return shard, Q.upload(client, state["collection"], [table], cfg.batch_size, passthrough)
 
     for shard, n in bounded_map(one, todo, workers):
@@ -290,8 +287,6 @@ def bounded_map(fn, items, workers: int) -> Iterator:
 
 
 def _same_qdrant(rec: dict[str, Any] | None, manifest: Manifest, cfg: IndexConfig, target: str) -> bool:
-    from reembed.indexes import qdrant as Q
-
     return bool(rec) and rec.get("inputs") == inputs_key(manifest) and rec.get("target") == Q.describe(target) \
         and rec.get("name") == cfg.collection
 
@@ -307,26 +302,23 @@ def _collection_meta(manifest: Manifest, version: int) -> dict[str, Any]:
 # Running both at once
 
 
-def _run_parallel(output_uri: str, cfg: IndexConfig, target: str | None, todo: list[str],
+def _run_parallel(loc: Location, cfg: IndexConfig, target: str | None, todo: list[str],
                   ray_address: str | None) -> dict[str, Any]:
     """Both builds as Ray tasks. The FAISS task takes a GPU when the cluster has a free one (faiss trains on
     it if faiss-gpu is installed); an embedded Qdrant task is pinned to this node, where its folder is."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from reembed.indexes import qdrant as Q
-    from reembed.pipeline import init_ray
-
     init_ray(ray_address)
     refs = {}
     if "faiss" in todo:
         gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
-        refs["faiss"] = ray.remote(_faiss_task).options(num_cpus=1, num_gpus=gpus).remote(output_uri, cfg)
+        refs["faiss"] = ray.remote(_faiss_task).options(num_cpus=1, num_gpus=gpus).remote(loc, cfg)
     if "qdrant" in todo:
         opts: dict[str, Any] = {"num_cpus": 1}
         if not Q.is_server(target):
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        refs["qdrant"] = ray.remote(run_qdrant).options(**opts).remote(output_uri, cfg, target)
+        refs["qdrant"] = ray.remote(run_qdrant).options(**opts).remote(loc, cfg, target)
     try:
         return _gather({name: (lambda r=ref: ray.get(r)) for name, ref in refs.items()})
     except KeyboardInterrupt:
@@ -336,23 +328,23 @@ def _run_parallel(output_uri: str, cfg: IndexConfig, target: str | None, todo: l
         raise
 
 
-def _faiss_task(output_uri: str, cfg: IndexConfig) -> dict[str, Any]:
+def _faiss_task(loc: Location, cfg: IndexConfig) -> dict[str, Any]:
     import faiss
 
     # Ray sets OMP_NUM_THREADS=1 in a 1-CPU task; the FAISS build is the CPU-heavy half of the stage (the
     # Qdrant upload mostly waits on the server), so it takes the node's cores.
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    return run_faiss(output_uri, cfg)
+    return run_faiss(loc, cfg)
 
 
-def _run_threads(output_uri: str, cfg: IndexConfig, target: str | None, todo: list[str]) -> dict[str, Any]:
+def _run_threads(loc: Location, cfg: IndexConfig, target: str | None, todo: list[str]) -> dict[str, Any]:
     """Both builds on threads of this process (no Ray)."""
     with ThreadPoolExecutor(max_workers=len(todo)) as pool:
         futs = {}
         if "faiss" in todo:
-            futs["faiss"] = pool.submit(run_faiss, output_uri, cfg)
+            futs["faiss"] = pool.submit(run_faiss, loc, cfg)
         if "qdrant" in todo:
-            futs["qdrant"] = pool.submit(run_qdrant, output_uri, cfg, target)
+            futs["qdrant"] = pool.submit(run_qdrant, loc, cfg, target)
         return _gather({name: fut.result for name, fut in futs.items()})
 
 
@@ -364,10 +356,11 @@ def _gather(waits: dict[str, Any]) -> dict[str, Any]:
             results[name] = get()
         except Exception as e:  # surfaced below, once every build has ended
             errors[name] = e
-    for name, e in errors.items():
-        log.error("index %s failed: %s", name, e)
     if errors:
         first = next(iter(errors.values()))
+        for name, e in errors.items():  # the first is raised (the CLI prints it); the others would be lost
+            if e is not first:
+                log.error("index %s failed too: %s", name, e)
         cause = getattr(first, "cause", None)  # a Ray task's own exception, unwrapped from RayTaskError
         raise (cause if isinstance(cause, Exception) else first) from first
     return results
@@ -379,8 +372,13 @@ def _gather(waits: dict[str, Any]) -> dict[str, Any]:
 
 def shard_tables(loc: Location, manifest: Manifest, columns: list[str]) -> Iterator[pa.Table]:
     """Every committed shard in shard order, sha256-checked, one at a time."""
-    for _, rec in sorted(manifest.committed.items()):
-        yield read_shard_table(loc, rec, columns=columns, verify=True)
+    for shard, rec in sorted(manifest.committed.items()):
+        yield read_shard(loc, shard, rec, columns)
+
+
+def read_shard(loc: Location, shard: int, rec: dict[str, Any], columns: list[str] | None) -> pa.Table:
+    """One committed shard through ``read_shard_table``: its path held inside the output, its sha256 checked."""
+    return read_shard_table(loc, rec, columns=columns, verify=True, key=f"shards.{shard:05d}")
 
 
 def inputs_key(manifest: Manifest) -> str:
@@ -399,6 +397,15 @@ def _load(loc: Location) -> Manifest:
             f"{loc.display('manifest.json')}: {len(m.pending())} shards are not committed yet; indexes are built "
             "from a complete output (rerun `reembed run` to finish it)"
         )
+    if rows_of(m) == 0:
+        dead = sum(rec.get("dead_letters", 0) for rec in m.committed.values())
+        reasons: dict[str, int] = {}
+        for rec in m.committed.values():
+            for why, n in (rec.get("reasons") or {}).items():
+                reasons[why] = reasons.get(why, 0) + n
+        why = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "no input rows"
+        raise InputError(f"{loc.uri}: nothing to index: the output holds 0 embedded rows ({dead} dead-lettered: "
+                         f"{why}); fix the input (see `reembed status {loc.uri}`) and rerun `reembed run`")
     return m
 
 
@@ -428,6 +435,10 @@ def _record(loc: Location, backend: str, state: dict[str, Any], archive: bool = 
         except ConcurrentWriteError:
             time.sleep(0.02 * (1 + attempt % 10))
     raise ManifestError(f"{loc.display('manifest.json')}: could not record index progress (kept changing)")
+
+
+def _location(output: str | Location) -> Location:
+    return output if isinstance(output, Location) else Location.from_uri(output)
 
 
 def _output_uri(loc: Location) -> str:

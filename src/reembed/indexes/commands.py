@@ -1,13 +1,22 @@
-"""``reembed index | versions | swap | rollback | search``: the index stage's subcommands."""
+"""``reembed index | versions | swap | rollback | search``: the index stage's subcommands. They parse and call
+the library; a :class:`ReembedError` they meet is printed by :func:`reembed.cli.main` as one line."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
+from reembed.config import load_config, replace_path
+from reembed.indexes import build as stage
+from reembed.indexes import qdrant as Q
+from reembed.indexes.search import Searcher
+from reembed.indexes.swap import open_manifest, rollback, swap, target_of
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+_KEY_HELP = ("The API key is read from QDRANT_API_KEY and sent only to a server you name (--qdrant, QDRANT_URL or "
+             "index.qdrant), never to one read from a manifest, and never over plain http to a host other than "
+             "this machine unless REEMBED_QDRANT_ALLOW_HTTP=1.")
 
 
 def register(sub) -> None:
@@ -15,8 +24,7 @@ def register(sub) -> None:
         "index", help="build the FAISS index and a Qdrant collection from an output's shards, in parallel",
         description="Build a FAISS index (OUTPUT/indexes/faiss/index-vN.faiss) and a versioned Qdrant collection "
                     "(<collection>-vN) from the committed shards, as two parallel Ray tasks. Rerunning resumes "
-                    "a killed build and leaves a finished one untouched. The Qdrant API key, if any, is read "
-                    "from QDRANT_API_KEY.",
+                    "a killed build and leaves a finished one untouched. " + _KEY_HELP,
     )
     p.add_argument("output", metavar="OUTPUT_URI", help="the job's output folder or URI")
     p.add_argument("--faiss", choices=["auto", "flat", "ivf", "hnsw", "none"],
@@ -64,18 +72,23 @@ def register(sub) -> None:
     r.set_defaults(func=cmd_rollback)
 
     q = sub.add_parser("search", help="search an output's FAISS index with a text query",
-                       description="Embed the query with the job's model (on the CPU) and search the FAISS index.")
+                       description="Embed the query with the job's model (on the CPU, the query path the "
+                                   "validation gate measures) and search the output's FAISS index; each hit is shown with "
+                                   "its text (or another passthrough column, --show).")
     q.add_argument("output", metavar="OUTPUT_URI")
     q.add_argument("query", nargs="+", help="query text (one query per argument)")
-    q.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    q.add_argument("-k", type=_positive_int, default=10, help="results per query (default 10)")
     q.add_argument("--version", type=int, help="FAISS index version (default: the newest)")
+    q.add_argument("--show", metavar="COLUMN", help="passthrough column printed with each hit (default text, when "
+                   "the job passed it through); --show none prints ids only")
+    q.add_argument("--model", metavar="NAME_OR_PATH", help="the output's model, if not at the manifest's name on this machine")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_search)
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qdrant", metavar="URL_OR_PATH", help="Qdrant server URL or embedded Qdrant folder "
-                   "(default: the one recorded in --output's manifest)")
+                   "(default: the one recorded in --output's manifest, else QDRANT_URL). " + _KEY_HELP)
     p.add_argument("--output", metavar="OUTPUT_URI", help="the job's output (its manifest gives the expected "
                    "row count, the model and the Qdrant target)")
 
@@ -84,9 +97,6 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from reembed.config import load_config, replace_path
-    from reembed.indexes import build as stage
-
     cfg = load_config(args.config, args.overrides)
     flags = {"faiss": args.faiss, "faiss_memory": args.faiss_memory, "recall_target": args.recall_target,
              "qdrant": args.qdrant, "collection": args.collection, "batch_size": args.batch_size,
@@ -94,8 +104,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     for key, value in flags.items():
         if value is not None:
             cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
-    return _guard(lambda: _print_index(stage.run_index(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
-                                                       use_ray=not args.no_ray), args.json))
+    return _print_index(stage.build_indexes(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
+                                            use_ray=not args.no_ray), args.json)
 
 
 def _print_index(results: dict[str, Any], as_json: bool) -> int:
@@ -115,18 +125,14 @@ def _print_index(results: dict[str, Any], as_json: bool) -> int:
 
 def cmd_versions(args: argparse.Namespace) -> int:
     def run() -> int:
-        from reembed.indexes import qdrant as Q
-
         out: dict[str, Any] = {}
-        manifest = _manifest(args.output) if args.output else None
+        manifest = open_manifest(args.output) if args.output else None
         if manifest is not None:
-            from reembed.indexes import build as stage
-
             st = stage.state_of(manifest)
             out["faiss"] = [r for r in [*st.get("faiss_history", []), st.get("faiss")] if r]
-        target = _target(args, manifest, required=manifest is None)
+        target, named = target_of(args.qdrant, manifest, required=manifest is None)
         if target:
-            client = Q.connect(target)
+            client = Q.connect(target, named_by_user=named)
             try:
                 out["qdrant"] = {"target": Q.describe(target), "collections": Q.versions(client)}
             finally:
@@ -149,78 +155,45 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         return EXIT_OK
 
-    return _guard(run)
+    return run()
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
     def run() -> int:
-        from reembed.indexes import qdrant as Q
-
-        manifest = _manifest(args.output) if args.output else None
-        target = _target(args, manifest, required=True)
-        client = Q.connect(target)
-        try:
-            if manifest is None:  # the manifest of the output the collection was built from
-                if args.to not in Q.collections(client):
-                    raise Q.SwapRefused(f"no collection {args.to!r} at {Q.describe(target)}")
-                meta = Q.metadata(client, args.to).get(Q.META)
-                if not meta or not meta.get("output"):
-                    raise Q.SwapRefused(f"{args.to}: no output recorded with this collection; pass --output to give "
-                                        "the manifest its point count is checked against")
-                manifest = _manifest(meta["output"])
-            if not args.force:
-                from reembed.validate import check_validation
-
-                ok, why = check_validation(manifest.loc)
-                if not ok:
-                    raise Q.SwapRefused(f"validation gate: {why}")
-            from reembed.indexes import build as stage
-
-            rows = stage.rows_of(manifest)
-            dim = args.dimension if args.dimension is not None else int(manifest.model["dimension"])
-            result = Q.swap(client, args.alias, args.to, rows=rows, dim=dim, fingerprint=manifest.model.get("fingerprint"))
-        finally:
-            client.close()
-        _print_move(result, args.json)
+        _print_move(swap(args.alias, args.to, qdrant=args.qdrant, output=args.output, dimension=args.dimension,
+                         force=args.force), args.json)
         return EXIT_OK
 
-    return _guard(run)
+    return run()
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     def run() -> int:
-        from reembed.indexes import qdrant as Q
-
-        manifest = _manifest(args.output) if args.output else None
-        client = Q.connect(_target(args, manifest, required=True))
-        try:
-            result = Q.rollback(client, args.alias)
-        finally:
-            client.close()
-        _print_move(result, args.json)
+        _print_move(rollback(args.alias, qdrant=args.qdrant, output=args.output), args.json)
         return EXIT_OK
 
-    return _guard(run)
+    return run()
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     def run() -> int:
-        from reembed.indexes.faiss import Searcher
-
-        searcher = Searcher(args.output, version=args.version)
+        searcher = Searcher(args.output, version=args.version, model=args.model)
         hits = searcher.search(args.query, k=args.k)
+        column = args.show or ("text" if "text" in searcher.manifest.plan.get("passthrough", []) else "none")
+        shown = {} if column == "none" else searcher.lookup([i for h in hits for i, _ in h], column)
         if args.json:
-            print(json.dumps([{"query": q, "hits": [{"id": i, "score": s} for i, s in h]}
-                              for q, h in zip(args.query, hits)], indent=1))
+            print(json.dumps([{"query": q, "hits": [{"id": i, "score": s, **({column: shown.get(i)} if shown else {})}
+                                                    for i, s in h]} for q, h in zip(args.query, hits)], indent=1))
             return EXIT_OK
         for q, h in zip(args.query, hits):
             if len(args.query) > 1:
                 print(f"# {q}")
             for rank, (doc, score) in enumerate(h, 1):
-                print(f"{rank:>3}  {score:.4f}  {doc}")
+                extra = shown.get(doc)
+                print(f"{rank:>3}. {score:.4f}  {doc}" + (f"  {_snippet(extra)}" if extra is not None else ""))
         return EXIT_OK
 
-    return _guard(run)
+    return run()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,38 +208,16 @@ def _print_move(result: dict[str, Any], as_json: bool) -> None:
         print(f"alias {result['alias']}: {result['from'] or '(new)'} -> {result['to']}")
 
 
-def _manifest(uri: str):
-    from reembed.manifest import Manifest, ManifestError
-    from reembed.storage import Location
-
-    m = Manifest.load(Location.from_uri(uri))
-    if m is None:
-        raise ManifestError(f"{uri}: no manifest.json here (not a reembed output)")
-    return m
-
-
-def _target(args: argparse.Namespace, manifest, required: bool) -> str | None:
-    if args.qdrant:
-        return args.qdrant
-    if manifest is not None:
-        from reembed.indexes import build as stage
-
-        rec = stage.state_of(manifest).get("qdrant")
-        if rec and rec.get("target"):
-            return rec["target"]
-    if required:
-        from reembed.config import ConfigError
-
-        raise ConfigError("--qdrant URL_OR_PATH is required (or --output of a job whose manifest records a Qdrant target)")
-    return None
-
-
-def _guard(fn) -> int:
-    """Refusals and Qdrant errors are one clear line, like the CLI's other user errors."""
-    from reembed.indexes.qdrant import QdrantError
-
+def _positive_int(text: str) -> int:
     try:
-        return fn()
-    except QdrantError as e:
-        print(f"reembed: {'refused' if type(e).__name__ == 'SwapRefused' else 'error'}: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def _snippet(value: Any, width: int = 100) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= width else text[:width - 3] + "..."

@@ -12,7 +12,8 @@ IVF indexes are trained on a uniform sample (one streaming pass), then every ind
 After building, the search setting (``efSearch``, ``nprobe``, refine ``k_factor``) is tuned on sampled
 vectors until recall@10 against exact search reaches the target, and stored in the index file, so a plain
 ``index.search`` uses it. The exact neighbours of the sampled queries are accumulated while the shards
-stream past (faiss ``contrib/exhaustive_search.py``'s ``ResultHeap``), never from a second copy of the data.
+stream past (:class:`reembed.indexes.exact.KnnHeap`, the same exact kNN the validation gate uses), never from
+a second copy of the data.
 
 Files: ``OUTPUT/indexes/faiss/index-vN.faiss`` and ``index-vN.ids.parquet`` (row i holds the document id
 of vector i). Their sha256 values go into the manifest and are checked before every load: faiss's reader
@@ -38,8 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reembed import schema as S
-from reembed.storage import Location, StorageError
-from reembed.errors import ChecksumError  # noqa: F401 (re-exported)
+from reembed.errors import ChecksumError, ManifestError, StorageError
+from reembed.indexes.exact import DEPTH, KnnHeap, normalize, recall
+from reembed.manifest import inside_output
+from reembed.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +215,18 @@ def sample_vectors(tables: Iterable[pa.Table], rows: int, size: int, seed: int =
     if offset != rows:
         raise ValueError(f"the shards hold {offset} vectors, the manifest says {rows}")
     sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return _normalized(sample), picks
+    return normalize(sample), picks
 
 
 def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, np.ndarray] | None = None,
-          recall_target: float = 0.95, queries: int = 500, seed: int = 0, use_gpu: bool | None = None) -> FaissBuild:
+          recall_target: float = 0.95, queries: int = 600, seed: int = 0, use_gpu: bool | None = None,
+          exact_fallback: bool = False) -> FaissBuild:
     """Build the index of ``plan`` from ``tables`` (each with ``id`` and ``embedding`` columns), added in order.
 
     ``train`` is ``sample_vectors``'s (vectors, positions), required for IVF. Returns the index with its
-    search setting tuned to ``recall_target`` (recall@10 against exact search on sampled vectors).
+    search setting tuned to ``recall_target`` (see :func:`tuning_queries`). ``exact_fallback``: an HNSW
+    graph that misses the target even at its widest setting is replaced by exact search (the graph's own
+    vectors in an ``IndexFlatIP``, smaller than the graph) instead of being published below target.
     """
     import faiss
 
@@ -232,7 +238,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
     gpus = faiss.get_num_gpus() if use_gpu is not False else 0
     device = "cpu"
     rng = np.random.default_rng(seed + 1)
-    heap = xq = qpos = None
+    heap = xq = exclude = None
     if plan.needs_training:
         if train is None:
             raise ValueError(f"{plan.factory} needs a training sample (sample_vectors)")
@@ -242,65 +248,96 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
             faiss.extract_index_ivf(index).clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
             device = "cuda"
         index.train(x_train)
-        pick = rng.choice(len(x_train), size=min(queries, len(x_train)), replace=False)
-        xq, qpos = x_train[pick], pos[pick]
-        heap = faiss.ResultHeap(len(xq), K + 1, keep_max=True)
+        xq, exclude = tuning_queries(x_train, pos, queries, rng)
+        heap = KnnHeap(xq, DEPTH * K + 1)
     train_s = time.monotonic() - t0
 
     ids: list[pa.Array] = []
     offset = 0
     for table in tables:
-        x = _normalized(S.embedding_matrix(table.column(S.EMBEDDING)))
+        x = normalize(S.embedding_matrix(table.column(S.EMBEDDING)))
         if x.shape[1] != dim:
             raise ValueError(f"shard vectors have dimension {x.shape[1]}, the index expects {dim}")
         index.add(x)
-        if heap is not None:  # exact neighbours of the sampled queries, accumulated as the shards pass
-            kk = min(K + 1, len(x))
-            D, I = faiss.knn(xq, x, kk, metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(D, I + offset)
+        if heap is not None:  # exact neighbours of the tuning queries, accumulated as the shards pass
+            heap.add(np.arange(offset, offset + len(x)), x)
         ids.extend(table.column(S.ID).chunks)
         offset += len(x)
     if offset == 0:
         raise ValueError("no vectors to index")
     add_s = time.monotonic() - t0 - train_s
 
-    if plan.kind == "hnsw":  # exact neighbours straight from the graph's own flat storage
-        qpos = np.sort(rng.choice(offset, size=min(queries, offset), replace=False))
+    if plan.kind == "hnsw":  # tuning queries and their exact neighbours from the graph's own flat storage
         storage = faiss.downcast_index(faiss.downcast_index(index).storage)
-        xq = storage.reconstruct_batch(qpos)
-        _, gt = storage.search(xq, min(K + 1, offset))
-    elif heap is not None:
-        heap.finalize()
-        gt = heap.I
-    setting, recall = _tune(index, plan, xq, qpos, gt if xq is not None else None, recall_target)
+        pos = np.sort(rng.choice(offset, size=min(queries, offset), replace=False))
+        xq, exclude = tuning_queries(storage.reconstruct_batch(pos), pos, queries, rng)
+        heap = KnnHeap(xq, DEPTH * K + 1)
+        for lo in range(0, offset, 65_536):
+            n = min(65_536, offset - lo)
+            heap.add(np.arange(lo, lo + n), storage.reconstruct_n(lo, n))
+    setting, got = _tune(index, plan, xq, exclude, heap, recall_target)
+    factory = plan.factory
+    if plan.kind == "hnsw" and exact_fallback and got < recall_target:
+        log.warning("FAISS %s: recall@10 %.3f at its widest setting, below the target %.2f; publishing exact "
+                    "search (Flat) instead", plan.factory, got, recall_target)
+        flat = faiss.IndexFlatIP(dim)
+        storage = faiss.downcast_index(faiss.downcast_index(index).storage)
+        for lo in range(0, offset, 65_536):
+            flat.add(storage.reconstruct_n(lo, min(65_536, offset - lo)))
+        index, factory, setting, got = flat, "Flat", {}, 1.0
     params = {
-        **asdict(plan), "metric": "inner_product", "normalized": True, "device": device,
-        "search": setting, "recall_at_10": recall, "recall_target": recall_target,
+        **asdict(plan), "factory": factory, "planned_factory": plan.factory, "metric": "inner_product",
+        "normalized": True, "device": device, "search": setting, "recall_at_10": got, "recall_target": recall_target,
         "tuning_queries": 0 if xq is None else len(xq), "train_seconds": round(train_s, 3),
         "add_seconds": round(add_s, 3), "seconds": round(time.monotonic() - t0, 3),
     }
     return FaissBuild(index, pa.chunked_array(ids), params)
 
 
-def _tune(index, plan: FaissPlan, xq, qpos, gt, target: float) -> tuple[dict[str, Any], float]:
-    """The cheapest search setting whose recall@10 on the sampled queries reaches ``target``.
+def tuning_queries(pool: np.ndarray, positions: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Queries to tune the search setting on, and for each the index position to leave out (-1: none).
 
-    Each query is a vector of the index itself; its own position is left out of both result lists, so the
-    recall measured is the one a fresh query would see. A setting passes when the lower end of the
-    estimate's ~95% interval (mean - 2 standard errors) reaches the target, not just the mean.
-    Returns (setting, mean recall).
+    A third are indexed documents (their own position left out); the rest are *not* in the index, the
+    way a user's text query is not: the sum of two random documents plus noise, and draws from a Gaussian
+    with the documents' mean and spread. Tuned on documents alone, an HNSW graph over a few tight topics
+    looked perfect (recall 0.98 at efSearch 16) while text queries landed in the wrong topic.
+    """
+    pool = normalize(pool)
+    m = len(pool)
+    if m == 0:
+        return pool, np.zeros(0, np.int64)
+    third = max(1, min(n, m) // 3)
+    pick = rng.choice(m, size=third, replace=False)
+    docs = pool[pick]
+    a, b = rng.integers(0, m, third), rng.integers(0, m, third)
+    spread = pool.std(axis=0) + 1e-6
+    noise = rng.standard_normal((third, pool.shape[1])).astype(np.float32) * spread
+    mixes = normalize(pool[a] + pool[b] + noise)
+    gauss = normalize(pool.mean(axis=0) + rng.standard_normal((third, pool.shape[1])).astype(np.float32) * spread)
+    xq = np.vstack([docs, mixes, gauss]).astype(np.float32)
+    exclude = np.concatenate([np.asarray(positions)[pick], np.full(2 * third, -1)])
+    return xq, exclude
+
+
+def _tune(index, plan: FaissPlan, xq, exclude, heap, target: float) -> tuple[dict[str, Any], float]:
+    """The cheapest search setting whose recall@10 on the tuning queries reaches ``target``.
+
+    A setting passes when, for each kind of query (:func:`tuning_queries`), the lower end of the estimate's
+    ~95% interval (mean - 2 standard errors) reaches the target, not just the mean. Returns (setting, mean
+    recall over all the queries).
     """
     import faiss
 
-    if plan.kind == "flat" or xq is None:
+    if plan.kind == "flat" or xq is None or not len(xq):
         return {}, 1.0
 
+    groups = np.array_split(np.arange(len(xq)), 3)  # documents, mixes, Gaussian draws (tuning_queries)
+
     def passes() -> tuple[bool, float]:
-        _, found = index.search(xq, K + 1)
-        per_query = _recall(found, gt, qpos)
-        mean = float(per_query.mean())
-        low = mean - 2 * float(per_query.std()) / math.sqrt(len(per_query))
-        return low >= target, round(mean, 4)
+        _, I = index.search(xq, K + 1)
+        per_query = recall(I, heap.ids, heap.scores, K, exclude=exclude)
+        lows = [float(per_query[g].mean()) - 2 * float(per_query[g].std()) / math.sqrt(len(g)) for g in groups if len(g)]
+        return min(lows) >= target, round(float(per_query.mean()), 4)
 
     best: tuple[dict[str, Any], float] = ({}, 0.0)
     if plan.kind == "hnsw":
@@ -327,25 +364,6 @@ def _tune(index, plan: FaissPlan, xq, qpos, gt, target: float) -> tuple[dict[str
     log.warning("FAISS %s: recall@10 %.3f at the widest search setting %s, below the target %.2f",
                 plan.factory, best[1], best[0], target)
     return best
-
-
-def _recall(found: np.ndarray, truth: np.ndarray, qpos: np.ndarray) -> np.ndarray:
-    """Per-query recall@10 of ``found`` against ``truth``, each query's own position left out."""
-    out = np.zeros(len(found))
-    for row, (f, t, q) in enumerate(zip(found, truth, qpos)):
-        fs = [i for i in f if i != q and i >= 0][:K]
-        ts = [i for i in t if i != q and i >= 0][:K]
-        out[row] = len(set(fs) & set(ts)) / len(ts) if ts else 1.0
-    return out
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    """A float32 copy with rows scaled to unit length (zero rows stay zero)."""
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
-    if x.size:
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        np.divide(x, norms, out=x, where=norms > 0)
-    return x
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,24 +411,82 @@ def write(loc: Location, built: FaissBuild, version: int) -> dict[str, Any]:
             "ntotal": built.ntotal}
 
 
-def load(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedArray]:
-    """Read an index and its id map, refusing either if its sha256 differs from ``record``'s."""
+def read_index(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedArray]:
+    """The index and id map a manifest records (``stages.index.faiss``), each read only once its path is
+    known to stay inside the output (:class:`ManifestError` otherwise) and its sha256 matches the record
+    (:class:`ChecksumError`): faiss's reader trusts its input."""
     import faiss
 
-    ids_bytes = loc.read_bytes(record["ids_path"])
-    _check(hashlib.sha256(ids_bytes).hexdigest(), record["ids_sha256"], loc.display(record["ids_path"]))
+    where = loc.display("manifest.json")
+    for key in ("path", "ids_path", "sha256", "ids_sha256"):
+        if not isinstance(record.get(key), str):
+            raise ManifestError(f"{where}: the FAISS record has no {key}; rebuild with `reembed index`")
+    ids_rel = inside_output(loc, record["ids_path"], "stages.index.faiss.ids_path")
+    rel = inside_output(loc, record["path"], "stages.index.faiss.path")
+    ids_bytes = _read(loc, ids_rel)
+    _check(hashlib.sha256(ids_bytes).hexdigest(), record["ids_sha256"], loc.display(ids_rel))
     ids = pq.read_table(pa.BufferReader(ids_bytes)).column(S.ID)
     if loc.fs.type_name == "local":
-        local = loc.path(record["path"])
-        _check(_file_sha256(local)[0], record["sha256"], loc.display(record["path"]))
+        local = loc.path(rel)
+        if not os.path.isfile(local):
+            raise StorageError(f"{loc.display(rel)}: missing, although {where} records it; rebuild with `reembed index`")
+        _check(_file_sha256(local)[0], record["sha256"], loc.display(rel))
         index = faiss.read_index(local)
     else:
-        data = loc.read_bytes(record["path"])
-        _check(hashlib.sha256(data).hexdigest(), record["sha256"], loc.display(record["path"]))
+        data = _read(loc, rel)
+        _check(hashlib.sha256(data).hexdigest(), record["sha256"], loc.display(rel))
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     if index.ntotal != len(ids):
-        raise ChecksumError(f"{loc.display(record['path'])}: {index.ntotal} vectors but {len(ids)} ids")
+        raise ChecksumError(f"{loc.display(rel)}: {index.ntotal} vectors but {len(ids)} ids")
     return index, ids
+
+
+load = read_index  # the name reembed.migrate imports until it moves to read_index
+
+
+def read_index_file(uri: str):
+    """A FAISS index a user names (a local path or any storage URI), with no manifest to check it against."""
+    import faiss
+
+    loc = Location.from_uri(uri)
+    try:
+        if loc.fs.type_name == "local":
+            if not os.path.isfile(loc.root):
+                raise StorageError(f"{uri}: no FAISS index file here")
+            return faiss.read_index(loc.root)
+        return faiss.deserialize_index(np.frombuffer(_read(loc, None), dtype=np.uint8))
+    except RuntimeError as e:
+        raise StorageError(f"{uri}: not a FAISS index faiss can read ({str(e).splitlines()[0]})") from e
+
+
+def read_ids_file(uri: str, column: str = S.ID) -> list[str]:
+    """Document ids in index-position order from a Parquet file (column ``id``), a .npy array, or a text /
+    JSON Lines file (one id, or one object with ``id``, per line)."""
+    import json
+
+    data = _read(Location.from_uri(uri), None)
+    if uri.endswith(".parquet"):
+        table = pq.read_table(pa.BufferReader(data))
+        if column not in table.column_names:
+            raise StorageError(f"{uri}: no {column!r} column (has {', '.join(table.column_names)})")
+        return [str(x) for x in table.column(column).to_pylist()]
+    if uri.endswith(".npy"):
+        return [str(x) for x in np.load(io.BytesIO(data), allow_pickle=False)]
+    out = []
+    for n, line in enumerate(data.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(str(json.loads(line)[column]) if line.lstrip().startswith("{") else line.strip())
+            except (ValueError, KeyError) as e:
+                raise StorageError(f"{uri}:{n}: expected an id or a JSON object with {column!r} ({e})") from e
+    return out
+
+
+def _read(loc: Location, rel: str | None) -> bytes:
+    try:
+        return loc.read_bytes(rel) if rel else loc.read_bytes()
+    except FileNotFoundError as e:
+        raise StorageError(f"{loc.display(rel) if rel else loc.uri}: no such file") from e
 
 
 def _check(actual: str, expected: str, where: str) -> None:
@@ -434,61 +510,3 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Searching
-
-
-class Searcher:
-    """Search an output's FAISS index by text (embedded with the job's model on the CPU) or by vectors.
-
-    >>> s = Searcher("out/")                       # doctest: +SKIP
-    >>> s.search("how do cats sleep", k=5)          # doctest: +SKIP
-    [[('doc-17', 0.82), ...]]
-    """
-
-    def __init__(self, output_uri: str, version: int | None = None):
-        from reembed.indexes import build as stage
-        from reembed.manifest import Manifest
-
-        self.loc = Location.from_uri(output_uri)
-        manifest = Manifest.load(self.loc)
-        if manifest is None:
-            raise StorageError(f"{output_uri}: no manifest.json here (not a reembed output)")
-        self.record = stage.faiss_record(manifest, version)
-        self.model = manifest.model
-        self.index, self.ids = load(self.loc, self.record)
-        self._embedder = None
-
-    def search(self, queries: str | Sequence[str], k: int = 10) -> list[list[tuple[str, float]]]:
-        """The ``k`` nearest documents (id, cosine score) of each query text, best first."""
-        texts = [queries] if isinstance(queries, str) else list(queries)
-        return self.search_vectors(self._embed(texts), k)
-
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
-        xq = _normalized(np.atleast_2d(vectors))
-        if xq.shape[1] != self.index.d:
-            raise ValueError(f"query vectors have dimension {xq.shape[1]}, the index has {self.index.d}")
-        D, I = self.index.search(xq, k)
-        out = []
-        for drow, irow in zip(D, I):
-            keep = irow >= 0
-            ids = self.ids.take(pa.array(irow[keep])).to_pylist()
-            out.append(list(zip(ids, (float(d) for d in drow[keep]))))
-        return out
-
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        if self._embedder is None:
-            from reembed.embed import Embedder, query_backend
-
-            m = self.model
-            # A hub model is pinned to the revision the job used; a local folder has no revisions.
-            local = os.path.isdir(os.path.expanduser(m["name"]))
-            revision = None if local or m.get("revision") in (None, "unknown") else m["revision"]
-            self._embedder = Embedder({"name": m["name"], "revision": revision, "device": "cpu", "dtype": "float32",
-                                       "max_seq_length": m.get("max_seq_length"), "backend": query_backend(m)})
-            if self._embedder.dim != self.index.d:
-                raise ValueError(f"model {m['name']} gives {self._embedder.dim}-d vectors, the index holds {self.index.d}-d")
-        vectors, _ = self._embedder.embed(texts)
-        return vectors

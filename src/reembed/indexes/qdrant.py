@@ -40,6 +40,8 @@ from reembed.errors import QdrantError, SwapRefused  # noqa: F401 (re-exported)
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "QDRANT_API_KEY"
+ALLOW_HTTP_ENV = "REEMBED_QDRANT_ALLOW_HTTP"
+DEFAULT_PORT = 6333  # qdrant-client's REST port when the URL names none
 META = "reembed"
 PAYLOAD_ID = "id"
 # Fixed namespace: the same document id maps to the same point id in every collection and every run.
@@ -70,12 +72,24 @@ def describe(target: str) -> str:
     return os.path.abspath(os.path.expanduser(target))
 
 
-def connect(target: str, timeout: int = 60):
-    """A client for a server URL (API key from ``QDRANT_API_KEY``) or an embedded Qdrant folder."""
+def connect(target: str, timeout: int = 60, *, named_by_user: bool = True):
+    """A client for a server URL or an embedded Qdrant folder: the one place a Qdrant client is made.
+
+    The API key (``QDRANT_API_KEY``) goes only to a server the user named (a flag, ``QDRANT_URL``, their own
+    config): ``named_by_user=False``, for a target read from a manifest or from collection metadata,
+    connects without it. A key is never sent over plain http to a host other than loopback unless
+    ``REEMBED_QDRANT_ALLOW_HTTP=1`` (refused before any connection). A server is probed with one short TCP
+    connect first, so a URL where nothing listens is one :class:`QdrantError` at once, not minutes of
+    retries; the load's own calls keep retrying transient errors (:func:`call_with_retry`).
+    """
     from qdrant_client import QdrantClient
 
     if is_server(target):
-        return QdrantClient(url=target, api_key=os.environ.get(API_KEY_ENV) or None, timeout=timeout)
+        key = (os.environ.get(API_KEY_ENV) or None) if named_by_user else None
+        if key:
+            _refuse_plain_http(target)
+        _probe(target)
+        return QdrantClient(url=target, api_key=key, timeout=timeout)
     path = describe(target)
     try:
         return QdrantClient(path=path)
@@ -86,6 +100,46 @@ def connect(target: str, timeout: int = 60):
                 "Embedded Qdrant allows one process at a time; wait for it, or use a Qdrant server."
             ) from e
         raise
+
+
+def _refuse_plain_http(target: str) -> None:
+    parts = urlsplit(target)
+    if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+        return
+    if os.environ.get(ALLOW_HTTP_ENV, "").strip().lower() in ("1", "true", "yes"):
+        log.warning("Qdrant %s: sending %s over plain http (%s=1)", describe(target), API_KEY_ENV, ALLOW_HTTP_ENV)
+        return
+    raise QdrantError(f"{describe(target)}: refusing to send {API_KEY_ENV} over plain http to a host other than "
+                      f"this machine; use https://, or set {ALLOW_HTTP_ENV}=1 to allow it on a trusted network")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _probe(target: str, seconds: float = 3.0) -> None:
+    """One TCP connect to the server's REST port: refused, unknown host or no answer -> QdrantError."""
+    import socket
+
+    parts = urlsplit(target)
+    host = parts.hostname or ""
+    port = parts.port or DEFAULT_PORT
+    try:
+        with socket.create_connection((host, port), timeout=seconds):
+            return
+    except OSError as e:
+        why = ("connection refused" if isinstance(e, ConnectionRefusedError)
+               else "unknown host" if isinstance(e, socket.gaierror)
+               else f"no answer in {seconds:g} s" if isinstance(e, TimeoutError) else type(e).__name__)
+        raise QdrantError(f"{describe(target)}: cannot reach a Qdrant server at {host}:{port} ({why}); start "
+                          "Qdrant there, or give the right URL with --qdrant (or QDRANT_URL)") from e
 
 
 def point_id(doc_id: str) -> str:
@@ -328,12 +382,28 @@ def call_with_retry(fn: Callable[[], T], what: str, attempts: int = 8, base: flo
             return fn()
         except Exception as e:
             if not is_retryable(e) or attempt == attempts:
+                if _is_qdrant_error(e):  # one line for the user; the cause stays chained for -v
+                    tried = f" after {attempt} attempts" if attempt > 1 else ""
+                    raise QdrantError(f"Qdrant {what} failed{tried}: {_short(e)}") from e
                 raise
             delay = min(cap, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
             delay = max(delay, _retry_after(e))
             log.warning("Qdrant %s failed (%s); retry %d/%d in %.1f s", what, _short(e), attempt, attempts - 1, delay)
             sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _is_qdrant_error(e: BaseException) -> bool:
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(e, (UnexpectedResponse, ResponseHandlingException)):
+        return True
+    try:
+        import httpx
+
+        return isinstance(e, httpx.TransportError)
+    except ImportError:  # pragma: no cover
+        return False
 
 
 def _retry_after(e: BaseException) -> float:
@@ -346,4 +416,8 @@ def _retry_after(e: BaseException) -> float:
 
 def _short(e: BaseException) -> str:
     status = getattr(e, "status_code", None)
-    return f"HTTP {status}" if status else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if status:
+        body = getattr(e, "content", b"") or b""
+        body = " ".join(body.decode(errors="replace").split())[:200] if isinstance(body, bytes) else str(body)[:200]
+        return f"HTTP {status}" + (f" {body}" if body and body != "{}" else "")
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -1,0 +1,273 @@
+"""The validation gate: is the new embedding output fit to replace the old store?
+
+    reembed validate OUTPUT_URI [--queries queries.jsonl] [--old URI --old-model NAME]
+
+writes ``OUTPUT/validation/report.json`` and ``report.html`` and exits non-zero when a gate fails.
+Gates, each ``pass``, ``fail``, ``info`` (reported, not gated) or ``skipped`` (not enough inputs):
+
+* **integrity** - every committed shard, streamed: sha256 against the manifest, row count, vector
+  dimension, no NaN/inf, no zero vectors, unit norm within ``norm_tol`` for normalizing models;
+* **sanity_pairs** - paraphrase pairs must score at least ``paraphrase_min`` with the new model and
+  unrelated pairs at most ``unrelated_max`` (a built-in set plus ``--pairs FILE``);
+* **ann_recall** - recall@k of the output's own FAISS index measured the way ``reembed search`` answers:
+  text queries (labelled queries, the sanity-pair sentences, and a few words cut from sampled documents)
+  embedded by the same query path and searched through :class:`reembed.indexes.search.Searcher`, the same index
+  file and id map, against exact search of the same vectors; other ANN searchers (``searchers=``, e.g. a
+  Qdrant collection) on those query vectors and on sampled documents; at least ``min_ann_recall``;
+* **overlap** - old vs new: mean overlap@k of each sampled document's k nearest neighbours in the old
+  and the new space (different models legitimately disagree, so this is ``info`` unless ``min_overlap``);
+* **ab** - labelled queries (``{"query": ..., "relevant": [ids] | {id: grade}}`` per line): recall@k and
+  nDCG@10 of exact search in the old and the new space side by side; the new model must not fall more
+  than ``ab_tolerance`` below the old one on either metric.
+
+Exact search is cosine (vectors normalized before the dot product) and streams the shards, so memory
+holds one shard and the running top-k, never the corpus. ``reembed swap`` calls
+:func:`check_validation`, which refuses a missing, failed or stale report.
+
+The package: :mod:`.gates` (the gates on data), :mod:`.integrity` (streaming the shards and the old
+store), :mod:`.queries` (pairs and labelled queries), :mod:`.report` (HTML). Search adapters and the
+exact kNN live in :mod:`reembed.indexes.search`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from reembed import schema as S
+from reembed.errors import ManifestError, ValidationError
+from reembed.indexes.build import faiss_record, state_of
+from reembed.indexes.exact import DEPTH
+from reembed.indexes.faiss import read_ids_file as read_ids, read_index_file as read_faiss  # noqa: F401 (re-exported)
+from reembed.manifest import Manifest, now
+from reembed.indexes.search import (Searcher, exact_knn, faiss_searcher, normalize as _normalize, qdrant_searcher,  # noqa: F401
+                            query_embedder, recall, text_embedder)
+from reembed.storage import Location
+from reembed.validation.gates import (FAIL, INFO, PASS, SKIPPED, Search, Settings, ab_gate, ann_gate,  # noqa: F401
+                                    ann_recall, check_vectors, ndcg_at_k, neighbour_overlap, overlap_gate,
+                                    recall_at_k, retrieval_metrics, sanity_pairs)
+from reembed.validation.integrity import (OLD_EMBEDDING, _integrity_pass, _lookup_vectors, _old_manifest_model,  # noqa: F401
+                                        _old_source, _shard_batches, _shards_have, _stack)
+from reembed.validation.queries import (PARAPHRASES, UNRELATED, LabelledQuery, Pair, builtin_pairs,  # noqa: F401
+                                      load_pairs, load_queries)
+from reembed.validation.report import _json_default, render_html  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON = "validation/report.json"
+REPORT_HTML = "validation/report.html"
+TEXT_COLUMN = "text"  # the passthrough column the gate cuts text queries from
+QUERY_WORDS = (2, 5)  # a query cut from a sampled document: this many consecutive words (min, max)
+
+# ---------------------------------------------------------------------------------------------------
+# The whole gate
+
+
+def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] | None = None,
+             old: str | None = None, old_model: str | None = None, model: str | None = None,
+             pairs: str | Sequence[Pair] | None = None, searchers: Mapping[str, Search] | None = None,
+             settings: Settings = Settings(), write: bool = True) -> dict[str, Any]:
+    """Run every gate on the output at ``output`` and return the report (also written under
+    ``OUTPUT/validation/`` unless ``write`` is false).
+
+    ``model`` overrides the manifest's model name (the same model, stored elsewhere on this machine).
+    ``old`` is an old store URI (``chroma://...``, see :mod:`reembed.exporters`), an export folder
+    (``id`` + ``old_embedding`` Parquet), or another reembed output; without it the shards' own
+    ``old_embedding`` column is used when the job passed it through. ``old_model`` embeds the labelled
+    queries for the old side of the A/B comparison.
+    """
+    t0 = time.monotonic()
+    loc = output if isinstance(output, Location) else Location.from_uri(output)
+    manifest = Manifest.load(loc)
+    if manifest is None:
+        raise ValidationError(f"{loc.display('manifest.json')}: no manifest here; validate a reembed output")
+    labelled = load_queries(queries) if isinstance(queries, str) else list(queries or [])
+    all_pairs = (builtin_pairs() if settings.builtin_pairs else []) + (
+        load_pairs(pairs) if isinstance(pairs, str) else list(pairs or []))
+    new_model = model or manifest.model["name"]
+    dim = int(manifest.model["dimension"])
+    normalized = bool(manifest.model.get("normalize"))
+
+    records = sorted(manifest.committed.items())
+    total = sum(r["rows"] for _, r in records)
+    n_sample = min(settings.sample, total)
+    positions = np.sort(np.random.default_rng(settings.seed).choice(total, n_sample, replace=False)) if n_sample else np.zeros(0, np.int64)
+
+    # Pass 1 over the shards: integrity, and the sampled documents' vectors (and texts, to cut queries from).
+    has_old_column = _shards_have(loc, records, OLD_EMBEDDING)
+    relevant = {r for q in labelled for r in q.relevant}
+    text_column = TEXT_COLUMN if TEXT_COLUMN in manifest.plan.get("passthrough", []) else None
+    integrity, sample_ids, sample_new, sample_old, seen_relevant, sample_texts = _integrity_pass(
+        loc, records, dim, normalized, settings, positions, want_old=has_old_column and old is None, watch=relevant,
+        text_column=text_column)
+    pending = manifest.pending()
+    if pending:
+        integrity["problems"].insert(0, f"{len(pending)} of {len(manifest.plan['shards'])} planned shards are not committed "
+                                        "yet; finish `reembed run` first")
+        integrity.update(status=FAIL, message="; ".join(integrity["problems"][:5]), pending=len(pending))
+    gates: dict[str, dict[str, Any]] = {"integrity": integrity}
+
+    # Queries go through the query path `reembed search` uses (model, revision, backend; on the CPU unless
+    # --device says otherwise), so the sanity pairs and the ANN figure judge what users will get.
+    device = "cpu" if settings.device == "auto" else settings.device
+    searcher = _own_index(loc, manifest, model, device)  # its files are checked before any model loads
+    embed_new = query_embedder(manifest.model, model, device, expect_dim=dim)
+    gates["sanity_pairs"] = sanity_pairs(embed_new, all_pairs, settings.paraphrase_min, settings.unrelated_max)
+    texts = gate_queries(labelled, all_pairs or builtin_pairs(), sample_texts, settings.seed) if searcher else []
+
+    # Pass 2: exact search in the new space for sampled documents, labelled queries and the gate's text
+    # queries, together.
+    kq = max(settings.k + 1, 10)
+    kx = DEPTH * kq  # exact results deep enough to see ties at the k-th place
+    q_new = embed_new([q.query for q in labelled]) if labelled else np.zeros((0, dim), np.float32)
+    q_text = searcher.embed(texts) if texts else np.zeros((0, dim), np.float32)
+    queries_new = np.vstack([sample_new, q_new, q_text]).astype(np.float32)
+    exact_s, exact_new = (exact_knn(queries_new, _shard_batches(loc, records, S.EMBEDDING, dim), kx) if len(queries_new)
+                          else (np.zeros((0, kx), np.float32), np.zeros((0, kx), object)))
+    n_lab = len(q_new)
+    exact_sample_new, exact_labelled_new = exact_new[:n_sample, :kq], exact_new[n_sample:n_sample + n_lab, :kq]
+    text_exact = (exact_new[n_sample + n_lab:], exact_s[n_sample + n_lab:])
+
+    own = {}
+    if searcher is not None:
+        own["faiss"] = _search_recall(searcher, texts, text_exact, settings.k)
+    others = {("faiss (given)" if name == "faiss" and own else name): fn for name, fn in (searchers or {}).items()}
+    vec_queries = np.vstack([sample_new, q_text]).astype(np.float32)
+    vec_exact = (np.vstack([exact_new[:n_sample], text_exact[0]]), np.vstack([exact_s[:n_sample], text_exact[1]]))
+    gates["ann_recall"] = ann_gate(others, vec_queries, vec_exact, settings.k, settings.min_ann_recall, measured=own)
+
+    # Old side: the same sampled documents and the labelled queries, searched in the old space.
+    old_stream = _old_source(old, loc, records) if old or has_old_column else None
+    old_src = old or (f"{loc.display()} (the shards' {OLD_EMBEDDING} column)" if has_old_column else None)
+    old_model = old_model or (_old_manifest_model(old) if old else None)
+    if old_stream is None:
+        gates["overlap"] = {"status": SKIPPED, "message": "no old store: pass --old URI (or pass old_embedding through the job)"}
+        exact_labelled_old = None
+    else:
+        gates["overlap"], exact_labelled_old = _old_side(old_stream, old_model, sample_ids, sample_old, exact_sample_new,
+                                                         labelled, kq, settings)
+    gates["ab"] = ab_gate(labelled, exact_labelled_new, exact_labelled_old, settings.k, settings.ab_tolerance,
+                          have_old=old_stream is not None)
+    unknown = sorted({r for q in labelled for r in q.relevant} - seen_relevant)
+    if unknown:
+        gates["ab"]["unknown_relevant"] = len(unknown)
+        gates["ab"]["message"] += f"; {len(unknown)} labelled ids are not in the output (e.g. {', '.join(unknown[:3])})"
+
+    report = {
+        "format": 1,
+        "created_at": now(),
+        "output": loc.uri,
+        "model": {k: manifest.model.get(k) for k in ("name", "dimension", "normalize", "fingerprint")},
+        "validated_with_model": new_model,
+        "fingerprint": manifest.model["fingerprint"],
+        "shards_digest": shards_digest(manifest),
+        "rows": total,
+        "old": {"source": old_src, "model": old_model},
+        "settings": dataclasses.asdict(settings),
+        "gates": gates,
+        "passed": all(g["status"] != FAIL for g in gates.values()),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    if write:
+        loc.write_bytes(json.dumps(report, indent=1, default=_json_default).encode(), REPORT_JSON)
+        loc.write_bytes(render_html(report).encode(), REPORT_HTML)
+    failed = [n for n, g in gates.items() if g["status"] == FAIL]
+    log.info("validate: %d rows, %d shards, %.1f s, %.1f rows/s; %s", total, len(records), report["seconds"],
+             total / report["seconds"] if report["seconds"] else 0.0,
+             "passed" if report["passed"] else f"FAILED ({', '.join(failed)})")
+    return report
+
+
+def _old_side(old_stream, old_model: str | None, sample_ids: list[str], sample_old, exact_sample_new: np.ndarray,
+              labelled: Sequence[LabelledQuery], kq: int, settings: Settings) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The overlap gate and the labelled queries' old-space rankings (None without an old model)."""
+    if sample_old is None:
+        sample_old = _lookup_vectors(old_stream(), sample_ids)
+    found = [i for i, v in enumerate(sample_old) if v is not None]
+    old_docs = _stack([sample_old[i] for i in found])
+    q_old = None
+    if labelled and old_model:
+        q_old = text_embedder(old_model, None, settings.device)([q.query for q in labelled])
+        if len(old_docs) and q_old.shape[1] != old_docs.shape[1]:
+            raise ValidationError(f"old model {old_model} gives {q_old.shape[1]}-d vectors but the old store holds "
+                                  f"{old_docs.shape[1]}-d ones; pass the old store's own model as --old-model")
+    queries_old = [m for m in (old_docs, q_old) if m is not None and len(m)]
+    exact_old = exact_knn(np.vstack(queries_old), old_stream(), kq)[1] if queries_old else np.zeros((0, kq), object)
+    gate = overlap_gate([sample_ids[i] for i in found], exact_sample_new[found], exact_old[:len(found)],
+                        settings.k, settings.min_overlap, missing=len(sample_ids) - len(found))
+    return gate, (exact_old[len(found):] if q_old is not None else None)
+
+
+def gate_queries(labelled: Sequence[LabelledQuery], pairs: Sequence[Pair], sample_texts: Sequence[str | None],
+                 seed: int = 0) -> list[str]:
+    """The ANN gate's text queries: the labelled queries, the sanity-pair sentences, and from each sampled
+    document with text a few consecutive words (short queries unlike any whole document, as users type)."""
+    rng = np.random.default_rng(seed + 7)
+    out = [q.query for q in labelled] + [t for p in pairs for t in (p.a, p.b)]
+    for text in sample_texts:
+        words = str(text or "").split()
+        if len(words) >= QUERY_WORDS[0]:
+            n = int(rng.integers(QUERY_WORDS[0], min(QUERY_WORDS[1], len(words)) + 1))
+            start = int(rng.integers(0, len(words) - n + 1))
+            out.append(" ".join(words[start:start + n]))
+    return list(dict.fromkeys(out))
+
+
+def _own_index(loc: Location, manifest: Manifest, model: str | None, device: str) -> Searcher | None:
+    """The output's own newest FAISS index as ``reembed search`` opens it, or None when none was built."""
+    stage = state_of(manifest)
+    if not any(r and r.get("status") == "done" for r in [stage.get("faiss"), *stage.get("faiss_history", [])]):
+        return None
+    faiss_record(manifest)  # raises for a record that names no finished build
+    return Searcher(loc, model=model, device=device)
+
+
+def _search_recall(searcher: Searcher, texts: list[str], exact: tuple[np.ndarray, np.ndarray], k: int) -> dict[str, Any]:
+    """Recall@k of ``searcher.search(texts)`` - the very call ``reembed search`` makes - against exact search."""
+    hits = searcher.search(texts, k)
+    found_ids = np.full((len(hits), k), None, dtype=object)
+    for row, h in enumerate(hits):
+        for j, (i, _) in enumerate(h[:k]):
+            found_ids[row, j] = i
+    per = recall(found_ids, exact[0], exact[1], k)
+    return {"recall": round(float(per.mean()), 4) if len(per) else float("nan"), "queries": len(texts),
+            "index": searcher.record["path"], "via": "reembed search (text queries)"}
+
+
+def check_validation(output_loc: str | Location) -> tuple[bool, str]:
+    """May this output be swapped in? ``(True, why)`` only for a passing report made on the output as it is
+    now (same model fingerprint, same committed shards); otherwise ``(False, what to do)``."""
+    loc = output_loc if isinstance(output_loc, Location) else Location.from_uri(output_loc)
+    where = loc.display(REPORT_JSON)
+    if not loc.exists(REPORT_JSON):
+        return False, f"{where}: no validation report; run `reembed validate {loc.uri}` first (or swap --force)"
+    try:
+        report = json.loads(loc.read_bytes(REPORT_JSON))
+        gates, passed = report["gates"], report["passed"]
+    except (ValueError, KeyError, TypeError) as e:
+        return False, f"{where}: unreadable validation report ({e}); run `reembed validate {loc.uri}` again"
+    if not passed:
+        failed = "; ".join(f"{n}: {g.get('message', '')}" for n, g in gates.items() if g.get("status") == FAIL)
+        return False, f"{where}: validation FAILED on {report.get('created_at')} ({failed}); fix and validate again, or swap --force"
+    manifest = Manifest.load(loc)
+    if manifest is None:
+        return False, f"{loc.display('manifest.json')}: no manifest; not a reembed output"
+    if report.get("fingerprint") != manifest.model["fingerprint"] or report.get("shards_digest") != shards_digest(manifest):
+        return False, (f"{where}: stale: the output changed since it was validated on {report.get('created_at')} "
+                       f"(model or committed shards differ); run `reembed validate {loc.uri}` again")
+    results = ", ".join(f"{n}={g['status']}" for n, g in gates.items())
+    return True, f"validation passed on {report.get('created_at')} ({results})"
+
+
+def shards_digest(manifest: Manifest) -> str:
+    """One hash of every committed shard's sha256: changes whenever any shard is added or replaced."""
+    h = hashlib.sha256()
+    for shard, rec in sorted(manifest.committed.items()):
+        h.update(f"{shard}:{rec['sha256']};".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,101 @@
+"""The validation gate's text inputs: the built-in sanity pairs, ``--pairs`` files and labelled queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from reembed.errors import ValidationError
+from reembed.storage import Location, json_lines
+
+# Pairs whose meaning every sentence embedding model should get right. all-MiniLM-L6-v2 scores the
+# paraphrases 0.7-0.97 and the unrelated pairs -0.07-0.11.
+PARAPHRASES = [
+    ("How do I reset my password?", "What are the steps to change a forgotten password?"),
+    ("The cat is sleeping on the sofa.", "A cat is asleep on the couch."),
+    ("The meeting has been moved to Friday.", "The meeting was rescheduled for Friday."),
+    ("Where is the nearest train station?", "How do I get to the closest railway station?"),
+    ("The price of petrol went up again this week.", "Gas prices rose once more this week."),
+    ("She bought a new laptop for work.", "She purchased a new notebook computer for her job."),
+    ("The film was boring and far too long.", "The movie was dull and much too long."),
+    ("Turn off the lights when you leave the room.", "Switch the lights off when you go out of the room."),
+    ("The company reported record profits this year.", "This year the company announced record profits."),
+    ("Drink plenty of water when it is hot outside.", "Stay hydrated in hot weather by drinking lots of water."),
+    ("The children played football in the park.", "The kids were playing soccer in the park."),
+    ("How long does it take to boil an egg?", "How many minutes should an egg be boiled?"),
+]
+UNRELATED = [
+    ("How do I reset my password?", "Penguins live in the southern hemisphere."),
+    ("The cat is sleeping on the sofa.", "Interest rates rose by half a percent."),
+    ("The meeting has been moved to Friday.", "Volcanoes erupt when magma reaches the surface."),
+    ("Where is the nearest train station?", "Photosynthesis converts light into chemical energy."),
+    ("The price of petrol went up again this week.", "She plays the violin in a string quartet."),
+    ("She bought a new laptop for work.", "The recipe needs two cups of flour."),
+    ("The film was boring and far too long.", "Mount Everest is the highest mountain on Earth."),
+    ("Turn off the lights when you leave the room.", "The treaty was signed in 1648."),
+    ("The company reported record profits this year.", "Frogs lay their eggs in ponds."),
+    ("Drink plenty of water when it is hot outside.", "The compiler reported a syntax error."),
+    ("The children played football in the park.", "Quantum computers use qubits."),
+    ("How long does it take to boil an egg?", "The museum is closed on Mondays."),
+]
+
+
+@dataclass
+class Pair:
+    a: str
+    b: str
+    label: str  # "paraphrase" | "unrelated"
+    threshold: float | None = None
+    source: str = "built-in"
+
+
+@dataclass
+class LabelledQuery:
+    query: str
+    relevant: dict[str, float]  # id -> graded relevance (> 0)
+
+
+def builtin_pairs() -> list[Pair]:
+    return ([Pair(a, b, "paraphrase") for a, b in PARAPHRASES] + [Pair(a, b, "unrelated") for a, b in UNRELATED])
+
+
+def load_pairs(path: str) -> list[Pair]:
+    """JSON Lines: ``{"a": ..., "b": ..., "label": "paraphrase"|"unrelated", "threshold": optional}``."""
+    out = []
+    for n, obj in _jsonl(path):
+        a, b, label = obj.get("a"), obj.get("b"), obj.get("label")
+        if not isinstance(a, str) or not isinstance(b, str) or label not in ("paraphrase", "unrelated"):
+            raise ValidationError(f"{path}:{n}: expected {{\"a\": text, \"b\": text, \"label\": \"paraphrase\"|\"unrelated\"}}")
+        th = obj.get("threshold")
+        if th is not None and not isinstance(th, (int, float)):
+            raise ValidationError(f"{path}:{n}: threshold must be a number, got {th!r}")
+        out.append(Pair(a, b, label, None if th is None else float(th), source=f"{Path(path).name}:{n}"))
+    return out
+
+
+def load_queries(path: str) -> list[LabelledQuery]:
+    """JSON Lines: ``{"query": text, "relevant": [id, ...]}`` or ``{"query": ..., "relevant": {id: grade}}``."""
+    out = []
+    for n, obj in _jsonl(path):
+        q, rel = obj.get("query"), obj.get("relevant")
+        if not isinstance(q, str) or not q.strip():
+            raise ValidationError(f"{path}:{n}: \"query\" must be a non-empty string")
+        if isinstance(rel, list) and rel and all(isinstance(r, (str, int)) for r in rel):
+            grades = {str(r): 1.0 for r in rel}
+        elif isinstance(rel, dict) and rel and all(isinstance(g, (int, float)) for g in rel.values()):
+            grades = {str(r): float(g) for r, g in rel.items()}
+        else:
+            raise ValidationError(f"{path}:{n}: \"relevant\" must be a non-empty list of ids or an {{id: grade}} object")
+        out.append(LabelledQuery(q, grades))
+    if not out:
+        raise ValidationError(f"{path}: no queries")
+    return out
+
+
+def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        data = Location.from_uri(path).read_bytes()
+    except FileNotFoundError as e:
+        raise ValidationError(f"{path}: no such file") from e
+    return json_lines(data, path, ValidationError)
