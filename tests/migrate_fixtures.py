@@ -53,7 +53,7 @@ def projected_minilm(folder: Path) -> Path:
 
 def embed(model: str | Path, texts: Sequence[str], max_seq_length: int | None = 256) -> np.ndarray:
     """Vectors from the same cached Embedder that validate uses for an output made with ``model_info``."""
-    from reembed.validate import text_embedder
+    from reembed.indexes.search import text_embedder
 
     return text_embedder(str(model), max_seq_length, "auto")(list(texts))
 

@@ -109,7 +109,7 @@ def test_dual_query_refuses_a_store_without_a_model(tmp_path, space, minilm, pro
     with pytest.raises(M.MigrationError, match="no model to embed queries with; pass its model \\(--old-model"):
         M.dual_query("anything", old, new)
     wrong = M.open_store(chroma_store(tmp_path / "chroma", space, minilm), str(proj), "old")
-    from reembed.validate import ValidationError
+    from reembed.errors import ValidationError
 
     with pytest.raises(ValidationError, match="gives 1024-d vectors but the output holds 384-d"):
         M.dual_query("anything", wrong, new)

@@ -21,7 +21,7 @@ def stores(tmp_path, tiny_model):
     20 documents embedded with the tiny model."""
     import chromadb
 
-    from reembed.validate import text_embedder
+    from reembed.indexes.search import text_embedder
 
     docs = make_docs(20, prefix="doc-")
     texts = [d["text"] for d in docs]

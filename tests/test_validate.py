@@ -342,14 +342,15 @@ def test_cli_validate_exit_codes(tmp_path, space, proj, minilm, old_export, caps
 def test_export_run_validate_end_to_end(tmp_path, space, proj, minilm, ray_local):
     import chromadb
 
-    from reembed import exporters, pipeline
+    from reembed import pipeline
+    from reembed.migrate import export
     from reembed.config import load_config
 
     col = chromadb.PersistentClient(path=str(tmp_path / "chroma")).get_or_create_collection(
         "docs", embedding_function=None, metadata={"hnsw:space": "l2"})
     col.upsert(ids=space["ids"], embeddings=space["old"], documents=space["texts"],
                metadatas=[{"topic": r["topic"]} for r in corpus()])
-    exporters.export(f"chroma://{tmp_path}/chroma?collection=docs", str(tmp_path / "export"), part_rows=30)
+    export(f"chroma://{tmp_path}/chroma?collection=docs", str(tmp_path / "export"), part_rows=30)
     cfg = load_config(None, [f"input.uri={tmp_path / 'export'}", f"output.uri={tmp_path / 'new'}", f"model.name={proj}",
                              "input.passthrough=[text, topic, old_embedding]", "plan.shard_rows=20", "model.device=cpu"])
     summary = pipeline.run(cfg)

@@ -321,21 +321,10 @@ def inside_output(loc: Location, rel: Any, key: str) -> str:
     Refused with a one-line :class:`ManifestError`: anything but a non-empty relative path, a URI (another
     bucket), an absolute path, a ``..`` step, and on a local disk a symlink that leads out of the output.
     """
-    where = loc.display(MANIFEST)
-    if not isinstance(rel, str) or not rel.strip():
-        raise ManifestError(f"{where}: {key} is {rel!r}, not a path inside the output; restore the manifest "
-                            "or start a fresh output (--fresh)")
-    parts = rel.replace("\\", "/").split("/")
-    if "://" in rel or rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", rel) or ".." in parts:
-        raise ManifestError(f"{where}: {key} = {rel!r} points outside the output (only paths relative to it are "
-                            "allowed); the manifest was edited or corrupted: restore it or start a fresh output (--fresh)")
-    norm = posixpath.normpath(rel)
-    if loc.fs.type_name == "local":
-        root = os.path.realpath(loc.root)
-        real = os.path.realpath(os.path.join(root, norm))
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise ManifestError(f"{where}: {key} = {rel!r} leads outside the output through a symbolic link "
-                                f"(to {real}); remove the link or start a fresh output (--fresh)")
+    norm, why = loc.contain(rel)
+    if norm is None:
+        raise ManifestError(f"{loc.display(MANIFEST)}: {key} = {rel!r} {why}: not a path inside the output; the "
+                            "manifest was edited or corrupted: restore it or start a fresh output (--fresh)")
     return norm
 
 

@@ -89,7 +89,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from reembed import validate as V
+    from reembed import validation as V
 
     def run() -> int:
         settings = V.Settings(k=args.k, sample=args.sample, seed=args.seed, norm_tol=args.norm_tol,
@@ -145,7 +145,10 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[[], None]]]:
-    from reembed import validate as V
+    """Searchers the user named (--faiss, --qdrant); the output's own index is measured by validate itself,
+    through the same path as `reembed search`."""
+    from reembed.indexes.faiss import read_ids_file, read_index_file
+    from reembed.indexes.search import faiss_searcher, qdrant_searcher
     from reembed.migrate.stores import QdrantStore, parse_uri
 
     searchers: dict[str, Any] = {}
@@ -153,19 +156,7 @@ def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[
     if args.faiss:
         if not args.faiss_ids:
             raise MigrationError("--faiss needs --faiss-ids (the document id of each FAISS label, in order)")
-        searchers["faiss"] = V.faiss_searcher(V.read_faiss(args.faiss), V.read_ids(args.faiss_ids))
-    elif getattr(args, "output", None):
-        # The output's own FAISS index from `reembed index`, sha256-checked before it is read.
-        from reembed.indexes import faiss as faiss_index
-        from reembed.manifest import Manifest
-        from reembed.storage import Location
-
-        loc = Location.from_uri(args.output)
-        m = Manifest.load(loc)
-        rec = ((m.data.get("stages") or {}).get("index") or {}).get("faiss") if m else None
-        if rec and rec.get("status") == "done":
-            index, ids = faiss_index.load(loc, rec)
-            searchers["faiss"] = V.faiss_searcher(index, ids.to_pylist())
+        searchers["faiss"] = faiss_searcher(read_index_file(args.faiss), read_ids_file(args.faiss_ids))
     if args.qdrant:
         from reembed.indexes.qdrant import PAYLOAD_ID
 
@@ -174,9 +165,8 @@ def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[
             raise MigrationError(f"--qdrant {args.qdrant}: expected a qdrant:// URI")
         store = QdrantStore.from_uri(src, name="qdrant")
         closers.append(store.close)
-
-        searchers["qdrant"] = V.qdrant_searcher(store.client, store.collection, id_field=store.id_field or PAYLOAD_ID,
-                                                vector=store.vector)
+        searchers["qdrant"] = qdrant_searcher(store.client, store.collection, id_field=store.id_field or PAYLOAD_ID,
+                                              vector=store.vector)
     return searchers, closers
 
 

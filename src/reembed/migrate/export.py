@@ -20,9 +20,8 @@ import io
 import json
 import logging
 import os
-import posixpath
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,12 +30,12 @@ from reembed import schema as S
 from reembed.errors import ExportError
 from reembed.manifest import now
 from reembed.migrate.stores import STORES, Batch, parse_uri
+from reembed.migrate.parts import EXPORT_META
 from reembed.migrate.stores.base import OLD_EMBEDDING, TEXT
 from reembed.storage import Location, StorageError
 
 log = logging.getLogger(__name__)
 
-EXPORT_META = "_export.json"
 _RESERVED = (S.ID, TEXT, OLD_EMBEDDING)
 
 
@@ -79,45 +78,6 @@ def export(uri: str, to: str | Location, page_size: int = 1000, part_rows: int =
     if missing_text:
         log.warning("%d documents have no text in the store; `reembed run` will dead-letter them (null_text)", missing_text)
     return summary
-
-
-def read_parts(loc: Location) -> Iterator[tuple[str, pa.Table]]:
-    """(where, table) for each part of an export folder: the parts ``_export.json`` lists, each of which must
-    lie inside the folder and match its sha256, or, without a summary, every ``*.parquet`` file there."""
-    if not loc.exists(EXPORT_META):
-        for info in loc.list():
-            if info.path.endswith(".parquet") and not posixpath.basename(info.path).startswith(("_", ".")):
-                with loc.fs.open_input_file(info.path) as f:
-                    yield info.path, pq.read_table(f)
-        return
-    try:
-        summary = json.loads(loc.read_bytes(EXPORT_META))
-        parts = summary["parts"]
-        listed = [(p["path"], p["sha256"]) for p in parts]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"{loc.display(EXPORT_META)}: not an export summary ({type(e).__name__}: {e}); "
-                          "export again") from e
-    for rel, sha in listed:
-        rel = inside(loc, rel, EXPORT_META)
-        data = loc.read_bytes(rel)
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise ExportError(f"{loc.display(rel)}: sha256 does not match {EXPORT_META} (corrupt or replaced); "
-                              "export again")
-        yield loc.display(rel), pq.read_table(pa.BufferReader(data))
-
-
-def inside(loc: Location, rel: Any, source: str) -> str:
-    """``rel`` (a path read from the file ``source``) as a path inside ``loc``, or a one-line refusal."""
-    text = rel if isinstance(rel, str) else ""
-    norm = posixpath.normpath(text) if text else ""
-    escapes = not norm or norm.startswith(("/", "../")) or norm == ".." or "\\" in text or ":" in text
-    if not escapes and loc.fs.type_name == "local":  # links must not lead out either
-        root = os.path.realpath(loc.root)
-        escapes = os.path.commonpath([root, os.path.realpath(loc.path(norm))]) != root
-    if escapes:
-        raise ExportError(f"{loc.display(source)}: part path {rel!r} points outside {loc.display()}; refusing to read "
-                          "it (the file was edited or is hostile); export again")
-    return norm
 
 
 class PartWriter:

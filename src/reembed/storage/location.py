@@ -51,6 +51,24 @@ class Location:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if parts else self.root
 
+    def contain(self, rel: Any) -> tuple[str | None, str]:
+        """``rel``, a path read from a file (a manifest, an export summary), normalised, if it stays inside
+        this location: ``(path, "")``; else ``(None, why)``. Refused: anything but a non-empty relative path,
+        a URI (another bucket), an absolute or drive path, a ``..`` step, and on a local disk a symbolic link
+        that leads out. The one containment rule every reader of an untrusted path uses."""
+        if not isinstance(rel, str) or not rel.strip():
+            return None, "not a path"
+        parts = rel.replace("\\", "/").split("/")
+        if "://" in rel or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":") or ".." in parts:
+            return None, "points outside (only paths relative to it are allowed)"
+        norm = posixpath.normpath(rel)
+        if self.fs.type_name == "local":
+            root = os.path.realpath(self.root)
+            real = os.path.realpath(os.path.join(root, norm))
+            if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+                return None, f"leads outside through a symbolic link (to {real})"
+        return norm, ""
+
     def display(self, *parts: str) -> str:
         """A URI for messages: the user's URI with ``parts`` appended."""
         return posixpath.join(self.uri.rstrip("/"), *parts) if parts else self.uri

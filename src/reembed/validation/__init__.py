@@ -77,7 +77,7 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     ``OUTPUT/validation/`` unless ``write`` is false).
 
     ``model`` overrides the manifest's model name (the same model, stored elsewhere on this machine).
-    ``old`` is an old store URI (``chroma://...``, see :mod:`reembed.exporters`), an export folder
+    ``old`` is an old store URI (``chroma://...``, see :mod:`reembed.migrate.stores`), an export folder
     (``id`` + ``old_embedding`` Parquet), or another reembed output; without it the shards' own
     ``old_embedding`` column is used when the job passed it through. ``old_model`` embeds the labelled
     queries for the old side of the A/B comparison.

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reembed import exporters
 from reembed import schema as S
 from reembed.errors import StorageError, ValidationError
 from reembed.indexes.build import read_shard
+from reembed.migrate.stores.base import is_store_uri
 from reembed.manifest import Manifest
 from reembed.storage import Location, list_inputs
 from reembed.validation.gates import FAIL, PASS, Settings, check_vectors
@@ -128,9 +128,8 @@ def _old_source(old: str | None, loc: Location, records: list[tuple[int, dict]])
     """A re-iterable stream of (ids, old vectors)."""
     if old is None:
         return lambda: _shard_batches(loc, records, OLD_EMBEDDING)
-    if exporters.is_store_uri(old):
-        src = exporters.parse_source(old)
-        return lambda: ((b.ids, b.vectors) for b in exporters.iter_batches(src))
+    if is_store_uri(old):
+        return lambda: _store_batches(old)
     old_loc = Location.from_uri(old)
     other = Manifest.load(old_loc)
     if other is not None:
@@ -148,7 +147,7 @@ def _parquet_batches(uri: str) -> Iterator[tuple[list[str], np.ndarray]]:
                 raise ValidationError(f"{info.path}: an old-store export needs columns id and {OLD_EMBEDDING} "
                                       f"(has {', '.join(pf.schema_arrow.names)})")
             for batch in pf.iter_batches(columns=[S.ID, OLD_EMBEDDING], batch_size=65_536):
-                yield [str(x) for x in batch.column(0).to_pylist()], S.embedding_matrix(batch.column(1))
+                yield S.id_strings(batch.column(0)).to_pylist(), S.embedding_matrix(batch.column(1))
 
 
 def _lookup_vectors(batches: Iterable[tuple[Sequence[str], np.ndarray]], ids: Sequence[str]) -> list[np.ndarray | None]:
@@ -163,8 +162,17 @@ def _lookup_vectors(batches: Iterable[tuple[Sequence[str], np.ndarray]], ids: Se
     return out
 
 
+def _store_batches(uri: str) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Every (ids, vectors) page of an old vector store; the store is closed when the pages run out."""
+    from reembed.migrate.stores import open_store
+
+    with open_store(uri) as store:
+        for b in store.batches():
+            yield b.ids, b.vectors
+
+
 def _old_manifest_model(old: str) -> str | None:
-    if exporters.is_store_uri(old):
+    if is_store_uri(old):
         return None
     m = Manifest.load(Location.from_uri(old))
     return m.model["name"] if m is not None else None

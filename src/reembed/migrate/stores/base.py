@@ -123,7 +123,7 @@ class Store:
         if not self.model:
             raise MigrationError(f"store {self.name!r} ({self.kind}): no model to embed queries with; pass its model "
                                  f"(--{self.name}-model NAME_OR_PATH)")
-        from reembed.validate import text_embedder
+        from reembed.indexes.search import text_embedder
 
         return text_embedder(self.model, None, self.device, expect_dim=self.dim, backend=self.backend)(list(texts))
 

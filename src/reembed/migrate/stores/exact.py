@@ -1,4 +1,4 @@
-"""Vectors held in memory and searched exactly by cosine (:func:`reembed.validate.exact_knn`): a reembed
+"""Vectors held in memory and searched exactly by cosine (:func:`reembed.indexes.exact.exact_knn`): a reembed
 output (its committed shards, queried with the model its manifest names) or an export folder (its
 ``old_embedding`` column, queried with the model the caller names)."""
 
@@ -17,7 +17,7 @@ class ExactStore(Store):
     kind = "exact"
 
     def __init__(self, ids: Sequence[str], vectors: np.ndarray, texts: Sequence[str | None] | None = None, **common: Any):
-        from reembed.validate import _normalize
+        from reembed.indexes.exact import normalize as _normalize
 
         super().__init__(**common)
         self.ids = [str(i) for i in ids]
@@ -47,9 +47,8 @@ class ExactStore(Store):
 
     @classmethod
     def from_export(cls, loc, **common: Any) -> "ExactStore":
-        """The parts of an export folder (see :func:`reembed.migrate.export.read_parts`)."""
-        # Imported here: export.py opens stores, so importing it at the top would be circular.
-        from reembed.migrate.export import read_parts
+        """The parts of an export folder (see :func:`reembed.migrate.parts.read_parts`)."""
+        from reembed.migrate.parts import read_parts
 
         ids, blocks, texts = [], [], []
         for where, table in read_parts(loc):
@@ -69,7 +68,7 @@ class ExactStore(Store):
         return int(self.vectors.shape[1])
 
     def _search(self, vectors: np.ndarray, k: int) -> list[Result]:
-        from reembed.validate import exact_knn
+        from reembed.indexes.exact import exact_knn
 
         scores, ids = exact_knn(vectors, [(self.ids, self.vectors)], k)
         return [[(i, float(s), self.texts.get(i)) for s, i in zip(srow, irow) if i is not None]

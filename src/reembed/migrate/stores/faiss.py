@@ -105,7 +105,7 @@ class FaissStore(Store):
         return int(self.index.d)
 
     def _search(self, vectors: np.ndarray, k: int) -> list[Result]:
-        from reembed.validate import _normalize
+        from reembed.indexes.exact import normalize as _normalize
 
         if self._row_of_label is None:
             self._row_of_label = {int(lb): int(r) for lb, r in zip(self.labels, self.rows)}
@@ -143,7 +143,7 @@ class FaissStore(Store):
 
 def read_index(path: str):
     """A user-supplied FAISS index file, through the package's one FAISS reader."""
-    from reembed.validate import read_faiss
+    from reembed.indexes.faiss import read_index_file as read_faiss
 
     if not os.path.isfile(path):
         raise ExportError(f"{path}: no FAISS index file here")
