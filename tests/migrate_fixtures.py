@@ -58,9 +58,9 @@ def embed(model: str | Path, texts: Sequence[str], max_seq_length: int | None = 
     return text_embedder(str(model), max_seq_length, "auto")(list(texts))
 
 
-def model_info(name: str | Path, dim: int, normalize: bool = True) -> dict[str, Any]:
+def model_info(name: str | Path, dim: int, normalize: bool = True, max_seq_length: int = 256) -> dict[str, Any]:
     info = {"name": str(name), "revision": "test", "dimension": dim, "normalize": normalize, "pooling": "mean",
-            "dtype": "float32", "max_seq_length": 256}
+            "dtype": "float32", "max_seq_length": max_seq_length}
     info["fingerprint"] = fingerprint(info)
     return info
 

@@ -175,8 +175,8 @@ def test_incomplete_output_fails_and_unknown_labels_are_reported(tmp_path, space
 
 def test_sanity_pairs_fail_for_a_random_model(tmp_path, space, tiny_model):
     """A randomly initialised BERT maps every sentence to nearly the same direction."""
-    vectors = embed(tiny_model, space["texts"])
-    out = write_output(tmp_path / "new", space["ids"], vectors, model_info(tiny_model, vectors.shape[1]))
+    vectors = embed(tiny_model, space["texts"], max_seq_length=128)  # the tiny BERT's position table
+    out = write_output(tmp_path / "new", space["ids"], vectors, model_info(tiny_model, vectors.shape[1], max_seq_length=128))
     gate = V.validate(out, settings=V.Settings(sample=30))["gates"]["sanity_pairs"]
     assert gate["status"] == "fail" and gate["failed"] >= 12
     assert "unrelated" in gate["message"]

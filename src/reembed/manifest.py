@@ -323,8 +323,8 @@ def inside_output(loc: Location, rel: Any, key: str) -> str:
     """
     norm, why = loc.contain(rel)
     if norm is None:
-        raise ManifestError(f"{loc.display(MANIFEST)}: {key} = {rel!r} {why}: not a path inside the output; the "
-                            "manifest was edited or corrupted: restore it or start a fresh output (--fresh)")
+        raise ManifestError(f"{loc.display(MANIFEST)}: {key} = {rel!r} {why.replace('outside', 'outside the output', 1)}; "
+                            "the manifest was edited or corrupted: restore it or start a fresh output (--fresh)")
     return norm
 
 

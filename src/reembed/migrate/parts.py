@@ -46,6 +46,6 @@ def inside(loc: Location, rel: Any, source: str) -> str:
     """``rel`` (a path read from the file ``source``) as a path inside ``loc``, or a one-line refusal."""
     norm, why = loc.contain(rel)
     if norm is None:
-        raise ExportError(f"{loc.display(source)}: part path {rel!r} {why} of {loc.display()}; refusing to read "
-                          "it (the file was edited or is hostile); export again")
+        raise ExportError(f"{loc.display(source)}: part path {rel!r} {why.replace('outside', f'outside {loc.display()}', 1)}; "
+                          "refusing to read it (the file was edited or is hostile); export again")
     return norm

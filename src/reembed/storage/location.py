@@ -57,7 +57,7 @@ class Location:
         a URI (another bucket), an absolute or drive path, a ``..`` step, and on a local disk a symbolic link
         that leads out. The one containment rule every reader of an untrusted path uses."""
         if not isinstance(rel, str) or not rel.strip():
-            return None, "not a path"
+            return None, "points outside (it is not a path)"
         parts = rel.replace("\\", "/").split("/")
         if "://" in rel or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":") or ".." in parts:
             return None, "points outside (only paths relative to it are allowed)"

@@ -147,7 +147,7 @@ def _parquet_batches(uri: str) -> Iterator[tuple[list[str], np.ndarray]]:
                 raise ValidationError(f"{info.path}: an old-store export needs columns id and {OLD_EMBEDDING} "
                                       f"(has {', '.join(pf.schema_arrow.names)})")
             for batch in pf.iter_batches(columns=[S.ID, OLD_EMBEDDING], batch_size=65_536):
-                yield S.id_strings(batch.column(0)).to_pylist(), S.embedding_matrix(batch.column(1))
+                yield S.id_strings(batch.column(0))[0].to_pylist(), S.embedding_matrix(batch.column(1))
 
 
 def _lookup_vectors(batches: Iterable[tuple[Sequence[str], np.ndarray]], ids: Sequence[str]) -> list[np.ndarray | None]:
