@@ -102,8 +102,11 @@ def test_tune_all_cpu_backends_side_by_side(tiny_model, tune_dir, capsys):
     assert len(table) == len(keys) + 2  # header, one row per setting, the note
     rates = [float(line.split()[3]) for line in table[1:-1]]
     assert rates == sorted(rates, reverse=True) and "--backend onnx-int8" in out
-    with pytest.raises(SystemExit, match="compares the CPU backends"):
-        tune._settings(type("A", (), {"backend": "all", "dtype": "auto"})(), "cuda")
+    from reembed.cli.tune import _settings
+    from reembed.errors import UsageError
+
+    with pytest.raises(UsageError, match="compares the CPU backends"):
+        _settings(type("A", (), {"backend": "all", "dtype": "auto"})(), "cuda")
 
 
 @pytest.mark.ray

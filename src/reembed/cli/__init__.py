@@ -26,9 +26,9 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PIPE, EXIT_INTERRUPTED = 0, 1, 2, 141, 130
 # One module per group of subcommands, each with ``register(subparsers)``.
 COMMAND_MODULES = (
     "reembed.cli.run",        # run, status
-    "reembed.indexes.commands",  # index, versions, swap, rollback, search
-    "reembed.migrate.commands",  # export, validate, query
-    "reembed.tune",           # tune
+    "reembed.cli.indexes",    # index, versions, swap, rollback, search
+    "reembed.cli.migrate",    # export, validate, query
+    "reembed.cli.tune",       # tune
     "reembed.cli.cost",       # cost
 )
 

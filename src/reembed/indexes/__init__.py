@@ -6,7 +6,6 @@
 * :mod:`reembed.indexes.exact` - the one exact kNN and recall, used by the tuning and the validation gate.
 * :mod:`reembed.indexes.qdrant` - the one ``connect()`` and ``point_id()``; versioned collections, bulk
   loading, alias swap and rollback.
-* :mod:`reembed.indexes.commands` - ``reembed index | versions | swap | rollback | search``.
 
 Searching an output by text is :mod:`reembed.indexes.search`.
 """

@@ -4,7 +4,6 @@
   and the exact in-memory store over a reembed output or an export folder), opened by :func:`open_store`;
 * :mod:`reembed.migrate.export` - :func:`export` into Parquet parts in reembed's input format;
 * :mod:`reembed.migrate.dual` - :func:`dual_query`, :func:`dual_write`, :func:`fuse`;
-* :mod:`reembed.migrate.commands` - the ``export``, ``validate`` and ``query`` subcommands.
 """
 
 from reembed.errors import DualWriteError, ExportError, MigrationError

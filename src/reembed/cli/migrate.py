@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any, Callable
 
-from reembed.errors import MigrationError, ReembedError
+from reembed.errors import MigrationError
 from reembed.migrate.dual import FUSIONS, RRF_K, dual_query
 from reembed.migrate.stores import open_store
 
@@ -84,8 +83,8 @@ def register(subparsers) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from reembed.migrate.export import export
 
-    return _guard(args, lambda: _print_export(export(args.source, args.target, args.page_size, args.part_rows,
-                                                     args.overwrite), args.json))
+    summary = export(args.source, args.target, args.page_size, args.part_rows, args.overwrite)
+    return _print_export(summary, args.json)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -115,7 +114,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{'PASSED' if report['passed'] else 'FAILED'}: report at {loc.display(V.REPORT_HTML)}")
         return 0 if report["passed"] else 1
 
-    return _guard(args, run)
+    return run()
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -137,7 +136,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                 print(f"{n:3d}. {h.score:.4f}  {h.id}  [{where}]{snippet}")
         return 0
 
-    return _guard(args, run)
+    return run()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,17 +167,6 @@ def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[
         searchers["qdrant"] = qdrant_searcher(store.client, store.collection, id_field=store.id_field or PAYLOAD_ID,
                                               vector=store.vector)
     return searchers, closers
-
-
-def _guard(args: argparse.Namespace, fn: Callable[[], int]) -> int:
-    """Our own errors are one clear line on stderr (exit 1, 2 for usage errors); -v re-raises them."""
-    try:
-        return fn()
-    except ReembedError as e:
-        print(f"reembed: error: {e}", file=sys.stderr)
-        if getattr(args, "verbose", 0):
-            raise
-        return e.exit_code
 
 
 def _positive(value: str) -> int:
