@@ -7,6 +7,8 @@ import argparse
 import json
 from typing import Any
 
+from reembed.cli.run import add_storage_config, location
+from reembed.storage import Location
 from reembed.config import load_config, replace_path
 from reembed.indexes import build as stage
 from reembed.indexes import qdrant as Q
@@ -36,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--collection", help="collection name; versions are NAME-v1, NAME-v2, ... (default documents)")
     p.add_argument("--batch-size", type=int, help="points per Qdrant upsert (default 256)")
     p.add_argument("--workers", type=int, help="parallel Qdrant upload workers against a server (default 4)")
-    p.add_argument("--config", metavar="job.yaml", help="YAML job file; its index section is used")
+    p.add_argument("--config", metavar="job.yaml", help="YAML job file; its index and storage sections are used")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override a setting, e.g. --set index.faiss=hnsw (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
@@ -83,6 +85,7 @@ def register(sub) -> None:
                    "the job passed it through); --show none prints ids only")
     q.add_argument("--model", metavar="NAME_OR_PATH", help="the output's model, if not at the manifest's name on this machine")
     q.add_argument("--json", action="store_true")
+    add_storage_config(q)
     q.set_defaults(func=cmd_search)
 
 
@@ -91,6 +94,7 @@ def _target_args(p: argparse.ArgumentParser) -> None:
                    "(default: the one recorded in --output's manifest, else QDRANT_URL). " + _KEY_HELP)
     p.add_argument("--output", metavar="OUTPUT_URI", help="the job's output (its manifest gives the expected "
                    "row count, the model and the Qdrant target)")
+    add_storage_config(p)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,7 +108,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     for key, value in flags.items():
         if value is not None:
             cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
-    return _print_index(stage.build_indexes(args.output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
+    output = Location.from_uri(args.output, cfg.storage)
+    return _print_index(stage.build_indexes(output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
                                             use_ray=not args.no_ray), args.json)
 
 
@@ -126,7 +131,7 @@ def _print_index(results: dict[str, Any], as_json: bool) -> int:
 def cmd_versions(args: argparse.Namespace) -> int:
     def run() -> int:
         out: dict[str, Any] = {}
-        manifest = open_manifest(args.output) if args.output else None
+        manifest = open_manifest(location(args, args.output)) if args.output else None
         if manifest is not None:
             st = stage.state_of(manifest)
             out["faiss"] = [r for r in [*st.get("faiss_history", []), st.get("faiss")] if r]
@@ -160,7 +165,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_swap(args: argparse.Namespace) -> int:
     def run() -> int:
-        _print_move(swap(args.alias, args.to, qdrant=args.qdrant, output=args.output, dimension=args.dimension,
+        _print_move(swap(args.alias, args.to, qdrant=args.qdrant, output=location(args, args.output), dimension=args.dimension,
                          force=args.force), args.json)
         return EXIT_OK
 
@@ -169,7 +174,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     def run() -> int:
-        _print_move(rollback(args.alias, qdrant=args.qdrant, output=args.output), args.json)
+        _print_move(rollback(args.alias, qdrant=args.qdrant, output=location(args, args.output)), args.json)
         return EXIT_OK
 
     return run()
@@ -177,7 +182,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     def run() -> int:
-        searcher = Searcher(args.output, version=args.version, model=args.model)
+        searcher = Searcher(location(args, args.output), version=args.version, model=args.model)
         hits = searcher.search(args.query, k=args.k)
         column = args.show or ("text" if "text" in searcher.manifest.plan.get("passthrough", []) else "none")
         shown = {} if column == "none" else searcher.lookup([i for h in hits for i, _ in h], column)

@@ -11,6 +11,7 @@ import argparse
 import json
 from typing import Any, Callable
 
+from reembed.cli.run import add_storage_config, location
 from reembed.errors import MigrationError
 from reembed.migrate.dual import FUSIONS, RRF_K, dual_query
 from reembed.migrate.stores import open_store
@@ -31,6 +32,7 @@ def register(subparsers) -> None:
     e.add_argument("--part-rows", type=_positive, default=100_000, help="rows per Parquet part (default 100000)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export in the same place")
     e.add_argument("--json", action="store_true", help="print the export summary as JSON")
+    add_storage_config(e)
     e.set_defaults(func=cmd_export)
 
     v = subparsers.add_parser(
@@ -59,6 +61,7 @@ def register(subparsers) -> None:
     v.add_argument("--ab-tolerance", type=float, default=0.02, help="how far new may fall below old on recall@k / nDCG@10")
     v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_storage_config(v)
     v.set_defaults(func=cmd_validate)
 
     q = subparsers.add_parser(
@@ -77,13 +80,14 @@ def register(subparsers) -> None:
     q.add_argument("--rrf-k", type=_positive, default=RRF_K)
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     q.add_argument("--json", action="store_true")
+    add_storage_config(q)
     q.set_defaults(func=cmd_query)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from reembed.migrate.export import export
 
-    summary = export(args.source, args.target, args.page_size, args.part_rows, args.overwrite)
+    summary = export(args.source, location(args, args.target), args.page_size, args.part_rows, args.overwrite)
     return _print_export(summary, args.json)
 
 
@@ -98,7 +102,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                               builtin_pairs=not args.no_builtin_pairs)
         searchers, closers = _searchers(args)
         try:
-            report = V.validate(args.output, queries=args.queries, old=args.old, old_model=args.old_model,
+            report = V.validate(location(args, args.output), queries=args.queries, old=args.old, old_model=args.old_model,
                                 model=args.model, pairs=args.pairs, searchers=searchers, settings=settings)
         finally:
             for close in closers:
@@ -108,9 +112,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         else:
             for name, gate in report["gates"].items():
                 print(f"{name:13s} {gate['status'].upper():7s} {gate.get('message', '')}")
-            from reembed.storage import Location
-
-            loc = Location.from_uri(args.output)
+            loc = location(args, args.output)
             print(f"{'PASSED' if report['passed'] else 'FAILED'}: report at {loc.display(V.REPORT_HTML)}")
         return 0 if report["passed"] else 1
 
@@ -123,8 +125,8 @@ def cmd_query(args: argparse.Namespace) -> int:
             w_old, w_new = (float(x) for x in args.weights.split(","))
         except ValueError:
             raise MigrationError(f"--weights {args.weights!r}: expected two numbers OLD,NEW, e.g. 0.3,0.7") from None
-        with open_store(args.old, args.old_model, "old", args.device) as old, \
-                open_store(args.new, args.new_model, "new", args.device) as new:
+        with open_store(_store_or_location(args, args.old), args.old_model, "old", args.device) as old, \
+                open_store(_store_or_location(args, args.new), args.new_model, "new", args.device) as new:
             hits = dual_query(args.text, old, new, k=args.k, method=args.fusion, weights={"old": w_old, "new": w_new},
                               depth=args.depth, rrf_k=args.rrf_k)
         if args.json:
@@ -167,6 +169,13 @@ def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[
         searchers["qdrant"] = qdrant_searcher(store.client, store.collection, id_field=store.id_field or PAYLOAD_ID,
                                               vector=store.vector)
     return searchers, closers
+
+
+def _store_or_location(args: argparse.Namespace, uri: str):
+    """A store URI as given; a path or an object-store URI opened with --config's storage settings."""
+    from reembed.migrate.stores import is_store_uri
+
+    return uri if is_store_uri(uri) else location(args, uri)
 
 
 def _positive(value: str) -> int:

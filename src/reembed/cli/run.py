@@ -35,6 +35,13 @@ def add_storage_config(p: argparse.ArgumentParser) -> None:
                    "region, max_attempts) says where the output's object store is")
 
 
+def location(args: argparse.Namespace, uri: str | None):
+    """``uri`` opened with the storage settings of ``--config`` (None stays None)."""
+    from reembed.storage import Location
+
+    return None if uri is None else Location.from_uri(uri, storage_settings(args))
+
+
 def storage_settings(args: argparse.Namespace):
     """The storage settings of ``--config`` (defaults without one), for ``Location.from_uri``."""
     from reembed.storage import Settings

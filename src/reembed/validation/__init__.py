@@ -145,7 +145,7 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     # Old side: the same sampled documents and the labelled queries, searched in the old space.
     old_stream = _old_source(old, loc, records) if old or has_old_column else None
     old_src = old or (f"{loc.display()} (the shards' {OLD_EMBEDDING} column)" if has_old_column else None)
-    old_model = old_model or (_old_manifest_model(old) if old else None)
+    old_model = old_model or (_old_manifest_model(old, loc.settings) if old else None)
     if old_stream is None:
         gates["overlap"] = {"status": SKIPPED, "message": "no old store: pass --old URI (or pass old_embedding through the job)"}
         exact_labelled_old = None

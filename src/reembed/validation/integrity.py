@@ -4,7 +4,7 @@ path held inside the output, sha256 checked."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -125,20 +125,20 @@ def _shards_have(loc: Location, records: list[tuple[int, dict]], column: str) ->
 
 
 def _old_source(old: str | None, loc: Location, records: list[tuple[int, dict]]) -> Callable[[], Iterator[tuple[list[str], np.ndarray]]]:
-    """A re-iterable stream of (ids, old vectors)."""
+    """A re-iterable stream of (ids, old vectors). A path is opened with the output's storage settings."""
     if old is None:
         return lambda: _shard_batches(loc, records, OLD_EMBEDDING)
     if is_store_uri(old):
         return lambda: _store_batches(old)
-    old_loc = Location.from_uri(old)
+    old_loc = Location.from_uri(old, loc.settings)
     other = Manifest.load(old_loc)
     if other is not None:
         recs = sorted(other.committed.items())
         return lambda: _shard_batches(old_loc, recs, S.EMBEDDING)
-    return lambda: _parquet_batches(old)
+    return lambda: _parquet_batches(old_loc)
 
 
-def _parquet_batches(uri: str) -> Iterator[tuple[list[str], np.ndarray]]:
+def _parquet_batches(uri: str | Location) -> Iterator[tuple[list[str], np.ndarray]]:
     loc, files = list_inputs(uri, "*.parquet")
     for info in files:
         with loc.fs.open_input_file(info.path) as f:
@@ -171,10 +171,10 @@ def _store_batches(uri: str) -> Iterator[tuple[list[str], np.ndarray]]:
             yield b.ids, b.vectors
 
 
-def _old_manifest_model(old: str) -> str | None:
+def _old_manifest_model(old: str, settings: Any = None) -> str | None:
     if is_store_uri(old):
         return None
-    m = Manifest.load(Location.from_uri(old))
+    m = Manifest.load(Location.from_uri(old, settings))
     return m.model["name"] if m is not None else None
 
 
