@@ -664,3 +664,58 @@ def test_debug_logs_carry_no_credentials(s3_env, s3_user, tmp_path):
         leaked = [s for s in secrets if s in text]
         assert not leaked, f"{name}: a credential in the -vv output"
         assert proc.returncode == 1 and "reembed: error: " in proc.stderr
+
+
+# -- settings travel: every command follows the endpoint named only in job.yaml ----------------------------
+
+
+def test_every_command_follows_the_endpoint_in_job_yaml(s3_env, s3_user, tiny_model, ray_tmp, tmp_path,
+                                                        monkeypatch, capsys):
+    """The environment's endpoint points at a closed port; only job.yaml's storage.endpoint_url leads to the
+    S3 server. Every command that touches the output (run in Ray's workers too, index, search, validate,
+    status, versions, swap, rollback, cost, export, query) must reach it through its --config."""
+    server = s3_env
+    bucket = new_bucket(server)
+    put_corpus(server, bucket, "docs", corpus(100))
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"storage:\n  endpoint_url: {server.endpoint}\n  max_attempts: 2\n")
+    inp, out = f"s3://{bucket}/docs/", f"s3://{bucket}/emb"
+    conf = ["--config", str(cfg)]
+
+    env = {**job_env(s3_user, dead, ray_tmp)}
+    proc = subprocess.run([sys.executable, "-m", "reembed", *run_args(inp, out, tiny_model), *conf], env=env,
+                          capture_output=True, text=True, timeout=300)
+    kill_leftovers(ray_tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "input 100 = embedded" in proc.stdout
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
+    # without the config, the same command goes to the environment's (dead) endpoint and says so
+    assert cli.main(["status", out]) == 1
+    assert "cannot connect to the S3 endpoint set by AWS_ENDPOINT_URL_S3" in capsys.readouterr().err
+    q = str(tmp_path / "qdrant")
+    steps = [
+        ["status", out, *conf],
+        ["index", out, "--no-ray", "--faiss", "flat", "--qdrant", q, "--collection", "docs", *conf],
+        ["search", out, "cat dog", "-k", "3", *conf],
+        ["versions", "--output", out, "--qdrant", q, *conf],
+        ["swap", "--output", out, "--qdrant", q, "--alias", "live", "--to", "docs-v1", "--force", *conf],
+        ["cost", out, "--report", str(tmp_path / "cost.html"), *conf],
+        ["export", "--from", f"qdrant://{q}?collection=docs-v1", "--to", f"s3://{bucket}/backup", *conf],
+        ["query", "cat dog", "--old", out, "--new", out, "-k", "3", *conf],
+    ]
+    for argv in steps:
+        rc = cli.main(argv)
+        err = capsys.readouterr().err
+        assert rc == 0 and "reembed: error" not in err, (argv[0], err[-2000:])
+    # rollback read the manifest from S3 and reached the alias: there is just nothing before docs-v1
+    assert cli.main(["rollback", "--output", out, "--qdrant", q, "--alias", "live", *conf]) == 1
+    assert "no earlier collection recorded for alias 'live'" in capsys.readouterr().err
+    rc = cli.main(["validate", out, "--no-builtin-pairs", "--sample", "20", *conf])
+    err = capsys.readouterr().err
+    assert rc in (0, 1) and "reembed: error" not in err, err[-2000:]
+    stored = keys(server, bucket, "")
+    assert f"emb/indexes/faiss/index-v1.faiss" in stored or any(k.startswith("emb/indexes/faiss/") for k in stored)
+    assert "emb/validation/report.json" in stored or any("report.json" in k for k in stored)
+    assert any(k.startswith("backup/") for k in stored)
