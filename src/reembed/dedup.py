@@ -249,9 +249,6 @@ def _parquet_bytes(table: pa.Table, stats: list[str]) -> bytes:
 
 
 def _map(fn: Callable[..., Any], args: list[tuple], use_ray: bool) -> list[Any]:
-    if not use_ray:
-        return [fn(*a) for a in args]
-    import ray
+    from reembed.plan import run_tasks  # the planner's one way to run its tasks (plan imports this module)
 
-    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
-    return ray.get([remote.remote(*a) for a in args])
+    return run_tasks(fn, args, use_ray)
