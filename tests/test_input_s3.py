@@ -62,8 +62,9 @@ def test_read_tasks_carry_the_endpoint_to_a_worker_that_has_none(s3_env, s3_user
     bucket = new_bucket(server)
     docs = make_docs(5)
     server.client("s3").put_object(Bucket=bucket, Key="docs/a.jsonl", Body=jsonl_body(docs))
-    plan, dups = make_plan(InputConfig(uri=f"s3://{bucket}/docs"), 2)
-    tasks = ShardDatasource(plan, [0, 1, 2], dups).get_read_tasks(1)
+    out = storage.Location.from_uri(f"s3://{bucket}/out")  # the plan lives on S3 too
+    plan = make_plan(InputConfig(uri=f"s3://{bucket}/docs"), 2, out.child("plan"))
+    tasks = ShardDatasource(plan, out, [0, 1, 2]).get_read_tasks(1)
     (tmp_path / "tasks.pkl").write_bytes(cloudpickle.dumps(tasks))
 
     # The worker has credentials but no endpoint variable: only the pickled Location knows the server.

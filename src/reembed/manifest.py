@@ -271,8 +271,9 @@ class Manifest:
 
     @property
     def shard_count(self) -> int:
-        """How many shards the plan has."""
-        return int(self.plan["shards"])
+        """How many shards the plan has (a manifest of an older reembed lists them: it is their number)."""
+        shards = self.plan["shards"]
+        return len(shards) if isinstance(shards, list) else int(shards)
 
     def pending(self) -> list[int]:
         done = self.committed
@@ -383,15 +384,15 @@ def check_layout(loc: Location, data: Any) -> None:
         if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
             raise ManifestError(f"{where}: {key} is {type(data[key]).__name__}, expected {kind.__name__}; {fix}")
     shards = data["plan"].get("shards")
-    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 0:
-        raise ManifestError(f"{where}: plan.shards is missing or not a shard count (a manifest of an older "
-                            f"reembed stores a list there: re-plan with --fresh); {fix}")
+    if not (isinstance(shards, list) or (isinstance(shards, int) and not isinstance(shards, bool) and shards >= 0)):
+        raise ManifestError(f"{where}: plan.shards is missing or not a shard count; {fix}")
     store = data["plan"].get("store")
-    if not isinstance(store, dict) or not isinstance(store.get("files"), dict) or \
-            not isinstance(store.get("segments"), list) or not isinstance(store.get("duplicates"), list):
-        raise ManifestError(f"{where}: plan.store (the plan's files) is missing or malformed; {fix}")
-    for key, value in _paths_under(store, "plan.store"):
-        inside_output(loc, value, key)
+    if store is not None:
+        if not isinstance(store, dict) or not isinstance(store.get("files"), dict) or \
+                not isinstance(store.get("segments"), list) or not isinstance(store.get("duplicates"), list):
+            raise ManifestError(f"{where}: plan.store (the plan's files) is malformed; {fix}")
+        for key, value in _paths_under(store, "plan.store"):
+            inside_output(loc, value, key)
     for name, rec in data["shards"].items():
         if not name.isdigit() or not isinstance(rec, dict):
             raise ManifestError(f"{where}: shards.{name} is not a shard record; {fix}")

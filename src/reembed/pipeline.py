@@ -142,7 +142,10 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
             "use another --output, or --fresh to re-plan"
         )
     # The plan's files, read back on the manifest's word: inside the output and unchanged.
-    store = plan["store"]
+    store = plan.get("store")
+    if store is None:
+        raise ManifestError(f"{where}: this output's plan is inside its manifest (an older reembed wrote it); "
+                            "finish it with that version, or --fresh to re-plan")
     for i, rec in enumerate(store["segments"]):
         read_recorded(manifest.loc, rec, f"plan.store.segments[{i}]")
     for i, rec in enumerate(store["duplicates"]):
