@@ -103,7 +103,7 @@ def make_plan(cfg: InputConfig, shard_rows: int, work: storage.Location, on_bad_
                  len(other), ", ".join(other[:3]), " ..." if len(other) > 3 else "")
 
     tasks = []
-    for pos, (rel, fmt, size) in enumerate(listed):
+    for pos, (rel, fmt, size, _) in enumerate(listed):
         if fmt == "parquet" or scan.is_gzip(rel):
             tasks.append(ScanTask(pos, rel, fmt, 0, size))
         else:
@@ -114,22 +114,25 @@ def make_plan(cfg: InputConfig, shard_rows: int, work: storage.Location, on_bad_
     for r in results:
         by_pos.setdefault(r.task.pos, []).append(r)
     good, bad = [], []
-    for pos, (rel, fmt, size) in enumerate(listed):
+    for pos, (rel, fmt, size, info) in enumerate(listed):
         parts = sorted(by_pos[pos], key=lambda r: r.task.range_start)
         errors = [r.error for r in parts if r.error]
         if errors:
             log.warning("skipping unreadable input file %s: %s", base.display(rel), errors[0])
-            bad.append({"path": base.display(rel), "rel": rel, "error": errors[0], "size": size})
+            bad.append({"path": base.display(rel), "rel": rel, "error": errors[0], "size": size,
+                        "mtime_ns": info.mtime_ns if info.mtime is not None else None})
             continue
-        good.append((rel, fmt, parts))
+        good.append((rel, fmt, parts, info))
 
-    passthrough = _unify_passthrough([(base.display(rel), p[0].passthrough_schema) for rel, _, p in good], cfg)
+    passthrough = _unify_passthrough([(base.display(rel), p[0].passthrough_schema) for rel, _, p, _ in good], cfg)
     id_tasks, units, files = [], [], []
-    for i, (rel, fmt, parts) in enumerate(good):
+    for i, (rel, fmt, parts, info) in enumerate(good):
         stat = parts[0].stat
         rows = sum(r.rows for r in parts)
+        # The mtime a resume compares is the listing's (the same call then and now); the ETag is the task's.
+        mtime = info.mtime_ns if info.mtime is not None else stat.mtime_ns
         files.append({"file": i, "path": rel, "uri": base.display(rel), "format": fmt, "size": stat.size,
-                      "mtime_ns": stat.mtime_ns, "etag": stat.etag, "rows": rows, "dup_rows": 0})
+                      "mtime_ns": mtime, "etag": stat.etag, "rows": rows, "dup_rows": 0})
         if fmt == "parquet":
             units.append(plan_store.Unit(i, rows))
             id_tasks.append(D.IdTask(i, rel, fmt))
@@ -138,7 +141,7 @@ def make_plan(cfg: InputConfig, shard_rows: int, work: storage.Location, on_bad_
             id_tasks += [D.IdTask(i, rel, fmt, r.task.range_start, r.task.range_stop) for r in parts]
     for b in bad:
         files.append({"file": -1, "path": b["rel"], "uri": b["path"], "format": "bad", "size": b["size"],
-                      "mtime_ns": None, "etag": None, "rows": 0, "dup_rows": 0})
+                      "mtime_ns": b["mtime_ns"], "etag": None, "rows": 0, "dup_rows": 0})
 
     work.delete_dir()  # a plan left by an attempt that died before its manifest was saved
     found = D.find_duplicates(base, id_tasks, cfg.id_column, work, partitions=partitions, mode=dedup, use_ray=use_ray)
@@ -194,9 +197,10 @@ def check_input(plan: dict[str, Any], files: pa.Table, source: storage.Location)
     """
     base, infos = storage.list_inputs(source, plan.get("pattern", "*"))
     base = _folder(base, infos)
-    listed, _ = _input_files(base, infos, plan.get("format", "auto"), with_info=True)
+    listed, _ = _input_files(base, infos, plan.get("format", "auto"))
     planned = files.sort_by("path").to_pylist()
     added: list[str] = []
+    etags: list[tuple[str, str]] = []
     i = j = 0
     fix = "re-plan with --fresh (the output's shards are discarded), or restore the file"
     while i < len(planned) or j < len(listed):
@@ -214,10 +218,18 @@ def check_input(plan: dict[str, Any], files: pa.Table, source: storage.Location)
                                           and info.mtime_ns != p["mtime_ns"]):
                 what = f"size {p['size']} -> {info.size}" if info.size != p["size"] else "modification time changed"
                 raise InputError(f"{base.display(p['path'])}: modified since the plan was made ({what}); {fix}")
-            if p["etag"] is not None and p["mtime_ns"] is None and base.version(p["path"]) != p["etag"]:
-                raise InputError(f"{base.display(p['path'])}: modified since the plan was made (ETag changed); {fix}")
+            if p["etag"] is not None:
+                etags.append((p["path"], p["etag"]))
         i += 1
         j += 1
+    if etags:  # an object rewritten within the same second at the same size: only its ETag tells
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            now_tags = list(pool.map(lambda pe: base.version(pe[0]), etags))
+        for (path, tag), now_tag in zip(etags, now_tags):
+            if now_tag != tag:
+                raise InputError(f"{base.display(path)}: modified since the plan was made (ETag {tag} -> {now_tag}); {fix}")
     if added:
         log.warning("input: %d file(s) were added since the plan was made and are NOT embedded by this resume "
                     "(re-plan with --fresh to include them): %s%s", len(added), ", ".join(added[:3]),
@@ -304,8 +316,8 @@ def _folder(base: storage.Location, infos: list) -> storage.Location:
     return base
 
 
-def _input_files(base: storage.Location, infos: list, fmt: str, with_info: bool = False) -> tuple[list[tuple], list[str]]:
-    """``(relative path, format, size[, info])`` of each input file in path order, and the others' URIs."""
+def _input_files(base: storage.Location, infos: list, fmt: str) -> tuple[list[tuple], list[str]]:
+    """``(relative path, format, size, info)`` of each input file in path order, and the others' URIs."""
     root = base.root.rstrip("/") + "/"
     listed, other = [], []
     for info in infos:
@@ -314,7 +326,7 @@ def _input_files(base: storage.Location, infos: list, fmt: str, with_info: bool 
         if f is None:
             other.append(base.display(rel))
             continue
-        listed.append((rel, f, info.size, info) if with_info else (rel, f, info.size))
+        listed.append((rel, f, info.size, info))
     listed.sort(key=lambda t: t[0])
     return listed, other
 
