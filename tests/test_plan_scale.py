@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +14,6 @@ import pytest
 
 from conftest import make_docs, write_jsonl
 from counting_fs import counting_location
-from reembed import plan_store
 from reembed.config import InputConfig
 from reembed.plan import PLAN_DIR, make_plan
 from reembed.read import ShardDatasource

@@ -28,9 +28,8 @@ import logging
 import posixpath
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -40,7 +39,8 @@ from reembed import scan
 from reembed import schema as S
 from reembed import storage
 from reembed.config import InputConfig
-from reembed.errors import InputError, ReembedError
+from reembed.errors import InputError
+from reembed.scan import arrow_ids, json_ids  # noqa: F401 (the id canonicalisation, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def make_plan(cfg: InputConfig, shard_rows: int, work: storage.Location, on_bad_
             tasks.append(ScanTask(pos, rel, fmt, 0, size))
         else:
             tasks += [ScanTask(pos, rel, fmt, a, b) for a, b in scan.jsonl_ranges(size, range_bytes)]
-    results = run_tasks(scan_unit, [(base, t, cfg, on_bad_file) for t in tasks], use_ray)
+    results = scan.run_tasks(scan_unit, [(base, t, cfg, on_bad_file) for t in tasks], use_ray)
 
     by_pos: dict[int, list[ScanResult]] = {}
     for r in results:
@@ -254,44 +254,6 @@ def scan_unit(source: storage.Location, task: ScanTask, cfg: InputConfig, on_bad
             f"{display}: cannot read this {task.format} file ({message}); "
             "fix or remove it, or run with --on-bad-file skip to record it in the manifest and go on"
         ) from e
-
-
-def run_tasks(fn: Callable[..., Any], args: list[tuple], use_ray: bool, num_cpus: float = 0.5) -> list[Any]:
-    """``[fn(*a) for a in args]``, as Ray tasks of ``num_cpus`` each when ``use_ray`` (so a small machine
-    keeps CPUs for the rest; Ray runs as many at once as the cluster's CPUs allow). A
-    :class:`ReembedError` raised in a task comes out as itself, not wrapped by Ray."""
-    if not use_ray:
-        return [fn(*a) for a in args]
-    import ray
-
-    remote = ray.remote(num_cpus=num_cpus, max_retries=3, retry_exceptions=[OSError])(fn)
-    refs = [remote.remote(*a) for a in args]
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, ReembedError):
-            raise e.cause from None
-        raise
-
-
-def arrow_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> tuple[pa.Array, np.ndarray]:
-    """The one id canonicalisation for Arrow columns (:func:`reembed.schema.id_strings`): ``(ids,
-    invalid)``; a column type that cannot hold ids is an :class:`InputError` naming ``where``."""
-    try:
-        return S.id_strings(ids)
-    except TypeError as e:
-        raise InputError(f"{where}: id column cannot hold ids ({e}); set input.id_column to a string or "
-                         "number column") from e
-
-
-def json_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> tuple[pa.Array, np.ndarray]:
-    """:func:`arrow_ids` for an id column parsed from JSON: objects and lists are invalid ids (as
-    :func:`reembed.schema.json_id` says of each value), not a column error."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if pa.types.is_nested(ids.type):
-        return pa.nulls(len(ids), pa.string()), np.asarray(ids.is_valid(), dtype=bool)
-    return arrow_ids(ids, where)
 
 
 def json_id(value: Any) -> str | None:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from reembed.errors import InputError
+from reembed.errors import InputError, ReembedError
+from reembed.schema import id_strings
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -327,21 +328,53 @@ def jsonl_ids(loc: Location, path: str, range_start: int, range_stop: int, id_co
 
 
 def canonical_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
-    """The one hook for Arrow id canonicalisation (a Parquet id column -> string ids), delegating to
-    :func:`reembed.plan.arrow_ids` so the planner, the scans, dedup and the read stage can never
-    disagree (invalid ids are null here: they are never duplicates). JSON values go through
-    :func:`canonical_json_ids`, which delegates to :func:`reembed.plan.json_ids`."""
-    from reembed.plan import arrow_ids
-
+    """String ids of an Arrow id column (invalid ids are null here: they are never duplicates)."""
     return arrow_ids(ids, where)[0]
 
 
 def canonical_json_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
-    """String ids of a JSON id column as :func:`read_jsonl_rows` returns it, equal to ``plan.json_id``
-    applied to each parsed value."""
-    from reembed.plan import json_ids
-
+    """String ids of a JSON id column as :func:`read_jsonl_rows` returns it, equal to
+    :func:`reembed.schema.json_id` applied to each parsed value."""
     return json_ids(ids, where)[0]
+
+
+def arrow_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> tuple[pa.Array, np.ndarray]:
+    """The one id canonicalisation for Arrow columns (:func:`reembed.schema.id_strings`): ``(ids,
+    invalid)``; a column type that cannot hold ids is an :class:`InputError` naming ``where``."""
+    try:
+        return id_strings(ids)
+    except TypeError as e:
+        raise InputError(f"{where}: id column cannot hold ids ({e}); set input.id_column to a string or "
+                         "number column") from e
+
+
+def json_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> tuple[pa.Array, np.ndarray]:
+    """:func:`arrow_ids` for an id column parsed from JSON: objects and lists are invalid ids (as
+    :func:`reembed.schema.json_id` says of each value), not a column error."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if pa.types.is_nested(ids.type):
+        return pa.nulls(len(ids), pa.string()), np.asarray(ids.is_valid(), dtype=bool)
+    return arrow_ids(ids, where)
+
+
+
+def run_tasks(fn: Callable[..., Any], args: list[tuple], use_ray: bool, num_cpus: float = 0.5) -> list[Any]:
+    """``[fn(*a) for a in args]``, as Ray tasks of ``num_cpus`` each when ``use_ray`` (so a small machine
+    keeps CPUs for the rest; Ray runs as many at once as the cluster's CPUs allow). A
+    :class:`ReembedError` raised in a task comes out as itself, not wrapped by Ray."""
+    if not use_ray:
+        return [fn(*a) for a in args]
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3, retry_exceptions=[OSError])(fn)
+    refs = [remote.remote(*a) for a in args]
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ReembedError):
+            raise e.cause from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------
