@@ -80,7 +80,7 @@ def test_the_plan_summary_is_small_and_names_its_files_with_their_sha256(tmp_pat
     assert plan["shards"] == 22 and plan["files"] == 3 and plan["rows"] == 150 and plan["dedup"] == "hash"
     store = plan["store"]
     names = [store["files"]["path"]] + [r["path"] for r in store["segments"] + store["duplicates"]]
-    assert names[:2] == ["plan/files.parquet", "plan/segments/part-00000.parquet"] and len(store["duplicates"]) == 16
+    assert names[:2] == ["plan/files.parquet", "plan/segments/part-00000.parquet"] and len(store["duplicates"]) == 1
     for rec in [store["files"], *store["segments"], *store["duplicates"]]:
         data = (tmp_path / "_plan" / rec["path"].split("/", 1)[1]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == rec["sha256"]

@@ -118,3 +118,35 @@ def test_a_gz_corpus_re_embeds_exactly_and_dedup_none_is_recorded(tmp_path, tiny
     assert summary["complete"] and summary["embedded"] == 41 and summary["dead_lettered"] == 0
     assert m2.plan["dedup"] == "none" and m2.data["duplicates"]["mode"] == "none" and m2.plan["store"]["duplicates"] == []
     assert not (out2 / "plan" / "duplicates").exists() and not (out2 / "plan" / "_ids").exists()
+
+
+@pytest.mark.ray
+def test_planning_as_ray_tasks_equals_planning_in_process(tmp_path, ray_local):
+    """Counting and dedup as Ray tasks give the same plan files as in this process; an InputError raised
+    in a task comes out as itself, one line naming the file."""
+    from conftest import write_parquet
+    from reembed import plan_store
+    from reembed.errors import InputError
+
+    docs = make_docs(300)
+    for d in docs[::11]:
+        d["id"] = "d5"
+    inp = tmp_path / "in"
+    write_parquet(inp / "a.parquet", docs[:100], row_group_size=30)
+    write_jsonl(inp / "b.jsonl", docs[100:250])
+    (inp / "c.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(d) + "\n" for d in docs[250:]).encode()))
+    plans = {}
+    for use_ray in (False, True):
+        loc = Location.from_uri(str(tmp_path / f"out-{use_ray}")).child(PLAN_DIR)
+        plan = make_plan(InputConfig(uri=str(inp)), 16, loc, use_ray=use_ray, partitions=3, range_bytes=2000)
+        shards = [plan_store.read_shard(loc, s) for s in range(plan["shards"])]
+        files = plan_store.read_files(loc).drop_columns(["mtime_ns"])
+        plans[use_ray] = ({k: v for k, v in plan.items() if k != "store"}, files.to_pylist(),
+                          [(sp.segments.to_pylist(), sp.duplicates.to_pylist()) for sp in shards])
+    assert plans[True] == plans[False]
+    assert plans[True][0]["duplicate_rows"] == sum(d["id"] == "d5" for d in docs) - 1 > 20
+
+    write_jsonl(inp / "d.jsonl", [{"doc": "x"}])
+    with pytest.raises(InputError) as e:
+        make_plan(InputConfig(uri=str(inp)), 16, Location.from_uri(str(tmp_path / "o")).child(PLAN_DIR), use_ray=True)
+    assert "\n" not in str(e.value) and "d.jsonl: missing column(s) 'id', 'text'" in str(e.value)

@@ -30,6 +30,7 @@ from reembed.write import DEAD_LETTER, SHARDS, ShardAssembler, write_shard
 
 log = logging.getLogger(__name__)
 
+
 def run(cfg: JobConfig) -> dict[str, Any]:
     """Re-embed every document under ``cfg.input.uri`` into ``cfg.output.uri``; returns the summary.
 

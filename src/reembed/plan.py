@@ -52,7 +52,9 @@ SAMPLE_ROWS = 1000
 """Rows at the start of a JSON Lines file whose keys are checked and whose passthrough types are inferred."""
 BAD_FILES_KEPT = 100
 """Bad files named in the manifest (all of them are counted)."""
-DEDUP_PARTITIONS = 16
+IDS_PER_PARTITION = 2_000_000
+"""Ids per dedup partition (one task sorts that many: ~100 MB); the partition count follows the corpus."""
+MAX_PARTITIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -79,12 +81,13 @@ class ScanResult:
 
 def make_plan(cfg: InputConfig, shard_rows: int, work: storage.Location, on_bad_file: str = "fail",
               source: storage.Location | None = None, dedup: str = "hash", use_ray: bool = False,
-              partitions: int = DEDUP_PARTITIONS, range_bytes: int = scan.RANGE_BYTES) -> dict[str, Any]:
+              partitions: int | None = None, range_bytes: int = scan.RANGE_BYTES) -> dict[str, Any]:
     """Scan the input, write the plan's Parquet files under ``work`` (``OUTPUT/plan``) and return the
     plan's summary for the manifest.
 
     ``source`` is ``cfg.uri`` opened as a Location with the job's storage settings (default: opened
-    here); it travels into every task. ``dedup`` is ``"hash"`` or ``"none"`` (no id is read).
+    here); it travels into every task. ``dedup`` is ``"hash"`` or ``"none"`` (no id is read);
+    ``partitions`` its hash partitions (default: one per :data:`IDS_PER_PARTITION` rows).
     """
     t0 = time.monotonic()
     if dedup not in D.MODES:
@@ -144,6 +147,9 @@ def make_plan(cfg: InputConfig, shard_rows: int, work: storage.Location, on_bad_
                       "mtime_ns": b["mtime_ns"], "etag": None, "rows": 0, "dup_rows": 0})
 
     work.delete_dir()  # a plan left by an attempt that died before its manifest was saved
+    if partitions is None:
+        rows = sum(f["rows"] for f in files)
+        partitions = max(1, min(MAX_PARTITIONS, -(-rows // IDS_PER_PARTITION)))
     found = D.find_duplicates(base, id_tasks, cfg.id_column, work, partitions=partitions, mode=dedup, use_ray=use_ray)
     for f in files:
         if f["file"] >= 0:
