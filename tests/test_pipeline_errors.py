@@ -42,7 +42,7 @@ def plan_only(inp: Path, out: Path, model: Path, *overrides: str) -> Manifest:
     return pipeline.open_output(cfg, Location.from_uri(str(out)), pipeline.inspect_model(cfg))
 
 
-def test_an_output_that_is_a_file_is_one_line(tmp_path, tiny_model, capsys):
+def test_an_output_that_is_a_file_is_one_line(tmp_path, tiny_model, capsys, ray_local):
     write_parquet(tmp_path / "in" / "a.parquet", make_docs(5))
     target = tmp_path / "emb.parquet"
     target.write_bytes(b"someone's file")
@@ -69,7 +69,7 @@ def test_a_broken_manifest_is_one_line_and_left_as_it_is(tmp_path, tiny_model, c
     assert (out / "manifest.json").read_text() == content
 
 
-def test_a_tampered_duplicates_file_stops_the_resume(tmp_path, tiny_model, capsys):
+def test_a_tampered_duplicates_file_stops_the_resume(tmp_path, tiny_model, capsys, ray_local):
     docs = make_docs(20)
     write_parquet(tmp_path / "in" / "a.parquet", docs + docs[:3])  # three duplicate ids
     out = tmp_path / "out"

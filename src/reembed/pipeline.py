@@ -45,8 +45,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     if cfg.output.fresh:
         _wipe(out)
 
-    model_info = inspect_model(cfg)
-    init_ray(cfg.compute.ray_address)  # planning runs as Ray tasks; the model check comes first, without Ray
+    model_info = inspect_model(cfg)  # the model check comes first, without Ray
     manifest = open_output(cfg, out, model_info)
 
     # Claiming fences any other job on this output before leftovers of crashed attempts are removed.
@@ -79,17 +78,16 @@ def run(cfg: JobConfig) -> dict[str, Any]:
 
 
 def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any]) -> Manifest:
-    """The output's manifest: on a new output the input is planned now (as Ray tasks when Ray is up; the
-    plan's Parquet goes under ``plan/``) and the manifest saved; on a resume it is loaded and checked
-    (model, input settings, the plan's files against their sha256, the input files against the plan)."""
+    """The output's manifest: on a new output Ray is started and the input planned now (as Ray tasks; the
+    plan's Parquet goes under ``plan/``) and the manifest saved; on a resume it is loaded and checked, without
+    Ray (model, input settings, the plan's files against their sha256, the input files against the plan)."""
     manifest = Manifest.load(out)
     source = storage.Location.from_uri(cfg.input.uri, cfg.storage)
     if manifest is None:
-        import ray
-
+        init_ray(cfg.compute.ray_address)  # counting and dedup run as Ray tasks
         try:
             plan = make_plan(cfg.input, cfg.plan.shard_rows, out.child(PLAN_DIR), cfg.on_bad_file, source=source,
-                             dedup=cfg.plan.dedup, use_ray=ray.is_initialized())
+                             dedup=cfg.plan.dedup, use_ray=True)
         except OSError as e:
             raise write_failed(e, out.display(PLAN_DIR)) from e
         return Manifest.create(out, model_info, plan, {"rows": plan["duplicate_rows"], "mode": plan["dedup"]})
