@@ -80,8 +80,8 @@ class ShardPlan:
 def pack_shards(units: Iterable[Unit], shard_rows: int) -> Iterator[dict[str, int]]:
     """Pack rows, in plan order, into shards of ``shard_rows`` rows (the last may be smaller), yielding
     segments as they close. A segment is the rows ``[start, stop)`` of its file, found in the file as
-    ``skip`` rows past the first line at or after ``range_start``: one segment per file per shard, as
-    in today's plan, since a reader may run on past the end of the range it starts in."""
+    ``skip`` rows past the first line at or after ``range_start``: one segment per file per shard,
+    since a reader may run on past the end of the range it starts in."""
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
     shard, filled = 0, 0

@@ -4,7 +4,7 @@ Each function takes a :class:`reembed.storage.Location` and a path relative to i
 calls it carries its storage settings with it and needs no process-wide state. None of them loops in
 Python per row: Parquet rows come from the footer, JSON Lines rows from a numpy scan of the bytes
 (newline positions; lines holding only ASCII whitespace are blank and are not rows, as in
-``plan._scan_jsonl``).
+the read stage).
 
 A JSON Lines file is cut into byte ranges (:data:`RANGE_BYTES`). A range owns the lines that *start* in
 it; :func:`count_jsonl_range` returns their number, so a plan segment is ``(file, range_start, skip,
@@ -186,7 +186,7 @@ def read_jsonl_rows(loc: Location, path: str, range_start: int, skip: int, rows:
 
     Returns one row per document with the objects' fields as columns, plus :data:`LINE` (0-based line
     number, counting from ``first_line`` at the range's first line) and :data:`INVALID`. ``id_column``
-    is parsed so that :func:`canonical_json_ids` of it equals ``plan.json_id`` of each value. Raises
+    is parsed so that :func:`canonical_json_ids` of it equals :func:`reembed.schema.json_id` of each value. Raises
     :class:`InputError` when the file holds fewer rows than asked (it changed since the plan).
     """
     if rows <= 0:
@@ -503,7 +503,7 @@ def _inferred_from_string(t: pa.DataType) -> bool:
 def _parse_slow(buf: bytes, starts: np.ndarray, ends: np.ndarray, id_column: str | None) -> pa.Table:
     """Line by line with ``json``: a line that is not a JSON object becomes a row of nulls flagged
     :data:`INVALID`; the id column, and a column whose values do not share one Arrow type, keep
-    ``plan.json_id``'s string of each value (Arrow would turn 2 beside 7.5 into 2.0)."""
+    :func:`reembed.schema.json_id`'s string of each value (Arrow would turn 2 beside 7.5 into 2.0)."""
     from reembed.schema import json_id
 
     objs: list[dict] = []
