@@ -279,7 +279,7 @@ def _committed(out: Path) -> dict:
 
 def _planned(out: Path) -> int | None:
     try:
-        return len(json.loads((out / "manifest.json").read_text())["plan"]["shards"])
+        return int(json.loads((out / "manifest.json").read_text())["plan"]["shards"])  # the plan's shard count
     except (FileNotFoundError, ValueError, KeyError):
         return None
 

@@ -8,18 +8,19 @@ from pathlib import Path
 import pyarrow as pa
 
 from reembed.config import InputConfig
-from reembed.plan import make_plan
-from reembed.read import read_shard
+from reembed.plan import PLAN_DIR, input_location, make_plan
+from reembed.read import read_shards
+from reembed.storage import Location
 
 
-def plan_and_read(uri: str | Path, shard_rows: int = 4, **input_settings) -> tuple[dict, pa.Table]:
-    """``(plan, documents)``: every planned row as the read stage hands it to the Embedder."""
+def plan_and_read(uri: str | Path, shard_rows: int = 4, out: str | Path | None = None, dedup: str = "hash",
+                  **input_settings) -> tuple[dict, pa.Table]:
+    """``(plan, documents)``: every planned row as the read stage hands it to the Embedder. The plan is
+    written under ``out/plan`` (default: a folder beside a local input, or a temporary one)."""
     cfg = InputConfig(uri=str(uri), **input_settings)
-    plan, dups = make_plan(cfg, shard_rows)
-    by_file: dict[int, set[int]] = {}
-    for f, r in zip(dups.column("file").to_pylist(), dups.column("row").to_pylist()):
-        by_file.setdefault(f, set()).add(r)
-    tables = [read_shard(plan, shard, by_file) for shard in plan["shards"]]
+    out = Location.from_uri(str(out) if out else _out_for(str(uri)))
+    plan = make_plan(cfg, shard_rows, out.child(PLAN_DIR), dedup=dedup)
+    tables = list(read_shards(plan, out.child(PLAN_DIR), range(plan["shards"]), input_location(plan)))
     docs = pa.concat_tables(tables) if tables else None
     return plan, docs
 
@@ -27,3 +28,9 @@ def plan_and_read(uri: str | Path, shard_rows: int = 4, **input_settings) -> tup
 def outcome(docs: pa.Table) -> list[tuple[str | None, str | None]]:
     """``(id, reason)`` per row in plan order; reason None means the row is embedded."""
     return list(zip(docs.column("id").to_pylist(), docs.column("_reason").to_pylist()))
+
+
+def _out_for(uri: str) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="reembed-plan-")

@@ -62,8 +62,9 @@ def test_read_tasks_carry_the_endpoint_to_a_worker_that_has_none(s3_env, s3_user
     bucket = new_bucket(server)
     docs = make_docs(5)
     server.client("s3").put_object(Bucket=bucket, Key="docs/a.jsonl", Body=jsonl_body(docs))
-    plan, dups = make_plan(InputConfig(uri=f"s3://{bucket}/docs"), 2)
-    tasks = ShardDatasource(plan, [0, 1, 2], dups).get_read_tasks(1)
+    out = storage.Location.from_uri(f"s3://{bucket}/out")  # the plan lives on S3 too
+    plan = make_plan(InputConfig(uri=f"s3://{bucket}/docs"), 2, out.child("plan"))
+    tasks = ShardDatasource(plan, out, [0, 1, 2]).get_read_tasks(1)
     (tmp_path / "tasks.pkl").write_bytes(cloudpickle.dumps(tasks))
 
     # The worker has credentials but no endpoint variable: only the pickled Location knows the server.
@@ -74,3 +75,26 @@ def test_read_tasks_carry_the_endpoint_to_a_worker_that_has_none(s3_env, s3_user
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [d["id"] for d in docs]
+
+
+def test_a_resume_check_on_s3_notices_an_object_rewritten_at_the_same_size(s3_env, tmp_path):
+    from reembed import plan_store
+    from reembed.errors import InputError
+    from reembed.plan import check_input
+
+    server = s3_env
+    bucket = new_bucket(server)
+    s3 = server.client("s3")
+    docs = make_docs(4)
+    body = jsonl_body(docs)
+    s3.put_object(Bucket=bucket, Key="docs/a.jsonl", Body=body)
+    s3.put_object(Bucket=bucket, Key="docs/b.jsonl", Body=body)
+    out = storage.Location.from_uri(f"s3://{bucket}/out")
+    plan = make_plan(InputConfig(uri=f"s3://{bucket}/docs"), 3, out.child("plan"))
+    files = plan_store.read_files(out.child("plan"))
+    source = storage.Location.from_uri(f"s3://{bucket}/docs")
+    check_input(plan, files, source)  # unchanged: the listing's mtimes and the ETags agree with the plan
+    lines = body.splitlines(keepends=True)
+    s3.put_object(Bucket=bucket, Key="docs/b.jsonl", Body=b"".join(reversed(lines)))  # same size, same second
+    with pytest.raises(InputError, match=rf"s3://{bucket}/docs/b\.jsonl: modified since the plan was made"):
+        check_input(plan, files, source)

@@ -139,7 +139,7 @@ def test_bad_input_reasons(tmp_path, tiny_model, ray_local):
     assert shard.column("id").to_pylist() == ["ok1"]  # shard 0 = rows 0-3 of a.parquet
 
 
-def test_missing_column_fails_fast_naming_file(tmp_path, tiny_model):
+def test_missing_column_fails_fast_naming_file(tmp_path, tiny_model, ray_local):
     write_parquet(tmp_path / "in" / "a.parquet", [{"doc": "x", "body": "y"}])
     with pytest.raises(InputError) as e:
         pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out", tiny_model))

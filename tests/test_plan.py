@@ -1,45 +1,40 @@
-"""Planning without Ray: every row in exactly one shard (plan._pack), the first occurrence of an id wins
-(plan._find_duplicates), and user mistakes are one-line InputErrors naming the file."""
+"""Planning without Ray: every row in exactly one shard (plan_store.pack_shards), plan order is path order
+(the first occurrence of an id wins), the plan summary the manifest stores, and user mistakes are one-line
+InputErrors naming the file."""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_docs, write_jsonl, write_parquet
+from reembed import plan_store
 from reembed.config import InputConfig
 from reembed.errors import InputError
-from reembed.plan import FileScan, _find_duplicates, _pack, make_plan
+from reembed.plan import make_plan as _make_plan
+from reembed.plan_store import Unit, pack_shards
+from reembed.storage import Location
 
 
-def parquet_scan(index: int, rows: int) -> FileScan:
-    return FileScan(index=index, path=f"f{index}.parquet", format="parquet", size=0, rows=rows)
+def make_plan(cfg: InputConfig, shard_rows: int, **kw) -> dict:
+    """make_plan with the plan folder in ``_plan`` under the input (an underscore folder is never input)."""
+    root = cfg.uri if not cfg.uri.endswith((".parquet", ".jsonl")) else cfg.uri.rsplit("/", 1)[0]
+    return _make_plan(cfg, shard_rows, Location.from_uri(f"{root}/_plan"), **kw)
 
 
-def jsonl_scan(index: int, rows: int, line_bytes: int = 10) -> FileScan:
-    # One blank line after every third document: line numbers and byte offsets are not just the row index.
-    s = FileScan(index=index, path=f"f{index}.jsonl", format="jsonl", size=0, rows=rows)
-    line, pos = 0, 0
-    for r in range(rows):
-        s.lines.append(line)
-        s.offsets.append(pos)
-        line, pos = line + 1, pos + line_bytes
-        if r % 3 == 2:
-            line, pos = line + 1, pos + 1
-    s.end_offset = pos
-    return s
-
-
-def covered(shards: list[dict], scans: list[FileScan]) -> dict[int, list[int]]:
-    """Every (file, row) the shards cover, in shard order, checking each shard's row count on the way."""
-    rows: dict[int, list[int]] = {s.index: [] for s in scans}
-    for i, shard in enumerate(shards):
-        assert shard["shard"] == i
-        assert shard["rows"] == sum(seg["stop"] - seg["start"] for seg in shard["segments"])
-        for seg in shard["segments"]:
-            assert seg["stop"] > seg["start"]  # never an empty segment
-            rows[seg["file"]].extend(range(seg["start"], seg["stop"]))
+def covered(segments: list[dict], files: int) -> dict[int, list[int]]:
+    """Every (file, row) the segments cover, in shard order, checking shards are numbered densely."""
+    rows: dict[int, list[int]] = {f: [] for f in range(files)}
+    last = -1
+    for seg in segments:
+        assert seg["shard"] in (last, last + 1)
+        last = seg["shard"]
+        assert seg["stop"] > seg["start"] and seg["rows"] == seg["stop"] - seg["start"]  # never an empty segment
+        rows[seg["file"]].extend(range(seg["start"], seg["stop"]))
     return rows
 
 
@@ -54,56 +49,49 @@ def covered(shards: list[dict], scans: list[FileScan]) -> dict[int, list[int]]:
     ([0, 0], 5),  # nothing at all
 ])
 def test_pack_puts_every_row_in_exactly_one_shard_in_plan_order(sizes, shard_rows):
-    scans = [parquet_scan(i, n) for i, n in enumerate(sizes)]
-    shards = _pack(scans, shard_rows)
+    segments = list(pack_shards([Unit(i, n) for i, n in enumerate(sizes)], shard_rows))
     total = sum(sizes)
+    shards = sorted({s["shard"] for s in segments})
     assert len(shards) == -(-total // shard_rows)
-    assert all(s["rows"] == shard_rows for s in shards[:-1]) and (not shards or 0 < shards[-1]["rows"] <= shard_rows)
-    rows = covered(shards, scans)
-    assert rows == {i: list(range(n)) for i, n in enumerate(sizes)}
-    order = [(seg["file"], seg["start"]) for s in shards for seg in s["segments"]]
+    per_shard = [sum(s["rows"] for s in segments if s["shard"] == k) for k in shards]
+    assert all(n == shard_rows for n in per_shard[:-1]) and (not per_shard or 0 < per_shard[-1] <= shard_rows)
+    assert covered(segments, len(sizes)) == {i: list(range(n)) for i, n in enumerate(sizes)}
+    order = [(seg["file"], seg["start"]) for seg in segments]
     assert order == sorted(order)
-
-
-def test_pack_gives_jsonl_segments_contiguous_byte_ranges_and_their_first_line():
-    scans = [jsonl_scan(0, 10), parquet_scan(1, 3), jsonl_scan(2, 7)]
-    shards = _pack(scans, 4)
-    assert covered(shards, scans) == {0: list(range(10)), 1: [0, 1, 2], 2: list(range(7))}
-    for f in (0, 2):
-        segs = [seg for s in shards for seg in s["segments"] if seg["file"] == f]
-        scan = scans[f]
-        assert segs[0]["byte_start"] == 0 and segs[-1]["byte_end"] == scan.end_offset
-        for a, b in zip(segs, segs[1:]):
-            assert a["byte_end"] == b["byte_start"]
-        for seg in segs:
-            assert seg["line"] == scan.lines[seg["start"]] and seg["byte_start"] == scan.offsets[seg["start"]]
-
-
-def test_first_occurrence_in_plan_order_wins():
-    scans = []
-    for i, ids in enumerate([["a", "b", "a", None], ["c", "b", None, "d"], ["a", "d", "e"], []]):
-        s = parquet_scan(i, len(ids))
-        s.ids = pa.array(ids, pa.string())
-        scans.append(s)
-    dups = _find_duplicates(scans)
-    assert dups.to_pylist() == [
-        {"file": 0, "row": 2, "id": "a"},
-        {"file": 1, "row": 1, "id": "b"},
-        {"file": 2, "row": 0, "id": "a"},
-        {"file": 2, "row": 1, "id": "d"},
-    ]  # nulls (and invalid ids, which plan as nulls) are never duplicates
-    assert _find_duplicates([]).num_rows == 0
 
 
 def test_plan_order_is_path_order_so_the_first_file_by_name_keeps_the_id(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"id": "x", "text": "in b"}])
     write_parquet(tmp_path / "a.parquet", [{"id": "y", "text": "in a"}, {"id": "x", "text": "in a too"}])
     write_parquet(tmp_path / "c" / "z.parquet", [{"id": "y", "text": "in c/z"}])
-    plan, dups = make_plan(InputConfig(uri=str(tmp_path)), 10)
-    names = [f["path"].rsplit("/", 2)[-2:] for f in plan["files"]]
-    assert names == [[tmp_path.name, "a.parquet"], [tmp_path.name, "b.jsonl"], ["c", "z.parquet"]]
+    plan = make_plan(InputConfig(uri=str(tmp_path)), 10)
+    files = plan_store.read_files(Location.from_uri(str(tmp_path / "_plan")))
+    assert files.column("path").to_pylist() == ["a.parquet", "b.jsonl", "c/z.parquet"]
+    assert files.column("dup_rows").to_pylist() == [0, 1, 1]
+    dups = plan_store.read_shard(Location.from_uri(str(tmp_path / "_plan")), 0).duplicates
     assert dups.to_pylist() == [{"file": 1, "row": 0, "id": "x"}, {"file": 2, "row": 0, "id": "y"}]
     assert plan["rows"] == 4 and plan["duplicate_rows"] == 2
+
+
+def test_the_plan_summary_is_small_and_names_its_files_with_their_sha256(tmp_path):
+    for k in range(3):
+        write_parquet(tmp_path / f"f{k}.parquet", make_docs(50, start=50 * k))
+    plan = make_plan(InputConfig(uri=str(tmp_path)), 7)
+    assert plan["shards"] == 22 and plan["files"] == 3 and plan["rows"] == 150 and plan["dedup"] == "hash"
+    store = plan["store"]
+    names = [store["files"]["path"]] + [r["path"] for r in store["segments"] + store["duplicates"]]
+    assert names[:2] == ["plan/files.parquet", "plan/segments/part-00000.parquet"] and len(store["duplicates"]) == 1
+    for rec in [store["files"], *store["segments"], *store["duplicates"]]:
+        data = (tmp_path / "_plan" / rec["path"].split("/", 1)[1]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == rec["sha256"]
+    assert len(json.dumps(plan)) < 6000
+
+
+def test_dedup_none_reads_no_id_and_finds_no_duplicates(tmp_path):
+    write_parquet(tmp_path / "a.parquet", [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}])
+    plan = make_plan(InputConfig(uri=str(tmp_path)), 10, dedup="none")
+    assert plan["dedup"] == "none" and plan["duplicate_rows"] == 0 and plan["store"]["duplicates"] == []
+    assert not (tmp_path / "_plan" / "duplicates").exists() and not (tmp_path / "_plan" / "_ids").exists()
 
 
 # -- user mistakes: one line naming the file --------------------------------------------------------
@@ -143,7 +131,7 @@ def test_an_unreadable_file_fails_naming_it_or_is_skipped_and_recorded(tmp_path)
     with pytest.raises(InputError) as e:
         make_plan(InputConfig(uri=str(tmp_path)), 10)
     assert "b.parquet: cannot read this parquet file" in one_line(e) and "--on-bad-file skip" in str(e.value)
-    plan, _ = make_plan(InputConfig(uri=str(tmp_path)), 10, on_bad_file="skip")
+    plan = make_plan(InputConfig(uri=str(tmp_path)), 10, on_bad_file="skip")
     assert plan["rows"] == 3 and [b["path"].rsplit("/", 1)[-1] for b in plan["bad_files"]] == ["b.parquet"]
 
 
@@ -165,7 +153,7 @@ def test_no_data_files_says_what_was_looked_for(tmp_path, caplog):
     assert "no Parquet or JSON Lines files found" in one_line(e)
     write_jsonl(tmp_path / "a.jsonl", make_docs(1))
     with caplog.at_level("INFO", logger="reembed.plan"):
-        plan, _ = make_plan(InputConfig(uri=str(tmp_path)), 10)
+        plan = make_plan(InputConfig(uri=str(tmp_path)), 10)
     assert plan["rows"] == 1 and "1 file(s) are neither Parquet nor JSON Lines" in caplog.text and "notes.txt" in caplog.text
 
 

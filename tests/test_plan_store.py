@@ -13,18 +13,26 @@ import pytest
 from counting_fs import counting_location
 from reembed import dedup, plan_store
 from reembed.errors import ManifestError
-from reembed.plan import FileScan, _pack
 from reembed.plan_store import Unit, pack_shards
 from reembed.storage import Location
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_packing_equals_todays_planner(seed):
+def test_packing_equals_a_row_by_row_reference(seed):
     rng = random.Random(seed)
     rows = [rng.choice([0, 1, 5, 37, 250]) for _ in range(rng.randint(1, 30))]
     shard_rows = rng.choice([1, 10, 64, 1000])
-    old = _pack([FileScan(index=i, path=f"f{i}", format="parquet", size=0, rows=n) for i, n in enumerate(rows)], shard_rows)
-    want = [(s["shard"], g["file"], g["start"], g["stop"]) for s in old for g in s["segments"]]
+    # reference: number every row in plan order, shard = position // shard_rows, then merge runs
+    want: list[tuple[int, int, int, int]] = []
+    pos = 0
+    for f, n in enumerate(rows):
+        for r in range(n):
+            shard = pos // shard_rows
+            if want and want[-1][0] == shard and want[-1][1] == f and want[-1][3] == r:
+                want[-1] = (shard, f, want[-1][2], r + 1)
+            else:
+                want.append((shard, f, r, r + 1))
+            pos += 1
     got = [(g["shard"], g["file"], g["start"], g["stop"]) for g in pack_shards([Unit(i, n) for i, n in enumerate(rows)], shard_rows)]
     assert got == want
 
@@ -140,9 +148,10 @@ def test_a_shard_the_plan_lacks_is_a_manifest_error(tmp_path):
         plan_store.write_segments(plan, iter([{"shard": 1}, {"shard": 0}]))
 
 
-def test_blocks_compose_to_todays_plan(tmp_path):
-    """scan -> dedup -> pack -> plan files -> one shard's read gives the shards, duplicates and JSON Lines
-    line numbers that today's plan.make_plan gives, on a corpus with blank lines and repeated ids."""
+def test_make_plan_equals_a_line_by_line_reference(tmp_path):
+    """make_plan's Parquet plan (footer counts, JSON Lines ranges, hash-partitioned dedup, streaming packing)
+    covers every row once in order, at the right line numbers, with the duplicates a first-wins reference
+    finds, on a corpus with blank lines and repeated ids."""
     from conftest import make_docs, write_jsonl, write_parquet
     from reembed import scan
     from reembed.config import InputConfig
@@ -155,43 +164,38 @@ def test_blocks_compose_to_todays_plan(tmp_path):
     write_parquet(src / "a.parquet", docs[:200], row_group_size=64)
     write_jsonl(src / "b.jsonl", [x for d in docs[200:450] for x in ([d, "  "] if d["id"] == "d3" else [d])])
     write_parquet(src / "c.parquet", docs[450:])
-    old_plan, old_dups = make_plan(InputConfig(uri=str(src)), shard_rows=37)
-
+    plan_loc = Location.from_uri(str(tmp_path / "out" / "plan"))
+    plan = make_plan(InputConfig(uri=str(src)), 37, plan_loc, partitions=4, range_bytes=700)
     source = Location.from_uri(str(src))
-    plan = Location.from_uri(str(tmp_path / "out" / "plan"))
-    names = [f["path"].rsplit("/", 1)[1] for f in old_plan["files"]]
-    files, units, tasks = [], [], []
-    for i, name in enumerate(names):
-        if name.endswith(".parquet"):
-            count = scan.count_parquet(source, name)
-            stat, rows, file_units = count.stat, count.rows, [Unit(i, count.rows)]
-            tasks.append(dedup.IdTask(i, name, "parquet"))
-        else:
-            js = scan.scan_jsonl(source, name, range_bytes=700)
-            stat, rows, file_units = js.stat, js.rows, list(plan_store.jsonl_units(i, js.ranges))
-            tasks += [dedup.IdTask(i, name, "jsonl", r.range_start, r.range_stop) for r in js.ranges]
-        units += file_units
-        files.append({"file": i, "path": name, "uri": source.display(name), "format": "parquet" if name.endswith("parquet") else "jsonl",
-                      "size": stat.size, "mtime_ns": stat.mtime_ns, "etag": stat.etag, "rows": rows, "dup_rows": 0})
-    result = dedup.find_duplicates(source, tasks, "id", plan, partitions=4)
-    for f in files:
-        f["dup_rows"] = result.duplicates_by_file.get(f["file"], 0)
-    plan_store.write_files(plan, files)
-    _, shards = plan_store.write_segments(plan, pack_shards(units, 37), dedup_partitions=4)
 
-    assert shards == len(old_plan["shards"])
-    assert [f["rows"] for f in files] == [f["rows"] for f in old_plan["files"]]
-    old_dup_rows = list(zip(*(old_dups.column(c).to_pylist() for c in ("file", "row", "id"))))
-    assert result.duplicates == len(old_dup_rows) > 30
-    for old in old_plan["shards"]:
-        got = plan_store.read_shard(plan, old["shard"])
-        assert [(s["file"], s["start"], s["stop"]) for s in got.segments.to_pylist()] == \
-            [(s["file"], s["start"], s["stop"]) for s in old["segments"]]
-        spans = [(s["file"], s["start"], s["stop"]) for s in old["segments"]]
-        want = [d for d in old_dup_rows if any(f == d[0] and a <= d[1] < b for f, a, b in spans)]
-        assert list(zip(*(got.duplicates.column(c).to_pylist() for c in ("file", "row", "id")))) == want
-        for seg, old_seg in zip(got.segments.to_pylist(), old["segments"]):
-            if files[seg["file"]]["format"] == "jsonl":
-                t = scan.read_jsonl_rows(source, names[seg["file"]], seg["range_start"], seg["skip"], seg["rows"],
+    # reference: (file, row, line, id) of every document in plan order
+    ref = [(0, i, i, d["id"]) for i, d in enumerate(docs[:200])]
+    lines = (src / "b.jsonl").read_text().split("\n")
+    import json
+    row = 0
+    for n, line in enumerate(lines):
+        if line.strip():
+            ref.append((1, row, n, json.loads(line)["id"]))
+            row += 1
+    ref += [(2, i, i, d["id"]) for i, d in enumerate(docs[450:])]
+    seen, want_dups = set(), []
+    for f, r, _, i in ref:
+        if i in seen:
+            want_dups.append((f, r, i))
+        seen.add(i)
+
+    assert plan["rows"] == len(ref) and plan["shards"] == -(-len(ref) // 37) and plan["files"] == 3
+    assert plan["duplicate_rows"] == len(want_dups) > 30
+    got, got_dups = [], []
+    for shard in range(plan["shards"]):
+        sp = plan_store.read_shard(plan_loc, shard)
+        got_dups += list(zip(*(sp.duplicates.column(c).to_pylist() for c in ("file", "row", "id"))))
+        for seg in sp.segments.to_pylist():
+            if seg["file"] == 1:
+                t = scan.read_jsonl_rows(source, "b.jsonl", seg["range_start"], seg["skip"], seg["rows"],
                                          first_line=seg["first_line"], id_column="id")
-                assert t.column(scan.LINE)[0].as_py() == old_seg["line"]
+                got += [(1, r, n) for r, n in zip(range(seg["start"], seg["stop"]), t.column(scan.LINE).to_pylist())]
+            else:
+                got += [(seg["file"], r, r) for r in range(seg["start"], seg["stop"])]
+    assert got == [(f, r, n) for f, r, n, _ in ref]
+    assert got_dups == want_dups

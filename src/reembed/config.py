@@ -72,6 +72,10 @@ class ModelConfig:
 class PlanConfig:
     # Rows per output shard: the unit of commit and resume.
     shard_rows: int = 10_000
+    # Duplicate-id detection across the corpus: "hash" (hash-partitioned, the first occurrence in plan
+    # order wins, later ones are dead-lettered) or "none" for inputs whose ids are known to be unique
+    # (no id is read at planning; the manifest records that it was off).
+    dedup: Literal["hash", "none"] = "hash"
 
 
 @dataclass(frozen=True)

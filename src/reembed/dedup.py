@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reembed.errors import ConfigError
-from reembed.scan import RangeCount, jsonl_ids, parquet_ids
+from reembed.scan import RangeCount, jsonl_ids, parquet_ids, run_tasks
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -249,9 +249,4 @@ def _parquet_bytes(table: pa.Table, stats: list[str]) -> bytes:
 
 
 def _map(fn: Callable[..., Any], args: list[tuple], use_ray: bool) -> list[Any]:
-    if not use_ray:
-        return [fn(*a) for a in args]
-    import ray
-
-    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
-    return ray.get([remote.remote(*a) for a in args])
+    return run_tasks(fn, args, use_ray)

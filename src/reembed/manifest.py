@@ -24,8 +24,9 @@ Layout::
       "format": 1, "generation": 7, "created_at": ..., "updated_at": ...,
       "model": {"name", "revision", "dimension", "normalize", "pooling", "dtype", "max_seq_length", "fingerprint"},
       "fingerprint": "...",
-      "plan": {... see plan.make_plan ...},
-      "duplicates": {"path": "plan/duplicates.parquet", "rows": N, "sha256": ...},
+      "plan": {... a summary, see plan.make_plan; "store" names the plan's Parquet files under plan/
+               with their sha256: files, segments parts, duplicates parts ...},
+      "duplicates": {"rows": N, "mode": "hash" | "none"},
       "shards": {"00042": {"rows", "dead_letters", "reasons", "truncated", "bytes", "sha256", "path",
                            "dead_letter_path", "dead_letter_bytes", "dead_letter_sha256", "tokens",
                            "device_seconds", "committed_at"}},
@@ -268,9 +269,15 @@ class Manifest:
     def committed(self) -> dict[int, dict[str, Any]]:
         return {int(k): v for k, v in self.data["shards"].items()}
 
+    @property
+    def shard_count(self) -> int:
+        """How many shards the plan has (a manifest of an older reembed lists them: it is their number)."""
+        shards = self.plan["shards"]
+        return len(shards) if isinstance(shards, list) else int(shards)
+
     def pending(self) -> list[int]:
         done = self.committed
-        return [s["shard"] for s in self.plan["shards"] if s["shard"] not in done]
+        return [s for s in range(self.shard_count) if s not in done]
 
     def is_complete(self) -> bool:
         return not self.pending()
@@ -365,8 +372,16 @@ def check_layout(loc: Location, data: Any) -> None:
             raise ManifestError(f"{where}: key {key!r} is missing; {fix}")
         if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
             raise ManifestError(f"{where}: {key} is {type(data[key]).__name__}, expected {kind.__name__}; {fix}")
-    if not isinstance(data["plan"].get("shards"), list):
-        raise ManifestError(f"{where}: plan.shards is missing or not a list; {fix}")
+    shards = data["plan"].get("shards")
+    if not (isinstance(shards, list) or (isinstance(shards, int) and not isinstance(shards, bool) and shards >= 0)):
+        raise ManifestError(f"{where}: plan.shards is missing or not a shard count; {fix}")
+    store = data["plan"].get("store")
+    if store is not None:
+        if not isinstance(store, dict) or not isinstance(store.get("files"), dict) or \
+                not isinstance(store.get("segments"), list) or not isinstance(store.get("duplicates"), list):
+            raise ManifestError(f"{where}: plan.store (the plan's files) is malformed; {fix}")
+        for key, value in _paths_under(store, "plan.store"):
+            inside_output(loc, value, key)
     for name, rec in data["shards"].items():
         if not name.isdigit() or not isinstance(rec, dict):
             raise ManifestError(f"{where}: shards.{name} is not a shard record; {fix}")

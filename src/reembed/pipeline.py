@@ -7,8 +7,6 @@ skipped, the rest are recomputed, and the result is the same as an uninterrupted
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import logging
 import os
 import re
@@ -20,19 +18,17 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from reembed import embed, storage
+from reembed import embed, plan_store, storage
 from reembed import schema as S
 from reembed.cluster import init_ray  # also reached as pipeline.init_ray by indexes.build, until it imports cluster
 from reembed.config import JobConfig, validate
 from reembed.errors import ReembedError
 from reembed.indexes import build as index_stage
 from reembed.manifest import Manifest, ManifestError, now, read_recorded, write_failed
-from reembed.plan import make_plan, passthrough_schema
+from reembed.plan import PLAN_DIR, check_input, input_location, make_plan, passthrough_schema
 from reembed.write import DEAD_LETTER, SHARDS, ShardAssembler, write_shard
 
 log = logging.getLogger(__name__)
-
-DUPLICATES = "plan/duplicates.parquet"
 
 
 def run(cfg: JobConfig) -> dict[str, Any]:
@@ -49,21 +45,21 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     if cfg.output.fresh:
         _wipe(out)
 
-    model_info = inspect_model(cfg)
-    manifest, dups = open_output(cfg, out, model_info)
+    model_info = inspect_model(cfg)  # the model check comes first, without Ray
+    manifest = open_output(cfg, out, model_info)
 
     # Claiming fences any other job on this output before leftovers of crashed attempts are removed.
     cleaned = manifest.claim(SHARDS, DEAD_LETTER) if manifest.pending() else manifest.clean_temp(SHARDS, DEAD_LETTER)
     if cleaned:
         log.info("removed %d uncommitted file(s) left by an interrupted attempt", cleaned)
     pending = manifest.pending()
-    plan = manifest.plan
-    log.info("%d of %d shards committed, %d pending", len(plan["shards"]) - len(pending), len(plan["shards"]), len(pending))
+    total = manifest.shard_count
+    log.info("%d of %d shards committed, %d pending", total - len(pending), total, len(pending))
 
     run_info: dict[str, Any] = {"started_at": started, "shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0}
     if pending:
         try:
-            run_info.update(_execute(cfg, manifest, pending, dups))
+            run_info.update(_execute(cfg, manifest, pending))
         except Exception as e:
             found = surface(e)
             if found is e:
@@ -81,26 +77,22 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     return summary
 
 
-def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any]) -> tuple[Manifest, pa.Table]:
-    """The output's manifest and its table of duplicate input rows: planned and saved now on a new output;
-    on a resume, loaded and checked (model, input settings, and the duplicates file against its sha256)."""
+def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any]) -> Manifest:
+    """The output's manifest: on a new output Ray is started and the input planned now (as Ray tasks; the
+    plan's Parquet goes under ``plan/``) and the manifest saved; on a resume it is loaded and checked, without
+    Ray (model, input settings, the plan's files against their sha256, the input files against the plan)."""
     manifest = Manifest.load(out)
+    source = storage.Location.from_uri(cfg.input.uri, cfg.storage)
     if manifest is None:
-        plan, dups = make_plan(cfg.input, cfg.plan.shard_rows, cfg.on_bad_file,
-                               source=storage.Location.from_uri(cfg.input.uri, cfg.storage))
-        dup_bytes = _parquet_bytes(dups)
+        init_ray(cfg.compute.ray_address)  # counting and dedup run as Ray tasks
         try:
-            out.write_bytes(dup_bytes, DUPLICATES)
+            plan = make_plan(cfg.input, cfg.plan.shard_rows, out.child(PLAN_DIR), cfg.on_bad_file, source=source,
+                             dedup=cfg.plan.dedup, use_ray=True)
         except OSError as e:
-            raise write_failed(e, out.display(DUPLICATES)) from e
-        manifest = Manifest.create(
-            out, model_info, plan,
-            {"path": DUPLICATES, "rows": dups.num_rows, "sha256": hashlib.sha256(dup_bytes).hexdigest()},
-        )
-        return manifest, dups
+            raise write_failed(e, out.display(PLAN_DIR)) from e
+        return Manifest.create(out, model_info, plan, {"rows": plan["duplicate_rows"], "mode": plan["dedup"]})
     check_resume(manifest, cfg, model_info)
-    data = read_recorded(out, manifest.data["duplicates"], "duplicates")
-    return manifest, pq.read_table(pa.BufferReader(data))
+    return manifest
 
 
 def check_output_folder(out: storage.Location) -> None:
@@ -143,13 +135,24 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
         )
     plan = manifest.plan
     mine = {"input_uri": cfg.input.uri, "id_column": cfg.input.id_column, "text_column": cfg.input.text_column,
-            "passthrough": list(cfg.input.passthrough), "shard_rows": cfg.plan.shard_rows}
+            "passthrough": list(cfg.input.passthrough), "shard_rows": cfg.plan.shard_rows, "dedup": cfg.plan.dedup}
     diffs = [f"{k}: {plan.get(k)!r} -> {v!r}" for k, v in mine.items() if plan.get(k) != v]
     if diffs:
         raise ManifestError(
             f"{where}: this output was planned with other input settings ({'; '.join(diffs)}); "
             "use another --output, or --fresh to re-plan"
         )
+    # The plan's files, read back on the manifest's word: inside the output and unchanged.
+    store = plan.get("store")
+    if store is None:
+        raise ManifestError(f"{where}: this output's plan is inside its manifest (an older reembed wrote it); "
+                            "finish it with that version, or --fresh to re-plan")
+    for i, rec in enumerate(store["segments"]):
+        read_recorded(manifest.loc, rec, f"plan.store.segments[{i}]")
+    for i, rec in enumerate(store["duplicates"]):
+        read_recorded(manifest.loc, rec, f"plan.store.duplicates[{i}]")
+    files = pq.read_table(pa.BufferReader(read_recorded(manifest.loc, store["files"], "plan.store.files")))
+    check_input(plan, files, storage.Location.from_uri(cfg.input.uri, cfg.storage))
 
 
 def status(output: str | storage.Location, settings: Any = None) -> dict[str, Any]:
@@ -172,7 +175,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "output": manifest.loc.uri,
         "model": manifest.model,
         "input_rows": plan["rows"],
-        "shards": len(plan["shards"]),
+        "shards": manifest.shard_count,
         "committed": len(manifest.committed),
         "pending": manifest.pending(),
         "embedded": t["embedded"],
@@ -191,7 +194,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Table) -> dict[str, Any]:
+def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int]) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -210,10 +213,12 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
                  "(vectors at cosine ~0.9999 to float32; a new output, since the fingerprint changes)")
     plan = manifest.plan
     model_args = {**_model_args(cfg), "device": pool["device"]}
-    # The input's Location carries the job's storage settings into every read task.
-    source = storage.Location.from_uri(plan.get("input_root") or plan["input_uri"], cfg.storage)
-    ds = ray.data.read_datasource(ShardDatasource(plan, pending, dups, source=source), num_cpus=cfg.compute.read_cpus,
-                                  override_num_blocks=len(pending))
+    # The input's Location carries the job's storage settings into every read task; each task reads its
+    # own segments from the plan's Parquet under the output.
+    index = plan_store.segment_index(manifest.loc.child(PLAN_DIR), manifest.shard_count)
+    source = input_location(plan, cfg.storage)
+    datasource = ShardDatasource(plan, manifest.loc, pending, source=source, index=index)
+    ds = ray.data.read_datasource(datasource, num_cpus=cfg.compute.read_cpus, override_num_blocks=datasource.num_tasks)
     ds = ds.map_batches(
         embed.Embedder,
         fn_constructor_kwargs={
@@ -239,7 +244,7 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], dups: pa.Ta
         # max_task_retries=-1 by default); a block is only ever delivered once, and the assembler
         # refuses any shard that receives more rows than planned.
     )
-    expected = {s: plan["shards"][s]["rows"] for s in pending}
+    expected = plan_store.shard_rows(index, pending)
     assembler = ShardAssembler(expected)
     # Passthrough values may be null whatever the input's schema said (a JSON Lines row may lack the key).
     shard_schema = S.shard_schema(manifest.model["dimension"],
@@ -421,12 +426,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def _wipe(out: storage.Location) -> None:
-    for part in (SHARDS, DEAD_LETTER, "plan"):
+    for part in (SHARDS, DEAD_LETTER, PLAN_DIR):
         out.delete_dir(part)
     out.delete("manifest.json")
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()

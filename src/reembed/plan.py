@@ -1,13 +1,19 @@
-"""Input files -> a deterministic shard list.
+"""Input files -> a deterministic shard plan, stored as Parquet beside the manifest (``OUTPUT/plan/``).
 
 The plan lists the input files in path order (files under hidden or underscore folders are not input:
-see :func:`reembed.storage.list_inputs`), counts their rows, turns every id into its canonical string
-(integers and integral floats -> ``"7"``, other floats -> their shortest ``repr``, strings unchanged,
-NaN / infinities -> ``invalid_id``; the full rule is in :mod:`reembed.schema`), finds duplicate ids
-across the whole corpus (the first occurrence in plan order wins; later ones are dead-lettered as
-``duplicate_id``), and packs the rows into shards of ``shard_rows`` rows. The plan is stored in the
-output's manifest, so a resumed job sees exactly the same shards whatever has changed under the input
-URI since.
+see :func:`reembed.storage.list_inputs`), counts their rows (Parquet footers; JSON Lines byte ranges
+with a vectorized newline scan, :mod:`reembed.scan`), turns every id into its canonical string
+(:func:`arrow_ids` / :func:`json_ids`: integers and integral floats -> ``"7"``, other floats -> their
+shortest ``repr``, strings unchanged, NaN / infinities -> ``invalid_id``; the full rule is in
+:mod:`reembed.schema`), finds duplicate ids across the whole corpus by hash partitioning
+(:mod:`reembed.dedup`; the first occurrence in plan order wins, later ones are dead-lettered as
+``duplicate_id``; ``plan.dedup: none`` turns this off), and packs the rows into shards of ``shard_rows``
+rows (:mod:`reembed.plan_store`). Counting and dedup run as Ray tasks when ``use_ray`` (in this
+process otherwise); the driver holds O(files + ranges) small records, never ids or per-row offsets.
+
+What :func:`make_plan` returns, and the manifest stores, is a small summary: counts, the settings, and
+the paths + sha256 of the plan's Parquet files. Each file's size and mtime (ETag on S3) is in
+``plan/files.parquet``, so a resume refuses an input that changed under its plan (:func:`check_input`).
 
 Every input row lands in exactly one shard: the read stage embeds it or dead-letters it with a reason
 (:data:`reembed.schema.REASONS`), so input rows = embedded + dead-lettered.
@@ -16,67 +22,81 @@ Every input row lands in exactly one shard: the read stage embeds it or dead-let
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
+import posixpath
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reembed import dedup as D
+from reembed import plan_store
+from reembed import scan
 from reembed import schema as S
 from reembed import storage
 from reembed.config import InputConfig
-from reembed.errors import InputError  # noqa: F401 (re-exported)
+from reembed.errors import InputError
+from reembed.scan import arrow_ids, json_ids  # noqa: F401 (the id canonicalisation, re-exported)
 
 log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+PLAN_DIR = "plan"
+"""The plan's folder under the output."""
+SAMPLE_ROWS = 1000
+"""Rows at the start of a JSON Lines file whose keys are checked and whose passthrough types are inferred."""
+BAD_FILES_KEPT = 100
+"""Bad files named in the manifest (all of them are counted)."""
+IDS_PER_PARTITION = 2_000_000
+"""Ids per dedup partition (one task sorts that many: ~100 MB); the partition count follows the corpus."""
+MAX_PARTITIONS = 1024
 
 
-@dataclass
-class FileScan:
-    """What planning learns from one input file."""
+@dataclass(frozen=True)
+class ScanTask:
+    """One counting task: a Parquet file, one byte range of a JSON Lines file, or a whole ``.gz`` file.
+    ``pos`` is the file's position in the listing; ``path`` is relative to the input Location."""
 
-    index: int
+    pos: int
     path: str
     format: str
-    size: int
-    uri: str = ""  # for messages: the path as a URI (s3://bucket/key)
+    range_start: int = 0
+    range_stop: int = 0
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    task: ScanTask
     rows: int = 0
-    ids: pa.Array | None = None
-    # JSONL only: for each row, its 0-based line number and the byte offset where that line starts,
-    # plus the end offset of the file's last row (so a shard can read only its byte range).
-    lines: list[int] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    end_offset: int = 0
+    range: scan.RangeCount | None = None
+    stat: scan.FileStat | None = None
     passthrough_schema: pa.Schema | None = None
     error: str | None = None
 
 
-def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail",
-              source: storage.Location | None = None) -> tuple[dict[str, Any], pa.Table]:
-    """Scan the input and return ``(plan, duplicates)``.
+def make_plan(cfg: InputConfig, shard_rows: int, work: storage.Location, on_bad_file: str = "fail",
+              source: storage.Location | None = None, dedup: str = "hash", use_ray: bool = False,
+              partitions: int | None = None, range_bytes: int = scan.RANGE_BYTES) -> dict[str, Any]:
+    """Scan the input, write the plan's Parquet files under ``work`` (``OUTPUT/plan``) and return the
+    plan's summary for the manifest.
 
-    ``plan`` is JSON-serialisable and goes into the manifest; ``duplicates`` is a table of
-    (file, row, id) for every row that repeats an earlier id, to be stored beside it. ``source`` is
-    ``cfg.uri`` opened as a Location with the job's storage settings (default: opened here).
+    ``source`` is ``cfg.uri`` opened as a Location with the job's storage settings (default: opened
+    here); it travels into every task. ``dedup`` is ``"hash"`` or ``"none"`` (no id is read);
+    ``partitions`` its hash partitions (default: one per :data:`IDS_PER_PARTITION` rows).
     """
     t0 = time.monotonic()
-    base, infos = storage.list_inputs(source or cfg.uri, cfg.pattern)
+    if dedup not in D.MODES:
+        raise InputError(f"plan.dedup = {dedup!r} is unknown; use one of {', '.join(D.MODES)}")
+    base, infos = storage.list_inputs(source or storage.Location.from_uri(cfg.uri), cfg.pattern)
+    base = _folder(base, infos)
     scheme = cfg.uri.split("://", 1)[0] if "://" in cfg.uri else ""
-    files, other = [], []
-    for info in infos:
-        fmt = _detect_format(info.path, cfg.format)
-        if fmt is None:
-            other.append(_display(scheme, info.path))
-            continue
-        files.append(FileScan(index=len(files), path=info.path, format=fmt, size=info.size,
-                              uri=_display(scheme, info.path)))
-    if not files:
+    listed, other = _input_files(base, infos, cfg.format)
+    if not listed:
         raise InputError(
             f"{cfg.uri}: no Parquet or JSON Lines files found (looked for {', '.join(PARQUET_SUFFIXES + JSONL_SUFFIXES)}); "
             "point input.uri at the data, or set input.format for files named otherwise"
@@ -85,42 +105,166 @@ def make_plan(cfg: InputConfig, shard_rows: int, on_bad_file: str = "fail",
         log.info("plan: %d file(s) are neither Parquet nor JSON Lines by name and are not input: %s%s",
                  len(other), ", ".join(other[:3]), " ..." if len(other) > 3 else "")
 
-    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
-        scans = list(pool.map(lambda f: _scan_file(base.fs, f, cfg, on_bad_file), files))
+    tasks = []
+    for pos, (rel, fmt, size, _) in enumerate(listed):
+        if fmt == "parquet" or scan.is_gzip(rel):
+            tasks.append(ScanTask(pos, rel, fmt, 0, size))
+        else:
+            tasks += [ScanTask(pos, rel, fmt, a, b) for a, b in scan.jsonl_ranges(size, range_bytes)]
+    results = scan.run_tasks(scan_unit, [(base, t, cfg, on_bad_file) for t in tasks], use_ray)
 
-    bad = [{"path": s.uri, "error": s.error} for s in scans if s.error]
-    good = [s for s in scans if not s.error]
+    by_pos: dict[int, list[ScanResult]] = {}
+    for r in results:
+        by_pos.setdefault(r.task.pos, []).append(r)
+    good, bad = [], []
+    for pos, (rel, fmt, size, info) in enumerate(listed):
+        parts = sorted(by_pos[pos], key=lambda r: r.task.range_start)
+        errors = [r.error for r in parts if r.error]
+        if errors:
+            log.warning("skipping unreadable input file %s: %s", base.display(rel), errors[0])
+            bad.append({"path": base.display(rel), "rel": rel, "error": errors[0], "size": size,
+                        "mtime_ns": info.mtime_ns if info.mtime is not None else None})
+            continue
+        good.append((rel, fmt, parts, info))
+
+    passthrough = _unify_passthrough([(base.display(rel), p[0].passthrough_schema) for rel, _, p, _ in good], cfg)
+    id_tasks, units, files = [], [], []
+    for i, (rel, fmt, parts, info) in enumerate(good):
+        stat = parts[0].stat
+        rows = sum(r.rows for r in parts)
+        # The mtime a resume compares is the listing's (the same call then and now); the ETag is the task's.
+        mtime = info.mtime_ns if info.mtime is not None else stat.mtime_ns
+        files.append({"file": i, "path": rel, "uri": base.display(rel), "format": fmt, "size": stat.size,
+                      "mtime_ns": mtime, "etag": stat.etag, "rows": rows, "dup_rows": 0})
+        if fmt == "parquet":
+            units.append(plan_store.Unit(i, rows))
+            id_tasks.append(D.IdTask(i, rel, fmt))
+        else:
+            units += plan_store.jsonl_units(i, [r.range for r in parts])
+            id_tasks += [D.IdTask(i, rel, fmt, r.task.range_start, r.task.range_stop) for r in parts]
     for b in bad:
-        log.warning("skipping unreadable input file %s: %s", b["path"], b["error"])
+        files.append({"file": -1, "path": b["rel"], "uri": b["path"], "format": "bad", "size": b["size"],
+                      "mtime_ns": b["mtime_ns"], "etag": None, "rows": 0, "dup_rows": 0})
 
-    passthrough = _unify_passthrough(good, cfg)
-    duplicates = _find_duplicates(good)
-    shards = _pack(good, shard_rows)
-    total = sum(s.rows for s in good)
+    work.delete_dir()  # a plan left by an attempt that died before its manifest was saved
+    if partitions is None:
+        rows = sum(f["rows"] for f in files)
+        partitions = max(1, min(MAX_PARTITIONS, -(-rows // IDS_PER_PARTITION)))
+    found = D.find_duplicates(base, id_tasks, cfg.id_column, work, partitions=partitions, mode=dedup, use_ray=use_ray)
+    for f in files:
+        if f["file"] >= 0:
+            f["dup_rows"] = found.duplicates_by_file.get(f["file"], 0)
+    plan_store.write_files(work, files)
+    segments, shards = plan_store.write_segments(work, plan_store.pack_shards(units, shard_rows),
+                                                 dedup_partitions=found.partitions)
+    total = sum(f["rows"] for f in files)
+    store = {
+        "files": _record(work, plan_store.FILES),
+        "segments": [_record(work, n) for n in plan_store.segment_files(shards)],
+        "duplicates": [_record(work, D.DUPLICATES_DIR, D.duplicates_file(p)) for p in range(found.partitions)],
+    }
     plan = {
         "input_uri": cfg.uri,
-        "input_root": base.uri,  # the folder (or file) the input paths are under; a glob is resolved
+        "input_root": base.uri,  # the folder the input paths are relative to; a glob is resolved
         "scheme": scheme,
         "id_column": cfg.id_column,
         "text_column": cfg.text_column,
         "passthrough": list(cfg.passthrough),
         "passthrough_schema": _schema_to_b64(passthrough),
+        "pattern": cfg.pattern,
+        "format": cfg.format,
         "shard_rows": shard_rows,
         "rows": total,
-        "files": [
-            {"path": s.path, "uri": s.uri, "format": s.format, "size": s.size, "rows": s.rows}
-            for s in good
-        ],
-        "bad_files": bad,
         "shards": shards,
-        "duplicate_rows": duplicates.num_rows,
+        "segments": segments,
+        "files": len(good),
+        "bytes": sum(f["size"] for f in files if f["file"] >= 0),
+        "bad_file_count": len(bad),
+        "bad_files": [{"path": b["path"], "error": b["error"]} for b in bad[:BAD_FILES_KEPT]],
+        "duplicate_rows": found.duplicates,
+        "dedup": dedup,
+        "dedup_partitions": found.partitions,
+        "store": store,
     }
     secs = time.monotonic() - t0
     log.info(
-        "plan: %d files, %d rows, %d shards, %d duplicate ids, %d bad files, %.1f s",
-        len(good), total, len(shards), duplicates.num_rows, len(bad), secs,
+        "plan: %d files, %d rows, %d shards, %d duplicate ids (dedup %s), %d bad files, %d scan tasks, %.1f s",
+        len(good), total, shards, found.duplicates, dedup, len(bad), len(tasks), secs,
     )
-    return plan, duplicates
+    return plan
+
+
+def check_input(plan: dict[str, Any], files: pa.Table, source: storage.Location) -> None:
+    """Refuse to resume when the input changed under the plan: a planned file modified (size, mtime or
+    ETag) or removed is an :class:`InputError` naming it; files added since are a warning (they are not
+    embedded by this resume). ``files`` is ``plan/files.parquet``; ``source`` opens the input URI.
+
+    Both sides are walked in path order, as a merge: nothing beyond the two listings is held.
+    """
+    base, infos = storage.list_inputs(source, plan.get("pattern", "*"))
+    base = _folder(base, infos)
+    listed, _ = _input_files(base, infos, plan.get("format", "auto"))
+    planned = files.sort_by("path").to_pylist()
+    added: list[str] = []
+    etags: list[tuple[str, str]] = []
+    i = j = 0
+    fix = "re-plan with --fresh (the output's shards are discarded), or restore the file"
+    while i < len(planned) or j < len(listed):
+        p = planned[i] if i < len(planned) else None
+        now = listed[j] if j < len(listed) else None
+        if now is None or (p is not None and p["path"] < now[0]):
+            raise InputError(f"{base.display(p['path'])}: removed from the input since the plan was made; {fix}")
+        if p is None or now[0] < p["path"]:
+            added.append(base.display(now[0]))
+            j += 1
+            continue
+        if p["format"] != "bad":
+            info = now[3]
+            if info.size != p["size"] or (p["mtime_ns"] is not None and info.mtime_ns is not None
+                                          and info.mtime_ns != p["mtime_ns"]):
+                what = f"size {p['size']} -> {info.size}" if info.size != p["size"] else "modification time changed"
+                raise InputError(f"{base.display(p['path'])}: modified since the plan was made ({what}); {fix}")
+            if p["etag"] is not None:
+                etags.append((p["path"], p["etag"]))
+        i += 1
+        j += 1
+    if etags:  # an object rewritten within the same second at the same size: only its ETag tells
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            now_tags = list(pool.map(lambda pe: base.version(pe[0]), etags))
+        for (path, tag), now_tag in zip(etags, now_tags):
+            if now_tag != tag:
+                raise InputError(f"{base.display(path)}: modified since the plan was made (ETag {tag} -> {now_tag}); {fix}")
+    if added:
+        log.warning("input: %d file(s) were added since the plan was made and are NOT embedded by this resume "
+                    "(re-plan with --fresh to include them): %s%s", len(added), ", ".join(added[:3]),
+                    " ..." if len(added) > 3 else "")
+
+
+def scan_unit(source: storage.Location, task: ScanTask, cfg: InputConfig, on_bad_file: str) -> ScanResult:
+    """Count one task's rows; the first range of a file also checks its columns and types. A file that
+    cannot be read is an :class:`InputError`, or with ``on_bad_file="skip"`` a result with ``error``."""
+    display = source.display(task.path)
+    try:
+        if task.format == "parquet":
+            return _scan_parquet(source, task, cfg)
+        return _scan_jsonl(source, task, cfg)
+    except InputError:
+        raise
+    except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError, EOFError) as e:
+        message = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        if on_bad_file == "skip":
+            return ScanResult(task, error=message)
+        raise InputError(
+            f"{display}: cannot read this {task.format} file ({message}); "
+            "fix or remove it, or run with --on-bad-file skip to record it in the manifest and go on"
+        ) from e
+
+
+def json_id(value: Any) -> str | None:
+    """The canonical string of one JSON id value (None for null and invalid ids)."""
+    return S.json_id(value)[0]
 
 
 def passthrough_schema(plan: dict[str, Any]) -> pa.Schema:
@@ -128,9 +272,40 @@ def passthrough_schema(plan: dict[str, Any]) -> pa.Schema:
     return _schema_from_b64(plan["passthrough_schema"])
 
 
-def input_location(plan: dict[str, Any]) -> storage.Location:
-    """The input's :class:`~reembed.storage.Location` (its filesystem opens every path in the plan)."""
-    return storage.Location.from_uri(plan.get("input_root") or plan["input_uri"])
+def input_location(plan: dict[str, Any], settings: Any = None) -> storage.Location:
+    """The input's :class:`~reembed.storage.Location` (every path in ``files.parquet`` is relative to it)."""
+    return storage.Location.from_uri(plan.get("input_root") or plan["input_uri"], settings)
+
+
+def _folder(base: storage.Location, infos: list) -> storage.Location:
+    """The folder the listed files are relative to: ``base`` itself, or a single file's parent."""
+    if len(infos) == 1 and infos[0].path.rstrip("/") == base.root.rstrip("/"):
+        return replace(base, root=posixpath.dirname(base.root.rstrip("/")), uri=posixpath.dirname(base.uri.rstrip("/")))
+    return base
+
+
+def _input_files(base: storage.Location, infos: list, fmt: str) -> tuple[list[tuple], list[str]]:
+    """``(relative path, format, size, info)`` of each input file in path order, and the others' URIs."""
+    root = base.root.rstrip("/") + "/"
+    listed, other = [], []
+    for info in infos:
+        rel = info.path[len(root):] if info.path.startswith(root) else posixpath.basename(info.path)
+        f = _detect_format(rel, fmt)
+        if f is None:
+            other.append(base.display(rel))
+            continue
+        listed.append((rel, f, info.size, info))
+    listed.sort(key=lambda t: t[0])
+    return listed, other
+
+
+def _record(work: storage.Location, *parts: str) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a plan file, its path relative to the output (``plan/...``)."""
+    h = hashlib.sha256()
+    with work.fs.open_input_stream(work.path(*parts)) as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return {"path": posixpath.join(PLAN_DIR, *parts), "sha256": h.hexdigest()}
 
 
 def _detect_format(path: str, fmt: str) -> str | None:
@@ -144,94 +319,67 @@ def _detect_format(path: str, fmt: str) -> str | None:
     return None
 
 
-def _display(scheme: str, path: str) -> str:
-    return f"{scheme}://{path}" if scheme and scheme != "file" else path
-
-
-def _scan_file(fs, scan: FileScan, cfg: InputConfig, on_bad_file: str) -> FileScan:
-    display = scan.uri or scan.path
-    try:
-        if scan.format == "parquet":
-            _scan_parquet(fs, scan, cfg)
-        else:
-            _scan_jsonl(fs, scan, cfg)
-    except InputError:
-        raise
-    except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError) as e:
-        message = f"{type(e).__name__}: {e}"
-        if on_bad_file == "skip":
-            scan.error = message
-            return scan
-        raise InputError(
-            f"{display}: cannot read this {scan.format} file ({message}); "
-            "fix or remove it, or run with --on-bad-file skip to record it in the manifest and go on"
-        ) from e
-    return scan
-
-
-def _scan_parquet(fs, scan: FileScan, cfg: InputConfig) -> None:
-    where = scan.uri or scan.path
-    with fs.open_input_file(scan.path) as f:
+def _scan_parquet(source: storage.Location, task: ScanTask, cfg: InputConfig) -> ScanResult:
+    where = source.display(task.path)
+    stat = scan.stat_file(source, task.path)
+    with source.fs.open_input_file(source.path(task.path)) as f:
         pf = pq.ParquetFile(f)
         schema = pf.schema_arrow
-        _check_columns(where, schema.names, cfg)
-        text_type = schema.field(cfg.text_column).type
-        if not S.is_text_type(text_type):
-            raise InputError(
-                f"{where}: text column {cfg.text_column!r} has type {text_type}, not string or binary; "
-                "set input.text_column to the column that holds the documents"
-            )
-        scan.rows = pf.metadata.num_rows
-        ids = pf.read(columns=[cfg.id_column]).column(0)
+        rows = pf.metadata.num_rows
+    _check_columns(where, schema.names, cfg)
+    text_type = schema.field(cfg.text_column).type
+    if not S.is_text_type(text_type):
+        raise InputError(
+            f"{where}: text column {cfg.text_column!r} has type {text_type}, not string or binary; "
+            "set input.text_column to the column that holds the documents"
+        )
+    id_type = schema.field(cfg.id_column).type
     try:
-        scan.ids, _ = S.id_strings(ids)  # invalid ids are null here: they never count as duplicates
+        S.id_strings(pa.array([], id_type))
     except TypeError as e:
         raise InputError(f"{where}: id column {cfg.id_column!r} cannot hold ids ({e}); "
                          "set input.id_column to a string or number column") from e
-    scan.passthrough_schema = pa.schema([schema.field(c) for c in cfg.passthrough])
+    return ScanResult(task, rows, stat=stat, passthrough_schema=pa.schema([schema.field(c) for c in cfg.passthrough]))
 
 
-def _scan_jsonl(fs, scan: FileScan, cfg: InputConfig) -> None:
-    data = _read_all(fs, scan.path)
-    ids: list[Any] = []
+def _scan_jsonl(source: storage.Location, task: ScanTask, cfg: InputConfig) -> ScanResult:
+    if scan.is_gzip(task.path):
+        count = scan.count_gz(source, task.path)
+    else:
+        count = scan.count_jsonl_range(source, task.path, task.range_start, task.range_stop)
+    result = ScanResult(task, count.rows, range=count, stat=count.stat)
+    if task.range_start > 0 or not count.rows:
+        return result
+    return replace(result, passthrough_schema=_sample(source, task.path, min(SAMPLE_ROWS, count.rows), cfg))
+
+
+def _sample(source: storage.Location, path: str, rows: int, cfg: InputConfig) -> pa.Schema | None:
+    """Check the first ``rows`` documents of a JSON Lines file: at least one is a JSON object, the
+    configured columns are among their keys; infer the passthrough columns' types from them."""
+    where = source.display(path)
+    if scan.is_gzip(path):
+        lines = scan.gz_line_slices(source, path, [(0, rows)])[0]
+    else:
+        lines = scan.jsonl_slice(source, path, 0, 0, rows)
     keys: set[str] = set()
-    line_no = 0
-    pos = 0
-    end = len(data)
     sample: list[dict] = []
     sample_lines: list[int] = []
-    while pos < end:
-        nl = data.find(b"\n", pos)
-        stop = end if nl < 0 else nl
-        line = data[pos:stop]
-        if line.strip():
-            scan.lines.append(line_no)
-            scan.offsets.append(pos)
-            scan.end_offset = stop + 1 if nl >= 0 else stop
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict):
-                keys.update(obj)
-                ids.append(obj.get(cfg.id_column))
-                if len(sample) < 1000:
-                    sample.append({c: passthrough_value(obj, c, cfg.text_column) for c in cfg.passthrough})
-                    sample_lines.append(line_no)
-            else:
-                ids.append(None)  # an invalid line; the read stage dead-letters it as invalid_json
-        line_no += 1
-        pos = stop + 1
-    scan.rows = len(scan.lines)
-    where = scan.uri or scan.path
-    if scan.rows and not keys:
+    for line_no, line in lines.lines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue  # an invalid line; the read stage dead-letters it as invalid_json
+        if isinstance(obj, dict):
+            keys.update(obj)
+            sample.append({c: passthrough_value(obj, c, cfg.text_column) for c in cfg.passthrough})
+            sample_lines.append(line_no)
+    if not keys:
         raise InputError(f"{where}: no line is a JSON object; expected one document per line "
                          "(is this JSON Lines? set input.format if the name misleads)")
-    if scan.rows:
-        _check_columns(where, sorted(keys), cfg)
-    scan.ids = pa.array([S.json_id(v)[0] for v in ids], pa.string())
+    _check_columns(where, sorted(keys), cfg)
     if cfg.passthrough and sample:
-        scan.passthrough_schema = _sample_schema(where, sample, sample_lines, cfg.passthrough)
+        return _sample_schema(where, sample, sample_lines, cfg.passthrough)
+    return None
 
 
 def passthrough_value(obj: dict, column: str, text_column: str) -> Any:
@@ -271,16 +419,6 @@ def misfit(values: list, type_: pa.DataType) -> int | None:
     return None
 
 
-def _read_all(fs, path: str) -> bytes:
-    if path.endswith(".gz"):
-        import gzip
-
-        with fs.open_input_stream(path) as f:
-            return gzip.decompress(f.read())
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
 def _check_columns(path: str, found: list[str], cfg: InputConfig) -> None:
     needed = [cfg.id_column, cfg.text_column, *cfg.passthrough]
     missing = [c for c in needed if c not in found]
@@ -291,10 +429,11 @@ def _check_columns(path: str, found: list[str], cfg: InputConfig) -> None:
         )
 
 
-def _unify_passthrough(scans: list[FileScan], cfg: InputConfig) -> pa.Schema:
+def _unify_passthrough(scans: list[tuple[str, pa.Schema | None]], cfg: InputConfig) -> pa.Schema:
+    """One schema for the passthrough columns from each file's ``(uri, schema)``."""
     if not cfg.passthrough:
         return pa.schema([])
-    schemas = [s.passthrough_schema for s in scans if s.passthrough_schema is not None]
+    schemas = [s for _, s in scans if s is not None]
     if not schemas:
         return pa.schema([pa.field(c, pa.string()) for c in cfg.passthrough])
     try:
@@ -310,69 +449,23 @@ def _unify_passthrough(scans: list[FileScan], cfg: InputConfig) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _type_clash(scans: list[FileScan], columns: tuple[str, ...]) -> str | None:
+def _type_clash(scans: list[tuple[str, pa.Schema | None]], columns: tuple[str, ...]) -> str | None:
     """'column c is T in file A and U in file B' for the first passthrough column whose types clash."""
     for c in columns:
         seen: tuple[pa.DataType, str] | None = None
-        for s in scans:
-            if s.passthrough_schema is None:
+        for uri, schema in scans:
+            if schema is None:
                 continue
-            t = s.passthrough_schema.field(c).type
+            t = schema.field(c).type
             if seen is None:
-                seen = (t, s.uri or s.path)
+                seen = (t, uri)
                 continue
             try:
                 pa.unify_schemas([pa.schema([pa.field(c, seen[0])]), pa.schema([pa.field(c, t)])],
                                  promote_options="permissive")
             except pa.ArrowException:
-                return f"column {c!r} is {seen[0]} in {seen[1]} and {t} in {s.uri or s.path}"
+                return f"column {c!r} is {seen[0]} in {seen[1]} and {t} in {uri}"
     return None
-
-
-def _find_duplicates(scans: list[FileScan]) -> pa.Table:
-    """Every (file, row) whose id already appeared earlier in plan order."""
-    if not scans:
-        return pa.table({"file": pa.array([], pa.int32()), "row": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
-    parts = []
-    for s in scans:
-        n = len(s.ids)
-        parts.append(
-            pa.table({
-                "file": pa.array([s.index] * n, pa.int32()) if n else pa.array([], pa.int32()),
-                "row": pa.array(range(n), pa.int64()),
-                "id": s.ids,
-            })
-        )
-    table = pa.concat_tables(parts)
-    df = table.to_pandas()
-    df = df[df["id"].notna()]
-    dup = df[df.duplicated("id", keep="first")]
-    return pa.Table.from_pandas(dup.reset_index(drop=True), schema=table.schema, preserve_index=False)
-
-
-def _pack(scans: list[FileScan], shard_rows: int) -> list[dict[str, Any]]:
-    """Pack file rows, in plan order, into shards of ``shard_rows`` rows (the last may be smaller)."""
-    shards: list[dict[str, Any]] = []
-    current: list[dict[str, Any]] = []
-    filled = 0
-    for s in scans:
-        start = 0
-        while start < s.rows:
-            take = min(shard_rows - filled, s.rows - start)
-            seg: dict[str, Any] = {"file": s.index, "start": start, "stop": start + take}
-            if s.format == "jsonl":
-                seg["line"] = s.lines[start]
-                seg["byte_start"] = s.offsets[start]
-                seg["byte_end"] = s.offsets[start + take] if start + take < s.rows else s.end_offset
-            current.append(seg)
-            filled += take
-            start += take
-            if filled == shard_rows:
-                shards.append({"shard": len(shards), "rows": filled, "segments": current})
-                current, filled = [], 0
-    if current:
-        shards.append({"shard": len(shards), "rows": filled, "segments": current})
-    return shards
 
 
 def _schema_to_b64(schema: pa.Schema) -> str:

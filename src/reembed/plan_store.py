@@ -80,8 +80,8 @@ class ShardPlan:
 def pack_shards(units: Iterable[Unit], shard_rows: int) -> Iterator[dict[str, int]]:
     """Pack rows, in plan order, into shards of ``shard_rows`` rows (the last may be smaller), yielding
     segments as they close. A segment is the rows ``[start, stop)`` of its file, found in the file as
-    ``skip`` rows past the first line at or after ``range_start``: one segment per file per shard, as
-    in today's plan, since a reader may run on past the end of the range it starts in."""
+    ``skip`` rows past the first line at or after ``range_start``: one segment per file per shard,
+    since a reader may run on past the end of the range it starts in."""
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be positive, got {shard_rows}")
     shard, filled = 0, 0
@@ -155,6 +155,33 @@ def write_segments(plan: Location, segments: Iterable[dict[str, int]], dedup_par
     if part or not n:
         _write_part(plan, part, schema, row_group)
     return n, shards
+
+
+def segment_files(shards: int) -> list[str]:
+    """The segments files of a plan of ``shards`` shards (one, empty, for a plan with none)."""
+    return [segments_file(k * SHARDS_PER_PART) for k in range(max(1, -(-shards // SHARDS_PER_PART)))]
+
+
+def segment_index(plan: Location, shards: int) -> pa.Table:
+    """``(shard, file, rows)`` of every segment, read from the segments files' three int columns: the
+    driver's O(segments) view of the plan (rows per shard, the files a shard reads)."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for name in segment_files(shards):
+        with plan.fs.open_input_file(plan.path(name)) as f:
+            parts.append(pq.read_table(f, columns=["shard", "file", "rows"]))
+    return pa.concat_tables(parts) if parts else SEGMENTS_SCHEMA.empty_table().select(["shard", "file", "rows"])
+
+
+def shard_rows(index: pa.Table, shards: Iterable[int]) -> dict[int, int]:
+    """``{shard: rows}`` for ``shards``, from :func:`segment_index`."""
+    want = set(shards)
+    rows: dict[int, int] = {s: 0 for s in want}
+    for s, r in zip(index.column("shard").to_pylist(), index.column("rows").to_pylist()):
+        if s in want:
+            rows[s] += r
+    return rows
 
 
 def read_shard(plan: Location, shard: int) -> ShardPlan:

@@ -1,16 +1,21 @@
-"""The read stage: one plan shard -> one Arrow table of documents, each row checked and tagged.
+"""The read stage: plan shards -> Arrow tables of documents, each row checked and tagged.
 
 Rows that cannot be embedded keep flowing with a reason code in ``_reason`` (one of
 :data:`reembed.schema.REASONS`, the first that applies) so the shard writer can dead-letter them: the
 ledger counts every input row exactly once. Ids and texts take the canonical forms of
 :mod:`reembed.schema`, the same from Parquet and from JSON Lines.
+
+A read task carries only its shard ids, the plan folder's and the input's Locations and a few plan
+fields (a few KB whatever the size of the plan); on the worker it reads its own segments and duplicate
+rows from the plan's Parquet (:func:`reembed.plan_store.read_shard`). The shards that read one ``.gz``
+file share one task, which decompresses the file once and yields one table per shard.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,91 +24,155 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from reembed import plan_store, scan
 from reembed import schema as S
-from reembed.plan import InputError, passthrough_value, input_location, misfit, passthrough_schema
+from reembed.plan import PLAN_DIR, InputError, input_location, misfit, passthrough_schema, passthrough_value
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
 
+FIELDS = ("id_column", "text_column", "passthrough", "passthrough_schema")
+"""The plan summary's fields a read task carries."""
+
 
 class ShardDatasource(Datasource):
-    """A Ray Data datasource with one read task per pending plan shard.
+    """A Ray Data datasource over the pending shards of a plan: one read task per shard, or per group of
+    shards that share a ``.gz`` file.
 
-    Each read task carries ``source``, a :class:`~reembed.storage.Location` on the input's filesystem
-    (the one the plan was made from; by default the plan's input root, opened here on the driver), so
-    the storage settings it was opened with travel with the task.
+    ``out`` is the output (the plan is under ``out/plan``); ``source`` a Location on the input's
+    filesystem (by default the plan's input root, opened here), so the storage settings it was opened
+    with travel with the tasks. ``index`` is :func:`reembed.plan_store.segment_index` if the caller has
+    read it already.
     """
 
-    def __init__(self, plan: dict[str, Any], shard_ids: list[int], duplicates: pa.Table,
-                 source: Location | None = None):
-        self._plan = plan
+    def __init__(self, plan: dict[str, Any], out: Location, pending: list[int], source: Location | None = None,
+                 index: pa.Table | None = None):
+        self._fields = {k: plan[k] for k in FIELDS}
+        self._plan_loc = out.child(PLAN_DIR)
         self._source = source or input_location(plan)
-        self._shards = [plan["shards"][i] for i in shard_ids]
-        by_file: dict[int, set[int]] = {}
-        for f, r in zip(duplicates.column("file").to_pylist(), duplicates.column("row").to_pylist()):
-            by_file.setdefault(f, set()).add(r)
-        self._dups = by_file
+        index = index if index is not None else plan_store.segment_index(self._plan_loc, plan["shards"])
+        files = plan_store.read_files(self._plan_loc).select(["file", "path", "uri", "size"])
+        files = files.filter(pc.greater_equal(files.column("file"), 0)).sort_by("file")
+        self._uris = files.column("uri").to_pylist()
+        sizes = files.column("size").to_pylist()
+        gz = {i for i, p in enumerate(files.column("path").to_pylist()) if scan.is_gzip(p)}
+        self._groups, self._rows, self._files = _group(index, pending, gz)
+        rows = max(1, plan["rows"])
+        self._size = int(sum(sizes) * sum(self._rows.values()) / rows)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self._groups)
 
     def estimate_inmemory_data_size(self) -> int | None:
-        total_rows = max(1, self._plan["rows"])
-        size = sum(f["size"] for f in self._plan["files"])
-        return int(size * sum(s["rows"] for s in self._shards) / total_rows)
+        return self._size
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         tasks = []
-        plan = self._plan
-        for shard in self._shards:
-            files = {seg["file"] for seg in shard["segments"]}
-            dups = {f: self._dups.get(f, set()) for f in files}
-            meta = BlockMetadata(
-                num_rows=shard["rows"],
-                size_bytes=None,
-                exec_stats=None,
-                input_files=tuple(plan["files"][f]["uri"] for f in sorted(files)),
-            )
-            tasks.append(ReadTask(_reader(self._source, plan, shard, dups), meta))
+        for group in self._groups:
+            files = sorted({f for s in group for f in self._files[s]})
+            meta = BlockMetadata(num_rows=sum(self._rows[s] for s in group), size_bytes=None, exec_stats=None,
+                                 input_files=tuple(self._uris[f] for f in files))
+            tasks.append(ReadTask(_reader(self._fields, self._plan_loc, tuple(group), self._source), meta))
         return tasks
 
 
-def read_shard(plan: dict[str, Any], shard: dict[str, Any], dups: dict[int, set[int]],
-               source: Location | None = None) -> pa.Table:
-    """Read every segment of ``shard`` and return its documents in plan order, each with its
-    ``_reason`` (null for rows to embed). ``dups`` maps a file index to its duplicate rows (indexes
-    within the file, as :func:`reembed.plan.make_plan` found them)."""
-    fs = (source or input_location(plan)).fs
-    pschema = passthrough_schema(plan)
+def read_shards(fields: dict[str, Any], plan_loc: Location, shards: Iterable[int], source: Location) -> Iterator[pa.Table]:
+    """Read each of ``shards`` (from the plan under ``plan_loc``) and yield its documents in plan order,
+    each with its ``_reason`` (null for rows to embed), its shard and its position in the shard. A
+    ``.gz`` file is decompressed once for all of them."""
+    plans = [plan_store.read_shard(plan_loc, s) for s in shards]
+    gz_slices: dict[str, list[tuple[int, int]]] = {}
+    for sp in plans:
+        paths = dict(zip(sp.files.column("file").to_pylist(), sp.files.column("path").to_pylist()))
+        for seg in sp.segments.to_pylist():
+            if scan.is_gzip(paths[seg["file"]]):
+                gz_slices.setdefault(paths[seg["file"]], []).append((seg["start"], seg["rows"]))
+    gz = {path: dict(zip(slices, scan.gz_line_slices(source, path, slices))) for path, slices in gz_slices.items()}
+    pschema = passthrough_schema(fields)
+    for sp in plans:
+        yield _read_one(fields, sp, source, pschema, gz)
+
+
+def read_shard(fields: dict[str, Any], plan_loc: Location, shard: int, source: Location) -> pa.Table:
+    """One shard's documents, as :func:`read_shards` yields them."""
+    return next(iter(read_shards(fields, plan_loc, [shard], source)))
+
+
+def _read_one(fields: dict[str, Any], sp: plan_store.ShardPlan, source: Location, pschema: pa.Schema,
+              gz: dict[str, dict[tuple[int, int], scan.LineSlice]]) -> pa.Table:
+    files = {f["file"]: f for f in sp.files.to_pylist()}
+    dups: dict[int, set[int]] = {}
+    for f, r in zip(sp.duplicates.column("file").to_pylist(), sp.duplicates.column("row").to_pylist()):
+        dups.setdefault(f, set()).add(r)
     parts = []
-    for seg in shard["segments"]:
-        f = plan["files"][seg["file"]]
+    for seg in sp.segments.to_pylist():
+        f = files[seg["file"]]
         if f["format"] == "parquet":
-            part, flags = _read_parquet_segment(fs, f, seg, plan, pschema)
+            part, flags = _read_parquet_segment(source, f, seg, fields, pschema)
         else:
-            part, flags = _read_jsonl_segment(fs, f, seg, plan, pschema)
+            lines = gz[f["path"]][(seg["start"], seg["rows"])] if scan.is_gzip(f["path"]) else \
+                scan.jsonl_slice(source, f["path"], seg["range_start"], seg["skip"], seg["rows"], seg["first_line"])
+            part, flags = _read_jsonl_segment(lines, f, seg, fields, pschema)
         parts.append(_mark(part, dups.get(seg["file"], set()), seg, flags))
     table = pa.concat_tables(parts)
-    n = table.num_rows
-    if n != shard["rows"]:
+    n, want = table.num_rows, sp.rows
+    if n != want:
         raise InputError(
-            f"shard {shard['shard']}: read {n} rows where the plan has {shard['rows']}; "
-            "an input file changed since the plan was made (start a fresh output to re-plan)"
+            f"shard {sp.shard}: read {n} rows where the plan has {want}; "
+            "an input file changed since the plan was made (re-plan with --fresh)"
         )
-    table = table.append_column(S.SHARD, pa.array(np.full(n, shard["shard"], dtype=np.int32)))
-    table = table.append_column(S.POS, pa.array(np.arange(n, dtype=np.int64)))
-    return table
+    table = table.append_column(S.SHARD, pa.array(np.full(n, sp.shard, dtype=np.int32)))
+    return table.append_column(S.POS, pa.array(np.arange(n, dtype=np.int64)))
 
 
-def _reader(source: Location, plan: dict[str, Any], shard: dict[str, Any], dups: dict[int, set[int]]):
+def _reader(fields: dict[str, Any], plan_loc: Location, shards: tuple[int, ...], source: Location):
     def read() -> Iterable[pa.Table]:
-        yield read_shard(plan, shard, dups, source)
+        yield from read_shards(fields, plan_loc, shards, source)
 
     return read
 
 
-def _read_parquet_segment(fs, f: dict, seg: dict, plan: dict, pschema: pa.Schema) -> tuple[pa.Table, dict[str, np.ndarray]]:
+def _group(index: pa.Table, pending: list[int], gz: set[int]) -> tuple[list[list[int]], dict[int, int], dict[int, set[int]]]:
+    """Read-task groups of the pending shards (a shard alone, unless it shares a ``.gz`` file with
+    others: then all of those, transitively), each shard's rows, and each shard's files."""
+    want = set(pending)
+    rows: dict[int, int] = {}
+    files: dict[int, set[int]] = {}
+    for s, f, r in zip(*(index.column(c).to_pylist() for c in ("shard", "file", "rows"))):
+        if s in want:
+            rows[s] = rows.get(s, 0) + r
+            files.setdefault(s, set()).add(f)
+    missing = want - set(rows)
+    if missing:
+        raise InputError(f"the plan has no shard {min(missing)}; the plan and the manifest disagree "
+                         "(re-plan with --fresh)")
+    parent = {s: s for s in pending}
+
+    def root(s: int) -> int:
+        while parent[s] != s:
+            parent[s] = parent[parent[s]]
+            s = parent[s]
+        return s
+
+    owner: dict[int, int] = {}
+    for s in sorted(pending):
+        for f in files[s] & gz:
+            if f in owner:
+                parent[root(s)] = root(owner[f])
+            else:
+                owner[f] = s
+    groups: dict[int, list[int]] = {}
+    for s in sorted(pending):
+        groups.setdefault(root(s), []).append(s)
+    return sorted(groups.values()), rows, files
+
+
+def _read_parquet_segment(source: Location, f: dict, seg: dict, plan: dict, pschema: pa.Schema) -> tuple[pa.Table, dict[str, np.ndarray]]:
     id_col, text_col = plan["id_column"], plan["text_column"]
     cols = list(dict.fromkeys([id_col, text_col, *plan["passthrough"]]))
     start, stop = seg["start"], seg["stop"]
-    with fs.open_input_file(f["path"]) as fh:
+    with source.fs.open_input_file(source.path(f["path"])) as fh:
         pf = pq.ParquetFile(fh)
         md = pf.metadata
         groups, first = [], None
@@ -135,25 +204,14 @@ def _read_parquet_segment(fs, f: dict, seg: dict, plan: dict, pschema: pa.Schema
     return table, {S.INVALID_ID: invalid_id, S.INVALID_TEXT: invalid_text}
 
 
-def _read_jsonl_segment(fs, f: dict, seg: dict, plan: dict, pschema: pa.Schema) -> tuple[pa.Table, dict[str, np.ndarray]]:
+def _read_jsonl_segment(lines: scan.LineSlice, f: dict, seg: dict, plan: dict, pschema: pa.Schema) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """Parse each located line with ``json`` (so every row gets its own verdict: invalid JSON, id or
+    text) and take the canonical id and text forms."""
     id_col, text_col = plan["id_column"], plan["text_column"]
-    if f["path"].endswith(".gz"):
-        import gzip
-
-        with fs.open_input_stream(f["path"]) as fh:
-            data = gzip.decompress(fh.read())[seg["byte_start"]:seg["byte_end"]]
-    else:
-        with fs.open_input_file(f["path"]) as fh:
-            fh.seek(seg["byte_start"])
-            data = fh.read(seg["byte_end"] - seg["byte_start"])
     ids, texts, rows = [], [], []
     invalid_json, invalid_id, invalid_text = [], [], []
     extra: dict[str, list] = {c: [] for c in plan["passthrough"]}
-    line_no = seg["line"]
-    for line in data.split(b"\n"):
-        if not line.strip():
-            line_no += 1
-            continue
+    for line_no, line in lines.lines():
         try:
             obj = json.loads(line)
         except ValueError:  # also UnicodeDecodeError: a line that is not UTF-8
@@ -170,10 +228,10 @@ def _read_jsonl_segment(fs, f: dict, seg: dict, plan: dict, pschema: pa.Schema) 
         rows.append(line_no)
         for c in extra:
             extra[c].append(passthrough_value(obj, c, text_col))
-        line_no += 1
     want = seg["stop"] - seg["start"]
     if len(ids) != want:
-        raise InputError(f"{f['uri']}: expected {want} documents from line {seg['line']}, found {len(ids)}; the file changed since the plan was made")
+        raise InputError(f"{f['uri']}: expected {want} documents from row {seg['start']}, found {len(ids)}; "
+                         "the file changed since the plan was made (re-plan with --fresh)")
     table = pa.table({
         S.ID: pa.array(ids, pa.string()),
         S.TEXT: pa.array(texts, pa.string()),

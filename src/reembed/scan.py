@@ -4,7 +4,7 @@ Each function takes a :class:`reembed.storage.Location` and a path relative to i
 calls it carries its storage settings with it and needs no process-wide state. None of them loops in
 Python per row: Parquet rows come from the footer, JSON Lines rows from a numpy scan of the bytes
 (newline positions; lines holding only ASCII whitespace are blank and are not rows, as in
-``plan._scan_jsonl``).
+the read stage).
 
 A JSON Lines file is cut into byte ranges (:data:`RANGE_BYTES`). A range owns the lines that *start* in
 it; :func:`count_jsonl_range` returns their number, so a plan segment is ``(file, range_start, skip,
@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from reembed.errors import InputError
+from reembed.errors import InputError, ReembedError
+from reembed.schema import id_strings
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -185,11 +186,68 @@ def read_jsonl_rows(loc: Location, path: str, range_start: int, skip: int, rows:
 
     Returns one row per document with the objects' fields as columns, plus :data:`LINE` (0-based line
     number, counting from ``first_line`` at the range's first line) and :data:`INVALID`. ``id_column``
-    is parsed so that :func:`canonical_json_ids` of it equals ``plan.json_id`` of each value. Raises
+    is parsed so that :func:`canonical_json_ids` of it equals :func:`reembed.schema.json_id` of each value. Raises
     :class:`InputError` when the file holds fewer rows than asked (it changed since the plan).
     """
     if rows <= 0:
         return _empty_rows()
+    lines, buf = _locate(loc, path, range_start, skip, rows)
+    return _parse(lines, buf, skip, rows, first_line, id_column)
+
+
+@dataclass(frozen=True)
+class LineSlice:
+    """Non-blank lines of a JSON Lines buffer, located without parsing them: line ``i`` is
+    ``buf[starts[i]:ends[i]]`` (newline excluded) and has 0-based line number ``numbers[i]`` in its file."""
+
+    buf: bytes
+    starts: np.ndarray
+    ends: np.ndarray
+    numbers: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def lines(self) -> Iterable[tuple[int, bytes]]:
+        """``(line number, line bytes)`` of each row."""
+        buf = self.buf
+        for s, e, n in zip(self.starts.tolist(), self.ends.tolist(), self.numbers.tolist()):
+            yield n, buf[s:e]
+
+
+def jsonl_slice(loc: Location, path: str, range_start: int, skip: int, rows: int, first_line: int = 0) -> LineSlice:
+    """The ``rows`` lines :func:`read_jsonl_rows` would parse, located but not parsed (for a reader that
+    parses each line itself); :class:`InputError` if the file holds fewer rows than asked."""
+    if rows <= 0:
+        return LineSlice(b"", np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    lines, buf = _locate(loc, path, range_start, skip, rows)
+    return _slice(lines, buf, skip, rows, first_line)
+
+
+def gz_line_slices(loc: Location, path: str, slices: Iterable[tuple[int, int]]) -> list[LineSlice]:
+    """Decompress a gzipped JSON Lines file once and locate, for each ``(skip, rows)``, its rows (as
+    :func:`jsonl_slice`); the slices share the one decompressed buffer."""
+    with _open_gz(loc, path) as f:
+        buf = f.read()
+    lines = _Lines(buf, final=True)
+    out = []
+    for skip, rows in slices:
+        if lines.rows < skip + rows:
+            raise InputError(
+                f"{loc.display(path)}: expected {skip + rows} documents, found {lines.rows}; "
+                "the file changed since the plan was made (re-plan with --fresh)"
+            )
+        out.append(_slice(lines, buf, skip, rows, 0))
+    return out
+
+
+def _slice(lines: "_Lines", buf: bytes, skip: int, rows: int, first_line: int) -> LineSlice:
+    lo, hi = skip, skip + rows
+    return LineSlice(buf, lines.starts[lo:hi], lines.ends[lo:hi], lines.numbers[lo:hi] + first_line)
+
+
+def _locate(loc: Location, path: str, range_start: int, skip: int, rows: int) -> tuple["_Lines", bytes]:
+    """Read from the first line at or after ``range_start`` until ``skip + rows`` non-blank lines are in."""
     with loc.fs.open_input_file(loc.path(path)) as f:
         size = f.size()
         start = _first_line_start(f, range_start, size)
@@ -206,9 +264,9 @@ def read_jsonl_rows(loc: Location, path: str, range_start: int, skip: int, rows:
     if lines.rows < skip + rows:
         raise InputError(
             f"{loc.display(path)}: expected {skip + rows} documents from byte {range_start}, found {lines.rows}; "
-            "the file changed since the plan was made (start a fresh output to re-plan)"
+            "the file changed since the plan was made (re-plan with --fresh)"
         )
-    return _parse(lines, buf, skip, rows, first_line, id_column)
+    return lines, buf
 
 
 def read_gz_slices(loc: Location, path: str, slices: Iterable[tuple[int, int]],
@@ -270,29 +328,53 @@ def jsonl_ids(loc: Location, path: str, range_start: int, range_stop: int, id_co
 
 
 def canonical_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
-    """The one hook for Arrow id canonicalisation (a Parquet id column -> string ids), delegating to
-    ``plan``'s own conversion so the planner, the scans and dedup can never disagree. JSON values go
-    through :func:`canonical_json_ids`, which delegates to ``plan.json_id``."""
-    from reembed.plan import _ids_to_string
-
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    return _ids_to_string(ids, where)
+    """String ids of an Arrow id column (invalid ids are null here: they are never duplicates)."""
+    return arrow_ids(ids, where)[0]
 
 
 def canonical_json_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
-    """String ids of a JSON id column as :func:`read_jsonl_rows` returns it, equal to ``plan.json_id``
-    applied to each parsed value."""
-    from reembed.plan import json_id
+    """String ids of a JSON id column as :func:`read_jsonl_rows` returns it, equal to
+    :func:`reembed.schema.json_id` applied to each parsed value."""
+    return json_ids(ids, where)[0]
 
+
+def arrow_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> tuple[pa.Array, np.ndarray]:
+    """The one id canonicalisation for Arrow columns (:func:`reembed.schema.id_strings`): ``(ids,
+    invalid)``; a column type that cannot hold ids is an :class:`InputError` naming ``where``."""
+    try:
+        return id_strings(ids)
+    except TypeError as e:
+        raise InputError(f"{where}: id column cannot hold ids ({e}); set input.id_column to a string or "
+                         "number column") from e
+
+
+def json_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> tuple[pa.Array, np.ndarray]:
+    """:func:`arrow_ids` for an id column parsed from JSON: objects and lists are invalid ids (as
+    :func:`reembed.schema.json_id` says of each value), not a column error."""
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks()
-    t = ids.type
-    if pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_null(t):
-        return pa.nulls(len(ids), pa.string())
-    if pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t):
-        return canonical_ids(ids, where)
-    return pa.array([json_id(v) for v in ids.to_pylist()], pa.string())
+    if pa.types.is_nested(ids.type):
+        return pa.nulls(len(ids), pa.string()), np.asarray(ids.is_valid(), dtype=bool)
+    return arrow_ids(ids, where)
+
+
+
+def run_tasks(fn: Callable[..., Any], args: list[tuple], use_ray: bool, num_cpus: float = 0.5) -> list[Any]:
+    """``[fn(*a) for a in args]``, as Ray tasks of ``num_cpus`` each when ``use_ray`` (so a small machine
+    keeps CPUs for the rest; Ray runs as many at once as the cluster's CPUs allow). A
+    :class:`ReembedError` raised in a task comes out as itself, not wrapped by Ray."""
+    if not use_ray:
+        return [fn(*a) for a in args]
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3, retry_exceptions=[OSError])(fn)
+    refs = [remote.remote(*a) for a in args]
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ReembedError):
+            raise e.cause from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -421,8 +503,8 @@ def _inferred_from_string(t: pa.DataType) -> bool:
 def _parse_slow(buf: bytes, starts: np.ndarray, ends: np.ndarray, id_column: str | None) -> pa.Table:
     """Line by line with ``json``: a line that is not a JSON object becomes a row of nulls flagged
     :data:`INVALID`; the id column, and a column whose values do not share one Arrow type, keep
-    ``plan.json_id``'s string of each value (Arrow would turn 2 beside 7.5 into 2.0)."""
-    from reembed.plan import json_id
+    :func:`reembed.schema.json_id`'s string of each value (Arrow would turn 2 beside 7.5 into 2.0)."""
+    from reembed.schema import json_id
 
     objs: list[dict] = []
     invalid: list[bool] = []
@@ -439,12 +521,12 @@ def _parse_slow(buf: bytes, starts: np.ndarray, ends: np.ndarray, id_column: str
     for k in keys:
         values = [o.get(k) for o in objs]
         if k == id_column:
-            cols[k] = pa.array([json_id(v) for v in values], pa.string())
+            cols[k] = pa.array([json_id(v)[0] for v in values], pa.string())
             continue
         try:
             cols[k] = pa.array(values)
         except (pa.ArrowException, TypeError, OverflowError):
-            cols[k] = pa.array([json_id(v) for v in values], pa.string())
+            cols[k] = pa.array([json_id(v)[0] for v in values], pa.string())
     cols[INVALID] = pa.array(invalid, pa.bool_())
     return pa.table(cols)
 
