@@ -403,11 +403,15 @@ def test_no_secret_in_pickled_filesystem_or_read_tasks(s3_env, s3_user):
     secrets = [s3_user.access_key_id.encode(), s3_user.secret_access_key.encode()]
     blob = pickle.dumps(fs)
     assert not any(s in blob for s in secrets)
-    plan = {"input_uri": f"s3://{bucket}/docs", "rows": 1, "files": [{"uri": "u", "size": 1}],
-            "shards": [{"shard": 0, "rows": 1, "segments": [{"file": 0}]}]}
-    source = storage.Location.from_uri(f"s3://{bucket}/docs", load_config(None, ["storage.region=us-east-1"]).storage)
-    no_dups = pa.table({"file": pa.array([], pa.int64()), "row": pa.array([], pa.int64())})
-    tasks = ShardDatasource(plan, [0], no_dups, source=source).get_read_tasks(1)
+    from reembed.config import InputConfig
+    from reembed.plan import make_plan
+
+    s3_env.client("s3").put_object(Bucket=bucket, Key="docs/a.jsonl", Body=b'{"id": 1, "text": "x"}\n')
+    settings = load_config(None, ["storage.region=us-east-1"]).storage
+    source = storage.Location.from_uri(f"s3://{bucket}/docs", settings)
+    out = storage.Location.from_uri(f"s3://{bucket}/out", settings)
+    plan = make_plan(InputConfig(uri=f"s3://{bucket}/docs"), 1, out.child("plan"), source=source)
+    tasks = ShardDatasource(plan, out, [0], source=source).get_read_tasks(1)
     blob = cloudpickle.dumps(tasks)
     assert not any(s in blob for s in secrets) and b"us-east-1" in blob
 
@@ -503,7 +507,7 @@ def test_run_killed_then_resumed_through_faults_keeps_ledger_exact_and_secrets_p
         proc.wait()
         kill_leftovers(ray_tmp)
     first = stored_manifest(server, bucket, "emb/v1")
-    total = len(first["plan"]["shards"])
+    total = first["plan"]["shards"]
     assert total == 12 and 2 <= len(first["shards"]) < total, f"{len(first['shards'])} of {total} committed"
 
     # What a crash can leave: a truncated shard object and a stray temporary one, neither committed.

@@ -108,7 +108,7 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
         text_column=text_column)
     pending = manifest.pending()
     if pending:
-        integrity["problems"].insert(0, f"{len(pending)} of {len(manifest.plan['shards'])} planned shards are not committed "
+        integrity["problems"].insert(0, f"{len(pending)} of {manifest.shard_count} planned shards are not committed "
                                         "yet; finish `reembed run` first")
         integrity.update(status=FAIL, message="; ".join(integrity["problems"][:5]), pending=len(pending))
     gates: dict[str, dict[str, Any]] = {"integrity": integrity}
