@@ -30,6 +30,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def committed_records(out) -> dict[str, dict]:
+    """``{"00042": record}`` of every shard committed at ``out`` (a folder or a URI), read from the commit
+    log as it stands now (safe while a job is writing); empty before anything is committed."""
+    from reembed.commits import read_state
+    from reembed.storage import Location
+
+    try:
+        return {f"{shard:05d}": rec for shard, rec in read_state(Location.from_uri(str(out))).iter_records()}
+    except FileNotFoundError:
+        return {}
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct TCP ports free on 127.0.0.1 right now (held open together, then released)."""
     with ExitStack() as stack:
@@ -271,10 +283,7 @@ def _node_loss_main(spec: dict, report_path: str) -> None:
 
 
 def _committed(out: Path) -> dict:
-    try:
-        return json.loads((out / "manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return {}
+    return committed_records(out)
 
 
 def _planned(out: Path) -> int | None:

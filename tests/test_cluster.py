@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_fixtures import REPO, run_node_loss, start_head
+from cluster_fixtures import REPO, committed_records, run_node_loss, start_head
 from conftest import make_docs, write_parquet, write_resume_corpus
 from reembed import pipeline
 from reembed.config import load_config
@@ -33,10 +33,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def committed(out: Path) -> dict:
-    try:
-        return json.loads((out / "manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return {}
+    return committed_records(out)
 
 
 def ledger(out: Path) -> tuple[Counter, Counter]:
