@@ -243,6 +243,9 @@ def _node_loss_main(spec: dict, report_path: str) -> None:
         workers = [cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1", object_store_memory=200 * 1024 * 1024)
                    for _ in range(2)]
         cluster.wait_for_nodes()
+        # The driver attaches to the head's raylet: the head is the driver's node.
+        report["head"] = cluster.head_node.node_id
+        report["workers"] = [w.node_id for w in workers]
         args = [sys.executable, str(REPO / "jobs" / "reembed.py"), "--input", spec["input"], "--output", spec["output"],
                 "--model", spec["model"], "--address", cluster.address, *spec["job_args"]]
         with open(out.parent / "driver.log", "wb") as driver_log:
