@@ -31,7 +31,7 @@ from reembed import embed, storage
 from reembed import schema as S
 from reembed.cluster import init_ray  # also reached as pipeline.init_ray by indexes.build, until it imports cluster
 from reembed.config import JobConfig, validate
-from reembed.errors import ReembedError
+from reembed.errors import ConcurrentWriteError, ReembedError
 from reembed.indexes import build as index_stage
 from reembed.manifest import Manifest, ManifestError, now, read_recorded, write_failed
 from reembed.plan import make_plan, passthrough_schema
@@ -381,7 +381,15 @@ def _write_on_workers(ds, manifest: Manifest, expected: dict[int, int], shard_sc
 
 
 def _commit(manifest: Manifest, shard: int, rec: dict[str, Any], stats: dict[str, Any], bar) -> None:
-    manifest.commit_shard(shard, rec)
+    try:
+        manifest.commit_shard(shard, rec)
+    except ConcurrentWriteError:
+        # Fenced: no job ever commits a file named with this job's epoch, so what this writer published
+        # is garbage now; remove it rather than leave it to the next claim.
+        for field in ("path", "dead_letter_path"):
+            if rec.get(field):
+                manifest.loc.delete(rec[field])
+        raise
     stats["shards_committed"] += 1
     stats["rows"] += rec["rows"]
     stats["tokens"] += rec["tokens"]
