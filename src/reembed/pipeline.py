@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DUPLICATES = "plan/duplicates.parquet"
 WRITER_CPUS = 0.25  # a writer task sorts, encodes, hashes and uploads one shard
+SUMMARY_CPUS = 0.25  # a block's {shard: rows}: tiny, but a smaller share lets Ray start dozens of workers
 WRITERS_PER_CPU = 2  # writer tasks in flight per cluster CPU (at least 4)
 LOST_PASSES = 3  # passes of one run over shards whose blocks were lost with a node
 
@@ -304,7 +305,7 @@ def _write_on_workers(ds, manifest: Manifest, expected: dict[int, int], shard_sc
     other error is raised after every writer already running has been committed or has failed."""
     import ray
 
-    summarize_block = ray.remote(num_cpus=0.01, max_retries=3)(block_shards)
+    summarize_block = ray.remote(num_cpus=SUMMARY_CPUS, max_retries=3)(block_shards)
     write_task = ray.remote(num_cpus=WRITER_CPUS, max_retries=3)(write_shard_from_blocks)
     out, epoch = manifest.loc, manifest.epoch
     router = ShardRouter(expected)
