@@ -17,6 +17,7 @@ import pytest
 
 from conftest import embedded_rows
 from reembed import schema as S
+from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (fixtures)
 from reembed.errors import ChecksumError, ManifestError, StorageError
 from reembed.storage import Location
 from reembed.write import (ShardRouter, block_shards, read_shard_table, shard_rows, write_shard,
@@ -161,3 +162,15 @@ def test_a_written_file_that_fails_its_check_is_removed(tmp_path):
         loc.publish(b"PAR1 truncated", "shards", "part-00000.parquet", verify=_verifier(6, "part-00000"))
     assert not (tmp_path / "out" / "shards" / "part-00000.parquet").exists()
     assert not list(Path(tmp_path / "out" / "shards" / "_tmp").iterdir())
+
+
+@pytest.mark.s3
+def test_on_s3_a_retried_writer_replaces_its_own_object_and_never_another_jobs(s3_env):
+    bucket = new_bucket(s3_env)
+    loc = Location.from_uri(f"s3://{bucket}/out")
+    first = write_shard_from_blocks(loc, 2, 5, SCHEMA, embedded_rows(2, 6))
+    again = write_shard_from_blocks(loc, 2, 5, SCHEMA, embedded_rows(2, 6))  # the create-only PUT meets its own
+    assert again["path"] == first["path"] == "shards/part-00002.e0005.parquet"
+    assert read_shard_table(loc, again).num_rows == first["rows"]
+    other = write_shard_from_blocks(loc, 2, 6, SCHEMA, embedded_rows(2, 6))  # a later job: its own name
+    assert other["path"] == "shards/part-00002.e0006.parquet" and loc.exists(first["path"])
