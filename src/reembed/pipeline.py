@@ -369,7 +369,10 @@ def _write_on_workers(ds, manifest: Manifest, expected: dict[int, int], shard_sc
         while summaries or writers or ready:
             settle(wait=True)
     except BaseException:
-        # Commit what the writers already running still finish, then let the error through.
+        # Commit what the writers already running still finish (starting no new ones), then let the
+        # error through.
+        ready.clear()
+        max_writers = 0
         while writers:
             try:
                 settle(wait=True)
