@@ -539,7 +539,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def _wipe(out: storage.Location) -> None:
-    for part in (SHARDS, DEAD_LETTER, "plan"):
+    from reembed.commits import LOG_DIR
+
+    for part in (SHARDS, DEAD_LETTER, "plan", LOG_DIR):
         out.delete_dir(part)
     out.delete("manifest.json")
 
