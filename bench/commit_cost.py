@@ -1,6 +1,7 @@
 """Benchmark: what one shard commit costs as the output grows, manifest.json rewrite vs the commit log.
 
-    old  ``reembed.manifest.Manifest.commit_shard``: re-reads, re-serializes and rewrites manifest.json
+    old  what ``Manifest.commit_shard`` did before the commit log: re-read, re-serialize, rewrite manifest.json
+         (``Manifest.save`` with the record added; manifest.json still reads such records as the older layout)
     new  ``reembed.commits.CommitLog.commit``: one create-only entry, plus a checkpoint part every 1,000
 
 At each size N (shards), on local disk: seconds and bytes written per commit once N - 1 shards are committed,
@@ -84,7 +85,9 @@ def bench_manifest(loc: Location, n: int, sample: int) -> dict:
     seconds, sizes = [], []
     for i in range(n - sample, n):
         t = time.perf_counter()
-        m.commit_shard(i, shard_record(i))
+        # What Manifest.commit_shard did before the commit log: add the record, rewrite manifest.json whole.
+        m.data["shards"][f"{i:05d}"] = {**shard_record(i), "committed_at": "2026-11-30T00:00:00+00:00"}
+        m.save()
         seconds.append(time.perf_counter() - t)
         sizes.append(loc.size(MANIFEST))  # the whole file is written at every commit
     t = time.perf_counter()

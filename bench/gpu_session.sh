@@ -1,6 +1,8 @@
 #!/bin/bash
-# One GPU session on the lent device machine (see bench/RESULTS.md): environment check, BGE-large-architecture
-# model build, forward-pass probe, Embedder variants, tuner, the three-way benchmark. Expects the
+# One GPU session on the lent device machine (see bench/RESULTS.md): environment check, the job's control plane
+# with a null embedder (bench/control_plane.py: workers write the shards, O(1) commits; 1k/10k/50k shards),
+# BGE-large-architecture model build, forward-pass probe, Embedder variants, tuner, the three-way benchmark
+# (its (c) is pipeline.run: the same worker-written, commit-log job path). Expects the
 # repository's .device/ folder (bundle.tar.xz with Ray etc. for Python 3.12, src/, bench/, tok/ with
 # bert-base-uncased tokenizer files) and writes everything worth keeping under $OUT (8 files at most).
 #
@@ -22,6 +24,10 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_dev
 print('transformers', transformers.__version__, 'sentence-transformers', sentence_transformers.__version__,
       'tokenizers', tokenizers.__version__, 'ray', ray.__version__, 'pyarrow', pyarrow.__version__)"; nproc; free -g; df -h /dev/shm /tmp; } >>"$LOG" 2>&1
 
+stamp "control plane (null embedder)"
+timeout "${CP_TIMEOUT:-240}" python3 "$D/bench/control_plane.py" --sizes "${CP_SIZES:-1000,10000,50000}" --shard-rows 10 \
+  --out "$W/control-plane" --tmp /dev/shm >>"$LOG" 2>&1 || stamp "control plane failed or timed out"
+
 stamp "build BGE-large-architecture model"
 python3 -c "
 from reembed.testing import bge_large_random
@@ -39,5 +45,5 @@ timeout "${BENCH_TIMEOUT:-360}" python3 "$D/bench/run_bench.py" --model bge-larg
   --out "$OUT" --mix "$MIXES" --tune --tune-budgets "${TUNE_BUDGETS:-32768,65536,131072,262144,524288}" --keep-going \
   --label "H100 BGE-large" >>"$LOG" 2>&1
 stamp "benchmark done"
-(cd "$W" && tar czf "$OUT/manifests.tgz" job-*/manifest.json tuning 2>/dev/null)
+(cd "$W" && tar czf "$OUT/manifests.tgz" job-*/manifest.json job-*/_log/_checkpoints control-plane tuning 2>/dev/null)
 stamp "end"

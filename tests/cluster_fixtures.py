@@ -30,6 +30,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def committed_records(out) -> dict[str, dict]:
+    """``{"00042": record}`` of every shard committed at ``out`` (a folder or a URI), read from the commit
+    log as it stands now (safe while a job is writing); empty before anything is committed."""
+    from reembed.commits import read_state
+    from reembed.storage import Location
+
+    try:
+        return {f"{shard:05d}": rec for shard, rec in read_state(Location.from_uri(str(out))).iter_records()}
+    except FileNotFoundError:
+        return {}
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct TCP ports free on 127.0.0.1 right now (held open together, then released)."""
     with ExitStack() as stack:
@@ -231,6 +243,9 @@ def _node_loss_main(spec: dict, report_path: str) -> None:
         workers = [cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1", object_store_memory=200 * 1024 * 1024)
                    for _ in range(2)]
         cluster.wait_for_nodes()
+        # The driver attaches to the head's raylet: the head is the driver's node.
+        report["head"] = cluster.head_node.node_id
+        report["workers"] = [w.node_id for w in workers]
         args = [sys.executable, str(REPO / "jobs" / "reembed.py"), "--input", spec["input"], "--output", spec["output"],
                 "--model", spec["model"], "--address", cluster.address, *spec["job_args"]]
         with open(out.parent / "driver.log", "wb") as driver_log:
@@ -271,10 +286,7 @@ def _node_loss_main(spec: dict, report_path: str) -> None:
 
 
 def _committed(out: Path) -> dict:
-    try:
-        return json.loads((out / "manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return {}
+    return committed_records(out)
 
 
 def _planned(out: Path) -> int | None:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_fixtures import REPO, run_node_loss, start_head
+from cluster_fixtures import REPO, committed_records, run_node_loss, start_head
 from conftest import make_docs, write_parquet, write_resume_corpus
 from reembed import pipeline
 from reembed.config import load_config
@@ -33,10 +33,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def committed(out: Path) -> dict:
-    try:
-        return json.loads((out / "manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return {}
+    return committed_records(out)
 
 
 def ledger(out: Path) -> tuple[Counter, Counter]:
@@ -58,9 +55,10 @@ def ledger(out: Path) -> tuple[Counter, Counter]:
 @pytest.mark.slow
 def test_worker_node_lost_mid_run_keeps_the_ledger_exact(tiny_model, tmp_path):
     """A head with no CPUs and two 3-CPU worker nodes; the job runs against it; once shards are being
-    committed, the worker node hosting an Embedder actor is killed (SIGKILL, no drain). Ray restarts the
-    actor on the surviving node and rebuilds the lost blocks; every input id ends up in exactly one
-    committed shard."""
+    committed, the worker node hosting an Embedder actor is killed (SIGKILL, no drain) while writer tasks
+    are writing. Ray restarts the actor on the surviving node; shards whose blocks or writer were lost are
+    embedded again; every input id ends up in exactly one committed shard, and every shard was written by
+    a task on a worker node, never on the driver's (the head's) node."""
     docs = make_docs(2400)
     write_parquet(tmp_path / "in" / "docs.parquet", docs, row_group_size=200)
     out = tmp_path / "out"
@@ -84,6 +82,10 @@ def test_worker_node_lost_mid_run_keeps_the_ledger_exact(tiny_model, tmp_path):
     assert embedded == Counter(d["id"] for d in docs), "an id is missing or committed twice"
     assert not dead
     assert sum(rec["rows"] for rec in m.committed.values()) == len(docs)
+    # Workers wrote the shards: each record names its writer, on a worker node, never the driver's.
+    writers = Counter(rec["writer"]["node"] for rec in m.committed.values())
+    assert report["head"] not in writers and set(writers) <= set(report["workers"]), (writers, report)
+    assert all(rec["writer"]["host_pid"] for rec in m.committed.values())
     # No stray shard file beside the committed ones, nothing left half-written.
     assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == sorted(
         Path(rec["path"]).name for rec in m.committed.values())

@@ -1,10 +1,12 @@
-"""The manifest without Ray: its layout and paths are checked when it is loaded, files are read on its word
-only inside the output and against their sha256, saves fence a second job, and a claim cleans up what
-killed attempts left (uncommitted shards, temporary files, empty _tmp/ folders)."""
+"""The manifest without Ray: its layout and paths are checked when it is loaded, the paths of committed
+records when they are read back from the commit log, files are read on its word only inside the output and
+against their sha256, a claim fences a second job and cleans up what killed attempts left (uncommitted
+shards, temporary files, empty _tmp/ folders), and a commit writes the same few bytes at any size."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,6 +47,22 @@ def edit(folder: Path, change) -> None:
     (folder / "manifest.json").write_text(json.dumps(data))
 
 
+def edit_record(folder: Path, shard: int, change) -> None:
+    """Change the commit-log entry that committed ``shard`` (as a hand edit or a corruption would)."""
+    for entry in sorted((folder / "_log").glob("*.json"), reverse=True):
+        data = json.loads(entry.read_text())
+        if data["kind"] == "commit" and data["shard"] == shard:
+            change(data["record"])
+            entry.write_text(json.dumps(data))
+            return
+    raise AssertionError(f"no commit entry for shard {shard}")
+
+
+def records(folder: Path) -> list[dict]:
+    """Every committed record of the output at ``folder``, read back (and so path-checked)."""
+    return list(Manifest.load(Location.from_uri(str(folder))).committed.values())
+
+
 def status_line(folder: Path, capsys) -> tuple[int, str]:
     """``reembed status`` in this process: exit code and stderr, which must be one line, no traceback."""
     rc = main(["status", str(folder)])
@@ -64,25 +82,30 @@ HOSTILE = {
 @pytest.mark.parametrize("path", HOSTILE.values(), ids=HOSTILE.keys())
 def test_a_shard_path_outside_the_output_is_refused_in_one_line(tmp_path, capsys, path):
     out = tmp_path / "out"
-    make_output(out)
-    edit(out, lambda d: d["shards"]["00001"].update(path=path))
-    with pytest.raises(ManifestError, match=r"shards.00001.path = .* points outside the output"):
-        Manifest.load(Location.from_uri(str(out)))
-    rc, line = status_line(out, capsys)
-    assert rc == 1 and "manifest.json: shards.00001.path" in line and path in line and "--fresh" in line
+    m = make_output(out)
+    edit_record(out, 1, lambda r: r.update(path=path))
+    with pytest.raises(ManifestError, match=r"shards.00001.path = .* points outside the output") as e:
+        records(out)
+    assert "\n" not in str(e.value) and path in str(e.value) and "--fresh" in str(e.value)
+    with pytest.raises(ManifestError, match="points outside the output"):
+        read_shard_table(m.loc, Manifest.load(m.loc).committed[1])
 
 
 @pytest.mark.parametrize("key, change", [
-    ("shards.00000.dead_letter_path", lambda d: d["shards"]["00000"].update(dead_letter_path="/etc/shadow")),
+    ("shards.00000.dead_letter_path", "record 0: dead_letter_path=/etc/shadow"),
+    ("shards.00003.path", lambda d: d["shards"].update({"00003": {"rows": 1, "path": "/etc/x"}})),  # older layout
     ("duplicates.path", lambda d: d["duplicates"].update(path="../elsewhere/duplicates.parquet")),
     ("stages.index.faiss.ids_path", lambda d: d.update(stages={"index": {"faiss": {"ids_path": "/tmp/x"}}})),
 ])
 def test_every_path_the_manifest_names_is_checked(tmp_path, key, change):
     out = tmp_path / "out"
     make_output(out)
-    edit(out, change)
+    if isinstance(change, str):
+        edit_record(out, 0, lambda r: r.update(dead_letter_path="/etc/shadow"))
+    else:
+        edit(out, change)
     with pytest.raises(ManifestError, match=key.replace(".", r"\.") + " = .* points outside the output"):
-        Manifest.load(Location.from_uri(str(out)))
+        records(out)
 
 
 def test_a_symlink_out_of_the_output_is_refused(tmp_path):
@@ -91,9 +114,9 @@ def test_a_symlink_out_of_the_output_is_refused(tmp_path):
     secret = tmp_path / "secret.parquet"
     secret.write_bytes(b"not yours")
     (out / "shards" / "link.parquet").symlink_to(secret)
-    edit(out, lambda d: d["shards"]["00001"].update(path="shards/link.parquet"))
+    edit_record(out, 1, lambda r: r.update(path="shards/link.parquet"))
     with pytest.raises(ManifestError, match="leads outside the output through a symbolic link"):
-        Manifest.load(m.loc)
+        records(out)
 
 
 def test_files_are_read_on_the_manifests_word_only_with_a_matching_sha256(tmp_path):
@@ -128,7 +151,7 @@ def test_a_malformed_manifest_is_one_line(tmp_path, capsys, content, words):
     elif content == "shards is a list":
         edit(out, lambda d: d.update(shards=[]))
     elif content == "record without path":
-        edit(out, lambda d: d["shards"]["00000"].pop("path"))
+        edit(out, lambda d: d["shards"].update({"00000": {"rows": 5}}))  # a record of the older layout
     else:
         (out / "manifest.json").write_text(content)
     with pytest.raises(ManifestError, match=words):
@@ -137,19 +160,47 @@ def test_a_malformed_manifest_is_one_line(tmp_path, capsys, content, words):
     assert rc == 1 and line.startswith("reembed: error: ") and words in line and "manifest.json" in line
 
 
-def test_a_save_after_another_job_saved_is_refused_and_changes_nothing(tmp_path):
+def test_a_commit_after_another_job_claimed_is_refused_and_changes_nothing(tmp_path):
     out = tmp_path / "out"
     make_output(out, commit=1)
     loc = Location.from_uri(str(out))
     a, b = Manifest.load(loc), Manifest.load(loc)
     a.commit_shard(1, write_shard(loc, 1, embedded_rows(1, 5), SCHEMA))
-    before = (out / "manifest.json").read_bytes()
-    with pytest.raises(ConcurrentWriteError, match="changed by another job"):
-        b.commit_shard(2, write_shard(loc, 2, embedded_rows(2, 5), SCHEMA))
-    assert (out / "manifest.json").read_bytes() == before and 2 not in b.committed
+    b.claim()
+    before = (out / "manifest.json").read_bytes(), sorted(p.name for p in (out / "_log").iterdir())
+    with pytest.raises(ConcurrentWriteError, match="another job has taken over this output"):
+        a.commit_shard(2, write_shard(loc, 2, embedded_rows(2, 5), SCHEMA))
+    assert ((out / "manifest.json").read_bytes(), sorted(p.name for p in (out / "_log").iterdir())) == before
+    assert 2 not in a.committed and sorted(Manifest.load(loc).committed) == [0, 1]
     with pytest.raises(ConcurrentWriteError, match="another job has taken over"):
-        b.check_current()
-    a.check_current()
+        a.check_current()
+    b.check_current()
+    with pytest.raises(ConcurrentWriteError, match="changed by another job"):
+        a.set_stage("index", {"status": "running"})  # manifest.json saves are fenced too
+
+
+def test_ten_thousand_shard_commits_each_write_the_same_few_bytes(tmp_path):
+    """A plan of 10,000 shards committed one by one: every commit writes one small entry (plus, on every
+    1,000th, one checkpoint part of bounded size), however many are committed already; manifest.json is
+    never rewritten."""
+    out = tmp_path / "out"
+    loc = Location.from_uri(str(out))
+    plan = {"shards": [{"shard": i, "rows": 5, "segments": []} for i in range(10_000)], "rows": 50_000}
+    m = Manifest.create(loc, MODEL, plan, {})
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    rec = {"rows": 5, "dead_letters": 0, "reasons": {}, "truncated": 0, "tokens": 50, "bytes": 1234,
+           "sha256": "0" * 64, "device_seconds": 0.01, "epoch": 1, "writer": {"node": "n" * 56, "pid": "h:1"}}
+    costs = []
+    for shard in range(10_000):
+        m.commit_shard(shard, {**rec, "path": f"shards/part-{shard:05d}.e0001.parquet"})
+        costs.append(m.commit_log.last_write)
+    entries = [c.bytes for c in costs if c.requests == 1]
+    assert len(entries) == 9_990 and max(entries) < 1_000 and max(entries) - min(entries) < 16
+    parts = [c.bytes for c in costs if c.requests == 2]
+    assert len(parts) == 10 and max(parts) < 2 * min(parts)  # the last part costs what the first did
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
+    again = Manifest.load(loc)
+    assert again.is_complete() and again.totals()["embedded"] == 50_000 and len(again.committed) == 10_000
 
 
 def test_claim_fences_earlier_readers_and_removes_only_leftovers(tmp_path):
@@ -169,8 +220,8 @@ def test_claim_fences_earlier_readers_and_removes_only_leftovers(tmp_path):
     claimer = Manifest.load(loc)
     assert claimer.claim("shards", "dead_letter") == 5  # 2 shards files, 2 temporary files, 1 empty _tmp/
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-00000.parquet"]
-    assert sorted(p.name for p in out.iterdir()) == [".manifest.lock", "manifest.json", "manifest.json.backup",
-                                                     "notes.txt", "plan", "shards"]
+    assert sorted(p.name for p in out.iterdir()) == [".manifest.lock", "_log", "manifest.json",
+                                                     "manifest.json.backup", "notes.txt", "plan", "shards"]
     assert [p.name for p in (out / "plan").iterdir()] == ["duplicates.parquet"]
     with pytest.raises(ConcurrentWriteError):
         early.commit_shard(1, late)  # the fenced job cannot commit what it wrote
@@ -195,25 +246,39 @@ def test_a_hostile_path_is_refused_on_s3_too(s3_env):
     m = Manifest.create(loc, MODEL, plan, {})
     m.commit_shard(0, write_shard(loc, 0, embedded_rows(0, 5), SCHEMA))
     assert read_shard_table(loc, m.committed[0]).num_rows == 5
-    data = json.loads(loc.read_bytes("manifest.json"))
-    data["shards"]["00000"]["path"] = f"s3://{bucket}-other/secrets.parquet"
-    loc.write_bytes(json.dumps(data).encode(), "manifest.json")
+    entry = "000000000001.json"  # the commit of shard 0, after the claim at seq 0
+    data = json.loads(loc.read_bytes("_log", entry))
+    data["record"]["path"] = f"s3://{bucket}-other/secrets.parquet"
+    loc.write_bytes(json.dumps(data).encode(), "_log", entry)
     with pytest.raises(ManifestError, match=r"shards.00000.path = 's3://.*-other/secrets.parquet' points outside"):
-        Manifest.load(loc)
+        list(Manifest.load(loc).committed.values())
 
 
-def test_a_save_on_a_full_disk_is_one_line_and_keeps_the_stored_manifest(small_disk):
+def test_a_save_or_commit_on_a_full_disk_is_one_line_and_keeps_what_is_stored(small_disk):
     disk, resize = small_disk
     resize("128k")
     m = make_output(disk / "out", commit=1)
     rec = write_shard(m.loc, 1, embedded_rows(1, 5), SCHEMA)
     before = (disk / "out" / "manifest.json").read_bytes()
-    m.data["runs"].append({"note": "x" * 200_000})  # a manifest too large for what is left
     with pytest.raises(StorageError) as e:
-        m.commit_shard(1, rec)
+        m.set_stage("note", {"text": "x" * 200_000})  # a manifest too large for what is left
     assert "\n" not in str(e.value) and "manifest.json: no space left on the device" in str(e.value)
     assert (disk / "out" / "manifest.json").read_bytes() == before  # the stored manifest is intact
-    assert 1 not in m.committed and not list((disk / "out").glob("manifest.json.tmp-*"))
-    m.data["runs"].pop()
+    assert not list((disk / "out").glob("manifest.json.tmp-*"))
+    del m.data["stages"]["note"]
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY)
+    for chunk in (4096, 1):  # fill the disk to the last byte
+        try:
+            while os.write(fd, b"\0" * chunk):
+                pass
+        except OSError:
+            pass
+    os.close(fd)
+    with pytest.raises(StorageError) as e:
+        m.commit_shard(1, rec)
+    assert "\n" not in str(e.value) and "_log: no space left on the device" in str(e.value)
+    assert 1 not in m.committed and not list((disk / "out" / "_log" / "_tmp").iterdir())
+    filler.unlink()
     m.commit_shard(1, rec)  # with room again, the same job goes on
     assert sorted(Manifest.load(m.loc).committed) == [0, 1]

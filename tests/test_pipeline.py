@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cluster_fixtures import committed_records
 from conftest import make_docs, write_jsonl, write_parquet, write_resume_corpus
 from reembed import pipeline
 from reembed.config import load_config
@@ -78,7 +79,7 @@ def test_multi_actor_run_equals_plain_encode(tmp_path, tiny_model, ray_local):
         np.testing.assert_allclose(got[d["id"]], r, atol=1e-5)
 
     # Plain Parquet any reader can open: fixed_size_list<float32>[32], passthrough carried, input order kept.
-    t = pq.read_table(out / "shards" / "part-00000.parquet")
+    t = pq.read_table(out / Manifest.load(Location.from_uri(str(out))).committed[0]["path"])
     etype = t.schema.field("embedding").type
     assert pa.types.is_fixed_size_list(etype) and etype.list_size == 32 and etype.value_type == pa.float32()
     assert t.column("id").to_pylist() == [d["id"] for d in docs[:25]]
@@ -92,9 +93,9 @@ def test_multi_actor_run_equals_plain_encode(tmp_path, tiny_model, ray_local):
     assert m.data["runs"][-1]["device"] == "cpu" and m.data["runs"][-1]["tokens"] > 0
 
     # A rerun of a finished job changes nothing.
-    before = json.loads((out / "manifest.json").read_text())["shards"]
+    before = committed_records(out), sorted(p.name for p in (out / "_log").iterdir())
     again = pipeline.run(cfg)
-    assert again["complete"] and json.loads((out / "manifest.json").read_text())["shards"] == before
+    assert again["complete"] and (committed_records(out), sorted(p.name for p in (out / "_log").iterdir())) == before
 
 
 def test_bad_input_reasons(tmp_path, tiny_model, ray_local):
@@ -135,7 +136,7 @@ def test_bad_input_reasons(tmp_path, tiny_model, ray_local):
     assert dups == [("a.parquet", 6), ("b.jsonl", 0)]
     bad_json = [r for r in dls if r["reason"] == "invalid_json"][0]
     assert bad_json["source_row"] == 1 and bad_json["source_file"].endswith("b.jsonl")
-    shard = pq.read_table(out / "shards" / "part-00000.parquet")
+    shard = pq.read_table(out / Manifest.load(Location.from_uri(str(out))).committed[0]["path"])
     assert shard.column("id").to_pylist() == ["ok1"]  # shard 0 = rows 0-3 of a.parquet
 
 
@@ -226,10 +227,7 @@ def test_actor_exit_mid_batch_keeps_ledger_exact(tmp_path, tiny_model, ray_local
 
 
 def _committed(out: Path) -> dict:
-    try:
-        return json.loads((out / "manifest.json").read_text())["shards"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return {}
+    return committed_records(out)
 
 
 def test_resume_after_sigkill(tmp_path, tiny_model):

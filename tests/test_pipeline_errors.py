@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from cluster_fixtures import committed_records
 from conftest import make_docs, write_jsonl, write_parquet
 from reembed import pipeline
 from reembed.cli import main
@@ -94,9 +95,10 @@ def test_temporary_files_of_killed_saves_are_cleaned_at_the_start(tmp_path, tiny
     s = pipeline.run(load_config(None, [f"input.uri={tmp_path / 'in'}", f"output.uri={out}",
                                         f"model.name={tiny_model}", "plan.shard_rows=10"]))
     assert s["complete"] and s["embedded"] == 30
-    assert sorted(p.name for p in out.iterdir()) == [".manifest.lock", "manifest.json", "plan", "shards"]
+    assert sorted(p.name for p in out.iterdir()) == [".manifest.lock", "_log", "manifest.json", "plan", "shards"]
     assert sorted(p.name for p in (out / "plan").iterdir()) == ["duplicates", "files.parquet", "segments"]
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
+    # Planning created the output (epoch 1), the run claimed it (epoch 2) and wrote its files under that epoch.
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"part-0000{i}.e0002.parquet" for i in range(3)]
 
 
 def test_an_input_error_inside_a_read_task_is_one_line(tmp_path, tiny_model, ray_local, capsys):

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cluster_fixtures import committed_records
 from conftest import make_docs
 from s3_fixtures import (FaultProxy, aws_env, fault_proxy, free_port, moto_server,  # noqa: F401 (fixtures)
                          new_bucket, s3_env, s3_user, scrubbed_environ)
@@ -88,14 +89,17 @@ def keys(server, bucket: str, prefix: str) -> list[str]:
 
 
 def stored_manifest(server, bucket: str, prefix: str) -> dict:
+    """manifest.json as stored, with ``shards`` = the records committed in the commit log as it stands."""
     try:
         body = server.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read()
     except Exception:
         return {}
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except ValueError:
         return {}
+    data["shards"] = committed_records(f"s3://{bucket}/{prefix}")
+    return data
 
 
 def s3_ledger(out_uri: str) -> tuple[Counter, Counter]:
@@ -344,10 +348,13 @@ def test_manifest_on_s3_lets_only_one_job_commit(s3_env):
 
     b = Manifest.load(loc)
     a.commit_shard(0, {"path": "shards/part-00000.parquet", "rows": 1, "dead_letters": 0})
-    with pytest.raises(ConcurrentWriteError, match="changed by another job since this job read it"):
-        b.commit_shard(1, {"path": "shards/part-00001.parquet", "rows": 1, "dead_letters": 0})
-    assert 1 not in b.committed  # the failed commit is not kept in memory either
+    b.claim()
+    with pytest.raises(ConcurrentWriteError, match="another job has taken over this output"):
+        a.commit_shard(1, {"path": "shards/part-00001.parquet", "rows": 1, "dead_letters": 0})
+    assert 1 not in a.committed  # the failed commit is not kept in memory either
     assert sorted(Manifest.load(loc).committed) == [0]
+    with pytest.raises(ConcurrentWriteError, match="changed by another job since this job read it"):
+        a.set_stage("index", {})  # manifest.json saves are fenced by the claim's save too
 
     # A claim fences every job that read the manifest before it, and removes uncommitted leftovers.
     loc.write_bytes(b"partial", "shards", "part-00002.parquet")
@@ -495,8 +502,8 @@ def test_run_killed_then_resumed_through_faults_keeps_ledger_exact_and_secrets_p
     env = job_env(s3_user, fault_proxy.endpoint, ray_tmp)
     logs = {name: open(tmp_path / name, "w+") for name in ("run1.out", "run1.err", "run2.out", "run2.err")}
 
-    # Run 1, killed with SIGKILL after two commits (each manifest write is slowed down to make room).
-    fault_proxy.add("PUT", r"/emb/v1/manifest\.json", times=10**6, status=0, delay=0.4)
+    # Run 1, killed with SIGKILL after two commits (each commit-log write is slowed down to make room).
+    fault_proxy.add("PUT", r"/emb/v1/_log/0", times=10**6, status=0, delay=0.4)
     proc = subprocess.Popen([sys.executable, "-m", "reembed", *run_args(inp, out, tiny_model)], env=env,
                             stdout=logs["run1.out"], stderr=logs["run1.err"], start_new_session=True)
     try:
@@ -521,13 +528,13 @@ def test_run_killed_then_resumed_through_faults_keeps_ledger_exact_and_secrets_p
     assert rc == 0 and Manifest.load(storage.Location.from_uri(out)).pending()
     assert pending in Manifest.load(storage.Location.from_uri(out)).pending()
 
-    # Run 2 resumes through throttling and 5xx on writes, a manifest write whose answer is lost, and 5xx
-    # on reads of the input in the Ray workers.
+    # Run 2 resumes through throttling and 5xx on writes (the claim's manifest save included), a commit
+    # whose answer is lost, and 5xx on reads of the input in the Ray workers.
     fault_proxy.clear()
     fault_proxy.add("PUT", r"/emb/v1/shards/part-", times=3, status=503, code="SlowDown")
     fault_proxy.add("PUT", r"/emb/v1/dead_letter/part-", times=1, status=500, code="InternalError")
     fault_proxy.add("PUT", r"/emb/v1/manifest\.json", times=2, status=500, code="InternalError")
-    fault_proxy.add("PUT", r"/emb/v1/manifest\.json", times=1, status=503, code="SlowDown", after_forward=True)
+    fault_proxy.add("PUT", r"/emb/v1/_log/0", skip=1, times=1, status=503, code="SlowDown", after_forward=True)
     fault_proxy.add("GET", r"/docs/a\.parquet", times=2, status=503, code="SlowDown")
     dump = tmp_path / "runtime_env.json"
     rerun = subprocess.run([sys.executable, "-c", DRIVER, str(dump), *run_args(inp, out, tiny_model)], env=env,
@@ -578,11 +585,11 @@ def test_two_jobs_on_one_output_commit_each_shard_exactly_once(s3_env, s3_user, 
     docs = corpus(400)
     put_corpus(server, bucket, "docs", docs)
     inp, out = f"s3://{bucket}/docs/", f"s3://{bucket}/emb"
-    proxies = {j: FaultProxy(server.endpoint, keep_bodies=r"/emb/manifest\.json") for j in "ab"}
+    proxies = {j: FaultProxy(server.endpoint, keep_bodies=r"/emb/_log/0") for j in "ab"}
     tmps = {j: tempfile.mkdtemp(prefix=f"rs3{j}-", dir="/tmp") for j in "ab"}
     released = threading.Event()
-    # Job a commits its first shard, then stalls while writing its second: job b starts, claims the output
-    # and works; then a's write goes through, late, and a tries to commit it.
+    # Job a's second shard write stalls (a's other writers go on): job b starts, claims the output and
+    # works; then a's write goes through, late, and a tries to commit it.
     held = proxies["a"].add("PUT", r"/emb/shards/part-", skip=1, times=1, status=0, hold=released)
     procs, err = {}, {}
     try:
@@ -623,22 +630,19 @@ def test_two_jobs_on_one_output_commit_each_shard_exactly_once(s3_env, s3_user, 
     assert_ledger_exact(out, docs)
     assert sorted(keys(server, bucket, "emb/shards/") + keys(server, bucket, "emb/dead_letter/")) == committed_keys(final, "emb")
 
-    # Every successful manifest write, from either job, in order: each shard appears once and never changes.
-    writes = sorted(((s.at, j, json.loads(s.body)) for j in "ab" for s in proxies[j].successes("PUT", r"manifest\.json")),
-                    key=lambda w: w[0])
-    first_seen: dict[str, dict] = {}
-    by_job = Counter()
-    for _, job, body in writes:
-        for k, rec in body["shards"].items():
-            if k not in first_seen:
-                first_seen[k] = rec
-                by_job[job] += 1
-            assert rec == first_seen[k], f"shard {k} was committed twice"
-    assert first_seen == final["shards"]
-    assert by_job["a"] == 1 and by_job["b"] == 7
-    # b met a's late, uncommitted object at a shard's key, removed it and wrote its own
-    assert proxies["b"].count("PUT", r"/emb/shards/part-") == 7 + 1
-    assert proxies["b"].count("DELETE", r"/emb/shards/part-") >= 1
+    # Every commit-log entry that landed, from either job: each shard committed once, by one job.
+    entries = [json.loads(s.body) for j in "ab" for s in proxies[j].successes("PUT", r"/emb/_log/0")]
+    commits = [e for e in entries if e["kind"] == "commit"]
+    assert Counter(e["shard"] for e in commits) == Counter(range(8)), "a shard was committed twice or never"
+    assert {f"{e['shard']:05d}": e["record"] for e in commits} == final["shards"]
+    # a's writers run side by side, so a commits every shard but the held one before b claims, or some
+    # of them; b commits the rest, the held one included.
+    by_epoch = Counter(e["epoch"] for e in commits)
+    assert len(by_epoch) == 2 and min(by_epoch.values()) >= 1, by_epoch
+    b_epoch = max(by_epoch)
+    # b never met a's late object (it is named by a's epoch); a, fenced, removed it itself
+    assert proxies["b"].count("PUT", r"/emb/shards/part-") == by_epoch[b_epoch]
+    assert proxies["a"].count("DELETE", r"/emb/shards/part-") >= 1
 
 
 # -- secrets at the highest verbosity -------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The shard writer without Ray: assembling shards from blocks in any order, and writing one (schema,
-temporary name, check, publish), including on a disk that fills up mid-write."""
+"""The shard writer without Ray: routing blocks to shards in any order and gathering a shard's rows from its
+blocks, and writing one (schema, temporary name with the job's epoch, check, publish), including on a disk
+that fills up mid-write."""
 
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ import pytest
 
 from conftest import embedded_rows
 from reembed import schema as S
+from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (fixtures)
 from reembed.errors import ChecksumError, ManifestError, StorageError
 from reembed.storage import Location
-from reembed.write import ShardAssembler, read_shard_table, write_shard
+from reembed.write import (ShardRouter, block_shards, read_shard_table, shard_rows, write_shard,
+                           write_shard_from_blocks)
 
 DIM = 4
 SCHEMA = S.shard_schema(DIM, pa.schema([pa.field("lang", pa.string())]))
 
 
-def test_assembler_hands_out_each_shard_once_complete_whatever_the_block_order():
+def test_router_hands_out_each_shard_once_complete_whatever_the_block_order():
     sizes = {0: 7, 1: 1, 2: 13, 5: 4}
     rows = pa.concat_tables([embedded_rows(s, n) for s, n in sizes.items()])
     # Blocks of mixed shards and sizes, shuffled: the order the actor pool returns them in is arbitrary.
@@ -34,26 +37,44 @@ def test_assembler_hands_out_each_shard_once_complete_whatever_the_block_order()
     cuts = sorted(random.Random(4).sample(range(1, rows.num_rows), 6))
     blocks = [rows.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, rows.num_rows])]
 
-    assembler = ShardAssembler(sizes)
+    router = ShardRouter(sizes)
     done = {}
-    for block in blocks:
-        for shard, table in assembler.add(block):
+    for i, block in enumerate(blocks):  # the driver routes by a block's key and its {shard: rows} only
+        for shard, keys in router.add(i, block_shards(block)):
             assert shard not in done
-            done[shard] = table
-    assert sorted(done) == sorted(sizes) and assembler.incomplete == {}
+            done[shard] = shard_rows(shard, [blocks[k] for k in keys])
+    assert sorted(done) == sorted(sizes) and router.incomplete == {}
     for shard, table in done.items():
         assert table.num_rows == sizes[shard]
         assert sorted(table.column(S.POS).to_pylist()) == list(range(sizes[shard]))
         assert set(table.column(S.SHARD).to_pylist()) == {shard}
 
 
-def test_assembler_refuses_rows_it_was_not_waiting_for():
-    assembler = ShardAssembler({0: 3})
-    assert assembler.add(embedded_rows(0, 2)) == [] and assembler.incomplete == {0: 2}
+def test_router_refuses_rows_it_was_not_waiting_for_and_forgets_a_lost_shard():
+    router = ShardRouter({0: 3})
+    assert router.add("a", block_shards(embedded_rows(0, 2))) == [] and router.incomplete == {0: 2}
     with pytest.raises(RuntimeError, match="shard 0: received 4 rows, planned 3"):
-        assembler.add(embedded_rows(0, 2))
+        router.add("b", block_shards(embedded_rows(0, 2)))
     with pytest.raises(RuntimeError, match="shard 7.*not pending"):
-        ShardAssembler({0: 3}).add(embedded_rows(7, 1))
+        ShardRouter({0: 3}).add("c", block_shards(embedded_rows(7, 1)))
+    router = ShardRouter({0: 3})
+    router.add("a", {0: 2})
+    router.forget(0, 3)  # its blocks were lost: it must come again whole
+    assert router.incomplete == {0: 0} and router.add("b", {0: 3}) == [(0, ["b"])]
+
+
+def test_a_writer_gathers_its_shard_from_mixed_blocks_names_the_file_by_epoch_and_says_where_it_ran(tmp_path):
+    loc = Location.from_uri(str(tmp_path / "out"))
+    rows = pa.concat_tables([embedded_rows(4, 6), embedded_rows(5, 3)])
+    blocks = [rows.slice(0, 4), rows.slice(4, 5)]  # the second block holds rows of shards 4 and 5
+    rec = write_shard_from_blocks(loc, 4, 7, SCHEMA, *blocks)
+    assert rec["path"] == "shards/part-00004.e0007.parquet" and rec["epoch"] == 7
+    assert rec["writer"]["host_pid"].endswith(f":{os.getpid()}")
+    table = read_shard_table(loc, rec)
+    assert table.num_rows + rec["dead_letters"] == 6 and set(table.column("id").to_pylist()) <= {
+        r for r in embedded_rows(4, 6).column("id").to_pylist()}
+    again = write_shard_from_blocks(loc, 4, 7, SCHEMA, *blocks)  # a retried writer replaces its own file
+    assert again["sha256"] == rec["sha256"] and read_shard_table(loc, again).num_rows == table.num_rows
 
 
 def test_write_shard_sorts_splits_dead_letters_and_records_what_it_published(tmp_path):
@@ -141,3 +162,15 @@ def test_a_written_file_that_fails_its_check_is_removed(tmp_path):
         loc.publish(b"PAR1 truncated", "shards", "part-00000.parquet", verify=_verifier(6, "part-00000"))
     assert not (tmp_path / "out" / "shards" / "part-00000.parquet").exists()
     assert not list(Path(tmp_path / "out" / "shards" / "_tmp").iterdir())
+
+
+@pytest.mark.s3
+def test_on_s3_a_retried_writer_replaces_its_own_object_and_never_another_jobs(s3_env):
+    bucket = new_bucket(s3_env)
+    loc = Location.from_uri(f"s3://{bucket}/out")
+    first = write_shard_from_blocks(loc, 2, 5, SCHEMA, embedded_rows(2, 6))
+    again = write_shard_from_blocks(loc, 2, 5, SCHEMA, embedded_rows(2, 6))  # the create-only PUT meets its own
+    assert again["path"] == first["path"] == "shards/part-00002.e0005.parquet"
+    assert read_shard_table(loc, again).num_rows == first["rows"]
+    other = write_shard_from_blocks(loc, 2, 6, SCHEMA, embedded_rows(2, 6))  # a later job: its own name
+    assert other["path"] == "shards/part-00002.e0006.parquet" and loc.exists(first["path"])

@@ -315,11 +315,11 @@ class CommitLog:
         tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{self.writer}")
         fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
         try:
-            if os.write(fd, body) != len(body):
-                raise ManifestError(f"{target}: short write to the commit log (disk full?)")
-        finally:
-            os.close(fd)
-        try:
+            try:
+                if os.write(fd, body) != len(body):
+                    raise ManifestError(f"{target}: short write to the commit log (disk full?)")
+            finally:
+                os.close(fd)
             os.link(tmp, target)
             return True
         except FileExistsError:

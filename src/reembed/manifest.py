@@ -1,24 +1,31 @@
-"""The checkpoint manifest: ``OUTPUT/manifest.json``.
+"""The checkpoint manifest: ``OUTPUT/manifest.json`` plus the commit log ``OUTPUT/_log/``.
 
-It holds the model's identity and fingerprint, the plan, and one record per committed shard. A shard is
-done only when the manifest says so; everything else under ``shards/`` is recomputed on resume. Every
-save rewrites the whole file atomically and bumps ``generation``; a save that finds the stored manifest
-changed since this job read it (another job wrote meanwhile) is refused with :class:`ConcurrentWriteError`
-and overwrites nothing. On S3 that check is the write itself: ``If-None-Match: *`` for the first save,
-``If-Match: <ETag read or last written>`` for every later one. Elsewhere the generation is compared under
-an advisory lock (local filesystems) or, on other object stores, just before the write.
+``manifest.json`` holds the model's identity and fingerprint, the plan, the duplicates file and the
+progress of later stages; it is written when the output is created, when a job claims it, and when a
+stage records progress, never per shard. Every shard commit and every run record is one small
+create-only entry of the commit log (:mod:`reembed.commits`): a commit costs O(1) at any number of
+shards, and the log's compacted checkpoint parts are what a resume or ``status`` reads back. A shard is
+done only when the log says so; everything else under ``shards/`` is recomputed on resume.
 
-Before a job writes shards it claims the output (:meth:`Manifest.claim`): one conditional save that fences
-every job that read the manifest earlier (their next save fails), after which files under ``shards/`` and
-``dead_letter/`` that no committed record names are leftovers and can be deleted safely.
+manifest.json saves still bump ``generation`` and are refused with :class:`ConcurrentWriteError` when the
+stored file changed since this job read it (on S3: ``If-None-Match: *`` / ``If-Match: <ETag>``; local
+filesystems: the generation compared under an advisory lock).
 
-Every path in a manifest is relative to the output and must stay inside it: :meth:`Manifest.load` refuses a
-manifest that names ``../x``, ``/etc/passwd`` or another bucket's URI, and :func:`read_recorded` (the one
+Before a job writes shards it claims the output (:meth:`Manifest.claim`): a ``claim`` entry with a new
+epoch (every job holding an older epoch fails at its next commit, and none of its commits landing after
+the claim counts), then a manifest.json save. Only after the claim is the committed state read and the
+files under ``shards/`` and ``dead_letter/`` that no committed record names deleted as leftovers. Shard
+files carry the writing job's epoch in their name (``part-00042.e0003.parquet``), so a fenced job's late
+write can never replace a committed file.
+
+Every path in a manifest or a commit record is relative to the output and must stay inside it:
+:meth:`Manifest.load` refuses a manifest that names ``../x``, ``/etc/passwd`` or another bucket's URI, the
+committed records are checked the same way when they are read back, and :func:`read_recorded` (the one
 way a file is read on a manifest's word) checks the path again and the bytes against their sha256. This
 holds for the ``path`` / ``*_path`` entries a later stage records under ``stages`` too: a stage that must
 remember a file outside the output records it under another name (a URI the user gave, say ``target``).
 
-Layout::
+Layout of manifest.json::
 
     {
       "format": 1, "generation": 7, "created_at": ..., "updated_at": ...,
@@ -27,12 +34,15 @@ Layout::
       "plan": {... a summary, see plan.make_plan; "store" names the plan's Parquet files under plan/
                with their sha256: files, segments parts, duplicates parts ...},
       "duplicates": {"rows": N, "mode": "hash" | "none"},
-      "shards": {"00042": {"rows", "dead_letters", "reasons", "truncated", "bytes", "sha256", "path",
-                           "dead_letter_path", "dead_letter_bytes", "dead_letter_sha256", "tokens",
-                           "device_seconds", "committed_at"}},
-      "runs": [{"started_at", "finished_at", "wall_seconds", "device", "device_count", ...}],
+      "shards": {},   # records of outputs written before the commit log (read, never written)
+      "runs": [],     # idem; runs are log entries now (Manifest.data["runs"] lists both)
       "stages": {"index": {...}}   # later stages record their own progress here
     }
+
+A shard record (a commit entry's ``record``): ``rows``, ``dead_letters``, ``reasons``, ``truncated``,
+``bytes``, ``sha256``, ``path``, ``dead_letter_path``, ``dead_letter_bytes``, ``dead_letter_sha256``,
+``tokens``, ``device_seconds``, ``epoch``, ``writer`` (node id and host:pid of the task that wrote it),
+``committed_at``.
 """
 
 from __future__ import annotations
@@ -46,9 +56,11 @@ import logging
 import os
 import posixpath
 import re
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 from reembed import storage
+from reembed.commits import CommitLog, State, read_state
 from reembed.errors import ChecksumError, ConcurrentWriteError, ManifestError, StorageError  # noqa: F401 (re-exported)
 from reembed.storage import Location
 
@@ -62,18 +74,25 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def shard_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
+def shard_name(shard: int, epoch: int | None = None) -> str:
+    """``part-00042.parquet``, or with the writing job's epoch ``part-00042.e0003.parquet``."""
+    return f"part-{shard:05d}.parquet" if epoch is None else f"part-{shard:05d}.e{epoch:04d}.parquet"
 
 
 class Manifest:
     """An in-memory manifest bound to an output location."""
 
-    def __init__(self, loc: Location, data: dict[str, Any], version: str | None = None):
+    def __init__(self, loc: Location, data: dict[str, Any], version: str | None = None,
+                 clog: CommitLog | None = None):
         self.loc = loc
         self.data = data
         # Object stores with conditional writes: the ETag of the manifest this job last read or wrote.
         self._version = version
+        self._log = clog  # this job's handle on the commit log (None until there is a log)
+        self._legacy_runs = list(data.get("runs", []))  # runs recorded in manifest.json by older versions
+        self._state: State | None = None  # the log's committed state as last read (dropped on commit)
+        self._records: dict[int, dict[str, Any]] | None = None
+        self._refresh_runs()
 
     # -- load / save ---------------------------------------------------------------------------------
 
@@ -95,7 +114,12 @@ class Manifest:
             raise ManifestError(f"{loc.display(MANIFEST)}: not valid JSON ({e}); restore it or start a fresh "
                                 "output (--fresh)") from e
         check_layout(loc, data)
-        return cls(loc, data, version)
+        clog = CommitLog.open(loc)
+        if clog is not None:
+            # Optimistic, as manifest.json saves are: this object may commit under the epoch current now,
+            # until another job claims the output. A job that writes shards claims first (claim()).
+            clog.epoch = clog.latest_epoch
+        return cls(loc, data, version, clog)
 
     @classmethod
     def create(cls, loc: Location, model: dict[str, Any], plan: dict[str, Any], duplicates: dict[str, Any]) -> "Manifest":
@@ -114,6 +138,7 @@ class Manifest:
         }
         m = cls(loc, data)
         m.save()
+        m._log = CommitLog.create(loc)
         return m
 
     def save(self) -> None:
@@ -132,7 +157,7 @@ class Manifest:
             self.data["generation"] = mine + 1
             self.data["updated_at"] = now()
             try:
-                self.loc.write_bytes(json.dumps(self.data, indent=1, sort_keys=False).encode(), MANIFEST)
+                self.loc.write_bytes(self._body(), MANIFEST)
             except OSError as e:
                 self.data["generation"] = mine
                 raise write_failed(e, self.loc.display(MANIFEST)) from e
@@ -144,7 +169,7 @@ class Manifest:
         mine = self.data["generation"]
         self.data["generation"] = mine + 1
         self.data["updated_at"] = now()
-        body = json.dumps(self.data, indent=1, sort_keys=False).encode()
+        body = self._body()
         try:
             self._version = self.loc.write_if(body, MANIFEST, version=self._version)
         except storage.VersionConflict as e:
@@ -158,9 +183,24 @@ class Manifest:
             self.data["generation"] = mine
             raise
 
+    def _body(self) -> bytes:
+        # Runs live in the commit log; manifest.json keeps only those an older version recorded there.
+        return json.dumps({**self.data, "runs": self._legacy_runs}, indent=1, sort_keys=False).encode()
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch this job holds on the commit log (None before there is a log)."""
+        return self._log.epoch if self._log is not None else None
+
+    @property
+    def commit_log(self) -> CommitLog | None:
+        return self._log
+
     def check_current(self) -> None:
-        """Raise :class:`ConcurrentWriteError` unless the stored manifest is still the one this job last
-        read or wrote (no other job has taken the output over since)."""
+        """Raise :class:`ConcurrentWriteError` unless no other job has taken the output over since this
+        job last wrote: no newer claim in the commit log, and manifest.json as this job last read it."""
+        if self._log is not None:
+            self._log.check_current()
         if self.loc.conditional_writes:
             stored, mine = self.loc.version(MANIFEST), self._version
         else:
@@ -174,16 +214,21 @@ class Manifest:
     def claim(self, *folders: str) -> int:
         """Take over the output before writing to it, and remove what crashed or fenced jobs left behind.
 
-        Lists the files under ``folders`` that no committed record names, then saves the manifest
-        conditionally: from that moment every other job that read the manifest earlier fails at its next
-        save. Only then are the listed leftovers deleted, so no object that any job could still commit
-        is ever removed (a record naming one would have to be saved after this claim, which fails).
-        Returns how many files were removed.
+        Claims first: a ``claim`` entry with the next epoch in the commit log (from then on no commit of
+        an older job counts), then a conditional manifest.json save (an older job's next save fails).
+        Only then is the committed state read and every file under ``folders`` that no committed record
+        names deleted: no object any job could still commit is ever removed. Returns how many files
+        were removed.
         """
+        if self._log is None:
+            self._log = CommitLog.create(self.loc)  # an output whose log was never started
+        else:
+            self._log.claim()
+        self.save()
+        self._forget()
         keep = self._committed_paths()
         leftovers = [i.path for folder in folders for i in self.loc.list(folder, recursive=True)
                      if self._relative(i.path) not in keep]
-        self.save()
         for path in leftovers:
             self.loc.delete_path(path)
         return len(leftovers) + self.clean_temp(*folders)
@@ -220,23 +265,23 @@ class Manifest:
 
     def discard_uncommitted(self, shard: int, *folders: str) -> int:
         """Delete the files of ``shard`` under ``folders`` that are not committed, after checking that this
-        job still holds the output: a job fenced by :meth:`claim` may write one shard late, and its object
-        must make way for this job's. Returns how many files were removed."""
+        job still holds the output. Returns how many files were removed."""
         self.check_current()
         keep = self._committed_paths()
-        name = shard_name(shard)
+        prefix = f"part-{shard:05d}."
         removed = 0
         for folder in folders:
             for info in self.loc.list(folder, recursive=True):
                 rel = self._relative(info.path)
-                if rel not in keep and (rel == f"{folder}/{name}" or rel.startswith(f"{folder}/_tmp/{name}.")):
+                name = posixpath.basename(rel)
+                if rel not in keep and name.startswith(prefix):
                     self.loc.delete_path(info.path)
                     removed += 1
         return removed
 
     def _committed_paths(self) -> set[str]:
         paths = set()
-        for rec in self.data["shards"].values():
+        for rec in self.committed.values():
             paths.add(rec["path"])
             if rec.get("dead_letter_path"):
                 paths.add(rec["dead_letter_path"])
@@ -266,8 +311,10 @@ class Manifest:
         return self.data["plan"]
 
     @property
-    def committed(self) -> dict[int, dict[str, Any]]:
-        return {int(k): v for k, v in self.data["shards"].items()}
+    def committed(self) -> "Committed":
+        """shard -> record of every committed shard: a read-only mapping whose ``in`` and ``len`` come
+        from the log's arrays; the records themselves are read (and their paths checked) on first use."""
+        return Committed(self)
 
     @property
     def shard_count(self) -> int:
@@ -284,42 +331,98 @@ class Manifest:
 
     def totals(self) -> dict[str, Any]:
         """Rows embedded and dead-lettered (per reason) over the committed shards."""
-        reasons: dict[str, int] = {}
-        rows = dead = truncated = tokens = size = 0
-        device_s = 0.0
-        for rec in self.committed.values():
-            rows += rec["rows"]
-            dead += rec["dead_letters"]
-            truncated += rec.get("truncated", 0)
-            tokens += rec.get("tokens", 0)
-            size += rec.get("bytes", 0)
-            device_s += rec.get("device_seconds", 0.0)
+        state = self.state()
+        legacy = {int(k): v for k, v in self.data["shards"].items() if int(k) not in state}
+        t = dict(state.totals, reasons=dict(state.totals["reasons"]))
+        for rec in legacy.values():
+            t["embedded"] += rec["rows"]
+            t["dead_lettered"] += rec["dead_letters"]
+            t["truncated"] += rec.get("truncated", 0)
+            t["tokens"] += rec.get("tokens", 0)
+            t["bytes"] += rec.get("bytes", 0)
+            t["device_seconds"] += rec.get("device_seconds", 0.0)
             for k, v in rec.get("reasons", {}).items():
-                reasons[k] = reasons.get(k, 0) + v
-        return {"embedded": rows, "dead_lettered": dead, "reasons": reasons, "truncated": truncated,
-                "tokens": tokens, "bytes": size, "device_seconds": device_s}
+                t["reasons"][k] = t["reasons"].get(k, 0) + v
+        return t
+
+    def state(self) -> State:
+        """The commit log's state, read once and kept until this job commits again."""
+        if self._state is None:
+            self._state = read_state(self.loc)
+        return self._state
+
+    def _records_by_shard(self) -> dict[int, dict[str, Any]]:
+        if self._records is None:
+            records = {int(k): v for k, v in self.data["shards"].items()}
+            for shard, rec in self.state().iter_records():
+                for field in _PATH_FIELDS:
+                    if rec.get(field) is not None:
+                        inside_output(self.loc, rec[field], f"shards.{shard:05d}.{field}")
+                records[shard] = rec
+            self._records = records
+        return self._records
+
+    def _forget(self) -> None:
+        self._state = None
+        self._records = None
+
+    def _refresh_runs(self) -> None:
+        state = read_state(self.loc) if self._log is not None else None
+        self._state = state
+        self.data["runs"] = self._legacy_runs + (list(state.runs) if state is not None else [])
 
     # -- updates -------------------------------------------------------------------------------------
 
     def commit_shard(self, shard: int, record: dict[str, Any]) -> None:
+        """Commit ``shard`` with ``record``: one create-only entry in the commit log, O(1) at any size.
+        Refused with :class:`ConcurrentWriteError` (nothing written) once another job has claimed the
+        output, and with :class:`ManifestError` for a record path outside the output."""
         for field in _PATH_FIELDS:
-            if field in record:
+            if record.get(field) is not None:
                 inside_output(self.loc, record[field], f"shards.{shard:05d}.{field}")
-        record = {**record, "committed_at": now()}
-        self.data["shards"][f"{shard:05d}"] = record
         try:
-            self.save()
-        except BaseException:
-            self.data["shards"].pop(f"{shard:05d}", None)
-            raise
+            if self._log is None:
+                self._log = CommitLog.create(self.loc)
+            self._log.commit(shard, {**record, "committed_at": now()})
+        except OSError as e:
+            raise write_failed(e, self.loc.display("_log")) from e
+        finally:
+            self._forget()
 
     def record_run(self, run: dict[str, Any]) -> None:
+        if self._log is None:
+            self._log = CommitLog.create(self.loc)
+        self._log.record_run(run)
         self.data["runs"].append(run)
-        self.save()
 
     def set_stage(self, name: str, state: dict[str, Any]) -> None:
         self.data.setdefault("stages", {})[name] = state
         self.save()
+
+
+class Committed(Mapping):
+    """The committed shards of a :class:`Manifest` (see :attr:`Manifest.committed`)."""
+
+    def __init__(self, manifest: Manifest):
+        self._m = manifest
+        self._state = manifest.state()
+        self._legacy = {int(k) for k in manifest.data["shards"]}
+
+    def __contains__(self, shard: object) -> bool:
+        return shard in self._state or shard in self._legacy
+
+    def __len__(self) -> int:
+        return len(self._state) + len(self._legacy.difference(self._state.shards.tolist())) if self._legacy \
+            else len(self._state)
+
+    def __iter__(self) -> Iterator[int]:
+        shards = set(self._state.shards.tolist()) | self._legacy if self._legacy else self._state.shards.tolist()
+        return iter(sorted(shards))
+
+    def __getitem__(self, shard: int) -> dict[str, Any]:
+        if shard not in self:
+            raise KeyError(shard)
+        return self._m._records_by_shard()[shard]
 
 
 def inside_output(loc: Location, rel: Any, key: str) -> str:

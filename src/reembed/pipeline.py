@@ -1,7 +1,14 @@
-"""The re-embedding job: plan -> Ray Data read -> Embedder actor pool -> shard writer -> manifest commit.
+"""The re-embedding job: plan -> Ray Data read -> Embedder actor pool -> shard writer tasks -> commit.
 
 ``run(cfg)`` is the whole job. Running it again on the same output resumes: committed shards are
 skipped, the rest are recomputed, and the result is the same as an uninterrupted run.
+
+Vectors never pass through the driver. It iterates the embedded blocks' references, learns from a tiny
+task per block which shards the block holds (:func:`write.block_shards`), and once a shard's rows are
+all embedded launches a writer task on its blocks (:func:`write.write_shard_from_blocks`), which Ray
+schedules next to them; the driver receives the small record and commits it to the commit log (one
+create-only entry, O(1) at any size). A shard whose blocks were lost with a node is embedded again in
+another pass of the same run.
 """
 
 from __future__ import annotations
@@ -22,17 +29,26 @@ from reembed import embed, plan_store, storage
 from reembed import schema as S
 from reembed.cluster import init_ray  # also reached as pipeline.init_ray by indexes.build, until it imports cluster
 from reembed.config import JobConfig, validate
-from reembed.errors import ReembedError
+from reembed.errors import ConcurrentWriteError, ReembedError
 from reembed.indexes import build as index_stage
 from reembed.manifest import Manifest, ManifestError, now, read_recorded, write_failed
 from reembed.plan import PLAN_DIR, check_input, input_location, make_plan, passthrough_schema
-from reembed.write import DEAD_LETTER, SHARDS, ShardAssembler, write_shard
+from reembed.write import DEAD_LETTER, SHARDS, ShardRouter, block_shards, write_shard_from_blocks
 
 log = logging.getLogger(__name__)
 
+WRITER_CPUS = 0.25  # a writer task sorts, encodes, hashes and uploads one shard
+SUMMARY_CPUS = 0.25  # a block's {shard: rows}: tiny, but a smaller share lets Ray start dozens of workers
+WRITERS_PER_CPU = 2  # writer tasks in flight per cluster CPU (at least 4)
+LOST_PASSES = 3  # passes of one run over shards whose blocks were lost with a node
 
-def run(cfg: JobConfig) -> dict[str, Any]:
+
+def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
     """Re-embed every document under ``cfg.input.uri`` into ``cfg.output.uri``; returns the summary.
+
+    ``embedder`` replaces :class:`embed.Embedder` in the actor pool (a class with its constructor's
+    keyword arguments and a ``describe(cfg)`` classmethod giving the model record): the benchmarks'
+    null embedder runs the real read -> pool -> writer -> commit path without a model.
 
     Every error a user can cause comes out as a :class:`ReembedError` of its own class, also when it was
     raised inside a Ray task (Ray's wrappers are taken off, see :func:`surface`).
@@ -45,7 +61,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     if cfg.output.fresh:
         _wipe(out)
 
-    model_info = inspect_model(cfg)  # the model check comes first, without Ray
+    model_info = inspect_model(cfg) if embedder is None else embedder.describe(cfg)  # first, without Ray
     manifest = open_output(cfg, out, model_info)
 
     # Claiming fences any other job on this output before leftovers of crashed attempts are removed.
@@ -59,7 +75,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     run_info: dict[str, Any] = {"started_at": started, "shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0}
     if pending:
         try:
-            run_info.update(_execute(cfg, manifest, pending))
+            run_info.update(_execute(cfg, manifest, pending, embedder))
         except Exception as e:
             found = surface(e)
             if found is e:
@@ -194,7 +210,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int]) -> dict[str, Any]:
+def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: Any = None) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -213,39 +229,44 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int]) -> dict[str
                  "(vectors at cosine ~0.9999 to float32; a new output, since the fingerprint changes)")
     plan = manifest.plan
     model_args = {**_model_args(cfg), "device": pool["device"]}
+
     # The input's Location carries the job's storage settings into every read task; each task reads its
     # own segments from the plan's Parquet under the output.
     index = plan_store.segment_index(manifest.loc.child(PLAN_DIR), manifest.shard_count)
     source = input_location(plan, cfg.storage)
-    datasource = ShardDatasource(plan, manifest.loc, pending, source=source, index=index)
-    ds = ray.data.read_datasource(datasource, num_cpus=cfg.compute.read_cpus, override_num_blocks=datasource.num_tasks)
-    ds = ds.map_batches(
-        embed.Embedder,
-        fn_constructor_kwargs={
-            "model": model_args,
-            "batch_tokens": pool["batch_tokens"],
-            "max_batch_rows": cfg.model.max_batch_rows,
-            "torch_threads": pool["torch_threads"],
-            "compile": cfg.model.compile,
-            "crash_once": os.environ.get(embed.CRASH_ONCE_ENV),
-        },
-        # One shard per call (Ray Data requires a batch size for GPU actors); the Embedder sorts and
-        # batches by tokens inside it, and the assembler accepts any grouping of rows.
-        batch_size=cfg.plan.shard_rows,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(
-            min_size=pool["min"], max_size=pool["max"],
-            max_tasks_in_flight_per_actor=cfg.compute.batches_in_flight + 1,
-            max_concurrent_calls_per_actor=2,
-        ),
-        num_gpus=pool["num_gpus"],
-        num_cpus=pool["num_cpus"],
-        # Ray Data restarts a dead Embedder actor and retries its in-flight blocks (max_restarts=-1,
-        # max_task_retries=-1 by default); a block is only ever delivered once, and the assembler
-        # refuses any shard that receives more rows than planned.
-    )
+
+    def dataset(todo: list[int]):
+        datasource = ShardDatasource(plan, manifest.loc, todo, source=source, index=index)
+        ds = ray.data.read_datasource(datasource, num_cpus=cfg.compute.read_cpus,
+                                      override_num_blocks=datasource.num_tasks)
+        ds = ds.map_batches(
+            embedder or embed.Embedder,
+            fn_constructor_kwargs={
+                "model": model_args,
+                "batch_tokens": pool["batch_tokens"],
+                "max_batch_rows": cfg.model.max_batch_rows,
+                "torch_threads": pool["torch_threads"],
+                "compile": cfg.model.compile,
+                "crash_once": os.environ.get(embed.CRASH_ONCE_ENV),
+            },
+            # One shard per call (Ray Data requires a batch size for GPU actors); the Embedder sorts and
+            # batches by tokens inside it, and the router accepts any grouping of rows.
+            batch_size=cfg.plan.shard_rows,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(
+                min_size=pool["min"], max_size=pool["max"],
+                max_tasks_in_flight_per_actor=cfg.compute.batches_in_flight + 1,
+                max_concurrent_calls_per_actor=2,
+            ),
+            num_gpus=pool["num_gpus"],
+            num_cpus=pool["num_cpus"],
+            # Ray Data restarts a dead Embedder actor and retries its in-flight blocks (max_restarts=-1,
+            # max_task_retries=-1 by default); a block is only ever delivered once, and the router
+            # refuses any shard that receives more rows than planned.
+        )
+        return ds
+
     expected = plan_store.shard_rows(index, pending)
-    assembler = ShardAssembler(expected)
     # Passthrough values may be null whatever the input's schema said (a JSON Lines row may lack the key).
     shard_schema = S.shard_schema(manifest.model["dimension"],
                                   pa.schema([f.with_nullable(True) for f in passthrough_schema(plan)]))
@@ -260,10 +281,21 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int]) -> dict[str
     from tqdm import tqdm
 
     bar = tqdm(total=total_rows, unit="doc", desc="embedded", disable=None, smoothing=0.1)
-    with _ray_data_console():
-        stats = _commit_stream(ds, assembler, manifest, shard_schema, stats, bar)
-    if assembler.incomplete:
-        raise RuntimeError(f"the pipeline ended with incomplete shards {assembler.incomplete}; rerun to resume")
+    todo, passes = list(pending), 0
+    try:
+        with _ray_data_console():
+            while todo:
+                passes += 1
+                lost = _write_on_workers(dataset(todo), manifest, {s: expected[s] for s in todo}, shard_schema,
+                                         stats, bar, max_writers=max(4, int(WRITERS_PER_CPU * stats["cpus"])))
+                if lost and passes >= LOST_PASSES:
+                    raise RuntimeError(f"shards {lost[:20]} lost their embedded rows with a node in {passes} "
+                                       "passes; everything else is committed: rerun to resume")
+                if lost:
+                    log.warning("%d shard(s) lost their embedded rows with a node; embedding them again", len(lost))
+                todo = lost
+    finally:
+        bar.close()
     secs = time.monotonic() - t0
     log.info(
         "embed: %d rows, %d bytes, %.1f s, %.1f rows/s (%d shards, %.1f device-seconds)",
@@ -275,30 +307,120 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int]) -> dict[str
     return stats
 
 
-def _commit_stream(ds, assembler: ShardAssembler, manifest: Manifest, shard_schema: pa.Schema,
-                   stats: dict[str, Any], bar) -> dict[str, Any]:
-    """Write and commit each shard as soon as its last row arrives from the actor pool."""
-    out = manifest.loc
-    try:
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            for shard, table in assembler.add(block):
+def _write_on_workers(ds, manifest: Manifest, expected: dict[int, int], shard_schema: pa.Schema,
+                      stats: dict[str, Any], bar, max_writers: int) -> list[int]:
+    """Route the dataset's blocks to writer tasks, one per shard once its rows are all embedded, and
+    commit each record the writers return. Returns the shards whose blocks were lost (a node died); any
+    other error is raised after every writer already running has been committed or has failed."""
+    import ray
+
+    summarize_block = ray.remote(num_cpus=SUMMARY_CPUS, max_retries=3)(block_shards)
+    write_task = ray.remote(num_cpus=WRITER_CPUS, max_retries=3)(write_shard_from_blocks)
+    out, epoch = manifest.loc, manifest.epoch
+    router = ShardRouter(expected)
+    summaries: dict[Any, Any] = {}  # summary ref -> block ref
+    ref_of = summaries.copy()
+    writers: dict[Any, int] = {}  # writer ref -> shard
+    ready: list[tuple[int, list[Any]]] = []  # complete shards waiting for a writer slot
+    lost: set[int] = set()
+    losses: list[BaseException] = []
+
+    def launch() -> None:
+        while ready and len(writers) < max_writers:
+            shard, blocks = ready.pop(0)
+            writers[write_task.remote(out, shard, epoch, shard_schema, *blocks)] = shard
+
+    def settle(wait: bool) -> None:
+        """Take in finished summaries and writers; with ``wait``, block until one finishes."""
+        refs = [*summaries, *writers]
+        if not refs:
+            return
+        done, _ = ray.wait(refs, num_returns=1) if wait else ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in done:
+            if ref in summaries:
+                del summaries[ref]
                 try:
-                    rec = write_shard(out, shard, table, shard_schema)
-                except storage.ObjectExistsError:
-                    # A job fenced by our claim wrote this shard late; its objects are uncommitted.
-                    manifest.discard_uncommitted(shard, SHARDS, DEAD_LETTER)
-                    rec = write_shard(out, shard, table, shard_schema)
-                manifest.commit_shard(shard, rec)
-                stats["shards_committed"] += 1
-                stats["rows"] += rec["rows"]
-                stats["tokens"] += rec["tokens"]
-                stats["device_seconds"] += rec["device_seconds"]
-                stats["bytes"] += rec["bytes"]
-                bar.update(table.num_rows)
-                log.info("committed shard %05d: %d rows, %d dead letters, %d bytes", shard, rec["rows"], rec["dead_letters"], rec["bytes"])
-    finally:
-        bar.close()
-    return stats
+                    summary = ray.get(ref)
+                except Exception as e:
+                    if not _lost(e):
+                        raise
+                    # Its shards never complete here and are embedded again in the next pass.
+                    log.warning("an embedded block was lost with a node before it was routed (%s)", type(e).__name__)
+                    losses.append(e)
+                    continue
+                ready.extend(router.add(ref_of[ref], summary))
+                del ref_of[ref]
+            else:
+                shard = writers.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                except Exception as e:
+                    if not _lost(e):
+                        raise
+                    log.warning("shard %05d: its writer or blocks were lost with a node (%s)", shard,
+                                type(e).__name__)
+                    losses.append(e)
+                    lost.add(shard)
+                    continue
+                _commit(manifest, shard, rec, stats, bar)
+        launch()
+
+    try:
+        for bundle in ds.iter_internal_ref_bundles():
+            for entry, piece in zip(bundle.blocks, bundle.slices or [None] * len(bundle.blocks)):
+                if piece is not None and (piece.start_offset, piece.end_offset) != (0, entry.metadata.num_rows):
+                    raise RuntimeError("Ray Data handed out a slice of a block; the shard router needs whole blocks")
+                ref = summarize_block.remote(entry.ref)
+                summaries[ref] = ref_of[ref] = entry.ref
+            settle(wait=False)
+            while len(writers) >= max_writers and ready:
+                settle(wait=True)  # backpressure: no more blocks until a writer slot frees up
+        while summaries or writers or ready:
+            settle(wait=True)
+    except BaseException:
+        # Commit what the writers already running still finish (starting no new ones), then let the
+        # error through.
+        ready.clear()
+        max_writers = 0
+        while writers:
+            try:
+                settle(wait=True)
+            except Exception as e:  # the first error is the one to report
+                log.debug("while draining writers after an error: %s", e)
+        raise
+    if router.incomplete and not losses:
+        raise RuntimeError(f"the pipeline ended with incomplete shards {router.incomplete}; rerun to resume")
+    return sorted(lost | set(router.incomplete))
+
+
+def _commit(manifest: Manifest, shard: int, rec: dict[str, Any], stats: dict[str, Any], bar) -> None:
+    try:
+        manifest.commit_shard(shard, rec)
+    except ConcurrentWriteError:
+        # Fenced: no job ever commits a file named with this job's epoch, so what this writer published
+        # is garbage now; remove it rather than leave it to the next claim.
+        for field in ("path", "dead_letter_path"):
+            if rec.get(field):
+                manifest.loc.delete(rec[field])
+        raise
+    stats["shards_committed"] += 1
+    stats["rows"] += rec["rows"]
+    stats["tokens"] += rec["tokens"]
+    stats["device_seconds"] += rec["device_seconds"]
+    stats["bytes"] += rec["bytes"]
+    bar.update(rec["rows"] + rec["dead_letters"])
+    log.info("committed shard %05d: %d rows, %d dead letters, %d bytes (written on %s)", shard, rec["rows"],
+             rec["dead_letters"], rec["bytes"], rec.get("writer", {}).get("host_pid"))
+
+
+def _lost(e: BaseException) -> bool:
+    """Whether a writer's failure means its blocks or its node were lost (so the shard can be embedded
+    again), not an error of the write itself (those are raised)."""
+    import ray
+
+    kinds = (ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+             ray.exceptions.ActorDiedError)
+    return isinstance(e, kinds) or isinstance(getattr(e, "cause", None), kinds)
 
 
 def plan_pool(cfg: JobConfig, resources: dict[str, float]) -> dict[str, Any]:
@@ -426,6 +548,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def _wipe(out: storage.Location) -> None:
-    for part in (SHARDS, DEAD_LETTER, PLAN_DIR):
+    from reembed.commits import LOG_DIR
+
+    for part in (SHARDS, DEAD_LETTER, PLAN_DIR, LOG_DIR):
         out.delete_dir(part)
     out.delete("manifest.json")

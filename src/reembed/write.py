@@ -1,10 +1,20 @@
-"""The shard writer: one complete shard's rows -> ``shards/part-NNNNN.parquet`` (+ its dead letters),
-written under a temporary name, verified, published; the caller then commits the returned record."""
+"""The shard writer: one complete shard's rows -> ``shards/part-NNNNN.eEEEE.parquet`` (+ its dead letters),
+written under a temporary name, verified, published; the caller then commits the returned record.
+
+In the job this runs on the workers, next to the vectors: the driver only routes block references
+(:class:`ShardRouter`, from a few bytes per block that :func:`block_shards` reports) and, once a shard's
+rows are all embedded, launches :func:`write_shard_from_blocks` as a Ray task on those blocks. The task
+returns the small record the driver commits; no vector passes through the driver. ``EEEE`` is the epoch
+of the job that wrote the file: a job fenced by a later claim can still finish a write, but under its
+own epoch's name, never over a committed file.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import socket
 from collections import Counter
 from typing import Any
 
@@ -15,45 +25,92 @@ import pyarrow.parquet as pq
 
 from reembed import schema as S
 from reembed.manifest import read_recorded, shard_name, write_failed
-from reembed.storage import Location, StorageError
+from reembed.storage import Location, ObjectExistsError, StorageError
 
 SHARDS = "shards"
 DEAD_LETTER = "dead_letter"
 
 
-class ShardAssembler:
-    """Collects the rows of each shard as they stream back from the actor pool, in any order and any
-    grouping, and hands out a shard once all of its planned rows have arrived."""
+class ShardRouter:
+    """Tracks, on the driver, which blocks hold the rows of each pending shard, from per-block summaries
+    ``{shard: rows}`` (blocks arrive in any order and grouping; a block may hold several shards and a
+    shard span several blocks), and hands out a shard with its blocks once all its planned rows are in."""
 
     def __init__(self, expected: dict[int, int]):
         self.expected = dict(expected)
-        self.parts: dict[int, list[pa.Table]] = {}
+        self.blocks: dict[int, list[Any]] = {}
         self.count: dict[int, int] = {}
 
-    def add(self, table: pa.Table) -> list[tuple[int, pa.Table]]:
+    def add(self, block: Any, summary: dict[int, int]) -> list[tuple[int, list[Any]]]:
+        """Record that ``block`` holds ``summary[shard]`` rows of each shard; return the shards now
+        complete, each with every block that holds some of its rows."""
         done = []
-        shards = table.column(S.SHARD).to_numpy()
-        for shard in np.unique(shards):
+        for shard, rows in summary.items():
             shard = int(shard)
             if shard not in self.expected:
                 raise RuntimeError(f"rows for shard {shard}, which is not pending in this run")
-            part = table.filter(pa.array(shards == shard)) if len(np.unique(shards)) > 1 else table
-            self.parts.setdefault(shard, []).append(part)
-            self.count[shard] = self.count.get(shard, 0) + part.num_rows
+            self.blocks.setdefault(shard, []).append(block)
+            self.count[shard] = self.count.get(shard, 0) + rows
             if self.count[shard] > self.expected[shard]:
                 raise RuntimeError(f"shard {shard}: received {self.count[shard]} rows, planned {self.expected[shard]}")
             if self.count[shard] == self.expected[shard]:
-                done.append((shard, pa.concat_tables(self.parts.pop(shard))))
+                done.append((shard, self.blocks.pop(shard)))
                 del self.expected[shard]
         return done
+
+    def forget(self, shard: int, rows: int) -> None:
+        """Expect ``shard`` again from scratch (its blocks were lost): it is recomputed in another pass."""
+        self.blocks.pop(shard, None)
+        self.count.pop(shard, None)
+        self.expected[shard] = rows
 
     @property
     def incomplete(self) -> dict[int, int]:
         return {s: self.count.get(s, 0) for s in self.expected}
 
 
-def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema) -> dict[str, Any]:
-    """Write a complete shard and its dead letters; return the manifest record.
+def block_shards(table: pa.Table) -> dict[int, int]:
+    """``{shard: rows}`` of one embedded block: what the driver needs to route it (a few bytes)."""
+    shards, counts = np.unique(table.column(S.SHARD).to_numpy(), return_counts=True)
+    return {int(s): int(n) for s, n in zip(shards, counts)}
+
+
+def shard_rows(shard: int, tables: list[pa.Table]) -> pa.Table:
+    """The rows of ``shard`` out of the blocks that hold them (other shards' rows are left out)."""
+    parts = []
+    for table in tables:
+        col = table.column(S.SHARD).to_numpy()
+        mask = col == shard
+        parts.append(table if mask.all() else table.filter(pa.array(mask)))
+    return pa.concat_tables(parts)
+
+
+def write_shard_from_blocks(loc: Location, shard: int, epoch: int | None, schema: pa.Schema,
+                            *blocks: pa.Table) -> dict[str, Any]:
+    """The body of the writer task: gather ``shard``'s rows from ``blocks`` (Ray resolves the block
+    references to tables on the node it runs on), write, verify and publish them, and return the record
+    to commit, with the writer's node and host:pid."""
+    rec = write_shard(loc, shard, shard_rows(shard, list(blocks)), schema, epoch=epoch)
+    rec["writer"] = writer_identity()
+    return rec
+
+
+def writer_identity() -> dict[str, str]:
+    """Where this process runs: the Ray node id (when inside Ray) and ``host:pid``."""
+    node = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:  # pragma: no cover (ray is a dependency; the writer also runs without it in tests)
+        pass
+    return {"node": node, "host_pid": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema, epoch: int | None = None) -> dict[str, Any]:
+    """Write a complete shard and its dead letters; return the commit record. ``epoch`` (the job's, on
+    the commit log) goes into the file names and the record.
 
     ``schema`` is the output's :func:`schema.shard_schema`: the shard is written with exactly these columns,
     and a table that does not fit it (a type, a null where none may be) is a bug upstream and raises
@@ -66,7 +123,7 @@ def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema) -
     dead = table.filter(pc.invert(live_mask))
 
     out = conform(live, schema, f"shard {shard}")
-    name = shard_name(shard)
+    name = shard_name(shard, epoch)
     data = _parquet_bytes(out)
     _publish(loc, data, out.num_rows, SHARDS, name)
     record: dict[str, Any] = {
@@ -80,6 +137,8 @@ def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema) -
         "dead_letters": dead.num_rows,
         "reasons": dict(Counter(dead.column(S.REASON).to_pylist())),
     }
+    if epoch is not None:
+        record["epoch"] = epoch
     if dead.num_rows:
         dl = pa.table(
             [dead.column(S.ID), dead.column(S.REASON), dead.column(S.SOURCE_FILE), dead.column(S.SOURCE_ROW)],
@@ -118,8 +177,16 @@ def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
 
 
 def _publish(loc: Location, data: bytes, rows: int, folder: str, name: str) -> None:
+    verify = _verifier(rows, loc.display(folder, name))
     try:
-        loc.publish(data, folder, name, verify=_verifier(rows, loc.display(folder, name)), exclusive=True)
+        try:
+            loc.publish(data, folder, name, verify=verify, exclusive=True)
+        except ObjectExistsError:
+            if ".e" not in name:
+                raise
+            # Only this job writes under its epoch's name, and it commits a shard once: the object is an
+            # earlier attempt of this very write (a retried task), uncommitted, and may be replaced.
+            loc.publish(data, folder, name, verify=verify, exclusive=False)
     except OSError as e:
         raise write_failed(e, loc.display(folder, name)) from e
 

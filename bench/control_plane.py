@@ -1,0 +1,203 @@
+"""Benchmark: the job's control plane at 1k-50k shards, with a NULL embedder (fixed 1024-d vectors, no model).
+
+Runs the real job path, ``reembed.pipeline.run``: plan -> Ray Data read tasks -> actor pool (here
+:class:`NullEmbedder`) -> per-block summary tasks -> writer tasks on the workers -> commit records through
+the commit log. With no model the figures are what the job costs around the embedding: per shard and per
+document, on the driver and in the commit log.
+
+Per size N (shards of ``--shard-rows`` documents):
+
+* commit cost per shard: bytes the commit log holds per committed shard (entries plus checkpoint parts, i.e.
+  amortized) and driver seconds per ``Manifest.commit_shard`` call (timed around the real call);
+* read task size: the pickled size of one read task of the plan, and seconds from the start of the run to
+  the first embedded block routed on the driver;
+* driver CPU: user + system seconds of the driver process over the run, per shard and per document (Ray's
+  core-worker threads in that process included), and the driver's peak RSS;
+* ``status``: seconds for ``reembed.pipeline.status`` on the finished output.
+
+    python bench/control_plane.py                            # 1k, 10k, 50k shards of 10 documents
+    python bench/control_plane.py --sizes 1000,10000,20000 --shard-rows 10 --cpus 2
+
+Prints a table and writes ``bench/out/control_plane.json``. The baseline for driver CPU per document is
+issue 12's measurement of the old path (the driver sorted, encoded, hashed, wrote and verified every shard):
+0.43 CPU-s per 10,000 x 1024 shard = 43 us per document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+DIM = 1024
+OLD_DRIVER_US_PER_DOC = 43.0  # issue 12: 0.43 CPU-s per 10,000-row 1024-d shard on the driver
+
+
+class NullEmbedder:
+    """Stands in for :class:`reembed.embed.Embedder` in the actor pool: the same constructor arguments and
+    output columns, and one fixed unit vector of ``DIM`` floats per row instead of a model's."""
+
+    def __init__(self, model: dict[str, Any], **_: Any):
+        import numpy as np
+
+        self.vector = np.full(DIM, 1 / DIM ** 0.5, dtype=np.float32)
+
+    @classmethod
+    def describe(cls, cfg) -> dict[str, Any]:
+        from reembed.embed import fingerprint
+
+        info = {"name": f"null:{DIM}", "revision": "0", "dimension": DIM, "normalize": True, "pooling": "none",
+                "dtype": "float32", "max_seq_length": cfg.model.max_seq_length or 512}
+        info["fingerprint"] = fingerprint(info)
+        return info
+
+    def __call__(self, table):
+        import numpy as np
+        import pyarrow as pa
+
+        from reembed import schema as S
+
+        n = table.num_rows
+        table = table.drop_columns([S.TEXT])
+        table = table.append_column(S.EMBEDDING, S.embedding_array(np.broadcast_to(self.vector, (n, DIM))))
+        table = table.append_column(S.TRUNCATED, pa.array(np.zeros(n, dtype=bool)))
+        table = table.append_column("_tokens", pa.array(np.zeros(n, dtype=np.int64)))
+        return table.append_column("_device_s", pa.array(np.zeros(n, dtype=np.float64)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,10000,50000", help="shard counts, comma-separated")
+    ap.add_argument("--shard-rows", type=int, default=10)
+    ap.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--tmp", default=None, help="where inputs and outputs are written (default: system temp)")
+    args = ap.parse_args(argv)
+    import ray
+
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            rows.append(bench_size(Path(d), n, args.shard_rows))
+        print_row(rows[-1])
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+              "shard_rows": args.shard_rows, "dim": DIM, "old_driver_us_per_doc": OLD_DRIVER_US_PER_DOC,
+              "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    Path(args.out, "control_plane.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def bench_size(root: Path, shards: int, shard_rows: int) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reembed import manifest as manifest_mod
+    from reembed import pipeline, write
+    from reembed.config import load_config
+
+    docs = shards * shard_rows
+    (root / "in").mkdir()
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(docs)], "text": ["x"] * docs}),
+                   root / "in" / "docs.parquet", row_group_size=max(shard_rows, 10_000))
+    cfg = load_config(None, [f"input.uri={root / 'in'}", f"output.uri={root / 'out'}", "model.name=null-1024",
+                             f"plan.shard_rows={shard_rows}", "compute.min_actors=1", "compute.max_actors=1",
+                             "compute.cpus_per_actor=1"])
+
+    commit_s: list[float] = []
+    first_block: list[float] = []
+    real_commit, real_add = manifest_mod.Manifest.commit_shard, write.ShardRouter.add
+
+    def timed_commit(self, shard, record):
+        t = time.perf_counter()
+        real_commit(self, shard, record)
+        commit_s.append(time.perf_counter() - t)
+
+    def noted_add(self, block, summary):
+        if not first_block:
+            first_block.append(time.perf_counter())
+        return real_add(self, block, summary)
+
+    manifest_mod.Manifest.commit_shard, write.ShardRouter.add = timed_commit, noted_add
+    try:
+        cpu0, t0 = _cpu(), time.perf_counter()
+        summary = pipeline.run(cfg, embedder=NullEmbedder)
+        wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+    finally:
+        manifest_mod.Manifest.commit_shard, write.ShardRouter.add = real_commit, real_add
+    assert summary["complete"] and summary["embedded"] == docs, summary
+
+    log_bytes = sum(p.stat().st_size for p in (root / "out" / "_log").rglob("*") if p.is_file())
+    t = time.perf_counter()
+    status = pipeline.status(str(root / "out"))
+    status_s = time.perf_counter() - t
+    assert status["committed"] == shards
+    return {
+        "shards": shards, "docs": docs, "wall_s": round(wall, 2),
+        "commit_bytes_per_shard": round(log_bytes / shards, 1),
+        "commit_ms_median": round(1000 * sorted(commit_s)[len(commit_s) // 2], 3),
+        "commit_ms_p99": round(1000 * sorted(commit_s)[int(0.99 * (len(commit_s) - 1))], 3),
+        "read_task_bytes": read_task_bytes(root / "out", cfg),
+        "first_block_s": round(first_block[0] - t0, 2) if first_block else None,
+        "driver_cpu_s": round(cpu, 2), "driver_cpu_ms_per_shard": round(1000 * cpu / shards, 3),
+        "driver_cpu_us_per_doc": round(1e6 * cpu / docs, 2),
+        # The driver's work is per block and per shard, not per document (no vector passes through it):
+        # at production shards of 10,000 documents a document costs the per-shard figure / 10,000.
+        "driver_cpu_us_per_doc_at_10k_rows": round(1e6 * cpu / shards / 10_000, 3),
+        "driver_cpu_vs_old": round(1e6 * cpu / shards / 10_000 / OLD_DRIVER_US_PER_DOC, 4),
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "status_s": round(status_s, 3),
+    }
+
+
+def read_task_bytes(out: Path, cfg) -> int:
+    """Pickled size of the largest of a few read tasks of the finished output's plan (all shards pending)."""
+    import pyarrow.parquet as pq
+    import ray.cloudpickle as cloudpickle
+
+    from reembed.manifest import Manifest
+    from reembed.read import ShardDatasource
+    from reembed.storage import Location
+
+    m = Manifest.load(Location.from_uri(str(out)))
+    plan = m.plan
+    dups = pq.read_table(out / m.data["duplicates"]["path"])
+    shards = [s["shard"] for s in plan["shards"]]
+    source = Location.from_uri(plan.get("input_root") or plan["input_uri"])
+    tasks = ShardDatasource(plan, shards, dups, source=source).get_read_tasks(len(shards))
+    return max(len(cloudpickle.dumps(t)) for t in [tasks[0], tasks[len(tasks) // 2], tasks[-1]])
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def print_row(r: dict[str, Any]) -> None:
+    print(f"{r['shards']:>7} shards {r['docs']:>8} docs  wall {r['wall_s']:>7.1f} s  commit {r['commit_bytes_per_shard']:>6.0f} B/shard "
+          f"{r['commit_ms_median']:>6.2f} ms (p99 {r['commit_ms_p99']:.2f})  read task {r['read_task_bytes']:>7} B  "
+          f"first block {r['first_block_s']} s  driver {r['driver_cpu_ms_per_shard']:.2f} ms/shard "
+          f"{r['driver_cpu_us_per_doc']:.1f} us/doc here, {r['driver_cpu_us_per_doc_at_10k_rows']:.2f} us/doc at "
+          f"10k-row shards ({100 * r['driver_cpu_vs_old']:.1f}% of old)  "
+          f"peak RSS {r['driver_peak_rss_mb']} MB  status {r['status_s']} s", flush=True)
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "load": os.getloadavg()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
