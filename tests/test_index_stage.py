@@ -85,7 +85,7 @@ def test_other_faiss_settings_make_a_new_version_and_keep_the_old(fast_tmp):
 def test_an_incomplete_output_is_refused(fast_tmp):
     out = write_output(fast_tmp / "out", clustered(300, 8), shard_rows=100)
     m = _manifest(out)
-    m.data["plan"]["shards"] += 1
+    m.data["plan"]["shards"] = m.shard_count + 1
     m.save()
     with pytest.raises(ManifestError, match="1 shards are not committed"):
         stage.build_indexes(out, IndexConfig(qdrant="none"), use_ray=False)

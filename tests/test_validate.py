@@ -159,7 +159,7 @@ def test_integrity_fails_on_wrong_dimension_and_a_replaced_shard(tmp_path, space
 def test_incomplete_output_fails_and_unknown_labels_are_reported(tmp_path, space, proj):
     out = new_output(tmp_path / "new", space, proj)
     m = Manifest.load(out)
-    m.data["plan"]["shards"] += 1  # one more shard planned, never committed
+    m.data["plan"]["shards"] = m.shard_count + 1  # one more shard planned, never committed
     m.save()
     labelled = [V.LabelledQuery("how do I make bread rise", {"cook-0": 1.0, "cook-99": 1.0})]
     g = V.validate(out, queries=labelled, settings=FAST)["gates"]

@@ -84,5 +84,5 @@ class DualWriteError(MigrationError):
     """The old store was written but the new one was not. Upserts are idempotent: retry the same call."""
 
 
-class PriceError(UsageError, ValueError):
+class PriceError(ReembedError, ValueError):
     """A run cannot be priced: the message names the run and the price that is missing."""

@@ -171,11 +171,14 @@ def _searchers(args: argparse.Namespace) -> tuple[dict[str, Any], list[Callable[
     return searchers, closers
 
 
-def _store_or_location(args: argparse.Namespace, uri: str):
-    """A store URI as given; a path or an object-store URI opened with --config's storage settings."""
-    from reembed.migrate.stores import is_store_uri
+FILESYSTEM_SCHEMES = ("", "file", "s3", "gs", "gcs", "abfs", "abfss", "hdfs")
 
-    return uri if is_store_uri(uri) else location(args, uri)
+
+def _store_or_location(args: argparse.Namespace, uri: str):
+    """A store URI (or an unknown scheme, for open_store to name) as given; a path or a filesystem URI
+    (s3://, gs://, ...) opened with --config's storage settings."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    return location(args, uri) if scheme in FILESYSTEM_SCHEMES else uri
 
 
 def _positive(value: str) -> int:
