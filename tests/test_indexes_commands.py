@@ -40,6 +40,21 @@ def _edit(out: str, change) -> None:
     m.save()
 
 
+def _edit_records(out: str, change) -> None:
+    """Rewrite the committed shard records in the output's commit log as a hostile hand would:
+    ``change({"00001": record, ...})`` edits them in place."""
+    entries = {}
+    for path in sorted((Path(out) / "_log").glob("*.json")):
+        entry = json.loads(path.read_text())
+        if entry.get("kind") == "commit":
+            entries[path] = entry
+    assert entries, "no commit entries to edit"
+    records = {f"{e['shard']:05d}": e["record"] for e in entries.values()}
+    change(records)
+    for path, entry in entries.items():
+        path.write_text(json.dumps(entry))
+
+
 def _one_line(capsys, code: int, got: int, *words: str) -> str:
     """The exit code, and exactly one ``reembed:`` line on stderr (log records aside), with no traceback."""
     err = capsys.readouterr().err
@@ -56,10 +71,10 @@ def _one_line(capsys, code: int, got: int, *words: str) -> str:
 
 
 def test_index_of_an_output_with_no_embedded_rows_is_one_line(out, capsys):
-    def all_dead(data):
-        for rec in data["shards"].values():
+    def all_dead(records):
+        for rec in records.values():
             rec.update(rows=0, dead_letters=100, reasons={"empty_text": 100})
-    _edit(out, all_dead)
+    _edit_records(out, all_dead)
     _one_line(capsys, 1, cli.main(["index", out, "--qdrant", "none", "--no-ray"]),
               "nothing to index", "0 embedded rows", "300 dead-lettered", "empty_text=300")
 
@@ -75,14 +90,14 @@ def test_index_mistakes_are_one_line(out, tmp_path, capsys):
 @pytest.mark.parametrize("path", ["../../../../../../etc/passwd", "/etc/passwd", "shards/../../outside.parquet"])
 def test_index_refuses_a_shard_path_outside_the_output(out, tmp_path, capsys, path):
     (tmp_path / "outside.parquet").write_bytes(b"not yours")
-    _edit(out, lambda d: d["shards"]["00001"].update(path=path))
+    _edit_records(out, lambda records: records["00001"].update(path=path))
     err = _one_line(capsys, 1, cli.main(["index", out, "--qdrant", "none", "--no-ray"]))
     assert ("outside the output" in err or "not a path inside the output" in err) and "sha256" not in err
 
 
 @pytest.mark.parametrize("path", ["../../../../../../etc/passwd", "/etc/passwd"])
 def test_validate_refuses_a_shard_path_outside_the_output(out, path):
-    _edit(out, lambda d: d["shards"]["00000"].update(path=path))
+    _edit_records(out, lambda records: records["00000"].update(path=path))
     with pytest.raises(ManifestError, match="outside the output|not a path inside the output") as e:
         V.validate(out, settings=V.Settings(sample=10, builtin_pairs=False), write=False)
     assert "sha256" not in str(e.value)
