@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from reembed import schema as S
-from reembed.embed import (BlockTokenizer, Embedder, ModelLoadError, cpu_supports_bf16, onnx, resolve_backend,
+from reembed.embed import (BlockTokenizer, Embedder, ModelLoadError, cpu_supports_bf16, onnx, query_backend, resolve_backend,
                            space_dtype, token_budget_batches)
 from reembed.testing import TINY_ARCHITECTURES, tiny_encoder
 
@@ -135,7 +135,9 @@ def test_onnx_int8_close_to_float32_and_has_its_own_fingerprint_dtype(minilm):
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.97 and cos.mean() > 0.985  # int8 weights: close, but measurably not the same vectors
     assert np.abs(got - ref).max() > 1e-3
-    assert space_dtype("auto", "onnx-int8") == "int8" and space_dtype("auto", "onnx") == "auto"
+    assert space_dtype("auto", "onnx-int8") == "int8-w7" and space_dtype("auto", "onnx") == "auto"
+    assert query_backend({"dtype": "int8-w7"}) == query_backend({"dtype": "int8"}) == "onnx-int8"
+    assert query_backend({"dtype": "float32"}) == "auto"
 
 
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)

@@ -191,7 +191,7 @@ def test_backends_float_resumes_across_them_int8_is_its_own_space(tmp_path, tiny
 
     q = tmp_path / "q"
     s = pipeline.run(cfg_for(tmp_path / "in", q, tiny_model, "model.backend=onnx-int8", "plan.shard_rows=10"))
-    assert s["complete"] and s["model"]["dtype"] == "int8"
+    assert s["complete"] and s["model"]["dtype"] == "int8-w7"
     assert Manifest.load(Location.from_uri(str(q))).data["runs"][-1]["backend"] == "onnx-int8"
     vec = {}
     for root in (out, q):

@@ -131,15 +131,20 @@ def resolve_backend(backend: str, device: str, dtype: str, compile: bool = False
     return backend
 
 
+INT8_SPACE = "int8-w7"  # the int8 recipe of embed.onnx.quantize_int8 (7-bit weights, float down-projections)
+
+
 def query_backend(model_info: dict[str, Any]) -> str:
     """The backend that embeds queries into an output's space: int8 outputs need the int8 model."""
-    return "onnx-int8" if model_info.get("dtype") == "int8" else "auto"
+    return "onnx-int8" if str(model_info.get("dtype", "")).startswith("int8") else "auto"
 
 
 def space_dtype(dtype: str, backend: str | None) -> str:
     """The precision that defines the embedding space, for the manifest fingerprint: int8 weights make
-    vectors measurably different from float ones (cosine ~0.99), so they must not be mixed in one output."""
-    return "int8" if backend == "onnx-int8" else dtype
+    vectors measurably different from float ones (cosine ~0.99), so they must not be mixed in one output;
+    the int8 recipe is part of the name, so an output quantized by an earlier recipe ("int8") is never
+    resumed with this one."""
+    return INT8_SPACE if backend == "onnx-int8" else dtype
 
 
 def describe_model(model, name: str, dtype: str, revision: str | None = None) -> dict[str, Any]:
