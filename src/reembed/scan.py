@@ -272,20 +272,20 @@ def _locate(loc: Location, path: str, range_start: int, skip: int, rows: int) ->
 def read_gz_slices(loc: Location, path: str, slices: Iterable[tuple[int, int]],
                    id_column: str | None = None) -> list[pa.Table]:
     """Decompress a gzipped JSON Lines file once and return, for each ``(skip, rows)``, the table
-    :func:`read_jsonl_rows` would return for those rows (one read task per ``.gz`` file emits all its
-    shards from one pass)."""
-    with _open_gz(loc, path) as f:
-        buf = f.read()
-    lines = _Lines(buf, final=True)
-    out = []
-    for skip, rows in slices:
-        if lines.rows < skip + rows:
-            raise InputError(
-                f"{loc.display(path)}: expected {skip + rows} documents, found {lines.rows}; "
-                "the file changed since the plan was made (start a fresh output to re-plan)"
-            )
-        out.append(_parse(lines, buf, skip, rows, 0, id_column) if rows else _empty_rows())
-    return out
+    :func:`read_jsonl_rows` would return for those rows (from :func:`gz_line_slices`' one pass)."""
+    return [_parse_located(ls, id_column) if len(ls) else _empty_rows() for ls in gz_line_slices(loc, path, slices)]
+
+
+def _parse_located(ls: LineSlice, id_column: str | None) -> pa.Table:
+    """:func:`_parse` of rows already located in their buffer."""
+    rows = len(ls)
+    piece = pa.py_buffer(ls.buf)[int(ls.starts[0]):int(ls.ends[-1])]
+    table = _parse_fast(piece, rows, id_column)
+    if table is None:
+        table = _parse_slow(ls.buf, ls.starts, ls.ends, id_column)
+    else:
+        table = table.append_column(INVALID, pa.array(np.zeros(rows, dtype=bool)))
+    return table.append_column(LINE, pa.array(ls.numbers, pa.int64()))
 
 
 def parquet_ids(loc: Location, path: str, id_column: str) -> pa.Array:
@@ -461,16 +461,7 @@ def _open_gz(loc: Location, path: str):
 
 
 def _parse(lines: _Lines, buf: bytes, skip: int, rows: int, first_line: int, id_column: str | None) -> pa.Table:
-    lo, hi = skip, skip + rows
-    start, stop = int(lines.starts[lo]), int(lines.ends[hi - 1])
-    piece = pa.py_buffer(buf)[start:stop]  # a view: no copy of the range's bytes
-    numbers = pa.array(lines.numbers[lo:hi] + first_line, pa.int64())
-    table = _parse_fast(piece, rows, id_column)
-    if table is None:
-        table = _parse_slow(buf, lines.starts[lo:hi], lines.ends[lo:hi], id_column)
-    else:
-        table = table.append_column(INVALID, pa.array(np.zeros(rows, dtype=bool)))
-    return table.append_column(LINE, numbers)
+    return _parse_located(_slice(lines, buf, skip, rows, first_line), id_column)
 
 
 def _parse_fast(piece: pa.Buffer, rows: int, id_column: str | None) -> pa.Table | None:
