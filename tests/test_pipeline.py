@@ -186,7 +186,7 @@ def test_backends_float_resumes_across_them_int8_is_its_own_space(tmp_path, tiny
     # Same fingerprint under onnx: the run resumes (nothing pending) instead of refusing.
     again = pipeline.run(cfg_for(tmp_path / "in", out, tiny_model, "model.backend=onnx", "plan.shard_rows=10"))
     assert again["complete"] and again["model"]["fingerprint"] == first["model"]["fingerprint"]
-    with pytest.raises(ManifestError, match=r"fingerprint mismatch.*dtype: 'auto' -> 'int8'"):
+    with pytest.raises(ManifestError, match=r"fingerprint mismatch.*dtype: 'auto' -> 'int8-w7'"):
         pipeline.run(cfg_for(tmp_path / "in", out, tiny_model, "model.backend=onnx-int8", "plan.shard_rows=10"))
 
     q = tmp_path / "q"
