@@ -189,6 +189,19 @@ def test_swap_and_rollback_refusals_on_embedded_qdrant_are_one_line(out, tmp_pat
     _one_line(capsys, 1, cli.main(["rollback", "--qdrant", target, "--alias", "docs"]), "does not exist")
 
 
+def test_a_remote_output_recorded_in_the_store_is_not_followed(out, tmp_path, capsys):
+    target = str(tmp_path / "q")
+    stage.build_indexes(out, IndexConfig(qdrant=target, faiss="none"), use_ray=False)
+    client = Q.connect(target)
+    try:
+        meta = Q.metadata(client, "documents-v1")[Q.META]
+        Q.set_metadata(client, "documents-v1", {Q.META: {**meta, "output": "s3://someone-elses-bucket/emb"}})
+    finally:
+        client.close()
+    _one_line(capsys, 1, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "documents-v1"]),
+              "not followed", "--output")
+
+
 def test_verbose_shows_the_traceback_after_the_line(tmp_path, capsys):
     assert cli.main(["-v", "search", str(tmp_path / "missing"), "cat"]) == 1
     err = capsys.readouterr().err

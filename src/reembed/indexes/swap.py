@@ -40,7 +40,11 @@ def swap(alias: str, to: str, qdrant: str | None = None, output: str | Location 
             if not meta or not meta.get("output"):
                 raise Q.SwapRefused(f"{to}: no output recorded with this collection; pass --output to give the "
                                     "manifest its point count is checked against")
-            manifest = open_manifest(meta["output"])
+            recorded = str(meta["output"])
+            if "://" in recorded:  # a URI read from the store must not receive this machine's credentials
+                raise Q.SwapRefused(f"{to}: the collection names its output as {recorded!r}; a remote output read "
+                                    "from the store is not followed: pass --output to name it yourself")
+            manifest = open_manifest(recorded)
         if not force:
             ok, why = check_validation(manifest.loc)
             if not ok:
