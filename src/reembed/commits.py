@@ -613,6 +613,47 @@ def _parts(loc: Location) -> list[_Part]:
     return out
 
 
+def attempts(loc: Location) -> list[dict[str, Any]]:
+    """One summary per attempt (epoch) of the job on ``loc``, oldest first: when it claimed the output,
+    its last entry, the shards / rows / tokens / device seconds its commits recorded, and whether it
+    recorded a run (an attempt that did not was interrupted: killed, crashed or fenced).
+
+    Streams the log with :func:`read_state`'s reads (a few columns of the parts, then the entries), holding
+    one small dict per epoch. Parts keep a shard's last commit only, so an attempt whose commits were all
+    superseded by a later attempt's counts the commits that survive; the entries after the parts count
+    every commit, fenced ones included (they cost what they cost).
+    """
+    per: dict[int, dict[str, Any]] = {}
+
+    def note(epoch: int, kind: str, at: str, rows: int = 0, tokens: int = 0, device_s: float = 0.0) -> None:
+        a = per.setdefault(epoch, {"epoch": epoch, "claimed_at": None, "last_at": None, "shards": 0, "rows": 0,
+                                   "tokens": 0, "device_seconds": 0.0, "run": False})
+        if kind == "claim" and a["claimed_at"] is None:
+            a["claimed_at"] = at
+        a["last_at"] = max(a["last_at"] or at, at) if at else a["last_at"]
+        if kind == "commit":
+            a["shards"] += 1
+            a["rows"] += rows
+            a["tokens"] += tokens
+            a["device_seconds"] += device_s
+        elif kind == "run":
+            a["run"] = True
+
+    chain = _chain(loc)
+    last = -1
+    for part, t in _part_tables(loc, chain, ["seq", "kind", "epoch", "at", "rows", "tokens", "device_seconds"]):
+        cols = t.to_pydict()
+        for seq, kind, epoch, at, rows, tokens, ds in zip(*cols.values()):
+            if seq > last:
+                note(epoch, kind, at, rows or 0, tokens or 0, ds or 0.0)
+        last = part.last
+    for e in _read_from(loc, last + 1):
+        rec = e.get("record") or {}
+        note(e["epoch"], e["kind"], e.get("at", ""), int(rec.get("rows", 0) or 0), int(rec.get("tokens", 0) or 0),
+             float(rec.get("device_seconds", 0.0) or 0.0))
+    return [per[k] for k in sorted(per)]
+
+
 def _chain(loc: Location) -> list[_Part]:
     """The parts that cover seqs 0..n without a gap, taking at each step the part reaching furthest."""
     parts = _parts(loc)

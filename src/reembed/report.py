@@ -20,7 +20,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
 .wide{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;margin:.5em 0;font-size:.85em}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.fail{color:#b00;font-weight:bold}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left;overflow-wrap:anywhere;max-width:18em}.fail{color:#b00;font-weight:bold}
 td.failcell{background:#fbe3e3}.pass{color:#070;font-weight:bold}svg text{font-size:11px;fill:#333}
 svg{max-width:100%;height:auto}
 """
