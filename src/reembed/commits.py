@@ -111,7 +111,6 @@ class CommitLog:
         self._covered = 0  # the first seq no checkpoint part covers
         self._tail = _Delta()  # the effect of the entries from _covered to _next - 1
         self._part_due = checkpoint_every  # the next part is written once _next reaches this
-        self._local_dirs_made = False
         self._warned_best_effort = False
 
     # -- open / create / claim -------------------------------------------------------------------------
@@ -287,49 +286,11 @@ class CommitLog:
 
     def _create(self, seq: int, body: bytes) -> bool:
         """Write the entry ``seq`` only if it does not exist; False if it does."""
-        name = _entry_name(seq)
-        if self.loc.conditional_writes:
-            try:
-                self.loc.write_if(body, LOG_DIR, name, version=None)
-                return True
-            except storage.VersionConflict:
-                return False
-        if self.loc.fs.type_name == "local":
-            return self._create_local(self.loc.path(LOG_DIR, name), body)
-        if not self._warned_best_effort:
+        if not self.loc.conditional_writes and self.loc.fs.type_name != "local" and not self._warned_best_effort:
             log.warning("%s: this store has no create-only writes; the commit log relies on one job at a time",
                         self.loc.display(LOG_DIR))
             self._warned_best_effort = True
-        if self.loc.exists(LOG_DIR, name):
-            return False
-        self.loc.write_bytes(body, LOG_DIR, name)
-        return True
-
-    def _create_local(self, target: str, body: bytes) -> bool:
-        # A complete temporary file, then a hard link to the entry's name: the link fails if the name
-        # exists, and no reader ever sees a half-written entry.
-        tmp_dir = posixpath.join(posixpath.dirname(target), "_tmp")
-        if not self._local_dirs_made:
-            os.makedirs(tmp_dir, exist_ok=True)
-            self._local_dirs_made = True
-        tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{self.writer}")
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-        try:
-            try:
-                if os.write(fd, body) != len(body):
-                    raise ManifestError(f"{target}: short write to the commit log (disk full?)")
-            finally:
-                os.close(fd)
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            return _create_exclusive(target, body)  # a filesystem without hard links
-        finally:
-            os.unlink(tmp)
+        return create_only(self.loc, body, LOG_DIR, _entry_name(seq), tag=self.writer)
 
     def _checkpoint(self) -> WriteCost:
         """Publish the part covering ``_covered .. _next - 1`` and start a new tail.
@@ -716,6 +677,50 @@ def _read_part_epoch(loc: Location, part: _Part) -> int:
     except (KeyError, ValueError) as e:
         raise ManifestError(f"{loc.display(LOG_DIR, CHECKPOINTS, part.name)}: not a commit-log checkpoint "
                             "(no epoch in its metadata); move it away and reopen") from e
+
+
+def create_only(loc: Location, body: bytes, *parts: str, tag: str = "") -> bool:
+    """Write ``body`` at ``parts`` only if nothing is there yet; False if something is. On S3 a
+    conditional PUT (``If-None-Match: *``); on a local disk a complete temporary file hard-linked to the
+    name (no reader ever sees half an object); elsewhere check-then-write (best effort)."""
+    if loc.conditional_writes:
+        try:
+            loc.write_if(body, *parts, version=None)
+            return True
+        except storage.VersionConflict:
+            return False
+    if loc.fs.type_name == "local":
+        return _create_local(loc.path(*parts), body, tag or uuid.uuid4().hex[:12])
+    if loc.exists(*parts):
+        return False
+    loc.write_bytes(body, *parts)
+    return True
+
+
+def _create_local(target: str, body: bytes, tag: str) -> bool:
+    tmp_dir = posixpath.join(posixpath.dirname(target), "_tmp")
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{tag}")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        try:
+            if os.write(fd, body) != len(body):
+                raise ManifestError(f"{target}: short write (disk full?)")
+        finally:
+            os.close(fd)
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        return _create_exclusive(target, body)  # a filesystem without hard links
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _create_exclusive(target: str, body: bytes) -> bool:
