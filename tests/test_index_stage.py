@@ -54,7 +54,7 @@ def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
     rows = sum(r["rows"] for r in _manifest(out).committed.values())
     f, q = first["faiss"], first["qdrant"]
     assert rows == 1200 == f["ntotal"] == q["count"] == _qdrant_count(cfg.qdrant, q["collection"])
-    assert q["collection"] == f"{cfg.collection}-v1" and q["shards_done"] == list(range(12))
+    assert q["collection"] == f"{cfg.collection}-v1" and (q["shards"], q["resumed_shards"]) == (12, 0)
     state = _index_state(out)
     assert state["faiss"]["status"] == state["qdrant"]["status"] == "done"
     assert state["faiss"]["sha256"] == f["sha256"] and state["faiss"]["params"]["factory"] == "HNSW32"
@@ -91,23 +91,25 @@ def test_an_incomplete_output_is_refused(fast_tmp):
         stage.build_indexes(out, IndexConfig(qdrant="none"), use_ray=False)
 
 
-def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
-    """SIGKILL a real process mid-upload, rerun: the same collection is finished with every point once."""
+def test_killed_index_resumes_to_qdrant_count_faiss_ntotal_and_manifest_rows(fast_tmp, qdrant_target):
+    """SIGKILL a real `reembed index` once some shards are recorded loaded, rerun: the shards recorded are
+    skipped, the same collection is finished, and Qdrant count = FAISS ntotal = manifest rows (each
+    document once). Against a server the killed load ran 4 writers at once."""
     out = write_output(fast_tmp / "out", clustered(1200, 16, seed=3), shard_rows=30)  # 40 shards
     cfg = _cfg(qdrant_target, batch_size=5)
-    script = ("import sys; from reembed.config import IndexConfig; from reembed.indexes import build as stage; "
-              f"stage.run_qdrant({out!r}, IndexConfig(batch_size=5, collection={cfg.collection!r}), {cfg.qdrant!r})")
+    command = [sys.executable, "-m", "reembed", "index", out, "--no-ray", "--faiss", "flat", "--qdrant", cfg.qdrant,
+               "--collection", cfg.collection, "--batch-size", "5", "--workers", "4"]
     src = str(Path(reembed.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
     done_at_kill = None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             q = (_manifest(out).data.get("stages") or {}).get("index", {}).get("qdrant") or {}
-            if q.get("status") == "loading" and len(q.get("shards_done", [])) >= 2:
+            if q.get("status") == "loading" and len(_progress(out, q)) >= 2:
                 proc.send_signal(signal.SIGKILL)
-                done_at_kill = len(q["shards_done"])
+                done_at_kill = len(_progress(out, q))
                 break
             time.sleep(0.02)
     finally:
@@ -117,17 +119,24 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
     assert done_at_kill is not None, f"never saw the upload in progress: {proc.stderr.read().decode()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
     killed = _index_state(out)["qdrant"]
-    assert killed["status"] == "loading" and done_at_kill <= len(killed["shards_done"]) < 40
+    recorded = _progress(out, killed)
+    assert killed["status"] == "loading" and done_at_kill <= len(recorded) < 40
+    stamps = {p.name: p.stat().st_mtime_ns for p in recorded}
     collection = killed["collection"]
     assert _qdrant_count(cfg.qdrant, collection) < 1200
 
-    result = stage.build_indexes(out, IndexConfig(faiss="none", qdrant=cfg.qdrant, collection=cfg.collection,
-                                              batch_size=64), use_ray=False)["qdrant"]
-    assert result["collection"] == collection  # resumed, not a new version
-    assert result["status"] == "done" and result["shards_done"] == list(range(40))
+    assert cli.main(["index", out, "--no-ray", "--faiss", "flat", "--qdrant", cfg.qdrant, "--collection",
+                     cfg.collection, "--batch-size", "64"]) == 0
+    state = _index_state(out)
+    q, f = state["qdrant"], state["faiss"]
+    assert q["collection"] == collection and q["build"] == killed["build"]  # resumed, not a new version
+    assert q["status"] == "done" and (q["shards"], q["resumed_shards"]) == (40, len(recorded))
+    assert {p.name: p.stat().st_mtime_ns for p in _progress(out, q) if p.name in stamps} == stamps  # not loaded again
+    assert len(_progress(out, q)) == 40
+    rows = sum(r["rows"] for r in _manifest(out).committed.values())
+    assert _qdrant_count(cfg.qdrant, collection) == q["count"] == f["ntotal"] == rows == 1200
     c = Q.connect(cfg.qdrant)
     try:
-        assert Q.count(c, collection) == 1200
         ids, offset = [], None
         while True:
             points, offset = c.scroll(collection, limit=500, offset=offset, with_payload=True)
@@ -138,6 +147,12 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
         assert [v for v in Q.collections(c) if v.startswith(cfg.collection)] == [collection]
     finally:
         c.close()
+
+
+def _progress(out: str, record: dict) -> list[Path]:
+    """The progress records of a Qdrant build (one per shard loaded)."""
+    folder = Path(out) / "_index" / "qdrant" / record["build"]
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 
 @pytest.mark.ray
