@@ -303,3 +303,93 @@ def test_parallel_upload_workers_keep_a_bounded_number_of_shards_in_flight():
         seen.append(result)
     assert sorted(seen) == list(range(25)) and 1 < peak[0] <= 4
     assert list(stage.bounded_map(upload, range(5), workers=1)) == list(range(5))
+
+
+def test_a_qdrant_build_writes_the_manifest_twice_and_one_small_record_a_shard(fast_tmp):
+    """Progress is O(1) per shard: 10 shards or 40, the manifest is saved at the start and the end of the
+    build only, and each shard leaves one record of the same few bytes."""
+    saves, sizes = {}, {}
+    for shards in (10, 40):
+        out = write_output(fast_tmp / f"out{shards}", clustered(shards * 10, 8, seed=shards), shard_rows=10)
+        before = _manifest(out).data["generation"]
+        q = stage.run_qdrant(out, IndexConfig(faiss="none", collection="docs", batch_size=10),
+                             str(fast_tmp / f"q{shards}"))
+        saves[shards] = _manifest(out).data["generation"] - before
+        records = _progress(out, q)
+        assert len(records) == shards and q["count"] == shards * 10
+        sizes[shards] = {p.stat().st_size for p in records}
+    assert saves == {10: 2, 40: 2}
+    assert max(sizes[40]) - min(sizes[10]) <= 2 and max(sizes[40]) < 200  # the shard's digits at most
+
+
+def test_a_large_embedded_load_first_says_how_long_it_will_take(fast_tmp, monkeypatch, caplog):
+    import logging
+
+    out = write_output(fast_tmp / "out", clustered(400, 8, seed=6), shard_rows=100)
+    cfg = IndexConfig(faiss="none", collection="docs", batch_size=20)
+    monkeypatch.setattr(stage, "EMBEDDED_PROBE_POINTS", 40)
+    monkeypatch.setattr(Q, "EMBEDDED_MAX_POINTS", 1000)
+    with caplog.at_level(logging.INFO, logger="reembed.indexes.build"):
+        small = stage.run_qdrant(out, cfg, str(fast_tmp / "q1"))
+    assert "estimate" not in small and "a lot for embedded Qdrant" not in caplog.text
+    assert "embedded Qdrant allows one writer" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setattr(Q, "EMBEDDED_MAX_POINTS", 300)  # as if 400 points were above the 100k of a real output
+    with caplog.at_level(logging.INFO, logger="reembed.indexes.build"):
+        big = stage.run_qdrant(out, cfg, str(fast_tmp / "q2"))
+    said = [r.getMessage() for r in caplog.records if "a lot for embedded Qdrant" in r.getMessage()]
+    assert len(said) == 1 and caplog.records[0].getMessage().startswith("Qdrant")
+    assert "400 points" in said[0] and "points/s, measured on the first 40" in said[0] and "takes about" in said[0]
+    assert f"reembed index {out} --qdrant http://HOST:6333" in said[0]
+    est = big["estimate"]
+    assert est["points"] == 400 and est["points_per_s"] > 0 and est["seconds"] == pytest.approx(400 / est["points_per_s"], abs=0.1)
+    assert big["count"] == _qdrant_count(str(fast_tmp / "q2"), big["collection"]) == 400  # the timed points count once
+    assert len(_progress(out, big)) == 4
+
+
+@pytest.mark.ray
+def test_a_writer_task_loads_its_shards_marks_them_and_returns_a_summary(fast_tmp, ray_local):
+    """The server path's Ray writer, run against an embedded folder (one writer: nothing else has it open)."""
+    out = write_output(fast_tmp / "out", clustered(300, 8, seed=7), shard_rows=50)
+    m = _manifest(out)
+    target = str(fast_tmp / "q")
+    c = Q.connect(target)
+    try:
+        Q.create_collection(c, "docs-v1", 8, {"rows": 300})
+    finally:
+        c.close()
+    job = stage._QdrantLoad(Location.from_uri(out), target, "docs-v1", "docs-v1.t", 32, ("text",))
+    todo = [(s, stage._slim(r)) for s, r in sorted(m.committed.items())]
+    out_rec = stage._load_server(job, None, todo, workers=1, use_ray=True)
+    assert out_rec["writers"] == 1 and out_rec["transport"] == "http" and len(out_rec["writer_hosts"]) == 1
+    assert _qdrant_count(target, "docs-v1") == 300
+    from reembed.indexes.progress import Progress
+
+    assert Progress(Location.from_uri(out), "qdrant", "docs-v1.t").done() == set(range(6))
+
+
+server_only = pytest.mark.skipif(not os.environ.get("QDRANT_URL"), reason="QDRANT_URL not set (no Qdrant server here)")
+
+
+@server_only
+@pytest.mark.ray
+def test_a_server_is_loaded_by_n_writer_tasks_each_shard_once(fast_tmp, ray_local):
+    import uuid
+
+    out = write_output(fast_tmp / "out", clustered(2400, 16, seed=8), shard_rows=100)
+    name = f"reembed-test-{uuid.uuid4().hex[:8]}"
+    cfg = IndexConfig(faiss="none", qdrant=os.environ["QDRANT_URL"], collection=name, batch_size=50, upload_workers=3)
+    try:
+        q = stage.build_indexes(out, cfg)["qdrant"]
+        assert (q["writers"], q["count"], q["shards"]) == (3, 2400, 24) and q["transport"] in ("grpc", "http")
+        assert len(_progress(out, q)) == 24
+        assert _qdrant_count(cfg.qdrant, q["collection"]) == 2400
+    finally:
+        c = Q.connect(cfg.qdrant)
+        try:
+            for coll in Q.collections(c):
+                if coll.startswith(name):
+                    c.delete_collection(coll)
+        finally:
+            c.close()

@@ -276,3 +276,99 @@ def test_a_failing_server_is_retried_then_reported_in_one_line():
             c.close()
     assert len(sleeps) == 2 and "\n" not in str(e.value)
     assert [p for p, _ in seen].count("/collections") == 3
+
+
+def test_grpc_is_used_only_when_the_server_answers_it():
+    """No gRPC port beside the REST port, or one that does not speak gRPC: the client talks HTTP."""
+    import socket
+    import threading
+
+    with recording_server() as (url, seen):
+        assert Q.grpc_port(url) == int(url.rsplit(":", 1)[1]) + 1
+        c = Q.connect(url, grpc=True)  # nothing listens on port + 1
+        try:
+            assert not Q.uses_grpc(c) and Q.collections(c) == []
+        finally:
+            c.close()
+        # Something that accepts and hangs up on port + 1 (if that port is free here).
+        lsn = socket.socket()
+        try:
+            lsn.bind(("127.0.0.1", Q.grpc_port(url)))
+        except OSError:
+            pytest.skip("the port after the test server's is taken")
+        lsn.listen()
+        stop = threading.Event()
+
+        def hang_up():
+            lsn.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conn, _ = lsn.accept()
+                    conn.close()
+                except OSError:
+                    pass
+
+        t = threading.Thread(target=hang_up, daemon=True)
+        t.start()
+        try:
+            c = Q.connect(url, grpc=True, timeout=5)
+            try:
+                assert not Q.uses_grpc(c) and Q.collections(c) == []
+            finally:
+                c.close()
+        finally:
+            stop.set()
+            t.join()
+            lsn.close()
+    assert Q.grpc_port("http://qdrant.example:6333") == 6334 and Q.grpc_port("https://q.example") == 6334
+
+
+def test_a_port_that_answers_qdrant_grpc_is_used():
+    """Qdrant's own gRPC service definitions (shipped with qdrant-client) served on port + 1, answering the
+    collection listing: the client picks gRPC, and its listing goes over it."""
+    from concurrent import futures
+
+    import grpc
+    from qdrant_client.grpc import collections_pb2, collections_service_pb2_grpc
+
+    calls = []
+
+    class Collections(collections_service_pb2_grpc.CollectionsServicer):
+        def List(self, request, context):  # noqa: N802 (the service's name)
+            calls.append("List")
+            return collections_pb2.ListCollectionsResponse(collections=[], time=0.0)
+
+    with recording_server() as (url, seen):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        collections_service_pb2_grpc.add_CollectionsServicer_to_server(Collections(), server)
+        if server.add_insecure_port(f"127.0.0.1:{Q.grpc_port(url)}") == 0:
+            pytest.skip("the port after the test server's is taken")
+        server.start()
+        try:
+            c = Q.connect(url, grpc=True, timeout=5)
+            try:
+                assert Q.uses_grpc(c)
+                http_calls = len(seen)
+                assert Q.collections(c) == [] and len(calls) == 2  # the check, then this listing
+                assert len(seen) == http_calls  # nothing of it over HTTP
+            finally:
+                c.close()
+        finally:
+            server.stop(0)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("QDRANT_URL"), reason="QDRANT_URL not set (no Qdrant server here)")
+def test_a_server_offering_grpc_is_loaded_over_it():
+    import os
+
+    c = Q.connect(os.environ["QDRANT_URL"], grpc=True)
+    try:
+        name = f"reembed-test-{uuid.uuid4().hex[:8]}"
+        Q.create_collection(c, name, DIM, _meta(100))
+        try:
+            assert Q.upload(c, name, tables(clustered(100, DIM), 50), batch_size=32) == 100
+            assert Q.count(c, name) == 100
+        finally:
+            c.delete_collection(name)
+    finally:
+        c.close()
