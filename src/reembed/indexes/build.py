@@ -228,7 +228,7 @@ def run_qdrant(output: str | Location, cfg: IndexConfig, target: str, use_ray: b
     started, t0 = _stamp(), time.monotonic()
     loc = _location(output)
     manifest = _load(loc)
-    rows, dim = rows_of(manifest), int(manifest.model["dimension"])
+    rows = rows_of(manifest)
     client = Q.connect(target)
     try:
         state = _start_qdrant(loc, manifest, client, state_of(manifest).get("qdrant"), cfg, target, started)
