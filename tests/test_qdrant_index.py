@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -283,20 +284,15 @@ def test_grpc_is_used_only_when_the_server_answers_it():
     import socket
     import threading
 
-    with recording_server() as (url, seen):
+    assert Q.grpc_port("http://qdrant.example:6333") == 6334 and Q.grpc_port("https://q.example") == 6334
+    with _rest_and_next_port(socket.socket) as (url, seen, lsn):
         assert Q.grpc_port(url) == int(url.rsplit(":", 1)[1]) + 1
-        c = Q.connect(url, grpc=True)  # nothing listens on port + 1
+        c = Q.connect(url, grpc=True)  # nothing listens on port + 1 yet
         try:
             assert not Q.uses_grpc(c) and Q.collections(c) == []
         finally:
             c.close()
-        # Something that accepts and hangs up on port + 1 (if that port is free here).
-        lsn = socket.socket()
-        try:
-            lsn.bind(("127.0.0.1", Q.grpc_port(url)))
-        except OSError:
-            pytest.skip("the port after the test server's is taken")
-        lsn.listen()
+        lsn.listen()  # now something accepts and hangs up there
         stop = threading.Event()
 
         def hang_up():
@@ -319,8 +315,6 @@ def test_grpc_is_used_only_when_the_server_answers_it():
         finally:
             stop.set()
             t.join()
-            lsn.close()
-    assert Q.grpc_port("http://qdrant.example:6333") == 6334 and Q.grpc_port("https://q.example") == 6334
 
 
 def test_a_port_that_answers_qdrant_grpc_is_used():
@@ -338,11 +332,14 @@ def test_a_port_that_answers_qdrant_grpc_is_used():
             calls.append("List")
             return collections_pb2.ListCollectionsResponse(collections=[], time=0.0)
 
-    with recording_server() as (url, seen):
+    def grpc_server(port: int):
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         collections_service_pb2_grpc.add_CollectionsServicer_to_server(Collections(), server)
-        if server.add_insecure_port(f"127.0.0.1:{Q.grpc_port(url)}") == 0:
-            pytest.skip("the port after the test server's is taken")
+        if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+            raise OSError(f"port {port} is taken")
+        return server
+
+    with _rest_and_next_port(grpc_server) as (url, seen, server):
         server.start()
         try:
             c = Q.connect(url, grpc=True, timeout=5)
@@ -355,6 +352,32 @@ def test_a_port_that_answers_qdrant_grpc_is_used():
                 c.close()
         finally:
             server.stop(0)
+
+
+@contextmanager
+def _rest_and_next_port(make):
+    """A recording REST server whose port + 1 is held by ``make(port)`` (a socket bound there, or a server),
+    trying a few servers: the port after an ephemeral one is often some client's."""
+    import socket
+
+    for _ in range(20):
+        with recording_server() as (url, seen):
+            port = Q.grpc_port(url)
+            try:
+                if make is socket.socket:
+                    held = socket.socket()
+                    held.bind(("127.0.0.1", port))
+                else:
+                    held = make(port)
+            except OSError:
+                continue
+            try:
+                yield url, seen, held
+            finally:
+                if make is socket.socket:
+                    held.close()
+            return
+    pytest.skip("no free port after 20 test servers' ports")
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("QDRANT_URL"), reason="QDRANT_URL not set (no Qdrant server here)")
