@@ -367,7 +367,12 @@ def _load_server(job: _QdrantLoad, client, todo: list[tuple[int, dict[str, Any]]
         task = ray.remote(_qdrant_load_task).options(num_cpus=1, scheduling_strategy="SPREAD")
         # Round-robin shares: each writer gets early and late shards alike, so they finish together.
         refs = [task.remote(job, todo[i::workers]) for i in range(workers)]
-        results = ray.get(refs)
+        try:
+            results = ray.get(refs)
+        except BaseException:
+            for ref in refs:  # a writer failed (or we were interrupted): stop the others; a rerun resumes
+                ray.cancel(ref, force=True)
+            raise
         out["transport"] = results[0]["transport"]
         out["writer_hosts"] = sorted({r["worker"] for r in results})
     else:
