@@ -145,3 +145,47 @@ def test_a_collection_of_another_dimension_is_refused(tmp_path):
     (sink_dir / name / "target.json").write_text(json.dumps({"uri": publish_uri, "collection": "docs_v1", "version": 1}))
     with pytest.raises(MigrationError, match="already holds 2-d vectors, the output 16-d"):
         publish(out, publish_uri)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pinecone: the official client against a stand-in of one index's data plane (tests/pinecone_standin.py)
+
+
+def test_publish_into_pinecone_writes_a_versioned_namespace_that_exports_back_the_same(tmp_path, monkeypatch):
+    from pinecone_standin import PineconeStandin
+    from reembed.migrate.export import export
+    from reembed.migrate.stores import PineconeStore
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("PINECONE_API_KEY", "test-key")
+    monkeypatch.setattr(PineconeStore, "settle_seconds", 2.0)
+    out, ids, vectors, columns = synthetic_output(tmp_path / "out")
+    with PineconeStandin(dimension=16) as pc:
+        pc.namespaces["docs_v1"] = {"old": {"id": "old", "values": [0.0] * 16}}  # an earlier version is there
+        uri = f"pinecone://wordnet?namespace=docs&host={pc.url}"
+        summary = publish(out, uri, batch_size=20, workers=2)
+        assert (summary["collection"], summary["count"]) == ("docs_v2", N_DOCS)
+        upserts = [n for method, path, n in pc.requests if path == "/vectors/upsert"]
+        assert sorted(upserts) == [5, 5, 10, 20, 20]  # shards of 25, 25 and 10 rows in batches of up to 20
+        stored = pc.namespaces["docs_v2"]
+        assert sorted(stored) == ids
+        np.testing.assert_array_equal(np.array([stored[i]["values"] for i in ids], np.float32), vectors)
+        assert stored["doc-001"]["metadata"] == {**expected_metadata(columns, 1), "text": "text of document 1"}
+        # The same ids, text and metadata come back through reembed's own export of that namespace.
+        export(f"pinecone://wordnet?namespace=docs_v2&host={pc.url}", str(tmp_path / "export"))
+        back = pq.read_table(tmp_path / "export" / "part-00000.parquet").sort_by("id").to_pydict()
+        assert back["id"] == ids and back["text"] == columns["text"] and back["pos"] == columns["pos"]
+        assert back["meta_id"] == columns["meta_id"]  # export's own rename, undone again by the next publish
+        with pytest.raises(MigrationError, match="Pinecone has no aliases; point the app at namespace"):
+            publish(out, uri, swap=True)
+
+
+def test_publish_into_a_pinecone_index_of_another_dimension_is_refused(tmp_path, monkeypatch):
+    from pinecone_standin import PineconeStandin
+
+    monkeypatch.setenv("PINECONE_API_KEY", "test-key")
+    out, *_ = synthetic_output(tmp_path / "out")
+    with PineconeStandin(dimension=8) as pc:
+        with pytest.raises(MigrationError, match="holds 8-d vectors, the output 16-d; create an index of dimension 16"):
+            publish(out, f"pinecone://wordnet?namespace=docs&host={pc.url}")
+        assert not any(path == "/vectors/upsert" for _, path, _ in pc.requests)
