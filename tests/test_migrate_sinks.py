@@ -189,3 +189,35 @@ def test_publish_into_a_pinecone_index_of_another_dimension_is_refused(tmp_path,
         with pytest.raises(MigrationError, match="holds 8-d vectors, the output 16-d; create an index of dimension 16"):
             publish(out, f"pinecone://wordnet?namespace=docs&host={pc.url}")
         assert not any(path == "/vectors/upsert" for _, path, _ in pc.requests)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weaviate: the official v4 client against a stand-in server (tests/weaviate_standin.py)
+
+
+def test_publish_into_weaviate_creates_a_versioned_collection_with_ids_text_and_metadata(tmp_path):
+    import uuid
+
+    from weaviate_standin import WeaviateStandin
+
+    out, ids, vectors, columns = synthetic_output(tmp_path / "out")
+    with WeaviateStandin() as wv:
+        uri = f"weaviate://127.0.0.1:{wv.http_port}/Docs?grpc_port={wv.grpc_port}"
+        summary = publish(out, uri, batch_size=20)
+        assert (summary["collection"], summary["count"]) == ("Docs_v1", N_DOCS)
+        assert "Docs_v1" in wv.classes and "Docs" not in wv.classes
+        assert wv.classes["Docs_v1"]["description"].startswith("reembed v1: test/new-model (16-d")
+        stored = wv.objects["Docs_v1"]
+        by_doc = {o["properties"]["doc_id"]: (u, o) for u, o in stored.items()}
+        assert sorted(by_doc) == ids
+        u, obj = by_doc["doc-002"]
+        assert u == str(uuid.uuid5(uuid.NAMESPACE_URL, "reembed:doc-002"))  # not a UUID: uuid5, id kept in doc_id
+        np.testing.assert_allclose(obj["vector"], vectors[2], rtol=0, atol=0)
+        meta = expected_metadata(columns, 2)
+        meta["meta_id"] = meta.pop("id")  # "id" is reserved by Weaviate
+        assert obj["properties"] == {**meta, "text": "text of document 2", "doc_id": "doc-002"}
+        # A second publish of another output takes the next version; --swap is refused with what to do instead.
+        out2, *_ = synthetic_output(tmp_path / "out2", seed=3)
+        assert publish(out2, uri)["collection"] == "Docs_v2"
+        with pytest.raises(MigrationError, match="point the app at 'Docs_v3' instead of --swap"):
+            publish(synthetic_output(tmp_path / "out3", seed=4)[0], uri, swap=True)
