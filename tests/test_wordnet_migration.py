@@ -58,8 +58,26 @@ def app(persist_directory: Path, embeddings):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def patient_ray():
+    """Start the session's local Ray with a few tries: on a loaded 2-core machine its raylet can miss Ray's
+    30-second start-up window. ``ray_local`` then finds it running and shuts it down at the end."""
+    import ray
+
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
+                     log_to_driver=False, configure_logging=False)
+        except Exception:  # Ray raises a bare Exception for a start-up time-out
+            ray.shutdown()
+            if attempt == 2:
+                raise
+
+
 @pytest.fixture(scope="module")
-def migrated(tmp_path_factory, ray_local, minilm):
+def migrated(tmp_path_factory, patient_ray, ray_local, minilm):
     from reembed import pipeline
     from reembed import validation as V
     from reembed.config import load_config

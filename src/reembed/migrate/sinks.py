@@ -75,7 +75,7 @@ def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: 
 
     target = _read_json(loc, f"{state_dir}/{TARGET}")
     if target is None:
-        name, version = sink.next_version(src)
+        name, version = next_version(sink.taken_names(src), sink.base_name(src))
         target = {"uri": src.shown, "kind": src.kind, "collection": name, "version": version,
                   "base": sink.base_name(src), "rows": rows, "started_at": now(), **about}
         try:  # recorded before the name is created: a killed publish resumes into the same collection

@@ -128,14 +128,12 @@ class ChromaStore(Store):
         return bool(src.host)
 
     @classmethod
-    def next_version(cls, src: StoreURI) -> tuple[str, int]:
-        from reembed.migrate.sinks import next_version
-
+    def taken_names(cls, src: StoreURI) -> list[str]:
+        """Every collection name, plus ``<base>_v<N>`` for the version the app's collection records."""
         base = cls.base_name(src)
         client = _target_client(src)
         names = _names(client)
-        versions = [f"{base}_v{_version_of(client, base)}"] if base in names else []
-        return next_version(names + versions, base)
+        return names + ([f"{base}_v{_version_of(client, base)}"] if base in names else [])
 
     @classmethod
     def open_target(cls, src: StoreURI, name: str, *, dim: int, normalized: bool, about: dict[str, Any]) -> "ChromaStore":

@@ -94,11 +94,9 @@ class PineconeStore(Store):
         return True
 
     @classmethod
-    def next_version(cls, src: StoreURI) -> tuple[str, int]:
-        from reembed.migrate.sinks import next_version
-
-        store = cls.from_uri(src)
-        return next_version(list(store.handle.describe_index_stats().namespaces or {}), cls.base_name(src))
+    def taken_names(cls, src: StoreURI) -> list[str]:
+        """The index's namespaces."""
+        return list(cls.from_uri(src).handle.describe_index_stats().namespaces or {})
 
     @classmethod
     def open_target(cls, src: StoreURI, name: str, *, dim: int, normalized: bool, about: dict[str, Any]) -> "PineconeStore":

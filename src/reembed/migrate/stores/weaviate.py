@@ -96,16 +96,14 @@ class WeaviateStore(Store):
         return True
 
     @classmethod
-    def next_version(cls, src: StoreURI) -> tuple[str, int]:
-        from reembed.migrate.sinks import next_version
-
-        base = cls.base_name(src)
+    def taken_names(cls, src: StoreURI) -> list[str]:
+        """The server's collection names."""
+        cls.base_name(src)
         client = _connect(src)
         try:
-            names = list(client.collections.list_all(simple=True))
+            return list(client.collections.list_all(simple=True))
         finally:
             client.close()
-        return next_version(names, base)
 
     @classmethod
     def open_target(cls, src: StoreURI, name: str, *, dim: int, normalized: bool, about: dict[str, Any]) -> "WeaviateStore":
