@@ -96,7 +96,13 @@ class PineconeStore(Store):
     @classmethod
     def taken_names(cls, src: StoreURI) -> list[str]:
         """The index's namespaces."""
-        return list(cls.from_uri(src).handle.describe_index_stats().namespaces or {})
+        with cls.from_uri(src) as store:
+            return list(store.handle.describe_index_stats().namespaces or {})
+
+    def close(self) -> None:
+        close = getattr(self.handle, "close", None)  # the data-plane client's connection pool (pinecone >= 8)
+        if callable(close):
+            close()
 
     @classmethod
     def open_target(cls, src: StoreURI, name: str, *, dim: int, normalized: bool, about: dict[str, Any]) -> "PineconeStore":
