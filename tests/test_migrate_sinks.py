@@ -221,3 +221,13 @@ def test_publish_into_weaviate_creates_a_versioned_collection_with_ids_text_and_
         assert publish(out2, uri)["collection"] == "Docs_v2"
         with pytest.raises(MigrationError, match="point the app at 'Docs_v3' instead of --swap"):
             publish(synthetic_output(tmp_path / "out3", seed=4)[0], uri, swap=True)
+
+
+def test_rerunning_a_finished_publish_with_swap_writes_nothing_and_swaps_once(tmp_path):
+    out, ids, *_ = synthetic_output(tmp_path / "out")
+    uri = f"chroma://{tmp_path / 'chroma'}?collection=docs"
+    first = publish(out, uri, swap=True)
+    assert first["swap"]["renames"] == [["docs_v1", "docs"]]
+    again = publish(out, uri, swap=True)
+    assert again["rows_written"] == 0 and again["swap"]["renames"] == [] and "already" in again["swap"]["note"]
+    assert read_collection(tmp_path / "chroma", "docs")[1] == ids

@@ -73,6 +73,13 @@ def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: 
     state_dir = f"{SINKS_DIR}/{sink_name(src, manifest)}"
     about = {"model": manifest.model.get("name"), "fingerprint": manifest.model.get("fingerprint"), "dimension": dim}
 
+    complete = _read_json(loc, f"{state_dir}/{COMPLETE}")
+    if complete is not None:  # published before (and maybe swapped since): nothing to write
+        summary = {**complete, "rows_written": 0, "shards_resumed": complete["shards"], "seconds": 0.0}
+        if swap:
+            summary["swap"] = sink.swap(src, complete["collection"])
+        log.info("publish: %s already published into %s %s", loc.display(), src.shown, complete["collection"])
+        return summary
     target = _read_json(loc, f"{state_dir}/{TARGET}")
     if target is None:
         name, version = next_version(sink.taken_names(src), sink.base_name(src))

@@ -173,6 +173,9 @@ class ChromaStore(Store):
         client = _target_client(src)
         names = _names(client)
         if name not in names:
+            if base in names and name == f"{base}_v{_version_of(client, base)}":  # swapped in already
+                return {"renames": [], "window_seconds": 0.0, "collection": base, "model": _model_of(client, base),
+                        "note": f"{name!r} is already the app's collection {base!r}"}
             raise MigrationError(f"{src.shown}: no collection {name!r} to swap in (collections: {', '.join(names) or 'none'})")
         renames: list[list[str]] = []
         gone = None
@@ -187,9 +190,8 @@ class ChromaStore(Store):
         client.get_collection(name, embedding_function=None).modify(name=base)
         window = time.monotonic() - gone if gone is not None else 0.0
         renames.append([name, base])
-        col = client.get_collection(base, embedding_function=None)
         return {"renames": renames, "window_seconds": round(window, 6), "collection": base,
-                "model": (col.metadata or {}).get(META_MODEL), "note": f"Chroma has no aliases: the app's name {base!r} "
+                "model": _model_of(client, base), "note": f"Chroma has no aliases: the app's name {base!r} "
                 f"was absent for {window * 1000:.1f} ms between the two renames"}
 
     @classmethod
@@ -218,6 +220,10 @@ def _target_client(src: StoreURI):
 
 def _names(client) -> list[str]:
     return [getattr(c, "name", c) for c in client.list_collections()]
+
+
+def _model_of(client, name: str) -> str | None:
+    return (client.get_collection(name, embedding_function=None).metadata or {}).get(META_MODEL)
 
 
 def _version_of(client, name: str) -> int:
