@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "reembed.cli.tune",       # tune
     "reembed.cli.cost",       # cost
     "reembed.cli.adapter",    # adapter fit, adapter show
+    "reembed.cli.sinks",      # publish
 )
 
 
