@@ -441,6 +441,10 @@ class State:
         ``{"seq", "reason", "message"}`` (``seq``: the retract entry's)."""
         return dict(self._damaged)
 
+    def rows_of(self, shards: np.ndarray) -> np.ndarray:
+        """The committed rows of each of ``shards`` (committed ones), from the log's arrays."""
+        return self._counts[np.asarray(shards, dtype=np.int64), 0].copy()
+
     def seq_of(self, shard: int) -> int:
         """The seq of ``shard``'s effective commit (-1 if it is not committed)."""
         return int(self._seq[shard]) if 0 <= shard < len(self._seq) else -1
