@@ -28,6 +28,11 @@ def render_html(r: dict[str, Any]) -> str:
                       "mean norm": [(s["shard"], s["norm_mean"]) for s in norms],
                       "max norm": [(s["shard"], s["norm_max"]) for s in norms]}, x_label="shard", y_label="vector norm")
         if norms else R.paragraph("(no readable shards)")))
+    if integ.get("damaged"):
+        sections.append(R.section(
+            "Damaged shards", R.paragraph(f"{len(integ['damaged'])} committed shard(s) missing, not matching their "
+                                          "sha256, or unreadable: `reembed repair OUTPUT` re-embeds exactly these"),
+            R.table(integ["damaged"], ["shard", "reason", "path", "message"])))
     sp = g["sanity_pairs"]
     if sp.get("pairs"):
         bars = {f"{'P' if p['label'] == 'paraphrase' else 'U'}{i}: {p['a'][:22]}": max(p["cosine"], 0.0) for i, p in enumerate(sp["pairs"])}
