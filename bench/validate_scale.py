@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=0.35)
     ap.add_argument("--sample", type=int, default=200, help="validate --sample (documents searched exactly)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
+    ap.add_argument("--probe-shards", type=int, default=3, help="shards timed in CPU seconds, in this process")
     ap.add_argument("--keep", help="write the output here and keep it (reused if it is already there)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "validate_scale.json"))
     args = ap.parse_args(argv)
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"(integrity {g['status']}, {g['rows']} rows; load {run['load_before'][0]} -> "
                       f"{run['load_after'][0]})", flush=True)
         ray.shutdown()
+        probe = cpu_probe(out, args.sample, args.probe_shards)
+        print(f"cpu: {probe['cpu_s_per_shard']} CPU-s per shard in one task ({probe['mb_per_cpu_s']} MB per CPU-s; "
+              f"read + sha256 {probe['read_sha_cpu_s']} s, parse + integrity + exact search the rest)", flush=True)
         result = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python bench/validate_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": args.rows, "dim": DIM, "shard_rows": SHARD_ROWS, "clusters": args.clusters, "noise": args.noise,
             "shards": written["shards"], "shard_bytes": written["bytes"], "write_seconds": round(write_s, 1),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "runs": runs,
+            "runs": runs, "cpu_probe": probe,
         }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -116,6 +120,34 @@ def main(argv: list[str] | None = None) -> int:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def cpu_probe(out: Path, sample: int, shards: int) -> dict:
+    """CPU seconds (this process, not wall: the machine may be loaded) that one shard task spends per shard,
+    with the queries validate searches (``sample`` documents, k = DEPTH * 11), and the part of it that is
+    reading and hashing the file."""
+    import hashlib
+
+    from reembed.indexes.exact import DEPTH
+    from reembed.validation.integrity import ScanJob, Search, committed, scan_batch
+
+    loc = Location.from_uri(str(out))
+    manifest = Manifest.load(loc)
+    items = sorted(committed(manifest))[:shards]
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((sample, DIM)).astype(np.float32)
+    job = ScanJob(dim=DIM, normalized=True, searches=(Search(S.EMBEDDING, queries, DEPTH * 11, DIM),))
+    scan_batch(loc, items[:1], job)  # warm
+    c0 = time.process_time()
+    scan_batch(loc, items, job)
+    per = (time.process_time() - c0) / len(items)
+    c0 = time.process_time()
+    for _, _, rec in items:
+        hashlib.sha256(loc.read_bytes(rec["path"])).hexdigest()
+    read_sha = (time.process_time() - c0) / len(items)
+    mb = sum(rec["bytes"] for _, _, rec in items) / len(items) / 1e6
+    return {"shards": len(items), "queries": sample, "k": DEPTH * 11, "cpu_s_per_shard": round(per, 3),
+            "read_sha_cpu_s": round(read_sha, 3), "mb_per_shard": round(mb, 1), "mb_per_cpu_s": round(mb / per, 1)}
 
 
 def write_output(out: Path, model_dir: Path, rows: int, clusters: int, noise: float) -> dict:

@@ -206,7 +206,7 @@ def test_topk_merges_exactly_whatever_the_split():
     want_s, want_i = V.exact_knn(queries, [(i, v) for _, i, v in blocks], 12)
     search = I.Search("embedding", queries, 12)
     tops = [I._shard_top(s, pa.table({"id": i, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), 16)}),
-                         i, search) for s, i, v in blocks]
+                         i, search, {}) for s, i, v in blocks]
     for trial in range(5):
         order = rng.permutation(len(tops))
         groups = np.array_split(order, trial + 1)

@@ -1,12 +1,13 @@
 """The validation gate: is the new embedding output fit to replace the old store?
 
-    reembed validate OUTPUT_URI [--queries queries.jsonl] [--old URI --old-model NAME]
+    reembed validate OUTPUT_URI [--queries queries.jsonl] [--old URI --old-model NAME] [--workers N]
 
 writes ``OUTPUT/validation/report.json`` and ``report.html`` and exits non-zero when a gate fails.
 Gates, each ``pass``, ``fail``, ``info`` (reported, not gated) or ``skipped`` (not enough inputs):
 
-* **integrity** - every committed shard, streamed: sha256 against the manifest, row count, vector
-  dimension, no NaN/inf, no zero vectors, unit norm within ``norm_tol`` for normalizing models;
+* **integrity** - every committed shard: sha256 against its commit (damaged shards named), row count, vector
+  dimension, no NaN/inf, no zero vectors, unit norm within ``norm_tol`` for normalizing models, no id
+  repeated inside a shard (unless the plan ran with ``dedup: none``); norms' min/mean/max and histogram;
 * **sanity_pairs** - paraphrase pairs must score at least ``paraphrase_min`` with the new model and
   unrelated pairs at most ``unrelated_max`` (a built-in set plus ``--pairs FILE``);
 * **ann_recall** - recall@k of the output's own FAISS index measured the way ``reembed search`` answers:
@@ -20,13 +21,21 @@ Gates, each ``pass``, ``fail``, ``info`` (reported, not gated) or ``skipped`` (n
   nDCG@10 of exact search in the old and the new space side by side; the new model must not fall more
   than ``ab_tolerance`` below the old one on either metric.
 
-Exact search is cosine (vectors normalized before the dot product) and streams the shards, so memory
-holds one shard and the running top-k, never the corpus. ``reembed swap`` calls
-:func:`check_validation`, which refuses a missing, failed or stale report.
+**A Ray job.** The shards are read by Ray tasks (``workers`` at once, default every CPU Ray has; 0 runs
+them in this process), never by the driver: first the few shards holding the sampled documents (their
+vectors and texts become queries), then every committed shard once, in one pass that checks its file and
+dead-letter file against the sha256 of its commit, computes the integrity figures, and searches it exactly
+for every query (cosine: vectors normalized before the dot product), in the new space and, when the shards
+carry ``old_embedding``, in the old one. Each task returns small mergeable figures (counts, sums, min/max, a
+norm histogram, the damaged shards, keyed top-k lists: see :mod:`.integrity`), so the report is the same for
+any number of workers and no vector of the corpus reaches the driver. Damaged shards (missing, wrong sha256,
+unreadable) are named in the integrity gate and the HTML report and fail the gate; ``reembed repair``
+re-embeds exactly those. ``reembed swap`` calls :func:`check_validation`, which refuses a missing, failed or
+stale report.
 
-The package: :mod:`.gates` (the gates on data), :mod:`.integrity` (streaming the shards and the old
+The package: :mod:`.gates` (the gates on data), :mod:`.integrity` (the shard tasks, their merge, the old
 store), :mod:`.queries` (pairs and labelled queries), :mod:`.report` (HTML). Search adapters and the
-exact kNN live in :mod:`reembed.indexes.search`.
+exact kNN live in :mod:`reembed.indexes.search` and :mod:`reembed.indexes.exact`.
 """
 
 from __future__ import annotations

@@ -41,8 +41,15 @@ def check_vectors(ids: Sequence[str], matrix: np.ndarray, dim: int, normalized: 
     if matrix.ndim != 2 or matrix.shape[1] != dim:
         got = matrix.shape[1] if matrix.ndim == 2 else matrix.shape
         return {**out, "bad_dimension": len(ids), "dimension_seen": got}
-    finite = np.isfinite(matrix).all(axis=1)
-    norms = np.linalg.norm(np.where(np.isfinite(matrix), matrix, 0.0), axis=1)
+    # One pass over the block (einsum: no temporary the size of the block); a NaN/inf shows in the norm, and
+    # only those rows (or rows whose squares overflow float32) are looked at again.
+    norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+    finite = np.isfinite(norms)
+    odd = np.flatnonzero(~finite)
+    if len(odd):
+        sub = matrix[odd].astype(np.float64)
+        finite[odd] = np.isfinite(sub).all(axis=1)
+        norms[odd] = np.linalg.norm(np.where(np.isfinite(sub), sub, 0.0), axis=1)
     zero = finite & (norms < 1e-12)
     bad_norm = finite & ~zero & (np.abs(norms - 1.0) > tol) if normalized else np.zeros(len(ids), bool)
     for name, mask in (("non_finite", ~finite), ("zero", zero), ("bad_norm", bad_norm)):

@@ -237,12 +237,13 @@ def _scan_shard(loc: Location, shard: int, rec: dict[str, Any], job: ScanJob) ->
         out.counts["corrupt"] += 1
         return out
     ids = table.column(S.ID).to_pylist()
+    matrices: dict[str, np.ndarray | None] = {}  # each column decoded once, for the integrity and the searches
     if job.integrity:
-        _integrity(out, shard, name, rec, table, ids, job)
+        matrices[S.EMBEDDING] = _integrity(out, shard, name, rec, table, ids, job)
     if job.watch:
         out.seen.update(job.watch.intersection(ids))
     for search in job.searches:
-        out.tops.append(_shard_top(shard, table, ids, search))
+        out.tops.append(_shard_top(shard, table, ids, search, matrices))
     if job.lookup and job.lookup_column in table.column_names:
         hit = [j for j, i in enumerate(ids) if i in job.lookup]
         if hit:
@@ -251,8 +252,11 @@ def _scan_shard(loc: Location, shard: int, rec: dict[str, Any], job: ScanJob) ->
     return out
 
 
-def _integrity(out: ShardScan, shard: int, name: str, rec: dict[str, Any], table: pa.Table, ids: list, job: ScanJob):
+def _integrity(out: ShardScan, shard: int, name: str, rec: dict[str, Any], table: pa.Table, ids: list,
+               job: ScanJob) -> np.ndarray | None:
+    """Add one shard's integrity figures to ``out``; returns its vectors (None if they are not a matrix)."""
     emb = table.column(S.EMBEDDING)
+    matrix = None
     if table.num_rows != rec["rows"]:
         out.problems.append((shard, f"{name}: {table.num_rows} rows, the manifest says {rec['rows']}"))
         out.counts["row_mismatch"] += 1
@@ -261,7 +265,8 @@ def _integrity(out: ShardScan, shard: int, name: str, rec: dict[str, Any], table
     elif emb.null_count:
         stats = {"rows": len(ids), "non_finite": emb.null_count}
     else:
-        stats = check_vectors(ids, S.embedding_matrix(emb), job.dim, job.normalized, job.norm_tol)
+        matrix = S.embedding_matrix(emb)
+        stats = check_vectors(ids, matrix, job.dim, job.normalized, job.norm_tol)
     for key in ("non_finite", "zero", "bad_norm", "bad_dimension"):
         v = stats.get(key, 0)
         out.counts[key] += v
@@ -284,18 +289,20 @@ def _integrity(out: ShardScan, shard: int, name: str, rec: dict[str, Any], table
         out.norm_sum, out.norm_count = stats["norm_sum"], stats["norm_count"]
         out.norm_min, out.norm_max = stats["norm_min"], stats["norm_max"]
         out.norm_hist = np.asarray(stats["norm_hist"], np.int64)
+    return matrix
 
 
-def _shard_top(shard: int, table: pa.Table, ids: list, search: Search):
+def _shard_top(shard: int, table: pa.Table, ids: list, search: Search, matrices: dict[str, Any]):
     """The exact top-k of ``search`` over one shard, with merge keys; None where the shard has no usable
-    vectors in that column."""
+    vectors in that column. ``matrices``: columns already decoded."""
     if search.column not in table.column_names:
         return None
     col = table.column(search.column)
     if not pa.types.is_fixed_size_list(col.type) or col.null_count or (search.dim and col.type.list_size != search.dim):
         return None
+    matrix = matrices.get(search.column)
     heap = KnnHeap(search.queries, search.k)
-    heap.add(ids, S.embedding_matrix(col))
+    heap.add(ids, matrix if matrix is not None else S.embedding_matrix(col))
     keys = np.where(heap.ids != None, shard * KEY_SPAN + np.arange(search.k), _NO_KEY)  # noqa: E711 (elementwise)
     return heap.scores, heap.ids, keys.astype(np.int64)
 
