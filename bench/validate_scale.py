@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = V.Settings(sample=args.sample, builtin_pairs=False, device="cpu")
         V.validate(Location.from_uri(str(out)), settings=V.Settings(sample=10, builtin_pairs=False, device="cpu"),
-                   write=False, workers=0)  # warm: the model's load and imports, outside the timings
+                   write=False, workers=1)  # warm: the model's load, imports, Ray's workers; outside the timings
         runs = []
         counts = [int(w) for w in args.workers.split(",")]
         for _ in range(args.repeat):
