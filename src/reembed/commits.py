@@ -39,6 +39,13 @@ still read from the log. Entries are never deleted (a fenced writer must keep fi
 
 A claimer should take the output first and only then compute leftovers from :func:`read_state`: after
 the claim, no older job's commit can count, so the state it reads is final for them.
+
+**Retractions.** ``reembed repair`` found a committed shard's file missing or not matching its sha256: it
+appends one ``retract`` entry naming the shard and the seq of the commit it found damaged
+(:meth:`CommitLog.retract`). Replay takes the shard out of the committed set only while that very commit is
+still the shard's effective one (a shard committed again meanwhile stays committed), so the next resume
+re-embeds exactly the retracted shards; until then :attr:`State.damaged` names them (``reembed status``
+says "damaged"). A retract is fenced by epoch like a commit.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ log = logging.getLogger(__name__)
 LOG_DIR = "_log"
 CHECKPOINTS = "_checkpoints"
 CHECKPOINT_EVERY = 1000
-KINDS = ("claim", "commit", "run")
+KINDS = ("claim", "commit", "run", "retract")
 # Record fields summed into State.totals (Manifest.totals' names on the right).
 _COUNTS = ("rows", "dead_letters", "truncated", "tokens", "bytes")
 _PROBE_BATCH_MAX = 64  # entries read in parallel when finding the end of the log on an object store
@@ -165,6 +172,13 @@ class CommitLog:
             raise ManifestError(f"{self.loc.display(LOG_DIR)}: shard {shard!r} is not a shard number "
                                 "(an int from 0 to 2**31 - 1)")
         return self._append({"kind": "commit", "epoch": self._held(), "shard": int(shard), "record": record})["seq"]
+
+    def retract(self, shard: int, commit_seq: int, reason: str, message: str) -> int:
+        """Take ``shard`` out of the committed set because its commit at seq ``commit_seq`` was found damaged
+        (``reason``: missing, sha256, unreadable, outside; ``message``: one line naming the file). Replay
+        ignores it if the shard was committed again after ``commit_seq``. Returns the entry's seq."""
+        record = {"commit_seq": int(commit_seq), "reason": reason, "message": message}
+        return self._append({"kind": "retract", "epoch": self._held(), "shard": int(shard), "record": record})["seq"]
 
     def record_run(self, run: dict[str, Any]) -> int:
         """Record one run of the job (timings, device); returns the entry's seq."""
@@ -277,7 +291,8 @@ class CommitLog:
             raise ConcurrentWriteError(f"{where}: another job claimed this output at the same moment (epoch "
                                        f"{found['epoch']}); two jobs must not write the same output at once")
         if found["epoch"] > mine["epoch"]:
-            what = f"shard {mine['shard']}" if mine["kind"] == "commit" else "the run record"
+            what = {"commit": f"shard {mine.get('shard')}", "retract": f"the retraction of shard {mine.get('shard')}"
+                    }.get(mine["kind"], "the run record")
             raise ConcurrentWriteError(
                 f"{where}: another job has taken over this output (epoch {found['epoch']}, this job holds "
                 f"{mine['epoch']}); two jobs must not write the same output at once, and this one stops "
@@ -355,6 +370,7 @@ class State:
         self._counts = np.zeros((0, len(_COUNTS)), dtype=np.int64)
         self._device_s = np.zeros(0, dtype=np.float64)
         self._reasons: dict[int, dict[str, int]] = {}  # only shards with dead letters
+        self._damaged: dict[int, dict[str, Any]] = {}  # retracted shards not committed again since
 
     @property
     def shards(self) -> np.ndarray:
@@ -380,8 +396,27 @@ class State:
         return {"embedded": rows, "dead_lettered": dead, "reasons": reasons, "truncated": truncated,
                 "tokens": tokens, "bytes": size, "device_seconds": float(self._device_s[done].sum())}
 
+    @property
+    def damaged(self) -> dict[int, dict[str, Any]]:
+        """Shards a check found damaged and retracted, not committed again since: shard ->
+        ``{"seq", "reason", "message"}`` (``seq``: the retract entry's)."""
+        return dict(self._damaged)
+
+    def rows_of(self, shards: np.ndarray) -> np.ndarray:
+        """The committed rows of each of ``shards`` (committed ones), from the log's arrays."""
+        return self._counts[np.asarray(shards, dtype=np.int64), 0].copy()
+
+    def seq_of(self, shard: int) -> int:
+        """The seq of ``shard``'s effective commit (-1 if it is not committed)."""
+        return int(self._seq[shard]) if 0 <= shard < len(self._seq) else -1
+
     def iter_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(shard, record) for every committed shard, in commit order, read part by part."""
+        for shard, _, rec in self.iter_commits():
+            yield shard, rec
+
+    def iter_commits(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(shard, seq of its commit, record) for every committed shard, in commit order, read part by part."""
         import pyarrow.parquet as pq
 
         for part in self._chain:
@@ -390,10 +425,10 @@ class State:
                     cols = batch.to_pydict()
                     for seq, kind, shard, rec in zip(cols["seq"], cols["kind"], cols["shard"], cols["record"]):
                         if kind == "commit" and self._seq[shard] == seq:
-                            yield shard, json.loads(rec)
+                            yield shard, seq, json.loads(rec)
         for shard, entry in self._tail_records.items():
             if self._seq[shard] == entry["seq"]:
-                yield shard, entry["record"]
+                yield shard, entry["seq"], entry["record"]
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -424,6 +459,15 @@ class State:
             if some:  # one JSON document for the whole part: per-row json.loads dominates otherwise
                 parsed = json.loads("[" + ",".join(reasons[i] for i in some) + "]")
                 self._reasons.update(zip(table.column("shard").take(some).to_pylist(), parsed))
+            if self._damaged:
+                for shard in shards.tolist():
+                    self._damaged.pop(shard, None)
+        retracts = np.flatnonzero(keep & _is(kind, "retract"))
+        if len(retracts):  # rare: read their records (commit_seq, reason) only when a part has some
+            records = _read_part(self.loc, part, ["record"]).column("record")
+            shards = table.column("shard").to_numpy(zero_copy_only=False)
+            for i in retracts.tolist():  # after the part's commits: a retract follows the commit it names
+                self._retract(int(shards[i]), int(seq[i]), json.loads(records[i].as_py()))
         self.last_seq = part.last
 
     def _apply_tail(self, tail: "_Delta") -> None:
@@ -438,7 +482,22 @@ class State:
             self._device_s[shard] = float(rec.get("device_seconds", 0.0) or 0.0)
             self._set_reasons(shard, rec.get("reasons"))
             self._tail_records[shard] = entry
+            self._damaged.pop(shard, None)
+        for shard, entry in tail.retracts.items():
+            self._retract(shard, entry["seq"], entry["record"])
         self.last_seq += tail.count
+
+    def _retract(self, shard: int, seq: int, rec: dict[str, Any]) -> None:
+        """Apply a retract entry: only while the commit it names is still the shard's effective one (a
+        compacted part carries a retracted shard as a retract naming seq -1, i.e. "not committed")."""
+        self._grow(shard + 1)
+        if self._seq[shard] != rec.get("commit_seq"):
+            return  # committed again after the check found it damaged
+        self._seq[shard] = -1
+        self._reasons.pop(shard, None)
+        self._tail_records.pop(shard, None)
+        self._damaged[shard] = {"seq": seq, "reason": rec.get("reason"), "message": rec.get("message"),
+                                "commit_seq": rec.get("commit_seq")}
 
     def _set_reasons(self, shard: int, reasons: dict[str, int] | None) -> None:
         if reasons:
@@ -469,6 +528,7 @@ class _Delta:
     count: int = 0
     ignored: int = 0
     commits: dict[int, dict[str, Any]] = field(default_factory=dict)
+    retracts: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last retract per shard since its commit
     others: list[dict[str, Any]] = field(default_factory=list)
 
     def apply(self, entry: dict[str, Any]) -> bool:
@@ -489,13 +549,17 @@ class _Delta:
         if kind == "commit":
             self.commits.pop(entry["shard"], None)  # keep dict order = order of the effective commits
             self.commits[entry["shard"]] = entry
+            self.retracts.pop(entry["shard"], None)  # a commit after a retract supersedes it
+        elif kind == "retract":
+            # Kept beside the commit it may name: replay applies commits, then retracts (see State._retract).
+            self.retracts[entry["shard"]] = entry
         else:
             self.others.append(entry)
         return True
 
     def table(self):
         """This delta as a checkpoint part's rows, in seq order."""
-        rows = sorted([*self.others, *self.commits.values()], key=lambda e: e["seq"])
+        rows = sorted([*self.others, *self.commits.values(), *self.retracts.values()], key=lambda e: e["seq"])
         return _rows_table(rows)
 
 
@@ -503,7 +567,8 @@ def _state_tables(state: State, batch: int = 10_000) -> Iterator[Any]:
     """A whole :class:`State` as one part's rows, ``batch`` rows at a time (for :meth:`CommitLog.compact`).
     Claims collapse to one row with the latest epoch and runs keep their order; both take seq 0 (the first
     claim's), ahead of every commit, which is right because a part starting at seq 0 always heads the
-    chain. Commits come in seq order, as :meth:`State.iter_records` yields them."""
+    chain. Commits come in seq order, as :meth:`State.iter_records` yields them; a damaged (retracted) shard
+    becomes a retract naming commit seq -1, which keeps it damaged and uncommitted."""
     rows = [{"seq": 0, "kind": "claim", "epoch": state.epoch}] if state.epoch else []
     rows += [{"seq": 0, "kind": "run", "epoch": state.epoch, "record": r} for r in state.runs]
     for shard, rec in state.iter_records():
@@ -512,6 +577,9 @@ def _state_tables(state: State, batch: int = 10_000) -> Iterator[Any]:
         if len(rows) >= batch:
             yield _rows_table(rows)
             rows = []
+    rows += [{"seq": d["seq"], "kind": "retract", "epoch": state.epoch, "shard": shard,
+              "record": {"commit_seq": -1, "reason": d["reason"], "message": d["message"]}}
+             for shard, d in sorted(state._damaged.items())]
     if rows:
         yield _rows_table(rows)
 
@@ -532,7 +600,7 @@ def _rows_table(rows: list[dict[str, Any]]):
         "epoch": pa.array([e["epoch"] for e in rows], pa.int64()),
         "at": pa.array([e.get("at", "") for e in rows], pa.string()),
         "writer": pa.array([e.get("writer", "") for e in rows], pa.string()),
-        "shard": pa.array([e.get("shard") if c else None for e, c in zip(rows, commit)], pa.int64()),
+        "shard": pa.array([e.get("shard") if e["kind"] in ("commit", "retract") else None for e in rows], pa.int64()),
     }
     for name in _COUNTS:
         cols[name] = pa.array([int(rec(e).get(name, 0) or 0) if c else None for e, c in zip(rows, commit)], pa.int64())

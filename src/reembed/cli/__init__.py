@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "reembed.cli.cost",       # cost
     "reembed.cli.adapter",    # adapter fit, adapter show
     "reembed.cli.sinks",      # publish
+    "reembed.cli.repair",     # repair
 )
 
 

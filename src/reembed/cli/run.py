@@ -139,7 +139,13 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
         lines.append(f"throughput:  {s['rows_per_second']} rows/s over all runs")
     if s["bad_files"]:
         lines.append(f"bad files:   {len(s['bad_files'])} skipped: " + "; ".join(b["path"] for b in s["bad_files"][:5]))
-    lines.append("status:      " + ("complete" if s["complete"] else "incomplete: run the same command again to resume"))
+    damaged = s.get("damaged") or []
+    if damaged:
+        lines.append(f"damaged:     {len(damaged)} committed shard(s) found missing or corrupt and retracted ("
+                     f"{', '.join(map(str, damaged[:10]))}{', ...' if len(damaged) > 10 else ''})")
+        lines.append(f"status:      damaged: run `reembed repair {s['output']}` (or the same run command) to re-embed them")
+    else:
+        lines.append("status:      " + ("complete" if s["complete"] else "incomplete: run the same command again to resume"))
     return "\n".join(lines)
 
 

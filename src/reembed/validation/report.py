@@ -26,7 +26,13 @@ def render_html(r: dict[str, Any]) -> str:
         R.paragraph(compared + "."),
         R.section("Gates", summary),
     ]
-    sections.append(_integrity(g["integrity"], st.get("norm_tol")))
+    integ = g["integrity"]
+    sections.append(_integrity(integ, st.get("norm_tol")))
+    if integ.get("damaged"):
+        sections.append(R.section(
+            "Damaged shards", R.paragraph(f"{len(integ['damaged'])} committed shard(s) missing, not matching their "
+                                          "sha256, or unreadable: `reembed repair OUTPUT` re-embeds exactly these"),
+            R.table(integ["damaged"], ["shard", "reason", "path", "message"])))
     sp = g["sanity_pairs"]
     if sp.get("pairs"):
         bars = {f"{'P' if p['label'] == 'paraphrase' else 'U'}{i}: {p['a'][:22]}": max(p["cosine"], 0.0) for i, p in enumerate(sp["pairs"])}
