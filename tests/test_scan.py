@@ -151,6 +151,26 @@ def test_ids_are_canonicalised_as_the_plan_does(tmp_path):
     assert scan.jsonl_ids(loc, "h.jsonl", 0, 100, "id")[1].to_pylist() == ["3", "4"]
 
 
+@pytest.mark.parametrize("tail", [
+    b'{"id": 7, "text": "int after strings"}', b'{"id": 7.0, "text": "integral float"}', b'{"id": 1e0}',
+    b'{"id": 7.5}', b'{"id": true}', b'{"id": 99999999999999999999}', b'{"id": {"a": 1}}', b'{"id": [1]}',
+    b'{"id": "s", "text": "\xff\xfe not utf-8"}', b'{"id": "\xff"}', b'{"id": "a"}{"id": "b"}', b'[1, 2]', b'5',
+    b'{"id": "a", "text": "x\\q"}', b'{"id": "a"} trailing', b'{"text": "no id"}', b'{"id": null}', b'{"id": -0}',
+    b'{"id": "2020-01-01"}', b'{"id": "a", "t": NaN}', b'{"id": "a", "nested": {"z": [1, {"q": 2}]}}',
+])
+@pytest.mark.parametrize("head", [b'{"id": "x%d", "text": "t"}', b'{"id": %d, "text": "t"}', b'{"text": "no id %d"}',
+                                  b"not json %d"])
+def test_ids_read_alone_equal_each_line_parsed_with_json(tmp_path, head, tail):
+    """The id column is read without building the other fields where pyarrow can; any line where that
+    could differ from ``json.loads`` of each line (another id type, not UTF-8, not one object) must give
+    the reference's ids all the same."""
+    data = b"\n".join([head % i for i in range(5)] + [tail] + [head % i for i in range(5, 8)]) + b"\n"
+    (tmp_path / "f.jsonl").write_bytes(data)
+    loc = Location.from_uri(str(tmp_path))
+    _, ids = scan.jsonl_ids(loc, "f.jsonl", 0, len(data), "id")
+    assert ids.to_pylist() == [reference_id(line) for _, line in reference_lines(data)]
+
+
 def test_parquet_count_reads_only_the_footer(tmp_path):
     n = 200_000
     table = pa.table({"id": [f"doc-{i}" for i in range(n)], "text": [f"text number {i} " * 3 for i in range(n)]})
@@ -282,6 +302,27 @@ def test_blank_means_what_bytes_strip_strips():
 
     every = np.arange(256, dtype=np.uint8)
     assert [not x for x in scan._non_space(every)] == [not bytes([i]).strip() for i in range(256)]
+
+
+def test_blank_lines_are_found_per_line_whatever_they_start_with(tmp_path):
+    """Lines that start with whitespace (indented objects, blank lines of spaces and tabs) are counted
+    as ``bytes.strip`` says, in every range and chunk split."""
+    import random
+
+    rng = random.Random(7)
+    pieces = [b"", b" ", b"\t", b"\r", b"  \t ", b"{}", b'  {"id": 1}', b"\t\tx", b" \x0b\x0c", b"x  "]
+    lines = [rng.choice(pieces) for _ in range(3000)]
+    data = b"\n".join(lines) + b"\n  {}"
+    (tmp_path / "w.jsonl").write_bytes(data)
+    want = sum(1 for line in data.split(b"\n") if line.strip())
+    loc = Location.from_uri(str(tmp_path))
+    for range_bytes in (7, 100, 1 << 20):
+        assert scan.scan_jsonl(loc, "w.jsonl", range_bytes=range_bytes).rows == want
+    counter = scan._LineCounter()
+    for i in range(0, len(data), 5):
+        counter.feed(data[i:i + 5])
+    assert counter.finish() == (want, data.count(b"\n") + 1)
+    assert scan._Lines(data, final=True).rows == want
 
 
 def test_first_range_and_gz_carry_the_file_stat(tmp_path):
