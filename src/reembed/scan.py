@@ -8,11 +8,11 @@ the read stage).
 
 A JSON Lines file is cut into byte ranges (:data:`RANGE_BYTES`). A range owns the lines that *start* in
 it; :func:`count_jsonl_range` returns their number, so a plan segment is ``(file, range_start, skip,
-rows)``: :func:`read_jsonl_rows` finds the range's first line, skips ``skip`` rows with the same
-vectorized scan and parses only its ``rows`` lines. No per-row offsets are stored anywhere.
+rows)``: :func:`jsonl_slice` finds the range's first line, skips ``skip`` rows with the same
+vectorized scan and locates only its ``rows`` lines (the read stage parses each of them). No per-row offsets are stored anywhere.
 
-A ``.jsonl.gz`` file cannot be split: it is one range, and :func:`read_gz_slices` decompresses it once
-and returns the row slices of every shard that reads from it.
+A ``.jsonl.gz`` file cannot be split: it is one range, and :func:`gz_line_slices` decompresses it once
+and locates the rows of every shard that reads from it.
 
 Every scan reports the file's size and its mtime (filesystems) or ETag (S3), for a resume to refuse an
 input that changed under its plan.
@@ -39,11 +39,11 @@ RANGE_BYTES = 64 * 1024 * 1024
 """Bytes of JSON Lines per counting range: one scan task's read."""
 
 LINE = "_line"
-"""Column of :func:`read_jsonl_rows` / :func:`read_gz_slices`: the row's 0-based line number in its file
+"""Column of the parsed rows (:func:`_parse`): the row's 0-based line number in its file
 (blank lines counted), given the ``first_line`` of its range."""
 
 INVALID = "_invalid_json"
-"""Column of :func:`read_jsonl_rows` / :func:`read_gz_slices`: the line is not a JSON object (its other
+"""Column of the parsed rows (:func:`_parse`): the line is not a JSON object (its other
 columns are null; the read stage dead-letters it as ``invalid_json``)."""
 
 _CHUNK = 8 * 1024 * 1024  # bytes per read; a range is scanned in chunks of this size
@@ -179,22 +179,6 @@ def count_gz(loc: Location, path: str) -> RangeCount:
     return RangeCount(0, stat.size, 0, rows, lines, stat)
 
 
-def read_jsonl_rows(loc: Location, path: str, range_start: int, skip: int, rows: int,
-                    first_line: int = 0, id_column: str | None = None) -> pa.Table:
-    """Parse ``rows`` documents of an uncompressed JSON Lines file: those after the first ``skip``
-    non-blank lines starting at or after ``range_start``.
-
-    Returns one row per document with the objects' fields as columns, plus :data:`LINE` (0-based line
-    number, counting from ``first_line`` at the range's first line) and :data:`INVALID`. ``id_column``
-    is parsed so that :func:`canonical_json_ids` of it equals :func:`reembed.schema.json_id` of each value. Raises
-    :class:`InputError` when the file holds fewer rows than asked (it changed since the plan).
-    """
-    if rows <= 0:
-        return _empty_rows()
-    lines, buf = _locate(loc, path, range_start, skip, rows)
-    return _parse(lines, buf, skip, rows, first_line, id_column)
-
-
 @dataclass(frozen=True)
 class LineSlice:
     """Non-blank lines of a JSON Lines buffer, located without parsing them: line ``i`` is
@@ -216,8 +200,10 @@ class LineSlice:
 
 
 def jsonl_slice(loc: Location, path: str, range_start: int, skip: int, rows: int, first_line: int = 0) -> LineSlice:
-    """The ``rows`` lines :func:`read_jsonl_rows` would parse, located but not parsed (for a reader that
-    parses each line itself); :class:`InputError` if the file holds fewer rows than asked."""
+    """The ``rows`` documents of an uncompressed JSON Lines file after the first ``skip`` non-blank lines
+    starting at or after ``range_start``, located but not parsed (the read stage parses each line); line
+    numbers count from ``first_line`` at the range's first line. :class:`InputError` if the file holds
+    fewer rows than asked (it changed since the plan)."""
     if rows <= 0:
         return LineSlice(b"", np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
     lines, buf = _locate(loc, path, range_start, skip, rows)
@@ -267,13 +253,6 @@ def _locate(loc: Location, path: str, range_start: int, skip: int, rows: int) ->
             "the file changed since the plan was made (re-plan with --fresh)"
         )
     return lines, buf
-
-
-def read_gz_slices(loc: Location, path: str, slices: Iterable[tuple[int, int]],
-                   id_column: str | None = None) -> list[pa.Table]:
-    """Decompress a gzipped JSON Lines file once and return, for each ``(skip, rows)``, the table
-    :func:`read_jsonl_rows` would return for those rows (from :func:`gz_line_slices`' one pass)."""
-    return [_parse_located(ls, id_column) if len(ls) else _empty_rows() for ls in gz_line_slices(loc, path, slices)]
 
 
 def _parse_located(ls: LineSlice, id_column: str | None) -> pa.Table:
@@ -333,7 +312,7 @@ def canonical_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
 
 
 def canonical_json_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
-    """String ids of a JSON id column as :func:`read_jsonl_rows` returns it, equal to
+    """String ids of a JSON id column as :func:`_parse` returns it, equal to
     :func:`reembed.schema.json_id` applied to each parsed value."""
     return json_ids(ids, where)[0]
 
@@ -593,7 +572,3 @@ def _utf8(piece: pa.Buffer) -> bool:
     except pa.ArrowInvalid:
         return False
     return True
-
-
-def _empty_rows() -> pa.Table:
-    return pa.table({INVALID: pa.array([], pa.bool_()), LINE: pa.array([], pa.int64())})
