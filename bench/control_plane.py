@@ -63,8 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import ray
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
+    for attempt in range(5):  # on a loaded machine the raylet may miss Ray's fixed 30 s start-up wait
+        try:
+            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING")
+            break
+        except Exception as e:  # Ray raises a bare Exception for it
+            if "timed out during startup" not in str(e) or attempt == 4:
+                raise
+            ray.shutdown()
+            time.sleep(10)
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for n in [int(s) for s in args.sizes.split(",")]:
