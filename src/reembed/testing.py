@@ -151,7 +151,7 @@ class NullEmbedder:
 
     @classmethod
     def describe(cls, cfg) -> dict:
-        from reembed.embed import fingerprint
+        from reembed.embed.model import fingerprint
 
         dim = null_dimension(cfg.model.name)
         info = {"name": f"null-{dim}", "revision": "0", "dimension": dim, "normalize": True, "pooling": "none",
