@@ -9,7 +9,8 @@ the read stage).
 A JSON Lines file is cut into byte ranges (:data:`RANGE_BYTES`). A range owns the lines that *start* in
 it; :func:`count_jsonl_range` returns their number, so a plan segment is ``(file, range_start, skip,
 rows)``: :func:`jsonl_slice` finds the range's first line, skips ``skip`` rows with the same
-vectorized scan and locates only its ``rows`` lines (the read stage parses each of them). No per-row offsets are stored anywhere.
+vectorized scan and locates only its ``rows`` lines (the read stage parses each of them). No per-row
+offsets are stored anywhere.
 
 A ``.jsonl.gz`` file cannot be split: it is one range, and :func:`gz_line_slices` decompresses it once
 and locates the rows of every shard that reads from it.
@@ -461,8 +462,8 @@ def _parse(lines: _Lines, buf: bytes, skip: int, rows: int, first_line: int, id_
 
 def _parse_fast(piece: pa.Buffer, rows: int, id_column: str | None) -> pa.Table | None:
     """pyarrow's JSON reader over the whole piece, or None where its result could differ from parsing
-    each line with ``json`` (an invalid line, bytes that are not UTF-8, a type change between lines, strings read as timestamps,
-    two objects on one line, ids that are floats: Arrow reads 7 beside 7.5 as 7.0, ``json`` as 7)."""
+    each line with ``json`` (an invalid line, bytes that are not UTF-8, a type change between lines,
+    strings read as timestamps, two objects on one line, ids that are floats: Arrow reads 7 beside 7.5 as 7.0, ``json`` as 7)."""
     import pyarrow.json as pj
 
     if not _utf8(piece):
