@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop a size's run after this long (Ctrl-C, as a user would: the writers in flight are "
                          "committed) and report the shards committed by then; the per-shard figures are then "
-                         "over the part that ran")
+                         "over the part that ran (best effort: Ray Data may not take the interrupt at once)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     ap.add_argument("--tmp", default=None, help="where inputs and outputs are written (default: system temp)")
     args = ap.parse_args(argv)
