@@ -110,16 +110,12 @@ def test_segments_read_back_every_row_once_in_order(tmp_path, seed):
     assert result.rows == len(ref)
 
     units = list(jsonl_units(0, result.ranges))
-    got_lines, got_ids = [], []
+    got = []
     for seg in pack_shards(units, shard_rows=rng.choice([1, 7, 50])):
-        t = scan.read_jsonl_rows(loc, "f.jsonl", seg["range_start"], seg["skip"], seg["rows"],
-                                 first_line=seg["first_line"], id_column="id")
-        assert t.num_rows == seg["rows"]
-        got_lines += t.column(scan.LINE).to_pylist()
-        ids = t.column("id") if "id" in t.column_names else pa.nulls(t.num_rows)
-        got_ids += scan.canonical_json_ids(ids, "f.jsonl").to_pylist()
-    assert got_lines == [n for n, _ in ref]
-    assert got_ids == [reference_id(line) for _, line in ref]
+        ls = scan.jsonl_slice(loc, "f.jsonl", seg["range_start"], seg["skip"], seg["rows"], first_line=seg["first_line"])
+        assert len(ls) == seg["rows"]
+        got += list(ls.lines())
+    assert got == ref
 
 
 def test_jsonl_ids_per_range_equal_reference(tmp_path):
@@ -149,6 +145,26 @@ def test_ids_are_canonicalised_as_the_plan_does(tmp_path):
     assert scan.jsonl_ids(loc, "g.jsonl", 0, 100, "id")[1].to_pylist() == ["3", "4", "4.5"]
     (tmp_path / "h.jsonl").write_bytes(b'{"id": 3}\n{"id": 4}\n')
     assert scan.jsonl_ids(loc, "h.jsonl", 0, 100, "id")[1].to_pylist() == ["3", "4"]
+
+
+@pytest.mark.parametrize("tail", [
+    b'{"id": 7, "text": "int after strings"}', b'{"id": 7.0, "text": "integral float"}', b'{"id": 1e0}',
+    b'{"id": 7.5}', b'{"id": true}', b'{"id": 99999999999999999999}', b'{"id": {"a": 1}}', b'{"id": [1]}',
+    b'{"id": "s", "text": "\xff\xfe not utf-8"}', b'{"id": "\xff"}', b'{"id": "a"}{"id": "b"}', b'[1, 2]', b'5',
+    b'{"id": "a", "text": "x\\q"}', b'{"id": "a"} trailing', b'{"text": "no id"}', b'{"id": null}', b'{"id": -0}',
+    b'{"id": "2020-01-01"}', b'{"id": "a", "t": NaN}', b'{"id": "a", "nested": {"z": [1, {"q": 2}]}}',
+])
+@pytest.mark.parametrize("head", [b'{"id": "x%d", "text": "t"}', b'{"id": %d, "text": "t"}', b'{"text": "no id %d"}',
+                                  b"not json %d"])
+def test_ids_read_alone_equal_each_line_parsed_with_json(tmp_path, head, tail):
+    """The id column is read without building the other fields where pyarrow can; any line where that
+    could differ from ``json.loads`` of each line (another id type, not UTF-8, not one object) must give
+    the reference's ids all the same."""
+    data = b"\n".join([head % i for i in range(5)] + [tail] + [head % i for i in range(5, 8)]) + b"\n"
+    (tmp_path / "f.jsonl").write_bytes(data)
+    loc = Location.from_uri(str(tmp_path))
+    _, ids = scan.jsonl_ids(loc, "f.jsonl", 0, len(data), "id")
+    assert ids.to_pylist() == [reference_id(line) for _, line in reference_lines(data)]
 
 
 def test_parquet_count_reads_only_the_footer(tmp_path):
@@ -196,17 +212,14 @@ def test_gz_is_read_and_decompressed_once_for_all_its_shards(tmp_path):
     counts.reset()
 
     slices = [(0, 100), (100, 1), (101, len(ref) - 101)]
-    tables = scan.read_gz_slices(loc, "f.jsonl.gz", slices, id_column="id")
+    located = scan.gz_line_slices(loc, "f.jsonl.gz", slices)
     gz = str(tmp_path / "f.jsonl.gz")
     assert counts.opens[gz] == 1
     assert counts.bytes_read[gz] == os.path.getsize(gz)  # the compressed bytes, once
-    assert [t.num_rows for t in tables] == [n for _, n in slices]
-    plain = [scan.read_jsonl_rows(loc, "f.jsonl", 0, s, n, id_column="id") for s, n in slices]
-    for got, want in zip(tables, plain):
-        assert got.equals(want)
-    lines = [x for t in tables for x in t.column(scan.LINE).to_pylist()]
-    assert lines == [n for n, _ in ref]
-
+    assert [len(ls) for ls in located] == [n for _, n in slices]
+    assert [line for ls in located for line in ls.lines()] == ref
+    plain = [scan.jsonl_slice(loc, "f.jsonl", 0, s, n) for s, n in slices]
+    assert [list(ls.lines()) for ls in located] == [list(ls.lines()) for ls in plain]
     counts.reset()
     _, ids = scan.jsonl_ids(loc, "f.jsonl.gz", 0, 0, "id")
     assert counts.opens[gz] == 1
@@ -217,10 +230,10 @@ def test_reader_refuses_a_file_that_shrank(tmp_path):
     (tmp_path / "f.jsonl").write_bytes(b'{"id": 1}\n{"id": 2}\n')
     loc = Location.from_uri(str(tmp_path))
     with pytest.raises(InputError, match=r"f\.jsonl: expected 3 documents.*changed since the plan"):
-        scan.read_jsonl_rows(loc, "f.jsonl", 0, 1, 2)
+        scan.jsonl_slice(loc, "f.jsonl", 0, 1, 2)
     (tmp_path / "g.jsonl.gz").write_bytes(gzip.compress(b'{"id": 1}\n'))
     with pytest.raises(InputError, match=r"g\.jsonl\.gz: expected 2 documents"):
-        scan.read_gz_slices(loc, "g.jsonl.gz", [(0, 2)])
+        scan.gz_line_slices(loc, "g.jsonl.gz", [(0, 2)])
 
 
 def test_stat_changes_when_the_file_changes(tmp_path):
@@ -265,11 +278,11 @@ def test_s3_counts_reads_and_etags(moto_server, s3_env):
     assert js.rows == len(ref) and len(js.ranges) > 1 and js.stat.etag
     r = js.ranges[1]
     skip = sum(x.rows for x in js.ranges[:1])
-    t = scan.read_jsonl_rows(loc, "b.jsonl", r.range_start, 0, r.rows, first_line=js.ranges[0].lines, id_column="id")
-    assert t.column(scan.LINE).to_pylist() == [n for n, _ in ref[skip:skip + r.rows]]
+    ls = scan.jsonl_slice(loc, "b.jsonl", r.range_start, 0, r.rows, first_line=js.ranges[0].lines)
+    assert list(ls.lines()) == ref[skip:skip + r.rows]
     assert scan.scan_jsonl(loc, "c.jsonl.gz").rows == len(ref)
-    [whole] = scan.read_gz_slices(loc, "c.jsonl.gz", [(0, len(ref))])
-    assert whole.num_rows == len(ref)
+    [whole] = scan.gz_line_slices(loc, "c.jsonl.gz", [(0, len(ref))])
+    assert list(whole.lines()) == ref
 
     before = scan.stat_file(loc, "b.jsonl")
     client.put_object(Bucket=bucket, Key="in/b.jsonl", Body=data.replace(b"w", b"v"))
@@ -282,6 +295,27 @@ def test_blank_means_what_bytes_strip_strips():
 
     every = np.arange(256, dtype=np.uint8)
     assert [not x for x in scan._non_space(every)] == [not bytes([i]).strip() for i in range(256)]
+
+
+def test_blank_lines_are_found_per_line_whatever_they_start_with(tmp_path):
+    """Lines that start with whitespace (indented objects, blank lines of spaces and tabs) are counted
+    as ``bytes.strip`` says, in every range and chunk split."""
+    import random
+
+    rng = random.Random(7)
+    pieces = [b"", b" ", b"\t", b"\r", b"  \t ", b"{}", b'  {"id": 1}', b"\t\tx", b" \x0b\x0c", b"x  "]
+    lines = [rng.choice(pieces) for _ in range(3000)]
+    data = b"\n".join(lines) + b"\n  {}"
+    (tmp_path / "w.jsonl").write_bytes(data)
+    want = sum(1 for line in data.split(b"\n") if line.strip())
+    loc = Location.from_uri(str(tmp_path))
+    for range_bytes in (7, 100, 1 << 20):
+        assert scan.scan_jsonl(loc, "w.jsonl", range_bytes=range_bytes).rows == want
+    counter = scan._LineCounter()
+    for i in range(0, len(data), 5):
+        counter.feed(data[i:i + 5])
+    assert counter.finish() == (want, data.count(b"\n") + 1)
+    assert scan._Lines(data, final=True).rows == want
 
 
 def test_first_range_and_gz_carry_the_file_stat(tmp_path):

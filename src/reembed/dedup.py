@@ -193,7 +193,10 @@ def row_offsets(results: Iterable[TaskIds]) -> dict[tuple[int, int], int]:
 
 def id_partitions(ids: pa.Array, partitions: int) -> np.ndarray:
     """The partition of each (non-null) string id: a hash of its UTF-8 bytes, the same in every process
-    (Python's ``hash`` is salted per process, so it would split one id across partitions)."""
+    (Python's ``hash`` is salted per process, so it would split one id across partitions). One partition
+    needs no hash (the plan of a corpus under :data:`reembed.plan.IDS_PER_PARTITION` ids)."""
+    if partitions == 1:
+        return np.zeros(len(ids), dtype=np.int64)
     return (_string_hash(ids) % np.uint64(partitions)).astype(np.int64)
 
 

@@ -303,7 +303,8 @@ def _record(work: storage.Location, *parts: str) -> dict[str, str]:
     """``{"path", "sha256"}`` of a plan file, its path relative to the output (``plan/...``)."""
     h = hashlib.sha256()
     with work.fs.open_input_stream(work.path(*parts)) as f:
-        while chunk := f.read(8 << 20):
+        # Arrow buffers, not bytes: pyarrow's read(n) allocates n bytes up front, even for a small file.
+        while (chunk := f.read_buffer(8 << 20)).size:
             h.update(chunk)
     return {"path": posixpath.join(PLAN_DIR, *parts), "sha256": h.hexdigest()}
 

