@@ -2,8 +2,10 @@
 
 The CLI owns user-facing output. A :class:`~reembed.errors.ReembedError` (the user's mistake or the
 world's: a missing file, a refused swap, an unreachable server) is printed as one line, ``reembed: error:
-...``, with exit 1 (2 for usage); ``-v`` adds the traceback. Errors raised inside Ray tasks are unwrapped
-to the error the task raised. Anything else is a bug and keeps its traceback.
+...``, with the error's exit code: 1 failed, 2 usage or config, 3 refused (see :mod:`reembed.errors`); a
+command-line mistake argparse finds has the same prefix and exit 2. ``-v`` adds the traceback and Ray's own
+console output (progress bars, INFO lines), which stays off otherwise. Errors raised inside Ray tasks are
+unwrapped to the error the task raised. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import sys
 import traceback
 from typing import Any
 
-from reembed.errors import ReembedError
+from reembed.errors import EXIT_FAILED, EXIT_REFUSED, EXIT_USAGE, ReembedError
 
 log = logging.getLogger("reembed")
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PIPE, EXIT_INTERRUPTED = 0, 1, 2, 141, 130
+EXIT_OK, EXIT_FAIL, EXIT_PIPE, EXIT_INTERRUPTED = 0, EXIT_FAILED, 141, 130
+__all__ = ["main", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_REFUSED", "human_bytes", "phase_table"]
 
 # One module per group of subcommands, each with ``register(subparsers)``.
 COMMAND_MODULES = (
@@ -38,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
     setup_logging(verbose)
+    from reembed.cluster import configure_console
+
+    configure_console(verbose)
     log.debug("reembed %s, Python %s, command %s", _version(), sys.version.split()[0], args.command)
     try:
         return args.func(args) or EXIT_OK
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         err = user_error(e)
         if err is None:
             raise
-        print(f"reembed: error: {one_line(err)}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{one_line(err)}", file=sys.stderr)
         if verbose > 0:
             traceback.print_exception(e, file=sys.stderr)
         return getattr(err, "exit_code", EXIT_FAIL)
@@ -64,7 +70,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="reembed",
         description="Re-embed a document corpus with a new embedding model on Ray: sharded, resumable output "
                     "with a checkpoint manifest.",
@@ -78,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         _verbosity(command, argparse.SUPPRESS)
     return p
+
+
+ERROR_PREFIX = "reembed: error: "
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with reembed's one error prefix (``reembed: error: ...``, exit 2) for every subcommand."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{ERROR_PREFIX}{message} (see `{self.prog} --help`)\n")
 
 
 def _verbosity(p: argparse.ArgumentParser, default: Any) -> None:
@@ -179,6 +196,32 @@ def _closed_stdout() -> int:
     except OSError:
         pass
     return EXIT_PIPE
+
+
+def human_bytes(n: float | None) -> str:
+    """A byte count as a person reads it: ``512 B``, ``93.2 KiB``, ``1.4 GiB`` (binary units, as ``ls -h``)."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{int(n)} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def phase_table(phases: list[dict[str, Any]]) -> str:
+    """Where the time went, one row per phase (as dbt prints at the end of a run): phase, seconds, share."""
+    if not phases:
+        return ""
+    total = sum(p["seconds"] for p in phases)
+    width = max(len("total"), *(len(p["phase"]) for p in phases))
+    rows = [f"{'phase':<{width}}  {'seconds':>8}  {'share':>6}"]
+    for p in phases:
+        share = p["seconds"] / total if total else 0.0
+        rows.append(f"{p['phase']:<{width}}  {p['seconds']:>8.1f}  {share:>6.0%}")
+    rows.append(f"{'total':<{width}}  {total:>8.1f}  {'100%' if total else '-':>6}")
+    return "\n".join(rows)
 
 
 def print_or_json(summary: Any, as_json: bool, text: str) -> None:
