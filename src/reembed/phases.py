@@ -1,9 +1,10 @@
-"""Where a run's time goes: the phases of ``reembed run`` (Ray start, model check, planning, actor start,
+"""What a person reads while a run goes on. Where a run's time goes: the phases of ``reembed run`` (Ray start, model check, planning, actor start,
 embedding, index, ...), each announced by a log line when it starts and timed, for the table the CLI
 prints at the end and the ``phases`` list of the run's summary (``--json``).
 
 A phase may run inside another (Ray starts inside planning on a new output): the inner phase's time is
-its own, and the outer phase is charged only the rest, so the rows add up to the wall time.
+its own, and the outer phase is charged only the rest, so the rows add up to the wall time. :class:`Progress` is reembed's own progress for a long phase, and
+:func:`human_bytes` the one way byte counts are shown.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 class Phases:
     """Seconds per phase, in the order the phases first started."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = {}
         self._inner: list[float] = []  # per open phase: seconds spent in phases inside it
 
@@ -29,12 +31,13 @@ class Phases:
         """Time the block as ``name``; log ``doing`` (what the phase does, for a person watching) first."""
         if doing:
             log.info("%s", doing)
-        t0 = time.monotonic()
+        self.seconds.setdefault(name, 0.0)  # rows in the order the phases first started
+        t0 = self.clock()
         self._inner.append(0.0)
         try:
             yield
         finally:
-            spent = time.monotonic() - t0
+            spent = self.clock() - t0
             inner = self._inner.pop()
             self.add(name, spent - inner)
             if self._inner:
@@ -63,10 +66,10 @@ class Progress:
 
     LOG_EVERY_S = 30.0
 
-    def __init__(self, total: int, desc: str, unit: str = "doc") -> None:
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total: int, desc: str, unit: str = "doc", clock=time.monotonic) -> None:
+        self.total, self.desc, self.unit, self.clock = total, desc, unit, clock
         self.done = 0
-        self.t0 = self.last_log = time.monotonic()
+        self.t0 = self.last_log = clock()
         shown = log.isEnabledFor(logging.INFO)
         self.bar = None
         if shown and _isatty(sys.stderr):
@@ -80,14 +83,14 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
             return
-        t = time.monotonic()
+        t = self.clock()
         if self.log_lines and t - self.last_log >= self.LOG_EVERY_S and self.done < self.total:
             self.last_log = t
             log.info("%s", self.line(t))
 
     def line(self, t: float | None = None) -> str:
         """``embedded: 1200/6000 docs (20%), 40.1 docs/s, about 2 min left``."""
-        elapsed = (t or time.monotonic()) - self.t0
+        elapsed = (t if t is not None else self.clock()) - self.t0
         rate = self.done / elapsed if elapsed > 0 else 0.0
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         left = f", about {_duration((self.total - self.done) / rate)} left" if rate > 0 and self.total else ""
@@ -96,6 +99,18 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def human_bytes(n: float | None) -> str:
+    """A byte count as a person reads it: ``512 B``, ``93.2 KiB``, ``1.4 GiB`` (binary units, as ``ls -h``)."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{int(n)} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def _duration(seconds: float) -> str:

@@ -33,7 +33,7 @@ from reembed.errors import ConcurrentWriteError, OutputRefused, ReembedError
 from reembed.indexes import build as index_stage
 from reembed.embed.model import check_available
 from reembed.manifest import Manifest, ManifestError, now, read_recorded, write_failed
-from reembed.phases import Phases, Progress
+from reembed.phases import Phases, Progress, human_bytes
 from reembed.plan import PLAN_DIR, check_input, input_location, make_plan, passthrough_schema
 from reembed.write import DEAD_LETTER, SHARDS, ShardRouter, block_shards, write_shard_from_blocks
 
@@ -328,8 +328,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
         phases.take("actor start", first_block - t0)
     phases.take("embed", secs - (first_block - t0 if first_block else 0.0))
     log.info(
-        "embed: %d rows, %d bytes, %.1f s, %.1f rows/s (%d shards, %.1f device-seconds)",
-        stats["rows"], stats["bytes"], secs, stats["rows"] / secs if secs else 0.0,
+        "embed: %d rows, %s, %.1f s, %.1f rows/s (%d shards, %.1f device-seconds)",
+        stats["rows"], human_bytes(stats["bytes"]), secs, stats["rows"] / secs if secs else 0.0,
         stats["shards_committed"], stats["device_seconds"],
     )
     stats["embed_seconds"] = round(secs, 3)

@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from reembed.errors import EXIT_FAILED, EXIT_REFUSED, EXIT_USAGE, ReembedError
+from reembed.phases import human_bytes
 
 log = logging.getLogger("reembed")
 
@@ -198,18 +199,6 @@ def _closed_stdout() -> int:
     return EXIT_PIPE
 
 
-def human_bytes(n: float | None) -> str:
-    """A byte count as a person reads it: ``512 B``, ``93.2 KiB``, ``1.4 GiB`` (binary units, as ``ls -h``)."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{int(n)} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def phase_table(phases: list[dict[str, Any]]) -> str:
     """Where the time went, one row per phase (as dbt prints at the end of a run): phase, seconds, share."""
     if not phases:
@@ -222,6 +211,32 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
         rows.append(f"{p['phase']:<{width}}  {p['seconds']:>8.1f}  {share:>6.0%}")
     rows.append(f"{'total':<{width}}  {total:>8.1f}  {'100%' if total else '-':>6}")
     return "\n".join(rows)
+
+
+def command_prefix() -> str:
+    """How to run reembed from this shell, for the commands printed as next steps: ``reembed`` when that
+    is on PATH and is this installation; else this environment's ``reembed`` script by path (relative to
+    the current folder when inside it, e.g. ``.venv/bin/reembed``: works without activating the venv);
+    else ``python -m reembed`` with this interpreter's path."""
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "reembed"
+    on_path = shutil.which("reembed")
+    if script.exists():
+        if on_path and Path(on_path).resolve() == script.resolve():
+            return "reembed"
+        return shlex.quote(_short_path(script))
+    return f"{shlex.quote(_short_path(Path(sys.executable)))} -m reembed"
+
+
+def _short_path(path) -> str:
+    """``path`` relative to the current folder when it lies inside it, else absolute (never resolved, so a
+    venv's ``bin/python`` stays the venv's)."""
+    absolute = os.path.abspath(path)
+    here = os.getcwd()
+    return os.path.relpath(absolute, here) if absolute.startswith(here.rstrip(os.sep) + os.sep) else absolute
 
 
 def print_or_json(summary: Any, as_json: bool, text: str) -> None:
