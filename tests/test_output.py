@@ -240,7 +240,7 @@ def test_dry_run_lists_the_plan_and_estimates_from_a_sample_writing_nothing(tiny
     assert r["model"]["dimension"] == 32 and r["model"]["name"] == str(tiny_model)
     e = r["estimate"]
     assert e["basis"] == "sample" and e["sample_rows"] == 64 and e["device_here"] == "cpu"
-    assert e["docs_per_s"] > 0 and e["seconds"] == pytest.approx(240 / e["docs_per_s"], rel=0.01)
+    assert e["docs_per_s"] > 0 and e["seconds"] == pytest.approx(240 / e["docs_per_s"], abs=0.051)
     assert e["cost_usd"] > 0 and "CPU" in e["priced_as"]
     assert {p["phase"] for p in r["phases"]} >= {"model check", "plan", "estimate"}
 
@@ -248,7 +248,7 @@ def test_dry_run_lists_the_plan_and_estimates_from_a_sample_writing_nothing(tiny
     text = capsys.readouterr().out
     assert f"dry run:     nothing written to {out}" in text
     assert "2 file(s)" in text and "240 rows, 1 duplicate ids" in text and "a.parquet  parquet" in text
-    assert re.search(r"estimate:    \d+ s of embedding at [\d.]+ docs/s, about \$[\d.]+ \(\d+ x CPU", text)
+    assert re.search(r"estimate:    \d+ s of embedding at [\d.]+ docs/s, about \$[\d.e-]+ \(\d+ x CPU", text)
     assert not out.exists()
 
 

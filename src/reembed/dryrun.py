@@ -167,7 +167,7 @@ def _estimate(cfg, pool: dict[str, Any], plan: dict[str, Any], rows: int, files:
     except cost.PriceError as e:
         est["cost_note"] = str(e)
     else:
-        est.update(cost_usd=round(priced["cost_usd"], 4), usd_per_device_hour=priced["usd_per_device_hour"],
+        est.update(cost_usd=round(priced["cost_usd"], 8), usd_per_device_hour=priced["usd_per_device_hour"],
                    priced_as=f"{priced['count']} x {priced['device']}", prices_as_of=prices.get("as_of"))
     return est
 

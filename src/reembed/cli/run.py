@@ -187,7 +187,7 @@ def format_dry_run(r: dict[str, Any]) -> str:
         basis = e.get("note", "no basis")
     lines.append(f"measured:    {basis}")
     if e.get("seconds") is not None:
-        cost = (f", about ${e['cost_usd']:.4f} ({e['priced_as']} at ${e['usd_per_device_hour']}/h, prices of "
+        cost = (f", about {_usd(e['cost_usd'])} ({e['priced_as']} at ${e['usd_per_device_hour']}/h, prices of "
                 f"{e['prices_as_of']})" if "cost_usd" in e else f" (cost: {e.get('cost_note')})")
         lines.append(f"estimate:    {_duration(e['seconds'])} of embedding at {e['docs_per_s']:.1f} docs/s{cost}; "
                      f"excludes {e['excludes']}")
@@ -195,6 +195,10 @@ def format_dry_run(r: dict[str, Any]) -> str:
         lines.append(f"estimate:    none: {e['note']}")
     lines.append("next:        the same command without --dry-run runs it")
     return "\n".join(lines)
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:.2f}" if amount >= 0.01 else f"${amount:.2g}"
 
 
 def _duration(seconds: float) -> str:
