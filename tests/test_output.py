@@ -166,15 +166,15 @@ def test_phases_nest_without_counting_twice():
 
 
 def test_progress_off_a_terminal_is_a_log_line_now_and_then(caplog):
-    clock = iter([0.0, 10.0, 40.0, 50.0])
+    clock = iter([0.0, 20.0, 40.0, 50.0])
     with caplog.at_level(logging.INFO, logger="reembed"):
         bar = Progress(1000, "embedded", clock=lambda: next(clock))  # stderr is not a terminal under pytest
         assert bar.bar is None
-        bar.update(100)  # t=10: too soon
-        bar.update(300)  # t=40: a line
+        bar.update(100)  # t=20: the first rows (after the actors started), too soon for a line
+        bar.update(300)  # t=40: a line; 300 docs in the 20 s since the first rows
         bar.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "reembed.phases"]
-    assert lines == ["embedded: 400/1000 docs (40%), 10.0 docs/s, about 60 s left"]
+    assert lines == ["embedded: 400/1000 docs (40%), 15.0 docs/s, about 40 s left"]
 
 
 def test_byte_counts_read_like_ls_h():

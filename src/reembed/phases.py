@@ -70,6 +70,7 @@ class Progress:
         self.total, self.desc, self.unit, self.clock = total, desc, unit, clock
         self.done = 0
         self.t0 = self.last_log = clock()
+        self.first: tuple[float, int] | None = None  # (time, done) of the first update: the rate starts there
         shown = log.isEnabledFor(logging.INFO)
         self.bar = None
         if shown and _isatty(sys.stderr):
@@ -84,14 +85,21 @@ class Progress:
             self.bar.update(n)
             return
         t = self.clock()
+        if self.first is None:
+            self.first = (t, self.done)
         if self.log_lines and t - self.last_log >= self.LOG_EVERY_S and self.done < self.total:
             self.last_log = t
             log.info("%s", self.line(t))
 
     def line(self, t: float | None = None) -> str:
         """``embedded: 1200/6000 docs (20%), 40.1 docs/s, about 2 min left``."""
-        elapsed = (t if t is not None else self.clock()) - self.t0
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        t = t if t is not None else self.clock()
+        # After the first rows the rate is taken from there on: the wait for the first (actors starting,
+        # the model loading) does not stretch the estimate of what is left.
+        if self.first is not None and t > self.first[0] and self.done > self.first[1]:
+            rate = (self.done - self.first[1]) / (t - self.first[0])
+        else:
+            rate = self.done / (t - self.t0) if t > self.t0 else 0.0
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         left = f", about {_duration((self.total - self.done) / rate)} left" if rate > 0 and self.total else ""
         return f"{self.desc}: {self.done}/{self.total} {self.unit}s{share}, {rate:.1f} {self.unit}s/s{left}"

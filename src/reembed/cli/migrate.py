@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from typing import Any, Callable
 
 from reembed.cli.run import add_storage_config, location
@@ -96,6 +97,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from reembed import validation as V
 
     def run() -> int:
+        logging.getLogger("reembed.validation").info(
+            "validating %s: integrity of every shard, sanity pairs, ANN recall, old vs new (a minute or two)",
+            args.output)
         settings = V.Settings(k=args.k, sample=args.sample, seed=args.seed, norm_tol=args.norm_tol,
                               paraphrase_min=args.paraphrase_min, unrelated_max=args.unrelated_max,
                               min_ann_recall=args.min_ann_recall, min_overlap=args.min_overlap,
