@@ -136,6 +136,14 @@ def _shutdown_quietly(ray) -> None:
         log.debug("ray.shutdown after a failed start: %s", e)
 
 
+def _file_id(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _isatty(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -166,6 +174,7 @@ class _StderrFilter:
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
         os.close(write_end)
+        self.pipe_id = _file_id(2)
         self.reader = threading.Thread(target=self._pump, args=(read_end,), name="reembed-stderr-filter", daemon=True)
         self.reader.start()
         atexit.register(self.restore)
@@ -176,7 +185,8 @@ class _StderrFilter:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
-        os.dup2(self.original, 2)
+        if _file_id(2) == self.pipe_id:  # not replaced meanwhile by someone else (a test harness's capture)
+            os.dup2(self.original, 2)
         self.reader.join(timeout=2)
         type(self)._installed = None
 

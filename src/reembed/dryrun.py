@@ -211,7 +211,7 @@ def _measure(cfg, pool: dict[str, Any], plan: dict[str, Any], files: list[dict[s
     model = {**_model_args(cfg), "device": device}
     if device != pool["device"]:
         model["backend"] = "auto"
-    log.info("measuring %d documents on this machine's %s (%s)", len(texts), device, model["backend"])
+    log.info("measuring %d documents on this machine's %s (backend %s)", len(texts), device, model["backend"])
     embedder = Embedder(model, batch_tokens=pool["batch_tokens"] if device == pool["device"] else None,
                         max_batch_rows=cfg.model.max_batch_rows)
     try:
