@@ -30,9 +30,20 @@ RAY_LINE = re.compile(
 )
 
 
-def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+@pytest.fixture
+def ray_tmp():
+    """A Ray temp folder of the test's own, short enough for Ray's socket paths (107 bytes)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    yield folder / "ray"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def env_for(ray_tmp: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(tmp_path / "ray")}
+           "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(ray_tmp)}
     env.update(extra)
     return env
 
@@ -57,10 +68,10 @@ def small_corpus(folder: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_real_run_prints_no_ray_lines_and_ends_with_the_phase_table(tiny_model, tmp_path):
+def test_a_real_run_prints_no_ray_lines_and_ends_with_the_phase_table(tiny_model, tmp_path, ray_tmp):
     data = small_corpus(tmp_path / "in")
     proc = reembed("run", "--input", str(data), "--output", str(tmp_path / "out"), "--model", str(tiny_model),
-                   "--shard-rows", "100", env=env_for(tmp_path))
+                   "--shard-rows", "100", env=env_for(ray_tmp))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stderr + proc.stdout).splitlines()
     ray_lines = [line for line in lines if RAY_LINE.search(line)]
@@ -101,7 +112,7 @@ os.write(2, {harmless!r}.encode()[40:] + b"\\n")
 os.write(2, {other!r}.encode() + b"\\n")
 os.write(2, b"last words")
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env_for(tmp_path), timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env_for(tmp_path / "ray"), timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.decode() == f"frame 1/3\rpython line\n{other}\nlast words"
 
@@ -186,9 +197,9 @@ def test_byte_counts_read_like_ls_h():
 # A missing model: refused in a second or two, before Ray starts
 
 
-def test_a_missing_default_model_fails_before_ray_starts(tmp_path):
+def test_a_missing_default_model_fails_before_ray_starts(tmp_path, ray_tmp):
     data = small_corpus(tmp_path / "in")
-    env = env_for(tmp_path, HF_HOME=str(tmp_path / "empty-hf-home"))
+    env = env_for(ray_tmp, HF_HOME=str(tmp_path / "empty-hf-home"))
     env.pop("HF_HUB_CACHE", None)
     proc = reembed("run", "--input", str(data), "--output", str(tmp_path / "out"), env=env, timeout=120)
     assert proc.returncode == 1
@@ -197,7 +208,7 @@ def test_a_missing_default_model_fails_before_ray_starts(tmp_path):
     assert len(err) == 1, proc.stderr
     assert re.match(r"reembed: error: BAAI/bge-large-en-v1\.5: model not found in the local Hugging Face cache "
                     r"\(.*empty-hf-home\) and HF_HUB_OFFLINE is set\. Fix: .*huggingface-cli download", err[0])
-    assert not (tmp_path / "ray").exists()  # no Ray session was created
+    assert not ray_tmp.exists()  # no Ray session was created
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -328,10 +339,10 @@ def test_export_says_where_it_wrote_and_what_to_run_next(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_the_demo_s_next_steps_work_exactly_as_printed(tmp_path):
+def test_the_demo_s_next_steps_work_exactly_as_printed(tmp_path, ray_tmp):
     from reembed.demo import NEXT_STEPS, PROMPT
 
-    env = env_for(tmp_path)
+    env = env_for(ray_tmp)
     demo = subprocess.run([sys.executable, "-m", "reembed.demo", "--docs", "300"], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=900)
     assert demo.returncode == 0, demo.stderr[-3000:]

@@ -249,8 +249,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
         len(pending), pool["device"], pool["backend"], pool["min"], pool["max"], pool["num_gpus"], pool["num_cpus"],
         pool["batch_tokens"] or "default",
     )
-    log.info("starting the Embedder actors: each loads the model%s; the bar stays at 0 until the first block "
-             "is embedded", " (on CPU, the first use of a model exports it to ONNX once: about a minute)"
+    log.info("starting the Embedder actors: each loads the model%s; progress shows from the first embedded "
+             "block on", " (on CPU, the first use of a model exports it to ONNX once: about a minute)"
              if pool["backend"].startswith("onnx") else "")
     if pool["device"] == "cpu" and cfg.model.dtype == "auto" and embed.cpu_supports_bf16():
         log.info("this CPU has native bfloat16 (AVX512-BF16/AMX): model.dtype=bfloat16 may be faster than float32 "
