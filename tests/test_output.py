@@ -233,6 +233,19 @@ def test_a_model_hub_that_does_not_answer_is_named_at_once(monkeypatch, tmp_path
         check_available(str(tmp_path / "no-such-model"))
 
 
+def test_a_cached_hub_model_and_a_folder_pass_the_early_check_offline(monkeypatch, tmp_path, tiny_model):
+    from huggingface_hub import constants
+
+    from reembed.embed.model import check_available
+    from test_model_loading import _fake_hub_cache
+
+    _fake_hub_cache(tmp_path, "acme/tiny-embedder", tiny_model)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert check_available("acme/tiny-embedder") == "cache"
+    assert check_available(str(tiny_model)) == "folder"
+
+
 # ---------------------------------------------------------------------------------------------------
 # run --dry-run
 
