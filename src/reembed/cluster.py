@@ -114,7 +114,7 @@ def start_failed(e: BaseException, address: str | None) -> RayStartError:
     if "timed out during startup" in detail:
         return RayStartError(
             f"Ray's local node did not start within its {NODE_START_TIMEOUT_S} s limit (the machine is "
-            "overloaded, or a Ray process failed: see /tmp/ray/session_latest/logs); free CPUs and memory, stop "
+            f"overloaded, or a Ray process failed: see {_session_logs()}); free CPUs and memory, stop "
             "stale Ray processes (`ray stop`), or run on a started cluster with --address / RAY_ADDRESS, then rerun"
         )
     if address:
@@ -126,6 +126,11 @@ def start_failed(e: BaseException, address: str | None) -> RayStartError:
         f"Ray did not start ({detail}); free CPUs, memory and /tmp space, stop stale Ray processes (`ray stop`), "
         "or run on a started cluster with --address / RAY_ADDRESS, then rerun"
     )
+
+
+def _session_logs() -> str:
+    """Where a local Ray keeps the logs of its latest session (``RAY_TMPDIR`` moves them)."""
+    return os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray", "session_latest", "logs")
 
 
 def _shutdown_quietly(ray) -> None:
