@@ -39,6 +39,7 @@ HOLD_S = 0.5  # how long the stderr filter holds the start of a line that may be
 
 # Ray waits this long for a freshly started local node to register (ray/_private/node.py, not configurable).
 NODE_START_TIMEOUT_S = 30
+LOCAL_START_RETRIES = 1  # further tries of a local start that missed that limit
 
 
 class RayStartError(ReembedError):
@@ -61,17 +62,12 @@ def init_ray(address: str | None) -> None:
             if not _console["ray_verbose"]:
                 # A fresh local Ray turns token auth on and says so, inviting the user to switch it off.
                 logging.getLogger(TOKEN_AUTH_LOGGER).addFilter(_drop_token_auth_notice)
-            # address="local": always a fresh local Ray, never some other cluster found on this machine.
-            ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=level)
+            _start_local(ray, level)
     except Exception as e:  # whatever stopped Ray from starting, the user gets one line and the next step
         _shutdown_quietly(ray)
         raise start_failed(e, address) from e
     if _console["filter_stderr"]:
         _StderrFilter.install(HARMLESS_RAY_LINES)
-
-
-def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
 
 
 def configure_console(verbose: int) -> None:
@@ -126,6 +122,25 @@ def start_failed(e: BaseException, address: str | None) -> RayStartError:
         f"Ray did not start ({detail}); free CPUs, memory and /tmp space, stop stale Ray processes (`ray stop`), "
         "or run on a started cluster with --address / RAY_ADDRESS, then rerun"
     )
+
+
+def _start_local(ray, level: int) -> None:
+    """A fresh local Ray (``address="local"``: never some other cluster found on this machine). On a busy
+    machine its node may miss Ray's fixed start-up limit once: that start is cleaned up and tried again."""
+    for attempt in range(1 + LOCAL_START_RETRIES):
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=level)
+            return
+        except Exception as e:
+            if attempt == LOCAL_START_RETRIES or "timed out during startup" not in str(e):
+                raise
+            log.warning("Ray's local node did not start within %d s (a busy machine?); trying once more",
+                        NODE_START_TIMEOUT_S)
+            _shutdown_quietly(ray)
+
+
+def _drop_token_auth_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
 
 
 def _session_logs() -> str:
