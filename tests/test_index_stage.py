@@ -201,14 +201,14 @@ def test_run_with_index_then_search_versions_swap_rollback(tmp_path, fast_tmp, t
     assert [r["version"] for r in listed["faiss"]] == [1]
 
     # swap needs a passing validation report (the tiny random model has none) unless --force ...
-    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1"]) == 1
+    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1"]) == 3  # refused
     assert "validation gate" in capsys.readouterr().err
     # ... and checks the count against the manifest and the dimension against the job's model.
-    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1", "--dimension", "384", "--force"]) == 1
+    assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1", "--dimension", "384", "--force"]) == 3
     assert "vectors have dimension 32, but the alias's queries are 384-d" in capsys.readouterr().err
     assert cli.main(["swap", "--output", out, "--alias", "documents", "--to", "documents-v1", "--force"]) == 0
     assert "documents: (new) -> documents-v1" in capsys.readouterr().out
-    assert cli.main(["rollback", "--output", out, "--alias", "documents"]) == 1
+    assert cli.main(["rollback", "--output", out, "--alias", "documents"]) == 3
     assert "nothing to roll back" in capsys.readouterr().err
 
     # validate finds the output's own FAISS index for its ANN-recall gate.

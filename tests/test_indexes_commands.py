@@ -139,7 +139,7 @@ def test_a_qdrant_target_from_the_manifest_never_gets_the_api_key(out, capsys, m
             qdrant={"status": "done", "target": url, "name": "documents", "collection": "documents-v1"}))
         assert cli.main(["versions", "--output", out, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["qdrant"]["target"] == url
-        assert cli.main(["rollback", "--output", out, "--alias", "documents"]) == 1
+        assert cli.main(["rollback", "--output", out, "--alias", "documents"]) == 3  # refused
         assert "does not exist" in capsys.readouterr().err
         assert seen and not any("api-key" in h for _, h in seen)
         # The same server named by the user (QDRANT_URL, or --qdrant) gets it.
@@ -182,11 +182,11 @@ def test_target_mistakes_are_one_line(tmp_path, capsys, argv, code, words):
 def test_swap_and_rollback_refusals_on_embedded_qdrant_are_one_line(out, tmp_path, capsys):
     target = str(tmp_path / "q")
     stage.build_indexes(out, IndexConfig(qdrant=target, faiss="none"), use_ray=False)
-    _one_line(capsys, 1, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "nope", "--output", out,
+    _one_line(capsys, 3, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "nope", "--output", out,
                                    "--force"]), "no collection 'nope'")
-    _one_line(capsys, 1, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "documents-v1"]),
+    _one_line(capsys, 3, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "documents-v1"]),
               "validation gate")
-    _one_line(capsys, 1, cli.main(["rollback", "--qdrant", target, "--alias", "docs"]), "does not exist")
+    _one_line(capsys, 3, cli.main(["rollback", "--qdrant", target, "--alias", "docs"]), "does not exist")
 
 
 def test_a_remote_output_recorded_in_the_store_is_not_followed(out, tmp_path, capsys):
@@ -198,7 +198,7 @@ def test_a_remote_output_recorded_in_the_store_is_not_followed(out, tmp_path, ca
         Q.set_metadata(client, "documents-v1", {Q.META: {**meta, "output": "s3://someone-elses-bucket/emb"}})
     finally:
         client.close()
-    _one_line(capsys, 1, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "documents-v1"]),
+    _one_line(capsys, 3, cli.main(["swap", "--qdrant", target, "--alias", "docs", "--to", "documents-v1"]),
               "not followed", "--output")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=2000)
     args = p.parse_args(argv)
 
-    from reembed.cli import main as cli_main
+    from reembed.cli import command_prefix, main as cli_main
     from reembed.testing import minilm_path
 
     data = Path(args.data)
@@ -71,14 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or str(minilm_path())
     run = ["run", "--input", str(data), "--output", args.output, "--model", model, "--shard-rows", "250",
            "--passthrough", "text,topic"]
-    print("reembed " + " ".join(run))
+    reembed = command_prefix()
+    print(f"{reembed} {shlex.join(run)}", flush=True)
     rc = cli_main(run)
     if rc == 0:
         print(f"\nshards:      {args.output}/shards/part-*.parquet (id, embedding, truncated, text, topic)")
         print(f"dead letters: {args.output}/dead_letter/   manifest: {args.output}/manifest.json")
-        print(f"progress:    reembed status {args.output}")
-        print("BGE-large:   add --model BAAI/bge-large-en-v1.5 (weights from the Hugging Face cache)")
+        print(NEXT_STEPS)
+        for step in next_steps(reembed, args.output):
+            print(f"  {PROMPT}{step}")
+        print("BGE-large:   add --model BAAI/bge-large-en-v1.5 to this demo (weights from the Hugging Face cache)")
     return rc
+
+
+NEXT_STEPS = "next steps (they work as printed, without activating the venv):"
+PROMPT = "$ "
+
+
+def next_steps(reembed: str, output: str) -> list[str]:
+    """The commands the demo suggests after its run, each a complete shell command."""
+    out = shlex.quote(output)
+    return [
+        f"{reembed} status {out}",
+        f"{reembed} index {out}",
+        f"{reembed} search {out} 'the rocket reached orbit' -k 3",
+    ]
 
 
 if __name__ == "__main__":

@@ -1,23 +1,33 @@
 """Every error reembed raises on purpose, under one base.
 
 A :class:`ReembedError` is a user-facing failure: its message names the file, row, key or URI, the cause
-and what to do. The CLI prints it as one line (exit 1, or 2 for :class:`UsageError`) and shows the
-traceback only with ``-v``. Anything else that escapes is a bug in reembed.
+and what to do. The CLI prints it as one line, ``reembed: error: ...``, and exits with the error's
+``exit_code``; it shows the traceback only with ``-v``. Anything else that escapes is a bug in reembed.
+
+Exit codes tell "failed" from "refused":
+
+* ``EXIT_FAILED`` (1): something went wrong (a file, the network, the model, a gate that did not pass);
+* ``EXIT_USAGE`` (2): the command line or a config file asks for something invalid;
+* ``EXIT_REFUSED`` (3): reembed refused to act, to protect what exists (a swap to an unfit collection,
+  another job's output, a write that would replace someone else's); nothing was changed, and the message
+  names the flag or target that lets you go on.
 """
 
 from __future__ import annotations
+
+EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 1, 2, 3
 
 
 class ReembedError(Exception):
     """Base of every error reembed raises for a user to act on."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class UsageError(ReembedError):
     """The command line or a config file asks for something invalid (exit 2)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(UsageError, ValueError):
@@ -33,11 +43,16 @@ class StorageError(ReembedError):
 
 
 class ObjectExistsError(StorageError):
-    """A create-only write found an object already at the key (another job wrote it)."""
+    """A create-only write found an object already at the key (another job wrote it): refused (exit 3)."""
+
+    exit_code = EXIT_REFUSED
 
 
 class VersionConflict(StorageError):
-    """A conditional write found the object changed (or created) since the version this process holds."""
+    """A conditional write found the object changed (or created) since the version this process holds:
+    refused (exit 3)."""
+
+    exit_code = EXIT_REFUSED
 
 
 class ChecksumError(StorageError):
@@ -49,7 +64,9 @@ class ManifestError(ReembedError):
 
 
 class ConcurrentWriteError(ManifestError):
-    """Another job changed the manifest since this one read it."""
+    """Another job changed the manifest since this one read it: this job is fenced (exit 3)."""
+
+    exit_code = EXIT_REFUSED
 
 
 class ModelLoadError(ReembedError):
@@ -65,7 +82,9 @@ class QdrantError(ReembedError):
 
 
 class SwapRefused(QdrantError):
-    """A swap or rollback was refused; the alias was not touched."""
+    """A swap or rollback was refused; the alias was not touched (exit 3)."""
+
+    exit_code = EXIT_REFUSED
 
 
 class ValidationError(ReembedError, ValueError):
@@ -86,3 +105,10 @@ class DualWriteError(MigrationError):
 
 class PriceError(ReembedError, ValueError):
     """A run cannot be priced: the message names the run and the price that is missing."""
+
+
+class OutputRefused(ManifestError):
+    """This output refuses the job as asked: made with another model or embedding setting, or planned with
+    other input settings. Nothing was changed; use another --output, or --fresh (exit 3)."""
+
+    exit_code = EXIT_REFUSED

@@ -25,13 +25,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from reembed import embed, plan_store, storage
+from reembed import cluster, embed, plan_store, storage
 from reembed import schema as S
 from reembed.cluster import init_ray  # also reached as pipeline.init_ray by indexes.build, until it imports cluster
 from reembed.config import JobConfig, validate
-from reembed.errors import ConcurrentWriteError, ReembedError
+from reembed.errors import ConcurrentWriteError, OutputRefused, ReembedError
 from reembed.indexes import build as index_stage
+from reembed.embed.model import check_available
 from reembed.manifest import Manifest, ManifestError, now, read_recorded, write_failed
+from reembed.phases import Phases, Progress, human_bytes
 from reembed.plan import PLAN_DIR, check_input, input_location, make_plan, passthrough_schema
 from reembed.write import DEAD_LETTER, SHARDS, ShardRouter, block_shards, write_shard_from_blocks
 
@@ -55,14 +57,19 @@ def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
     """
     validate(cfg)
     started, t0 = now(), time.monotonic()
+    phases = Phases()
+    if embedder is None:
+        with phases.phase("model check"):
+            check_available(cfg.model.name, cfg.model.revision)  # a second or two: before anything starts
     storage.preflight(cfg.input.uri, cfg.output.uri, cfg.storage)
     out = storage.Location.from_uri(cfg.output.uri, cfg.storage)
     check_output_folder(out)
     if cfg.output.fresh:
         _wipe(out)
 
-    model_info = inspect_model(cfg) if embedder is None else embedder.describe(cfg)  # first, without Ray
-    manifest = open_output(cfg, out, model_info)
+    with phases.phase("model check", f"checking the model {cfg.model.name} (loading it once on this machine's CPU)"):
+        model_info = inspect_model(cfg) if embedder is None else embedder.describe(cfg)  # first, without Ray
+    manifest = open_output(cfg, out, model_info, phases)
 
     # Claiming fences any other job on this output before leftovers of crashed attempts are removed.
     cleaned = manifest.claim(SHARDS, DEAD_LETTER) if manifest.pending() else manifest.clean_temp(SHARDS, DEAD_LETTER)
@@ -75,7 +82,7 @@ def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
     run_info: dict[str, Any] = {"started_at": started, "shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0}
     if pending:
         try:
-            run_info.update(_execute(cfg, manifest, pending, embedder))
+            run_info.update(_execute(cfg, manifest, pending, embedder, phases))
         except Exception as e:
             found = surface(e)
             if found is e:
@@ -89,26 +96,42 @@ def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
     summary = summarize(manifest)
     summary["run"] = run_info
     if cfg.index.enabled and summary["complete"]:
-        summary["index"] = index_stage.run_index(cfg.output.uri, cfg.index, ray_address=cfg.compute.ray_address)
+        with phases.phase("index", "building the indexes (FAISS and Qdrant, in parallel)"):
+            summary["index"] = index_stage.run_index(cfg.output.uri, cfg.index, ray_address=cfg.compute.ray_address)
+    phases.add("other", time.monotonic() - t0 - sum(phases.seconds.values()))  # storage checks, bookkeeping
+    summary["phases"] = phases.as_list()
     return summary
 
 
-def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any]) -> Manifest:
+def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any],
+                phases: Phases | None = None) -> Manifest:
     """The output's manifest: on a new output Ray is started and the input planned now (as Ray tasks; the
     plan's Parquet goes under ``plan/``) and the manifest saved; on a resume it is loaded and checked, without
     Ray (model, input settings, the plan's files against their sha256, the input files against the plan)."""
+    phases = phases or Phases()
     manifest = Manifest.load(out)
     source = storage.Location.from_uri(cfg.input.uri, cfg.storage)
     if manifest is None:
-        init_ray(cfg.compute.ray_address)  # counting and dedup run as Ray tasks
-        try:
-            plan = make_plan(cfg.input, cfg.plan.shard_rows, out.child(PLAN_DIR), cfg.on_bad_file, source=source,
-                             dedup=cfg.plan.dedup, use_ray=True)
-        except OSError as e:
-            raise write_failed(e, out.display(PLAN_DIR)) from e
-        return Manifest.create(out, model_info, plan, {"rows": plan["duplicate_rows"], "mode": plan["dedup"]})
-    check_resume(manifest, cfg, model_info)
+        start_ray(cfg, phases)  # counting and dedup run as Ray tasks
+        with phases.phase("plan", "planning: listing the input, counting rows, finding duplicate ids"):
+            try:
+                plan = make_plan(cfg.input, cfg.plan.shard_rows, out.child(PLAN_DIR), cfg.on_bad_file, source=source,
+                                 dedup=cfg.plan.dedup, use_ray=True)
+            except OSError as e:
+                raise write_failed(e, out.display(PLAN_DIR)) from e
+            return Manifest.create(out, model_info, plan, {"rows": plan["duplicate_rows"], "mode": plan["dedup"]})
+    with phases.phase("resume check", "resuming: checking the output's model, plan and input files"):
+        check_resume(manifest, cfg, model_info)
     return manifest
+
+
+def start_ray(cfg: JobConfig, phases: Phases) -> None:
+    """Start or join Ray (once per process), timed as the ``ray start`` phase."""
+    import ray
+
+    if not ray.is_initialized():
+        with phases.phase("ray start"):
+            init_ray(cfg.compute.ray_address)
 
 
 def check_output_folder(out: storage.Location) -> None:
@@ -144,7 +167,7 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
         diffs = [f"{k}: {stored.get(k)!r} -> {model_info.get(k)!r}" for k in
                  ("name", "revision", "dimension", "normalize", "pooling", "dtype", "max_seq_length")
                  if stored.get(k) != model_info.get(k)]
-        raise ManifestError(
+        raise OutputRefused(
             f"{where}: fingerprint mismatch: this output was made with fingerprint {stored['fingerprint']} "
             f"and this job has {model_info['fingerprint']} ({'; '.join(diffs)}). Vectors from different "
             "settings must not be mixed: use another --output, or --fresh to discard this one."
@@ -154,7 +177,7 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
             "passthrough": list(cfg.input.passthrough), "shard_rows": cfg.plan.shard_rows, "dedup": cfg.plan.dedup}
     diffs = [f"{k}: {plan.get(k)!r} -> {v!r}" for k, v in mine.items() if plan.get(k) != v]
     if diffs:
-        raise ManifestError(
+        raise OutputRefused(
             f"{where}: this output was planned with other input settings ({'; '.join(diffs)}); "
             "use another --output, or --fresh to re-plan"
         )
@@ -212,13 +235,15 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: Any = None) -> dict[str, Any]:
+def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: Any = None,
+             phases: Phases | None = None) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
     from reembed.read import ShardDatasource
 
-    init_ray(cfg.compute.ray_address)
+    phases = phases or Phases()
+    start_ray(cfg, phases)
     resources = ray.cluster_resources()
     pool = plan_pool(cfg, resources)
     log.info(
@@ -226,6 +251,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
         len(pending), pool["device"], pool["backend"], pool["min"], pool["max"], pool["num_gpus"], pool["num_cpus"],
         pool["batch_tokens"] or "default",
     )
+    log.info("starting the Embedder actors: each loads the model%s; progress shows from the first embedded "
+             "block on", " (on CPU, the first use of a model exports it to ONNX once: about a minute)"
+             if pool["backend"].startswith("onnx") else "")
     if pool["device"] == "cpu" and cfg.model.dtype == "auto" and embed.cpu_supports_bf16():
         log.info("this CPU has native bfloat16 (AVX512-BF16/AMX): model.dtype=bfloat16 may be faster than float32 "
                  "(vectors at cosine ~0.9999 to float32; a new output, since the fingerprint changes)")
@@ -280,9 +308,7 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
              "dtype": embed.resolve_dtype(cfg.model.dtype, pool["device"]), "backend": pool["backend"],
              "batch_tokens": pool["batch_tokens"]}
     t0 = time.monotonic()
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_rows, unit="doc", desc="embedded", disable=None, smoothing=0.1)
+    bar = Progress(total_rows, "embedded")
     todo, passes = list(pending), 0
     try:
         with _ray_data_console():
@@ -299,9 +325,13 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
     finally:
         bar.close()
     secs = time.monotonic() - t0
+    first_block = stats.pop("first_block_at", None)  # actors started and loaded the model before it
+    if first_block:
+        phases.take("actor start", first_block - t0)
+    phases.take("embed", secs - (first_block - t0 if first_block else 0.0))
     log.info(
-        "embed: %d rows, %d bytes, %.1f s, %.1f rows/s (%d shards, %.1f device-seconds)",
-        stats["rows"], stats["bytes"], secs, stats["rows"] / secs if secs else 0.0,
+        "embed: %d rows, %s, %.1f s, %.1f rows/s (%d shards, %.1f device-seconds)",
+        stats["rows"], human_bytes(stats["bytes"]), secs, stats["rows"] / secs if secs else 0.0,
         stats["shards_committed"], stats["device_seconds"],
     )
     stats["embed_seconds"] = round(secs, 3)
@@ -350,6 +380,7 @@ def _write_on_workers(ds, manifest: Manifest, expected: dict[int, int], shard_sc
                     log.warning("an embedded block was lost with a node before it was routed (%s)", type(e).__name__)
                     losses.append(e)
                     continue
+                stats.setdefault("first_block_at", time.monotonic())
                 ready.extend(router.add(ref_of[ref], summary))
                 del ref_of[ref]
             else:
@@ -411,7 +442,7 @@ def _commit(manifest: Manifest, shard: int, rec: dict[str, Any], stats: dict[str
     stats["device_seconds"] += rec["device_seconds"]
     stats["bytes"] += rec["bytes"]
     bar.update(rec["rows"] + rec["dead_letters"])
-    log.info("committed shard %05d: %d rows, %d dead letters, %d bytes (written on %s)", shard, rec["rows"],
+    log.debug("committed shard %05d: %d rows, %d dead letters, %d bytes (written on %s)", shard, rec["rows"],
              rec["dead_letters"], rec["bytes"], rec.get("writer", {}).get("host_pid"))
 
 
@@ -516,13 +547,14 @@ def _clean(e: ReembedError) -> ReembedError:
 
 @contextlib.contextmanager
 def _ray_data_console() -> Iterator[None]:
-    """While the dataset runs, Ray Data's console log follows reembed's log level (-q hides its progress
-    lines), and leaves out its report of a task that raised one of our errors: that report is a
-    traceback, and the error reaches the user once, as one line, from whoever catches it. Ray Data's own
-    log file (``ray-data.log`` in the session's logs) still gets every record."""
+    """While the dataset runs, Ray Data's console shows warnings and errors only (its progress bars and
+    INFO lines too at ``-v``, see :func:`cluster.ray_data_console`; ``-q`` follows reembed's level), and
+    leaves out its report of a task that raised one of our errors: that report is a traceback, and the
+    error reaches the user once, as one line, from whoever catches it. Ray Data's own log file
+    (``ray-data.log`` in the session's logs) still gets every record."""
     handlers = [h for h in logging.getLogger("ray.data").handlers
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-    gate = _RayDataConsoleFilter(logging.getLogger("reembed").getEffectiveLevel())
+    gate = _RayDataConsoleFilter(max(logging.getLogger("reembed").getEffectiveLevel(), cluster.ray_data_console()))
     for h in handlers:
         h.addFilter(gate)
     try:
@@ -538,7 +570,7 @@ class _RayDataConsoleFilter(logging.Filter):
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < self.level:
+        if record.levelno < self.level or cluster.harmless_ray_data_record(record):
             return False
         # Ray Data also logs while it handles the exception, without attaching it ("Exception occurred in
         # Ray Data or Ray Core internal code ..."): the exception being handled tells those records apart.

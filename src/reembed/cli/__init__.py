@@ -2,8 +2,10 @@
 
 The CLI owns user-facing output. A :class:`~reembed.errors.ReembedError` (the user's mistake or the
 world's: a missing file, a refused swap, an unreachable server) is printed as one line, ``reembed: error:
-...``, with exit 1 (2 for usage); ``-v`` adds the traceback. Errors raised inside Ray tasks are unwrapped
-to the error the task raised. Anything else is a bug and keeps its traceback.
+...``, with the error's exit code: 1 failed, 2 usage or config, 3 refused (see :mod:`reembed.errors`); a
+command-line mistake argparse finds has the same prefix and exit 2. ``-v`` adds the traceback and Ray's own
+console output (progress bars, INFO lines), which stays off otherwise. Errors raised inside Ray tasks are
+unwrapped to the error the task raised. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import sys
 import traceback
 from typing import Any
 
-from reembed.errors import ReembedError
+from reembed.errors import EXIT_FAILED, EXIT_REFUSED, EXIT_USAGE, ReembedError
+from reembed.phases import human_bytes
 
 log = logging.getLogger("reembed")
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_PIPE, EXIT_INTERRUPTED = 0, 1, 2, 141, 130
+EXIT_OK, EXIT_FAIL, EXIT_PIPE, EXIT_INTERRUPTED = 0, EXIT_FAILED, 141, 130
+__all__ = ["main", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_REFUSED", "human_bytes", "phase_table"]
 
 # One module per group of subcommands, each with ``register(subparsers)``.
 COMMAND_MODULES = (
@@ -41,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
     setup_logging(verbose)
+    from reembed.cluster import configure_console
+
+    configure_console(verbose)
     log.debug("reembed %s, Python %s, command %s", _version(), sys.version.split()[0], args.command)
     try:
         return args.func(args) or EXIT_OK
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         err = user_error(e)
         if err is None:
             raise
-        print(f"reembed: error: {one_line(err)}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{one_line(err)}", file=sys.stderr)
         if verbose > 0:
             traceback.print_exception(e, file=sys.stderr)
         return getattr(err, "exit_code", EXIT_FAIL)
@@ -67,7 +74,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="reembed",
         description="Re-embed a document corpus with a new embedding model on Ray: sharded, resumable output "
                     "with a checkpoint manifest.",
@@ -81,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         _verbosity(command, argparse.SUPPRESS)
     return p
+
+
+ERROR_PREFIX = "reembed: error: "
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with reembed's one error prefix (``reembed: error: ...``, exit 2) for every subcommand."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{ERROR_PREFIX}{message} (see `{self.prog} --help`)\n")
 
 
 def _verbosity(p: argparse.ArgumentParser, default: Any) -> None:
@@ -182,6 +200,46 @@ def _closed_stdout() -> int:
     except OSError:
         pass
     return EXIT_PIPE
+
+
+def phase_table(phases: list[dict[str, Any]]) -> str:
+    """Where the time went, one row per phase (as dbt prints at the end of a run): phase, seconds, share."""
+    if not phases:
+        return ""
+    total = sum(p["seconds"] for p in phases)
+    width = max(len("total"), *(len(p["phase"]) for p in phases))
+    rows = [f"{'phase':<{width}}  {'seconds':>8}  {'share':>6}"]
+    for p in phases:
+        share = p["seconds"] / total if total else 0.0
+        rows.append(f"{p['phase']:<{width}}  {p['seconds']:>8.1f}  {share:>6.0%}")
+    rows.append(f"{'total':<{width}}  {total:>8.1f}  {'100%' if total else '-':>6}")
+    return "\n".join(rows)
+
+
+def command_prefix() -> str:
+    """How to run reembed from this shell, for the commands printed as next steps: ``reembed`` when that
+    is on PATH and is this installation; else this environment's ``reembed`` script by path (relative to
+    the current folder when inside it, e.g. ``.venv/bin/reembed``: works without activating the venv);
+    else ``python -m reembed`` with this interpreter's path."""
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "reembed"
+    on_path = shutil.which("reembed")
+    if script.exists():
+        if on_path and Path(on_path).resolve() == script.resolve():
+            return "reembed"
+        return shlex.quote(_short_path(script))
+    return f"{shlex.quote(_short_path(Path(sys.executable)))} -m reembed"
+
+
+def _short_path(path) -> str:
+    """``path`` relative to the current folder when it lies inside it, else absolute (never resolved, so a
+    venv's ``bin/python`` stays the venv's)."""
+    absolute = os.path.abspath(path)
+    here = os.getcwd()
+    return os.path.relpath(absolute, here) if absolute.startswith(here.rstrip(os.sep) + os.sep) else absolute
 
 
 def print_or_json(summary: Any, as_json: bool, text: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from typing import Any, Callable
 
 from reembed.cli.run import add_storage_config, location
@@ -90,14 +91,18 @@ def register(subparsers) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from reembed.migrate.export import export
 
-    summary = export(args.source, location(args, args.target), args.page_size, args.part_rows, args.overwrite)
-    return _print_export(summary, args.json)
+    target = location(args, args.target)
+    summary = export(args.source, target, args.page_size, args.part_rows, args.overwrite)
+    return _print_export(summary, args.json, target.display())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from reembed import validation as V
 
     def run() -> int:
+        logging.getLogger("reembed.validation").info(
+            "validating %s: integrity of every shard, sanity pairs, ANN recall, old vs new (a minute or two)",
+            args.output)
         settings = V.Settings(k=args.k, sample=args.sample, seed=args.seed, norm_tol=args.norm_tol,
                               paraphrase_min=args.paraphrase_min, unrelated_max=args.unrelated_max,
                               min_ann_recall=args.min_ann_recall, min_overlap=args.min_overlap,
@@ -201,11 +206,21 @@ def _workers(value: str) -> int:
     return n
 
 
-def _print_export(summary: dict[str, Any], as_json: bool) -> int:
+def _print_export(summary: dict[str, Any], as_json: bool, target: str) -> int:
+    import shlex
+
+    from reembed.cli import command_prefix, human_bytes
+
     if as_json:
         print(json.dumps(summary, indent=1))
-    else:
-        print(f"exported {summary['rows']} documents ({summary['dimension']}-d, metric {summary['metric']}) from "
-              f"{summary['source']} into {len(summary['parts'])} part(s) in {summary['seconds']} s"
-              + (f"; {summary['text_missing']} without text" if summary["text_missing"] else ""))
+        return 0
+    size = sum(p.get("bytes", 0) for p in summary["parts"])
+    print(f"exported {summary['rows']} documents ({summary['dimension']}-d, metric {summary['metric']}) from "
+          f"{summary['source']} into {len(summary['parts'])} part(s) in {summary['seconds']} s"
+          + (f"; {summary['text_missing']} without text" if summary["text_missing"] else ""))
+    print(f"written to:  {target} ({human_bytes(size)} of Parquet parts, summary in _export.json)")
+    keep = ",".join(c for c in ("text", "old_embedding") if c in summary.get("columns", []))
+    print(f"next:        {command_prefix()} run --input {shlex.quote(target)} --output NEW_OUTPUT"
+          + (f" --passthrough {keep}" if keep else "")
+          + "   (re-embed it; keeping old_embedding lets `reembed validate` compare old and new)")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from reembed.cli import human_bytes, phase_table
 from reembed.config import DEFAULT_MODEL, JobConfig, load_config, replace_path
 
 EXIT_OK, EXIT_FAIL = 0, 1
@@ -76,7 +77,10 @@ def add_run_arguments(r: argparse.ArgumentParser) -> None:
                    "default) or is recorded in the manifest's ledger and skipped (skip)")
     r.add_argument("--fresh", action="store_true", help="discard an existing output (shards, dead letters, "
                    "manifest) and start over instead of resuming")
-    r.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    r.add_argument("--dry-run", action="store_true", help="plan only: list files, rows, shards and duplicate "
+                   "ids, check the model, and estimate time and cost (tuned profile or a short sample on this "
+                   "machine); writes nothing to the output and starts no Embedder actors")
+    r.add_argument("--json", action="store_true", help="print the final summary (with per-phase timings) as JSON")
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -100,11 +104,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reembed import pipeline
 
     cfg = config_from_args(args)
+    if args.dry_run:
+        from reembed import dryrun
+
+        result = dryrun.dry_run(cfg)
+        print(json.dumps(result, indent=1, default=str) if args.json else format_dry_run(result))
+        return EXIT_OK
     summary = pipeline.run(cfg)
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     else:
         print(format_summary(summary))
+        if summary.get("phases"):
+            print("\n" + phase_table(summary["phases"]))
     return EXIT_OK if summary["complete"] else EXIT_FAIL
 
 
@@ -133,7 +145,7 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
         + ("" if s["complete"] else f" (so far: {accounted})"),
         f"dead letters: {reasons}",
         f"truncated:   {s['truncated']} embedded rows were longer than {m['max_seq_length']} tokens",
-        f"tokens:      {s['tokens']} real tokens, {s['bytes']} bytes of shards, {s['device_seconds']} device-seconds",
+        f"tokens:      {s['tokens']} real tokens, {human_bytes(s['bytes'])} of shards, {s['device_seconds']} device-seconds",
     ]
     if s.get("rows_per_second"):
         lines.append(f"throughput:  {s['rows_per_second']} rows/s over all runs")
@@ -149,3 +161,55 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
     return "\n".join(lines)
 
 
+
+
+def format_dry_run(r: dict[str, Any]) -> str:
+    """What ``reembed run --dry-run`` found, for a person."""
+    m, e, pool = r["model"], r["estimate"], r["pool"]
+    lines = [
+        f"dry run:     nothing written to {r['output']}" + (" (an existing output: resuming it)" if r["output_exists"] else ""),
+        f"input:       {r['input']}: {r['files']} file(s), {human_bytes(r['bytes'])}, {r['rows']} rows, "
+        f"{r['duplicate_ids']} duplicate ids" + (f", {len(r['bad_files'])} unreadable" if r["bad_files"] else ""),
+    ]
+    for f in r["files_listed"]:
+        lines.append(f"  {f['uri']}  {f['format']}  {human_bytes(f['size'])}  {f['rows']} rows"
+                     + (f", {f['dup_rows']} duplicate ids" if f["dup_rows"] else ""))
+    if r["files"] > len(r["files_listed"]):
+        lines.append(f"  ... and {r['files'] - len(r['files_listed'])} more")
+    lines += [
+        f"shards:      {r['shards']} of up to {r['shard_rows']} rows; {r['pending_rows']} rows to embed",
+        f"model:       {m['name']} ({m['dimension']}-d, normalize={m['normalize']}, pooling {m['pooling']}, "
+        f"max_seq_length={m['max_seq_length']}, fingerprint {m['fingerprint']})",
+        f"pool:        {pool['min']}-{pool['max']} Embedder actor(s) on {pool['device']}"
+        + (f" ({pool['accelerator']})" if pool["accelerator"] else "") + f", {pool['backend']} backend, "
+        f"batch budget {pool['batch_tokens'] or 'default'} tokens",
+    ]
+    if e.get("basis") == "profile":
+        basis = f"tuned profile {e['profile']}: {e['docs_per_s_per_device']:.1f} docs/s per device"
+    elif e.get("basis") == "sample":
+        basis = (f"{e['sample_rows']} documents measured on this machine's {e['device_here']} ({e['backend_here']}): "
+                 f"{e['docs_per_s_here']} docs/s")
+    else:
+        basis = e.get("note", "no basis")
+    lines.append(f"measured:    {basis}")
+    if e.get("seconds") is not None:
+        cost = (f", about {_usd(e['cost_usd'])} ({e['priced_as']} at ${e['usd_per_device_hour']}/h, prices of "
+                f"{e['prices_as_of']})" if "cost_usd" in e else f" (cost: {e.get('cost_note')})")
+        lines.append(f"estimate:    {_duration(e['seconds'])} of embedding at {e['docs_per_s']:.1f} docs/s{cost}; "
+                     f"excludes {e['excludes']}")
+    elif e.get("note"):
+        lines.append(f"estimate:    none: {e['note']}")
+    lines.append("next:        the same command without --dry-run runs it")
+    return "\n".join(lines)
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:.2f}" if amount >= 0.01 else f"${amount:.2g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

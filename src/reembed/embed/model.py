@@ -61,6 +61,31 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+HUB_PROBE_S = 3.0  # how long the early check waits for the model hub before calling it unreachable
+
+
+def check_available(name: str, revision: str | None = None) -> str:
+    """Fail in a second or two, before Ray starts or anything loads, when the model's files cannot be had:
+    a folder that does not exist, or a hub name that is not in the local Hugging Face cache while the hub
+    is off (``HF_HUB_OFFLINE``) or does not answer within :data:`HUB_PROBE_S`. Returns where the model
+    comes from: ``folder``, ``cache`` or ``hub`` (not cached, to be downloaded)."""
+    local = Path(name).expanduser()
+    if _looks_like_path(name) or local.exists():
+        if not local.exists():
+            raise ModelLoadError(f"{name}: no such model folder; fix the path, or give a hub name "
+                                 "(org/name) that is in the local Hugging Face cache")
+        return "folder"
+    if _cached_file(name, revision) is not None:
+        return "cache"
+    if _hub_offline():
+        raise _not_cached(name, "HF_HUB_OFFLINE is set")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise _not_cached(name, f"the hub did not answer: {unreachable}")
+    log.info("%s: not in the local Hugging Face cache; downloading it from the hub", name)
+    return "hub"
+
+
 def load_model(name: str, revision: str | None = None, device: str = "cpu", dtype: str = "float32",
                max_seq_length: int | None = None):
     """Load a sentence-transformers model by hub name (through the local Hugging Face cache) or path.
@@ -72,7 +97,7 @@ def load_model(name: str, revision: str | None = None, device: str = "cpu", dtyp
     from sentence_transformers import SentenceTransformer
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": "sdpa"}
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = _hub_offline()
 
     def build(model_kwargs: dict[str, Any]):
         return SentenceTransformer(
@@ -243,6 +268,51 @@ def _model_folder(model, name: str) -> Path | None:
             if isinstance(hit, str):
                 return Path(hit).parent
     return None
+
+
+def _cached_file(name: str, revision: str | None) -> str | None:
+    """The cached ``modules.json`` or ``config.json`` of hub model ``name`` (also as ``sentence-transformers/
+    name``, as sentence-transformers resolves a bare name), or None; reads the cache only."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in (name, f"sentence-transformers/{name}"):
+        for probe in ("modules.json", "config.json"):
+            try:
+                hit = try_to_load_from_cache(repo, probe, revision=revision)
+            except ValueError:  # not a valid repo id
+                hit = None
+            if isinstance(hit, str):
+                return hit
+    return None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the model hub cannot be reached within :data:`HUB_PROBE_S` (DNS, refused, timeout), or None.
+    Any HTTP answer counts as reachable; proxies from the environment are used, as the download would."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_S).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return f"{constants.ENDPOINT}: {getattr(e, 'reason', e)}"
+    return None
+
+
+def _not_cached(name: str, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{name}: model not found in the local Hugging Face cache "
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {why}. Fix: on a machine with internet run "
+        f"`huggingface-cli download {name}` and copy the cache (or set HF_HOME to a shared cache), or pass "
+        "--model /path/to/a/saved/model")
 
 
 def _pooling_mode(module) -> str | None:

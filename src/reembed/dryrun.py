@@ -1,0 +1,268 @@
+"""``reembed run --dry-run``: what a run would do and about what it would take, before any GPU time is
+spent, writing nothing to the output.
+
+It plans the input exactly as the run does (files, rows, duplicate ids, shards; the counting and dedup
+run as Ray tasks, and the plan's Parquet goes to a temporary folder on this machine that is removed
+afterwards), or, on an output a run already planned, reads the plan and the commit log there (nothing
+is claimed or cleaned). It loads the model on this machine's CPU once, as the run does, and estimates
+the embedding time and its cost:
+
+* from a tuned profile (``reembed tune``) for this model, device type, backend and sequence length,
+  when one matches: its measured docs/s per device times the devices the run would hold;
+* otherwise from a short measured sample: a few batches of the input's first texts embedded on this
+  machine with the backend the run would use (on CPU the first use of a model exports it to ONNX once).
+  A sample measured on this machine's CPU says nothing about a GPU cluster: then there is no estimate,
+  and the result says to run ``reembed tune`` on a GPU node.
+
+The cost is :func:`reembed.cost.price_run` of the estimated run, at the default price table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ROWS = 64  # texts embedded for a measured estimate
+SAMPLE_REPEATS = 2  # timed passes over the sample, after one warm-up pass
+FILES_LISTED = 20  # input files listed by name (the rest are counted)
+
+
+def dry_run(cfg, phases=None) -> dict[str, Any]:
+    """The dry run of job ``cfg`` (a :class:`reembed.config.JobConfig`): the plan's summary, the model, and
+    an estimate of time and cost. Nothing is written under ``cfg.output.uri``."""
+    from reembed import pipeline, storage
+    from reembed.config import validate
+    from reembed.embed.model import check_available
+    from reembed.manifest import Manifest
+    from reembed.phases import Phases
+
+    validate(cfg)
+    phases = phases or Phases()
+    with phases.phase("model check"):
+        check_available(cfg.model.name, cfg.model.revision)
+    out = storage.Location.from_uri(cfg.output.uri, cfg.storage)
+    pipeline.check_output_folder(out)
+    existing = None if cfg.output.fresh else Manifest.load(out)
+    with phases.phase("model check", f"checking the model {cfg.model.name} (loading it once on this machine's CPU)"):
+        model_info = pipeline.inspect_model(cfg)
+    pipeline.start_ray(cfg, phases)
+    if existing is not None:
+        with phases.phase("resume check", "reading the plan and the commit log of the existing output"):
+            pipeline.check_resume(existing, cfg, model_info)
+            plan, files, pending_rows = _existing(existing)
+    else:
+        with phases.phase("plan", "planning (dry run): listing the input, counting rows, finding duplicate ids"):
+            plan, files = _plan(cfg)
+        pending_rows = plan["rows"]
+
+    import ray
+
+    resources = ray.cluster_resources()
+    pool = {**pipeline.plan_pool(cfg, resources), "cluster_cpus": int(resources.get("CPU", 0))}
+    with phases.phase("estimate", "estimating the embedding time"):
+        estimate = _estimate(cfg, pool, plan, pending_rows, files)
+    result = {
+        "dry_run": True,
+        "output": out.uri,
+        "output_exists": existing is not None,
+        "input": plan.get("input_uri", cfg.input.uri),
+        "files": plan["files"],
+        "files_listed": files,
+        "bytes": plan.get("bytes"),
+        "bad_files": plan.get("bad_files", []),
+        "rows": plan["rows"],
+        "duplicate_ids": plan.get("duplicate_rows", 0),
+        "shards": plan["shards"],
+        "shard_rows": plan["shard_rows"],
+        "pending_rows": pending_rows,
+        "model": model_info,
+        "pool": {k: pool[k] for k in ("device", "backend", "min", "max", "num_gpus", "num_cpus", "accelerator",
+                                      "batch_tokens")},
+        "estimate": estimate,
+    }
+    result["phases"] = phases.as_list()
+    return result
+
+
+def _plan(cfg) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Plan the input into a temporary folder on this machine (removed afterwards): the plan's summary and
+    the first input files."""
+    from reembed import plan_store, storage
+    from reembed.plan import make_plan
+
+    folder = tempfile.mkdtemp(prefix="reembed-dry-run-")
+    try:
+        work = storage.Location.from_uri(os.path.join(folder, "plan"))
+        source = storage.Location.from_uri(cfg.input.uri, cfg.storage)
+        plan = make_plan(cfg.input, cfg.plan.shard_rows, work, cfg.on_bad_file, source=source, dedup=cfg.plan.dedup,
+                         use_ray=True)
+        return plan, _first_files(work, plan_store.FILES)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _existing(manifest) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """An output a run already planned: its plan's summary, its first input files and the rows still to do."""
+    from reembed.pipeline import summarize
+    from reembed.plan import PLAN_DIR
+    from reembed.plan_store import FILES
+
+    s = summarize(manifest)
+    pending = max(0, s["input_rows"] - s["embedded"] - s["dead_lettered"])
+    return manifest.plan, _first_files(manifest.loc.child(PLAN_DIR), FILES), pending
+
+
+def _first_files(plan_loc, name: str) -> list[dict[str, Any]]:
+    """The first :data:`FILES_LISTED` rows of the plan's file table (one row group, never the whole table)."""
+    import pyarrow.parquet as pq
+
+    with plan_loc.fs.open_input_file(plan_loc.path(name)) as f:
+        pf = pq.ParquetFile(f)
+        if pf.metadata.num_row_groups == 0:
+            return []
+        table = pf.read_row_group(0, columns=["path", "uri", "format", "size", "rows", "dup_rows"]).slice(0, FILES_LISTED)
+    return table.to_pylist()
+
+
+def _estimate(cfg, pool: dict[str, Any], plan: dict[str, Any], rows: int, files: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds and USD for ``rows`` documents on the run's pool, from a tuned profile or a measured sample."""
+    from reembed import cost
+
+    devices = pool["max"]
+    profile = _profile(cfg, pool)
+    est: dict[str, Any] = {"rows": rows, "device": pool["device"], "devices": devices}
+    if profile is not None:
+        per_device = float((profile.get("chosen") or {}).get("docs_per_s") or 0.0)
+        est.update(basis="profile", profile=profile["path"], docs_per_s_per_device=per_device,
+                   docs_per_s=per_device * devices)
+    else:
+        measured = _measure(cfg, pool, plan, files)
+        est.update(measured)
+        if measured.get("docs_per_s_here") and measured["device_here"] == pool["device"]:
+            if pool["device"] == "cuda":
+                est["docs_per_s"] = measured["docs_per_s_here"] * devices
+            else:  # the sample used every core of this machine; the pool uses every CPU of the cluster
+                est["docs_per_s"] = measured["docs_per_s_here"] * max(1.0, pool["cluster_cpus"] / (os.cpu_count() or 1))
+        elif measured["device_here"] != pool["device"]:
+            est["note"] = (f"the run would embed on {pool['device']}, this machine measured on {measured['device_here']}: "
+                           f"run `reembed tune --model {cfg.model.name}` on a {pool['device']} node for an estimate")
+    rate = est.get("docs_per_s")
+    if not rate:
+        return est
+    seconds = rows / rate
+    est["seconds"] = round(seconds, 1)
+    est["excludes"] = "Ray start, actor start and model load (about a minute), planning"
+    prices = cost.load_prices()
+    run = {"device": pool["device"], "accelerator": pool["accelerator"], "device_count": devices,
+           "cpus": pool["cluster_cpus"], "wall_seconds": seconds, "rows": rows}
+    try:
+        priced = cost.price_run(run, prices, "dry run", cfg.model.name)
+    except cost.PriceError as e:
+        est["cost_note"] = str(e)
+    else:
+        est.update(cost_usd=round(priced["cost_usd"], 8), usd_per_device_hour=priced["usd_per_device_hour"],
+                   priced_as=f"{priced['count']} x {priced['device']}", prices_as_of=prices.get("as_of"))
+    return est
+
+
+def _profile(cfg, pool: dict[str, Any]) -> dict[str, Any] | None:
+    """The tuning profile the run would pick up (the one :func:`reembed.tune.lookup_budget` finds), or None."""
+    from reembed import tune
+    from reembed.embed import resolve_dtype
+
+    key = tune.accelerator_key(pool["device"], pool["accelerator"], pool["backend"],
+                               cfg.model.dtype if cfg.model.dtype != "auto" else resolve_dtype("auto", pool["device"]))
+    if key is None:
+        return None
+    folder = tune.tune_dir()
+    if cfg.model.max_seq_length is not None:
+        candidates = [tune.profile_path(cfg.model.name, key, cfg.model.max_seq_length, folder)]
+    else:
+        candidates = sorted(folder.glob(f"{tune._model_slug(cfg.model.name)}--{key}--L*.json"))
+    for path in candidates:
+        try:
+            profile = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if profile.get("device") != pool["device"]:
+            continue
+        if cfg.model.max_seq_length is None and profile.get("max_seq_length") != profile.get("model_max_seq_length"):
+            continue
+        return {**profile, "path": str(path)}
+    return None
+
+
+def _measure(cfg, pool: dict[str, Any], plan: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, Any]:
+    """docs/s of a few batches of the input's first texts embedded on this machine, with the run's backend."""
+    from reembed.embed import Embedder, resolve_device
+    from reembed.pipeline import _model_args
+
+    device = resolve_device("auto") if pool["device"] == "cuda" else "cpu"
+    texts = _sample_texts(cfg, plan, files)
+    if not texts:
+        return {"basis": "none", "device_here": device, "note": "no texts found to measure"}
+    model = {**_model_args(cfg), "device": device}
+    if device != pool["device"]:
+        model["backend"] = "auto"
+    log.info("measuring %d documents on this machine's %s (backend %s)", len(texts), device, model["backend"])
+    embedder = Embedder(model, batch_tokens=pool["batch_tokens"] if device == pool["device"] else None,
+                        max_batch_rows=cfg.model.max_batch_rows)
+    try:
+        prep = embedder.prepare(texts)
+        embedder.run(prep)  # warm-up: the first pass pays for kernels, caches, the ONNX session
+        t0 = time.perf_counter()
+        for _ in range(SAMPLE_REPEATS):
+            embedder.run(prep)
+        elapsed = time.perf_counter() - t0
+    finally:
+        embedder.close()
+    return {"basis": "sample", "sample_rows": len(texts), "batches": len(prep.batches) * SAMPLE_REPEATS,
+            "device_here": device, "backend_here": embedder.backend,
+            "docs_per_s_here": round(SAMPLE_REPEATS * len(texts) / elapsed, 1) if elapsed > 0 else None}
+
+
+def _sample_texts(cfg, plan: dict[str, Any], files: list[dict[str, Any]]) -> list[str]:
+    """Up to :data:`SAMPLE_ROWS` non-empty texts from the start of the first input files (a Parquet file's
+    first batch; a JSON Lines file's first MiB)."""
+    import zlib
+
+    import pyarrow.parquet as pq
+
+    from reembed.plan import input_location
+
+    column = cfg.input.text_column
+    source = input_location(plan, cfg.storage)
+    texts: list[str] = []
+    for f in files:
+        if len(texts) >= SAMPLE_ROWS:
+            break
+        if f["format"] == "bad":
+            continue
+        if f["format"] == "parquet":
+            with source.fs.open_input_file(source.path(f["path"])) as fh:
+                pf = pq.ParquetFile(fh)
+                if column not in pf.schema_arrow.names:
+                    continue
+                batch = next(pf.iter_batches(columns=[column], batch_size=SAMPLE_ROWS), None)
+                values = batch.column(0).to_pylist() if batch is not None else []
+        else:
+            with source.fs.open_input_stream(source.path(f["path"])) as fh:
+                head = fh.read(1 << 20)
+            if f["path"].endswith(".gz"):  # the start of a gzip stream decompresses on its own
+                head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 4 << 20)
+            values = []
+            for line in head.splitlines():  # a line cut at the end does not parse, and is skipped
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                values.append(obj.get(column) if isinstance(obj, dict) else None)
+        texts += [t for t in values if isinstance(t, str) and t.strip()]
+    return texts[:SAMPLE_ROWS]
