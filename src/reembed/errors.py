@@ -112,3 +112,10 @@ class OutputRefused(ManifestError):
     other input settings. Nothing was changed; use another --output, or --fresh (exit 3)."""
 
     exit_code = EXIT_REFUSED
+
+
+class InputChanged(InputError):
+    """A resume refused: a file of the input was modified or removed since the plan was made (exit 3). The
+    message names the file; re-plan with --fresh or restore it."""
+
+    exit_code = EXIT_REFUSED

@@ -260,7 +260,7 @@ class Manifest:
         for folder in folders:
             removed += _remove_empty_dir(self.loc, posixpath.join(folder, "_tmp"))
         if removed:
-            log.info("%s: removed %d temporary file(s) or folder(s) left by an interrupted attempt", self.loc.uri, removed)
+            log.debug("%s: removed %d temporary file(s) or folder(s)", self.loc.uri, removed)
         return removed
 
     def discard_uncommitted(self, shard: int, *folders: str) -> int:

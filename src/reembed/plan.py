@@ -39,7 +39,7 @@ from reembed import scan
 from reembed import schema as S
 from reembed import storage
 from reembed.config import InputConfig
-from reembed.errors import InputError
+from reembed.errors import InputChanged, InputError
 from reembed.scan import arrow_ids, json_ids  # noqa: F401 (the id canonicalisation, re-exported)
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def check_input(plan: dict[str, Any], files: pa.Table, source: storage.Location)
         p = planned[i] if i < len(planned) else None
         now = listed[j] if j < len(listed) else None
         if now is None or (p is not None and p["path"] < now[0]):
-            raise InputError(f"{base.display(p['path'])}: removed from the input since the plan was made; {fix}")
+            raise InputChanged(f"{base.display(p['path'])}: removed from the input since the plan was made; {fix}")
         if p is None or now[0] < p["path"]:
             added.append(base.display(now[0]))
             j += 1
@@ -223,7 +223,7 @@ def check_input(plan: dict[str, Any], files: pa.Table, source: storage.Location)
             if info.size != p["size"] or (p["mtime_ns"] is not None and info.mtime_ns is not None
                                           and info.mtime_ns != p["mtime_ns"]):
                 what = f"size {p['size']} -> {info.size}" if info.size != p["size"] else "modification time changed"
-                raise InputError(f"{base.display(p['path'])}: modified since the plan was made ({what}); {fix}")
+                raise InputChanged(f"{base.display(p['path'])}: modified since the plan was made ({what}); {fix}")
             if p["etag"] is not None:
                 etags.append((p["path"], p["etag"]))
         i += 1
@@ -235,7 +235,7 @@ def check_input(plan: dict[str, Any], files: pa.Table, source: storage.Location)
             now_tags = list(pool.map(lambda pe: base.version(pe[0]), etags))
         for (path, tag), now_tag in zip(etags, now_tags):
             if now_tag != tag:
-                raise InputError(f"{base.display(path)}: modified since the plan was made (ETag {tag} -> {now_tag}); {fix}")
+                raise InputChanged(f"{base.display(path)}: modified since the plan was made (ETag {tag} -> {now_tag}); {fix}")
     if added:
         log.warning("input: %d file(s) were added since the plan was made and are NOT embedded by this resume "
                     "(re-plan with --fresh to include them): %s%s", len(added), ", ".join(added[:3]),
