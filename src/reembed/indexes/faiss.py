@@ -16,8 +16,11 @@ stream past (:class:`reembed.indexes.exact.KnnHeap`, the same exact kNN the vali
 a second copy of the data.
 
 Files: ``OUTPUT/indexes/faiss/index-vN.faiss`` and ``index-vN.ids.parquet`` (row i holds the document id
-of vector i). Their sha256 values go into the manifest and are checked before every load: faiss's reader
-trusts its input, and a corrupt file can crash the process instead of raising.
+of vector i); an IVF index, built by many workers (:mod:`reembed.indexes.faiss_dist`), keeps its inverted
+lists on disk in ``index-vN.ivfdata`` beside them, memory-mapped when searched. Their sha256 values go into
+the manifest and are checked before every load (faiss's reader trusts its input, and a corrupt file can
+crash the process instead of raising) and before ``reembed index`` calls a build up to date. Large files go
+to S3 as multipart uploads (:func:`publish_file`).
 """
 
 from __future__ import annotations
@@ -272,9 +275,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
 
     t0 = time.monotonic()
     dim = plan.dim
-    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    if plan.kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efConstruction = 80
+    index = new_index(plan)
     gpus = faiss.get_num_gpus() if use_gpu is not False else 0
     device = "cpu"
     rng = np.random.default_rng(seed + 1)
@@ -332,6 +333,20 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
         "add_seconds": round(add_s, 3), "seconds": round(time.monotonic() - t0, 3),
     }
     return FaissBuild(index, pa.chunked_array(ids), params)
+
+
+def new_index(plan: FaissPlan):
+    """The empty index of ``plan``: inner product; HNSW with efConstruction 80; PQ without polysemous
+    training (faiss's factory turns it on; it only serves polysemous search, never used here, and at 64
+    sub-quantizers it costs minutes)."""
+    import faiss
+
+    index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = 80
+    if plan.pq_m:
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    return index
 
 
 def tuning_queries(pool: np.ndarray, positions: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -686,9 +701,3 @@ def _file_sha256(path: str) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from reembed import schema as S
 from reembed.errors import ManifestError, StorageError
 from reembed.indexes.exact import DEPTH, KnnHeap, normalize
-from reembed.indexes.faiss import (FOLDER, K, FaissPlan, file_sha256, local_scratch, publish_file, tune,
+from reembed.indexes.faiss import (FOLDER, K, FaissPlan, file_sha256, local_scratch, new_index, publish_file, tune,
                                    tuning_queries, _check)
 from reembed.storage import Location
 from reembed.write import read_shard_table
@@ -102,6 +102,7 @@ def build_ivf(loc: Location, shards: Sequence[tuple[int, dict[str, Any]]], plan:
     add_s = time.monotonic() - t0 - train_s
     files, params = run.call(merge, loc, folder, plan, records, trained, version, recall_target)
     loc.delete_dir(folder)
+    _remove_empty_local_dirs(loc, BUILD, f"{FOLDER}/_tmp")
     peak = {"train": trained.get("peak_rss_bytes"), "add": max(r.get("peak_rss_bytes") or 0 for r in records),
             "merge": params.pop("peak_rss_bytes", None)}
     params.update(workers=workers if use_ray else 1, groups=len(groups), groups_reused=reused,
@@ -172,7 +173,7 @@ def train(loc: Location, folder: str, plan: FaissPlan, queries: int, seed: int, 
     t0 = time.monotonic()
     x = np.concatenate([p[0] for p in parts])
     pos = np.concatenate([p[1] for p in parts])
-    index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    index = new_index(plan)
     device = "cpu"
     if faiss.get_num_gpus():
         # k-means on the GPU (the costly part); the index itself stays on the CPU for writing.
@@ -499,6 +500,15 @@ def _drop_other_builds(loc: Location, key: str) -> None:
         for entry in os.listdir(loc.path(BUILD)):
             if entry != key and not os.listdir(loc.path(BUILD, entry)):
                 os.rmdir(loc.path(BUILD, entry))
+
+
+def _remove_empty_local_dirs(loc: Location, *rels: str) -> None:
+    if loc.fs.type_name == "local":
+        for rel in rels:
+            try:
+                os.rmdir(loc.path(rel))
+            except OSError:  # not there, or not empty (another build's files): left alone
+                pass
 
 
 def _whoami() -> dict[str, Any]:
