@@ -51,7 +51,12 @@ def main() -> None:
     ap.add_argument("--single", action="store_true", help="also build the same plan in one process (holds the index)")
     ap.add_argument("--work", default="/tmp/reembed-faiss-bench")
     ap.add_argument("--out", default="bench/out/faiss_scale.json")
+    ap.add_argument("--train-only", metavar="N:NLIST,...",
+                    help="only time the training task on N clustered vectors into NLIST lists (GPU k-means when "
+                         "faiss sees a GPU, then the CPU), e.g. 262144:4096")
     args = ap.parse_args()
+    if args.train_only:
+        return time_training(args.train_only, args.out, args.clusters)
 
     import logging
 
@@ -59,8 +64,17 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}})
+    for attempt in range(1, 6):  # on a loaded machine the raylet can miss Ray's 30 s start-up window
+        try:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}})
+            break
+        except Exception as e:  # Ray raises a bare Exception for this
+            if attempt == 5 or "timed out during startup" not in str(e):
+                raise
+            print(f"ray.init attempt {attempt}: {e}; again", flush=True)
+            ray.shutdown()
+            time.sleep(10)
     results: dict[str, Any] = {
         "command": "python " + " ".join(sys.argv), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(), "load_before": os.getloadavg(), "dim": DIM, "memory": args.memory,
@@ -142,6 +156,38 @@ def _single(folder: str, n: int, memory: str, xq, truth) -> dict[str, Any]:
             "train_s": built.params["train_seconds"], "add_s": built.params["add_seconds"],
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "search": built.params["search"], "recall_at_10": round(recall(built.index, xq, truth), 4)}
+
+
+def time_training(spec: str, out: str, clusters: int) -> None:
+    """Seconds of ``faiss_dist.train`` (the build's training task: k-means for the coarse quantizer, then PQ)
+    per ``N:NLIST``, on the GPU when faiss sees one and with the GPU hidden (all CPU cores)."""
+    import tempfile
+
+    import faiss
+    import numpy as np
+
+    from reembed.indexes import faiss as F
+    from reembed.indexes import faiss_dist as D
+    from reembed.storage import Location
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    results = {"command": "python " + " ".join(sys.argv), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "machine": _machine(), "gpus": faiss.get_num_gpus(), "runs": []}
+    real = faiss.get_num_gpus
+    for item in spec.split(","):
+        n, nlist = (int(v) for v in item.split(":"))
+        x = clustered(np.random.default_rng(7), centres(clusters), n)
+        plan = F.FaissPlan("ivf", f"IVF{nlist},PQ64x8", DIM, n, nlist=nlist, pq_m=64, pq_bits=8, train_size=n)
+        for device in (["cuda"] if real() else []) + ["cpu"]:
+            faiss.get_num_gpus = real if device == "cuda" else (lambda: 0)  # the CPU run: the GPU hidden from train()
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.monotonic()
+                rec = D.train(Location.from_uri(tmp), "t", plan, 600, 0, (x, np.arange(n)))
+                results["runs"].append({"n": n, "nlist": nlist, "device": rec["device"],
+                                        "seconds": round(time.monotonic() - t0, 2)})
+            print(json.dumps(results["runs"][-1]), flush=True)
+            _save(out, results)
+    faiss.get_num_gpus = real
 
 
 # ---------------------------------------------------------------------------------------------------
