@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--single", action="store_true", help="also build the same plan in one process (holds the index)")
     ap.add_argument("--work", default="/tmp/reembed-faiss-bench")
     ap.add_argument("--out", default="bench/out/faiss_scale.json")
+    ap.add_argument("--no-ray", dest="ray", action="store_false",
+                    help="no Ray: one worker, the steps one after another in this process")
     ap.add_argument("--train-only", metavar="N:NLIST,...",
                     help="only time the training task on N clustered vectors into NLIST lists (GPU k-means when "
                          "faiss sees a GPU, then the CPU), e.g. 262144:4096")
@@ -64,15 +66,17 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    for attempt in range(1, 6):  # on a loaded machine the raylet can miss Ray's 30 s start-up window
+    have_ray = False
+    for attempt in range(1, 6 if args.ray else 1):  # on a loaded machine the raylet can miss its 30 s start-up window
         try:
             ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
                      runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}})
+            have_ray = True
             break
         except Exception as e:  # Ray raises a bare Exception for this
-            if attempt == 5 or "timed out during startup" not in str(e):
+            if "timed out during startup" not in str(e):
                 raise
-            print(f"ray.init attempt {attempt}: {e}; again", flush=True)
+            print(f"ray.init attempt {attempt}: {e}", flush=True)
             ray.shutdown()
             time.sleep(10)
     results: dict[str, Any] = {
@@ -89,7 +93,10 @@ def main() -> None:
         exact_s = time.monotonic() - t0 - write_s
         print(f"N={n}: corpus written in {write_s:.0f} s, exact kNN in {exact_s:.0f} s", flush=True)
         for w in [int(s) for s in args.workers.split(",")]:
-            results["runs"].append(run_distributed(folder, n, w, args.memory, xq, truth))
+            if not have_ray and w > 1:
+                results["runs"].append({"n": n, "mode": "distributed", "workers": w, "not_measured": "Ray did not start"})
+                continue
+            results["runs"].append(run_distributed(folder, n, w, args.memory, xq, truth, use_ray=have_ray))
             print(json.dumps(results["runs"][-1]), flush=True)
             _save(args.out, results)
         if args.single:
@@ -101,7 +108,7 @@ def main() -> None:
     ray.shutdown()
 
 
-def run_distributed(folder: Path, n: int, workers: int, memory: str, xq, truth) -> dict[str, Any]:
+def run_distributed(folder: Path, n: int, workers: int, memory: str, xq, truth, use_ray: bool = True) -> dict[str, Any]:
     from reembed.indexes import faiss as F
     from reembed.indexes import faiss_dist as D
     from reembed.manifest import Manifest
@@ -114,12 +121,12 @@ def run_distributed(folder: Path, n: int, workers: int, memory: str, xq, truth) 
     load = os.getloadavg()
     t0 = time.monotonic()
     files, params = D.build_ivf(loc, sorted(manifest.committed.items()), plan, version, inputs=f"bench-{version}",
-                                workers=workers, use_ray=True)
+                                workers=workers, use_ray=use_ray)
     wall = time.monotonic() - t0
     index, _ = F.read_index(loc, files)
     got = recall(index, xq, truth)
     peak = params["peak_rss_bytes"]
-    return {"n": n, "mode": "distributed", "workers": workers, "factory": params["factory"], "reason": plan.reason,
+    return {"n": n, "mode": "distributed" if use_ray else "steps in one process (no Ray)", "workers": workers, "factory": params["factory"], "reason": plan.reason,
             "train_size": plan.train_size, "train_bytes": plan.train_bytes, "budget_bytes": plan.budget_bytes,
             "groups": params["groups"], "add_processes": params["add_processes"], "wall_s": round(wall, 1),
             "train_s": params["train_seconds"], "add_s": params["add_seconds"], "merge_s": params["merge_seconds"],

@@ -112,7 +112,7 @@ def test_the_sample_is_split_exactly_and_each_group_draws_its_share(corpus, tmp_
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("pq", [False, True], ids=["ivf-flat", "ivf-pq-refine"])
+@pytest.mark.parametrize("pq", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["ivf-flat", "ivf-pq-refine"])
 def test_ray_workers_build_the_recall_of_a_single_process_build(corpus, fast_tmp, ray_local, pq):
     """Three Ray workers fill the groups; the merged on-disk index reaches a single-process build's recall."""
     xb, xq = corpus
@@ -173,6 +173,7 @@ def test_a_build_killed_mid_way_resumes_from_its_published_groups(corpus, fast_t
     assert rec["sha256"] == uninterrupted["sha256"] and rec["ivfdata_sha256"] == uninterrupted["ivfdata_sha256"]
 
 
+@pytest.mark.slow
 def test_a_damaged_group_is_added_again_on_the_rerun(corpus, fast_tmp):
     xb, xq = corpus[0][:3000], corpus[1]
     out = write_output(fast_tmp / "out", xb, shard_rows=SHARD)
@@ -224,7 +225,7 @@ def test_the_merged_index_answers_search_and_the_validation_gate(text_output, ca
     assert gate["status"] == "pass" and gate["recall"]["faiss"] >= 0.9
 
 
-@pytest.mark.parametrize("which", ["path", "ivfdata_path", "ids_path"])
+@pytest.mark.parametrize("which", ["path", "ivfdata_path", pytest.param("ids_path", marks=pytest.mark.slow)])
 def test_a_damaged_index_file_is_rebuilt_by_reembed_index(corpus, fast_tmp, capsys, which):
     xb, xq = corpus
     out = write_output(fast_tmp / "out", xb[:3000], shard_rows=SHARD)
@@ -270,6 +271,7 @@ def test_large_files_go_to_s3_as_multipart_uploads(s3_env, tmp_path):
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_an_ivf_build_on_s3_is_searchable_and_rebuilt_when_damaged(s3_env, corpus, tmp_path, monkeypatch):
     from s3_fixtures import new_bucket
 
