@@ -269,7 +269,9 @@ def merge(loc: Location, folder: str, plan: FaissPlan, records: Sequence[dict[st
         if plan.refine:
             refine = faiss.downcast_index(index).refine_index
             for path in partials:
-                refine.merge_from(faiss.downcast_index(faiss.read_index(path, faiss.IO_FLAG_MMAP)).refine_index)
+                part = faiss.read_index(path, faiss.IO_FLAG_MMAP)  # owns what downcast_index() merely points at
+                refine.merge_from(faiss.downcast_index(part).refine_index)
+                del part
             if refine.ntotal != index.ntotal:
                 raise ManifestError(f"{loc.display(folder)}: {refine.ntotal} re-ranking codes for {index.ntotal} vectors")
         if index.ntotal != rows:
