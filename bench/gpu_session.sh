@@ -2,7 +2,8 @@
 # One GPU session on the lent device machine (see bench/RESULTS.md): environment check, the job's control plane
 # with a null embedder (bench/control_plane.py: workers write the shards, O(1) commits; 1k/10k/50k shards),
 # BGE-large-architecture model build, forward-pass probe, Embedder variants, tuner, the three-way benchmark
-# (its (c) is pipeline.run: the same worker-written, commit-log job path). Expects the
+# (its (c) is pipeline.run: the same worker-written, commit-log job path), and FAISS GPU training when faiss-gpu
+# is there (bench/faiss_scale.py --train-only; skipped otherwise). Expects the
 # repository's .device/ folder (bundle.tar.xz with Ray etc. for Python 3.12, src/, bench/, tok/ with
 # bert-base-uncased tokenizer files) and writes everything worth keeping under $OUT (8 files at most).
 #
@@ -45,5 +46,18 @@ timeout "${BENCH_TIMEOUT:-360}" python3 "$D/bench/run_bench.py" --model bge-larg
   --out "$OUT" --mix "$MIXES" --tune --tune-budgets "${TUNE_BUDGETS:-32768,65536,131072,262144,524288}" --keep-going \
   --label "H100 BGE-large" >>"$LOG" 2>&1
 stamp "benchmark done"
+
+# FAISS training on the GPU (issue 13): only where faiss-gpu is installed and sees the device; skipped cleanly
+# otherwise. Times reembed.indexes.faiss_dist.train (the build's one training task) on a clustered 1024-d
+# sample, GPU k-means, then the same on the CPU cores for comparison; then the whole distributed build at 1M.
+stamp "FAISS GPU training"
+if python3 -c "import faiss, sys; sys.exit(0 if faiss.get_num_gpus() > 0 else 3)" >>"$LOG" 2>&1; then
+  timeout "${FAISS_TIMEOUT:-300}" python3 "$D/bench/faiss_scale.py" --train-only "${FAISS_TRAIN:-262144:4096,1000000:16384}" \
+    --out "$OUT/faiss_train.json" >>"$LOG" 2>&1 || stamp "FAISS GPU training failed or timed out"
+  timeout "${FAISS_BUILD_TIMEOUT:-300}" python3 "$D/bench/faiss_scale.py" --sizes 1000000 --workers 1,4,8 --cpus 16 \
+    --memory 16G --work "$W/faiss" --out "$OUT/faiss_scale.json" >>"$LOG" 2>&1 || stamp "FAISS build failed or timed out"
+else
+  stamp "FAISS GPU training skipped: faiss is not installed here or sees no GPU (faiss-cpu)"
+fi
 (cd "$W" && tar czf "$OUT/manifests.tgz" job-*/manifest.json job-*/_log/_checkpoints control-plane tuning 2>/dev/null)
 stamp "end"

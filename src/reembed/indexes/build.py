@@ -15,8 +15,9 @@ Progress lives in the manifest under ``stages.index``::
 ``inputs`` is a hash of the committed shards (their sha256 values) and the model fingerprint. A build whose
 record is ``done`` for the same inputs and settings is left alone (a rerun changes nothing, not even the
 manifest); a Qdrant load that was killed resumes with the shards it had not finished (point ids are
-derived from document ids, so a half-uploaded shard is simply upserted again); a killed FAISS build starts
-over (it lives in memory until written).
+derived from document ids, so a half-uploaded shard is simply upserted again). A killed IVF build resumes
+from the shard groups it published (:mod:`reembed.indexes.faiss_dist`: each group's partial index and a
+create-only record); a flat or HNSW build starts over (it lives in memory until written).
 
 The Qdrant record is written when a build starts and when it ends, never per shard: each shard loaded
 leaves a create-only record under ``OUTPUT/_index/qdrant/<build>/`` (:mod:`reembed.indexes.progress`),
@@ -141,15 +142,21 @@ def faiss_request(cfg: IndexConfig) -> dict[str, Any]:
 
 
 def faiss_current(loc: Location, manifest: Manifest, cfg: IndexConfig) -> dict[str, Any] | None:
-    """The FAISS record if a finished build of these inputs and settings is still on storage."""
+    """The FAISS record if a finished build of these inputs and settings is still on storage, intact: every
+    file's size and sha256 are checked (a damaged one is rebuilt, never reported up to date)."""
     rec = state_of(manifest).get("faiss")
     if not rec or rec.get("status") != "done":
         return None
     if rec.get("inputs") != inputs_key(manifest) or rec.get("request") != faiss_request(cfg):
         return None
-    path = inside_output(loc, rec.get("path"), "stages.index.faiss.path")
-    ids_path = inside_output(loc, rec.get("ids_path"), "stages.index.faiss.ids_path")
-    if not (loc.exists(path) and loc.exists(ids_path) and loc.size(path) == rec.get("bytes")):
+    inside_output(loc, rec.get("path"), "stages.index.faiss.path")
+    inside_output(loc, rec.get("ids_path"), "stages.index.faiss.ids_path")
+    if rec.get("ivfdata_path") is not None:
+        inside_output(loc, rec.get("ivfdata_path"), "stages.index.faiss.ivfdata_path")
+    damaged = faiss_index.damaged_files(loc, rec)
+    if damaged:
+        log.warning("FAISS v%s: %s missing or damaged (size or sha256 differs from the manifest); building it "
+                    "again", rec.get("version"), ", ".join(damaged))
         return None
     return rec
 
@@ -166,8 +173,14 @@ def faiss_record(manifest: Manifest, version: int | None = None) -> dict[str, An
     return max(done, key=lambda r: r["version"])
 
 
-def run_faiss(output: str | Location, cfg: IndexConfig) -> dict[str, Any]:
-    """Build, tune and publish the FAISS index; record it in the manifest."""
+def run_faiss(output: str | Location, cfg: IndexConfig, workers: int | None = None, use_ray: bool = False,
+              group_rows: int | None = None) -> dict[str, Any]:
+    """Build, tune and publish the FAISS index; record it in the manifest (at the start and at the end only).
+
+    Flat and HNSW are built in this process. IVF is built by :mod:`reembed.indexes.faiss_dist`: trained once
+    on a sample, filled by ``workers`` Ray tasks (``use_ray``; default: one per CPU of the cluster) or
+    group by group here, merged on disk; a killed IVF build resumes from the groups it had published.
+    """
     started, t0 = _stamp(), time.monotonic()
     loc = _location(output)
     manifest = _load(loc)
@@ -178,18 +191,31 @@ def run_faiss(output: str | Location, cfg: IndexConfig) -> dict[str, Any]:
     plan = faiss_index.plan_index(rows, dim, cfg.faiss, cfg.faiss_memory)
     base = {"inputs": inputs_key(manifest), "request": faiss_request(cfg), "started_at": started}
     _record(loc, "faiss", {"status": "building", **base, "plan": asdict(plan)}, archive=True)
-    log.info("FAISS: %s over %d vectors of %d-d (about %s)", plan.factory, rows, dim, faiss_index.human_bytes(plan.estimated_bytes))
-    train = None
-    if plan.needs_training:
-        train = faiss_index.sample_vectors(shard_tables(loc, manifest, [S.EMBEDDING]), rows, plan.train_size)
-    built = faiss_index.build(shard_tables(loc, manifest, [S.ID, S.EMBEDDING]), plan, train,
-                              recall_target=cfg.recall_target, exact_fallback=cfg.faiss == "auto")
-    if built.ntotal != rows:
-        raise ManifestError(f"FAISS index holds {built.ntotal} vectors, the manifest committed {rows}")
+    log.info("FAISS: %s over %d vectors of %d-d (about %s): %s", plan.factory, rows, dim,
+             faiss_index.human_bytes(plan.estimated_bytes), plan.reason)
     history = state_of(_load(loc)).get("faiss_history", [])
-    version = faiss_index.next_version(loc, [r["version"] for r in history])
-    files = faiss_index.write(loc, built, version)
-    rec = {"status": "done", **files, "params": built.params, **base, "finished_at": _stamp(),
+    if plan.kind == "ivf":
+        from reembed.indexes import faiss_dist
+
+        if use_ray and workers is None:
+            import ray
+
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        version = faiss_index.next_version(loc, [r["version"] for r in history])
+        files, params = faiss_dist.build_ivf(
+            loc, sorted(manifest.committed.items()), plan, version, inputs=base["inputs"],
+            recall_target=cfg.recall_target, workers=workers or 1, use_ray=use_ray,
+            group_rows=group_rows or faiss_dist.GROUP_ROWS)
+    else:
+        built = faiss_index.build(shard_tables(loc, manifest, [S.ID, S.EMBEDDING]), plan, None,
+                                  recall_target=cfg.recall_target, exact_fallback=cfg.faiss == "auto")
+        if built.ntotal != rows:
+            raise ManifestError(f"FAISS index holds {built.ntotal} vectors, the manifest committed {rows}")
+        version = faiss_index.next_version(loc, [r["version"] for r in history])
+        files, params = faiss_index.write(loc, built, version), built.params
+    if files["ntotal"] != rows:
+        raise ManifestError(f"FAISS index holds {files['ntotal']} vectors, the manifest committed {rows}")
+    rec = {"status": "done", **files, "params": params, "reason": plan.reason, **base, "finished_at": _stamp(),
            "seconds": round(time.monotonic() - t0, 3)}
     _record(loc, "faiss", rec)
     return rec
@@ -507,7 +533,7 @@ def _faiss_task(loc: Location, cfg: IndexConfig) -> dict[str, Any]:
     # Ray sets OMP_NUM_THREADS=1 in a 1-CPU task; the FAISS build is the CPU-heavy half of the stage (the
     # Qdrant upload mostly waits on the server), so it takes the node's cores.
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    return run_faiss(loc, cfg)
+    return run_faiss(loc, cfg, use_ray=True)
 
 
 def _run_threads(loc: Location, cfg: IndexConfig, target: str | None, todo: list[str]) -> dict[str, Any]:

@@ -16,8 +16,11 @@ stream past (:class:`reembed.indexes.exact.KnnHeap`, the same exact kNN the vali
 a second copy of the data.
 
 Files: ``OUTPUT/indexes/faiss/index-vN.faiss`` and ``index-vN.ids.parquet`` (row i holds the document id
-of vector i). Their sha256 values go into the manifest and are checked before every load: faiss's reader
-trusts its input, and a corrupt file can crash the process instead of raising.
+of vector i); an IVF index, built by many workers (:mod:`reembed.indexes.faiss_dist`), keeps its inverted
+lists on disk in ``index-vN.ivfdata`` beside them, memory-mapped when searched. Their sha256 values go into
+the manifest and are checked before every load (faiss's reader trusts its input, and a corrupt file can
+crash the process instead of raising) and before ``reembed index`` calls a build up to date. Large files go
+to S3 as multipart uploads (:func:`publish_file`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reembed.phases import human_bytes  # noqa: F401 (re-exported: build.py logs with it)
 from reembed import schema as S
 from reembed.errors import ChecksumError, ManifestError, StorageError
 from reembed.indexes.exact import DEPTH, KnnHeap, normalize, recall
@@ -69,8 +73,10 @@ class FaissPlan:
     refine: str = ""  # "" | "SQ8" | "Flat"
     hnsw_m: int = 0
     train_size: int = 0
+    train_bytes: int = 0  # what training holds (sample, its copy, centroids): within the budget
     estimated_bytes: int = 0
     budget_bytes: int = 0
+    reason: str = ""  # why this index: logged and recorded with the build
 
     @property
     def needs_training(self) -> bool:
@@ -96,39 +102,65 @@ class FaissBuild:
 
 def plan_index(rows: int, dim: int, kind: str = "auto", memory: str | int = "16G", pq: bool | None = None,
                hnsw_m: int = 32) -> FaissPlan:
-    """Pick the index for ``rows`` vectors of ``dim`` under a memory budget.
+    """Pick the index for ``rows`` vectors of ``dim`` under a memory budget; ``reason`` says why.
 
     ``auto`` follows autofaiss's ``get_optimal_index_keys_v2``: exact search under 1,000 vectors; HNSW
     under 10,000, or while an HNSW graph with M >= 8 fits the budget; IVF-Flat below a million vectors if
     it fits; IVF-PQ (with SQ8 re-ranking when that fits too) otherwise.
+
+    The budget is what one process may hold: the index for the single-process types; for IVF, also the
+    training (the sample, a copy of it while k-means runs, and the centroids: :func:`train_bytes`). When
+    the sample that ``nlist`` centroids need (39 points each) does not fit, ``nlist`` is halved until it does.
     """
     if kind not in KINDS:
         raise ValueError(f"FAISS index type must be one of {', '.join(KINDS)}, got {kind!r}")
     if rows < 1:
         raise ValueError("cannot build a FAISS index over 0 vectors")
     budget = parse_memory(memory)
+    hb = human_bytes
     if kind == "auto":
         fit_m = int(((budget / (4 * rows)) - dim) / 2)  # HNSW costs about 4 * (dim + 2M) bytes per vector
         if rows < 1_000:
-            kind = "flat"
+            kind, why = "flat", f"auto: {rows:,} vectors (under 1,000): exact search is as fast as an index"
         elif rows < 10_000 or fit_m >= 8:
             kind, hnsw_m = "hnsw", max(8, min(fit_m, hnsw_m))
-        elif rows < 1_000_000 and _ivf_bytes(rows, dim, _nlist(rows), 0, 0, "") <= budget:
-            kind, pq = "ivf", False
+            why = (f"auto: {rows:,} vectors (under 10,000): an HNSW graph, no training" if rows < 10_000 else
+                   f"auto: an HNSW{hnsw_m} graph over {rows:,} vectors (~{hb(rows * (4 * dim + 8 * hnsw_m))}) "
+                   f"fits the {hb(budget)} budget; built in one process")
         else:
-            kind, pq = "ivf", True
+            hnsw8 = hb(rows * (4 * dim + 64))
+            flat = _ivf_bytes(rows, dim, _nlist(rows), 0, 0, "")
+            if rows < 1_000_000 and flat <= budget:
+                kind, pq = "ivf", False
+                why = f"auto: an HNSW8 graph needs ~{hnsw8}, over the {hb(budget)} budget; IVF-Flat (~{hb(flat)}) fits"
+            else:
+                kind, pq = "ivf", True
+                size = f"IVF-Flat needs ~{hb(flat)}" if flat > budget else f"{rows:,} vectors (a million or more)"
+                why = f"auto: an HNSW8 graph needs ~{hnsw8}, over the {hb(budget)} budget; {size}: IVF with PQ codes"
+    else:
+        why = f"index.faiss={kind} requested"
     if kind == "flat":
-        return FaissPlan("flat", "Flat", dim, rows, estimated_bytes=4 * dim * rows, budget_bytes=budget)
+        return FaissPlan("flat", "Flat", dim, rows, estimated_bytes=4 * dim * rows, budget_bytes=budget, reason=why)
     if kind == "hnsw":
         est = rows * (4 * dim + 8 * hnsw_m)
-        return FaissPlan("hnsw", f"HNSW{hnsw_m}", dim, rows, hnsw_m=hnsw_m, estimated_bytes=est, budget_bytes=budget)
+        return FaissPlan("hnsw", f"HNSW{hnsw_m}", dim, rows, hnsw_m=hnsw_m, estimated_bytes=est, budget_bytes=budget,
+                         reason=why)
     nlist = _nlist(rows)
+    while nlist > 1 and train_bytes(39 * nlist, nlist, dim) > budget:
+        nlist //= 2
+    if nlist != _nlist(rows):
+        why += (f"; nlist {_nlist(rows):,} -> {nlist:,} so that training (39 points per centroid, "
+                f"~{hb(train_bytes(39 * nlist, nlist, dim))} with the sample's copy) fits the budget")
     if pq is None:
         pq = _ivf_bytes(rows, dim, nlist, 0, 0, "") > budget
+        if pq:
+            why += f"; IVF-Flat needs ~{hb(_ivf_bytes(rows, dim, nlist, 0, 0, ''))}, over the budget: PQ codes"
     if not pq:
-        return FaissPlan("ivf", f"IVF{nlist},Flat", dim, rows, nlist=nlist,
-                         train_size=_train_size(rows, nlist, 0, dim, budget),
-                         estimated_bytes=_ivf_bytes(rows, dim, nlist, 0, 0, ""), budget_bytes=budget)
+        train = _train_size(rows, nlist, 0, dim, budget)
+        return FaissPlan("ivf", f"IVF{nlist},Flat", dim, rows, nlist=nlist, train_size=train,
+                         train_bytes=train_bytes(train, nlist, dim),
+                         estimated_bytes=_ivf_bytes(rows, dim, nlist, 0, 0, ""), budget_bytes=budget,
+                         reason=why + f"; {nlist:,} lists, trained on {train:,} vectors")
     bits = 8 if rows >= 39 * 256 else 6 if rows >= 39 * 64 else 4
     choices = [m for m in (96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if dim % m == 0 and m <= max(1, dim // 2)]
     pick = None
@@ -142,12 +174,22 @@ def plan_index(rows: int, dim: int, kind: str = "auto", memory: str | int = "16G
     if pick is None:
         pick = (choices[-1], "")
         log.warning("FAISS: even IVF-PQ%d needs %s, over the %s budget; building it anyway", pick[0],
-                    human_bytes(_ivf_bytes(rows, dim, nlist, pick[0], bits, "")), human_bytes(budget))
+                    hb(_ivf_bytes(rows, dim, nlist, pick[0], bits, "")), hb(budget))
+        why += f"; even PQ{pick[0]} codes need ~{hb(_ivf_bytes(rows, dim, nlist, pick[0], bits, ''))}, over budget"
     m, refine = pick
     factory = f"IVF{nlist},PQ{m}x{bits}" + (f",Refine({refine})" if refine else "")
+    train = _train_size(rows, nlist, bits, dim, budget)
+    est = _ivf_bytes(rows, dim, nlist, m, bits, refine)
+    why += (f"; PQ{m}x{bits}" + (" re-ranked by SQ8 codes" if refine else "") + f" (~{hb(est)}), {nlist:,} lists, "
+            f"trained on {train:,} vectors")
     return FaissPlan("ivf", factory, dim, rows, nlist=nlist, pq_m=m, pq_bits=bits, refine=refine,
-                     train_size=_train_size(rows, nlist, bits, dim, budget),
-                     estimated_bytes=_ivf_bytes(rows, dim, nlist, m, bits, refine), budget_bytes=budget)
+                     train_size=train, train_bytes=train_bytes(train, nlist, dim), estimated_bytes=est,
+                     budget_bytes=budget, reason=why)
+
+
+def train_bytes(sample: int, nlist: int, dim: int) -> int:
+    """What training holds: the sample, one copy of it (gathered from the workers' parts), the centroids."""
+    return 2 * sample * dim * 4 + nlist * dim * 4
 
 
 def parse_memory(value: str | int | float) -> int:
@@ -182,17 +224,11 @@ def _ivf_bytes(rows: int, dim: int, nlist: int, m: int, bits: int, refine: str) 
 
 
 def _train_size(rows: int, nlist: int, bits: int, dim: int, budget: int) -> int:
+    """64 points per centroid (and 39 per PQ centroid), as many as the budget allows (:func:`train_bytes`);
+    plan_index has made ``nlist`` small enough that 39 per centroid fit."""
     want = max(64 * nlist, 39 * 2**bits if bits else 0)
-    cap = max(39 * nlist, budget // (8 * dim))  # the sample must not cost more than half the budget
-    return int(min(rows, want, cap))
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
+    cap = (budget - nlist * dim * 4) // (8 * dim)
+    return int(max(min(rows, 39 * nlist), min(rows, want, cap)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,9 +268,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
 
     t0 = time.monotonic()
     dim = plan.dim
-    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    if plan.kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efConstruction = 80
+    index = new_index(plan)
     gpus = faiss.get_num_gpus() if use_gpu is not False else 0
     device = "cpu"
     rng = np.random.default_rng(seed + 1)
@@ -275,7 +309,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
         for lo in range(0, offset, 65_536):
             n = min(65_536, offset - lo)
             heap.add(np.arange(lo, lo + n), storage.reconstruct_n(lo, n))
-    setting, got = _tune(index, plan, xq, exclude, heap, recall_target)
+    setting, got = tune(index, plan, xq, exclude, heap, recall_target)
     factory = plan.factory
     if plan.kind == "hnsw" and exact_fallback and got < recall_target:
         log.warning("FAISS %s: recall@10 %.3f at its widest setting, below the target %.2f; publishing exact "
@@ -292,6 +326,20 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
         "add_seconds": round(add_s, 3), "seconds": round(time.monotonic() - t0, 3),
     }
     return FaissBuild(index, pa.chunked_array(ids), params)
+
+
+def new_index(plan: FaissPlan):
+    """The empty index of ``plan``: inner product; HNSW with efConstruction 80; PQ without polysemous
+    training (faiss's factory turns it on; it only serves polysemous search, never used here, and at 64
+    sub-quantizers it costs minutes)."""
+    import faiss
+
+    index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = 80
+    if plan.pq_m:
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    return index
 
 
 def tuning_queries(pool: np.ndarray, positions: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -319,12 +367,13 @@ def tuning_queries(pool: np.ndarray, positions: np.ndarray, n: int, rng) -> tupl
     return xq, exclude
 
 
-def _tune(index, plan: FaissPlan, xq, exclude, heap, target: float) -> tuple[dict[str, Any], float]:
+def tune(index, plan: FaissPlan, xq, exclude, heap, target: float) -> tuple[dict[str, Any], float]:
     """The cheapest search setting whose recall@10 on the tuning queries reaches ``target``.
 
     A setting passes when, for each kind of query (:func:`tuning_queries`), the lower end of the estimate's
     ~95% interval (mean - 2 standard errors) reaches the target, not just the mean. Returns (setting, mean
-    recall over all the queries).
+    recall over all the queries). ``heap`` holds the exact neighbours (``ids``, ``scores``: a
+    :class:`KnnHeap`, or the merged heaps of the workers that filled an IVF index).
     """
     import faiss
 
@@ -381,40 +430,34 @@ def next_version(loc: Location, recorded: Sequence[int] = ()) -> int:
 
 
 def write(loc: Location, built: FaissBuild, version: int) -> dict[str, Any]:
-    """Publish ``index-vN.faiss`` and its id map under ``indexes/faiss/``; returns their manifest record."""
+    """Publish ``index-vN.faiss`` and its id map under ``indexes/faiss/``; returns their manifest record.
+
+    Both go through a local file (never a second copy of the index in memory) and :func:`publish_file`:
+    a rename on a local output, a multipart upload on S3 (a single PUT stops at 5 GB)."""
     import faiss
 
     loc.clean_tmp(FOLDER)
     name = f"index-v{version}"
-    ids_bytes = _parquet_bytes(pa.table({S.ID: built.ids}))
-    ids_path = f"{FOLDER}/{name}.ids.parquet"
-    loc.publish(ids_bytes, ids_path)
-    path = f"{FOLDER}/{name}.faiss"
-    if loc.fs.type_name == "local":
-        # Straight to a file: serializing to bytes first would hold a second copy of the index in memory.
-        tmp = loc.path(FOLDER, "_tmp", f"{name}.faiss.{uuid.uuid4().hex[:12]}")
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        try:
-            faiss.write_index(built.index, tmp)
-            digest, size = _file_sha256(tmp)
-            os.replace(tmp, loc.path(path))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-    else:
-        data = faiss.serialize_index(built.index).tobytes()
-        digest, size = hashlib.sha256(data).hexdigest(), len(data)
-        loc.publish(data, path)
-    return {"version": version, "path": path, "bytes": size, "sha256": digest, "ids_path": ids_path,
-            "ids_bytes": len(ids_bytes), "ids_sha256": hashlib.sha256(ids_bytes).hexdigest(),
-            "ntotal": built.ntotal}
+    with local_scratch(loc) as tmp:
+        ids_tmp = os.path.join(tmp, f"{name}.ids.parquet")
+        pq.write_table(pa.table({S.ID: built.ids}), ids_tmp, compression="zstd")
+        ids = publish_file(loc, ids_tmp, f"{FOLDER}/{name}.ids.parquet")
+        index_tmp = os.path.join(tmp, f"{name}.faiss")
+        faiss.write_index(built.index, index_tmp)
+        files = publish_file(loc, index_tmp, f"{FOLDER}/{name}.faiss")
+    return {"version": version, "path": files["path"], "bytes": files["bytes"], "sha256": files["sha256"],
+            "ids_path": ids["path"], "ids_bytes": ids["bytes"], "ids_sha256": ids["sha256"], "ntotal": built.ntotal}
 
 
 def read_index(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedArray]:
     """The index and id map a manifest records (``stages.index.faiss``), each read only once its path is
     known to stay inside the output (:class:`ManifestError` otherwise) and its sha256 matches the record
-    (:class:`ChecksumError`): faiss's reader trusts its input."""
+    (:class:`ChecksumError`): faiss's reader trusts its input.
+
+    An index built by many workers keeps its inverted lists in ``index-vN.ivfdata`` beside the index file
+    (``ivfdata_path`` in the record); they are memory-mapped, read-only, never loaded whole. On S3 the files
+    are downloaded first into a local cache (``REEMBED_CACHE``, else the temporary folder), keyed by sha256.
+    """
     import faiss
 
     where = loc.display("manifest.json")
@@ -426,11 +469,18 @@ def read_index(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedAr
     ids_bytes = _read(loc, ids_rel)
     _check(hashlib.sha256(ids_bytes).hexdigest(), record["ids_sha256"], loc.display(ids_rel))
     ids = pq.read_table(pa.BufferReader(ids_bytes)).column(S.ID)
-    if loc.fs.type_name == "local":
-        local = loc.path(rel)
-        if not os.path.isfile(local):
-            raise StorageError(f"{loc.display(rel)}: missing, although {where} records it; rebuild with `reembed index`")
-        _check(_file_sha256(local)[0], record["sha256"], loc.display(rel))
+    ondisk = record.get("ivfdata_path")
+    if ondisk is not None:
+        if not isinstance(record.get("ivfdata_sha256"), str):
+            raise ManifestError(f"{where}: the FAISS record has no ivfdata_sha256; rebuild with `reembed index`")
+        data_rel = inside_output(loc, ondisk, "stages.index.faiss.ivfdata_path")
+        local, local_data = _local_copy(loc, rel, record["sha256"]), _local_copy(loc, data_rel, record["ivfdata_sha256"])
+        index = faiss.read_index(local, faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+        lists.filename = local_data  # the file records only its own name: the data is wherever it was copied
+        lists.do_mmap()
+    elif loc.fs.type_name == "local":
+        local = _local_copy(loc, rel, record["sha256"])
         index = faiss.read_index(local)
     else:
         data = _read(loc, rel)
@@ -439,6 +489,146 @@ def read_index(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedAr
     if index.ntotal != len(ids):
         raise ChecksumError(f"{loc.display(rel)}: {index.ntotal} vectors but {len(ids)} ids")
     return index, ids
+
+
+def damaged_files(loc: Location, record: dict[str, Any]) -> list[str]:
+    """The files of a recorded FAISS build that are missing or whose size or sha256 differs from the record
+    (empty when all are intact). Streams each file once; nothing is held in memory."""
+    bad = []
+    for key in ("", "ids_", "ivfdata_"):
+        path = record.get(f"{key}path")
+        if key == "ivfdata_" and path is None:
+            continue
+        rel, _ = loc.contain(path)
+        if rel is None or not loc.exists(rel) or loc.size(rel) != record.get(f"{key}bytes", loc.size(rel)) \
+                or file_sha256(loc, rel)[0] != record.get(f"{key}sha256"):
+            bad.append(loc.display(rel) if rel else str(path))
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------------
+# Large files: through local disk, multipart to S3
+
+MULTIPART_THRESHOLD = 64 * 2**20  # above this a file goes to S3 in parts (S3 refuses one PUT above 5 GB)
+MULTIPART_CHUNK = 64 * 2**20
+
+
+def publish_file(loc: Location, local: str, rel: str, threshold: int | None = None,
+                 chunk: int | None = None) -> dict[str, Any]:
+    """Move the finished local file ``local`` to ``rel`` in ``loc``: a rename on a local output (the file
+    must be on the same filesystem: see :func:`local_scratch`), an upload otherwise, in parts above
+    ``threshold`` on S3 (boto3's managed transfer through the Location's own client and retries).
+    Returns ``{"path", "bytes", "sha256"}``, the sha256 read from the local file before it leaves."""
+    digest, size = _file_sha256(local)
+    if loc.fs.type_name == "local":
+        target = loc.path(rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(local, target)
+    elif loc.fs.type_name == "s3":
+        upload_file(loc, local, rel, threshold, chunk)
+    else:
+        with open(local, "rb") as src, loc.fs.open_output_stream(loc.path(rel)) as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+    written = loc.size(rel)
+    if written != size:
+        raise StorageError(f"{loc.display(rel)}: stored {written} bytes of {size}")
+    return {"path": rel, "bytes": size, "sha256": digest}
+
+
+def upload_file(loc: Location, local: str, rel: str, threshold: int | None = None, chunk: int | None = None) -> None:
+    """Upload ``local`` to ``rel`` on an S3 Location, as a multipart upload above ``threshold`` bytes."""
+    from boto3.s3.transfer import TransferConfig
+
+    from reembed.storage.s3 import _s3_call, _split, explain
+
+    bucket, key = _split(loc.path(rel))
+    config = TransferConfig(multipart_threshold=threshold or MULTIPART_THRESHOLD,
+                            multipart_chunksize=chunk or MULTIPART_CHUNK, use_threads=True)
+    try:
+        _s3_call("upload_file", loc.display(rel), loc.settings, Bucket=bucket, Key=key, Filename=local, Config=config)
+    except Exception as e:
+        raise explain(e, loc.display(rel), "write", loc.settings) from e
+
+
+def download_file(loc: Location, rel: str, local: str) -> None:
+    """Copy ``rel`` to the local file ``local`` (ranged GETs in parallel on S3), via a temporary name."""
+    tmp = f"{local}.{uuid.uuid4().hex[:12]}"
+    try:
+        if loc.fs.type_name == "s3":
+            from reembed.storage.s3 import _s3_call, _split, explain
+
+            bucket, key = _split(loc.path(rel))
+            try:
+                _s3_call("download_file", loc.display(rel), loc.settings, Bucket=bucket, Key=key, Filename=tmp)
+            except Exception as e:
+                if "404" in str(e) or "Not Found" in str(e):
+                    raise StorageError(f"{loc.display(rel)}: no such file; rebuild with `reembed index`") from e
+                raise explain(e, loc.display(rel), "read", loc.settings) from e
+        else:
+            with loc.fs.open_input_stream(loc.path(rel)) as src, open(tmp, "wb") as dst:
+                while block := src.read(1 << 22):
+                    dst.write(block)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def file_sha256(loc: Location, rel: str) -> tuple[str, int]:
+    """sha256 and size of ``rel``, streamed."""
+    if loc.fs.type_name == "local":
+        return _file_sha256(loc.path(rel))
+    h, size = hashlib.sha256(), 0
+    with loc.fs.open_input_stream(loc.path(rel)) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+class local_scratch:
+    """A local scratch folder for files on their way to ``loc``: ``indexes/faiss/_tmp/<random>`` inside a
+    local output (same filesystem, so publishing is a rename), else a temporary folder. Removed on exit."""
+
+    def __init__(self, loc: Location):
+        self.loc = loc
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        if self.loc.fs.type_name == "local":
+            self.path = self.loc.path(FOLDER, "_tmp", uuid.uuid4().hex[:12])
+            os.makedirs(self.path)
+        else:
+            self.path = tempfile.mkdtemp(prefix="reembed-faiss-", dir=os.environ.get("REEMBED_TMP"))
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _local_copy(loc: Location, rel: str, sha256: str) -> str:
+    """A local path holding ``rel``'s bytes, checked against ``sha256``: the file itself on a local output,
+    else a copy in the cache folder (downloaded once per sha256)."""
+    if loc.fs.type_name == "local":
+        local = loc.path(rel)
+        if not os.path.isfile(local):
+            raise StorageError(f"{loc.display(rel)}: missing, although {loc.display('manifest.json')} records it; "
+                               "rebuild with `reembed index`")
+        _check(_file_sha256(local)[0], sha256, loc.display(rel))
+        return local
+    import tempfile
+
+    folder = os.path.join(os.environ.get("REEMBED_CACHE") or tempfile.gettempdir(), "reembed-faiss", sha256[:32])
+    os.makedirs(folder, exist_ok=True)
+    local = os.path.join(folder, posixpath.basename(rel))
+    if not os.path.isfile(local) or _file_sha256(local)[0] != sha256:
+        download_file(loc, rel, local)
+        _check(_file_sha256(local)[0], sha256, loc.display(rel))
+    return local
 
 
 load = read_index  # the name reembed.migrate imports until it moves to read_index
@@ -504,9 +694,3 @@ def _file_sha256(path: str) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
