@@ -86,3 +86,7 @@ class DualWriteError(MigrationError):
 
 class PriceError(ReembedError, ValueError):
     """A run cannot be priced: the message names the run and the price that is missing."""
+
+
+class LiveRunError(ConcurrentWriteError):
+    """Another run holds this output (its heartbeat in ``_live.json`` is fresh); names it and what to do."""

@@ -1,0 +1,392 @@
+"""A status that knows a live run (``reembed.live``): the heartbeat a run keeps in ``OUTPUT/_live.json``,
+RUNNING / SUCCEEDED / FAILED / INTERRUPTED as ``status`` shows them, a second run refused on a live output,
+``--take-over`` fencing the first run, ``status --follow``; on a local disk and on S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_docs, write_parquet
+from reembed import live, pipeline
+from reembed.cli import main
+from reembed.config import load_config
+from reembed.embed import Embedder
+from reembed.errors import ConfigError, ConcurrentWriteError, LiveRunError
+from reembed.manifest import Manifest
+from reembed.storage import Location
+from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (fixtures)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+BEAT = 0.2  # seconds between heartbeats in these tests (the lease is three beats)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("reembed: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# -- the record and its states, without Ray -------------------------------------------------------------
+
+
+def test_a_held_output_refuses_a_second_run_in_one_line_and_take_over_fences_the_first(tmp_path):
+    out = Location.from_uri(str(tmp_path / "out"))
+    first = live.Heartbeat.acquire(out, beat_s=BEAT)
+    try:
+        first.phase("embedding", rows_total=100, shards_total=10)
+        for _ in range(3):
+            first.committed(10)
+            time.sleep(0.05)
+        time.sleep(3 * BEAT)
+        got = pipeline_state(out, complete=False)
+        assert got["state"] == live.RUNNING and got["live"]["pid"] == os.getpid()
+        assert got["live"]["host"] == socket.gethostname() and got["live"]["rows_done"] == 30
+        assert got["live"]["rows_per_second"] > 0 and got["live"]["eta_seconds"] > 0
+
+        with pytest.raises(LiveRunError) as e:
+            live.Heartbeat.acquire(out, beat_s=BEAT)
+        line = str(e.value)
+        assert "\n" not in line and "a run is live on this output" in line
+        assert f"host {socket.gethostname()} pid {os.getpid()}" in line and "last beat" in line
+        assert "--take-over" in line and "--follow" in line and "run the same command" not in line
+        assert isinstance(e.value, ConcurrentWriteError)  # "another job is on this output", as a fenced commit
+
+        second = live.Heartbeat.acquire(out, take_over=True, beat_s=BEAT)
+        wait_for(lambda: first.taken_over, 5, "the first run to see it was taken over")
+        assert first.taken_over["run_id"] == second.record["run_id"]
+        first.finish(live.FAILED, "fenced")  # never overwrites the record the second run holds
+        assert live.read(out)["run_id"] == second.record["run_id"]
+        assert pipeline_state(out, complete=False)["state"] == live.RUNNING
+        second.finish(live.SUCCEEDED)
+        assert pipeline_state(out, complete=True)["state"] == live.SUCCEEDED
+    finally:
+        first.finish(live.FAILED)
+
+
+def pipeline_state(out: Location, complete: bool) -> dict:
+    return live.describe(out, complete)
+
+
+def test_how_a_run_ended_is_its_state(tmp_path):
+    out = Location.from_uri(str(tmp_path / "out"))
+    with pytest.raises(RuntimeError):
+        with live.Heartbeat.acquire(out, beat_s=BEAT):
+            raise RuntimeError("the disk said no\nsecond line")
+    got = live.describe(out, complete=False)
+    assert got["state"] == live.FAILED and got["live"]["error"] == "the disk said no second line"
+    assert got["live"]["eta_seconds"] is None and got["live"]["finished_at"]
+
+    with pytest.raises(KeyboardInterrupt):
+        with live.Heartbeat.acquire(out, beat_s=BEAT):  # a final record never blocks the next run
+            raise KeyboardInterrupt
+    assert live.describe(out, complete=False)["state"] == live.INTERRUPTED
+
+    with live.Heartbeat.acquire(out, beat_s=BEAT):
+        pass
+    assert live.describe(out, complete=True)["state"] == live.SUCCEEDED
+    # An output without a record: complete is SUCCEEDED, anything else INTERRUPTED (nothing holds it).
+    (tmp_path / "out" / live.LIVE).unlink()
+    assert live.state(None, complete=True) == live.SUCCEEDED and live.state(None, complete=False) == live.INTERRUPTED
+
+
+def test_a_lease_from_another_host_expires_after_three_beats(tmp_path):
+    out = Location.from_uri(str(tmp_path / "out"))
+    beat = live.Heartbeat.acquire(out, beat_s=BEAT)
+    beat.finish(live.SUCCEEDED)
+    elsewhere = {**live.read(out), "host": "gpu-head-7", "final": False, "state": "running", "pid": 1}
+    now = live._unix(elsewhere["last_beat"])
+    assert live.state(elsewhere, False, now=now + 2.9 * BEAT) == live.RUNNING
+    assert live.state(elsewhere, False, now=now + 3.1 * BEAT) == live.INTERRUPTED
+
+    # A fresh record of another host refuses a run; once its lease expired, a run takes the output.
+    (tmp_path / "out" / live.LIVE).write_text(json.dumps({**elsewhere, "last_beat": live._iso(time.time())}))
+    with pytest.raises(LiveRunError, match="host gpu-head-7 pid 1"):
+        live.Heartbeat.acquire(out, beat_s=BEAT)
+    time.sleep(3.5 * BEAT)
+    taker = live.Heartbeat.acquire(out, beat_s=BEAT)
+    taker.finish(live.SUCCEEDED)
+    assert live.read(out)["run_id"] == taker.record["run_id"]
+
+
+def test_a_killed_holder_is_interrupted_at_once_here_and_after_its_lease_elsewhere(tmp_path):
+    """A real process holds the output and is SIGKILLed: on its own host its death is seen at once (its pid is
+    gone); from another host only its lease says so, three beats after its last one."""
+    out = tmp_path / "out"
+    script = ("import sys, time; from reembed import live; from reembed.storage import Location; "
+              "live.Heartbeat.acquire(Location.from_uri(sys.argv[1])); print('held', flush=True); time.sleep(600)")
+    env = {**os.environ, "PYTHONPATH": SRC, live.HEARTBEAT_ENV: str(BEAT)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        status = pipeline.status(str(out))  # before any manifest: the run is still planning
+        assert status["state"] == live.RUNNING and status["live"]["pid"] == proc.pid and not status["planned"]
+        rc = main(["run", "--input", str(tmp_path), "--output", str(out)])
+        assert rc == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    record = live.read(Location.from_uri(str(out)))
+    assert not record["final"] and pipeline.status(str(out))["state"] == live.INTERRUPTED
+    seen_from_elsewhere = {**record, "host": "another-host"}
+    last = live._unix(record["last_beat"])
+    assert live.state(seen_from_elsewhere, False, now=last + BEAT) == live.RUNNING
+    assert live.state(seen_from_elsewhere, False, now=last + 3 * BEAT + 0.01) == live.INTERRUPTED
+
+
+def test_the_record_stays_the_same_size_however_many_shards_commit(tmp_path):
+    out = Location.from_uri(str(tmp_path / "out"))
+    beat = live.Heartbeat.acquire(out, beat_s=60)
+    beat.phase("embedding", rows_total=10**9, shards_total=10**5)
+    sizes = []
+    for n in range(20_000):
+        beat.committed(10_000)
+        if n in (10, 19_999):
+            beat.phase("embedding")
+            sizes.append(out.size(live.LIVE))
+    beat.finish(live.SUCCEEDED)
+    assert sizes[1] - sizes[0] < 16 and sizes[1] < 1200, sizes
+
+
+def test_a_bad_heartbeat_setting_is_one_line(monkeypatch):
+    monkeypatch.setenv(live.HEARTBEAT_ENV, "soon")
+    with pytest.raises(ConfigError, match="REEMBED_HEARTBEAT_S='soon'"):
+        live.beat_interval()
+    monkeypatch.setenv(live.HEARTBEAT_ENV, "0.5")
+    assert live.beat_interval() == 0.5
+
+
+@pytest.mark.s3
+def test_on_s3_a_run_holds_refuses_and_is_taken_over_by_conditional_writes(s3_env):
+    out = Location.from_uri(f"s3://{new_bucket(s3_env)}/emb")
+    first = live.Heartbeat.acquire(out, beat_s=BEAT)
+    try:
+        first.phase("embedding", rows_total=50, shards_total=5)
+        first.committed(10)
+        first.committed(10)
+        time.sleep(2 * BEAT)
+        got = live.describe(out, complete=False)
+        assert got["state"] == live.RUNNING and got["live"]["rows_done"] == 20
+        with pytest.raises(LiveRunError, match="a run is live on this output"):
+            live.Heartbeat.acquire(out, beat_s=BEAT)
+        second = live.Heartbeat.acquire(out, take_over=True, beat_s=BEAT)
+        wait_for(lambda: first.taken_over, 5, "the first run to lose its If-Match")
+        first.finish(live.FAILED, "fenced")
+        assert live.read(out)["run_id"] == second.record["run_id"]
+        second.finish(live.SUCCEEDED)
+        assert live.describe(out, complete=True)["state"] == live.SUCCEEDED
+    finally:
+        first.finish(live.FAILED)
+
+
+# -- a live run through the pipeline ----------------------------------------------------------------------
+
+
+class SlowEmbedder(Embedder):
+    """The real Embedder, slowed down by a fixed pause per call (one call per shard), so a run lasts long
+    enough to be watched. Its model record is the real model's: a run with it resumes as a plain run."""
+
+    pause_s = 0.4
+
+    def __call__(self, table):
+        time.sleep(self.pause_s)
+        return super().__call__(table)
+
+    @classmethod
+    def describe(cls, cfg):
+        return pipeline.inspect_model(cfg)
+
+
+def test_a_live_run_is_running_with_a_rate_refuses_a_second_run_and_is_followed_to_its_end(
+        tmp_path, tiny_model, ray_local, monkeypatch, capsys):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get SlowEmbedder by value
+    monkeypatch.setenv(live.HEARTBEAT_ENV, str(BEAT))
+    docs = make_docs(200)
+    write_parquet(tmp_path / "in" / "a.parquet", docs)
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_model), "--shard-rows", "10"]
+    cfg = load_config(None, [f"input.uri={tmp_path / 'in'}", f"output.uri={out}", f"model.name={tiny_model}",
+                             "plan.shard_rows=10", "compute.max_actors=1"])
+    result: dict = {}
+
+    def job():
+        try:
+            result["summary"] = pipeline.run(cfg, embedder=SlowEmbedder)
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            result["error"] = e
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    try:
+        status = wait_for(lambda: _running_with_rate(out), 120, "a RUNNING status with a rate")
+        assert status["live"]["phase"] == "embedding" and status["live"]["rows_total"] == 200
+        assert 0 < status["live"]["rows_done"] < 200 and status["live"]["eta_seconds"] > 0
+        assert status["live"]["pid"] == os.getpid() and status["live"]["epoch"] == 2
+
+        capsys.readouterr()
+        assert main(["status", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert "state:       RUNNING (embedding)" in text and "rows/s" in text and "ETA" in text
+        assert f"host {socket.gethostname()} pid {os.getpid()}" in text and "last commit:" in text
+        assert "run the same command" not in text  # following that advice would fence the live run
+
+        t0 = time.monotonic()
+        assert main(["run", *argv]) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert "a run is live on this output" in line and f"pid {os.getpid()}" in line and "--take-over" in line
+        assert time.monotonic() - t0 < 10, "refused before loading the model or starting anything"
+
+        assert main(["status", str(out), "--follow", "--interval", "0.2"]) == 0
+        followed = capsys.readouterr().out.splitlines()
+        assert followed[0].startswith("RUNNING  embedding  shards ")
+        assert "state:       SUCCEEDED" in followed and "status:      complete" in followed
+    finally:
+        thread.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    assert result["summary"]["complete"]
+    ids = Counter()
+    for rec in Manifest.load(Location.from_uri(str(out))).committed.values():
+        ids.update(pq.read_table(out / rec["path"], columns=["id"]).column("id").to_pylist())
+    assert ids == Counter(d["id"] for d in docs)
+    final = pipeline.status(str(out))
+    assert final["state"] == live.SUCCEEDED and final["live"]["rows_done"] == 200 and final["live"]["shards_done"] == 20
+
+
+def _running_with_rate(out: Path) -> dict | None:
+    try:
+        s = pipeline.status(str(out))
+    except Exception:  # noqa: BLE001 - not planned yet
+        return None
+    lv = s.get("live") or {}
+    return s if s["state"] == live.RUNNING and lv.get("rows_per_second") and lv.get("eta_seconds") else None
+
+
+# -- real runs in subprocesses: take over, SIGKILL, resume ------------------------------------------------
+
+DRIVER = textwrap.dedent("""
+    import sys, time
+    from reembed import pipeline
+    from reembed.config import load_config
+    from reembed.embed import Embedder
+    from reembed.errors import ReembedError
+
+    class SlowEmbedder(Embedder):   # defined in __main__: the actors get it by value
+        def __call__(self, table):
+            time.sleep(0.5)
+            return super().__call__(table)
+
+        @classmethod
+        def describe(cls, cfg):
+            return pipeline.inspect_model(cfg)
+
+    inp, out, model, take_over = sys.argv[1:5]
+    cfg = load_config(None, [f"input.uri={inp}", f"output.uri={out}", f"model.name={model}", "plan.shard_rows=20",
+                             "compute.max_actors=1"])
+    try:
+        summary = pipeline.run(cfg, embedder=SlowEmbedder, take_over=take_over == "1")
+    except ReembedError as e:
+        print(f"reembed: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print("done", summary["complete"])
+""")
+
+
+@pytest.mark.slow
+def test_take_over_fences_the_live_run_and_a_killed_run_is_interrupted_then_resumed(tmp_path, tiny_model):
+    docs = make_docs(600)
+    write_parquet(tmp_path / "in" / "a.parquet", docs)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=SRC, PYTHONUNBUFFERED="1", **{live.HEARTBEAT_ENV: "0.5"})
+    (tmp_path / "driver.py").write_text(DRIVER)
+
+    def start(take_over: bool, name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "in"), str(out),
+                                 str(tiny_model), "1" if take_over else "0"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / f"{name}.err", "w"), start_new_session=True)
+
+    def status() -> dict:
+        proc = subprocess.run([sys.executable, "-m", "reembed", "status", str(out), "--json"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+    def committed(s: dict) -> int:
+        return s.get("committed", 0)
+
+    procs = {}
+    try:
+        procs["a"] = start(False, "a")
+        first = wait_for(lambda: (s := status()).get("state") == "RUNNING" and (s.get("live") or {}).get(
+            "rows_per_second") and s, 300, "job a RUNNING with a rate", procs["a"])
+        assert first["live"]["pid"] == procs["a"].pid and first["live"]["host"] == socket.gethostname()
+
+        # A second plain run is refused at once, in one line naming the live run.
+        refused = subprocess.run([sys.executable, "-m", "reembed", "run", "--input", str(tmp_path / "in"), "--output",
+                                  str(out), "--model", str(tiny_model), "--shard-rows", "20"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 1
+        line = one_error_line(refused.stderr)
+        assert "a run is live on this output" in line and f"pid {procs['a'].pid}" in line and "--take-over" in line
+
+        # --take-over: job b fences job a, which stops at its next commit with one line.
+        procs["b"] = start(True, "b")
+        assert procs["a"].wait(timeout=300) == 1
+        a_err = (tmp_path / "a.err").read_text()
+        assert "another job has taken over this output" in one_error_line(a_err)
+        taken = wait_for(lambda: (s := status()).get("live", {}).get("pid") == procs["b"].pid and
+                         s["state"] == "RUNNING" and committed(s) > committed(first) and s, 300,
+                         "job b RUNNING with commits of its own", procs["b"])
+        assert taken["live"]["epoch"] > first["live"]["epoch"]
+
+        # SIGKILL b: its record stays RUNNING-shaped, but status sees the run is gone.
+        os.killpg(procs["b"].pid, signal.SIGKILL)
+        procs["b"].wait()
+        killed = status()
+        assert killed["state"] == "INTERRUPTED" and not killed["complete"], killed
+        text = subprocess.run([sys.executable, "-m", "reembed", "status", str(out)], env=env, capture_output=True,
+                              text=True, timeout=60).stdout
+        assert "state:       INTERRUPTED" in text and "run the same command again to resume" in text
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    # The plain rerun resumes (no --take-over needed: nothing holds the output) and ends exact.
+    rerun = subprocess.run([sys.executable, "-m", "reembed", "run", "--input", str(tmp_path / "in"), "--output",
+                            str(out), "--model", str(tiny_model), "--shard-rows", "20"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ids = Counter()
+    for rec in Manifest.load(Location.from_uri(str(out))).committed.values():
+        ids.update(pq.read_table(out / rec["path"], columns=["id"]).column("id").to_pylist())
+    assert ids == Counter(d["id"] for d in docs)
+    assert status()["state"] == "SUCCEEDED"
