@@ -23,7 +23,6 @@ from conftest import make_docs, write_parquet
 from reembed import live, pipeline
 from reembed.cli import main
 from reembed.config import load_config
-from reembed.embed import Embedder
 from reembed.errors import ConfigError, ConcurrentWriteError, LiveRunError
 from reembed.manifest import Manifest
 from reembed.storage import Location
@@ -33,7 +32,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 BEAT = 0.2  # seconds between heartbeats in these tests (the lease is three beats)
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, last: list | None = None):
     deadline = time.monotonic() + timeout
     while True:
         got = predicate()
@@ -42,7 +41,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + (f"; last seen: {last[0]!r}" if last else ""))
         time.sleep(0.05)
 
 
@@ -208,47 +207,53 @@ def test_on_s3_a_run_holds_refuses_and_is_taken_over_by_conditional_writes(s3_en
 # -- a live run through the pipeline ----------------------------------------------------------------------
 
 
-class SlowEmbedder(Embedder):
-    """The real Embedder, slowed down by a fixed pause per call (one call per shard), so a run lasts long
-    enough to be watched. Its model record is the real model's: a run with it resumes as a plain run."""
+def gated_commits(gate: Path, free: int = 2):
+    """``pipeline._commit`` held at a gate: after ``free`` commits each commit waits while the file ``gate``
+    exists, so a run stays live (beating, with commits and a rate) for as long as a test needs. The driver's
+    commit loop waits; the heartbeat, a thread of its own, goes on."""
+    real = pipeline._commit
+    done = [0]
 
-    pause_s = 0.4
+    def commit(*args, **kw):
+        while done[0] >= free and gate.exists():
+            time.sleep(0.02)
+        real(*args, **kw)
+        done[0] += 1
 
-    def __call__(self, table):
-        time.sleep(self.pause_s)
-        return super().__call__(table)
-
-    @classmethod
-    def describe(cls, cfg):
-        return pipeline.inspect_model(cfg)
+    return commit
 
 
 def test_a_live_run_is_running_with_a_rate_refuses_a_second_run_and_is_followed_to_its_end(
         tmp_path, tiny_model, ray_local, monkeypatch, capsys):
-    import ray
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get SlowEmbedder by value
     monkeypatch.setenv(live.HEARTBEAT_ENV, str(BEAT))
-    docs = make_docs(200)
+    gate = tmp_path / "gate"
+    gate.touch()
+    monkeypatch.setattr(pipeline, "_commit", gated_commits(gate))
+    docs = make_docs(80)
     write_parquet(tmp_path / "in" / "a.parquet", docs)
     out = tmp_path / "out"
     argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_model), "--shard-rows", "10"]
     cfg = load_config(None, [f"input.uri={tmp_path / 'in'}", f"output.uri={out}", f"model.name={tiny_model}",
-                             "plan.shard_rows=10", "compute.max_actors=1"])
+                             "plan.shard_rows=10"])
     result: dict = {}
 
     def job():
         try:
-            result["summary"] = pipeline.run(cfg, embedder=SlowEmbedder)
+            result["summary"] = pipeline.run(cfg)
         except BaseException as e:  # noqa: BLE001 - reported by the test below
             result["error"] = e
 
     thread = threading.Thread(target=job)
     thread.start()
     try:
-        status = wait_for(lambda: _running_with_rate(out), 120, "a RUNNING status with a rate")
-        assert status["live"]["phase"] == "embedding" and status["live"]["rows_total"] == 200
-        assert 0 < status["live"]["rows_done"] < 200 and status["live"]["eta_seconds"] > 0
+        def watched():
+            assert "error" not in result and "summary" not in result, f"the run ended before it was seen: {result}"
+            return _running_with_rate(out)
+
+        status = wait_for(watched, 300, "a RUNNING status with a rate", last=_last_seen)
+        assert status["live"]["phase"] == "embedding" and status["live"]["rows_total"] == 80
+        assert status["live"]["rows_done"] == 20 and status["live"]["shards_done"] == 2 and status["committed"] == 2
+        assert status["live"]["eta_seconds"] > 0 and status["live"]["last_commit_at"]
         assert status["live"]["pid"] == os.getpid() and status["live"]["epoch"] == 2
 
         capsys.readouterr()
@@ -264,11 +269,13 @@ def test_a_live_run_is_running_with_a_rate_refuses_a_second_run_and_is_followed_
         assert "a run is live on this output" in line and f"pid {os.getpid()}" in line and "--take-over" in line
         assert time.monotonic() - t0 < 10, "refused before loading the model or starting anything"
 
+        threading.Timer(1.0, gate.unlink).start()  # --follow sees the run live, then to its end
         assert main(["status", str(out), "--follow", "--interval", "0.2"]) == 0
         followed = capsys.readouterr().out.splitlines()
-        assert followed[0].startswith("RUNNING  embedding  shards ")
+        assert followed[0].startswith("RUNNING  embedding  shards 2/8  rows 20/80  "), followed[0]
         assert "state:       SUCCEEDED" in followed and "status:      complete" in followed
     finally:
+        gate.unlink(missing_ok=True)
         thread.join(timeout=300)
     assert "error" not in result, result.get("error")
     assert result["summary"]["complete"]
@@ -277,14 +284,19 @@ def test_a_live_run_is_running_with_a_rate_refuses_a_second_run_and_is_followed_
         ids.update(pq.read_table(out / rec["path"], columns=["id"]).column("id").to_pylist())
     assert ids == Counter(d["id"] for d in docs)
     final = pipeline.status(str(out))
-    assert final["state"] == live.SUCCEEDED and final["live"]["rows_done"] == 200 and final["live"]["shards_done"] == 20
+    assert final["state"] == live.SUCCEEDED and final["live"]["rows_done"] == 80 and final["live"]["shards_done"] == 8
+
+
+_last_seen: list = [None]
 
 
 def _running_with_rate(out: Path) -> dict | None:
     try:
         s = pipeline.status(str(out))
-    except Exception:  # noqa: BLE001 - not planned yet
+    except Exception as e:  # noqa: BLE001 - not planned yet
+        _last_seen[0] = e
         return None
+    _last_seen[0] = s
     lv = s.get("live") or {}
     return s if s["state"] == live.RUNNING and lv.get("rows_per_second") and lv.get("eta_seconds") else None
 
@@ -292,87 +304,87 @@ def _running_with_rate(out: Path) -> dict | None:
 # -- real runs in subprocesses: take over, SIGKILL, resume ------------------------------------------------
 
 DRIVER = textwrap.dedent("""
-    import sys, time
+    # A reembed run whose commits are held at a gate after the first two (see gated_commits).
+    import os, sys, time
     from reembed import pipeline
-    from reembed.config import load_config
-    from reembed.embed import Embedder
-    from reembed.errors import ReembedError
+    from reembed.cli import main
 
-    class SlowEmbedder(Embedder):   # defined in __main__: the actors get it by value
-        def __call__(self, table):
-            time.sleep(0.5)
-            return super().__call__(table)
+    gate, argv = sys.argv[1], sys.argv[2:]
+    real, done = pipeline._commit, [0]
 
-        @classmethod
-        def describe(cls, cfg):
-            return pipeline.inspect_model(cfg)
+    def commit(*args, **kw):
+        while done[0] >= 2 and os.path.exists(gate):
+            time.sleep(0.02)
+        real(*args, **kw)
+        done[0] += 1
 
-    inp, out, model, take_over = sys.argv[1:5]
-    cfg = load_config(None, [f"input.uri={inp}", f"output.uri={out}", f"model.name={model}", "plan.shard_rows=20",
-                             "compute.max_actors=1"])
-    try:
-        summary = pipeline.run(cfg, embedder=SlowEmbedder, take_over=take_over == "1")
-    except ReembedError as e:
-        print(f"reembed: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print("done", summary["complete"])
+    pipeline._commit = commit
+    sys.exit(main(argv))
 """)
 
 
 @pytest.mark.slow
 def test_take_over_fences_the_live_run_and_a_killed_run_is_interrupted_then_resumed(tmp_path, tiny_model):
+    """Real runs of ``reembed run`` in their own processes, each with its own local Ray: job a is live (its
+    commits held at a gate after two); a plain second run is refused; job b takes over (--take-over) and
+    commits; a, released, is fenced at its next commit; b is SIGKILLed while held: INTERRUPTED; a plain
+    rerun resumes, exact."""
     docs = make_docs(600)
     write_parquet(tmp_path / "in" / "a.parquet", docs)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=SRC, PYTHONUNBUFFERED="1", **{live.HEARTBEAT_ENV: "0.5"})
     (tmp_path / "driver.py").write_text(DRIVER)
+    gates = {j: tmp_path / f"gate-{j}" for j in "ab"}
+    for g in gates.values():
+        g.touch()
+    plain_run = [sys.executable, "-m", "reembed", "run", "--input", str(tmp_path / "in"), "--output", str(out),
+                 "--model", str(tiny_model), "--shard-rows", "20"]
 
-    def start(take_over: bool, name: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "in"), str(out),
-                                 str(tiny_model), "1" if take_over else "0"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=open(tmp_path / f"{name}.err", "w"), start_new_session=True)
+    def start(j: str, take_over: bool) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(gates[j]), *plain_run[3:],
+                                 *(["--take-over"] if take_over else [])], env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / f"{j}.err", "w"), start_new_session=True)
 
     def status() -> dict:
         proc = subprocess.run([sys.executable, "-m", "reembed", "status", str(out), "--json"], env=env,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=120)
         return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
-    def committed(s: dict) -> int:
-        return s.get("committed", 0)
+    def live_of(s: dict) -> dict:
+        return s.get("live") or {}
 
     procs = {}
     try:
-        procs["a"] = start(False, "a")
-        first = wait_for(lambda: (s := status()).get("state") == "RUNNING" and (s.get("live") or {}).get(
-            "rows_per_second") and s, 300, "job a RUNNING with a rate", procs["a"])
-        assert first["live"]["pid"] == procs["a"].pid and first["live"]["host"] == socket.gethostname()
+        procs["a"] = start("a", False)
+        first = wait_for(lambda: (s := status()).get("state") == "RUNNING" and live_of(s).get("rows_per_second")
+                         and s, 600, "job a RUNNING with a rate", procs["a"])
+        assert live_of(first)["pid"] == procs["a"].pid and live_of(first)["host"] == socket.gethostname()
 
         # A second plain run is refused at once, in one line naming the live run.
-        refused = subprocess.run([sys.executable, "-m", "reembed", "run", "--input", str(tmp_path / "in"), "--output",
-                                  str(out), "--model", str(tiny_model), "--shard-rows", "20"], env=env,
-                                 capture_output=True, text=True, timeout=120)
+        refused = subprocess.run(plain_run, env=env, capture_output=True, text=True, timeout=300)
         assert refused.returncode == 1
         line = one_error_line(refused.stderr)
         assert "a run is live on this output" in line and f"pid {procs['a'].pid}" in line and "--take-over" in line
 
-        # --take-over: job b fences job a, which stops at its next commit with one line.
-        procs["b"] = start(True, "b")
+        # --take-over: job b holds the output and commits shards of its own.
+        procs["b"] = start("b", True)
+        taken = wait_for(lambda: (s := status()).get("state") == "RUNNING" and live_of(s).get("pid") == procs["b"].pid
+                         and live_of(s).get("shards_done", 0) >= 2 and s, 600, "job b committing", procs["b"])
+        assert live_of(taken)["epoch"] > live_of(first)["epoch"]
+        # Job a, released, is fenced at its next commit: one line, exit 1, and b's record is left alone.
+        gates["a"].unlink()
         assert procs["a"].wait(timeout=300) == 1
-        a_err = (tmp_path / "a.err").read_text()
-        assert "another job has taken over this output" in one_error_line(a_err)
-        taken = wait_for(lambda: (s := status()).get("live", {}).get("pid") == procs["b"].pid and
-                         s["state"] == "RUNNING" and committed(s) > committed(first) and s, 300,
-                         "job b RUNNING with commits of its own", procs["b"])
-        assert taken["live"]["epoch"] > first["live"]["epoch"]
+        assert "another job has taken over this output" in one_error_line((tmp_path / "a.err").read_text())
+        assert live_of(status())["pid"] == procs["b"].pid
 
-        # SIGKILL b: its record stays RUNNING-shaped, but status sees the run is gone.
+        # SIGKILL b (held at its gate): the record still looks live, but status sees the run is gone.
         os.killpg(procs["b"].pid, signal.SIGKILL)
         procs["b"].wait()
         killed = status()
-        assert killed["state"] == "INTERRUPTED" and not killed["complete"], killed
+        assert killed["state"] == "INTERRUPTED" and not killed["complete"] and live_of(killed)["pid"] == procs["b"].pid
         text = subprocess.run([sys.executable, "-m", "reembed", "status", str(out)], env=env, capture_output=True,
-                              text=True, timeout=60).stdout
+                              text=True, timeout=120).stdout
         assert "state:       INTERRUPTED" in text and "run the same command again to resume" in text
     finally:
         for p in procs.values():
@@ -380,10 +392,8 @@ def test_take_over_fences_the_live_run_and_a_killed_run_is_interrupted_then_resu
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
-    # The plain rerun resumes (no --take-over needed: nothing holds the output) and ends exact.
-    rerun = subprocess.run([sys.executable, "-m", "reembed", "run", "--input", str(tmp_path / "in"), "--output",
-                            str(out), "--model", str(tiny_model), "--shard-rows", "20"], env=env,
-                           capture_output=True, text=True, timeout=600)
+    # A plain rerun resumes (nothing holds the output: no --take-over needed) and ends exact.
+    rerun = subprocess.run(plain_run, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     ids = Counter()
     for rec in Manifest.load(Location.from_uri(str(out))).committed.values():

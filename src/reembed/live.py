@@ -43,7 +43,7 @@ import uuid
 from typing import Any
 
 from reembed import storage
-from reembed.errors import ConfigError, LiveRunError, ReembedError, VersionConflict  # noqa: F401 (LiveRunError re-exported)
+from reembed.errors import ConfigError, LiveRunError, ReembedError, VersionConflict  # noqa: F401 (re-exported)
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,8 @@ class Heartbeat:
         self._failed_writes = 0
         self.record: dict[str, Any] = {
             "format": FORMAT, "run_id": uuid.uuid4().hex[:16], "state": "running", "final": False,
-            "phase": "starting", "host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_ns(), "pid": os.getpid(),
-            "pid_start": _process_start(os.getpid()), "ray_job": _ray_job(), "epoch": None,
+            "phase": "starting", "host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_ns(),
+            "pid": os.getpid(), "pid_start": _process_start(os.getpid()), "ray_job": _ray_job(), "epoch": None,
             "started_at": _iso(time.time()), "last_beat": None, "beat_s": self.beat_s, "lease_s": self.lease_s,
             "rows_total": None, "rows_done": 0, "shards_total": None, "shards_done": 0, "last_commit_at": None,
             "rows_per_second": None, "eta_seconds": None, "finished_at": None, "error": None,
@@ -259,7 +259,8 @@ class Heartbeat:
             rate = self._rate(time.monotonic())
             r["rows_per_second"] = None if rate is None else round(rate, 1)
             left = (r["rows_total"] or 0) - r["rows_done"]
-            r["eta_seconds"] = round(left / rate, 1) if rate and r["rows_total"] is not None and not r["final"] else None
+            known = rate and r["rows_total"] is not None and not r["final"]
+            r["eta_seconds"] = round(left / rate, 1) if known else None
             return json.dumps(r, separators=(",", ":")).encode()
 
     def _rate(self, now: float) -> float | None:
@@ -288,6 +289,10 @@ class Heartbeat:
                     return
                 except VersionConflict:
                     continue  # someone else wrote it meanwhile: look again
+                except OSError as e:  # a full or read-only disk: one line, before any work is done
+                    from reembed.manifest import write_failed
+
+                    raise write_failed(e, self.loc.display(LIVE)) from e
         raise LiveRunError(f"{self.loc.display(LIVE)}: the live record keeps changing under this run: another run "
                            "is starting on this output at the same moment; wait for it, or use --take-over")
 

@@ -170,7 +170,9 @@ def add_follow_arguments(p: argparse.ArgumentParser) -> None:
 
 def format_status(s: dict[str, Any]) -> str:
     """``reembed status``: the summary with the live run's lines (only those, before the output is planned)."""
-    return format_summary(s, status=True) if "model" in s else "\n".join([f"output:      {s['output']}", *live_lines(s)])
+    if "model" in s:
+        return format_summary(s, status=True)
+    return "\n".join([f"output:      {s['output']}", *live_lines(s)])
 
 
 def live_lines(s: dict[str, Any]) -> list[str]:
