@@ -110,6 +110,10 @@ def test_how_a_run_ended_is_its_state(tmp_path):
     with live.Heartbeat.acquire(out, beat_s=BEAT):
         pass
     assert live.describe(out, complete=True)["state"] == live.SUCCEEDED
+    # A record that cannot be read is ignored (with a warning), as if there were none: it never blocks a run.
+    (tmp_path / "out" / live.LIVE).write_text('{"half": ')
+    assert live.read(out) is None
+    live.Heartbeat.acquire(out, beat_s=BEAT).finish(live.SUCCEEDED)
     # An output without a record: complete is SUCCEEDED, anything else INTERRUPTED (nothing holds it).
     (tmp_path / "out" / live.LIVE).unlink()
     assert live.state(None, complete=True) == live.SUCCEEDED and live.state(None, complete=False) == live.INTERRUPTED
@@ -184,6 +188,7 @@ def test_a_bad_heartbeat_setting_is_one_line(monkeypatch):
 @pytest.mark.s3
 def test_on_s3_a_run_holds_refuses_and_is_taken_over_by_conditional_writes(s3_env):
     out = Location.from_uri(f"s3://{new_bucket(s3_env)}/emb")
+    out.write_bytes(b'{"half": ', live.LIVE)  # a record that cannot be read never blocks a run
     first = live.Heartbeat.acquire(out, beat_s=BEAT)
     try:
         first.phase("embedding", rows_total=50, shards_total=5)

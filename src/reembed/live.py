@@ -285,7 +285,7 @@ class Heartbeat:
                     log.warning("%s: taking over from the live run (%s); it stops at its next commit",
                                 self.loc.display(LIVE), holder(current))
                 try:
-                    self._write(version, create=current is None)
+                    self._write(version)  # S3: over exactly what was read
                     return
                 except VersionConflict:
                     continue  # someone else wrote it meanwhile: look again
@@ -300,21 +300,21 @@ class Heartbeat:
         with _output_lock(self.loc):
             if self.loc.conditional_writes:
                 try:
-                    self._write(self._version, create=False)
+                    self._write(self._version)
                     return
                 except VersionConflict:
                     raise _TakenOver(read(self.loc)) from None
             current = read(self.loc)
             if current is None or current.get("run_id") != self.record["run_id"]:
                 raise _TakenOver(current)
-            self._write(None, create=False)
+            self._write(None)
 
-    def _write(self, version: str | None, create: bool) -> None:
-        """Write the record: on S3 conditionally on ``version`` (create-only with ``create``); elsewhere the
-        caller holds the output's lock, or it is best effort."""
+    def _write(self, version: str | None) -> None:
+        """Write the record: on S3 only over the object at ``version`` (None: only if there is none);
+        elsewhere the caller holds the output's lock, or it is best effort."""
         body = self._snapshot()
         if self.loc.conditional_writes:
-            self._version = self.loc.write_if(body, LIVE, version=None if create else version)
+            self._version = self.loc.write_if(body, LIVE, version=version)
         else:
             self.loc.write_bytes(body, LIVE)
 
