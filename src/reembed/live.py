@@ -43,7 +43,7 @@ import uuid
 from typing import Any
 
 from reembed import storage
-from reembed.errors import ConfigError, LiveRunError, ReembedError, VersionConflict  # noqa: F401 (re-exported)
+from reembed.errors import ConcurrentWriteError, ConfigError, LiveRunError, ReembedError, VersionConflict  # noqa: F401
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,15 @@ class Heartbeat:
         """The commit-log epoch this run claimed (shown in the record)."""
         with self._lock:
             self.record["epoch"] = epoch
+
+    def check(self) -> None:
+        """Beat now, and raise :class:`ConcurrentWriteError` if another run has taken the output over: a run
+        checks before it claims the output, so a run taken over while it planned never claims it back."""
+        if self._beat():
+            return
+        taker = f" ({holder(self.taken_over)})" if self.taken_over else ""
+        raise ConcurrentWriteError(f"{self.loc.display(LIVE)}: another run took this output over{taker}; this run "
+                                   "stops before claiming it (two jobs must not write the same output at once)")
 
     def committed(self, rows: int, shards: int = 1) -> None:
         """``rows`` more input rows (embedded or dead-lettered) in ``shards`` more committed shards."""

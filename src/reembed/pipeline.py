@@ -78,6 +78,7 @@ def _run_held(cfg: JobConfig, out: storage.Location, embedder: Any, beat: live.H
     model_info = inspect_model(cfg) if embedder is None else embedder.describe(cfg)  # first, without Ray
     manifest = open_output(cfg, out, model_info)
 
+    beat.check()  # a run taken over while it planned stops here, before it claims the output back
     # Claiming fences any other job on this output before leftovers of crashed attempts are removed.
     cleaned = manifest.claim(SHARDS, DEAD_LETTER) if manifest.pending() else manifest.clean_temp(SHARDS, DEAD_LETTER)
     if cleaned:
@@ -195,7 +196,7 @@ def status(output: str | storage.Location, settings: Any = None) -> dict[str, An
     if m is None:
         return _status_before_plan(loc)
     summary = summarize(m)
-    summary.update(live.describe(loc, summary["complete"]))
+    summary.update(planned=True, **live.describe(loc, summary["complete"]))
     return summary
 
 
