@@ -39,7 +39,9 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
         if got:
             return got
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}")
+            err = getattr(proc, "err_path", None)
+            tail = Path(err).read_text()[-3000:] if err and Path(err).exists() else ""
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}: {tail}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}" + (f"; last seen: {last[0]!r}" if last else ""))
         time.sleep(0.05)
@@ -348,9 +350,11 @@ def test_take_over_fences_the_live_run_and_a_killed_run_is_interrupted_then_resu
                  "--model", str(tiny_model), "--shard-rows", "20"]
 
     def start(j: str, take_over: bool) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(gates[j]), *plain_run[3:],
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(gates[j]), *plain_run[3:],
                                  *(["--take-over"] if take_over else [])], env=env, stdout=subprocess.DEVNULL,
                                 stderr=open(tmp_path / f"{j}.err", "w"), start_new_session=True)
+        proc.err_path = tmp_path / f"{j}.err"
+        return proc
 
     def status() -> dict:
         proc = subprocess.run([sys.executable, "-m", "reembed", "status", str(out), "--json"], env=env,

@@ -136,7 +136,7 @@ class Heartbeat:
     def __init__(self, loc: Location, beat_s: float | None = None):
         self.loc = loc
         self.beat_s = beat_interval() if beat_s is None else beat_s
-        self.lease_s = LEASE_BEATS * self.beat_s
+        self.lease_s = round(LEASE_BEATS * self.beat_s, 3)
         self.taken_over: dict[str, Any] | None = None  # the record that replaced ours, once seen
         self._lock = threading.Lock()  # the record, between the driver and the beat thread
         self._io = threading.Lock()  # one write at a time (a beat and a phase change must not race)

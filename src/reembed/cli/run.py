@@ -156,8 +156,6 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
     return "\n".join(lines)
 
 
-
-
 # -- the live run: state, rate, ETA, --follow -----------------------------------------------------------
 
 
@@ -182,8 +180,9 @@ def live_lines(s: dict[str, Any]) -> list[str]:
     lines = [f"state:       {state}" + (f" ({lv['phase']})" if state == "RUNNING" and lv.get("phase") else "")]
     if lv:
         job = f", Ray job {lv['ray_job']}" if lv.get("ray_job") else ""
-        lines.append(f"run:         host {lv['host']} pid {lv['pid']}{job}, started {lv['started_at']}, "
-                     f"last beat {lv['beat_age_s']:.0f} s ago" + (f" (epoch {lv['epoch']})" if lv.get("epoch") else ""))
+        when = f"ended {lv['finished_at']}" if lv.get("finished_at") else f"last beat {lv['beat_age_s']:.0f} s ago"
+        lines.append(f"run:         host {lv['host']} pid {lv['pid']}{job}, started {lv['started_at']}, {when}"
+                     + (f" (epoch {lv['epoch']})" if lv.get("epoch") else ""))
         if lv.get("rows_total") is not None:
             rate = f"{lv['rows_per_second']:,.1f} rows/s" if lv.get("rows_per_second") else "rows/s not measured yet"
             eta = f", ETA {human_seconds(lv['eta_seconds'])}" if lv.get("eta_seconds") is not None else ""
@@ -198,7 +197,9 @@ def live_lines(s: dict[str, Any]) -> list[str]:
     elif state == "SUCCEEDED":
         advice = "complete"
     elif state == "FAILED":
-        advice = f"failed: {lv.get('error') or 'see its log'}; fix the cause, then run the same command again to resume"
+        error = lv.get("error") or "see its log"
+        says_how = "rerun" in error or "same command" in error  # reembed's errors say what to do next
+        advice = f"failed: {error}" + ("" if says_how else "; fix the cause, then run the same command again to resume")
     else:
         why = "it stopped" if not lv else lv.get("error") or f"its heartbeat stopped {lv['beat_age_s']:.0f} s ago"
         advice = f"interrupted ({why}): run the same command again to resume"
