@@ -89,8 +89,9 @@ def state(record: dict[str, Any] | None, complete: bool, now: float | None = Non
 
 
 def holder_alive(record: dict[str, Any], now: float | None = None) -> bool:
-    """Whether the run that wrote ``record`` still holds it: on its own host, whether its process lives; from
-    anywhere else, whether its last beat is younger than its lease."""
+    """Whether the run that wrote ``record`` still holds it: on its own host (same name, kernel boot and pid
+    namespace), whether its process lives (a live driver whose beats stall, say on an unreachable store,
+    still holds it); from anywhere else, whether its last beat is younger than its lease."""
     if _on_this_host(record):
         return _process_alive(record.get("pid"), record.get("pid_start"))
     return beat_age(record, now) <= float(record.get("lease_s") or LEASE_BEATS * DEFAULT_BEAT_S)
@@ -120,7 +121,7 @@ def describe(loc: Location, complete: bool, now: float | None = None) -> dict[st
 
 
 def holder(record: dict[str, Any], now: float | None = None) -> str:
-    """``host pid 123 (Ray job 02000000), last beat 4 s ago``: who holds a record, for messages."""
+    """``host gpu-0 pid 123, Ray job raysubmit_x, started ..., last beat 4 s ago``: who holds a record."""
     job = f", Ray job {record['ray_job']}" if record.get("ray_job") else ""
     return (f"host {record.get('host')} pid {record.get('pid')}{job}, started {record.get('started_at')}, "
             f"last beat {beat_age(record, now):.0f} s ago")
