@@ -101,6 +101,53 @@ def test_a_recommitted_shard_counts_once_with_its_last_record(tmp_path):
     assert_state(loc, records)
 
 
+def test_a_retracted_shard_leaves_the_committed_set_until_it_is_committed_again(tmp_path):
+    """``reembed repair``'s retract entries: wherever the commit they name lies (a part, the tail, the same
+    window), through checkpoints and compaction; a stale retract (the shard was committed again since) and a
+    fenced one change nothing."""
+    loc = Location.from_uri(str(tmp_path / "out"))
+    clog = CommitLog.create(loc, checkpoint_every=4)
+    seqs = {s: clog.commit(s, record(s)) for s in range(8)}
+    records = {s: record(s) for s in range(8)}
+    old_3 = seqs[3]
+    records[3] = record(3, rows=33)
+    clog.commit(3, records[3])  # committed again: a retract naming its first commit is stale
+    clog.retract(1, seqs[1], "sha256", "shards/part-00001.parquet: sha256 mismatch")  # its commit is in a part
+    clog.retract(6, seqs[6], "missing", "shards/part-00006.parquet: missing")  # its commit is in the same window
+    clog.retract(3, old_3, "missing", "stale")
+    del records[1], records[6]
+    assert_state(loc, records)
+    state = read_state(loc)
+    assert sorted(state.damaged) == [1, 6] and state.damaged[1]["reason"] == "sha256"
+    assert state.seq_of(1) == -1 and state.seq_of(3) > old_3
+
+    # A fenced job's retract lands after a claim: ignored.
+    other = CommitLog.open(loc, checkpoint_every=4)
+    other.claim()
+    with pytest.raises(ConcurrentWriteError, match="without committing the retraction of shard 5"):
+        clog.retract(5, seqs[5], "missing", "fenced")
+    for s in range(8, 13):  # more parts: the retracts are read back from checkpoint parts now
+        records[s] = record(s)
+        other.commit(s, records[s])
+    assert_state(loc, records)
+    assert sorted(read_state(loc).damaged) == [1, 6]
+
+    records[1] = record(1, rows=11)  # repaired: committed again
+    other.commit(1, records[1])
+    assert_state(loc, records)
+    assert sorted(read_state(loc).damaged) == [6]
+    other.compact()
+    assert_state(loc, records)
+    assert sorted(read_state(loc).damaged) == [6]
+    reopened = CommitLog.open(loc, checkpoint_every=4)
+    assert reopened.next_seq == other.next_seq
+    reopened.claim()
+    records[6] = record(6)
+    reopened.commit(6, records[6])
+    assert_state(loc, records)
+    assert read_state(loc).damaged == {}
+
+
 # -- fencing ------------------------------------------------------------------------------------------
 
 

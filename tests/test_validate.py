@@ -169,6 +169,81 @@ def test_incomplete_output_fails_and_unknown_labels_are_reported(tmp_path, space
     assert g["ab"]["new"]["recall@10"] == 0.5
 
 
+def test_a_deleted_and_a_flipped_shard_are_named_damaged(tmp_path, space, proj, capsys):
+    """Each shard's bytes are checked against the sha256 its commit recorded; the report names the damaged
+    shards (missing, sha256) in the gate and in a table of the HTML report. In this process (--workers 0)."""
+    from reembed.cli import main
+
+    out = new_output(tmp_path / "new", space, proj)
+    m = Manifest.load(out)
+    (tmp_path / "new" / m.committed[0]["path"]).unlink()
+    flipped = tmp_path / "new" / m.committed[2]["path"]
+    raw = bytearray(flipped.read_bytes())
+    raw[100] ^= 0x01
+    flipped.write_bytes(bytes(raw))
+    assert main(["validate", str(tmp_path / "new"), "--workers", "0", "--no-builtin-pairs", "--sample", "10",
+                 "--json"]) == 1
+    gate = json.loads(capsys.readouterr().out)["gates"]["integrity"]
+    assert gate["status"] == "fail" and gate["corrupt"] == 2 and gate["rows"] == 25 and gate["shards"] == 3
+    assert [(d["shard"], d["reason"]) for d in gate["damaged"]] == [(0, "missing"), (2, "sha256")]
+    assert "part-00000.parquet: missing" in gate["problems"][0] and "part-00002.parquet: sha256" in gate["problems"][1]
+    html = (tmp_path / "new" / "validation" / "report.html").read_text()
+    assert "Damaged shards" in html and "part-00002.parquet" in html
+
+
+def test_topk_merges_exactly_whatever_the_split():
+    """Per-shard exact top-k, merged in any grouping and any order, equals one stream over the shards in order
+    (exact_knn), ties included: many duplicate vectors across shards."""
+    from reembed.validation import integrity as I
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((30, 16)).astype(np.float32)
+    vectors = base[rng.integers(0, 30, 400)]  # every vector ~13 times: ties everywhere
+    ids = [f"d{i}" for i in range(400)]
+    queries = np.vstack([base[:5], rng.standard_normal((5, 16)).astype(np.float32)])
+    bounds = list(range(0, 400, 37)) + [400]
+    blocks = [(s, ids[a:b], vectors[a:b]) for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    want_s, want_i = V.exact_knn(queries, [(i, v) for _, i, v in blocks], 12)
+    search = I.Search("embedding", queries, 12)
+    tops = [I._shard_top(s, pa.table({"id": i, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), 16)}),
+                         i, search, {}) for s, i, v in blocks]
+    for trial in range(5):
+        order = rng.permutation(len(tops))
+        groups = np.array_split(order, trial + 1)
+        merged = None
+        for g in groups[::-1]:  # groups finish in any order
+            part = None
+            for j in g:
+                part = I._merge_top(part, tops[j], 12)
+            merged = I._merge_top(merged, part, 12)
+        assert merged[1].tolist() == want_i.tolist() and np.array_equal(merged[0], want_s)
+
+
+@pytest.mark.ray
+def test_two_workers_give_the_same_report_as_one(tmp_path, space, proj, minilm, ray_local):
+    """The same numbers whatever the number of shard tasks (1, 2, or none: in this process), ignoring timings:
+    integrity (a damaged shard among them), exact search merged across tasks, the old side in the same pass."""
+    from reembed import schema as S
+
+    out = write_output(tmp_path / "new", space["ids"], space["new"], model_info(proj, 1024), shard_rows=4,
+                       columns={"text": space["texts"], "old_embedding": S.embedding_array(space["old"])})
+    flipped = tmp_path / "new" / Manifest.load(out).committed[5]["path"]
+    flipped.write_bytes(flipped.read_bytes()[:-1] + b"\0")
+    settings = V.Settings(sample=30, builtin_pairs=False)
+    reports = {w: V.validate(out, queries=str(QUERIES), old_model=str(minilm), settings=settings, workers=w,
+                             searchers={"faiss-hnsw": hnsw_searcher(space["new"], space["ids"])}, write=False)
+               for w in (1, 2, 0)}
+
+    def numbers(r):
+        return json.dumps({k: v for k, v in r.items() if k not in ("created_at", "seconds")}, sort_keys=True,
+                          default=V._json_default)
+
+    assert numbers(reports[1]) == numbers(reports[2]) == numbers(reports[0])
+    g = reports[2]["gates"]
+    assert g["integrity"]["shards"] == 15 and [d["shard"] for d in g["integrity"]["damaged"]] == [5]
+    assert g["integrity"]["rows"] == 56 and g["ab"]["status"] == "pass" and g["overlap"]["queries"] > 20
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sanity pairs
 

@@ -39,6 +39,13 @@ still read from the log. Entries are never deleted (a fenced writer must keep fi
 
 A claimer should take the output first and only then compute leftovers from :func:`read_state`: after
 the claim, no older job's commit can count, so the state it reads is final for them.
+
+**Retractions.** ``reembed repair`` found a committed shard's file missing or not matching its sha256: it
+appends one ``retract`` entry naming the shard and the seq of the commit it found damaged
+(:meth:`CommitLog.retract`). Replay takes the shard out of the committed set only while that very commit is
+still the shard's effective one (a shard committed again meanwhile stays committed), so the next resume
+re-embeds exactly the retracted shards; until then :attr:`State.damaged` names them (``reembed status``
+says "damaged"). A retract is fenced by epoch like a commit.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ log = logging.getLogger(__name__)
 LOG_DIR = "_log"
 CHECKPOINTS = "_checkpoints"
 CHECKPOINT_EVERY = 1000
-KINDS = ("claim", "commit", "run")
+KINDS = ("claim", "commit", "run", "retract")
 # Record fields summed into State.totals (Manifest.totals' names on the right).
 _COUNTS = ("rows", "dead_letters", "truncated", "tokens", "bytes")
 _PROBE_BATCH_MAX = 64  # entries read in parallel when finding the end of the log on an object store
@@ -111,7 +118,6 @@ class CommitLog:
         self._covered = 0  # the first seq no checkpoint part covers
         self._tail = _Delta()  # the effect of the entries from _covered to _next - 1
         self._part_due = checkpoint_every  # the next part is written once _next reaches this
-        self._local_dirs_made = False
         self._warned_best_effort = False
 
     # -- open / create / claim -------------------------------------------------------------------------
@@ -166,6 +172,13 @@ class CommitLog:
             raise ManifestError(f"{self.loc.display(LOG_DIR)}: shard {shard!r} is not a shard number "
                                 "(an int from 0 to 2**31 - 1)")
         return self._append({"kind": "commit", "epoch": self._held(), "shard": int(shard), "record": record})["seq"]
+
+    def retract(self, shard: int, commit_seq: int, reason: str, message: str) -> int:
+        """Take ``shard`` out of the committed set because its commit at seq ``commit_seq`` was found damaged
+        (``reason``: missing, sha256, unreadable, outside; ``message``: one line naming the file). Replay
+        ignores it if the shard was committed again after ``commit_seq``. Returns the entry's seq."""
+        record = {"commit_seq": int(commit_seq), "reason": reason, "message": message}
+        return self._append({"kind": "retract", "epoch": self._held(), "shard": int(shard), "record": record})["seq"]
 
     def record_run(self, run: dict[str, Any]) -> int:
         """Record one run of the job (timings, device); returns the entry's seq."""
@@ -278,7 +291,8 @@ class CommitLog:
             raise ConcurrentWriteError(f"{where}: another job claimed this output at the same moment (epoch "
                                        f"{found['epoch']}); two jobs must not write the same output at once")
         if found["epoch"] > mine["epoch"]:
-            what = f"shard {mine['shard']}" if mine["kind"] == "commit" else "the run record"
+            what = {"commit": f"shard {mine.get('shard')}", "retract": f"the retraction of shard {mine.get('shard')}"
+                    }.get(mine["kind"], "the run record")
             raise ConcurrentWriteError(
                 f"{where}: another job has taken over this output (epoch {found['epoch']}, this job holds "
                 f"{mine['epoch']}); two jobs must not write the same output at once, and this one stops "
@@ -287,49 +301,11 @@ class CommitLog:
 
     def _create(self, seq: int, body: bytes) -> bool:
         """Write the entry ``seq`` only if it does not exist; False if it does."""
-        name = _entry_name(seq)
-        if self.loc.conditional_writes:
-            try:
-                self.loc.write_if(body, LOG_DIR, name, version=None)
-                return True
-            except storage.VersionConflict:
-                return False
-        if self.loc.fs.type_name == "local":
-            return self._create_local(self.loc.path(LOG_DIR, name), body)
-        if not self._warned_best_effort:
+        if not self.loc.conditional_writes and self.loc.fs.type_name != "local" and not self._warned_best_effort:
             log.warning("%s: this store has no create-only writes; the commit log relies on one job at a time",
                         self.loc.display(LOG_DIR))
             self._warned_best_effort = True
-        if self.loc.exists(LOG_DIR, name):
-            return False
-        self.loc.write_bytes(body, LOG_DIR, name)
-        return True
-
-    def _create_local(self, target: str, body: bytes) -> bool:
-        # A complete temporary file, then a hard link to the entry's name: the link fails if the name
-        # exists, and no reader ever sees a half-written entry.
-        tmp_dir = posixpath.join(posixpath.dirname(target), "_tmp")
-        if not self._local_dirs_made:
-            os.makedirs(tmp_dir, exist_ok=True)
-            self._local_dirs_made = True
-        tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{self.writer}")
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-        try:
-            try:
-                if os.write(fd, body) != len(body):
-                    raise ManifestError(f"{target}: short write to the commit log (disk full?)")
-            finally:
-                os.close(fd)
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            return _create_exclusive(target, body)  # a filesystem without hard links
-        finally:
-            os.unlink(tmp)
+        return create_only(self.loc, body, LOG_DIR, _entry_name(seq), tag=self.writer)
 
     def _checkpoint(self) -> WriteCost:
         """Publish the part covering ``_covered .. _next - 1`` and start a new tail.
@@ -394,6 +370,7 @@ class State:
         self._counts = np.zeros((0, len(_COUNTS)), dtype=np.int64)
         self._device_s = np.zeros(0, dtype=np.float64)
         self._reasons: dict[int, dict[str, int]] = {}  # only shards with dead letters
+        self._damaged: dict[int, dict[str, Any]] = {}  # retracted shards not committed again since
 
     @property
     def shards(self) -> np.ndarray:
@@ -419,8 +396,27 @@ class State:
         return {"embedded": rows, "dead_lettered": dead, "reasons": reasons, "truncated": truncated,
                 "tokens": tokens, "bytes": size, "device_seconds": float(self._device_s[done].sum())}
 
+    @property
+    def damaged(self) -> dict[int, dict[str, Any]]:
+        """Shards a check found damaged and retracted, not committed again since: shard ->
+        ``{"seq", "reason", "message"}`` (``seq``: the retract entry's)."""
+        return dict(self._damaged)
+
+    def rows_of(self, shards: np.ndarray) -> np.ndarray:
+        """The committed rows of each of ``shards`` (committed ones), from the log's arrays."""
+        return self._counts[np.asarray(shards, dtype=np.int64), 0].copy()
+
+    def seq_of(self, shard: int) -> int:
+        """The seq of ``shard``'s effective commit (-1 if it is not committed)."""
+        return int(self._seq[shard]) if 0 <= shard < len(self._seq) else -1
+
     def iter_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(shard, record) for every committed shard, in commit order, read part by part."""
+        for shard, _, rec in self.iter_commits():
+            yield shard, rec
+
+    def iter_commits(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(shard, seq of its commit, record) for every committed shard, in commit order, read part by part."""
         import pyarrow.parquet as pq
 
         for part in self._chain:
@@ -429,10 +425,10 @@ class State:
                     cols = batch.to_pydict()
                     for seq, kind, shard, rec in zip(cols["seq"], cols["kind"], cols["shard"], cols["record"]):
                         if kind == "commit" and self._seq[shard] == seq:
-                            yield shard, json.loads(rec)
+                            yield shard, seq, json.loads(rec)
         for shard, entry in self._tail_records.items():
             if self._seq[shard] == entry["seq"]:
-                yield shard, entry["record"]
+                yield shard, entry["seq"], entry["record"]
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -463,6 +459,15 @@ class State:
             if some:  # one JSON document for the whole part: per-row json.loads dominates otherwise
                 parsed = json.loads("[" + ",".join(reasons[i] for i in some) + "]")
                 self._reasons.update(zip(table.column("shard").take(some).to_pylist(), parsed))
+            if self._damaged:
+                for shard in shards.tolist():
+                    self._damaged.pop(shard, None)
+        retracts = np.flatnonzero(keep & _is(kind, "retract"))
+        if len(retracts):  # rare: read their records (commit_seq, reason) only when a part has some
+            records = _read_part(self.loc, part, ["record"]).column("record")
+            shards = table.column("shard").to_numpy(zero_copy_only=False)
+            for i in retracts.tolist():  # after the part's commits: a retract follows the commit it names
+                self._retract(int(shards[i]), int(seq[i]), json.loads(records[i].as_py()))
         self.last_seq = part.last
 
     def _apply_tail(self, tail: "_Delta") -> None:
@@ -477,7 +482,22 @@ class State:
             self._device_s[shard] = float(rec.get("device_seconds", 0.0) or 0.0)
             self._set_reasons(shard, rec.get("reasons"))
             self._tail_records[shard] = entry
+            self._damaged.pop(shard, None)
+        for shard, entry in tail.retracts.items():
+            self._retract(shard, entry["seq"], entry["record"])
         self.last_seq += tail.count
+
+    def _retract(self, shard: int, seq: int, rec: dict[str, Any]) -> None:
+        """Apply a retract entry: only while the commit it names is still the shard's effective one (a
+        compacted part carries a retracted shard as a retract naming seq -1, i.e. "not committed")."""
+        self._grow(shard + 1)
+        if self._seq[shard] != rec.get("commit_seq"):
+            return  # committed again after the check found it damaged
+        self._seq[shard] = -1
+        self._reasons.pop(shard, None)
+        self._tail_records.pop(shard, None)
+        self._damaged[shard] = {"seq": seq, "reason": rec.get("reason"), "message": rec.get("message"),
+                                "commit_seq": rec.get("commit_seq")}
 
     def _set_reasons(self, shard: int, reasons: dict[str, int] | None) -> None:
         if reasons:
@@ -508,6 +528,7 @@ class _Delta:
     count: int = 0
     ignored: int = 0
     commits: dict[int, dict[str, Any]] = field(default_factory=dict)
+    retracts: dict[int, dict[str, Any]] = field(default_factory=dict)  # the last retract per shard since its commit
     others: list[dict[str, Any]] = field(default_factory=list)
 
     def apply(self, entry: dict[str, Any]) -> bool:
@@ -528,13 +549,17 @@ class _Delta:
         if kind == "commit":
             self.commits.pop(entry["shard"], None)  # keep dict order = order of the effective commits
             self.commits[entry["shard"]] = entry
+            self.retracts.pop(entry["shard"], None)  # a commit after a retract supersedes it
+        elif kind == "retract":
+            # Kept beside the commit it may name: replay applies commits, then retracts (see State._retract).
+            self.retracts[entry["shard"]] = entry
         else:
             self.others.append(entry)
         return True
 
     def table(self):
         """This delta as a checkpoint part's rows, in seq order."""
-        rows = sorted([*self.others, *self.commits.values()], key=lambda e: e["seq"])
+        rows = sorted([*self.others, *self.commits.values(), *self.retracts.values()], key=lambda e: e["seq"])
         return _rows_table(rows)
 
 
@@ -542,7 +567,8 @@ def _state_tables(state: State, batch: int = 10_000) -> Iterator[Any]:
     """A whole :class:`State` as one part's rows, ``batch`` rows at a time (for :meth:`CommitLog.compact`).
     Claims collapse to one row with the latest epoch and runs keep their order; both take seq 0 (the first
     claim's), ahead of every commit, which is right because a part starting at seq 0 always heads the
-    chain. Commits come in seq order, as :meth:`State.iter_records` yields them."""
+    chain. Commits come in seq order, as :meth:`State.iter_records` yields them; a damaged (retracted) shard
+    becomes a retract naming commit seq -1, which keeps it damaged and uncommitted."""
     rows = [{"seq": 0, "kind": "claim", "epoch": state.epoch}] if state.epoch else []
     rows += [{"seq": 0, "kind": "run", "epoch": state.epoch, "record": r} for r in state.runs]
     for shard, rec in state.iter_records():
@@ -551,6 +577,9 @@ def _state_tables(state: State, batch: int = 10_000) -> Iterator[Any]:
         if len(rows) >= batch:
             yield _rows_table(rows)
             rows = []
+    rows += [{"seq": d["seq"], "kind": "retract", "epoch": state.epoch, "shard": shard,
+              "record": {"commit_seq": -1, "reason": d["reason"], "message": d["message"]}}
+             for shard, d in sorted(state._damaged.items())]
     if rows:
         yield _rows_table(rows)
 
@@ -571,7 +600,7 @@ def _rows_table(rows: list[dict[str, Any]]):
         "epoch": pa.array([e["epoch"] for e in rows], pa.int64()),
         "at": pa.array([e.get("at", "") for e in rows], pa.string()),
         "writer": pa.array([e.get("writer", "") for e in rows], pa.string()),
-        "shard": pa.array([e.get("shard") if c else None for e, c in zip(rows, commit)], pa.int64()),
+        "shard": pa.array([e.get("shard") if e["kind"] in ("commit", "retract") else None for e in rows], pa.int64()),
     }
     for name in _COUNTS:
         cols[name] = pa.array([int(rec(e).get(name, 0) or 0) if c else None for e, c in zip(rows, commit)], pa.int64())
@@ -611,6 +640,47 @@ def _parts(loc: Location) -> list[_Part]:
         if ext == "parquet" and dash and first.isdigit() and last.isdigit() and int(first) <= int(last):
             out.append(_Part(name, int(first), int(last)))
     return out
+
+
+def attempts(loc: Location) -> list[dict[str, Any]]:
+    """One summary per attempt (epoch) of the job on ``loc``, oldest first: when it claimed the output,
+    its last entry, the shards / rows / tokens / device seconds its commits recorded, and whether it
+    recorded a run (an attempt that did not was interrupted: killed, crashed or fenced).
+
+    Streams the log with :func:`read_state`'s reads (a few columns of the parts, then the entries), holding
+    one small dict per epoch. Parts keep a shard's last commit only, so an attempt whose commits were all
+    superseded by a later attempt's counts the commits that survive; the entries after the parts count
+    every commit, fenced ones included (they cost what they cost).
+    """
+    per: dict[int, dict[str, Any]] = {}
+
+    def note(epoch: int, kind: str, at: str, rows: int = 0, tokens: int = 0, device_s: float = 0.0) -> None:
+        a = per.setdefault(epoch, {"epoch": epoch, "claimed_at": None, "last_at": None, "shards": 0, "rows": 0,
+                                   "tokens": 0, "device_seconds": 0.0, "run": False})
+        if kind == "claim" and a["claimed_at"] is None:
+            a["claimed_at"] = at
+        a["last_at"] = max(a["last_at"] or at, at) if at else a["last_at"]
+        if kind == "commit":
+            a["shards"] += 1
+            a["rows"] += rows
+            a["tokens"] += tokens
+            a["device_seconds"] += device_s
+        elif kind == "run":
+            a["run"] = True
+
+    chain = _chain(loc)
+    last = -1
+    for part, t in _part_tables(loc, chain, ["seq", "kind", "epoch", "at", "rows", "tokens", "device_seconds"]):
+        cols = t.to_pydict()
+        for seq, kind, epoch, at, rows, tokens, ds in zip(*cols.values()):
+            if seq > last:
+                note(epoch, kind, at, rows or 0, tokens or 0, ds or 0.0)
+        last = part.last
+    for e in _read_from(loc, last + 1):
+        rec = e.get("record") or {}
+        note(e["epoch"], e["kind"], e.get("at", ""), int(rec.get("rows", 0) or 0), int(rec.get("tokens", 0) or 0),
+             float(rec.get("device_seconds", 0.0) or 0.0))
+    return [per[k] for k in sorted(per)]
 
 
 def _chain(loc: Location) -> list[_Part]:
@@ -675,6 +745,50 @@ def _read_part_epoch(loc: Location, part: _Part) -> int:
     except (KeyError, ValueError) as e:
         raise ManifestError(f"{loc.display(LOG_DIR, CHECKPOINTS, part.name)}: not a commit-log checkpoint "
                             "(no epoch in its metadata); move it away and reopen") from e
+
+
+def create_only(loc: Location, body: bytes, *parts: str, tag: str = "") -> bool:
+    """Write ``body`` at ``parts`` only if nothing is there yet; False if something is. On S3 a
+    conditional PUT (``If-None-Match: *``); on a local disk a complete temporary file hard-linked to the
+    name (no reader ever sees half an object); elsewhere check-then-write (best effort)."""
+    if loc.conditional_writes:
+        try:
+            loc.write_if(body, *parts, version=None)
+            return True
+        except storage.VersionConflict:
+            return False
+    if loc.fs.type_name == "local":
+        return _create_local(loc.path(*parts), body, tag or uuid.uuid4().hex[:12])
+    if loc.exists(*parts):
+        return False
+    loc.write_bytes(body, *parts)
+    return True
+
+
+def _create_local(target: str, body: bytes, tag: str) -> bool:
+    tmp_dir = posixpath.join(posixpath.dirname(target), "_tmp")
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{tag}")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        try:
+            if os.write(fd, body) != len(body):
+                raise ManifestError(f"{target}: short write (disk full?)")
+        finally:
+            os.close(fd)
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        return _create_exclusive(target, body)  # a filesystem without hard links
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _create_exclusive(target: str, body: bytes) -> bool:

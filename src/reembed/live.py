@@ -84,7 +84,9 @@ def state(record: dict[str, Any] | None, complete: bool, now: float | None = Non
     if record is None:
         return SUCCEEDED if complete else INTERRUPTED
     if record.get("final"):
-        return {"succeeded": SUCCEEDED, "failed": FAILED}.get(record.get("state"), INTERRUPTED)
+        ended = {"succeeded": SUCCEEDED, "failed": FAILED}.get(record.get("state"), INTERRUPTED)
+        # Shards retracted since (reembed repair) make a run that succeeded one to finish again.
+        return INTERRUPTED if ended == SUCCEEDED and not complete else ended
     return RUNNING if holder_alive(record, now) else INTERRUPTED
 
 

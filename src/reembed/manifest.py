@@ -389,6 +389,16 @@ class Manifest:
         finally:
             self._forget()
 
+    def retract_shard(self, shard: int, commit_seq: int, reason: str, message: str) -> None:
+        """Take ``shard`` out of the committed set: its commit at ``commit_seq`` was found damaged
+        (``reembed repair``). One create-only entry in the commit log; a resume re-embeds the shard."""
+        if self._log is None:
+            raise ManifestError(f"{self.loc.display('_log')}: no commit log to record the retraction in")
+        try:
+            self._log.retract(shard, commit_seq, reason, message)
+        finally:
+            self._forget()
+
     def record_run(self, run: dict[str, Any]) -> None:
         if self._log is None:
             self._log = CommitLog.create(self.loc)

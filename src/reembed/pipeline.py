@@ -231,6 +231,8 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "bad_files": plan.get("bad_files", []),
         "rows_per_second": round(run_rows / wall, 1) if wall else None,
         "complete": manifest.is_complete(),
+        # Shards `reembed repair` found damaged and retracted, not re-embedded yet (they are also pending).
+        "damaged": sorted(manifest.state().damaged),
     }
 
 

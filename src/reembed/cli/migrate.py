@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     v.add_argument("--min-overlap", type=float, default=None, help="gate old/new neighbour overlap (default: report only)")
     v.add_argument("--ab-tolerance", type=float, default=0.02, help="how far new may fall below old on recall@k / nDCG@10")
     v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    v.add_argument("--workers", type=_workers, default=None, metavar="N", help="shard tasks at once (default: "
+                   "every CPU Ray has; 0: in this process, without Ray); the report is the same for any N")
+    v.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     add_storage_config(v)
     v.set_defaults(func=cmd_validate)
@@ -103,7 +106,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         searchers, closers = _searchers(args)
         try:
             report = V.validate(location(args, args.output), queries=args.queries, old=args.old, old_model=args.old_model,
-                                model=args.model, pairs=args.pairs, searchers=searchers, settings=settings)
+                                model=args.model, pairs=args.pairs, searchers=searchers, settings=settings,
+                                workers=args.workers, ray_address=args.address)
         finally:
             for close in closers:
                 close()
@@ -186,6 +190,14 @@ def _positive(value: str) -> int:
     n = int(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _workers(value: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
     return n
 
 

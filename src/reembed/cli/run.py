@@ -149,8 +149,17 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
         lines.append(f"throughput:  {s['rows_per_second']} rows/s over all runs")
     if s["bad_files"]:
         lines.append(f"bad files:   {len(s['bad_files'])} skipped: " + "; ".join(b["path"] for b in s["bad_files"][:5]))
-    if s.get("state"):
+    damaged = s.get("damaged") or []
+    if damaged:
+        lines.append(f"damaged:     {len(damaged)} committed shard(s) found missing or corrupt and retracted ("
+                     f"{', '.join(map(str, damaged[:10]))}{', ...' if len(damaged) > 10 else ''})")
+    repair = f"status:      damaged: run `reembed repair {s['output']}` (or the same run command) to re-embed them"
+    if s.get("state"):  # the live run's lines; its advice, unless a live run must not be told to rerun
         lines += live_lines(s)
+        if damaged and s["state"] != "RUNNING":
+            lines[-1] = repair
+    elif damaged:
+        lines.append(repair)
     else:
         lines.append("status:      " + ("complete" if s["complete"] else "incomplete: run the same command again to resume"))
     return "\n".join(lines)

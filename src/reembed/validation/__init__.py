@@ -1,12 +1,13 @@
 """The validation gate: is the new embedding output fit to replace the old store?
 
-    reembed validate OUTPUT_URI [--queries queries.jsonl] [--old URI --old-model NAME]
+    reembed validate OUTPUT_URI [--queries queries.jsonl] [--old URI --old-model NAME] [--workers N]
 
 writes ``OUTPUT/validation/report.json`` and ``report.html`` and exits non-zero when a gate fails.
 Gates, each ``pass``, ``fail``, ``info`` (reported, not gated) or ``skipped`` (not enough inputs):
 
-* **integrity** - every committed shard, streamed: sha256 against the manifest, row count, vector
-  dimension, no NaN/inf, no zero vectors, unit norm within ``norm_tol`` for normalizing models;
+* **integrity** - every committed shard: sha256 against its commit (damaged shards named), row count, vector
+  dimension, no NaN/inf, no zero vectors, unit norm within ``norm_tol`` for normalizing models, no id
+  repeated inside a shard (unless the plan ran with ``dedup: none``); norms' min/mean/max and histogram;
 * **sanity_pairs** - paraphrase pairs must score at least ``paraphrase_min`` with the new model and
   unrelated pairs at most ``unrelated_max`` (a built-in set plus ``--pairs FILE``);
 * **ann_recall** - recall@k of the output's own FAISS index measured the way ``reembed search`` answers:
@@ -20,13 +21,21 @@ Gates, each ``pass``, ``fail``, ``info`` (reported, not gated) or ``skipped`` (n
   nDCG@10 of exact search in the old and the new space side by side; the new model must not fall more
   than ``ab_tolerance`` below the old one on either metric.
 
-Exact search is cosine (vectors normalized before the dot product) and streams the shards, so memory
-holds one shard and the running top-k, never the corpus. ``reembed swap`` calls
-:func:`check_validation`, which refuses a missing, failed or stale report.
+**A Ray job.** The shards are read by Ray tasks (``workers`` at once, default every CPU Ray has; 0 runs
+them in this process), never by the driver: first the few shards holding the sampled documents (their
+vectors and texts become queries), then every committed shard once, in one pass that checks its file and
+dead-letter file against the sha256 of its commit, computes the integrity figures, and searches it exactly
+for every query (cosine: vectors normalized before the dot product), in the new space and, when the shards
+carry ``old_embedding``, in the old one. Each task returns small mergeable figures (counts, sums, min/max, a
+norm histogram, the damaged shards, keyed top-k lists: see :mod:`.integrity`), so the report is the same for
+any number of workers and no vector of the corpus reaches the driver. Damaged shards (missing, wrong sha256,
+unreadable) are named in the integrity gate and the HTML report and fail the gate; ``reembed repair``
+re-embeds exactly those. ``reembed swap`` calls :func:`check_validation`, which refuses a missing, failed or
+stale report.
 
-The package: :mod:`.gates` (the gates on data), :mod:`.integrity` (streaming the shards and the old
+The package: :mod:`.gates` (the gates on data), :mod:`.integrity` (the shard tasks, their merge, the old
 store), :mod:`.queries` (pairs and labelled queries), :mod:`.report` (HTML). Search adapters and the
-exact kNN live in :mod:`reembed.indexes.search`.
+exact kNN live in :mod:`reembed.indexes.search` and :mod:`reembed.indexes.exact`.
 """
 
 from __future__ import annotations
@@ -52,8 +61,10 @@ from reembed.storage import Location
 from reembed.validation.gates import (FAIL, INFO, PASS, SKIPPED, Search, Settings, ab_gate, ann_gate,  # noqa: F401
                                     ann_recall, check_vectors, ndcg_at_k, neighbour_overlap, overlap_gate,
                                     recall_at_k, retrieval_metrics, sanity_pairs)
-from reembed.validation.integrity import (OLD_EMBEDDING, _integrity_pass, _lookup_vectors, _old_manifest_model,  # noqa: F401
-                                        _old_source, _shard_batches, _shards_have, _stack)
+from reembed.repair import map_shards
+from reembed.validation.integrity import (OLD_EMBEDDING, SampleJob, ScanJob, Search as ShardSearch,  # noqa: F401
+                                        _lookup_vectors, _old_manifest_model, _stack, committed, committed_rows,
+                                        integrity_gate, old_side, sample_batch, scan_shards)
 from reembed.validation.queries import (PARAPHRASES, UNRELATED, LabelledQuery, Pair, builtin_pairs,  # noqa: F401
                                       load_pairs, load_queries)
 from reembed.validation.report import _json_default, render_html  # noqa: F401
@@ -72,7 +83,8 @@ QUERY_WORDS = (2, 5)  # a query cut from a sampled document: this many consecuti
 def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] | None = None,
              old: str | None = None, old_model: str | None = None, model: str | None = None,
              pairs: str | Sequence[Pair] | None = None, searchers: Mapping[str, Search] | None = None,
-             settings: Settings = Settings(), write: bool = True) -> dict[str, Any]:
+             settings: Settings = Settings(), write: bool = True, workers: int | None = None,
+             ray_address: str | None = None) -> dict[str, Any]:
     """Run every gate on the output at ``output`` and return the report (also written under
     ``OUTPUT/validation/`` unless ``write`` is false).
 
@@ -80,7 +92,9 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     ``old`` is an old store URI (``chroma://...``, see :mod:`reembed.migrate.stores`), an export folder
     (``id`` + ``old_embedding`` Parquet), or another reembed output; without it the shards' own
     ``old_embedding`` column is used when the job passed it through. ``old_model`` embeds the labelled
-    queries for the old side of the A/B comparison.
+    queries for the old side of the A/B comparison. ``workers``: shard tasks at once (None: every CPU Ray
+    has, on the cluster at ``ray_address`` / ``RAY_ADDRESS`` or a local Ray; 0: in this process, without
+    Ray); the report is the same whatever their number.
     """
     t0 = time.monotonic()
     loc = output if isinstance(output, Location) else Location.from_uri(output)
@@ -93,43 +107,62 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     new_model = model or manifest.model["name"]
     dim = int(manifest.model["dimension"])
     normalized = bool(manifest.model.get("normalize"))
+    tasks = {"workers": workers, "ray_address": ray_address}
 
-    records = sorted(manifest.committed.items())
-    total = sum(r["rows"] for _, r in records)
+    shards, rows = committed_rows(manifest)
+    total = int(rows.sum())
     n_sample = min(settings.sample, total)
     positions = np.sort(np.random.default_rng(settings.seed).choice(total, n_sample, replace=False)) if n_sample else np.zeros(0, np.int64)
 
-    # Pass 1 over the shards: integrity, and the sampled documents' vectors (and texts, to cut queries from).
-    has_old_column = _shards_have(loc, records, OLD_EMBEDDING)
-    relevant = {r for q in labelled for r in q.relevant}
+    # The sampled documents first (only the shards holding them are read): their vectors are queries of the
+    # exact search, and their texts give the text queries.
     text_column = TEXT_COLUMN if TEXT_COLUMN in manifest.plan.get("passthrough", []) else None
-    integrity, sample_ids, sample_new, sample_old, seen_relevant, sample_texts = _integrity_pass(
-        loc, records, dim, normalized, settings, positions, want_old=has_old_column and old is None, watch=relevant,
-        text_column=text_column)
-    pending = manifest.pending()
-    if pending:
-        integrity["problems"].insert(0, f"{len(pending)} of {manifest.shard_count} planned shards are not committed "
-                                        "yet; finish `reembed run` first")
-        integrity.update(status=FAIL, message="; ".join(integrity["problems"][:5]), pending=len(pending))
-    gates: dict[str, dict[str, Any]] = {"integrity": integrity}
+    sample = _sample(loc, manifest, shards, rows, positions, SampleJob(dim, OLD_EMBEDDING if old is None else None,
+                                                                       text_column), tasks)
+    has_old_column, sample_ids, sample_new, sample_old, sample_texts = sample
+    n_sample = len(sample_ids)
 
     # Queries go through the query path `reembed search` uses (model, revision, backend; on the CPU unless
     # --device says otherwise), so the sanity pairs and the ANN figure judge what users will get.
     device = "cpu" if settings.device == "auto" else settings.device
     searcher = _own_index(loc, manifest, model, device)  # its files are checked before any model loads
     embed_new = query_embedder(manifest.model, model, device, expect_dim=dim)
-    gates["sanity_pairs"] = sanity_pairs(embed_new, all_pairs, settings.paraphrase_min, settings.unrelated_max)
+    sanity = sanity_pairs(embed_new, all_pairs, settings.paraphrase_min, settings.unrelated_max)
     texts = gate_queries(labelled, all_pairs or builtin_pairs(), sample_texts, settings.seed) if searcher else []
-
-    # Pass 2: exact search in the new space for sampled documents, labelled queries and the gate's text
-    # queries, together.
     kq = max(settings.k + 1, 10)
     kx = DEPTH * kq  # exact results deep enough to see ties at the k-th place
     q_new = embed_new([q.query for q in labelled]) if labelled else np.zeros((0, dim), np.float32)
     q_text = searcher.embed(texts) if texts else np.zeros((0, dim), np.float32)
     queries_new = np.vstack([sample_new, q_new, q_text]).astype(np.float32)
-    exact_s, exact_new = (exact_knn(queries_new, _shard_batches(loc, records, S.EMBEDDING, dim), kx) if len(queries_new)
-                          else (np.zeros((0, kx), np.float32), np.zeros((0, kx), object)))
+
+    # The old side's queries, when the shards carry the old vectors: searched in the same pass.
+    own_old = has_old_column and old is None
+    old_model = old_model or (_old_manifest_model(old, loc.settings) if old else None)
+    old_q = _old_queries(sample_old, labelled, old_model, settings) if own_old else None
+
+    # One pass over every committed shard, in parallel tasks: integrity, sha256, exact search in the new space
+    # for sampled documents, labelled queries and the gate's text queries (and in the old space), together.
+    searches = [ShardSearch(S.EMBEDDING, queries_new, kx, dim)]
+    if old_q is not None and len(old_q[2]):
+        searches.append(ShardSearch(OLD_EMBEDDING, old_q[2], kq))
+    relevant = frozenset(r for q in labelled for r in q.relevant)
+    job = ScanJob(dim=dim, normalized=normalized, norm_tol=settings.norm_tol, searches=tuple(searches), watch=relevant,
+                  unique_ids=(manifest.plan.get("dedup") or "hash") != "none")
+    scan = scan_shards(loc, committed(manifest), job, total=len(shards), **tasks)
+    integrity = integrity_gate(scan, dim, normalized)
+    pending = manifest.pending()
+    if pending:
+        integrity["problems"].insert(0, f"{len(pending)} of {manifest.shard_count} planned shards are not committed "
+                                        "yet; finish `reembed run` first")
+        integrity.update(status=FAIL, message="; ".join(integrity["problems"][:5]), pending=len(pending))
+    damaged = manifest.state().damaged
+    if damaged:
+        integrity["problems"].insert(0, f"{len(damaged)} shards were found damaged and are not re-embedded yet; "
+                                        f"run `reembed repair {loc.uri}`")
+        integrity.update(status=FAIL, message="; ".join(integrity["problems"][:5]), retracted=sorted(damaged))
+    gates: dict[str, dict[str, Any]] = {"integrity": integrity, "sanity_pairs": sanity}
+
+    exact_s, exact_new = scan.top(0, job) if len(queries_new) else (np.zeros((0, kx), np.float32), np.zeros((0, kx), object))
     n_lab = len(q_new)
     exact_sample_new, exact_labelled_new = exact_new[:n_sample, :kq], exact_new[n_sample:n_sample + n_lab, :kq]
     text_exact = (exact_new[n_sample + n_lab:], exact_s[n_sample + n_lab:])
@@ -143,21 +176,28 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     gates["ann_recall"] = ann_gate(others, vec_queries, vec_exact, settings.k, settings.min_ann_recall, measured=own)
 
     # Old side: the same sampled documents and the labelled queries, searched in the old space.
-    old_stream = _old_source(old, loc, records) if old or has_old_column else None
     old_src = old or (f"{loc.display()} (the shards' {OLD_EMBEDDING} column)" if has_old_column else None)
-    old_model = old_model or (_old_manifest_model(old, loc.settings) if old else None)
-    if old_stream is None:
+    if old is None and not has_old_column:
         gates["overlap"] = {"status": SKIPPED, "message": "no old store: pass --old URI (or pass old_embedding through the job)"}
         exact_labelled_old = None
     else:
-        gates["overlap"], exact_labelled_old = _old_side(old_stream, old_model, sample_ids, sample_old, exact_sample_new,
-                                                         labelled, kq, settings)
+        if own_old:
+            found, _, queries_old, q_old = old_q
+            exact_old = scan.top(1, job)[1] if len(queries_old) else np.zeros((0, kq), object)
+        else:
+            side = old_side(old, loc, **tasks)
+            found, _, queries_old, q_old = _old_queries(side.lookup(sample_ids), labelled, old_model, settings)
+            exact_old = side.knn(queries_old, kq) if len(queries_old) else np.zeros((0, kq), object)
+        gates["overlap"] = overlap_gate([sample_ids[i] for i in found], exact_sample_new[found], exact_old[:len(found)],
+                                        settings.k, settings.min_overlap, missing=len(sample_ids) - len(found))
+        exact_labelled_old = exact_old[len(found):] if q_old is not None else None
     gates["ab"] = ab_gate(labelled, exact_labelled_new, exact_labelled_old, settings.k, settings.ab_tolerance,
-                          have_old=old_stream is not None)
-    unknown = sorted({r for q in labelled for r in q.relevant} - seen_relevant)
+                          have_old=old is not None or has_old_column)
+    unknown = sorted(relevant - scan.seen)
     if unknown:
         gates["ab"]["unknown_relevant"] = len(unknown)
         gates["ab"]["message"] += f"; {len(unknown)} labelled ids are not in the output (e.g. {', '.join(unknown[:3])})"
+    gates = {name: gates[name] for name in ("integrity", "sanity_pairs", "ann_recall", "overlap", "ab")}
 
     report = {
         "format": 1,
@@ -178,17 +218,42 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
         loc.write_bytes(json.dumps(report, indent=1, default=_json_default).encode(), REPORT_JSON)
         loc.write_bytes(render_html(report).encode(), REPORT_HTML)
     failed = [n for n, g in gates.items() if g["status"] == FAIL]
-    log.info("validate: %d rows, %d shards, %.1f s, %.1f rows/s; %s", total, len(records), report["seconds"],
+    log.info("validate: %d rows, %d shards, %.1f s, %.1f rows/s; %s", total, len(shards), report["seconds"],
              total / report["seconds"] if report["seconds"] else 0.0,
              "passed" if report["passed"] else f"FAILED ({', '.join(failed)})")
     return report
 
 
-def _old_side(old_stream, old_model: str | None, sample_ids: list[str], sample_old, exact_sample_new: np.ndarray,
-              labelled: Sequence[LabelledQuery], kq: int, settings: Settings) -> tuple[dict[str, Any], np.ndarray | None]:
-    """The overlap gate and the labelled queries' old-space rankings (None without an old model)."""
-    if sample_old is None:
-        sample_old = _lookup_vectors(old_stream(), sample_ids)
+def _sample(loc: Location, manifest: Manifest, shards: np.ndarray, rows: np.ndarray, positions: np.ndarray,
+            job: SampleJob, tasks: dict[str, Any]):
+    """The sampled rows (positions over the committed rows in shard order), read by Ray tasks from only the
+    shards that hold them (and the first shard, whose columns say whether the shards carry old vectors).
+    Returns (has the old column, ids, new vectors, old vectors (a list, None where missing) or None, texts)."""
+    starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if len(rows) else np.zeros(0, np.int64)
+    owner = np.searchsorted(starts, positions, side="right") - 1
+    want = {int(shards[i]): positions[owner == i] - starts[i] for i in np.unique(owner)}
+    first = int(shards[0]) if len(shards) else None
+    if first is not None:
+        want.setdefault(first, np.zeros(0, np.int64))
+    items = sorted(((shard, rec, want[shard]) for shard, _, rec in committed(manifest) if shard in want),
+                   key=lambda item: item[0])
+    got = sorted((row for part in map_shards(sample_batch, loc, items, job, total=len(items), **tasks) for row in part),
+                 key=lambda row: row["shard"])
+    has_old = bool(got) and got[0]["columns"] is not None and OLD_EMBEDDING in got[0]["columns"]
+    ids, new, old, texts = [], [], [], []
+    for row in got:
+        ids.extend(row["ids"])
+        if row["new"] is not None:
+            new.append(row["new"])
+            old.extend(list(row["old"]) if row["old"] is not None else [None] * len(row["ids"]))
+        texts.extend(row["texts"])
+    return has_old, ids, _stack(new, job.dim), (old if has_old and job.old_column else None), texts
+
+
+def _old_queries(sample_old: list | None, labelled: Sequence[LabelledQuery], old_model: str | None, settings: Settings):
+    """(indexes of the sampled documents the old side holds, their old vectors, the old side's queries: those
+    vectors then the labelled queries embedded by ``old_model`` (None without one), the latter or None)."""
+    sample_old = sample_old or []
     found = [i for i, v in enumerate(sample_old) if v is not None]
     old_docs = _stack([sample_old[i] for i in found])
     q_old = None
@@ -197,11 +262,9 @@ def _old_side(old_stream, old_model: str | None, sample_ids: list[str], sample_o
         if len(old_docs) and q_old.shape[1] != old_docs.shape[1]:
             raise ValidationError(f"old model {old_model} gives {q_old.shape[1]}-d vectors but the old store holds "
                                   f"{old_docs.shape[1]}-d ones; pass the old store's own model as --old-model")
-    queries_old = [m for m in (old_docs, q_old) if m is not None and len(m)]
-    exact_old = exact_knn(np.vstack(queries_old), old_stream(), kq)[1] if queries_old else np.zeros((0, kq), object)
-    gate = overlap_gate([sample_ids[i] for i in found], exact_sample_new[found], exact_old[:len(found)],
-                        settings.k, settings.min_overlap, missing=len(sample_ids) - len(found))
-    return gate, (exact_old[len(found):] if q_old is not None else None)
+    parts = [m for m in (old_docs, q_old) if m is not None and len(m)]
+    queries_old = np.vstack(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
+    return found, old_docs, queries_old, q_old
 
 
 def gate_queries(labelled: Sequence[LabelledQuery], pairs: Sequence[Pair], sample_texts: Sequence[str | None],

@@ -1,16 +1,27 @@
 """Chroma: ``chroma:///path?collection=docs`` (persistent folder) or ``chroma://host:8000?collection=docs``
 (HTTP server, ``&ssl=true``, ``&tenant=``, ``&database=``; ``CHROMA_API_KEY`` if set). Exported with paged
-``get``, searched with ``query``, written with ``upsert``."""
+``get``, searched with ``query``, written with ``upsert``.
+
+As a publish target (:mod:`reembed.migrate.sinks`): the vectors go into ``<collection>_v<N>``, created with the
+``space`` of the URI (``&space=cosine|l2|ip``), else the app collection's, else cosine for a normalized model.
+Chroma has no aliases; its equivalent is a rename (``Collection.modify(name=...)`` keeps the data): :meth:`swap`
+renames the app's collection to its backup name and the new one to the app's name, :meth:`rollback` back."""
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from typing import Any, Iterator
 
 import numpy as np
 
 from reembed.errors import ExportError, MigrationError
 from reembed.migrate.stores.base import Batch, Result, Store, StoreURI, matrix, page_size_checked
+
+# Collection metadata a published collection carries (Chroma metadata values are scalars).
+META_VERSION, META_MODEL, META_FINGERPRINT, META_DIMENSION = ("reembed_version", "reembed_model",
+                                                             "reembed_fingerprint", "reembed_dimension")
 
 
 class ChromaStore(Store):
@@ -100,6 +111,128 @@ class ChromaStore(Store):
         except Exception as e:  # chromadb's errors differ by version (bad metadata types, a deleted collection)
             raise MigrationError(f"{self.where}: Chroma upsert of {len(ids)} documents failed "
                                  f"({type(e).__name__}: {_first_line(e)})") from e
+
+
+    # -- publish target (reembed.migrate.sinks) ----------------------------------------------------
+
+    @staticmethod
+    def base_name(src: StoreURI) -> str:
+        name = src.option("collection", "")
+        if not name:
+            raise MigrationError(f"{src.shown}: name the app's collection, e.g. ?collection=docs")
+        return name
+
+    @staticmethod
+    def concurrent(src: StoreURI) -> bool:
+        """A server takes parallel writers; a persistent folder is written by this process alone."""
+        return bool(src.host)
+
+    @classmethod
+    def taken_names(cls, src: StoreURI) -> list[str]:
+        """Every collection name, plus ``<base>_v<N>`` for the version the app's collection records."""
+        base = cls.base_name(src)
+        client = _target_client(src)
+        names = _names(client)
+        return names + ([f"{base}_v{_version_of(client, base)}"] if base in names else [])
+
+    @classmethod
+    def open_target(cls, src: StoreURI, name: str, *, dim: int, normalized: bool, about: dict[str, Any]) -> "ChromaStore":
+        """The versioned collection ``name`` (created if missing), ready for ``upsert``."""
+        client = _target_client(src)
+        base = cls.base_name(src)
+        space = src.option("space")
+        if space is None and base in _names(client):
+            app = client.get_collection(base, embedding_function=None)
+            space = (app.metadata or {}).get("hnsw:space") or _configured_space(app)
+        space = space or ("cosine" if normalized else "l2")
+        if space not in ("cosine", "l2", "ip"):
+            raise MigrationError(f"{src.shown}: space {space!r} is not a Chroma space; use cosine, l2 or ip")
+        meta = {"hnsw:space": space, META_VERSION: int(about["version"]), META_MODEL: str(about.get("model") or ""),
+                META_FINGERPRINT: str(about.get("fingerprint") or ""), META_DIMENSION: int(dim)}
+        try:
+            col = client.get_or_create_collection(name, metadata=meta, embedding_function=None)
+        except Exception as e:  # chromadb's errors differ by version (a bad name, a server refusing)
+            raise MigrationError(f"{src.shown}: cannot create Chroma collection {name!r} ({type(e).__name__}: "
+                                 f"{_first_line(e)})") from e
+        store = cls(col, uri=src.uri, name="target")
+        got = col.get(limit=1, include=["embeddings"]).get("embeddings")
+        if got is not None and len(got) and len(got[0]) != dim:
+            raise MigrationError(f"{src.shown}: collection {name!r} already holds {len(got[0])}-d vectors, the output "
+                                 f"{dim}-d; delete it or publish from the output it was made from")
+        store._dim = dim
+        return store
+
+    def count(self) -> int:
+        return int(self.handle.count())
+
+    @classmethod
+    def swap(cls, src: StoreURI, name: str) -> dict[str, Any]:
+        """Make ``name`` the app's collection: app ``docs`` -> ``docs_v<its version, 0 if not reembed's>``,
+        then ``name`` -> ``docs``. Returns the renames and the window during which no ``docs`` existed."""
+        base = cls.base_name(src)
+        client = _target_client(src)
+        names = _names(client)
+        if name not in names:
+            if base in names and name == f"{base}_v{_version_of(client, base)}":  # swapped in already
+                return {"renames": [], "window_seconds": 0.0, "collection": base, "model": _model_of(client, base),
+                        "note": f"{name!r} is already the app's collection {base!r}"}
+            raise MigrationError(f"{src.shown}: no collection {name!r} to swap in (collections: {', '.join(names) or 'none'})")
+        renames: list[list[str]] = []
+        gone = None
+        if base in names:
+            backup = f"{base}_v{_version_of(client, base)}"
+            if backup in names:
+                raise MigrationError(f"{src.shown}: cannot move {base!r} aside: {backup!r} already exists; rename or "
+                                     "delete one of them first")
+            client.get_collection(base, embedding_function=None).modify(name=backup)
+            gone = time.monotonic()
+            renames.append([base, backup])
+        client.get_collection(name, embedding_function=None).modify(name=base)
+        window = time.monotonic() - gone if gone is not None else 0.0
+        renames.append([name, base])
+        return {"renames": renames, "window_seconds": round(window, 6), "collection": base,
+                "model": _model_of(client, base), "note": f"Chroma has no aliases: the app's name {base!r} "
+                f"was absent for {window * 1000:.1f} ms between the two renames"}
+
+    @classmethod
+    def rollback(cls, src: StoreURI) -> dict[str, Any]:
+        """Undo :meth:`swap`: the app's ``docs`` (version v) goes back to ``docs_v<v>``, and the highest
+        ``docs_v<k>`` below v (``docs_v0``: the collection from before reembed) becomes ``docs`` again."""
+        base = cls.base_name(src)
+        client = _target_client(src)
+        names = _names(client)
+        if base not in names:
+            raise MigrationError(f"{src.shown}: no collection {base!r} to roll back")
+        current = _version_of(client, base)
+        older = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(re.escape(base) + r"_v(\d+)", n))
+                       and int(m.group(1)) < current)
+        if not older:
+            raise MigrationError(f"{src.shown}: {base!r} is version {current} and no earlier {base}_v<N> exists to "
+                                 "roll back to")
+        return cls.swap(src, f"{base}_v{older[-1]}")
+
+
+def _target_client(src: StoreURI):
+    if not src.host and src.path not in ("", "/"):
+        os.makedirs(src.path, exist_ok=True)  # a new persistent folder for a publish
+    return _client(src)
+
+
+def _names(client) -> list[str]:
+    return [getattr(c, "name", c) for c in client.list_collections()]
+
+
+def _model_of(client, name: str) -> str | None:
+    return (client.get_collection(name, embedding_function=None).metadata or {}).get(META_MODEL)
+
+
+def _version_of(client, name: str) -> int:
+    """The reembed version a collection records; 0 for one reembed did not make."""
+    meta = client.get_collection(name, embedding_function=None).metadata or {}
+    try:
+        return int(meta.get(META_VERSION, 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _client(src: StoreURI):

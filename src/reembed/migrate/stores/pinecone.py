@@ -2,15 +2,23 @@
 here; ``PINECONE_API_KEY`` from the environment). Exported by listing ids page by page and fetching their
 vectors; the text comes from metadata ``text_field`` (default ``text``), the document id from metadata
 ``id_field`` if given. Not run against a live index here (no server); the paging is tested with a stand-in.
+
+As a publish target (:mod:`reembed.migrate.sinks`): the vectors go into namespace ``<namespace>_v<N>``
+(``default_v<N>`` for the default namespace) of an index that already exists with the output's dimension
+(creating a serverless index is a billing and region decision left to the user). Pinecone has no aliases:
+the app switches to the new namespace (a per-query parameter), so there is no swap. Stats are eventually
+consistent, so the final count is polled for up to ``settle_seconds``. Tested against a stand-in HTTP server
+written from Pinecone's REST reference (tests/pinecone_standin.py), not against Pinecone itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Iterator
 
-from reembed.errors import ExportError
+from reembed.errors import ExportError, MigrationError
 from reembed.migrate.stores.base import TEXT, Batch, Store, StoreURI, as_text, matrix, page_size_checked, take_id
 
 log = logging.getLogger(__name__)
@@ -18,6 +26,9 @@ log = logging.getLogger(__name__)
 
 class PineconeStore(Store):
     kind = "pinecone"
+    writable = True  # upserts into a namespace (publish, dual write)
+
+    settle_seconds = 60.0
 
     def __init__(self, index, namespace: str = "", text_field: str = TEXT, id_field: str | None = None,
                  fetch_size: int = 100, **common: Any):
@@ -25,6 +36,7 @@ class PineconeStore(Store):
         super().__init__(**common)
         self.handle, self.namespace = index, namespace
         self.text_field, self.id_field, self.fetch_size = text_field, id_field, fetch_size
+        self._dim: int | None = None
 
     @classmethod
     def from_uri(cls, src: StoreURI, **common: Any) -> "PineconeStore":
@@ -70,3 +82,76 @@ class PineconeStore(Store):
             metas.append(meta)
             rows.append(list(vec.values))
         return Batch(ids=ids, texts=texts, metadata=metas, vectors=matrix(rows, ids, "pinecone")) if ids else None
+
+    # -- publish target (reembed.migrate.sinks) ----------------------------------------------------
+
+    @staticmethod
+    def base_name(src: StoreURI) -> str:
+        return src.option("namespace") or "default"
+
+    @staticmethod
+    def concurrent(src: StoreURI) -> bool:
+        return True
+
+    @classmethod
+    def taken_names(cls, src: StoreURI) -> list[str]:
+        """The index's namespaces."""
+        with cls.from_uri(src) as store:
+            return list(store.handle.describe_index_stats().namespaces or {})
+
+    def close(self) -> None:
+        close = getattr(self.handle, "close", None)  # the data-plane client's connection pool (pinecone >= 8)
+        if callable(close):
+            close()
+
+    @classmethod
+    def open_target(cls, src: StoreURI, name: str, *, dim: int, normalized: bool, about: dict[str, Any]) -> "PineconeStore":
+        store = cls.from_uri(src, name="target")
+        store.namespace = name
+        index_dim = store.handle.describe_index_stats().dimension
+        if index_dim is not None and int(index_dim) != dim:
+            raise MigrationError(f"{src.shown}: index {store.collection!r} holds {index_dim}-d vectors, the output "
+                                 f"{dim}-d; create an index of dimension {dim} (metric "
+                                 f"{'cosine' if normalized else 'euclidean'}) and publish into pinecone://NEW_INDEX")
+        store._dim = dim
+        return store
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(self.handle.describe_index_stats().dimension)
+        return self._dim
+
+    def _upsert(self, ids, texts, vectors, metadata) -> None:
+        items = []
+        for i, text, vec, meta in zip(ids, texts, vectors, metadata):
+            meta = {k: v for k, v in meta.items() if v is not None}
+            if text is not None:
+                meta[self.text_field] = text
+            item = {"id": i, "values": vec.tolist()}
+            if meta:
+                item["metadata"] = meta
+            items.append(item)
+        self.handle.upsert(vectors=items, namespace=self.namespace)
+
+    def count(self) -> int:
+        """Vectors in this namespace, once the index's stats stop changing (they lag writes)."""
+        deadline = time.monotonic() + self.settle_seconds
+        last = None
+        while True:
+            summary = (self.handle.describe_index_stats().namespaces or {}).get(self.namespace)
+            got = int(getattr(summary, "vector_count", 0) or 0) if summary is not None else 0
+            if got == last or time.monotonic() > deadline:
+                return got
+            last = got
+            time.sleep(0.5)
+
+    @classmethod
+    def swap(cls, src: StoreURI, name: str) -> dict[str, Any]:
+        raise MigrationError(f"{src.shown}: Pinecone has no aliases; point the app at namespace {name!r} (a query "
+                             "parameter) instead of --swap")
+
+    @classmethod
+    def rollback(cls, src: StoreURI) -> dict[str, Any]:
+        raise MigrationError(f"{src.shown}: Pinecone has no aliases and reembed never swapped it; point the app back "
+                             "at its old namespace")

@@ -1,0 +1,218 @@
+"""Publish an output's new vectors into the app's vector store: ``reembed publish OUTPUT --to STORE_URI``.
+
+    reembed publish s3://corpus/emb/mpnet/ --to "chroma:///srv/chroma?collection=docs"          # -> docs_v2
+    reembed publish s3://corpus/emb/mpnet/ --to "chroma:///srv/chroma?collection=docs" --swap   # and rename
+    reembed publish OUTPUT --to "pinecone://my-index?namespace=docs"                           # -> docs_v2
+    reembed publish OUTPUT --to "weaviate://localhost:8080/Docs"                              # -> Docs_v2
+
+**Same ids and payload as the source export.** Each committed shard's rows are written with their id (the
+store's own id, as ``reembed export`` read it), the ``text`` column in the store's text field (Chroma's
+document, Pinecone's / Weaviate's ``text_field``, default ``text``), and every other passthrough column as
+metadata (``meta_text`` / ``meta_id`` back to ``text`` / ``id``, nulls left out). So run the job with
+``--passthrough text,<metadata columns>``; without a text column the store gets vectors and metadata only
+(a warning says so).
+
+**Versioned names.** The vectors go into a new versioned name beside the app's: collection ``docs_v2`` in
+Chroma, namespace ``docs_v2`` in Pinecone (a namespace costs nothing and is chosen per query; the index must
+already exist with the new dimension), collection ``Docs_v2`` in Weaviate. ``N`` is one more than any version
+present. The app's name is never written. Chroma and Pinecone have no aliases: for Pinecone the app switches
+its namespace; for Chroma ``--swap`` renames (Chroma renames a collection in place, keeping its data): the
+app's ``docs`` becomes ``docs_v<old>`` (``docs_v0`` for a collection reembed did not make: the backup),
+then ``docs_v2`` becomes ``docs``. For the few milliseconds between the two renames no collection is
+called ``docs``; the summary gives the measured window. ``--rollback`` renames back.
+
+**Streaming and resumable.** One shard at a time per worker (at most ``workers`` shards in memory, whatever
+the output's size), upserted in batches of ``batch_size``. Progress is create-only marker objects under
+``OUTPUT/_sinks/<name>/``: ``target.json`` (the versioned name, written create-only before the name is
+created, so a killed publish resumes into the same one) and ``done/part-00042.json`` per finished shard (a few
+bytes written atomically, O(1) per shard). A rerun skips the shards with a marker; an upsert is idempotent by id, so a shard cut off half way is
+simply written again. The count is checked against the output's rows at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from reembed import schema as S
+from reembed.errors import MigrationError, ObjectExistsError
+from reembed.manifest import Manifest, now
+from reembed.migrate.stores.base import OLD_EMBEDDING, TEXT, parse_uri
+from reembed.storage import Location
+
+log = logging.getLogger(__name__)
+
+SINKS_DIR = "_sinks"
+TARGET = "target.json"
+DONE = "done"
+COMPLETE = "complete.json"
+# Columns of a shard that are neither text nor metadata.
+_NOT_METADATA = {S.ID, S.EMBEDDING, TEXT, OLD_EMBEDDING, "truncated"}
+# Export renames metadata keys that collide with its own columns (``text`` -> ``meta_text``): undone here.
+_RESERVED_META = {f"meta_{k}": k for k in (S.ID, TEXT, OLD_EMBEDDING)}
+
+
+def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: int = 4, swap: bool = False) -> dict[str, Any]:
+    """Write every committed shard of ``output`` into a versioned name of the store at ``to``; returns the summary."""
+    if batch_size < 1 or workers < 1:
+        raise MigrationError(f"batch size and workers must be >= 1, got {batch_size} and {workers}")
+    t0 = time.monotonic()
+    loc = output if isinstance(output, Location) else Location.from_uri(output)
+    manifest = _complete_manifest(loc)
+    src = parse_uri(to)
+    sink = sink_class(src.kind)
+    rows = sum(rec["rows"] for rec in manifest.committed.values())
+    dim, normalized = int(manifest.model["dimension"]), bool(manifest.model.get("normalize"))
+    state_dir = f"{SINKS_DIR}/{sink_name(src, manifest)}"
+    about = {"model": manifest.model.get("name"), "fingerprint": manifest.model.get("fingerprint"), "dimension": dim}
+
+    complete = _read_json(loc, f"{state_dir}/{COMPLETE}")
+    if complete is not None:  # published before (and maybe swapped since): nothing to write
+        summary = {**complete, "rows_written": 0, "shards_resumed": complete["shards"], "seconds": 0.0}
+        if swap:
+            summary["swap"] = sink.swap(src, complete["collection"])
+        log.info("publish: %s already published into %s %s", loc.display(), src.shown, complete["collection"])
+        return summary
+    target = _read_json(loc, f"{state_dir}/{TARGET}")
+    if target is None:
+        name, version = next_version(sink.taken_names(src), sink.base_name(src))
+        target = {"uri": src.shown, "kind": src.kind, "collection": name, "version": version,
+                  "base": sink.base_name(src), "rows": rows, "started_at": now(), **about}
+        try:  # recorded before the name is created: a killed publish resumes into the same collection
+            loc.publish(json.dumps(target, indent=1).encode(), f"{state_dir}/{TARGET}", exclusive=True)
+        except ObjectExistsError:  # another publish of the same output and store got there first
+            target = _read_json(loc, f"{state_dir}/{TARGET}")
+        loc.delete_dir(f"{state_dir}/_tmp")  # publish's staging folder, empty once the file is in place
+    store = sink.open_target(src, target["collection"], dim=dim, normalized=normalized, about={**about, "version": target["version"]})
+    with store:
+        done = _done_shards(loc, state_dir)
+        todo = [(s, rec) for s, rec in sorted(manifest.committed.items()) if s not in done]
+        if done:
+            log.info("publish %s: resuming, %d of %d shards already written", target["collection"], len(done),
+                     len(done) + len(todo))
+        columns = _columns(manifest)
+        if TEXT not in columns:
+            log.warning("publish: %s carries no text column; the store gets vectors and metadata only (run the job "
+                        "with --passthrough text,...)", loc.display())
+        written = 0
+
+        def one(item: tuple[int, dict[str, Any]]) -> tuple[int, int]:
+            shard, rec = item
+            from reembed.indexes.build import read_shard
+
+            table = read_shard(loc, shard, rec, columns)
+            for ids, texts, vectors, metas in documents(table, batch_size):
+                store.upsert(ids, texts, vectors, metas)
+            return shard, table.num_rows
+
+        from reembed.indexes.build import bounded_map
+
+        for shard, n in bounded_map(one, todo, workers if sink.concurrent(src) else 1):
+            _mark_done(loc, state_dir, shard, n)
+            written += n
+        count = store.count()
+        if count != rows:
+            raise MigrationError(f"{src.shown}: {target['collection']} holds {count} documents after publishing, the "
+                                 f"output has {rows}; another writer may be using it - publish into a new name")
+    summary = {**target, "count": count, "rows_written": written, "shards": len(manifest.committed),
+               "shards_resumed": len(done), "seconds": round(time.monotonic() - t0, 3)}
+    if swap:
+        summary["swap"] = sink.swap(src, target["collection"])
+    loc.write_bytes(json.dumps({**summary, "finished_at": now()}, indent=1).encode(), f"{state_dir}/{COMPLETE}")
+    secs = summary["seconds"]
+    log.info("publish: %d rows (%d written now), %.1f s, %.1f rows/s -> %s %s", rows, written, secs,
+             written / secs if secs else 0.0, src.shown, target["collection"])
+    return summary
+
+
+def rollback(to: str) -> dict[str, Any]:
+    """Undo the last ``--swap`` on the store at ``to`` (Chroma: rename the names back)."""
+    src = parse_uri(to)
+    return sink_class(src.kind).rollback(src)
+
+
+def documents(table: pa.Table, batch_size: int) -> Iterator[tuple[list[str], list[str | None], np.ndarray, list[dict]]]:
+    """(ids, texts, vectors, metadata) batches of one shard, under the export's payload rules."""
+    meta_cols = [c for c in table.column_names if c not in _NOT_METADATA]
+    for start in range(0, table.num_rows, batch_size):
+        part = table.slice(start, batch_size)
+        ids = part.column(S.ID).to_pylist()
+        texts = part.column(TEXT).to_pylist() if TEXT in part.column_names else [None] * len(ids)
+        vectors = S.embedding_matrix(part.column(S.EMBEDDING))
+        cols = {_RESERVED_META.get(c, c): part.column(c).to_pylist() for c in meta_cols}
+        metas = [{k: v[i] for k, v in cols.items() if v[i] is not None} for i in range(len(ids))]
+        yield ids, texts, vectors, metas
+
+
+def sink_name(src, manifest: Manifest) -> str:
+    """The folder under ``_sinks/`` for this store and this state of the output: kind, base name, and a hash of
+    the target URI and the committed shards (a changed output or another store gets its own progress)."""
+    from reembed.indexes.build import inputs_key
+
+    key = hashlib.sha256(f"{src.shown}\n{inputs_key(manifest)}".encode()).hexdigest()[:12]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", sink_class(src.kind).base_name(src)).strip("-") or "default"
+    return f"{src.kind}-{base}-{key}"
+
+
+def sink_class(kind: str):
+    from reembed.migrate.stores import ChromaStore, PineconeStore, WeaviateStore
+
+    sinks = {"chroma": ChromaStore, "pinecone": PineconeStore, "weaviate": WeaviateStore}
+    if kind not in sinks:
+        raise MigrationError(f"publishing into {kind} is not done here: publish into chroma://, pinecone:// or "
+                             "weaviate:// (for Qdrant use `reembed index --qdrant`)")
+    return sinks[kind]
+
+
+def next_version(existing: Sequence[str], base: str, sep: str = "_v") -> tuple[str, int]:
+    """``base + sep + N`` with N one more than any version of ``base`` in ``existing`` (1 for the first)."""
+    pattern = re.compile(re.escape(base + sep) + r"(\d+)$")
+    versions = [int(m.group(1)) for name in existing if (m := pattern.match(name))]
+    version = max(versions, default=0) + 1
+    return f"{base}{sep}{version}", version
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _complete_manifest(loc: Location) -> Manifest:
+    from reembed.indexes.build import _load
+
+    return _load(loc)
+
+
+def _columns(manifest: Manifest) -> list[str]:
+    passthrough = [c for c in manifest.plan.get("passthrough", []) if c not in (S.ID, S.EMBEDDING)]
+    return [S.ID, S.EMBEDDING, *passthrough]
+
+
+def _done_shards(loc: Location, state_dir: str) -> set[int]:
+    done = set()
+    for info in loc.list(f"{state_dir}/{DONE}"):
+        m = re.search(r"part-(\d+)\.json$", info.path)
+        if m:
+            done.add(int(m.group(1)))
+    return done
+
+
+def _mark_done(loc: Location, state_dir: str, shard: int, rows: int) -> None:
+    # Written whole or not at all; a second writer of the same marker writes the same fact.
+    loc.write_bytes(json.dumps({"rows": rows}).encode(), f"{state_dir}/{DONE}/part-{shard:05d}.json")
+
+
+def _read_json(loc: Location, rel: str) -> dict[str, Any] | None:
+    if not loc.exists(rel):
+        return None
+    try:
+        return json.loads(loc.read_bytes(rel))
+    except ValueError as e:
+        raise MigrationError(f"{loc.display(rel)}: not readable JSON ({e}); delete {loc.display(SINKS_DIR)} to "
+                             "publish from the start") from e
