@@ -599,8 +599,8 @@ def test_two_jobs_on_one_output_commit_each_shard_exactly_once(s3_env, s3_user, 
             [sys.executable, "-m", "reembed", *run_args(inp, out, tiny_model)], env=job_env(s3_user, proxies["a"].endpoint, tmps["a"]),
             stdout=subprocess.DEVNULL, stderr=err["a"], start_new_session=True)
         wait_for(lambda: held.hits == 1, 180, "job a's second shard write", procs["a"])
-        procs["b"] = subprocess.Popen(
-            [sys.executable, "-m", "reembed", *run_args(inp, out, tiny_model)], env=job_env(s3_user, proxies["b"].endpoint, tmps["b"]),
+        procs["b"] = subprocess.Popen(  # a is live: b must take the output over (a plain run is refused)
+            [sys.executable, "-m", "reembed", *run_args(inp, out, tiny_model), "--take-over"], env=job_env(s3_user, proxies["b"].endpoint, tmps["b"]),
             stdout=subprocess.DEVNULL, stderr=err["b"], start_new_session=True)
         wait_for(lambda: proxies["b"].successes("PUT", r"/emb/manifest\.json"), 180, "job b's claim", procs["b"])
         released.set()

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from reembed import cluster, embed, plan_store, storage
+from reembed import cluster, embed, live, plan_store, storage
 from reembed import schema as S
 from reembed.cluster import init_ray  # also reached as pipeline.init_ray by indexes.build, until it imports cluster
 from reembed.config import JobConfig, validate
@@ -45,12 +45,15 @@ WRITERS_PER_CPU = 2  # writer tasks in flight per cluster CPU (at least 4)
 LOST_PASSES = 3  # passes of one run over shards whose blocks were lost with a node
 
 
-def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
+def run(cfg: JobConfig, embedder: Any = None, take_over: bool = False) -> dict[str, Any]:
     """Re-embed every document under ``cfg.input.uri`` into ``cfg.output.uri``; returns the summary.
 
     ``embedder`` replaces :class:`embed.Embedder` in the actor pool (a class with its constructor's
     keyword arguments and a ``describe(cfg)`` classmethod giving the model record): the benchmarks'
     null embedder runs the real read -> pool -> writer -> commit path without a model.
+
+    The run holds the output's heartbeat (:mod:`reembed.live`) from start to end: an output another run
+    holds is refused with :class:`LiveRunError` unless ``take_over`` (that run is fenced at its next commit).
 
     Every error a user can cause comes out as a :class:`ReembedError` of its own class, also when it was
     raised inside a Ray task (Ray's wrappers are taken off, see :func:`surface`).
@@ -64,6 +67,17 @@ def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
     storage.preflight(cfg.input.uri, cfg.output.uri, cfg.storage)
     out = storage.Location.from_uri(cfg.output.uri, cfg.storage)
     check_output_folder(out)
+    with live.Heartbeat.acquire(out, take_over=take_over) as beat:
+        summary = _run_held(cfg, out, embedder, beat, started, t0, phases)
+        if not summary["complete"]:
+            beat.finish(live.FAILED, f"ended with {len(summary['pending'])} shard(s) pending")
+    return summary
+
+
+def _run_held(cfg: JobConfig, out: storage.Location, embedder: Any, beat: live.Heartbeat, started: str,
+              t0: float, phases: Phases) -> dict[str, Any]:
+    """:func:`run` once the run holds the output's heartbeat."""
+    beat.phase("preparing")
     if cfg.output.fresh:
         _wipe(out)
 
@@ -71,6 +85,7 @@ def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
         model_info = inspect_model(cfg) if embedder is None else embedder.describe(cfg)  # first, without Ray
     manifest = open_output(cfg, out, model_info, phases)
 
+    beat.check()  # a run taken over while it planned stops here, before it claims the output back
     # Claiming fences any other job on this output before leftovers of crashed attempts are removed.
     cleaned = manifest.claim(SHARDS, DEAD_LETTER) if manifest.pending() else manifest.clean_temp(SHARDS, DEAD_LETTER)
     if cleaned:
@@ -80,9 +95,10 @@ def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
     log.info("%d of %d shards committed, %d pending", total - len(pending), total, len(pending))
 
     run_info: dict[str, Any] = {"started_at": started, "shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0}
+    beat.held(manifest.epoch)
     if pending:
         try:
-            run_info.update(_execute(cfg, manifest, pending, embedder, phases))
+            run_info.update(_execute(cfg, manifest, pending, embedder, phases, beat))
         except Exception as e:
             found = surface(e)
             if found is e:
@@ -96,6 +112,7 @@ def run(cfg: JobConfig, embedder: Any = None) -> dict[str, Any]:
     summary = summarize(manifest)
     summary["run"] = run_info
     if cfg.index.enabled and summary["complete"]:
+        beat.phase("indexing")
         with phases.phase("index", "building the indexes (FAISS and Qdrant, in parallel)"):
             summary["index"] = index_stage.run_index(cfg.output.uri, cfg.index, ray_address=cfg.compute.ray_address)
     phases.add("other", time.monotonic() - t0 - sum(phases.seconds.values()))  # storage checks, bookkeeping
@@ -200,8 +217,18 @@ def status(output: str | storage.Location, settings: Any = None) -> dict[str, An
     loc = output if isinstance(output, storage.Location) else storage.Location.from_uri(output, settings)
     m = Manifest.load(loc)
     if m is None:
+        return _status_before_plan(loc)
+    summary = summarize(m)
+    summary.update(planned=True, **live.describe(loc, summary["complete"]))
+    return summary
+
+
+def _status_before_plan(loc: storage.Location) -> dict[str, Any]:
+    """An output without a manifest: a run that is still planning it, or that stopped before it planned."""
+    found = live.describe(loc, complete=False)
+    if found["live"] is None:
         raise ManifestError(f"{loc.uri}: no manifest.json here (not a reembed output, or nothing planned yet)")
-    return summarize(m)
+    return {"output": loc.uri, "planned": False, "complete": False, **found}
 
 
 def summarize(manifest: Manifest) -> dict[str, Any]:
@@ -236,7 +263,7 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
 
 
 def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: Any = None,
-             phases: Phases | None = None) -> dict[str, Any]:
+             phases: Phases | None = None, beat: live.Heartbeat | None = None) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -309,6 +336,9 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
              "batch_tokens": pool["batch_tokens"]}
     t0 = time.monotonic()
     bar = Progress(total_rows, "embedded")
+    if beat is not None:
+        beat.phase("embedding", rows_total=total_rows, shards_total=len(pending))
+        bar = live.Progress(bar, beat)
     todo, passes = list(pending), 0
     try:
         with _ray_data_console():

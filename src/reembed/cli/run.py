@@ -21,11 +21,16 @@ def register(sub) -> None:
     add_run_arguments(r)
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("status", help="committed and pending shards, rows, dead letters, model, throughput",
-                       description="Show an output's progress from its manifest.")
+    s = sub.add_parser("status", help="RUNNING / SUCCEEDED / FAILED / INTERRUPTED, committed and pending shards, "
+                       "rows, dead letters, model, rows/s and ETA",
+                       description="Show an output's progress from its manifest, commit log and the live run's "
+                                   "heartbeat: the state (as `ray job status` gives it), which host holds the run, "
+                                   "rows/s, ETA and the last commit.")
     s.add_argument("output", metavar="OUTPUT_URI", help="the job's output folder or URI")
     add_storage_config(s)
-    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    s.add_argument("--json", action="store_true", help="print the status as JSON (with --follow: one JSON "
+                   "object per line, per refresh)")
+    add_follow_arguments(s)
     s.set_defaults(func=cmd_status)
 
 
@@ -81,6 +86,9 @@ def add_run_arguments(r: argparse.ArgumentParser) -> None:
                    "ids, check the model, and estimate time and cost (tuned profile or a short sample on this "
                    "machine); writes nothing to the output and starts no Embedder actors")
     r.add_argument("--json", action="store_true", help="print the final summary (with per-phase timings) as JSON")
+    r.add_argument("--take-over", action="store_true", help="run even though another run is live on this output "
+                   "(its heartbeat is fresh): that run is fenced at its next commit and this one continues from "
+                   "the last commit")
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -110,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = dryrun.dry_run(cfg)
         print(json.dumps(result, indent=1, default=str) if args.json else format_dry_run(result))
         return EXIT_OK
-    summary = pipeline.run(cfg)
+    summary = pipeline.run(cfg, take_over=getattr(args, "take_over", False))
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     else:
@@ -123,11 +131,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from reembed import pipeline
 
+    if getattr(args, "follow", False):
+        return follow(args)
     summary = pipeline.status(args.output, storage_settings(args))
     if args.json:
         print(json.dumps(summary, indent=1, default=str))
     else:
-        print(format_summary(summary, status=True))
+        print(format_status(summary))
     return EXIT_OK
 
 
@@ -155,7 +165,13 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
     if damaged:
         lines.append(f"damaged:     {len(damaged)} committed shard(s) found missing or corrupt and retracted ("
                      f"{', '.join(map(str, damaged[:10]))}{', ...' if len(damaged) > 10 else ''})")
-        lines.append(f"status:      damaged: run `reembed repair {s['output']}` (or the same run command) to re-embed them")
+    repair = f"status:      damaged: run `reembed repair {s['output']}` (or the same run command) to re-embed them"
+    if s.get("state"):  # the live run's lines; its advice, unless a live run must not be told to rerun
+        lines += live_lines(s)
+        if damaged and s["state"] != "RUNNING":
+            lines[-1] = repair
+    elif damaged:
+        lines.append(repair)
     else:
         lines.append("status:      " + ("complete" if s["complete"] else "incomplete: run the same command again to resume"))
     return "\n".join(lines)
@@ -213,3 +229,102 @@ def _duration(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+# -- the live run: state, rate, ETA, --follow -----------------------------------------------------------
+
+
+def add_follow_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--follow", "-f", action="store_true", help="refresh until the run ends; exit 0 when it "
+                   "SUCCEEDED, 1 when it FAILED or was INTERRUPTED")
+    p.add_argument("--interval", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between refreshes with --follow (default 5)")
+
+
+def format_status(s: dict[str, Any]) -> str:
+    """``reembed status``: the summary with the live run's lines (only those, before the output is planned)."""
+    if "model" in s:
+        return format_summary(s, status=True)
+    return "\n".join([f"output:      {s['output']}", *live_lines(s)])
+
+
+def live_lines(s: dict[str, Any]) -> list[str]:
+    """The state of the run (RUNNING / SUCCEEDED / FAILED / INTERRUPTED), who holds it, rows/s, ETA, the last
+    commit, and what to do next. Advice never tells a user to rerun while a run is live."""
+    state, lv = s["state"], s.get("live") or {}
+    lines = [f"state:       {state}" + (f" ({lv['phase']})" if state == "RUNNING" and lv.get("phase") else "")]
+    if lv:
+        job = f", Ray job {lv['ray_job']}" if lv.get("ray_job") else ""
+        when = f"ended {lv['finished_at']}" if lv.get("finished_at") else f"last beat {lv['beat_age_s']:.0f} s ago"
+        lines.append(f"run:         host {lv['host']} pid {lv['pid']}{job}, started {lv['started_at']}, {when}"
+                     + (f" (epoch {lv['epoch']})" if lv.get("epoch") else ""))
+        if lv.get("rows_total") is not None:
+            rate = f"{lv['rows_per_second']:,.1f} rows/s" if lv.get("rows_per_second") else "rows/s not measured yet"
+            eta = f", ETA {human_seconds(lv['eta_seconds'])}" if lv.get("eta_seconds") is not None else ""
+            lines.append(f"this run:    {lv['rows_done']:,}/{lv['rows_total']:,} rows, {lv['shards_done']}/"
+                         f"{lv['shards_total']} shards; {rate}{eta}")
+        if lv.get("last_commit_at"):
+            lines.append(f"last commit: {lv['last_commit_at']}")
+    uri = s["output"]
+    if state == "RUNNING":
+        advice = (f"running: follow it with `reembed status {uri} --follow`; a second run on this output is refused "
+                  "unless --take-over (which fences this one)")
+    elif state == "SUCCEEDED":
+        advice = "complete"
+    elif state == "FAILED":
+        error = lv.get("error") or "see its log"
+        says_how = "rerun" in error or "same command" in error  # reembed's errors say what to do next
+        advice = f"failed: {error}" + ("" if says_how else "; fix the cause, then run the same command again to resume")
+    else:
+        why = "it stopped" if not lv else lv.get("error") or f"its heartbeat stopped {lv['beat_age_s']:.0f} s ago"
+        advice = f"interrupted ({why}): run the same command again to resume"
+    lines.append(f"status:      {advice}")
+    return lines
+
+
+def follow(args: argparse.Namespace) -> int:
+    """Print the status every ``--interval`` seconds until the run is no longer RUNNING: one line per
+    refresh (one JSON object per line with --json), then the whole status. Exit 0 on SUCCEEDED, else 1."""
+    import sys
+    import time
+
+    from reembed import pipeline
+
+    settings, tty = storage_settings(args), sys.stdout.isatty() and not args.json
+    while True:
+        summary = pipeline.status(args.output, settings)
+        if summary["state"] != "RUNNING":
+            break
+        if args.json:
+            print(json.dumps(summary, default=str), flush=True)
+        else:
+            line = progress_line(summary)
+            print(("\r\x1b[K" + line) if tty else line, end="" if tty else "\n", flush=True)
+        time.sleep(max(0.1, args.interval))
+    if tty:
+        print()
+    print(json.dumps(summary, default=str) if args.json else format_status(summary), flush=True)
+    return EXIT_OK if summary["state"] == "SUCCEEDED" else EXIT_FAIL
+
+
+def progress_line(s: dict[str, Any]) -> str:
+    lv = s.get("live") or {}
+    parts = [s["state"], lv.get("phase") or ""]
+    if "shards" in s:
+        parts.append(f"shards {s['committed']}/{s['shards']}")
+    if lv.get("rows_total") is not None:
+        parts.append(f"rows {lv['rows_done']:,}/{lv['rows_total']:,}")
+    if lv.get("rows_per_second"):
+        parts.append(f"{lv['rows_per_second']:,.1f} rows/s")
+    if lv.get("eta_seconds") is not None:
+        parts.append(f"ETA {human_seconds(lv['eta_seconds'])}")
+    parts.append(f"on {lv.get('host')} pid {lv.get('pid')}")
+    return "  ".join(p for p in parts if p)
+
+
+def human_seconds(seconds: float) -> str:
+    """``42 s``, ``3 min 20 s``, ``2 h 05 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
