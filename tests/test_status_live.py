@@ -154,7 +154,7 @@ def test_a_killed_holder_is_interrupted_at_once_here_and_after_its_lease_elsewhe
         status = pipeline.status(str(out))  # before any manifest: the run is still planning
         assert status["state"] == live.RUNNING and status["live"]["pid"] == proc.pid and not status["planned"]
         rc = main(["run", "--input", str(tmp_path), "--output", str(out)])
-        assert rc == 1
+        assert rc == 3  # refused
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -272,7 +272,7 @@ def test_a_live_run_is_running_with_a_rate_refuses_a_second_run_and_is_followed_
         assert "run the same command" not in text  # following that advice would fence the live run
 
         t0 = time.monotonic()
-        assert main(["run", *argv]) == 1
+        assert main(["run", *argv]) == 3  # refused
         line = one_error_line(capsys.readouterr().err)
         assert "a run is live on this output" in line and f"pid {os.getpid()}" in line and "--take-over" in line
         assert time.monotonic() - t0 < 10, "refused before loading the model or starting anything"
@@ -373,7 +373,7 @@ def test_take_over_fences_the_live_run_and_a_killed_run_is_interrupted_then_resu
 
         # A second plain run is refused at once, in one line naming the live run.
         refused = subprocess.run(plain_run, env=env, capture_output=True, text=True, timeout=300)
-        assert refused.returncode == 1
+        assert refused.returncode == 3  # refused
         line = one_error_line(refused.stderr)
         assert "a run is live on this output" in line and f"pid {procs['a'].pid}" in line and "--take-over" in line
 
@@ -382,9 +382,9 @@ def test_take_over_fences_the_live_run_and_a_killed_run_is_interrupted_then_resu
         taken = wait_for(lambda: (s := status()).get("state") == "RUNNING" and live_of(s).get("pid") == procs["b"].pid
                          and live_of(s).get("shards_done", 0) >= 2 and s, 600, "job b committing", procs["b"])
         assert live_of(taken)["epoch"] > live_of(first)["epoch"]
-        # Job a, released, is fenced at its next commit: one line, exit 1, and b's record is left alone.
+        # Job a, released, is fenced at its next commit: one line, exit 3, and b's record is left alone.
         gates["a"].unlink()
-        assert procs["a"].wait(timeout=300) == 1
+        assert procs["a"].wait(timeout=300) == 3  # fenced: refused
         assert "another job has taken over this output" in one_error_line((tmp_path / "a.err").read_text())
         assert live_of(status())["pid"] == procs["b"].pid
 

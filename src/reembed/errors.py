@@ -119,5 +119,7 @@ class InputChanged(InputError):
     message names the file; re-plan with --fresh or restore it."""
 
     exit_code = EXIT_REFUSED
+
+
 class LiveRunError(ConcurrentWriteError):
     """Another run holds this output (its heartbeat in ``_live.json`` is fresh); names it and what to do."""
