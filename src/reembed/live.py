@@ -78,6 +78,20 @@ def read(loc: Location) -> dict[str, Any] | None:
     return _read(loc)[0]
 
 
+def refuse_if_live(loc: Location, take_over: bool = False) -> None:
+    """A read-only look before any work: :class:`LiveRunError` if another run is live on the output (and
+    ``take_over`` is not given). :meth:`Heartbeat.acquire` decides for good, under the output's lock."""
+    current = read(loc)
+    if not take_over and current is not None and state(current, complete=False) == RUNNING:
+        raise _live_error(loc, current)
+
+
+def _live_error(loc: Location, current: dict[str, Any]) -> LiveRunError:
+    return LiveRunError(f"{loc.display(LIVE)}: a run is live on this output ({holder(current)}); follow it with "
+                        f"`reembed status {loc.uri} --follow`, or pass --take-over to fence it and continue from "
+                        "its last commit")
+
+
 def state(record: dict[str, Any] | None, complete: bool, now: float | None = None) -> str:
     """RUNNING, SUCCEEDED, FAILED or INTERRUPTED for an output whose live record is ``record`` and whose
     shards are all committed or not (``complete``)."""
@@ -290,10 +304,7 @@ class Heartbeat:
                 if current is not None and current.get("run_id") != self.record["run_id"] and \
                         state(current, complete=False) == RUNNING:
                     if not take_over:
-                        raise LiveRunError(
-                            f"{self.loc.display(LIVE)}: a run is live on this output ({holder(current)}); "
-                            f"follow it with `reembed status {self.loc.uri} --follow`, or pass --take-over to "
-                            "fence it and continue from its last commit")
+                        raise _live_error(self.loc, current)
                     log.warning("%s: taking over from the live run (%s); it stops at its next commit",
                                 self.loc.display(LIVE), holder(current))
                 try:

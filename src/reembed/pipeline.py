@@ -61,12 +61,13 @@ def run(cfg: JobConfig, embedder: Any = None, take_over: bool = False) -> dict[s
     validate(cfg)
     started, t0 = now(), time.monotonic()
     phases = Phases()
-    if embedder is None:
-        with phases.phase("model check"):
-            check_available(cfg.model.name, cfg.model.revision)  # a second or two: before anything starts
     storage.preflight(cfg.input.uri, cfg.output.uri, cfg.storage)
     out = storage.Location.from_uri(cfg.output.uri, cfg.storage)
     check_output_folder(out)
+    live.refuse_if_live(out, take_over)  # a live output is refused first, in a second
+    if embedder is None:
+        with phases.phase("model check"):
+            check_available(cfg.model.name, cfg.model.revision)  # a second or two: before anything is written
     with live.Heartbeat.acquire(out, take_over=take_over) as beat:
         summary = _run_held(cfg, out, embedder, beat, started, t0, phases)
         if not summary["complete"]:
