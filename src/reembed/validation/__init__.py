@@ -50,7 +50,7 @@ from reembed.indexes.search import (Searcher, exact_knn, faiss_searcher, normali
                             query_embedder, recall, text_embedder)
 from reembed.storage import Location
 from reembed.validation.gates import (FAIL, INFO, PASS, SKIPPED, Search, Settings, ab_gate, ann_gate,  # noqa: F401
-                                    ann_recall, check_vectors, ndcg_at_k, neighbour_overlap, overlap_gate,
+                                    ann_recall, label_coverage, check_vectors, ndcg_at_k, neighbour_overlap, overlap_gate,
                                     recall_at_k, retrieval_metrics, sanity_pairs)
 from reembed.validation.integrity import (OLD_EMBEDDING, _integrity_pass, _lookup_vectors, _old_manifest_model,  # noqa: F401
                                         _old_source, _shard_batches, _shards_have, _stack)
@@ -155,9 +155,7 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     gates["ab"] = ab_gate(labelled, exact_labelled_new, exact_labelled_old, settings.k, settings.ab_tolerance,
                           have_old=old_stream is not None)
     unknown = sorted({r for q in labelled for r in q.relevant} - seen_relevant)
-    if unknown:
-        gates["ab"]["unknown_relevant"] = len(unknown)
-        gates["ab"]["message"] += f"; {len(unknown)} labelled ids are not in the output (e.g. {', '.join(unknown[:3])})"
+    gates["ab"] = label_coverage(gates["ab"], unknown, len(relevant), sample_ids, manifest.plan.get("passthrough", []))
 
     report = {
         "format": 1,

@@ -65,7 +65,7 @@ class QdrantStore(Store):
         if not name:
             raise ExportError(f"{src.shown}: name the collection, e.g. {src.scheme}://{src.host}{src.path or '/path'}"
                               "?collection=docs")
-        client = Q.connect(_target(src))
+        client = Q.connect(target_of_uri(src))
         try:
             if not client.collection_exists(name):
                 names = Q.collections(client)
@@ -186,7 +186,7 @@ def split_payload(payload: dict[str, Any], layout: dict[str, Any]) -> tuple[str 
     return as_text(payload.pop(layout["text_field"], None)), payload
 
 
-def _target(src: StoreURI) -> str:
+def target_of_uri(src: StoreURI) -> str:
     """The target :func:`reembed.indexes.qdrant.connect` takes: a server URL or an existing local folder."""
     if src.host:
         if src.path not in ("", "/"):
