@@ -125,13 +125,15 @@ class QdrantStore(Store):
     def _search(self, vectors: np.ndarray, k: int) -> list[Result]:
         from qdrant_client import models
 
+        layout = self.detect_layout()
         id_field = self.id_field or Q.PAYLOAD_ID
-        reqs = [models.QueryRequest(query=v.tolist(), limit=k, using=self.vector, with_payload=[id_field, self.text_field])
+        text_key = self.text_field.split(".", 1)[0]  # LlamaIndex: the text is inside _node_content
+        reqs = [models.QueryRequest(query=v.tolist(), limit=k, using=self.vector, with_payload=[id_field, text_key])
                 for v in vectors]
         results = Q.call_with_retry(lambda: self.client.query_batch_points(self.collection, requests=reqs),
                                     what=f"query {self.collection}")
-        return [[(str((p.payload or {}).get(id_field, p.id)), self.sign * float(p.score), (p.payload or {}).get(self.text_field))
-                 for p in res.points] for res in results]
+        return [[(str((p.payload or {}).get(id_field, p.id)), self.sign * float(p.score),
+                  split_payload(dict(p.payload or {}), layout)[0]) for p in res.points] for res in results]
 
     def _upsert(self, ids, texts, vectors, metadata) -> None:
         """Points keyed by :func:`reembed.indexes.qdrant.point_id`, with the document id in the payload as the
