@@ -7,6 +7,7 @@ are embedded directly (no Ray) so this stays fast; `reembed migrate` end to end 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -123,6 +124,18 @@ def test_a_hand_made_payload_with_integer_ids_is_written_back_as_it_was(tmp_path
         client.close()
     assert got == {i * 7: p for i, p in enumerate(payloads)}
 
+    # Without _point_id (migrate --point-ids derive) the ids are reembed's uuid5 of the document ids.
+    out = write_output(tmp_path / "out2", table.column("id").to_pylist(), rng.standard_normal((12, 4)),
+                       model_info("new-model", 4), columns={"_payload": table.column("_payload")})
+    rec = build_indexes(out, IndexConfig(faiss="none", qdrant=str(tmp_path / "app"), collection="derived"),
+                        use_ray=False)["qdrant"]
+    client = Q.connect(str(tmp_path / "app"))
+    try:
+        got = {p.id: p.payload for p in client.scroll(rec["collection"], limit=100, with_payload=True)[0]}
+    finally:
+        client.close()
+    assert got == {Q.point_id(str(i * 7)): p for i, p in enumerate(payloads)}
+
 
 def test_adopt_killed_inside_its_window_is_finished_by_a_rerun(tmp_path):
     """SIGKILL between deleting the app's collection and creating the alias: the rerun creates the alias."""
@@ -181,3 +194,26 @@ def test_one_process_opens_an_embedded_folder_once(tmp_path):
                             f"c = QdrantClient(path={str(tmp_path / 'q')!r}); print(c.get_collections()); c.close()"],
                            capture_output=True, text=True)
     assert other.returncode == 0, other.stderr[-2000:]
+
+
+def test_adopt_and_versions_on_the_command_line(tmp_path, capsys):
+    """`reembed adopt` says what the window was and how long; `versions` takes the same qdrant:// URI and
+    shows the recorded model; `swap` onto the app's own collection name points at adopt."""
+    from qdrant_client import QdrantClient, models
+
+    from reembed.cli import main
+
+    client = QdrantClient(path=str(tmp_path / "app"))
+    client.create_collection("docs", vectors_config=models.VectorParams(size=3, distance=models.Distance.COSINE))
+    client.upsert("docs", points=[models.PointStruct(id=i, vector=[1.0, i, 2.0 - i]) for i in range(5)])
+    client.close()
+    uri = f"qdrant://{tmp_path}/app?collection=docs"
+    assert main(["adopt", "--store", uri, "--model", "old-model"]) == 0
+    out = capsys.readouterr().out
+    assert "adopted: docs is now an alias -> docs-v0 (5 points, query model old-model)" in out
+    assert re.search(r"window: the name 'docs' did not exist for [0-9.]+ ms", out)
+    assert "checked: 5 sample queries answer the same before and after" in out
+    assert main(["versions", "--qdrant", f"qdrant://{tmp_path}/app"]) == 0
+    assert re.search(r"docs-v0 +old-model +3 +5 +ready +docs", capsys.readouterr().out)
+    assert main(["adopt", "--store", uri]) == 0
+    assert "already an alias -> docs-v0; nothing changed" in capsys.readouterr().out

@@ -120,6 +120,9 @@ def register(subparsers) -> None:
     m.add_argument("--swap", dest="swap", action="store_true", default=None, help="swap the app's name to the new "
                    "collection at the end (default)")
     m.add_argument("--no-swap", dest="swap", action="store_false", help="stop before the swap; print its command")
+    m.add_argument("--point-ids", choices=["keep", "derive"], help="keep the app's point ids in the new collection "
+                   "(default), or derive them from the document ids (uuid5, reembed's scheme) for an app that maps "
+                   "ids itself; with ?id_field= on --from the document id comes from that payload field")
     m.add_argument("--config", metavar="migrate.yaml", help="a job config plus a migrate: section")
     m.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override a job setting, e.g. --set plan.shard_rows=5000 (repeatable)")
@@ -220,7 +223,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings, job = load_migrate_config(args.config, args.overrides)
     flags = {"source": args.source, "model": args.model, "old_model": args.old_model, "workdir": args.workdir,
-             "queries": args.queries, "label_id_field": args.label_id_field, "swap": args.swap}
+             "queries": args.queries, "label_id_field": args.label_id_field, "swap": args.swap,
+             "point_ids": args.point_ids}
     settings = dataclasses.replace(settings, **{k: v for k, v in flags.items() if v is not None},
                                    **({"use_ray": False} if args.no_ray else {}))
     state = migrate(settings, job, progress=None if args.json else _print_stage)

@@ -49,6 +49,9 @@ class MigrateSettings:
     swap: bool = True
     sample: int = 200
     faiss: str = "auto"  # the FAISS index validate measures ANN recall on ("none" skips it)
+    # "keep": the new collection has the app's point ids; "derive": reembed's uuid5 of each document id
+    # (the export's id column: a payload id_field=, or the point id), for an app that maps ids itself.
+    point_ids: str = "keep"
     use_ray: bool = True
 
 
@@ -124,7 +127,7 @@ class _Flow:
         import reembed
 
         columns = (self.state["stages"]["export"]["result"].get("columns") or [])
-        carried = tuple(c for c in CARRIED if c in columns)
+        carried = tuple(c for c in CARRIED if c in columns and not (c == "_point_id" and self.s.point_ids == "derive"))
         cfg = dataclasses.replace(
             self.job,
             input=dataclasses.replace(self.job.input, uri=self.export_loc.uri, id_column="id", text_column="text",
@@ -185,6 +188,8 @@ def _check(s: MigrateSettings) -> None:
     for key, flag in (("source", "--from"), ("model", "--model"), ("workdir", "--workdir")):
         if not getattr(s, key):
             raise ConfigError(f"{flag} is required (or migrate.{key} in --config)")
+    if s.point_ids not in ("keep", "derive"):
+        raise ConfigError(f"migrate.point_ids must be keep or derive, got {s.point_ids!r}")
     if s.sample < 1:
         raise ConfigError(f"migrate.sample must be >= 1, got {s.sample}")
 
