@@ -75,6 +75,13 @@ def test_langchain_app_reads_the_new_collection_through_adopt_swap_and_rollback(
     with pytest.raises(Exception, match="384|1024|dim"):  # the old query model no longer fits
         langchain_answers(app, minilm, ids)
 
+    # The old collection and the new one, in the same embedded folder, open at once in this process (as
+    # `reembed validate --old qdrant://APP?collection=documents-v0 --qdrant qdrant://APP?collection=documents`).
+    with M.open_store(f"qdrant://{app}?collection={COLLECTION}-v0", model=str(minilm), name="old") as old, \
+            M.open_store(f"qdrant://{app}?collection={COLLECTION}", model=str(proj), name="new") as now:
+        hits = M.dual_query("how do I make bread rise", old, now, k=3)
+        assert (old.dim, now.dim) == (384, 1024) and hits[0].text == before["top"][0][0]
+
     back = rollback(COLLECTION, qdrant=str(app))
     assert back["to"] == f"{COLLECTION}-v0" and back["model"] == str(minilm) and back["dimension"] == 384
     assert langchain_answers(app, minilm, ids) == before
