@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m reembed.demo --data $(DEMO_DATA) --output $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=25
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q

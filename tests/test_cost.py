@@ -93,3 +93,55 @@ def test_cost_cli_table_json_and_bar_charts(recorded_run, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["runs"][0]["docs"] == 80 and data["prices"]["currency"] == "USD"
     assert main(["cost", str(tmp_path / "nothing-here")]) == 1
+
+
+@pytest.mark.ray
+def test_cost_json_writes_no_report_unless_asked(recorded_run, tmp_path, monkeypatch, capsys):
+    from reembed.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["cost", str(recorded_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["report"] is None
+    assert not (tmp_path / "reembed-cost.html").exists()  # it used to be overwritten in silence
+    assert main(["cost", str(recorded_run)]) == 0  # the table's default writes it, and says so
+    out = capsys.readouterr().out
+    assert "report: reembed-cost.html" in out and (tmp_path / "reembed-cost.html").exists()
+    head = out.splitlines()[0].split()
+    assert head[:5] == ["run", "model", "device", "backend", "precision"]
+
+
+@pytest.mark.ray
+def test_interrupted_attempts_are_counted_and_priced(recorded_run, tmp_path):
+    """An attempt that claimed the output, committed shards and died without recording a run (here: a
+    claim and two commits appended to a copy of a real output's log, as a killed resume leaves them) is a
+    row of its own, priced from its claim to its last commit on the recorded runs' device."""
+    import shutil
+    import time
+
+    from reembed.commits import CommitLog, attempts
+
+    out = tmp_path / "copy"
+    shutil.copytree(recorded_run, out)
+    loc = Location.from_uri(str(out))
+    log = CommitLog.open(loc)
+    epoch = log.claim()
+    log.commit(0, {"rows": 40, "tokens": 400, "device_seconds": 1.5})
+    time.sleep(0.2)
+    log.commit(1, {"rows": 40, "tokens": 380, "device_seconds": 1.0})
+    *_, lost = attempts(loc)
+    assert lost["epoch"] == epoch and not lost["run"] and lost["shards"] == 2 and lost["rows"] == 80
+    assert lost["tokens"] == 780 and lost["device_seconds"] == pytest.approx(2.5)
+    assert any(a["run"] for a in attempts(loc)), attempts(loc)  # the recorded run's attempt
+
+    prices = cost.load_prices(write_prices(tmp_path / "p.yaml", as_of="2026-11-25", source="test", cpu=0.36))
+    rows = cost.price_runs([str(out)], prices)
+    [done] = [r for r in rows if not r["interrupted"]]
+    [cut] = [r for r in rows if r["interrupted"]]
+    import datetime as dt
+
+    wall = (dt.datetime.fromisoformat(lost["last_at"]) - dt.datetime.fromisoformat(lost["claimed_at"])).total_seconds()
+    assert wall >= 0.2 and cut["wall_seconds"] == pytest.approx(wall, abs=1e-3)
+    assert cut["count"] == done["count"] == 2 and cut["cost_usd"] == pytest.approx(wall / 3600 * 2 * 0.36)
+    assert cut["docs"] == 80 and f"epoch {epoch}" in cut["run"] and "lower bound" in cut["note"]
+    table = cost.format_table(rows, prices)
+    assert "1 interrupted attempt(s)" in table

@@ -54,7 +54,7 @@ def test_counts_agree_and_a_rerun_changes_nothing(fast_tmp, qdrant_target):
     rows = sum(r["rows"] for r in _manifest(out).committed.values())
     f, q = first["faiss"], first["qdrant"]
     assert rows == 1200 == f["ntotal"] == q["count"] == _qdrant_count(cfg.qdrant, q["collection"])
-    assert q["collection"] == f"{cfg.collection}-v1" and q["shards_done"] == list(range(12))
+    assert q["collection"] == f"{cfg.collection}-v1" and (q["shards"], q["resumed_shards"]) == (12, 0)
     state = _index_state(out)
     assert state["faiss"]["status"] == state["qdrant"]["status"] == "done"
     assert state["faiss"]["sha256"] == f["sha256"] and state["faiss"]["params"]["factory"] == "HNSW32"
@@ -91,23 +91,25 @@ def test_an_incomplete_output_is_refused(fast_tmp):
         stage.build_indexes(out, IndexConfig(qdrant="none"), use_ray=False)
 
 
-def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
-    """SIGKILL a real process mid-upload, rerun: the same collection is finished with every point once."""
+def test_killed_index_resumes_to_qdrant_count_faiss_ntotal_and_manifest_rows(fast_tmp, qdrant_target):
+    """SIGKILL a real `reembed index` once some shards are recorded loaded, rerun: the shards recorded are
+    skipped, the same collection is finished, and Qdrant count = FAISS ntotal = manifest rows (each
+    document once). Against a server the killed load ran 4 writers at once."""
     out = write_output(fast_tmp / "out", clustered(1200, 16, seed=3), shard_rows=30)  # 40 shards
     cfg = _cfg(qdrant_target, batch_size=5)
-    script = ("import sys; from reembed.config import IndexConfig; from reembed.indexes import build as stage; "
-              f"stage.run_qdrant({out!r}, IndexConfig(batch_size=5, collection={cfg.collection!r}), {cfg.qdrant!r})")
+    command = [sys.executable, "-m", "reembed", "index", out, "--no-ray", "--faiss", "flat", "--qdrant", cfg.qdrant,
+               "--collection", cfg.collection, "--batch-size", "5", "--workers", "4"]
     src = str(Path(reembed.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
     done_at_kill = None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             q = (_manifest(out).data.get("stages") or {}).get("index", {}).get("qdrant") or {}
-            if q.get("status") == "loading" and len(q.get("shards_done", [])) >= 2:
+            if q.get("status") == "loading" and len(_progress(out, q)) >= 2:
                 proc.send_signal(signal.SIGKILL)
-                done_at_kill = len(q["shards_done"])
+                done_at_kill = len(_progress(out, q))
                 break
             time.sleep(0.02)
     finally:
@@ -117,17 +119,24 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
     assert done_at_kill is not None, f"never saw the upload in progress: {proc.stderr.read().decode()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
     killed = _index_state(out)["qdrant"]
-    assert killed["status"] == "loading" and done_at_kill <= len(killed["shards_done"]) < 40
+    recorded = _progress(out, killed)
+    assert killed["status"] == "loading" and done_at_kill <= len(recorded) < 40
+    stamps = {p.name: p.stat().st_mtime_ns for p in recorded}
     collection = killed["collection"]
     assert _qdrant_count(cfg.qdrant, collection) < 1200
 
-    result = stage.build_indexes(out, IndexConfig(faiss="none", qdrant=cfg.qdrant, collection=cfg.collection,
-                                              batch_size=64), use_ray=False)["qdrant"]
-    assert result["collection"] == collection  # resumed, not a new version
-    assert result["status"] == "done" and result["shards_done"] == list(range(40))
+    assert cli.main(["index", out, "--no-ray", "--faiss", "flat", "--qdrant", cfg.qdrant, "--collection",
+                     cfg.collection, "--batch-size", "64"]) == 0
+    state = _index_state(out)
+    q, f = state["qdrant"], state["faiss"]
+    assert q["collection"] == collection and q["build"] == killed["build"]  # resumed, not a new version
+    assert q["status"] == "done" and (q["shards"], q["resumed_shards"]) == (40, len(recorded))
+    assert {p.name: p.stat().st_mtime_ns for p in _progress(out, q) if p.name in stamps} == stamps  # not loaded again
+    assert len(_progress(out, q)) == 40
+    rows = sum(r["rows"] for r in _manifest(out).committed.values())
+    assert _qdrant_count(cfg.qdrant, collection) == q["count"] == f["ntotal"] == rows == 1200
     c = Q.connect(cfg.qdrant)
     try:
-        assert Q.count(c, collection) == 1200
         ids, offset = [], None
         while True:
             points, offset = c.scroll(collection, limit=500, offset=offset, with_payload=True)
@@ -138,6 +147,12 @@ def test_killed_qdrant_load_resumes_to_exact_counts(fast_tmp, qdrant_target):
         assert [v for v in Q.collections(c) if v.startswith(cfg.collection)] == [collection]
     finally:
         c.close()
+
+
+def _progress(out: str, record: dict) -> list[Path]:
+    """The progress records of a Qdrant build (one per shard loaded)."""
+    folder = Path(out) / "_index" / "qdrant" / record["build"]
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 
 @pytest.mark.ray
@@ -288,3 +303,93 @@ def test_parallel_upload_workers_keep_a_bounded_number_of_shards_in_flight():
         seen.append(result)
     assert sorted(seen) == list(range(25)) and 1 < peak[0] <= 4
     assert list(stage.bounded_map(upload, range(5), workers=1)) == list(range(5))
+
+
+def test_a_qdrant_build_writes_the_manifest_twice_and_one_small_record_a_shard(fast_tmp):
+    """Progress is O(1) per shard: 10 shards or 40, the manifest is saved at the start and the end of the
+    build only, and each shard leaves one record of the same few bytes."""
+    saves, sizes = {}, {}
+    for shards in (10, 40):
+        out = write_output(fast_tmp / f"out{shards}", clustered(shards * 10, 8, seed=shards), shard_rows=10)
+        before = _manifest(out).data["generation"]
+        q = stage.run_qdrant(out, IndexConfig(faiss="none", collection="docs", batch_size=10),
+                             str(fast_tmp / f"q{shards}"))
+        saves[shards] = _manifest(out).data["generation"] - before
+        records = _progress(out, q)
+        assert len(records) == shards and q["count"] == shards * 10
+        sizes[shards] = {p.stat().st_size for p in records}
+    assert saves == {10: 2, 40: 2}
+    assert max(sizes[40]) - min(sizes[10]) <= 2 and max(sizes[40]) < 200  # the shard's digits at most
+
+
+def test_a_large_embedded_load_first_says_how_long_it_will_take(fast_tmp, monkeypatch, caplog):
+    import logging
+
+    out = write_output(fast_tmp / "out", clustered(400, 8, seed=6), shard_rows=100)
+    cfg = IndexConfig(faiss="none", collection="docs", batch_size=20)
+    monkeypatch.setattr(stage, "EMBEDDED_PROBE_POINTS", 40)
+    monkeypatch.setattr(Q, "EMBEDDED_MAX_POINTS", 1000)
+    with caplog.at_level(logging.INFO, logger="reembed.indexes.build"):
+        small = stage.run_qdrant(out, cfg, str(fast_tmp / "q1"))
+    assert "estimate" not in small and "a lot for embedded Qdrant" not in caplog.text
+    assert "embedded Qdrant allows one writer" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setattr(Q, "EMBEDDED_MAX_POINTS", 300)  # as if 400 points were above the 100k of a real output
+    with caplog.at_level(logging.INFO, logger="reembed.indexes.build"):
+        big = stage.run_qdrant(out, cfg, str(fast_tmp / "q2"))
+    said = [r.getMessage() for r in caplog.records if "a lot for embedded Qdrant" in r.getMessage()]
+    assert len(said) == 1 and caplog.records[0].getMessage().startswith("Qdrant")
+    assert "400 points" in said[0] and "points/s, measured on the first 40" in said[0] and "takes about" in said[0]
+    assert f"reembed index {out} --qdrant http://HOST:6333" in said[0]
+    est = big["estimate"]
+    assert est["points"] == 400 and est["points_per_s"] > 0 and est["seconds"] == pytest.approx(400 / est["points_per_s"], abs=0.1)
+    assert big["count"] == _qdrant_count(str(fast_tmp / "q2"), big["collection"]) == 400  # the timed points count once
+    assert len(_progress(out, big)) == 4
+
+
+@pytest.mark.ray
+def test_a_writer_task_loads_its_shards_marks_them_and_returns_a_summary(fast_tmp, ray_local):
+    """The server path's Ray writer, run against an embedded folder (one writer: nothing else has it open)."""
+    out = write_output(fast_tmp / "out", clustered(300, 8, seed=7), shard_rows=50)
+    m = _manifest(out)
+    target = str(fast_tmp / "q")
+    c = Q.connect(target)
+    try:
+        Q.create_collection(c, "docs-v1", 8, {"rows": 300})
+    finally:
+        c.close()
+    job = stage._QdrantLoad(Location.from_uri(out), target, "docs-v1", "docs-v1.t", 32, ("text",))
+    todo = [(s, stage._slim(r)) for s, r in sorted(m.committed.items())]
+    out_rec = stage._load_server(job, None, todo, workers=1, use_ray=True)
+    assert out_rec["writers"] == 1 and out_rec["transport"] == "http" and len(out_rec["writer_hosts"]) == 1
+    assert _qdrant_count(target, "docs-v1") == 300
+    from reembed.indexes.progress import Progress
+
+    assert Progress(Location.from_uri(out), "qdrant", "docs-v1.t").done() == set(range(6))
+
+
+server_only = pytest.mark.skipif(not os.environ.get("QDRANT_URL"), reason="QDRANT_URL not set (no Qdrant server here)")
+
+
+@server_only
+@pytest.mark.ray
+def test_a_server_is_loaded_by_n_writer_tasks_each_shard_once(fast_tmp, ray_local):
+    import uuid
+
+    out = write_output(fast_tmp / "out", clustered(2400, 16, seed=8), shard_rows=100)
+    name = f"reembed-test-{uuid.uuid4().hex[:8]}"
+    cfg = IndexConfig(faiss="none", qdrant=os.environ["QDRANT_URL"], collection=name, batch_size=50, upload_workers=3)
+    try:
+        q = stage.build_indexes(out, cfg)["qdrant"]
+        assert (q["writers"], q["count"], q["shards"]) == (3, 2400, 24) and q["transport"] in ("grpc", "http")
+        assert len(_progress(out, q)) == 24
+        assert _qdrant_count(cfg.qdrant, q["collection"]) == 2400
+    finally:
+        c = Q.connect(cfg.qdrant)
+        try:
+            for coll in Q.collections(c):
+                if coll.startswith(name):
+                    c.delete_collection(coll)
+        finally:
+            c.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -281,3 +282,121 @@ def test_a_failing_server_is_retried_then_reported_in_one_line():
             c.close()
     assert len(sleeps) == 2 and "\n" not in str(e.value)
     assert [p for p, _ in seen].count("/collections") == 3
+
+
+def test_grpc_is_used_only_when_the_server_answers_it():
+    """No gRPC port beside the REST port, or one that does not speak gRPC: the client talks HTTP."""
+    import socket
+    import threading
+
+    assert Q.grpc_port("http://qdrant.example:6333") == 6334 and Q.grpc_port("https://q.example") == 6334
+    with _rest_and_next_port(socket.socket) as (url, seen, lsn):
+        assert Q.grpc_port(url) == int(url.rsplit(":", 1)[1]) + 1
+        c = Q.connect(url, grpc=True)  # nothing listens on port + 1 yet
+        try:
+            assert not Q.uses_grpc(c) and Q.collections(c) == []
+        finally:
+            c.close()
+        lsn.listen()  # now something accepts and hangs up there
+        stop = threading.Event()
+
+        def hang_up():
+            lsn.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conn, _ = lsn.accept()
+                    conn.close()
+                except OSError:
+                    pass
+
+        t = threading.Thread(target=hang_up, daemon=True)
+        t.start()
+        try:
+            c = Q.connect(url, grpc=True, timeout=5)
+            try:
+                assert not Q.uses_grpc(c) and Q.collections(c) == []
+            finally:
+                c.close()
+        finally:
+            stop.set()
+            t.join()
+
+
+def test_a_port_that_answers_qdrant_grpc_is_used():
+    """Qdrant's own gRPC service definitions (shipped with qdrant-client) served on port + 1, answering the
+    collection listing: the client picks gRPC, and its listing goes over it."""
+    from concurrent import futures
+
+    import grpc
+    from qdrant_client.grpc import collections_pb2, collections_service_pb2_grpc
+
+    calls = []
+
+    class Collections(collections_service_pb2_grpc.CollectionsServicer):
+        def List(self, request, context):  # noqa: N802 (the service's name)
+            calls.append("List")
+            return collections_pb2.ListCollectionsResponse(collections=[], time=0.0)
+
+    def grpc_server(port: int):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        collections_service_pb2_grpc.add_CollectionsServicer_to_server(Collections(), server)
+        if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+            raise OSError(f"port {port} is taken")
+        return server
+
+    with _rest_and_next_port(grpc_server) as (url, seen, server):
+        server.start()
+        try:
+            c = Q.connect(url, grpc=True, timeout=5)
+            try:
+                assert Q.uses_grpc(c)
+                http_calls = len(seen)
+                assert Q.collections(c) == [] and len(calls) == 2  # the check, then this listing
+                assert len(seen) == http_calls  # nothing of it over HTTP
+            finally:
+                c.close()
+        finally:
+            server.stop(0)
+
+
+@contextmanager
+def _rest_and_next_port(make):
+    """A recording REST server whose port + 1 is held by ``make(port)`` (a socket bound there, or a server),
+    trying a few servers: the port after an ephemeral one is often some client's."""
+    import socket
+
+    for _ in range(20):
+        with recording_server() as (url, seen):
+            port = Q.grpc_port(url)
+            try:
+                if make is socket.socket:
+                    held = socket.socket()
+                    held.bind(("127.0.0.1", port))
+                else:
+                    held = make(port)
+            except OSError:
+                continue
+            try:
+                yield url, seen, held
+            finally:
+                if make is socket.socket:
+                    held.close()
+            return
+    pytest.skip("no free port after 20 test servers' ports")
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("QDRANT_URL"), reason="QDRANT_URL not set (no Qdrant server here)")
+def test_a_server_offering_grpc_is_loaded_over_it():
+    import os
+
+    c = Q.connect(os.environ["QDRANT_URL"], grpc=True)
+    try:
+        name = f"reembed-test-{uuid.uuid4().hex[:8]}"
+        Q.create_collection(c, name, DIM, _meta(100))
+        try:
+            assert Q.upload(c, name, tables(clustered(100, DIM), 50), batch_size=32) == 100
+            assert Q.count(c, name) == 100
+        finally:
+            c.delete_collection(name)
+    finally:
+        c.close()

@@ -45,6 +45,34 @@ def test_choose_takes_largest_budget_within_tolerance():
         tune.choose([Point(1024, False)])
 
 
+def test_choice_uses_medians_and_warns_when_rounds_vary_more_than_the_tolerance():
+    """Each budget's figure is the median of its timed rounds. Rounds spread wider than the 2% that
+    separates budgets make the choice uncertain: a warning says so (it used to pass in silence)."""
+    steady = [Point(1024, True, 100.0, docs_per_s_min=99.5, docs_per_s_max=100.4),
+              Point(2048, True, 150.0, docs_per_s_min=149.0, docs_per_s_max=151.0),
+              Point(4096, True, 120.0, docs_per_s_min=119.0, docs_per_s_max=121.0)]
+    assert tune.choose(steady).budget == 2048
+    assert tune.noise_warnings(steady, tune.choose(steady)) == []
+    noisy = steady[:1] + [Point(2048, True, 150.0, docs_per_s_min=90.0, docs_per_s_max=190.0)] + steady[2:]
+    [warning] = tune.noise_warnings(noisy, tune.choose(noisy))
+    assert "varied by up to 67%" in warning and "budget 2048" in warning and "uncertain" in warning
+    assert Point(1, True, 100.0, docs_per_s_min=90.0, docs_per_s_max=110.0).spread == pytest.approx(0.2)
+
+
+def test_sweep_times_several_rounds_per_budget(tiny_model):
+    emb = Embedder({"name": str(tiny_model), "device": "cpu"})
+    [p] = tune.sweep(emb, tune.synthetic_sample(16, emb.max_seq_length), [1024], min_seconds=0.0)
+    assert p.docs_per_s_min <= p.docs_per_s <= p.docs_per_s_max and p.spread is not None
+
+
+def test_tune_dir_follows_reembed_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv(tune.TUNE_DIR_ENV, raising=False)
+    monkeypatch.setenv("REEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    assert tune.tune_dir() == tmp_path / "cache" / "tuning"
+    monkeypatch.setenv(tune.TUNE_DIR_ENV, str(tmp_path / "mine"))
+    assert tune.tune_dir() == tmp_path / "mine"
+
+
 def test_profile_saved_and_looked_up_by_model_device_and_seq_len(tiny_model, tune_dir):
     profile = tune.tune({"name": str(tiny_model), "device": "cpu", "backend": "torch"}, tune.synthetic_sample(32, 128),
                         [512, 1024], min_seconds=0.0)
@@ -81,6 +109,26 @@ def test_tune_cli_prints_table_writes_profile_and_chart(tiny_model, tune_dir, tm
     assert len(list(tune_dir.glob("*--cpu-onnx--L128.json"))) == 1  # auto on CPU: the ONNX Runtime backend
     html = report.read_text()
     assert "<polyline" in html and "Throughput vs token budget" in html
+    # a setting that is off reads "no"; only verdicts read pass/FAIL, and tuning has none
+    assert "FAIL" not in html and "<td>compile</td><td>no</td>" in html
+
+
+def test_tune_report_names_the_int8_precision(tiny_model, tmp_path):
+    profile = tune.tune({"name": str(tiny_model), "device": "cpu", "backend": "onnx-int8"},
+                        tune.synthetic_sample(16, 128), [512], min_seconds=0.0)
+    assert profile["precision"] == "int8-w7"
+    html = tune.write_report(profile, tmp_path / "t.html").read_text()
+    assert "<td>precision</td><td>int8-w7</td>" in html and "<td>backend</td><td>onnx-int8</td>" in html
+
+
+def test_tune_all_json_is_one_document(tiny_model, tune_dir, capsys):
+    from reembed.cli import main
+
+    rc = main(["tune", "--model", str(tiny_model), "--device", "cpu", "--backend", "all", "--budgets", "512",
+               "--sample-rows", "16", "--min-seconds", "0", "--json", "--no-save"])
+    assert rc == 0
+    profiles = json.loads(capsys.readouterr().out)  # fails on concatenated documents
+    assert isinstance(profiles, list) and {p["backend"] for p in profiles} >= {"torch", "onnx", "onnx-int8"}
 
 
 def test_tune_all_cpu_backends_side_by_side(tiny_model, tune_dir, capsys):

@@ -111,7 +111,6 @@ class CommitLog:
         self._covered = 0  # the first seq no checkpoint part covers
         self._tail = _Delta()  # the effect of the entries from _covered to _next - 1
         self._part_due = checkpoint_every  # the next part is written once _next reaches this
-        self._local_dirs_made = False
         self._warned_best_effort = False
 
     # -- open / create / claim -------------------------------------------------------------------------
@@ -287,49 +286,11 @@ class CommitLog:
 
     def _create(self, seq: int, body: bytes) -> bool:
         """Write the entry ``seq`` only if it does not exist; False if it does."""
-        name = _entry_name(seq)
-        if self.loc.conditional_writes:
-            try:
-                self.loc.write_if(body, LOG_DIR, name, version=None)
-                return True
-            except storage.VersionConflict:
-                return False
-        if self.loc.fs.type_name == "local":
-            return self._create_local(self.loc.path(LOG_DIR, name), body)
-        if not self._warned_best_effort:
+        if not self.loc.conditional_writes and self.loc.fs.type_name != "local" and not self._warned_best_effort:
             log.warning("%s: this store has no create-only writes; the commit log relies on one job at a time",
                         self.loc.display(LOG_DIR))
             self._warned_best_effort = True
-        if self.loc.exists(LOG_DIR, name):
-            return False
-        self.loc.write_bytes(body, LOG_DIR, name)
-        return True
-
-    def _create_local(self, target: str, body: bytes) -> bool:
-        # A complete temporary file, then a hard link to the entry's name: the link fails if the name
-        # exists, and no reader ever sees a half-written entry.
-        tmp_dir = posixpath.join(posixpath.dirname(target), "_tmp")
-        if not self._local_dirs_made:
-            os.makedirs(tmp_dir, exist_ok=True)
-            self._local_dirs_made = True
-        tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{self.writer}")
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-        try:
-            try:
-                if os.write(fd, body) != len(body):
-                    raise ManifestError(f"{target}: short write to the commit log (disk full?)")
-            finally:
-                os.close(fd)
-            os.link(tmp, target)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                raise
-            return _create_exclusive(target, body)  # a filesystem without hard links
-        finally:
-            os.unlink(tmp)
+        return create_only(self.loc, body, LOG_DIR, _entry_name(seq), tag=self.writer)
 
     def _checkpoint(self) -> WriteCost:
         """Publish the part covering ``_covered .. _next - 1`` and start a new tail.
@@ -613,6 +574,47 @@ def _parts(loc: Location) -> list[_Part]:
     return out
 
 
+def attempts(loc: Location) -> list[dict[str, Any]]:
+    """One summary per attempt (epoch) of the job on ``loc``, oldest first: when it claimed the output,
+    its last entry, the shards / rows / tokens / device seconds its commits recorded, and whether it
+    recorded a run (an attempt that did not was interrupted: killed, crashed or fenced).
+
+    Streams the log with :func:`read_state`'s reads (a few columns of the parts, then the entries), holding
+    one small dict per epoch. Parts keep a shard's last commit only, so an attempt whose commits were all
+    superseded by a later attempt's counts the commits that survive; the entries after the parts count
+    every commit, fenced ones included (they cost what they cost).
+    """
+    per: dict[int, dict[str, Any]] = {}
+
+    def note(epoch: int, kind: str, at: str, rows: int = 0, tokens: int = 0, device_s: float = 0.0) -> None:
+        a = per.setdefault(epoch, {"epoch": epoch, "claimed_at": None, "last_at": None, "shards": 0, "rows": 0,
+                                   "tokens": 0, "device_seconds": 0.0, "run": False})
+        if kind == "claim" and a["claimed_at"] is None:
+            a["claimed_at"] = at
+        a["last_at"] = max(a["last_at"] or at, at) if at else a["last_at"]
+        if kind == "commit":
+            a["shards"] += 1
+            a["rows"] += rows
+            a["tokens"] += tokens
+            a["device_seconds"] += device_s
+        elif kind == "run":
+            a["run"] = True
+
+    chain = _chain(loc)
+    last = -1
+    for part, t in _part_tables(loc, chain, ["seq", "kind", "epoch", "at", "rows", "tokens", "device_seconds"]):
+        cols = t.to_pydict()
+        for seq, kind, epoch, at, rows, tokens, ds in zip(*cols.values()):
+            if seq > last:
+                note(epoch, kind, at, rows or 0, tokens or 0, ds or 0.0)
+        last = part.last
+    for e in _read_from(loc, last + 1):
+        rec = e.get("record") or {}
+        note(e["epoch"], e["kind"], e.get("at", ""), int(rec.get("rows", 0) or 0), int(rec.get("tokens", 0) or 0),
+             float(rec.get("device_seconds", 0.0) or 0.0))
+    return [per[k] for k in sorted(per)]
+
+
 def _chain(loc: Location) -> list[_Part]:
     """The parts that cover seqs 0..n without a gap, taking at each step the part reaching furthest."""
     parts = _parts(loc)
@@ -675,6 +677,50 @@ def _read_part_epoch(loc: Location, part: _Part) -> int:
     except (KeyError, ValueError) as e:
         raise ManifestError(f"{loc.display(LOG_DIR, CHECKPOINTS, part.name)}: not a commit-log checkpoint "
                             "(no epoch in its metadata); move it away and reopen") from e
+
+
+def create_only(loc: Location, body: bytes, *parts: str, tag: str = "") -> bool:
+    """Write ``body`` at ``parts`` only if nothing is there yet; False if something is. On S3 a
+    conditional PUT (``If-None-Match: *``); on a local disk a complete temporary file hard-linked to the
+    name (no reader ever sees half an object); elsewhere check-then-write (best effort)."""
+    if loc.conditional_writes:
+        try:
+            loc.write_if(body, *parts, version=None)
+            return True
+        except storage.VersionConflict:
+            return False
+    if loc.fs.type_name == "local":
+        return _create_local(loc.path(*parts), body, tag or uuid.uuid4().hex[:12])
+    if loc.exists(*parts):
+        return False
+    loc.write_bytes(body, *parts)
+    return True
+
+
+def _create_local(target: str, body: bytes, tag: str) -> bool:
+    tmp_dir = posixpath.join(posixpath.dirname(target), "_tmp")
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = posixpath.join(tmp_dir, f"{posixpath.basename(target)}.{tag}")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        try:
+            if os.write(fd, body) != len(body):
+                raise ManifestError(f"{target}: short write (disk full?)")
+        finally:
+            os.close(fd)
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        return _create_exclusive(target, body)  # a filesystem without hard links
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _create_exclusive(target: str, body: bytes) -> bool:

@@ -8,6 +8,9 @@ prices those runs side by side, GPU and CPU alike:
   per CPU-hour (CPU runs). You pay for the wall time the devices are held, busy or not.
 * $ per 1M documents, $ per 1M real tokens, documents/s per device (per GPU, or per CPU for CPU runs),
   and device utilisation (busy device-seconds over held device-seconds; GPU runs).
+* interrupted attempts (killed, crashed, fenced: an epoch of the commit log that recorded no run) cost
+  money too. Each is a row of its own, priced from its claim to its last commit (a lower bound: the time
+  it ran after its last commit is not recorded) on the device of the output's recorded runs, and said so.
 
 The default price table names its date and source; ``--prices`` overrides any part of it::
 
@@ -79,21 +82,54 @@ def price_runs(outputs: Sequence[str], prices: dict[str, Any], settings: Any = N
     """One priced row per recorded run of each output (a resumed job has several); ``settings`` are the
     outputs' storage settings (``storage.Settings``)."""
     from reembed import storage
+    from reembed.commits import attempts
     from reembed.manifest import Manifest
 
     rows = []
     labels = _labels(outputs)
     for uri, label in zip(outputs, labels):
-        m = Manifest.load(storage.Location.from_uri(uri, settings))
+        loc = storage.Location.from_uri(uri, settings)
+        m = Manifest.load(loc)
         if m is None:
             raise PriceError(f"{uri}: no manifest.json here (not a reembed output)")
         runs = [r for r in m.data.get("runs", []) if r.get("rows")]
-        if not runs:
+        lost = [a for a in attempts(loc) if not a["run"] and a["shards"]]
+        if not runs and not lost:
             raise PriceError(f"{uri}: no recorded run with embedded rows")
+        n = len(runs) + len(lost)
         for i, run in enumerate(runs):
-            name = label if len(runs) == 1 else f"{label} #{i + 1}"
+            name = label if n == 1 else f"{label} #{i + 1}"
             rows.append(price_run(run, prices, name, model=m.model.get("name")))
+        for a in lost:
+            rows.append(price_interrupted(a, runs[-1] if runs else None, prices, f"{label} epoch {a['epoch']}",
+                                          model=m.model.get("name")))
     return rows
+
+
+def price_interrupted(attempt: dict[str, Any], like: dict[str, Any] | None, prices: dict[str, Any], label: str,
+                      model: str | None = None) -> dict[str, Any]:
+    """Price an attempt that recorded no run (see :func:`reembed.commits.attempts`): from its claim to its
+    last commit, on the device of ``like`` (a recorded run of the same output); unpriced without one."""
+    import datetime as dt
+
+    def ts(s: str | None) -> float | None:
+        return dt.datetime.fromisoformat(s).timestamp() if s else None
+
+    start, end = ts(attempt["claimed_at"]), ts(attempt["last_at"])
+    wall = max(0.0, end - start) if start is not None and end is not None else 0.0
+    run = {"wall_seconds": wall, "rows": attempt["rows"], "tokens": attempt["tokens"],
+           "device_seconds": attempt["device_seconds"]}
+    if like is None:
+        row = price_run({**run, "device": "cpu", "cpus": 1}, prices, label, model)
+        row.update(device="unknown", count=0, usd_per_device_hour=None, cost_usd=None, usd_per_1m_docs=None,
+                   usd_per_1m_tokens=None, docs_per_s_per_device=None)
+        row["note"] = "no run recorded (interrupted, or still running); no recorded run says which device it held: not priced"
+    else:
+        keep = ("device", "accelerator", "device_count", "cpus", "backend", "dtype")
+        row = price_run({**run, **{k: like[k] for k in keep if k in like}}, prices, label, model)
+        row["note"] = "no run recorded (interrupted, or still running); priced from its claim to its last commit (a lower bound) on the recorded runs' device"
+    row["interrupted"] = True
+    return row
 
 
 def price_run(run: dict[str, Any], prices: dict[str, Any], label: str, model: str | None = None) -> dict[str, Any]:
@@ -122,7 +158,8 @@ def price_run(run: dict[str, Any], prices: dict[str, Any], label: str, model: st
         utilisation = None  # busy time on CPU runs is the Embedder's compute time, not a device's
     cost = wall / 3600.0 * count * rate
     return {
-        "run": label, "model": model, "device": unit, "backend": run.get("backend"), "precision": run.get("dtype"),
+        "run": label, "model": model, "device": unit, "backend": run.get("backend"),
+        "precision": _precision(run.get("dtype"), run.get("backend")), "interrupted": False, "note": "",
         "count": count, "usd_per_device_hour": rate,
         "wall_seconds": round(wall, 3), "device_seconds": round(busy, 3),
         "utilisation": None if utilisation is None else round(utilisation, 4),
@@ -155,14 +192,21 @@ def _labels(outputs: Sequence[str]) -> list[str]:
 
 
 def format_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> str:
-    head = (f"{'run':<28} {'device':<10} {'backend':<17} {'n':>3} {'wall s':>9} {'util':>6} {'docs':>10} {'docs/s/dev':>11} "
-            f"{'cost $':>10} {'$/1M docs':>10} {'$/1M tokens':>12}")
+    head = (f"{'run':<24} {'model':<20} {'device':<10} {'backend':<9} {'precision':<9} {'n':>3} {'wall s':>9} "
+            f"{'util':>6} {'docs':>10} {'docs/s/dev':>11} {'cost $':>10} {'$/1M docs':>10} {'$/1M tokens':>12}")
     lines = [head]
     for r in rows:
+        mark = " *" if r.get("interrupted") else ""
         lines.append(
-            f"{r['run'][:28]:<28} {r['device'][:10]:<10} {_backend(r)[:17]:<17} {r['count']:>3} {r['wall_seconds']:>9.1f} "
+            f"{r['run'][:24]:<24} {_short(r.get('model'))[:20]:<20} {r['device'][:10]:<10} {(r.get('backend') or '-')[:9]:<9} "
+            f"{(r.get('precision') or '-')[:9]:<9} {r['count']:>3} {r['wall_seconds']:>9.1f} "
             f"{_pct(r['utilisation']):>6} {r['docs']:>10} {_f(r['docs_per_s_per_device'], 1):>11} "
-            f"{_f(r['cost_usd'], 4):>10} {_f(r['usd_per_1m_docs'], 3):>10} {_f(r['usd_per_1m_tokens'], 4):>12}")
+            f"{_f(r['cost_usd'], 4):>10} {_f(r['usd_per_1m_docs'], 3):>10} {_f(r['usd_per_1m_tokens'], 4):>12}{mark}")
+    lost = [r for r in rows if r.get("interrupted")]
+    if lost:
+        priced = sum(r["cost_usd"] for r in lost if r["cost_usd"] is not None)
+        lines.append(f"* {len(lost)} interrupted attempt(s), ${priced:.4f} priced: from each one's claim to its last "
+                     "commit (a lower bound), on the device of the recorded runs")
     lines.append(f"prices: {prices['currency']} as of {prices['as_of']}, {prices['source']}")
     return "\n".join(lines)
 
@@ -170,12 +214,12 @@ def format_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> str:
 def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str | Path) -> Path:
     from reembed import report
 
-    table_rows = [{
-        "run": r["run"], "device": r["device"], "backend": _backend(r), "devices": r["count"],
-        "$/device-hour": r["usd_per_device_hour"],
-        "wall s": r["wall_seconds"], "busy device-s": r["device_seconds"],
-        "utilisation %": None if r["utilisation"] is None else round(100 * r["utilisation"], 1),
-        "docs": r["docs"], "tokens": r["tokens"], "docs/s per device": _round(r["docs_per_s_per_device"], 2),
+    table_rows = [{  # a dozen narrow columns: the page holds them at laptop width (tested in Chromium)
+        "run": r["run"] + (" (interrupted)" if r.get("interrupted") else ""), "model": _short(r.get("model")),
+        "devices": f"{r['count']} x {r['device']}", "backend": r.get("backend") or "-",
+        "precision": r.get("precision") or "-", "wall s": r["wall_seconds"],
+        "util %": None if r["utilisation"] is None else round(100 * r["utilisation"], 1),
+        "docs": r["docs"], "docs/s per device": _round(r["docs_per_s_per_device"], 2),
         "cost $": _round(r["cost_usd"], 6), "$ / 1M docs": _round(r["usd_per_1m_docs"], 4),
         "$ / 1M tokens": _round(r["usd_per_1m_tokens"], 5),
     } for r in rows]
@@ -192,19 +236,28 @@ def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str |
                        report.bar_chart(bars("docs_per_s_per_device"))),
         report.section("Runs", report.table(table_rows),
                        report.paragraph("Cost = wall hours x devices x price per device-hour (CPU runs: x the "
-                                        "cluster's logical CPUs x price per CPU-hour).")),
+                                        "cluster's logical CPUs x price per CPU-hour). Busy device-seconds, tokens "
+                                        "and the price used are in `reembed cost --json`."),
+                       *[report.paragraph(f"{r['run']}: {r['note']}") for r in rows if r.get("note")]),
         report.section("Prices", report.paragraph(f"{prices['currency']}, as of {prices['as_of']}; source: "
                                                   f"{prices['source']}"), report.table(price_rows)),
     ])
     return report.write(path, page)
 
 
-def _backend(r: dict[str, Any]) -> str:
-    """What ran the model: ``onnx``, ``onnx-int8``, ``torch float16``...; ``-`` for runs that predate it."""
-    backend, precision = r.get("backend"), r.get("precision")
-    if not backend:
-        return precision or "-"
-    return f"{backend} {precision}" if backend == "torch" and precision else backend
+def _precision(dtype: str | None, backend: str | None) -> str | None:
+    """What the vectors were computed in: ``int8-w7`` for the int8 backend (whose recorded dtype is the
+    float32 of its inputs), else the run's dtype."""
+    if backend == "onnx-int8":
+        from reembed.embed.model import INT8_SPACE
+
+        return INT8_SPACE
+    return dtype
+
+
+def _short(model: str | None) -> str:
+    """A model's name without the folders in front of a local path."""
+    return "-" if not model else model.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _pct(v) -> str:

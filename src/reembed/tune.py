@@ -40,6 +40,7 @@ DEFAULT_BUDGETS = {
 # than they will on the job's blocks.
 DEFAULT_SAMPLE_ROWS = {"cuda": 8192, "cpu": 256}
 TOLERANCE = 0.02  # budgets within 2% of the best throughput count as equally fast
+REPEATS = 5  # timed rounds per budget: the median is the budget's figure, min..max its spread
 BACKOFF_STEPS = 3
 GRID = 64  # bisected budgets are multiples of this
 
@@ -50,13 +51,22 @@ class Point:
 
     budget: int
     fits: bool
-    docs_per_s: float | None = None
+    docs_per_s: float | None = None  # median of the timed rounds
     tokens_per_s: float | None = None  # real (non-padding) tokens
     padding_share: float | None = None
     batches: int | None = None
     seconds: float | None = None
     peak_memory_gib: float | None = None
     note: str = ""
+    docs_per_s_min: float | None = None  # the slowest and fastest timed round
+    docs_per_s_max: float | None = None
+
+    @property
+    def spread(self) -> float | None:
+        """(fastest - slowest) / median of the timed rounds: how far one round can be trusted."""
+        if not self.docs_per_s or self.docs_per_s_min is None or self.docs_per_s_max is None:
+            return None
+        return (self.docs_per_s_max - self.docs_per_s_min) / self.docs_per_s
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,7 +74,12 @@ class Point:
 
 
 def tune_dir() -> Path:
-    return Path(os.environ.get(TUNE_DIR_ENV) or Path.home() / ".cache" / "reembed" / "tuning").expanduser()
+    """``$REEMBED_TUNE_DIR``, else ``$REEMBED_CACHE_DIR/tuning`` (where the ONNX exports live too), else
+    ``~/.cache/reembed/tuning``."""
+    if os.environ.get(TUNE_DIR_ENV):
+        return Path(os.environ[TUNE_DIR_ENV]).expanduser()
+    cache = os.environ.get("REEMBED_CACHE_DIR") or Path.home() / ".cache" / "reembed"
+    return Path(cache).expanduser() / "tuning"
 
 
 def lookup_budget(model_name: str, device: str, accelerator: str | None, max_seq_length: int | None,
@@ -195,6 +210,9 @@ def tune(model: dict[str, Any], texts: Sequence[str], budgets: Sequence[int] | N
     budgets = sorted(set(int(b) for b in (budgets or DEFAULT_BUDGETS[embedder.device])))
     points = sweep(embedder, texts, budgets, min_seconds=min_seconds, oom_above=oom_above)
     chosen = choose(points)
+    warnings = noise_warnings(points, chosen)
+    for w in warnings:
+        log.warning("tune: %s", w)
     max_fit = max((p.budget for p in points if p.fits), default=None)
     device_name = _device_name(embedder.device)
     lengths = embedder.tokenize(list(texts)).lengths
@@ -209,13 +227,16 @@ def tune(model: dict[str, Any], texts: Sequence[str], budgets: Sequence[int] | N
         "max_seq_length": embedder.max_seq_length,
         "model_max_seq_length": _model_default_seq_len(embedder, model),
         "dtype": embedder.dtype,
+        "precision": _precision(embedder.dtype, embedder.backend),
         "attention": embedder.attention,
         "compile": embedder.compiled,
         "max_batch_rows": max_batch_rows,
         "batch_tokens": chosen.budget,
         "max_fitting_budget": max_fit,
-        "chosen": asdict(chosen),
-        "points": [asdict(p) for p in points],
+        "chosen": _point_dict(chosen),
+        "points": [_point_dict(p) for p in points],
+        "repeats": REPEATS,
+        "warnings": warnings,
         "sample": {"source": sample_source, "rows": len(texts), "mean_tokens": round(float(lengths.mean()), 1),
                    "max_tokens": int(lengths.max())},
         "tuned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -253,13 +274,38 @@ def sweep(embedder, texts: Sequence[str], budgets: Sequence[int], *, min_seconds
 
 
 def choose(points: Sequence[Point], tolerance: float = TOLERANCE) -> Point:
-    """The largest fitting budget within ``tolerance`` of the best throughput (every measured budget
-    fitted a worst-case batch, so the largest is safe)."""
+    """The largest fitting budget whose median throughput is within ``tolerance`` of the best median
+    (every measured budget fitted a worst-case batch, so the largest is safe). Medians of several timed
+    rounds, so one lucky or unlucky round does not decide; :func:`noise_warnings` says when the rounds
+    varied more than the tolerance, i.e. when the choice is not to be trusted."""
     measured = [p for p in points if p.fits and p.docs_per_s]
     if not measured:
         raise RuntimeError("no token budget fitted in device memory: try smaller --budgets or a shorter --max-seq-len")
     best = max(p.docs_per_s for p in measured)
     return max((p for p in measured if p.docs_per_s >= (1 - tolerance) * best), key=lambda p: p.budget)
+
+
+def noise_warnings(points: Sequence[Point], chosen: Point, tolerance: float = TOLERANCE) -> list[str]:
+    """Warnings when the measurements cannot support the choice: the rounds of a budget near the top
+    varied more than ``tolerance``, or another budget's rounds overlap the chosen one's while its median
+    is lower (the two cannot be told apart)."""
+    measured = [p for p in points if p.fits and p.docs_per_s and p.spread is not None]
+    if not measured:
+        return []
+    best = max(p.docs_per_s for p in measured)
+    near = [p for p in measured if p.docs_per_s >= (1 - 4 * tolerance) * best]
+    noisy = [p for p in near if p.spread > tolerance]
+    out = []
+    if noisy:
+        worst = max(noisy, key=lambda p: p.spread)
+        out.append(f"throughput varied by up to {100 * worst.spread:.0f}% between rounds (budget {worst.budget}), more "
+                   f"than the {100 * tolerance:.0f}% that separates budgets: the choice of {chosen.budget} is uncertain. "
+                   "Rerun on an idle machine or with a larger --min-seconds")
+    rivals = [p.budget for p in measured if p is not chosen and p.docs_per_s_max >= chosen.docs_per_s_min
+              and p.docs_per_s < (1 - tolerance) * best]
+    if rivals and not noisy:
+        out.append(f"budgets {', '.join(map(str, rivals))} overlap the chosen {chosen.budget} within their spread")
+    return out
 
 
 def _fits(embedder, budget: int, oom_above: int | None) -> bool:
@@ -303,26 +349,32 @@ def _measure_into(points: list[Point], embedder, texts, budget: int, min_seconds
     if split == last_split and points and points[-1].fits:
         same = points[-1]  # max_batch_rows caps the batches: nothing changes from the previous budget
         points.append(Point(budget, True, same.docs_per_s, same.tokens_per_s, same.padding_share, same.batches,
-                            same.seconds, same.peak_memory_gib, note=f"same batches as {same.budget}"))
+                            same.seconds, same.peak_memory_gib, f"same batches as {same.budget}",
+                            same.docs_per_s_min, same.docs_per_s_max))
         return split
     cuda = embedder.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     embedder.run(prep)  # warm-up: new shapes pick their kernels
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        embedder.run(prep)
-        reps += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_seconds or reps >= 50:
-            break
+    rates = []  # docs/s of each timed round; a round is at least min_seconds / REPEATS long
+    for _ in range(REPEATS):
+        reps, t0 = 0, time.perf_counter()
+        while True:
+            embedder.run(prep)
+            reps += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds / REPEATS or reps >= 50:
+                break
+        rates.append(reps * prep.n / elapsed)
+    docs_s = float(np.median(rates))
     real = int(prep.lengths.sum())
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    point = Point(budget, True, round(reps * prep.n / elapsed, 1), round(reps * real / elapsed, 1),
-                  round(1 - real / prep.padded, 4), len(prep.batches), round(elapsed / reps, 4),
-                  round(peak, 2) if peak is not None else None, note)
-    log.info("budget %7d: %9.1f docs/s, %11.0f tokens/s, padding %.1f%%, %d batches", budget, point.docs_per_s,
-             point.tokens_per_s, 100 * point.padding_share, point.batches)
+    point = Point(budget, True, round(docs_s, 1), round(docs_s * real / prep.n, 1),
+                  round(1 - real / prep.padded, 4), len(prep.batches), round(prep.n / docs_s, 4),
+                  round(peak, 2) if peak is not None else None, note, round(min(rates), 1), round(max(rates), 1))
+    log.info("budget %7d: %9.1f docs/s (%d rounds, %.1f-%.1f), %11.0f tokens/s, padding %.1f%%, %d batches", budget,
+             point.docs_per_s, REPEATS, point.docs_per_s_min, point.docs_per_s_max, point.tokens_per_s,
+             100 * point.padding_share, point.batches)
     points.append(point)
     return split
 
@@ -449,14 +501,18 @@ def synthetic_sample(n: int, max_seq_length: int, seed: int = 0) -> list[str]:
 
 
 def format_table(profile: dict[str, Any]) -> str:
-    lines = [f"{'budget':>9} {'fits':>5} {'docs/s':>10} {'tokens/s':>12} {'padding':>8} {'batches':>8} {'peak GiB':>9}  note"]
+    lines = [f"{'budget':>9} {'fits':>5} {'docs/s':>10} {'spread':>7} {'tokens/s':>12} {'padding':>8} {'batches':>8} "
+             f"{'peak GiB':>9}  note"]
     for p in profile["points"]:
         mark = " <- chosen" if p["budget"] == profile["batch_tokens"] else ""
+        spread = p.get("spread")
         lines.append(
             f"{p['budget']:>9} {'yes' if p['fits'] else 'no':>5} {_num(p['docs_per_s'], 10, 1)} "
+            f"{'-' if spread is None else f'{100 * spread:.1f}%':>7} "
             f"{_num(p['tokens_per_s'], 12, 0)} {_num(None if p['padding_share'] is None else 100 * p['padding_share'], 7, 1)}% "
             f"{_num(p['batches'], 8, 0)} {_num(p['peak_memory_gib'], 9, 2)}  {p['note']}{mark}"
         )
+    lines += [f"warning: {w}" for w in profile.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -477,23 +533,42 @@ def write_report(profile: dict[str, Any], path: str | Path) -> Path:
     from reembed import report
 
     pts = [p for p in profile["points"] if p["fits"] and p["docs_per_s"]]
-    rows = [{"budget (tokens)": p["budget"], "fits": p["fits"], "docs/s": p["docs_per_s"], "tokens/s": p["tokens_per_s"],
+    rows = [{"budget (tokens)": p["budget"], "fits": p["fits"], "docs/s (median)": p["docs_per_s"],
+             "spread %": None if p.get("spread") is None else round(100 * p["spread"], 1),
+             "tokens/s": p["tokens_per_s"],
              "padding %": None if p["padding_share"] is None else round(100 * p["padding_share"], 2),
              "batches": p["batches"], "peak GiB": p["peak_memory_gib"], "note": p["note"]} for p in profile["points"]]
     info = [{"setting": k, "value": profile[k]} for k in
-            ("model", "device_name", "accelerator", "dtype", "attention", "compile", "max_seq_length", "max_batch_rows",
-             "batch_tokens", "max_fitting_budget", "tuned_at")]
+            ("model", "device_name", "accelerator", "backend", "precision", "attention", "compile", "max_seq_length",
+             "max_batch_rows", "batch_tokens", "max_fitting_budget", "repeats", "tuned_at") if k in profile]
     info.append({"setting": "sample", "value": json.dumps(profile["sample"])})
     page = report.page(f"Token-budget tuning: {Path(profile['model']).name} on {profile['device_name']}", [
         report.section("Throughput vs token budget",
-                       report.line_chart({"docs/s": [(p["budget"], p["docs_per_s"]) for p in pts]},
+                       report.line_chart({"docs/s (median)": [(p["budget"], p["docs_per_s"]) for p in pts],
+                                          "slowest round": [(p["budget"], p["docs_per_s_min"]) for p in pts
+                                                            if p.get("docs_per_s_min") is not None],
+                                          "fastest round": [(p["budget"], p["docs_per_s_max"]) for p in pts
+                                                            if p.get("docs_per_s_max") is not None]},
                                          x_label="token budget (padded tokens per forward pass)", y_label="docs/s", log_x=True),
-                       report.paragraph(f"Chosen: {profile['batch_tokens']} tokens (the largest budget within "
-                                        f"{TOLERANCE:.0%} of the best throughput).")),
+                       report.paragraph(f"Chosen: {profile['batch_tokens']} tokens (the largest budget whose median of "
+                                        f"{profile.get('repeats', 1)} timed rounds is within {TOLERANCE:.0%} of the best "
+                                        "median)."),
+                       *[report.paragraph(f"Warning: {w}", "fail") for w in profile.get("warnings", [])]),
         report.section("Sweep", report.table(rows)),
         report.section("Setup", report.table(info)),
     ])
     return report.write(path, page)
+
+
+def _point_dict(p: Point) -> dict[str, Any]:
+    return {**asdict(p), "spread": None if p.spread is None else round(p.spread, 4)}
+
+
+def _precision(dtype: str, backend: str) -> str:
+    """What the vectors are computed in: the int8 backend's recipe, not the float32 its inputs are."""
+    from reembed.embed import space_dtype
+
+    return space_dtype(dtype, backend)
 
 
 def _num(v, width: int, digits: int) -> str:

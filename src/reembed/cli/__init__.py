@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "reembed.cli.migrate",    # export, validate, query
     "reembed.cli.tune",       # tune
     "reembed.cli.cost",       # cost
+    "reembed.cli.adapter",    # adapter fit, adapter show
 )
 
 

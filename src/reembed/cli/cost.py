@@ -8,6 +8,8 @@ import json
 from reembed.cli.run import add_storage_config, storage_settings
 from reembed.cost import format_table, load_prices, price_runs, write_report
 
+DEFAULT_REPORT = "reembed-cost.html"
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,8 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("outputs", nargs="+", metavar="OUTPUT_URI", help="job output folders or URIs")
     p.add_argument("--prices", metavar="prices.yaml", help="override the default price table (as_of, source, "
                    "currency, devices: {TYPE: USD per hour}, cpu: USD per CPU-hour)")
-    p.add_argument("--report", default="reembed-cost.html", metavar="PATH", help="HTML report (default reembed-cost.html)")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--report", metavar="PATH", help=f"HTML report (default {DEFAULT_REPORT}; with --json, none unless "
+                   "given)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON (and write no report unless --report)")
     add_storage_config(p)
     p.set_defaults(func=cmd_cost)
 
@@ -28,12 +31,13 @@ def register(subparsers) -> None:
 def cmd_cost(args: argparse.Namespace) -> int:
     prices = load_prices(args.prices)
     rows = price_runs(args.outputs, prices, storage_settings(args))
-    if args.report:
-        write_report(rows, prices, args.report)
+    report = args.report or (None if args.json else DEFAULT_REPORT)
+    if report:
+        write_report(rows, prices, report)
     if args.json:
-        print(json.dumps({"prices": prices, "runs": rows}, indent=1))
+        print(json.dumps({"prices": prices, "runs": rows, "report": report}, indent=1))
     else:
         print(format_table(rows, prices))
-        if args.report:
-            print(f"report: {args.report}")
+        if report:
+            print(f"report: {report}")
     return 0

@@ -25,8 +25,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "index", help="build the FAISS index and a Qdrant collection from an output's shards, in parallel",
         description="Build a FAISS index (OUTPUT/indexes/faiss/index-vN.faiss) and a versioned Qdrant collection "
-                    "(<collection>-vN) from the committed shards, as two parallel Ray tasks. Rerunning resumes "
-                    "a killed build and leaves a finished one untouched. " + _KEY_HELP,
+                    "(<collection>-vN) from the committed shards, in parallel as Ray tasks (a Qdrant server is loaded "
+                    "by --workers tasks at once). Rerunning resumes a killed build (the Qdrant shards already "
+                    "loaded are skipped) and leaves a finished one untouched. An embedded Qdrant above "
+                    f"{Q.EMBEDDED_MAX_POINTS:,} points first says how long its load will take. " + _KEY_HELP,
     )
     p.add_argument("output", metavar="OUTPUT_URI", help="the job's output folder or URI")
     p.add_argument("--faiss", choices=["auto", "flat", "ivf", "hnsw", "none"],
@@ -37,7 +39,8 @@ def register(sub) -> None:
                    "embedded Qdrant, or none (default: embedded, under OUTPUT/indexes/qdrant)")
     p.add_argument("--collection", help="collection name; versions are NAME-v1, NAME-v2, ... (default documents)")
     p.add_argument("--batch-size", type=int, help="points per Qdrant upsert (default 256)")
-    p.add_argument("--workers", type=int, help="parallel Qdrant upload workers against a server (default 4)")
+    p.add_argument("--workers", type=int, help="Qdrant writers loading a server in parallel, as Ray tasks over "
+                   "disjoint shards, gRPC when the server offers it (default 4); an embedded Qdrant takes one writer")
     p.add_argument("--config", metavar="job.yaml", help="YAML job file; its index and storage sections are used")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                    help="override a setting, e.g. --set index.faiss=hnsw (repeatable)")
@@ -125,7 +128,8 @@ def _print_index(results: dict[str, Any], as_json: bool) -> int:
               f"search {p.get('search') or 'exact'}, recall@10 {p.get('recall_at_10')}, sha256 {f['sha256'][:16]})")
     if "qdrant" in results:
         q = results["qdrant"]
-        print(f"qdrant:  {q['collection']} at {q['target']} ({q['count']} points)")
+        how = f", {q['writers']} writer{'s' if q['writers'] != 1 else ''} over {q['transport']}" if q.get("writers") else ""
+        print(f"qdrant:  {q['collection']} at {q['target']} ({q['count']} points{how})")
     return EXIT_OK
 
 

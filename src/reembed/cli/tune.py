@@ -31,8 +31,10 @@ def register(subparsers) -> None:
     p.add_argument("--text-column", default="text", help="text column of --sample (default text)")
     p.add_argument("--sample-rows", type=int, help="documents to measure on (default 8192 on GPU, 256 on CPU)")
     p.add_argument("--max-seq-len", type=int, help="truncate at this many tokens (default: the model's own setting)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to measure (default auto: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="compute precision (default auto: float16 on GPU, float32 on CPU)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8", "all"], default="auto",
                    help="what runs the model (as model.backend in `reembed run`; default auto). On CPU, 'all' tunes "
                         "torch float32, torch bfloat16 (where the CPU has it), onnx and onnx-int8 one after the "
@@ -41,7 +43,8 @@ def register(subparsers) -> None:
                    "GPU, 512-16384 on CPU)")
     p.add_argument("--max-batch-rows", type=int, default=1024, help="rows per forward pass at most (default 1024)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first (as model.compile=true runs)")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="measure each budget at least this long (default 1)")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="measure each budget at least this long, split into "
+                   "5 timed rounds whose median counts (default 1)")
     p.add_argument("--simulate-oom-above", type=int, metavar="TOKENS",
                    help="act as if the device ran out of memory above this many padded tokens per batch (to try "
                         "the back-off on a CPU)")
@@ -81,8 +84,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                  profile["batch_tokens"])
         summary.append(profile)
         if args.json:
-            print(json.dumps(profile, indent=1))
-            continue
+            continue  # one JSON document at the end
         print(f"{profile['model']} on {profile['device_name']} ({profile['backend']} backend, {profile['dtype']}, "
               f"{profile['attention']} attention, max_seq_len {profile['max_seq_length']}), sample: "
               f"{profile['sample']['rows']} docs, mean {profile['sample']['mean_tokens']} tokens")
@@ -92,7 +94,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
             print(f"profile: {saved} (`reembed run` on {profile['accelerator']} with this model and max_seq_len uses it)")
         if report_path:
             print(f"report:  {report_path}")
-    if len(summary) > 1 and not args.json:
+    if args.json:  # one profile, or with --backend all one list of them: always one document
+        print(json.dumps(summary if args.backend == "all" else summary[0], indent=1))
+    elif len(summary) > 1:
         print()
         print(format_comparison(summary))
     sys.stdout.flush()

@@ -7,5 +7,7 @@
 * :mod:`reembed.indexes.qdrant` - the one ``connect()`` and ``point_id()``; versioned collections, bulk
   loading, alias swap and rollback.
 
+* :mod:`reembed.indexes.progress` - per-shard progress records of a build (create-only, O(1) each).
+
 Searching an output by text is :mod:`reembed.indexes.search`.
 """

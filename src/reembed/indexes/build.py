@@ -6,8 +6,9 @@ Progress lives in the manifest under ``stages.index``::
     "index": {
       "faiss":  {"status": "building" | "done", "version", "path", "sha256", "ids_path", "ids_sha256",
                  "ntotal", "params", "inputs", "request", "started_at", "finished_at", "seconds"},
-      "qdrant": {"status": "creating" | "loading" | "done", "target", "name", "collection", "version",
-                 "shards_done", "rows_done", "count", "inputs", "started_at", "finished_at", "seconds"},
+      "qdrant": {"status": "loading" | "done" | "failed", "target", "name", "collection", "version", "build",
+                 "shards", "resumed_shards", "writers", "transport", "count", "inputs", "started_at",
+                 "finished_at", "seconds"},
       "faiss_history": [...], "qdrant_history": [...]     # earlier finished versions
     }
 
@@ -16,6 +17,10 @@ record is ``done`` for the same inputs and settings is left alone (a rerun chang
 manifest); a Qdrant load that was killed resumes with the shards it had not finished (point ids are
 derived from document ids, so a half-uploaded shard is simply upserted again); a killed FAISS build starts
 over (it lives in memory until written).
+
+The Qdrant record is written when a build starts and when it ends, never per shard: each shard loaded
+leaves a create-only record under ``OUTPUT/_index/qdrant/<build>/`` (:mod:`reembed.indexes.progress`),
+O(1) whatever the number of shards, which a resume lists once.
 
 Each task writes its own part of ``stages.index``: it reloads the manifest, changes its key, and saves; a
 save that lost the race (generation check) is retried on the fresh copy.
@@ -30,9 +35,12 @@ import json
 import logging
 import os
 import re
+import socket
+import threading
 import time
+import uuid
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -43,6 +51,7 @@ from reembed.config import ConfigError, IndexConfig
 from reembed.errors import InputError
 from reembed.indexes import faiss as faiss_index
 from reembed.indexes import qdrant as Q
+from reembed.indexes.progress import Progress
 from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError, inside_output
 from reembed.storage import Location
 from reembed.write import read_shard_table
@@ -50,6 +59,7 @@ from reembed.write import read_shard_table
 log = logging.getLogger(__name__)
 
 STAGE = "index"
+EMBEDDED_PROBE_POINTS = 500  # points an embedded load times before saying how long it will take
 
 
 def build_indexes(output: str | Location, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True) -> dict[str, Any]:
@@ -204,45 +214,49 @@ def qdrant_current(manifest: Manifest, cfg: IndexConfig, target: str) -> dict[st
     return rec
 
 
-def run_qdrant(output: str | Location, cfg: IndexConfig, target: str) -> dict[str, Any]:
-    """Load (or resume loading) a versioned collection from the shards; verify its count; record it."""
+def run_qdrant(output: str | Location, cfg: IndexConfig, target: str, use_ray: bool = False) -> dict[str, Any]:
+    """Load (or resume loading) a versioned collection from the shards; verify its count; record it.
+
+    The manifest's ``stages.index.qdrant`` is written at the start and at the end of a build, never per
+    shard: each shard loaded leaves one create-only progress record (:class:`Progress`), and a resume lists
+    them once and loads only the other shards. A server is loaded by ``cfg.upload_workers`` writers at once,
+    each with its own client (gRPC when the server offers it) and its own disjoint shards: Ray tasks with
+    ``use_ray`` (no vector passes through this process), else threads of this process. An embedded Qdrant
+    allows one writer, this process; above :data:`~reembed.indexes.qdrant.EMBEDDED_MAX_POINTS` points it
+    first measures its rate and says how long the load will take and how to use a server instead.
+    """
     started, t0 = _stamp(), time.monotonic()
     loc = _location(output)
     manifest = _load(loc)
-    rows, dim = rows_of(manifest), int(manifest.model["dimension"])
-    rec = state_of(manifest).get("qdrant")
+    rows = rows_of(manifest)
     client = Q.connect(target)
     try:
-        resume = _same_qdrant(rec, manifest, cfg, target)
-        if resume and rec["status"] == "done":
-            if rec["collection"] in Q.collections(client) and Q.count(client, rec["collection"]) == rows:
-                return rec
-            resume = False
-        if resume and rec["status"] in ("creating", "loading"):
-            state = dict(rec)
-            if state["collection"] not in Q.collections(client):
-                Q.create_collection(client, state["collection"], dim, _collection_meta(manifest, state["version"]))
-                state["shards_done"], state["rows_done"] = [], 0
-            log.info("Qdrant %s: resuming %s, %d of %d shards already loaded", Q.describe(target),
-                     state["collection"], len(state.get("shards_done", [])), len(manifest.committed))
+        state = _start_qdrant(loc, manifest, client, state_of(manifest).get("qdrant"), cfg, target, started)
+        if state["status"] == "done":
+            return state
+        progress = Progress(loc, "qdrant", state["build"])
+        done = progress.done() & set(manifest.committed)
+        todo = [(s, _slim(rec)) for s, rec in sorted(manifest.committed.items()) if s not in done]
+        if done:
+            log.info("Qdrant %s: resuming %s: %d of %d shards already loaded, %d to load", Q.describe(target),
+                     state["collection"], len(done), len(manifest.committed), len(todo))
+        job = _QdrantLoad(loc, target, state["collection"], state["build"], cfg.batch_size,
+                          tuple(manifest.plan.get("passthrough", [])))
+        if Q.is_server(target):
+            loaded = _load_server(job, client, todo, cfg.upload_workers, use_ray)
         else:
-            version = Q.next_version(client, cfg.collection)
-            state = {"status": "creating", "target": Q.describe(target), "name": cfg.collection,
-                     "collection": Q.versioned(cfg.collection, version), "version": version,
-                     "inputs": inputs_key(manifest), "shards_done": [], "rows_done": 0}
-            # Recorded before creating, so a crash right after creation resumes into the same collection.
-            _record(loc, "qdrant", state, archive=True)
-            Q.create_collection(client, state["collection"], dim, _collection_meta(manifest, version))
-        state.update(status="loading", started_at=started, batch_size=cfg.batch_size)
-        _record(loc, "qdrant", state)
-        _load_shards(loc, manifest, client, state, cfg, workers=cfg.upload_workers if Q.is_server(target) else 1)
+            loaded = _load_embedded(job, client, todo, rows)
         Q.end_bulk(client, state["collection"])
         got = Q.count(client, state["collection"])
         if got != rows:
-            raise ManifestError(f"Qdrant {state['collection']} holds {got} points after loading, the manifest committed {rows}")
+            # Not resumable: the progress records say every shard is in, the collection disagrees.
+            _record(loc, "qdrant", {**state, "status": "failed", "count": got, "finished_at": _stamp()})
+            raise ManifestError(f"Qdrant {state['collection']} holds {got} points after loading, the manifest "
+                                f"committed {rows}; rerun `reembed index` to load a new version")
         meta = {**_collection_meta(manifest, state["version"]), **(Q.metadata(client, state["collection"]).get(Q.META) or {})}
         Q.set_metadata(client, state["collection"], {Q.META: {**meta, "state": "ready"}})
-        state.update(status="done", count=got, bytes=sum(r["bytes"] for r in manifest.committed.values()),
+        state.update(status="done", count=got, shards=len(manifest.committed), resumed_shards=len(done), **loaded,
+                     bytes=sum(r["bytes"] for r in manifest.committed.values()), started_at=started,
                      finished_at=_stamp(), seconds=round(time.monotonic() - t0, 3))
         _record(loc, "qdrant", state)
         return state
@@ -250,23 +264,155 @@ def run_qdrant(output: str | Location, cfg: IndexConfig, target: str) -> dict[st
         client.close()
 
 
-def _load_shards(loc: Location, manifest: Manifest, client, state: dict[str, Any], cfg: IndexConfig, workers: int) -> None:
-    """Upload the shards not yet in ``state["shards_done"]``, ``workers`` at a time, recording each."""
-    passthrough = list(manifest.plan.get("passthrough", []))
-    columns = [S.ID, S.EMBEDDING, *passthrough]
-    done = set(state.get("shards_done", []))
-    todo = [(s, rec) for s, rec in sorted(manifest.committed.items()) if s not in done]
+def _start_qdrant(loc: Location, manifest: Manifest, client, rec: dict[str, Any] | None, cfg: IndexConfig,
+                  target: str, started: str) -> dict[str, Any]:
+    """The build to continue (a finished one still intact, or an unfinished one of these inputs), else a
+    new version, recorded in the manifest before its collection is created (a crash right after creating
+    it resumes into it)."""
+    rows, dim = rows_of(manifest), int(manifest.model["dimension"])
+    resume = _same_qdrant(rec, manifest, cfg, target)
+    if resume and rec["status"] == "done":
+        if rec["collection"] in Q.collections(client) and Q.count(client, rec["collection"]) == rows:
+            return rec
+        resume = False
+    if resume and rec["status"] == "loading" and rec.get("build"):
+        state = dict(rec, batch_size=cfg.batch_size)
+        if state["collection"] not in Q.collections(client):  # lost since: its progress records mean nothing
+            cleared = Progress(loc, "qdrant", state["build"]).clear()
+            log.warning("Qdrant %s: %s is gone; loading it again (%d progress records dropped)",
+                        Q.describe(target), state["collection"], cleared)
+            Q.create_collection(client, state["collection"], dim, _collection_meta(manifest, state["version"]))
+        return state
+    version = Q.next_version(client, cfg.collection)
+    collection = Q.versioned(cfg.collection, version)
+    state = {"status": "loading", "target": Q.describe(target), "name": cfg.collection, "collection": collection,
+             "version": version, "inputs": inputs_key(manifest), "build": f"{collection}.{uuid.uuid4().hex[:8]}",
+             "batch_size": cfg.batch_size, "started_at": started}
+    _record(loc, "qdrant", state, archive=True)
+    Q.create_collection(client, collection, dim, _collection_meta(manifest, version))
+    return state
 
-    def one(item: tuple[int, dict[str, Any]]) -> tuple[int, int]:
-        shard, rec = item
-        table = read_shard(loc, shard, rec, columns)
-        return shard, Q.upload(client, state["collection"], [table], cfg.batch_size, passthrough)
 
-    for shard, n in bounded_map(one, todo, workers):
-        done.add(shard)
-        state["shards_done"] = sorted(done)
-        state["rows_done"] = state.get("rows_done", 0) + n
-        _record(loc, "qdrant", state)
+@dataclass(frozen=True)
+class _QdrantLoad:
+    """What a writer needs to load shards into the collection: small, so it travels into Ray tasks."""
+
+    loc: Location
+    target: str
+    collection: str
+    build: str
+    batch_size: int
+    passthrough: tuple[str, ...]
+
+    def shard(self, client, shard: int, rec: dict[str, Any], table: pa.Table | None = None) -> int:
+        """Upsert one shard (``table``: its rows not yet upserted, if some are) and mark it done."""
+        t0 = time.monotonic()
+        if table is None:
+            table = read_shard(self.loc, shard, rec, [S.ID, S.EMBEDDING, *self.passthrough])
+        n = Q.upload(client, self.collection, [table], self.batch_size, self.passthrough)
+        Progress(self.loc, "qdrant", self.build).mark(shard, rows=rec["rows"], seconds=round(time.monotonic() - t0, 3))
+        return n
+
+
+def _load_embedded(job: _QdrantLoad, client, todo: list[tuple[int, dict[str, Any]]], rows: int) -> dict[str, Any]:
+    """Every pending shard by this process, the one writer an embedded Qdrant allows."""
+    t0 = time.monotonic()
+    left = sum(rec["rows"] for _, rec in todo)
+    log.info("Qdrant %s: embedded Qdrant allows one writer: this process loads %d points (%d shards); a Qdrant "
+             "server is loaded by --workers writers in parallel", Q.describe(job.target), left, len(todo))
+    out: dict[str, Any] = {"writers": 1, "transport": "embedded"}
+    if todo and rows > Q.EMBEDDED_MAX_POINTS:
+        out["estimate"] = _say_embedded_time(job, client, todo[0], left, rows)
+        todo = todo[1:]
+    for shard, rec in todo:
+        job.shard(client, shard, rec)
+    out["load_seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def _say_embedded_time(job: _QdrantLoad, client, first: tuple[int, dict[str, Any]], left: int,
+                       rows: int) -> dict[str, Any]:
+    """Load the first pending shard, timing its first points, and say how long the whole load will take."""
+    shard, rec = first
+    table = read_shard(job.loc, shard, rec, [S.ID, S.EMBEDDING, *job.passthrough])
+    probe = table.slice(0, min(table.num_rows, max(job.batch_size, EMBEDDED_PROBE_POINTS)))
+    t0 = time.monotonic()
+    Q.upload(client, job.collection, [probe], job.batch_size, job.passthrough)
+    rate = probe.num_rows / max(time.monotonic() - t0, 1e-6)
+    eta = left / rate
+    log.warning(
+        "Qdrant %s: %d points is a lot for embedded Qdrant (qdrant-client's local mode, meant for tests and small "
+        "data; above %d): at %.0f points/s, measured on the first %d, loading the %d left takes about %s. To load "
+        "in parallel instead, point at a Qdrant server: reembed index %s --qdrant http://HOST:6333 (--workers N; "
+        "QDRANT_API_KEY for its key). Going on with the embedded load.",
+        Q.describe(job.target), rows, Q.EMBEDDED_MAX_POINTS, rate, probe.num_rows, left, _duration(eta),
+        _output_uri(job.loc), )
+    job.shard(client, shard, rec, table.slice(probe.num_rows))
+    return {"points_per_s": round(rate, 1), "points": left, "seconds": round(eta, 1)}
+
+
+def _load_server(job: _QdrantLoad, client, todo: list[tuple[int, dict[str, Any]]], workers: int,
+                 use_ray: bool) -> dict[str, Any]:
+    """Every pending shard by ``workers`` writers, each with a disjoint share: Ray tasks, or threads here."""
+    t0 = time.monotonic()
+    workers = max(1, min(workers, len(todo)))
+    out: dict[str, Any] = {"writers": workers}
+    if not todo:
+        out["transport"] = "grpc" if Q.uses_grpc(client) else "http"
+    elif use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            init_ray(None)
+        task = ray.remote(_qdrant_load_task).options(num_cpus=1, scheduling_strategy="SPREAD")
+        # Round-robin shares: each writer gets early and late shards alike, so they finish together.
+        refs = [task.remote(job, todo[i::workers]) for i in range(workers)]
+        try:
+            results = ray.get(refs)
+        except BaseException:
+            for ref in refs:  # a writer failed (or we were interrupted): stop the others; a rerun resumes
+                ray.cancel(ref, force=True)
+            raise
+        out["transport"] = results[0]["transport"]
+        out["writer_hosts"] = sorted({r["worker"] for r in results})
+    else:
+        grpc_client = Q.connect(job.target, grpc=True)
+        try:
+            out["transport"] = "grpc" if Q.uses_grpc(grpc_client) else "http"
+            for _ in bounded_map(lambda item: job.shard(grpc_client, *item), todo, workers):
+                pass
+        finally:
+            grpc_client.close()
+    log.info("Qdrant %s: %d shards loaded by %d writers over %s in %.1f s", Q.describe(job.target), len(todo),
+             workers, out["transport"], time.monotonic() - t0)
+    out["load_seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def _qdrant_load_task(job: _QdrantLoad, items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """One writer, as a Ray task: its own client (gRPC when offered), its shards, a small summary back."""
+    client = Q.connect(job.target, grpc=True)
+    try:
+        rows = sum(job.shard(client, shard, rec) for shard, rec in items)
+        return {"rows": rows, "shards": len(items), "worker": f"{socket.gethostname()}:{os.getpid()}",
+                "transport": "grpc" if Q.uses_grpc(client) else "http"}
+    finally:
+        client.close()
+
+
+def _slim(rec: dict[str, Any]) -> dict[str, Any]:
+    """What reading a shard needs of its commit record (a writer task carries only these)."""
+    return {k: rec[k] for k in ("path", "sha256", "rows", "bytes") if k in rec}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def bounded_map(fn, items, workers: int) -> Iterator:
@@ -305,7 +451,9 @@ def _collection_meta(manifest: Manifest, version: int) -> dict[str, Any]:
 def _run_parallel(loc: Location, cfg: IndexConfig, target: str | None, todo: list[str],
                   ray_address: str | None) -> dict[str, Any]:
     """Both builds as Ray tasks. The FAISS task takes a GPU when the cluster has a free one (faiss trains on
-    it if faiss-gpu is installed); an embedded Qdrant task is pinned to this node, where its folder is."""
+    it if faiss-gpu is installed); an embedded Qdrant task is pinned to this node, where its folder is. A
+    server is loaded by ``cfg.upload_workers`` Ray tasks, which a thread of this process starts and waits
+    for (it handles only small records: no vector comes here)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -314,18 +462,43 @@ def _run_parallel(loc: Location, cfg: IndexConfig, target: str | None, todo: lis
     if "faiss" in todo:
         gpus = 1 if ray.available_resources().get("GPU", 0) >= 1 else 0
         refs["faiss"] = ray.remote(_faiss_task).options(num_cpus=1, num_gpus=gpus).remote(loc, cfg)
-    if "qdrant" in todo:
-        opts: dict[str, Any] = {"num_cpus": 1}
-        if not Q.is_server(target):
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        refs["qdrant"] = ray.remote(run_qdrant).options(**opts).remote(loc, cfg, target)
+    waits = {name: (lambda r=ref: ray.get(r)) for name, ref in refs.items()}
+    if "qdrant" in todo and Q.is_server(target):
+        waits["qdrant"] = _in_thread(run_qdrant, loc, cfg, target, True)
+    elif "qdrant" in todo:
+        node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        refs["qdrant"] = ray.remote(run_qdrant).options(num_cpus=1, scheduling_strategy=node).remote(loc, cfg, target)
+        waits["qdrant"] = lambda r=refs["qdrant"]: ray.get(r)
     try:
-        return _gather({name: (lambda r=ref: ray.get(r)) for name, ref in refs.items()})
+        return _gather(waits)
     except KeyboardInterrupt:
         # Stop the builds too: a rerun must not meet a leftover writer (embedded Qdrant allows only one).
         for ref in refs.values():
             ray.cancel(ref, force=True)
         raise
+
+
+def _in_thread(fn, *args):
+    """Start ``fn(*args)`` on a daemon thread (an interrupted driver does not wait for it); returns a
+    function that waits for its result or raises its exception."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # handed to the waiter, which raises it
+            box["error"] = e
+
+    thread = threading.Thread(target=work, name=f"reembed-{getattr(fn, '__name__', 'task')}", daemon=True)
+    thread.start()
+
+    def wait() -> Any:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    return wait
 
 
 def _faiss_task(loc: Location, cfg: IndexConfig) -> dict[str, Any]:

@@ -50,6 +50,9 @@ PAYLOAD_COLUMN = "_payload"
 POINT_ID_COLUMN = "_point_id"
 # Fixed namespace: the same document id maps to the same point id in every collection and every run.
 NAMESPACE = uuid.UUID("5b0f8a39-3c53-4d6c-9a57-0c4be3d0e1a7")
+# Above this many points an embedded target is slow (qdrant-client's local mode, for tests and small data:
+# ~90 points/s at 1024-d measured, bench/RESULTS.md): the load says how long it will take and how to use a server.
+EMBEDDED_MAX_POINTS = 100_000
 # Qdrant's defaults, restored when a bulk load ends.
 HNSW_M = 16
 INDEXING_THRESHOLD = 10_000
@@ -76,7 +79,7 @@ def describe(target: str) -> str:
     return os.path.abspath(os.path.expanduser(target))
 
 
-def connect(target: str, timeout: int = 60, *, named_by_user: bool = True):
+def connect(target: str, timeout: int = 60, *, named_by_user: bool = True, grpc: bool = False):
     """A client for a server URL or an embedded Qdrant folder: the one place a Qdrant client is made.
 
     The API key (``QDRANT_API_KEY``) goes only to a server the user named (a flag, ``QDRANT_URL``, their own
@@ -85,6 +88,10 @@ def connect(target: str, timeout: int = 60, *, named_by_user: bool = True):
     ``REEMBED_QDRANT_ALLOW_HTTP=1`` (refused before any connection). A server is probed with one short TCP
     connect first, so a URL where nothing listens is one :class:`QdrantError` at once, not minutes of
     retries; the load's own calls keep retrying transient errors (:func:`call_with_retry`).
+
+    ``grpc``: talk gRPC when the server offers it (on :func:`grpc_port`, Qdrant's REST port + 1: 6334 beside
+    6333), which costs the client less per point than JSON; otherwise, or if the port does not answer
+    gRPC, HTTP as usual. Embedded Qdrant has no transport and ignores it.
     """
     from qdrant_client import QdrantClient
 
@@ -93,6 +100,10 @@ def connect(target: str, timeout: int = 60, *, named_by_user: bool = True):
         if key:
             _refuse_plain_http(target)
         _probe(target)
+        if grpc:
+            client = _grpc_client(target, key, timeout)
+            if client is not None:
+                return client
         return QdrantClient(url=target, api_key=key, timeout=timeout)
     path = describe(target)
     with _EMBEDDED_LOCK:
@@ -148,6 +159,37 @@ _EMBEDDED: dict[str, _SharedEmbedded] = {}
 _EMBEDDED_LOCK = threading.RLock()
 
 
+def grpc_port(target: str) -> int:
+    """Where a server's gRPC API is: Qdrant serves it on the port after the REST port (6334 beside 6333)."""
+    return (urlsplit(target).port or DEFAULT_PORT) + 1
+
+
+def uses_grpc(client) -> bool:
+    """Whether ``client`` talks gRPC (False for HTTP and for embedded Qdrant)."""
+    return bool(client.init_options.get("prefer_grpc"))
+
+
+def _grpc_client(target: str, key: str | None, timeout: int):
+    """A gRPC client if the server answers gRPC on :func:`grpc_port` (one listing as the check), else None."""
+    from qdrant_client import QdrantClient
+
+    port = grpc_port(target)
+    try:
+        _probe(target, port=port, seconds=1.0)
+    except QdrantError:
+        log.info("Qdrant %s: no gRPC port at %d; loading over HTTP", describe(target), port)
+        return None
+    client = QdrantClient(url=target, api_key=key, timeout=timeout, prefer_grpc=True, grpc_port=port)
+    try:
+        client.get_collections()
+    except Exception as e:  # noqa: BLE001 - whatever listens there does not answer gRPC: fall back, once
+        client.close()
+        log.info("Qdrant %s: port %d does not answer gRPC (%s); loading over HTTP", describe(target), port, _short(e))
+        return None
+    log.info("Qdrant %s: loading over gRPC (port %d)", describe(target), port)
+    return client
+
+
 def _refuse_plain_http(target: str) -> None:
     parts = urlsplit(target)
     if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
@@ -170,13 +212,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _probe(target: str, seconds: float = 3.0) -> None:
-    """One TCP connect to the server's REST port: refused, unknown host or no answer -> QdrantError."""
+def _probe(target: str, seconds: float = 3.0, port: int | None = None) -> None:
+    """One TCP connect to the server's REST port (or ``port``): refused, unknown host or no answer -> QdrantError."""
     import socket
 
     parts = urlsplit(target)
     host = parts.hostname or ""
-    port = parts.port or DEFAULT_PORT
+    port = port or parts.port or DEFAULT_PORT
     try:
         with socket.create_connection((host, port), timeout=seconds):
             return
@@ -473,6 +515,8 @@ def _is_qdrant_error(e: BaseException) -> bool:
 
     if isinstance(e, (UnexpectedResponse, ResponseHandlingException)):
         return True
+    if callable(getattr(e, "code", None)) and callable(getattr(e, "details", None)):  # grpc.RpcError
+        return True
     try:
         import httpx
 
@@ -490,6 +534,11 @@ def _retry_after(e: BaseException) -> float:
 
 
 def _short(e: BaseException) -> str:
+    if callable(getattr(e, "code", None)) and callable(getattr(e, "details", None)):  # grpc.RpcError
+        try:
+            return f"gRPC {e.code().name}: {e.details()}"
+        except Exception:  # noqa: BLE001 - not a grpc error after all
+            pass
     status = getattr(e, "status_code", None)
     if status:
         body = getattr(e, "content", b"") or b""

@@ -1,0 +1,516 @@
+"""Drift adapter: serve the new model before the re-embedding has finished.
+
+A small map from the new model's space into the old one (Drift-Adapter, EMNLP 2025, arXiv 2509.23471),
+fitted on paired vectors of the same documents: the old vector (an export's ``old_embedding``, or an old
+store) and the new vector (a committed shard of the output, even of a partial run). A query is then
+embedded once, with the new model, and searches
+
+* the new store directly, for the documents already migrated, and
+* the old store through the adapter, for the rest,
+
+and the two ranked lists are fused (:func:`reembed.migrate.dual.fuse`). One embedding per query instead of
+two models, and the old store keeps serving until the swap.
+
+Three kinds are fitted and compared on held-out pairs; the best is kept:
+
+* ``procrustes`` - orthogonal Procrustes: ``W`` with orthonormal rows (``d_new x d_old``) maximizing the
+  agreement of ``x W`` with ``y``; no bias. The SVD of ``X^T Y``.
+* ``lowrank`` - an affine map of rank ``r`` (reduced-rank ridge regression): the least-squares map, then
+  projected on the top ``r`` directions of its fitted values.
+* ``mlp`` - the Procrustes map plus a small residual MLP trained with a cosine loss (torch, CPU, seconds).
+
+Each is judged, on pairs held out of the fit, by recall@k of ``new query -> adapter -> old index`` against
+``new query -> new index`` (the full re-embedding) and ``old query -> old index`` (no migration): on
+labelled queries when given (their texts embedded by both models), else on neighbour overlap with the new
+model's own neighbours (held-out documents as queries). ``recovery`` is the adapter's recall over the new
+model's.
+
+The fitted adapter is saved with the output, versioned and create-only::
+
+    OUTPUT/adapters/weights-<sha256>.npz   the weights
+    OUTPUT/adapters/v0001.json             kind, both models and fingerprints, the figures, the weights' sha256
+
+and refused at load when the output's model or the old model differs from the ones it was fitted for.
+
+Memory: the fit holds ``sample`` pairs (default 20,000; seconds for 100k on a CPU). The pairs come from a
+seeded random subset of committed shards; when the shards do not carry ``old_embedding`` the old vectors
+of the sampled ids are looked up in the export's parts by Ray tasks, one per part (each returns only the
+matches), so no process reads the whole old corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from reembed import schema as S
+from reembed.errors import ValidationError
+from reembed.storage import Location
+
+log = logging.getLogger(__name__)
+
+KINDS = ("procrustes", "lowrank", "mlp")
+ADAPTERS = "adapters"
+OLD_EMBEDDING = "old_embedding"
+DEFAULT_SAMPLE = 20_000
+HOLDOUT = 0.2
+K = 10
+
+
+class AdapterError(ValidationError):
+    """An adapter cannot be fitted, found, or used with these models."""
+
+
+@dataclass
+class Adapter:
+    """A fitted map from new-model vectors to old-model vectors (unit-normalized on the way out)."""
+
+    kind: str
+    weights: dict[str, np.ndarray]
+    new_model: dict[str, Any] = field(default_factory=dict)  # name, dimension, fingerprint
+    old_model: dict[str, Any] = field(default_factory=dict)  # name, dimension, fingerprint (or the source)
+    figures: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """New-model vectors (n, d_new) -> old-space vectors (n, d_old), unit length."""
+        x = np.asarray(x, dtype=np.float32)
+        w = self.weights
+        y = x @ w["W"] + (w["b"] if "b" in w else 0.0)
+        if self.kind == "mlp":
+            h = np.maximum(x @ w["W1"] + w["b1"], 0.0)
+            y = y + h @ w["W2"] + w["b2"]
+        return _normalize(y.astype(np.float32))
+
+    def check(self, new_fingerprint: str | None, old_fingerprint: str | None = None) -> None:
+        """Refuse an adapter fitted for other models."""
+        if new_fingerprint and new_fingerprint != self.new_model.get("fingerprint"):
+            raise AdapterError(f"adapter v{self.version} was fitted for the new model {self.new_model.get('name')} "
+                               f"({self.new_model.get('fingerprint')}), not this output's ({new_fingerprint}); "
+                               "refit it with `reembed adapter fit`")
+        if old_fingerprint and self.old_model.get("fingerprint") and old_fingerprint != self.old_model["fingerprint"]:
+            raise AdapterError(f"adapter v{self.version} was fitted for the old model {self.old_model.get('name')}, "
+                               f"not the one given ({old_fingerprint}); refit it with `reembed adapter fit`")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fitting
+
+
+def fit(x_new: np.ndarray, y_old: np.ndarray, kind: str, rank: int = 128, seed: int = 0,
+        epochs: int = 60, hidden: int = 256) -> Adapter:
+    """Fit one ``kind`` of adapter on paired rows (the same document in both spaces)."""
+    x, y = _normalize(np.asarray(x_new, np.float32)), _normalize(np.asarray(y_old, np.float32))
+    if len(x) != len(y) or len(x) < 2:
+        raise AdapterError(f"need at least 2 paired vectors, got {len(x)} new and {len(y)} old")
+    if kind == "procrustes":
+        return Adapter(kind, {"W": _procrustes(x, y)})
+    if kind == "lowrank":
+        return Adapter(kind, _lowrank(x, y, rank))
+    if kind == "mlp":
+        return Adapter(kind, _mlp(x, y, hidden, epochs, seed))
+    raise AdapterError(f"unknown adapter kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def _procrustes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(x.T @ y, full_matrices=False)  # (d_new, r) (r,) (r, d_old), r = min(d_new, d_old)
+    return (u @ vt).astype(np.float32)
+
+
+def _lowrank(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-2) -> dict[str, np.ndarray]:
+    mx, my = x.mean(axis=0), y.mean(axis=0)
+    xc, yc = x - mx, y - my
+    a = np.linalg.solve(xc.T @ xc + ridge * len(x) / x.shape[1] * np.eye(x.shape[1], dtype=np.float32), xc.T @ yc)
+    r = max(1, min(rank, *a.shape))
+    _, _, vt = np.linalg.svd(xc @ a, full_matrices=False)  # reduced-rank regression: top r output directions
+    p = vt[:r].T @ vt[:r]
+    w = (a @ p).astype(np.float32)
+    return {"W": w, "b": (my - mx @ w).astype(np.float32)}
+
+
+def _mlp(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
+    import torch
+
+    torch.manual_seed(seed)
+    base = torch.from_numpy(_procrustes(x, y))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    l1 = torch.nn.Linear(x.shape[1], hidden)
+    l2 = torch.nn.Linear(hidden, y.shape[1])
+    torch.nn.init.zeros_(l2.weight)
+    torch.nn.init.zeros_(l2.bias)  # starts as the Procrustes map: the residual only learns what it misses
+    opt = torch.optim.Adam([*l1.parameters(), *l2.parameters()], lr=1e-3, weight_decay=1e-5)
+    batch = 256
+    for _ in range(epochs):
+        order = torch.randperm(len(xt))
+        for i in range(0, len(xt), batch):
+            idx = order[i:i + batch]
+            pred = xt[idx] @ base + l2(torch.relu(l1(xt[idx])))
+            loss = 1 - torch.nn.functional.cosine_similarity(pred, yt[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return {"W": base.numpy(), "W1": l1.weight.T.contiguous().numpy(), "b1": l1.bias.numpy().copy(),
+                "W2": l2.weight.T.contiguous().numpy(), "b2": l2.bias.numpy().copy()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Judging
+
+
+def evaluate(adapter: Adapter, x_new: np.ndarray, y_old: np.ndarray, ids: Sequence[str], k: int = K,
+             queries: tuple[np.ndarray, np.ndarray, list[dict[str, float]]] | None = None) -> dict[str, Any]:
+    """Recall@k of the three ways to answer a query over the held-out documents (both spaces of the
+    same ids): ``adapter`` (new query -> adapter -> old index), ``new`` (new query -> new index) and
+    ``old`` (old query -> old index). With ``queries`` = (new-model query vectors, old-model query
+    vectors, relevant {id: grade} per query) recall is against the labels; without, the held-out
+    documents are the queries, each left out of its own results, and the truth is the new model's own
+    neighbours (so ``new`` is 1 by definition and ``adapter`` measures how much of it the adapter keeps)."""
+    new_index, old_index = _normalize(x_new), _normalize(y_old)
+    ids = np.asarray(ids, dtype=object)
+    if queries is not None:
+        q_new, q_old, relevant = queries
+        got = {"adapter": _top(adapter.apply(q_new), old_index, k), "new": _top(_normalize(q_new), new_index, k),
+               "old": _top(_normalize(q_old), old_index, k)}
+        recall = {name: float(np.mean([_recall(ids[r], rel, k) for r, rel in zip(rows, relevant)]))
+                  for name, rows in got.items()}
+        basis = f"{len(relevant)} labelled queries"
+    else:
+        truth = _top(new_index, new_index, k, self_excluded=True)
+        got = {"adapter": _top(adapter.apply(x_new), old_index, k, self_excluded=True),
+               "new": truth, "old": _top(old_index, old_index, k, self_excluded=True)}
+        recall = {name: float(np.mean([len(set(a) & set(t)) / k for a, t in zip(rows, truth)]))
+                  for name, rows in got.items()}
+        basis = f"neighbour overlap with the new model's top-{k} on {len(ids)} held-out documents"
+    cos = float(np.mean(np.sum(adapter.apply(x_new) * old_index, axis=1)))
+    out = {"k": k, "basis": basis, "recall": {n: round(v, 4) for n, v in recall.items()},
+           "mean_cosine_to_old": round(cos, 4)}
+    out["recovery"] = round(recall["adapter"] / recall["new"], 4) if recall["new"] else None
+    return out
+
+
+def _top(queries: np.ndarray, index: np.ndarray, k: int, self_excluded: bool = False) -> np.ndarray:
+    scores = queries @ index.T
+    if self_excluded:
+        np.fill_diagonal(scores, -np.inf)
+    kk = min(k, index.shape[0] - (1 if self_excluded else 0))
+    part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+    order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
+    return np.take_along_axis(part, order, axis=1)
+
+
+def _recall(found: Sequence[str], relevant: dict[str, float], k: int) -> float:
+    rel = {d for d, g in relevant.items() if g > 0}
+    return len(rel & set(list(found)[:k])) / min(len(rel), k) if rel else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command: pairs from an output, fit every kind, keep the best
+
+
+def fit_output(output: str | Location, old: str | None = None, old_model: str | None = None,
+               queries: str | None = None, kinds: Sequence[str] = KINDS, sample: int = DEFAULT_SAMPLE,
+               rank: int = 128, seed: int = 0, save: bool = True) -> dict[str, Any]:
+    """Fit the adapters of ``kinds`` on up to ``sample`` pairs of ``output`` and ``old`` (an export
+    folder or store URI; default: the shards' own ``old_embedding`` column), judge them on held-out
+    pairs, and save the best with the output. Returns the report (every kind's figures, the chosen one)."""
+    from reembed.manifest import Manifest
+
+    t0 = time.monotonic()
+    loc = output if isinstance(output, Location) else Location.from_uri(output)
+    manifest = Manifest.load(loc)
+    if manifest is None:
+        raise AdapterError(f"{loc.display()}: no manifest.json here (not a reembed output)")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise AdapterError(f"unknown adapter kind {kind!r}; use one of {', '.join(KINDS)}")
+    ids, x_new, y_old = pairs(loc, manifest, old, sample, seed)
+    if len(ids) < 50:
+        raise AdapterError(f"{loc.display()}: only {len(ids)} documents are both committed and in the old store; "
+                           "an adapter needs at least 50 pairs (commit more shards, or check --old)")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ids))
+    cut = max(1, int(len(ids) * HOLDOUT))
+    test, train = order[:cut], order[cut:]
+    labelled = _labelled(queries, manifest, old_model, ids[test], x_new.shape[1], y_old.shape[1]) if queries else None
+    figures, fitted = {}, {}
+    for kind in kinds:
+        t = time.monotonic()
+        a = fit(x_new[train], y_old[train], kind, rank=rank, seed=seed)
+        fit_s = time.monotonic() - t
+        figures[kind] = evaluate(a, x_new[test], y_old[test], ids[test], queries=labelled)
+        figures[kind]["fit_seconds"] = round(fit_s, 3)
+        figures[kind]["us_per_query"] = _query_cost(a, x_new[test])
+        fitted[kind] = a
+        log.info("adapter %s: recall@%d %.3f (new %.3f, old %.3f), recovery %s, fit %.1f s", kind, K,
+                 figures[kind]["recall"]["adapter"], figures[kind]["recall"]["new"], figures[kind]["recall"]["old"],
+                 figures[kind]["recovery"], fit_s)
+    best = max(kinds, key=lambda k: (figures[k]["recall"]["adapter"], -KINDS.index(k)))
+    chosen = fitted[best]
+    chosen.new_model = {k: manifest.model.get(k) for k in ("name", "dimension", "fingerprint")}
+    chosen.old_model = _old_identity(old, old_model, y_old.shape[1])
+    chosen.figures = figures[best]
+    report = {"output": loc.uri, "pairs": len(ids), "train": len(train), "held_out": len(test), "kinds": figures,
+              "chosen": best, "new_model": chosen.new_model, "old_model": chosen.old_model,
+              "seconds": round(time.monotonic() - t0, 3)}
+    if save:
+        chosen.version = save_adapter(loc, chosen, report)
+        report["version"] = chosen.version
+    return report
+
+
+def pairs(loc: Location, manifest, old: str | None, sample: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Up to ``sample`` (ids, new vectors, old vectors) of committed documents, from a seeded random
+    subset of shards (read until enough rows): O(sample), whatever the size of the output."""
+    from reembed.write import read_shard_table
+
+    committed = manifest.committed
+    shards = list(committed)
+    if not shards:
+        raise AdapterError(f"{loc.display()}: no committed shard yet; run the job first (a partial run is enough)")
+    rng = np.random.default_rng(seed)
+    rng.shuffle(shards)
+    ids, new, olds, rows = [], [], [], 0
+    for shard in shards:
+        rec = committed[shard]
+        names = _shard_columns(loc, rec)
+        cols = [S.ID, S.EMBEDDING] + ([OLD_EMBEDDING] if old is None and OLD_EMBEDDING in names else [])
+        if old is None and OLD_EMBEDDING not in names:
+            raise AdapterError(f"{loc.display()}: the shards carry no {OLD_EMBEDDING} column; pass the old store or "
+                               "export with --old")
+        t = read_shard_table(loc, rec, cols, key=f"shards.{shard:05d}")
+        ids.extend(S.id_strings(t.column(S.ID))[0].to_pylist())
+        new.append(S.embedding_matrix(t.column(S.EMBEDDING)))
+        if old is None:
+            olds.append(S.embedding_matrix(t.column(OLD_EMBEDDING)))
+        rows += t.num_rows
+        if rows >= sample:
+            break
+    ids_arr, x = np.asarray(ids, dtype=object), np.vstack(new)
+    if old is None:
+        y = np.vstack(olds)
+    else:
+        found = lookup_old(old, loc.settings, ids_arr.tolist())
+        keep = np.array([i in found for i in ids_arr.tolist()], dtype=bool)
+        ids_arr, x = ids_arr[keep], x[keep]
+        y = np.vstack([found[i] for i in ids_arr.tolist()]) if keep.any() else np.zeros((0, 1), np.float32)
+    if len(ids_arr) > sample:
+        pick = np.sort(rng.choice(len(ids_arr), sample, replace=False))
+        ids_arr, x, y = ids_arr[pick], x[pick], y[pick]
+    return ids_arr, x, y
+
+
+def lookup_old(old: str, settings: Any, ids: list[str]) -> dict[str, np.ndarray]:
+    """The old vectors of ``ids`` (a bounded sample) from an export folder (Ray tasks, one per Parquet
+    part, each returning only its matches) or a vector store URI (paged through in this process: export a
+    large store first)."""
+    from reembed.migrate.stores import is_store_uri
+
+    if is_store_uri(old):
+        from reembed.migrate.stores import open_store
+
+        want, out = set(ids), {}
+        with open_store(old) as store:
+            for b in store.batches():
+                for i, v in zip(b.ids, b.vectors):
+                    if str(i) in want:
+                        out[str(i)] = np.asarray(v, np.float32)
+        return out
+    import ray
+
+    from reembed.cluster import init_ray
+    from reembed.storage import list_inputs
+
+    old_loc, files = list_inputs(Location.from_uri(old, settings), "*.parquet")
+    if not files:
+        raise AdapterError(f"{old}: no Parquet parts here (expected an export folder with id and {OLD_EMBEDDING})")
+    init_ray(None)
+    wanted = ray.put(sorted(set(ids)))
+    found: dict[str, np.ndarray] = {}
+    for got in ray.get([_part_matches.remote(old_loc, f.path, wanted) for f in files]):
+        found.update(got)
+    return found
+
+
+def _part_matches_fn(loc: Location, path: str, wanted: list[str]) -> dict[str, np.ndarray]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with loc.fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        if S.ID not in pf.schema_arrow.names or OLD_EMBEDDING not in pf.schema_arrow.names:
+            raise AdapterError(f"{path}: an export part needs columns id and {OLD_EMBEDDING} "
+                               f"(has {', '.join(pf.schema_arrow.names)})")
+        out = {}
+        for batch in pf.iter_batches(columns=[S.ID, OLD_EMBEDDING], batch_size=65_536):
+            ids = S.id_strings(batch.column(0))[0]
+            mask = pc.is_in(ids, value_set=_arrow_strings(wanted))
+            if not pc.any(mask).as_py():
+                continue
+            hit = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+            vecs = S.embedding_matrix(batch.column(1).take(hit))
+            for i, v in zip(ids.take(hit).to_pylist(), vecs):
+                out[i] = v
+        return out
+
+
+def _arrow_strings(values: list[str]):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
+
+
+def _remote(fn: Callable) -> Any:
+    """``fn`` as a Ray task, made on first use (Ray is imported only when an export is read)."""
+    class _Lazy:
+        _task = None
+
+        def remote(self, *args):
+            if _Lazy._task is None:
+                import ray
+
+                _Lazy._task = ray.remote(num_cpus=1, max_retries=3)(fn)
+            return _Lazy._task.remote(*args)
+
+    return _Lazy()
+
+
+_part_matches = _remote(_part_matches_fn)
+
+
+def _shard_columns(loc: Location, rec: dict[str, Any]) -> list[str]:
+    import pyarrow.parquet as pq
+
+    from reembed.manifest import inside_output
+
+    with loc.fs.open_input_file(loc.path(inside_output(loc, rec.get("path"), "shard path"))) as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+def _labelled(path: str, manifest, old_model: str | None, held_ids: np.ndarray, d_new: int, d_old: int):
+    """The labelled queries whose relevant documents are held out, embedded by both models."""
+    from reembed.indexes.search import query_embedder, text_embedder
+    from reembed.validation.queries import load_queries
+
+    if not old_model:
+        raise AdapterError("--queries needs --old-model: the old model embeds the queries for the old side")
+    held = set(held_ids.tolist())
+    qs = [q for q in load_queries(path) if any(d in held for d in q.relevant)]
+    if not qs:
+        raise AdapterError(f"{path}: none of the labelled documents is among the {len(held)} held-out pairs; "
+                           "raise --sample or check that the labels use the output's ids")
+    texts = [q.query for q in qs]
+    q_new = query_embedder(manifest.model, expect_dim=d_new)(texts)
+    q_old = text_embedder(old_model, None, "cpu", expect_dim=d_old)(texts)
+    return q_new, q_old, [q.relevant for q in qs]
+
+
+def _query_cost(adapter: Adapter, x: np.ndarray, n: int = 1000) -> float:
+    """Microseconds to map one query (a batch of one, as a server would)."""
+    q = x[:1]
+    adapter.apply(q)
+    t = time.perf_counter()
+    for _ in range(n):
+        adapter.apply(q)
+    return round((time.perf_counter() - t) / n * 1e6, 2)
+
+
+def _old_identity(old: str | None, old_model: str | None, dim: int) -> dict[str, Any]:
+    from reembed.migrate.stores.base import redact
+
+    source = redact(old) if old else f"the shards' {OLD_EMBEDDING} column"
+    return {"name": old_model, "dimension": dim, "fingerprint": old_fingerprint(old_model, dim) if old_model else None,
+            "source": source}
+
+
+def old_fingerprint(old_model: str, dim: int) -> str:
+    """How an adapter names the old model it was fitted for (``name|dimension``)."""
+    return hashlib.sha256(f"{old_model}|{dim}".encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving and loading, next to the output
+
+
+def save_adapter(loc: Location, adapter: Adapter, report: dict[str, Any]) -> int:
+    """Publish ``adapter`` as the next version under ``OUTPUT/adapters/`` and return it. The weights go
+    under their own sha256 (rewriting them is harmless); the version is taken by a create-only write of
+    its ``adapter.json``, so two fits never share one."""
+    from reembed.commits import create_only
+
+    buf = io.BytesIO()
+    np.savez(buf, **adapter.weights)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    weights = f"weights-{digest[:16]}.npz"
+    loc.publish(data, ADAPTERS, weights)
+    for _ in range(20):
+        version = max(versions(loc), default=0) + 1
+        meta = {"format": 1, "kind": adapter.kind, "version": version, "new_model": adapter.new_model,
+                "old_model": adapter.old_model, "figures": adapter.figures, "report": report,
+                "weights": weights, "sha256": digest}
+        if create_only(loc, json.dumps(meta, indent=1).encode(), ADAPTERS, f"v{version:04d}.json"):
+            log.info("adapter v%d (%s) saved under %s", version, adapter.kind, loc.display(ADAPTERS))
+            return version
+    raise AdapterError(f"{loc.display(ADAPTERS)}: could not take a new version (concurrent fits?); retry")
+
+
+def versions(loc: Location) -> list[int]:
+    if not loc.exists(ADAPTERS):
+        return []
+    names = [i.base_name for i in loc.list(ADAPTERS)]
+    return sorted(int(n[1:5]) for n in names if len(n) == 10 and n.startswith("v") and n[1:5].isdigit()
+                  and n.endswith(".json"))
+
+
+def load_adapter(output: str | Location, version: int | None = None) -> Adapter:
+    """The latest (or ``version``) adapter saved with ``output``; its weights are checked by sha256 and
+    their file name must stay inside the output."""
+    from reembed.manifest import inside_output
+
+    loc = output if isinstance(output, Location) else Location.from_uri(output)
+    have = versions(loc)
+    if not have:
+        raise AdapterError(f"{loc.display()}: no adapter here; fit one with `reembed adapter fit {loc.display()} --old ...`")
+    version = version or have[-1]
+    if version not in have:
+        raise AdapterError(f"{loc.display()}: no adapter v{version} (have {', '.join(f'v{v}' for v in have)})")
+    name = f"v{version:04d}.json"
+    try:
+        meta = json.loads(loc.read_bytes(ADAPTERS, name))
+        rel = inside_output(loc, f"{ADAPTERS}/{meta['weights']}", f"{ADAPTERS}/{name}: weights")
+        data = loc.read_bytes(rel)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        raise AdapterError(f"{loc.display(ADAPTERS, name)}: not a readable adapter record ({e}); fit again") from e
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise AdapterError(f"{loc.display(rel)}: sha256 does not match {name} (damaged); fit again with "
+                           "`reembed adapter fit`")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        weights = {k: z[k] for k in z.files}
+    return Adapter(meta["kind"], weights, meta["new_model"], meta["old_model"], meta.get("figures", {}), version)
+
+
+def adapted_query(text: str, adapter: Adapter, new_store, old_store, k: int = K, method: str = "rrf",
+                  depth: int | None = None) -> list:
+    """One embedding of ``text`` with the new model: the new store is searched with it, the old store
+    with its adapted vector, and the two lists are fused (:func:`reembed.migrate.dual.fuse`)."""
+    from reembed.migrate.dual import fuse
+
+    depth = depth or max(2 * k, 20)
+    q = new_store.embed([text])
+    results = {new_store.name: new_store.search(q, depth)[0],
+               old_store.name: old_store.search(adapter.apply(q), depth)[0]}
+    return fuse(results, method)[:k]
+
+
+def _normalize(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float32)
+    n = np.linalg.norm(m, axis=1, keepdims=True)
+    return m / np.where(n > 0, n, 1.0)

@@ -1,0 +1,109 @@
+"""The drift adapter: fitting, judging, saving next to the output, refusing other models, the query path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from migrate_fixtures import model_info, write_export, write_output
+from reembed import adapter as A
+from reembed.storage import Location
+
+
+def drifted_pair(n: int = 2000, d_old: int = 48, d_new: int = 64, clusters: int = 40, seed: int = 0):
+    """Clustered documents seen by two models: the old space, and a new one that is a non-linear, noisy,
+    higher-dimensional view of the same documents (as a new model is of the same texts)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, d_old))
+    old = centers[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, d_old))
+    mix = rng.standard_normal((d_old, d_new)) / np.sqrt(d_old)
+    new = np.tanh(old @ mix) + 0.05 * rng.standard_normal((n, d_new))
+    return A._normalize(new), A._normalize(old)
+
+
+def test_each_kind_recovers_most_of_the_new_models_neighbours_and_shuffled_pairs_do_not():
+    new, old = drifted_pair()
+    ids = np.array([f"d{i}" for i in range(len(new))], dtype=object)
+    train, test = slice(0, 1600), slice(1600, None)
+    got = {}
+    for kind in A.KINDS:
+        a = A.fit(new[train], old[train], kind, rank=32)
+        got[kind] = A.evaluate(a, new[test], old[test], ids[test])
+        assert a.apply(new[:3]).shape == (3, old.shape[1])
+        assert np.allclose(np.linalg.norm(a.apply(new[:3]), axis=1), 1.0, atol=1e-5)
+    for kind, fig in got.items():
+        assert fig["recall"]["new"] == 1.0  # neighbour overlap: the new model's own neighbours are the truth
+        assert fig["recall"]["adapter"] >= 0.5, (kind, fig)  # far above chance (10/400)
+        assert fig["recovery"] == fig["recall"]["adapter"]
+    # pairs that do not belong together teach nothing: the same fit on shuffled pairs is near chance
+    wrong = A.fit(new[train], old[train][np.random.default_rng(1).permutation(1600)], "lowrank", rank=32)
+    assert A.evaluate(wrong, new[test], old[test], ids[test])["recall"]["adapter"] < 0.15
+
+
+def test_labelled_queries_are_scored_against_their_labels():
+    new, old = drifted_pair(n=600, seed=2)
+    ids = np.array([f"d{i}" for i in range(600)], dtype=object)
+    a = A.fit(new, old, "procrustes")
+    # each query is a perturbed document; its label is that document
+    rng = np.random.default_rng(5)
+    pick = rng.choice(600, 50, replace=False)
+    q_new = A._normalize(new[pick] + 0.01 * rng.standard_normal((50, new.shape[1])))
+    q_old = A._normalize(old[pick] + 0.01 * rng.standard_normal((50, old.shape[1])))
+    fig = A.evaluate(a, new, old, ids, queries=(q_new, q_old, [{ids[i]: 1.0} for i in pick]))
+    assert fig["recall"]["new"] == 1.0 and fig["recall"]["old"] == 1.0 and "50 labelled queries" in fig["basis"]
+    assert 0.5 <= fig["recall"]["adapter"] <= 1.0 and fig["recovery"] == fig["recall"]["adapter"]
+    broken = A.evaluate(a, new, old, ids, queries=(q_new, q_old, [{ids[(i + 1) % 600]: 1.0} for i in pick]))
+    assert broken["recall"]["new"] < 0.3  # wrong labels are not silently scored as right
+
+
+@pytest.mark.ray
+def test_fit_from_an_output_and_its_export_saves_a_versioned_checked_adapter(tmp_path, ray_local, capsys):
+    from reembed.cli import main
+
+    new, old = drifted_pair(n=400, seed=3)
+    ids = [f"doc-{i}" for i in range(400)]
+    out = write_output(tmp_path / "out", ids, new, model_info("new-model", new.shape[1]), shard_rows=50)
+    export = write_export(tmp_path / "export", ids, [f"text {i}" for i in range(400)], old)
+    report = A.fit_output(out, old=str(export), old_model="old-model", sample=300, rank=16)
+    assert report["pairs"] == 300 and report["held_out"] == 60 and report["version"] == 1
+    assert report["chosen"] in A.KINDS and report["kinds"][report["chosen"]]["recall"]["adapter"] >= 0.5
+    loaded = A.load_adapter(out)
+    assert loaded.version == 1 and loaded.kind == report["chosen"] and loaded.old_model["name"] == "old-model"
+    assert loaded.apply(new[:5]).shape == (5, old.shape[1]) and loaded.figures == report["kinds"][report["chosen"]]
+    loaded.check(model_info("new-model", new.shape[1])["fingerprint"], A.old_fingerprint("old-model", old.shape[1]))
+    with pytest.raises(A.AdapterError, match="fitted for the new model new-model"):
+        loaded.check(model_info("another-model", new.shape[1])["fingerprint"])
+    with pytest.raises(A.AdapterError, match="fitted for the old model old-model"):
+        loaded.check(None, A.old_fingerprint("some-other-old-model", old.shape[1]))
+
+    # a second fit takes the next version; the first stays
+    assert main(["adapter", "fit", str(tmp_path / "out"), "--old", str(export), "--old-model", "old-model",
+                 "--sample", "300", "--kinds", "procrustes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 2 and A.versions(out) == [1, 2]
+    assert main(["adapter", "show", str(tmp_path / "out"), "--version", "1"]) == 0
+    assert "adapter v1" in capsys.readouterr().out
+
+    # damaged weights and a record that points outside the output are refused in one line
+    meta = json.loads((tmp_path / "out" / "adapters" / "v0002.json").read_text())
+    weights = tmp_path / "out" / "adapters" / meta["weights"]
+    weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")
+    assert main(["adapter", "show", str(tmp_path / "out")]) == 1
+    assert "sha256 does not match" in capsys.readouterr().err
+    meta["weights"] = "../../../etc/passwd"
+    (tmp_path / "out" / "adapters" / "v0003.json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="outside|\\.\\."):
+        A.load_adapter(out, 3)
+
+
+def test_too_few_pairs_and_no_old_side_are_one_line_errors(tmp_path):
+    new, old = drifted_pair(n=40, seed=4)
+    ids = [f"doc-{i}" for i in range(40)]
+    out = write_output(tmp_path / "out", ids, new, model_info("new-model", new.shape[1]), shard_rows=20)
+    with pytest.raises(A.AdapterError, match="carry no old_embedding column; pass the old store"):
+        A.fit_output(out)
+    with pytest.raises(A.AdapterError, match="unknown adapter kind 'linear'"):
+        A.fit_output(out, kinds=["linear"])
+    with pytest.raises(A.AdapterError, match="no adapter here"):
+        A.load_adapter(Location.from_uri(str(tmp_path / "out")))
