@@ -35,8 +35,21 @@ def _reembed_bin(tmp_path: Path) -> Path:
     return bin_dir
 
 
+RAY_START_FAILED = "Ray's local node did not start"
+
+
 def _run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run in its own session; whatever it leaves behind (a killed driver's local Ray) is killed after it."""
+    """Run in its own session; whatever it leaves behind (a killed driver's local Ray) is killed after it.
+    On a machine so loaded that Ray's local node misses its start-up limit, the run is tried again (up to
+    three times): that is the machine, not the migration (which resumes from its record anyway)."""
+    for _ in range(3):
+        done = _run_once(cmd, env, cwd)
+        if RAY_START_FAILED not in (done.stderr or ""):
+            return done
+    return done
+
+
+def _run_once(cmd: list[str], env: dict[str, str] | None, cwd: Path | None) -> subprocess.CompletedProcess:
     p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
