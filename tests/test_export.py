@@ -167,7 +167,12 @@ def test_qdrant_embedded_round_trip(tmp_path, docs):
     table, meta = read_export(out)
     assert_round_trip(table, rows, vectors)
     assert summary["metric"] == "dot" and meta["rows"] == 60
-    assert table.column_names == ["id", "text", "topic", "old_embedding"]  # text and id fields are not metadata
+    # text and id fields are not metadata; the point's own id and payload are kept for writing it back
+    assert table.column_names == ["id", "text", "topic", "_payload", "_point_id", "old_embedding"]
+    assert table.column("_point_id").to_pylist() == [str(i) for i in range(60)]
+    assert json.loads(table.column("_payload")[0].as_py()) == {"doc_id": rows[0]["id"], "body": rows[0]["text"],
+                                                               "topic": rows[0]["topic"]}
+    assert summary["layout"]["kind"] == "payload" and summary["layout"]["id_kind"] == "int"
 
 
 def test_qdrant_named_vectors_need_a_choice(tmp_path, docs):

@@ -74,7 +74,8 @@ def test_an_index_stage_collection_exports_with_document_ids(stores, tmp_path):
 
     table = pq.read_table(tmp_path / "backup" / "part-00000.parquet")
     assert sorted(table.column("id").to_pylist()) == sorted(d["id"] for d in docs)  # payload ids, not point uuids
-    assert table.column_names == ["id", "text", "lang", "old_embedding"]
+    assert table.column_names == ["id", "text", "lang", "_payload", "_point_id", "old_embedding"]
+    assert summary["layout"]["kind"] == "reembed" and summary["layout"]["id_kind"] == "uuid"
     by_id = {r["id"]: r for r in table.to_pylist()}
     assert all(by_id[d["id"]]["text"] == d["text"] and by_id[d["id"]]["lang"] == d["lang"] for d in docs)
 

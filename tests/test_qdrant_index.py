@@ -159,13 +159,18 @@ def test_rollback_refuses_a_collection_that_lost_points(client):
 
 
 def test_embedded_qdrant_allows_one_process_and_says_so(fast_tmp):
+    import subprocess
+    import sys
+
+    other = [sys.executable, "-c", f"from reembed.indexes import qdrant as Q; Q.connect({str(fast_tmp / 'q')!r})"]
     first = Q.connect(str(fast_tmp / "q"))
     try:
-        with pytest.raises(Q.QdrantError, match="one process at a time"):
-            Q.connect(str(fast_tmp / "q"))
+        Q.connect(str(fast_tmp / "q")).close()  # the same process shares its one client
+        busy = subprocess.run(other, capture_output=True, text=True)
+        assert busy.returncode == 1 and "one process at a time" in busy.stderr
     finally:
         first.close()
-    Q.connect(str(fast_tmp / "q")).close()  # free again once closed
+    assert subprocess.run(other, capture_output=True).returncode == 0  # free again once closed
 
 
 def test_targets_are_described_without_credentials(monkeypatch):

@@ -13,7 +13,7 @@ from reembed.config import load_config, replace_path
 from reembed.indexes import build as stage
 from reembed.indexes import qdrant as Q
 from reembed.indexes.search import Searcher
-from reembed.indexes.swap import open_manifest, rollback, swap, target_of
+from reembed.indexes.swap import open_manifest, qdrant_target, rollback, swap, target_of
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 _KEY_HELP = ("The API key is read from QDRANT_API_KEY and sent only to a server you name (--qdrant, QDRANT_URL or "
@@ -93,8 +93,9 @@ def register(sub) -> None:
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qdrant", metavar="URL_OR_PATH", help="Qdrant server URL or embedded Qdrant folder "
-                   "(default: the one recorded in --output's manifest, else QDRANT_URL). " + _KEY_HELP)
+    p.add_argument("--qdrant", metavar="URL_OR_PATH", help="Qdrant server URL, embedded Qdrant folder or store URI "
+                   "(qdrant:///path, qdrant://host:6333) (default: the one recorded in --output's manifest, else "
+                   "QDRANT_URL). " + _KEY_HELP)
     p.add_argument("--output", metavar="OUTPUT_URI", help="the job's output (its manifest gives the expected "
                    "row count, the model and the Qdrant target)")
     add_storage_config(p)
@@ -139,7 +140,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         if manifest is not None:
             st = stage.state_of(manifest)
             out["faiss"] = [r for r in [*st.get("faiss_history", []), st.get("faiss")] if r]
-        target, named = target_of(args.qdrant, manifest, required=manifest is None)
+        target, named = target_of(qdrant_target(args.qdrant), manifest, required=manifest is None)
         if target:
             client = Q.connect(target, named_by_user=named)
             try:
@@ -211,10 +212,22 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _print_move(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=1))
-    elif not result["changed"]:
-        print(f"alias {result['alias']} already points at {result['to']}; nothing changed")
     else:
-        print(f"alias {result['alias']}: {result['from'] or '(new)'} -> {result['to']}")
+        if not result["changed"]:
+            print(f"alias {result['alias']} already points at {result['to']}; nothing changed")
+        else:
+            print(f"alias {result['alias']}: {result['from'] or '(new)'} -> {result['to']}")
+        print(query_model_line(result))
+
+
+def query_model_line(result: dict[str, Any]) -> str:
+    """What the alias's users must embed queries with now, as the collection records it."""
+    dim = f" ({result['dimension']}-d)" if result.get("dimension") else ""
+    if not result.get("model"):
+        return (f"query model: {result['to']} records no model; query it with the model its vectors were made "
+                f"with{dim}")
+    rev = f" @ {result['revision']}" if result.get("revision") and result["revision"] != "unknown" else ""
+    return f"query model: the app must now embed its queries with {result['model']}{rev}{dim}"
 
 
 def _positive_int(text: str) -> int:

@@ -13,7 +13,7 @@ import logging
 from typing import Any, Callable
 
 from reembed.cli.run import add_storage_config, location
-from reembed.errors import MigrationError
+from reembed.errors import MigrationError, UsageError
 from reembed.migrate.dual import FUSIONS, RRF_K, dual_query
 from reembed.migrate.stores import open_store
 
@@ -28,7 +28,8 @@ def register(subparsers) -> None:
                         "qdrant://host:6333?collection=NAME, faiss:///index.faiss?docstore=docs.parquet, "
                         "pinecone://INDEX?namespace=NS, weaviate://host:8080/Collection; options text_field=, id_field=, "
                         "vector=. Keys come from CHROMA_API_KEY / QDRANT_API_KEY / PINECONE_API_KEY / WEAVIATE_API_KEY")
-    e.add_argument("--to", dest="target", required=True, metavar="OUTPUT_URI", help="folder or URI (s3://...) for the parts")
+    e.add_argument("--output", dest="target", metavar="OUTPUT_URI", help="folder or URI (s3://...) for the parts")
+    e.add_argument("--to", dest="target", help=argparse.SUPPRESS)  # the earlier spelling
     e.add_argument("--page-size", type=_positive, default=1000, help="documents per request to the store (default 1000)")
     e.add_argument("--part-rows", type=_positive, default=100_000, help="rows per Parquet part (default 100000)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export in the same place")
@@ -40,8 +41,11 @@ def register(subparsers) -> None:
         "validate", help="gate the new embeddings: integrity, sanity pairs, ANN recall, old vs new A/B",
         description="Validate an output before swapping it in. Writes OUTPUT/validation/report.json and report.html; "
                     "exits 1 when a gate fails.")
-    v.add_argument("output", metavar="OUTPUT_URI")
+    v.add_argument("output", metavar="OUTPUT_URI", nargs="?", help="the output to validate (or --output)")
+    v.add_argument("--output", dest="output_flag", metavar="OUTPUT_URI", help=argparse.SUPPRESS)
     v.add_argument("--queries", metavar="FILE", help='labelled queries, JSON Lines {"query": ..., "relevant": [ids]}')
+    v.add_argument("--label-id-field", metavar="FIELD", help="the labels name the app's own ids in this field of each "
+                   "document (e.g. metadata.doc_id, or point_id for the store's point ids), not the output's ids")
     v.add_argument("--pairs", metavar="FILE", help='extra sanity pairs, JSON Lines {"a", "b", "label": paraphrase|unrelated}')
     v.add_argument("--old", metavar="URI", help="the old store (store URI, export folder or reembed output); default: "
                    "the shards' old_embedding column when the job passed it through")
@@ -74,7 +78,8 @@ def register(subparsers) -> None:
                     "both, and merges with reciprocal rank fusion or weighted per-store normalized scores.")
     q.add_argument("text")
     q.add_argument("--old", required=True, metavar="URI", help="old store (chroma://, qdrant://, faiss://, export folder or output)")
-    q.add_argument("--new", required=True, metavar="URI", help="new store (a reembed output, or chroma:// / qdrant:// / faiss://)")
+    q.add_argument("--new", "--output", dest="new", required=True, metavar="URI",
+                   help="new store (a reembed output, or chroma:// / qdrant:// / faiss://)")
     q.add_argument("--old-model", metavar="NAME_OR_PATH", help="the old store's model (default: its manifest's, if any)")
     q.add_argument("--new-model", metavar="NAME_OR_PATH", help="the new store's model (default: its manifest's, if any)")
     q.add_argument("-k", type=_positive, default=10)
@@ -87,10 +92,54 @@ def register(subparsers) -> None:
     add_storage_config(q)
     q.set_defaults(func=cmd_query)
 
+    a = subparsers.add_parser(
+        "adopt", help="turn the app's Qdrant collection into an alias reembed can swap (copy, check, alias)",
+        description="Copy the collection the app queries by name into NAME-v0, check that sample queries answer the "
+                    "same, then replace the name with an alias to the copy (the name is missing for a measured "
+                    "moment in between). After that `reembed swap` and `rollback` move the app's name.")
+    a.add_argument("--store", "--from", dest="store", required=True, metavar="URI",
+                   help="the app's collection, qdrant:///path?collection=NAME or qdrant://host:6333?collection=NAME")
+    a.add_argument("--model", metavar="NAME_OR_PATH", help="the model the app queries with (recorded on the copy, "
+                   "so swap, rollback and versions can name it)")
+    a.add_argument("--sample", type=_positive, default=32, help="stored vectors used as check queries (default 32)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_adopt)
+
+    m = subparsers.add_parser(
+        "migrate", help="the whole migration of an app's store, resumable: export, run, index, validate, adopt, swap",
+        description="Migrate an app's Qdrant collection to a new model as one resumable job: export it (payloads and "
+                    "point ids kept), re-embed, build the new collection beside it, validate, adopt the app's "
+                    "collection name as an alias, and swap. Rerunning continues where it stopped; it stops before "
+                    "the app's collection is touched when the validation gate fails.")
+    m.add_argument("--from", dest="source", metavar="URI", help="the app's store: qdrant:///path?collection=NAME or "
+                   "qdrant://host:6333?collection=NAME (config migrate.from)")
+    m.add_argument("--model", metavar="NAME_OR_PATH", help="the new model (config migrate.model)")
+    m.add_argument("--old-model", metavar="NAME_OR_PATH", help="the model the app queries with now: the A/B's old side, "
+                   "recorded on the adopted collection (config migrate.old_model)")
+    m.add_argument("--workdir", metavar="URI", help="where the export, the output and migrate.json go (config "
+                   "migrate.workdir)")
+    m.add_argument("--queries", metavar="FILE", help="labelled queries for the A/B gate (config migrate.queries)")
+    m.add_argument("--label-id-field", metavar="FIELD", help="the labels name the app's ids in this field "
+                   "(e.g. metadata.doc_id, point_id)")
+    m.add_argument("--swap", dest="swap", action="store_true", default=None, help="swap the app's name to the new "
+                   "collection at the end (default)")
+    m.add_argument("--no-swap", dest="swap", action="store_false", help="stop before the swap; print its command")
+    m.add_argument("--point-ids", choices=["keep", "derive"], help="keep the app's point ids in the new collection "
+                   "(default), or derive them from the document ids (uuid5, reembed's scheme) for an app that maps "
+                   "ids itself; with ?id_field= on --from the document id comes from that payload field")
+    m.add_argument("--config", metavar="migrate.yaml", help="a job config plus a migrate: section")
+    m.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a job setting, e.g. --set plan.shard_rows=5000 (repeatable)")
+    m.add_argument("--no-ray", action="store_true", help="build the indexes on threads of this process")
+    m.add_argument("--json", action="store_true", help="print migrate.json at the end")
+    m.set_defaults(func=cmd_migrate)
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from reembed.migrate.export import export
 
+    if not args.target:
+        raise UsageError("export: --output OUTPUT_URI is required (where the parts go)")
     target = location(args, args.target)
     summary = export(args.source, target, args.page_size, args.part_rows, args.overwrite)
     return _print_export(summary, args.json, target.display())
@@ -98,6 +147,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from reembed import validation as V
+
+    args.output = args.output or args.output_flag
+    if not args.output:
+        raise UsageError("validate: name the output (OUTPUT_URI or --output)")
 
     def run() -> int:
         logging.getLogger("reembed.validation").info(
@@ -110,7 +163,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                               builtin_pairs=not args.no_builtin_pairs)
         searchers, closers = _searchers(args)
         try:
-            report = V.validate(location(args, args.output), queries=args.queries, old=args.old, old_model=args.old_model,
+            queries = args.queries
+            if queries and args.label_id_field:
+                from reembed.validation.queries import load_queries, relabel
+
+                queries = relabel(load_queries(queries), location(args, args.output), args.label_id_field)
+            report = V.validate(location(args, args.output), queries=queries, old=args.old, old_model=args.old_model,
                                 model=args.model, pairs=args.pairs, searchers=searchers, settings=settings,
                                 workers=args.workers, ray_address=args.address)
         finally:
@@ -148,6 +206,58 @@ def cmd_query(args: argparse.Namespace) -> int:
         return 0
 
     return run()
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from reembed.migrate.adopt import adopt
+
+    result = adopt(args.store, model=args.model, sample=args.sample)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    elif not result["changed"]:
+        print(f"{result['alias']} is already an alias -> {result['collection']}; nothing changed")
+    else:
+        print(f"adopted: {result['alias']} is now an alias -> {result['collection']} ({result['points']} points, "
+              f"query model {result.get('model') or 'not recorded (pass --model)'})")
+        print(f"window: {result['window']}")
+        if result.get("queries_checked"):
+            print(f"checked: {result['queries_checked']} sample queries answer the same before and after")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from reembed.migrate.flow import load_migrate_config, migrate
+
+    settings, job = load_migrate_config(args.config, args.overrides)
+    flags = {"source": args.source, "model": args.model, "old_model": args.old_model, "workdir": args.workdir,
+             "queries": args.queries, "label_id_field": args.label_id_field, "swap": args.swap,
+             "point_ids": args.point_ids}
+    settings = dataclasses.replace(settings, **{k: v for k, v in flags.items() if v is not None},
+                                   **({"use_ray": False} if args.no_ray else {}))
+    state = migrate(settings, job, progress=None if args.json else _print_stage)
+    if args.json:
+        print(json.dumps(state, indent=1, default=str))
+    return 0
+
+
+def _print_stage(stage: str, rec: dict[str, Any]) -> None:
+    from reembed.cli.indexes import query_model_line
+
+    r = rec["result"]
+    line = {
+        "export": lambda: f"{r['rows']} documents ({r.get('dimension')}-d, layout "
+                          f"{(r.get('layout') or {}).get('kind')}) -> {r['to']}",
+        "run": lambda: f"embedded -> {r['output']}",
+        "index": lambda: f"{r['collection']} ({r['points']} points) at {r['target']}",
+        "validate": lambda: "passed: " + ", ".join(f"{n}={g['status']}" for n, g in r["gates"].items()),
+        "adopt": lambda: (f"{r['alias']} is now an alias -> {r['collection']}; {r['window']}" if r.get("changed")
+                          else f"{r['alias']} already an alias -> {r['collection']}"),
+        "swap": lambda: (f"not swapped (--no-swap); to swap: {r['command']}" if r.get("skipped")
+                         else f"alias {r['alias']}: {r['from']} -> {r['to']}; {query_model_line(r)}"),
+    }[stage]()
+    print(f"{stage:9s} {rec['status']:7s} {line} ({rec['seconds']} s)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterable, TypeVar
@@ -44,6 +45,9 @@ ALLOW_HTTP_ENV = "REEMBED_QDRANT_ALLOW_HTTP"
 DEFAULT_PORT = 6333  # qdrant-client's REST port when the URL names none
 META = "reembed"
 PAYLOAD_ID = "id"
+# Columns an export of an app's collection carries so the new collection keeps its payloads and point ids.
+PAYLOAD_COLUMN = "_payload"
+POINT_ID_COLUMN = "_point_id"
 # Fixed namespace: the same document id maps to the same point id in every collection and every run.
 NAMESPACE = uuid.UUID("5b0f8a39-3c53-4d6c-9a57-0c4be3d0e1a7")
 # Above this many points an embedded target is slow (qdrant-client's local mode, for tests and small data:
@@ -102,15 +106,57 @@ def connect(target: str, timeout: int = 60, *, named_by_user: bool = True, grpc:
                 return client
         return QdrantClient(url=target, api_key=key, timeout=timeout)
     path = describe(target)
-    try:
-        return QdrantClient(path=path)
-    except RuntimeError as e:
-        if "already accessed" in str(e):
-            raise QdrantError(
-                f"{path}: this embedded Qdrant is open in another process (an index build still running?). "
-                "Embedded Qdrant allows one process at a time; wait for it, or use a Qdrant server."
-            ) from e
-        raise
+    with _EMBEDDED_LOCK:
+        shared = _EMBEDDED.get(path)
+        if shared is None:
+            try:
+                shared = _EMBEDDED[path] = _SharedEmbedded(QdrantClient(path=path), path)
+            except RuntimeError as e:
+                if "already accessed" in str(e):
+                    raise QdrantError(
+                        f"{path}: this embedded Qdrant is open in another process (an index build still running, or "
+                        "the app itself?). Embedded Qdrant allows one process at a time; stop it or wait for it, or "
+                        "use a Qdrant server."
+                    ) from e
+                raise
+        shared.users += 1
+        return _Handle(shared)
+
+
+class _SharedEmbedded:
+    """One ``QdrantClient(path=...)`` per folder and process (embedded Qdrant locks its folder, so a second
+    open in the same process would fail): the old store and the new collection of one folder share it."""
+
+    def __init__(self, client, path: str):
+        self.client = client
+        self.path = path
+        self.users = 0
+
+
+class _Handle:
+    """What :func:`connect` returns for an embedded folder: the shared client, whose ``close`` closes the
+    folder only when its last user closes it (so another process, an index build, can open it next)."""
+
+    def __init__(self, shared: _SharedEmbedded):
+        self._shared = shared
+        self._closed = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._shared.client, name)
+
+    def close(self, **kwargs: Any) -> None:
+        with _EMBEDDED_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            self._shared.users -= 1
+            if self._shared.users == 0:
+                _EMBEDDED.pop(self._shared.path, None)
+                self._shared.client.close(**kwargs)
+
+
+_EMBEDDED: dict[str, _SharedEmbedded] = {}
+_EMBEDDED_LOCK = threading.RLock()
 
 
 def grpc_port(target: str) -> int:
@@ -239,20 +285,49 @@ def upload(client, collection: str, tables: Iterable[pa.Table], batch_size: int 
     for table in tables:
         x = S.embedding_matrix(table.column(S.EMBEDDING))
         ids = table.column(S.ID).to_pylist()
-        extra = table.select(cols).to_pylist() if cols else [{} for _ in ids]
+        point_ids, payloads = points_of(table, ids, cols)
         for lo in range(0, len(ids), batch_size):
             hi = min(lo + batch_size, len(ids))
             if pending is not None:
                 _upsert(client, collection, pending, wait=False)
-            pending = models.Batch(
-                ids=[point_id(i) for i in ids[lo:hi]],
-                vectors=x[lo:hi].tolist(),
-                payloads=[{PAYLOAD_ID: i, **p} for i, p in zip(ids[lo:hi], extra[lo:hi])],
-            )
+            pending = models.Batch(ids=point_ids[lo:hi], vectors=x[lo:hi].tolist(), payloads=payloads[lo:hi])
             rows += hi - lo
     if pending is not None:
         _upsert(client, collection, pending, wait=True)
     return rows
+
+
+def points_of(table: pa.Table, ids: list[str], passthrough: list[str]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The point ids and payloads of a table's rows.
+
+    Rows exported from an app's collection (:mod:`reembed.migrate.export`) carry the point's payload as
+    the app stored it (``_payload``, JSON) and its point id (``_point_id``): both are written back exactly,
+    so LangChain's ``page_content``/``metadata``, LlamaIndex's ``_node_content`` and any hand-made payload
+    read the same and ``get_by_ids`` finds the same ids. Other rows: ``point_id(id)`` and the document id
+    beside the passthrough columns.
+    """
+    cols = [c for c in passthrough if c not in (PAYLOAD_COLUMN, POINT_ID_COLUMN)]
+    names = set(table.column_names)
+    if POINT_ID_COLUMN in passthrough and POINT_ID_COLUMN in names:
+        pids = [stored_point_id(p) if p is not None else point_id(i)
+                for p, i in zip(table.column(POINT_ID_COLUMN).to_pylist(), ids)]
+    else:
+        pids = [point_id(i) for i in ids]
+    if PAYLOAD_COLUMN in passthrough and PAYLOAD_COLUMN in names:
+        import json
+
+        payloads = [json.loads(p) if p is not None else {PAYLOAD_ID: i}
+                    for p, i in zip(table.column(PAYLOAD_COLUMN).to_pylist(), ids)]
+    else:
+        extra = table.select(cols).to_pylist() if cols else [{} for _ in ids]
+        payloads = [{PAYLOAD_ID: i, **p} for i, p in zip(ids, extra)]
+    return pids, payloads
+
+
+def stored_point_id(value: Any) -> int | str:
+    """A point id as exported (a string): an unsigned integer id stays an integer, a uuid stays a uuid."""
+    text = str(value)
+    return int(text) if text.isdigit() else text
 
 
 def _upsert(client, collection: str, batch, wait: bool) -> None:

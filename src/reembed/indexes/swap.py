@@ -30,7 +30,7 @@ def swap(alias: str, to: str, qdrant: str | None = None, output: str | Location 
     the output's latest validation report passed. ``output`` defaults to the one recorded with ``to``.
     """
     manifest = open_manifest(output) if output is not None else None
-    target, named = target_of(qdrant, manifest, required=True)
+    target, named = target_of(qdrant_target(qdrant), manifest, required=True)
     client = Q.connect(target, named_by_user=named)
     try:
         if manifest is None:  # the manifest of the output the collection was built from
@@ -45,13 +45,18 @@ def swap(alias: str, to: str, qdrant: str | None = None, output: str | Location 
                 raise Q.SwapRefused(f"{to}: the collection names its output as {recorded!r}; a remote output read "
                                     "from the store is not followed: pass --output to name it yourself")
             manifest = open_manifest(recorded)
+        if alias in Q.collections(client):  # checked first: the app's own collection, the common first try
+            raise Q.SwapRefused(f"{alias!r} at {Q.describe(target)} is a collection, not an alias, and a Qdrant alias "
+                                f"cannot shadow a collection; adopt it first: `reembed adopt --store "
+                                f"\"qdrant://...?collection={alias}\"` (or let `reembed migrate` do it)")
         if not force:
             ok, why = check_validation(manifest.loc)
             if not ok:
                 raise Q.SwapRefused(f"validation gate: {why}")
         dim = dimension if dimension is not None else int(manifest.model["dimension"])
-        return Q.swap(client, alias, to, rows=stage.rows_of(manifest), dim=dim,
-                      fingerprint=manifest.model.get("fingerprint"))
+        result = Q.swap(client, alias, to, rows=stage.rows_of(manifest), dim=dim,
+                        fingerprint=manifest.model.get("fingerprint"))
+        return with_query_model(client, result)
     finally:
         client.close()
 
@@ -59,12 +64,42 @@ def swap(alias: str, to: str, qdrant: str | None = None, output: str | Location 
 def rollback(alias: str, qdrant: str | None = None, output: str | Location | None = None) -> dict[str, Any]:
     """Point ``alias`` back at the collection it left in the last swap."""
     manifest = open_manifest(output) if output is not None else None
-    target, named = target_of(qdrant, manifest, required=True)
+    target, named = target_of(qdrant_target(qdrant), manifest, required=True)
     client = Q.connect(target, named_by_user=named)
     try:
-        return Q.rollback(client, alias)
+        return with_query_model(client, Q.rollback(client, alias))
     finally:
         client.close()
+
+
+def with_query_model(client, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` of a swap or rollback with the model the alias's users must now embed queries with, as
+    the collection it points at records it (``model``, ``revision``, ``dimension``): a 384-d app querying a
+    768-d collection fails, so the caller says it."""
+    meta = Q.metadata(client, result["to"]).get(Q.META) or {}
+    return {**result, "model": meta.get("model"), "revision": meta.get("revision"),
+            "dimension": Q.dimension(client, result["to"])}
+
+
+def qdrant_target(value: str | None) -> str | None:
+    """A ``--qdrant`` value as :func:`reembed.indexes.qdrant.connect` takes it: a server URL or a folder as
+    given, and a store URI (``qdrant:///path?collection=...``, ``qdrant://host:6333``) turned into one, so
+    every command takes the same store syntax."""
+    if not value or not value.startswith(("qdrant://", "qdrants://")):
+        return value
+    from reembed.migrate.stores.base import parse_uri
+    from reembed.migrate.stores.qdrant import target_of_uri
+
+    return target_of_uri(parse_uri(value))
+
+
+def collection_of(value: str | None) -> str | None:
+    """The ``collection=`` of a store URI, else None."""
+    if not value or "://" not in value or "?" not in value:
+        return None
+    from urllib.parse import parse_qsl, urlsplit
+
+    return dict(parse_qsl(urlsplit(value).query)).get("collection") or None
 
 
 def target_of(qdrant: str | None, manifest: Manifest | None, required: bool) -> tuple[str | None, bool]:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from reembed import schema as S
 from reembed.errors import ExportError
+from reembed.indexes.qdrant import PAYLOAD_COLUMN, POINT_ID_COLUMN
 from reembed.manifest import now
 from reembed.migrate.stores import STORES, Batch, parse_uri
 from reembed.migrate.parts import EXPORT_META
@@ -36,7 +38,9 @@ from reembed.storage import Location, StorageError
 
 log = logging.getLogger(__name__)
 
-_RESERVED = (S.ID, TEXT, OLD_EMBEDDING)
+# The app's own point id and payload, kept so the new collection is written with both unchanged.
+S_PAYLOAD, S_POINT_ID = PAYLOAD_COLUMN, POINT_ID_COLUMN
+_RESERVED = (S.ID, TEXT, OLD_EMBEDDING, S_PAYLOAD, S_POINT_ID)
 
 
 def export(uri: str, to: str | Location, page_size: int = 1000, part_rows: int = 100_000,
@@ -47,12 +51,18 @@ def export(uri: str, to: str | Location, page_size: int = 1000, part_rows: int =
     t0 = time.monotonic()
     with STORES[src.kind].from_uri(src) as store:
         info = store.describe()
+        layout = dict(store.detect_layout()) if hasattr(store, "detect_layout") else {}
         _prepare_target(out, overwrite)
         writer = PartWriter(out, part_rows)
         missing_text = 0
+        id_kinds: set[str] = set()
         for batch in store.batches(page_size):
             missing_text += sum(t is None for t in batch.texts)
+            id_kinds.update(id_kind(p) for p in (batch.point_ids or ()))
             writer.add(batch)
+    if layout or id_kinds:
+        layout.update(id_kind="/".join(sorted(id_kinds)) or None, json_columns=sorted(writer.json_columns),
+                      point_ids=S_POINT_ID in writer.columns, payload=S_PAYLOAD in writer.columns)
     parts = writer.close()
     out.delete_dir("_tmp")  # publish's staging folder, empty once every part is in place
     rows = sum(p["rows"] for p in parts)
@@ -67,6 +77,7 @@ def export(uri: str, to: str | Location, page_size: int = 1000, part_rows: int =
         "rows": rows,
         "text_missing": missing_text,
         "columns": writer.schema.names if writer.schema is not None else [],
+        "layout": layout or None,
         "parts": parts,
         "exported_at": now(),
         "seconds": round(secs, 3),
@@ -76,8 +87,22 @@ def export(uri: str, to: str | Location, page_size: int = 1000, part_rows: int =
     log.info("export: %d rows, %d bytes, %.1f s, %.1f rows/s (%s -> %s, %d parts, %d without text)",
              rows, size, secs, rows / secs if secs else 0.0, summary["source"], out.display(), len(parts), missing_text)
     if missing_text:
-        log.warning("%d documents have no text in the store; `reembed run` will dead-letter them (null_text)", missing_text)
+        where = f" (looked in {layout['kind']} field {layout['text_field']!r})" if layout.get("text_field") else ""
+        log.warning("%d of %d documents have no text in the store%s; `reembed run` will dead-letter them (null_text); "
+                    "if the text is under another field, export again with ?text_field=NAME", missing_text, rows, where)
     return summary
+
+
+def id_kind(point_id: Any) -> str:
+    """``uuid``, ``int`` or ``string``: how a store keys its points (Qdrant allows uuids and unsigned ints)."""
+    text = str(point_id)
+    if text.isdigit():
+        return "int"
+    try:
+        uuid.UUID(text)
+        return "uuid"
+    except ValueError:
+        return "string"
 
 
 class PartWriter:
@@ -99,6 +124,8 @@ class PartWriter:
         self._buffered = 0
         self._parts: list[dict[str, Any]] = []
         self._seen: set[str] = set()
+        self.json_columns: set[str] = set()
+        self.columns: set[str] = set()
 
     def add(self, batch: Batch) -> None:
         if not len(batch):
@@ -112,7 +139,8 @@ class PartWriter:
         if dupes:
             log.warning("export: %d repeated ids (first %r); `reembed run` dead-letters the repeats", len(dupes), dupes[0])
         self._seen.update(batch.ids)
-        table = batch_table(batch)
+        table = batch_table(batch, self.json_columns)
+        self.columns.update(table.column_names)
         while table.num_rows:
             room = self.part_rows - self._buffered
             head, table = table.slice(0, room), table.slice(room)
@@ -157,19 +185,30 @@ class PartWriter:
         part.update(rows=rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), _schema=table.schema)
 
 
-def batch_table(batch: Batch) -> pa.Table:
-    """A batch as an Arrow table: id, text, metadata columns (sorted by name), old_embedding."""
+def batch_table(batch: Batch, json_columns: set[str] | None = None) -> pa.Table:
+    """A batch as an Arrow table: id, text, metadata columns (sorted by name), ``_payload`` and ``_point_id``
+    where the store gives them, old_embedding. Metadata columns holding nested values (JSON strings) are
+    added to ``json_columns``."""
     keys = sorted({k for m in batch.metadata for k in m})
     columns: dict[str, pa.Array] = {S.ID: pa.array(batch.ids, pa.string()), TEXT: pa.array(batch.texts, pa.string())}
     for key in keys:
         name = f"meta_{key}" if key in _RESERVED else key
-        columns[name] = metadata_column([m.get(key) for m in batch.metadata])
+        values = [m.get(key) for m in batch.metadata]
+        if json_columns is not None and any(isinstance(v, (dict, list, tuple)) for v in values):
+            json_columns.add(name)
+        columns[name] = metadata_column(values)
+    if batch.point_ids is not None:
+        columns[S_POINT_ID] = pa.array([str(p) for p in batch.point_ids], pa.string())
+    if batch.payloads is not None:
+        columns[S_PAYLOAD] = pa.array([json.dumps(p, ensure_ascii=False, default=str) for p in batch.payloads], pa.string())
     columns[OLD_EMBEDDING] = S.embedding_array(batch.vectors)
     return pa.table(columns)
 
 
 def metadata_column(values: Sequence[Any]) -> pa.Array:
-    """Scalars keep their type; nested values become JSON strings; a column of mixed types becomes strings."""
+    """Scalars keep their type; nested values become JSON strings (the export summary lists those columns
+    under ``layout.json_columns``; the exact payload travels in ``_payload``); a column of mixed types
+    becomes strings."""
     values = [json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v for v in values]
     try:
         return pa.array(values)
@@ -193,7 +232,8 @@ def unify(a: pa.Schema, b: pa.Schema) -> pa.Schema:
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 fields[f.name] = pa.field(f.name, pa.string())
     meta = sorted(n for n in fields if n not in _RESERVED)
-    return pa.schema([fields[S.ID], fields[TEXT], *[fields[n] for n in meta], fields[OLD_EMBEDDING]])
+    kept = [fields[n] for n in (S_PAYLOAD, S_POINT_ID) if n in fields]
+    return pa.schema([fields[S.ID], fields[TEXT], *[fields[n] for n in meta], *kept, fields[OLD_EMBEDDING]])
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -59,7 +59,7 @@ from reembed.indexes.search import (Searcher, exact_knn, faiss_searcher, normali
                             query_embedder, recall, text_embedder)
 from reembed.storage import Location
 from reembed.validation.gates import (FAIL, INFO, PASS, SKIPPED, Search, Settings, ab_gate, ann_gate,  # noqa: F401
-                                    ann_recall, check_vectors, ndcg_at_k, neighbour_overlap, overlap_gate,
+                                    ann_recall, label_coverage, check_vectors, ndcg_at_k, neighbour_overlap, overlap_gate,
                                     recall_at_k, retrieval_metrics, sanity_pairs)
 from reembed.repair import map_shards
 from reembed.validation.integrity import (OLD_EMBEDDING, SampleJob, ScanJob, Search as ShardSearch,  # noqa: F401
@@ -194,9 +194,7 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     gates["ab"] = ab_gate(labelled, exact_labelled_new, exact_labelled_old, settings.k, settings.ab_tolerance,
                           have_old=old is not None or has_old_column)
     unknown = sorted(relevant - scan.seen)
-    if unknown:
-        gates["ab"]["unknown_relevant"] = len(unknown)
-        gates["ab"]["message"] += f"; {len(unknown)} labelled ids are not in the output (e.g. {', '.join(unknown[:3])})"
+    gates["ab"] = label_coverage(gates["ab"], unknown, len(relevant), sample_ids, manifest.plan.get("passthrough", []))
     gates = {name: gates[name] for name in ("integrity", "sanity_pairs", "ann_recall", "overlap", "ab")}
 
     report = {

@@ -193,3 +193,23 @@ def ab_gate(labelled: Sequence[LabelledQuery], new_ranked: np.ndarray, old_ranke
 
 def _fmt_metrics(m: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in m.items())
+
+
+def label_coverage(gate: dict[str, Any], unknown: Sequence[str], labelled_ids: int, output_ids: Sequence[str],
+                   fields: Sequence[str], max_missing: float = 0.5) -> dict[str, Any]:
+    """The A/B gate fails when it cannot measure: when more than ``max_missing`` of the labelled ids are not
+    in the output (recall 0.000 vs 0.000 measures nothing), saying which ids the labels should name."""
+    if not unknown or not labelled_ids:
+        return gate
+    gate = {**gate, "unknown_relevant": len(unknown)}
+    share = len(unknown) / labelled_ids
+    gate["message"] += f"; {len(unknown)} of {labelled_ids} labelled ids are not in the output (e.g. {', '.join(unknown[:3])})"
+    if share > max_missing and gate.get("status") != SKIPPED:
+        example = f" (e.g. {', '.join(list(output_ids)[:2])})" if len(output_ids) else ""
+        where = (f"; if they name the app's own document ids, pass --label-id-field with the field holding them "
+                 f"(e.g. metadata.doc_id; this output's columns: {', '.join(fields) or 'none passed through'})")
+        if "_point_id" in fields:
+            where += ", or --label-id-field point_id for the store's point ids"
+        gate.update(status=FAIL, message=f"cannot measure: {share:.0%} of the labelled ids are not in the output; "
+                    f"labels must name the output's ids{example}{where}. " + gate["message"])
+    return gate

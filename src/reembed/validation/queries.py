@@ -99,3 +99,81 @@ def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     except FileNotFoundError as e:
         raise ValidationError(f"{path}: no such file") from e
     return json_lines(data, path, ValidationError)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labels that name the app's own ids
+
+
+POINT_ID_FIELDS = ("point_id", "_point_id")  # --label-id-field for labels naming the store's point ids
+
+
+def relabel(labelled: list[LabelledQuery], loc: Location, field: str) -> list[LabelledQuery]:
+    """``labelled`` with each relevant id rewritten from the app's own id (``field`` of each output row: a
+    passthrough column, ``metadata.doc_id`` inside a nested or JSON column or the exported ``_payload``, or
+    ``point_id`` for the store's point ids) to the output's id. An app id several rows share (the chunks of
+    one document) makes all of them relevant; an id no row has stays as it is, so the A/B gate counts it
+    as not found. Streams the shards once, holding only the labelled ids."""
+    wanted = {r for q in labelled for r in q.relevant}
+    found = ids_by_field(loc, field, wanted)
+    out = []
+    for q in labelled:
+        grades: dict[str, float] = {}
+        for app_id, grade in q.relevant.items():
+            for out_id in found.get(app_id, [app_id]):
+                grades[out_id] = max(grade, grades.get(out_id, 0.0))
+        out.append(LabelledQuery(q.query, grades))
+    return out
+
+
+def ids_by_field(loc: Location, field: str, wanted: set[str]) -> dict[str, list[str]]:
+    """app id -> output ids, for the app ids in ``wanted``, reading ``field`` from the committed shards."""
+    from reembed.manifest import Manifest
+    from reembed.write import read_shard_table
+
+    manifest = Manifest.load(loc)
+    if manifest is None:
+        raise ValidationError(f"{loc.display('manifest.json')}: no manifest here; validate a reembed output")
+    columns = list(manifest.plan.get("passthrough", []))
+    source = _field_source(field, columns)
+    if source is None:
+        raise ValidationError(f"--label-id-field {field}: the output has no such field (its columns: id, "
+                              f"{', '.join(columns) or 'no passthrough'}); pass the column through the job "
+                              "(--passthrough) or name one it has, e.g. metadata.doc_id with _payload passed through")
+    out: dict[str, list[str]] = {}
+    for shard, rec in sorted(manifest.committed.items()):
+        table = read_shard_table(loc, rec, columns=["id", source[0]], verify=True, key=f"shards.{shard:05d}")
+        for doc_id, value in zip(table.column("id").to_pylist(), table.column(source[0]).to_pylist()):
+            app_id = _walk(value, source[1])
+            if app_id is not None and str(app_id) in wanted:
+                out.setdefault(str(app_id), []).append(str(doc_id))
+    return out
+
+
+def _field_source(field: str, columns: list[str]) -> tuple[str, list[str]] | None:
+    """(column, path inside it) where ``field`` lives."""
+    if field in POINT_ID_FIELDS:
+        return ("_point_id", []) if "_point_id" in columns else None
+    if field in columns:
+        return field, []
+    head, _, rest = field.partition(".")
+    if rest and head in columns:
+        return head, rest.split(".")
+    if "_payload" in columns:
+        return "_payload", field.split(".")
+    return None
+
+
+def _walk(value: Any, path: list[str]) -> Any:
+    import json
+
+    for key in path:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value

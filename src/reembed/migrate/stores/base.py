@@ -55,6 +55,10 @@ class Batch:
     texts: list[str | None]
     metadata: list[dict[str, Any]]
     vectors: np.ndarray  # (n, dim) float32
+    # Where the store has them: each document's own point id and its payload exactly as the app stored it,
+    # so the new collection can be written with the same ids and layout (see reembed.indexes.qdrant.points_of).
+    point_ids: list[Any] | None = None
+    payloads: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -11,6 +11,7 @@ goes only to the server of the URI the caller passed in.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Iterator
 
@@ -22,6 +23,9 @@ from reembed.migrate.stores.base import (TEXT, Batch, Result, Store, StoreURI, a
                                          take_id)
 
 DEFAULT_PORT = 6333
+# LangChain's QdrantVectorStore (content_payload_key / metadata_payload_key defaults) and LlamaIndex's.
+LANGCHAIN_TEXT, LANGCHAIN_METADATA = "page_content", "metadata"
+LLAMAINDEX_NODE = "_node_content"
 
 
 class QdrantStore(Store):
@@ -29,13 +33,15 @@ class QdrantStore(Store):
     writable = True
 
     def __init__(self, client, collection: str, vector: str | None = None, id_field: str | None = None,
-                 text_field: str = TEXT, **common: Any):
+                 text_field: str | None = None, **common: Any):
         """``id_field`` None: ids from payload ``id`` where a point has it, else the point id; a name: that
-        payload field, which every point must have."""
+        payload field, which every point must have. ``text_field`` None: found from the payload layout
+        (LangChain ``page_content``, LlamaIndex ``_node_content``, else ``text``)."""
         super().__init__(collection=collection, **common)
         self.client = client
         self.id_field = id_field
-        self.text_field = text_field
+        self.text_field = text_field or TEXT
+        self.layout: dict[str, Any] = {"kind": "payload" if text_field else None, "text_field": self.text_field}
         params = Q.call_with_retry(lambda: client.get_collection(collection), what=f"read {collection}").config.params.vectors
         if isinstance(params, dict):
             if vector is None:
@@ -59,13 +65,13 @@ class QdrantStore(Store):
         if not name:
             raise ExportError(f"{src.shown}: name the collection, e.g. {src.scheme}://{src.host}{src.path or '/path'}"
                               "?collection=docs")
-        client = Q.connect(_target(src))
+        client = Q.connect(target_of_uri(src))
         try:
             if not client.collection_exists(name):
                 names = Q.collections(client)
                 raise ExportError(f"{src.shown}: no Qdrant collection {name!r} (collections: {', '.join(names) or 'none'})")
             return cls(client, name, vector=src.option("vector"), id_field=src.option("id_field"),
-                       text_field=src.option("text_field", TEXT), uri=src.uri, **common)
+                       text_field=src.option("text_field"), uri=src.uri, **common)
         except BaseException:
             client.close()
             raise
@@ -73,9 +79,21 @@ class QdrantStore(Store):
     def describe(self) -> dict[str, Any]:
         return {"metric": self.metric, "lossy": False}
 
+    def detect_layout(self) -> dict[str, Any]:
+        """The payload layout of the collection, from its first point (unless ``text_field`` was given):
+        ``langchain`` (``page_content`` + nested ``metadata``), ``llamaindex`` (``_node_content`` JSON holding
+        the text, flat metadata beside), ``reembed`` (document id in ``id``), or ``payload`` (any other)."""
+        if self.layout["kind"] is None:
+            points, _ = Q.call_with_retry(lambda: self.client.scroll(self.collection, limit=1, with_payload=True,
+                                                                     with_vectors=False), what=f"scroll {self.collection}")
+            self.layout = layout_of(points[0].payload or {} if points else {})
+            self.text_field = self.layout["text_field"]
+        return self.layout
+
     def batches(self, page_size: int = 1000) -> Iterator[Batch]:
         """Scroll the collection; the text comes from payload ``text_field``, the rest of the payload is metadata."""
         page_size = page_size_checked(page_size)
+        layout = self.detect_layout()
         with_vectors: Any = [self.vector] if self.vector else True
         offset = None
         while True:
@@ -83,16 +101,20 @@ class QdrantStore(Store):
                 lambda: self.client.scroll(self.collection, limit=page_size, offset=offset, with_payload=True,
                                            with_vectors=with_vectors), what=f"scroll {self.collection}")
             if points:
-                ids, texts, metas, rows = [], [], [], []
+                ids, texts, metas, rows, payloads = [], [], [], [], []
                 for p in points:
+                    payloads.append(p.payload or {})
                     payload = dict(p.payload or {})
-                    ids.append(self._doc_id(payload, p.id))
-                    texts.append(as_text(payload.pop(self.text_field, None)))
-                    metas.append(payload)
+                    text, meta = split_payload(payload, layout)
+                    ids.append(self._doc_id(meta, p.id) if layout["kind"] in ("reembed", "payload") else
+                               take_id(meta, self.id_field, p.id, f"qdrant point {p.id}"))
+                    texts.append(text)
+                    metas.append(meta)
                     v = p.vector
                     rows.append(v.get(self.vector) if isinstance(v, dict) else v)
                 yield Batch(ids=ids, texts=texts, metadata=metas,
-                            vectors=matrix(rows, ids, f"qdrant collection {self.collection}"))
+                            vectors=matrix(rows, ids, f"qdrant collection {self.collection}"),
+                            point_ids=[str(p.id) for p in points], payloads=payloads)
             if offset is None:
                 break
 
@@ -103,13 +125,15 @@ class QdrantStore(Store):
     def _search(self, vectors: np.ndarray, k: int) -> list[Result]:
         from qdrant_client import models
 
+        layout = self.detect_layout()
         id_field = self.id_field or Q.PAYLOAD_ID
-        reqs = [models.QueryRequest(query=v.tolist(), limit=k, using=self.vector, with_payload=[id_field, self.text_field])
+        text_key = self.text_field.split(".", 1)[0]  # LlamaIndex: the text is inside _node_content
+        reqs = [models.QueryRequest(query=v.tolist(), limit=k, using=self.vector, with_payload=[id_field, text_key])
                 for v in vectors]
         results = Q.call_with_retry(lambda: self.client.query_batch_points(self.collection, requests=reqs),
                                     what=f"query {self.collection}")
-        return [[(str((p.payload or {}).get(id_field, p.id)), self.sign * float(p.score), (p.payload or {}).get(self.text_field))
-                 for p in res.points] for res in results]
+        return [[(str((p.payload or {}).get(id_field, p.id)), self.sign * float(p.score),
+                  split_payload(dict(p.payload or {}), layout)[0]) for p in res.points] for res in results]
 
     def _upsert(self, ids, texts, vectors, metadata) -> None:
         """Points keyed by :func:`reembed.indexes.qdrant.point_id`, with the document id in the payload as the
@@ -136,7 +160,35 @@ class QdrantStore(Store):
         return take_id(payload, Q.PAYLOAD_ID, point_id, f"qdrant point {point_id}", required=False)
 
 
-def _target(src: StoreURI) -> str:
+def layout_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """The layout a payload follows (see :meth:`QdrantStore.detect_layout`) and where its text is."""
+    keys = set(payload)
+    if isinstance(payload.get(LANGCHAIN_TEXT), str) and keys <= {LANGCHAIN_TEXT, LANGCHAIN_METADATA}:
+        return {"kind": "langchain", "text_field": LANGCHAIN_TEXT, "metadata_field": LANGCHAIN_METADATA}
+    if isinstance(payload.get(LLAMAINDEX_NODE), str) and "_node_type" in keys:
+        return {"kind": "llamaindex", "text_field": f"{LLAMAINDEX_NODE}.text"}
+    if Q.PAYLOAD_ID in keys:
+        return {"kind": "reembed", "text_field": TEXT}
+    return {"kind": "payload", "text_field": TEXT}
+
+
+def split_payload(payload: dict[str, Any], layout: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """(text, metadata) of one point's payload under ``layout``; ``payload`` (a copy) is consumed."""
+    kind = layout["kind"]
+    if kind == "langchain":
+        return as_text(payload.pop(LANGCHAIN_TEXT, None)), payload
+    if kind == "llamaindex":
+        raw = payload.pop(LLAMAINDEX_NODE, None)
+        payload.pop("_node_type", None)
+        try:
+            node = json.loads(raw) if isinstance(raw, str) else {}
+        except ValueError:
+            node = {}
+        return as_text(node.get("text") if isinstance(node, dict) else None), payload
+    return as_text(payload.pop(layout["text_field"], None)), payload
+
+
+def target_of_uri(src: StoreURI) -> str:
     """The target :func:`reembed.indexes.qdrant.connect` takes: a server URL or an existing local folder."""
     if src.host:
         if src.path not in ("", "/"):

@@ -1,0 +1,204 @@
+"""Adopt an app's Qdrant collection: turn the name the app queries into an alias that ``swap`` and
+``rollback`` can move.
+
+    reembed adopt --store "qdrant:///srv/app/qdrant?collection=documents" --model sentence-transformers/all-MiniLM-L6-v2
+
+Qdrant aliases cannot shadow a collection, and a collection cannot be renamed, so an app that predates
+reembed (it queries the collection ``documents`` itself) cannot be swapped as it is. Adopting it:
+
+1. copies ``documents`` into ``documents-v0`` (same point ids, vectors, payloads and payload indexes),
+   page by page, and checks the copy holds every point;
+2. queries both with a sample of the stored vectors and requires the same results;
+3. deletes ``documents`` and at once creates the alias ``documents`` -> ``documents-v0``: between the two
+   calls the name does not exist (Qdrant has no atomic "collection to alias"); that window is measured and
+   reported, and an app query that lands in it gets "not found" and should be retried;
+4. runs the same queries through the alias and requires the same results again.
+
+Every step is resumable: a rerun after a crash finishes the copy (upserts by id are idempotent), and a
+crash inside the window (the name deleted, no alias yet) is finished by creating the alias. With embedded
+Qdrant the app cannot run during any of this anyway: the folder is locked by one process at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+
+from reembed.errors import MigrationError
+from reembed.indexes import qdrant as Q
+from reembed.manifest import now
+
+log = logging.getLogger(__name__)
+
+KILL_ENV = "REEMBED_MIGRATE_KILL_AT"  # TEST HOOK: SIGKILL this process at the named point (see kill_point)
+ADOPTED_FROM = "adopted_from"
+
+
+def adopt(store: str, model: str | None = None, sample: int = 32, k: int = 10, page_size: int = 256,
+          seed: int = 0) -> dict[str, Any]:
+    """Make the collection named by ``store`` (``qdrant://...?collection=NAME``) an alias to a versioned copy
+    of itself; ``model`` (the app's query model) is recorded on the copy, so ``swap``/``rollback`` and
+    ``versions`` can name it. Returns what was done, with the measured window."""
+    from reembed.migrate.stores.base import parse_uri
+    from reembed.migrate.stores.qdrant import target_of_uri
+
+    src = parse_uri(store)
+    name = src.option("collection", "")
+    if src.kind != "qdrant" or not name:
+        raise MigrationError(f"{src.shown}: adopt takes a Qdrant collection, qdrant://PATH_OR_HOST?collection=NAME")
+    target = target_of_uri(src)
+    client = Q.connect(target)
+    try:
+        return _adopt(client, name, Q.describe(target), model, sample, k, page_size, seed)
+    finally:
+        client.close()
+
+
+def kill_point(point: str) -> None:
+    """TEST HOOK: with ``REEMBED_MIGRATE_KILL_AT=<point>``, die here as a crash would (SIGKILL, no cleanup)."""
+    if os.environ.get(KILL_ENV) == point:
+        log.warning("fault injection (%s=%s): killing this process", KILL_ENV, point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _adopt(client, name: str, where: str, model: str | None, sample: int, k: int, page_size: int,
+           seed: int) -> dict[str, Any]:
+    aliases = Q.aliases(client)
+    names = set(Q.collections(client))
+    if name in aliases:
+        copy = aliases[name]
+        meta = Q.metadata(client, copy).get(Q.META) or {}
+        log.info("adopt: %s is already an alias (-> %s); nothing to do", name, copy)
+        return {"alias": name, "collection": copy, "changed": False, "points": Q.count(client, copy),
+                "model": meta.get("model"), "window_seconds": None}
+    copies = [c for c in sorted(names) if (Q.metadata(client, c).get(Q.META) or {}).get(ADOPTED_FROM) == name]
+    if name not in names:
+        ready = [c for c in copies if (Q.metadata(client, c).get(Q.META) or {}).get("state") == "ready"]
+        if not ready:
+            raise MigrationError(f"{where}: no collection or alias named {name!r} (collections: "
+                                 f"{', '.join(sorted(names)) or 'none'})")
+        # A crash inside the window: the name was deleted, the alias not yet created.
+        t0 = time.perf_counter()
+        _alias(client, name, ready[0])
+        log.warning("adopt: %s was missing (an earlier adopt stopped inside its window); alias -> %s created",
+                    name, ready[0])
+        meta = Q.metadata(client, ready[0]).get(Q.META) or {}
+        return {"alias": name, "collection": ready[0], "changed": True, "points": Q.count(client, ready[0]),
+                "model": meta.get("model"), "window_seconds": None, "resumed_window": True,
+                "window": f"the name {name!r} was missing from an interrupted earlier run until now "
+                          f"(alias created in {time.perf_counter() - t0:.3f} s)"}
+    copy = copies[0] if copies else _copy_name(name, names, client)
+    points = Q.count(client, name)
+    queries = _copy(client, name, copy, model, page_size, sample, seed)
+    got = Q.count(client, copy)
+    if got != points:
+        raise MigrationError(f"{where}: the copy {copy} holds {got} points, {name} holds {points}; was the app "
+                             "writing to it? Stop writes and run adopt again (the copy resumes)")
+    before = _search(client, name, queries, k)
+    _same(before, _search(client, copy, queries, k), f"{where}: {copy} answers {len(queries)} sample queries "
+          f"differently from {name}; nothing was changed (the copy is kept: run adopt again)")
+    meta = Q.metadata(client, copy).get(Q.META) or {}
+    Q.set_metadata(client, copy, {Q.META: {**meta, "state": "ready", "rows": got, "adopted_at": now()}})
+    kill_point("adopt-copied")
+
+    t0 = time.perf_counter()
+    client.delete_collection(name)
+    kill_point("adopt-window")
+    _alias(client, name, copy)
+    window = time.perf_counter() - t0
+
+    _same(before, _search(client, name, queries, k), f"{where}: through the alias {name} -> {copy}, {len(queries)} "
+          f"sample queries answer differently than before; `reembed versions` shows the state")
+    log.info("adopt: %s is now an alias -> %s (%d points; the name was missing for %.1f ms; %d sample queries "
+             "answer the same before and after)", name, copy, got, window * 1e3, len(queries))
+    return {"alias": name, "collection": copy, "changed": True, "points": got, "model": model,
+            "window_seconds": round(window, 6), "queries_checked": len(queries), "same_results": True,
+            "window": (f"the name {name!r} did not exist for {window * 1e3:.1f} ms, between deleting the collection "
+                       f"and creating the alias (Qdrant cannot turn a collection into an alias atomically); a query "
+                       "in that window gets 'not found' and should be retried")}
+
+
+def _copy_name(name: str, names: set[str], client) -> str:
+    """``<name>-v0`` (the collection as the app had it), or the next free version if that is taken."""
+    first = Q.versioned(name, 0)
+    return first if first not in names else Q.versioned(name, Q.next_version(client, name))
+
+
+def _copy(client, name: str, copy: str, model: str | None, page_size: int, sample: int, seed: int) -> list[Any]:
+    """Copy every point of ``name`` into ``copy`` (created like ``name`` if missing); returns a reservoir
+    sample of the stored vectors to query with."""
+    from qdrant_client import models
+
+    info = Q.call_with_retry(lambda: client.get_collection(name), what=f"read {name}")
+    params = info.config.params
+    if copy not in Q.collections(client):
+        meta = {ADOPTED_FROM: name, "model": model, "dimension": Q.dimension(client, name), "state": "copying",
+                "created_at": now(), "version": Q.version_of(name, copy)}
+        client.create_collection(copy, vectors_config=params.vectors, sparse_vectors_config=params.sparse_vectors,
+                                 metadata={Q.META: meta})
+        for field, schema in (info.payload_schema or {}).items():
+            client.create_payload_index(copy, field, field_schema=schema.data_type)
+    rng = np.random.default_rng(seed)
+    reservoir: list[Any] = []
+    seen = 0
+    offset = None
+    while True:
+        points, offset = Q.call_with_retry(
+            lambda: client.scroll(name, limit=page_size, offset=offset, with_payload=True, with_vectors=True),
+            what=f"scroll {name}")
+        if points:
+            Q.call_with_retry(lambda: client.upsert(copy, points=[
+                models.PointStruct(id=p.id, vector=p.vector, payload=p.payload) for p in points], wait=True),
+                what=f"upsert into {copy}")
+            for p in points:
+                seen += 1
+                if len(reservoir) < sample:
+                    reservoir.append(p.vector)
+                else:
+                    j = int(rng.integers(0, seen))
+                    if j < sample:
+                        reservoir[j] = p.vector
+        if offset is None:
+            return reservoir
+
+
+def _search(client, collection: str, vectors: list[Any], k: int) -> list[list[tuple[str, float]]]:
+    from qdrant_client import models
+
+    reqs = []
+    for v in vectors:
+        using, query = (next(iter(v.items())) if isinstance(v, dict) else (None, v))
+        reqs.append(models.QueryRequest(query=query, using=using, limit=k, with_payload=False))
+    if not reqs:
+        return []
+    res = Q.call_with_retry(lambda: client.query_batch_points(collection, requests=reqs), what=f"query {collection}")
+    return [[(str(p.id), float(p.score)) for p in r.points] for r in res]
+
+
+def _same(a: list[list[tuple[str, float]]], b: list[list[tuple[str, float]]], message: str) -> None:
+    """The same scores, rank by rank, and the same hits above the last score (points tied at the cut may
+    differ: which of them make the top k is the store's choice)."""
+    tol = 1e-5
+    for x, y in zip(a, b):
+        if len(x) != len(y) or any(abs(s - t) > tol for (_, s), (_, t) in zip(x, y)):
+            raise MigrationError(message)
+        cut = x[-1][1] + tol if x else 0.0
+        if {i for i, s in x if s > cut} != {i for i, s in y if s > cut}:
+            raise MigrationError(message)
+
+
+def _alias(client, alias: str, collection: str) -> None:
+    from qdrant_client import models
+
+    client.update_collection_aliases(change_aliases_operations=[
+        models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=collection, alias_name=alias))])
+    if Q.aliases(client).get(alias) != collection:
+        raise MigrationError(f"alias {alias!r} was not created (-> {collection}); run adopt again")

@@ -1,0 +1,226 @@
+"""A LangChain and a LlamaIndex QdrantVectorStore app survive the migration unchanged: export keeps their
+payload layout and point ids, the index stage writes them back, adopt turns the app's collection name into an
+alias, swap moves it to the new model's collection and rollback moves it back. The apps are the real
+libraries on embedded Qdrant with real models (all-MiniLM-L6-v2 -> its 1024-d projection); the new vectors
+are embedded directly (no Ray) so this stays fast; `reembed migrate` end to end is in test_migrate_flow.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import reembed.migrate as M
+from app_fixtures import (COLLECTION, build_langchain_app, build_llamaindex_app, langchain_answers,
+                          llamaindex_answers)
+from migrate_fixtures import embed, model_info, proj, write_output  # noqa: F401 (fixture)
+from reembed.config import IndexConfig
+from reembed.errors import MigrationError, SwapRefused
+from reembed.indexes import qdrant as Q
+from reembed.indexes.build import build_indexes
+from reembed.indexes.swap import rollback, swap
+from reembed.migrate.parts import read_parts
+from reembed.storage import Location
+
+pytest.importorskip("langchain_qdrant")
+pytest.importorskip("llama_index.vector_stores.qdrant")
+
+
+def _new_collection(tmp_path, app, proj, layout: str):
+    """Export the app's store, embed its texts with the new model, and load the new collection beside the
+    old one through the index stage (what `reembed run` + `reembed index` do, without Ray)."""
+    summary = M.export(f"qdrant://{app}?collection={COLLECTION}", str(tmp_path / "export"))
+    assert summary["layout"]["kind"] == layout and summary["text_missing"] == 0
+    table = pa.concat_tables([t for _, t in read_parts(Location.from_uri(str(tmp_path / "export")))])
+    texts = table.column("text").to_pylist()
+    out = write_output(tmp_path / "out", table.column("id").to_pylist(), embed(proj, texts), model_info(proj, 1024),
+                       columns={c: table.column(c) for c in ("text", "_payload", "_point_id")})
+    rec = build_indexes(out, IndexConfig(faiss="none", qdrant=str(app), collection=COLLECTION), use_ray=False)["qdrant"]
+    return summary, table, out, rec["collection"]
+
+
+def test_langchain_app_reads_the_new_collection_through_adopt_swap_and_rollback(tmp_path, minilm, proj):
+    app = tmp_path / "app"
+    ids = build_langchain_app(app, minilm)
+    before = langchain_answers(app, minilm, ids)
+    summary, table, out, new = _new_collection(tmp_path, app, proj, "langchain")
+
+    # The export keeps the texts (page_content), the ids LangChain gave, and the nested metadata.
+    assert summary["layout"]["text_field"] == "page_content" and summary["layout"]["id_kind"] == "uuid"
+    assert summary["layout"]["json_columns"] == ["metadata"]
+    assert sorted(table.column("_point_id").to_pylist()) == sorted(str(uuid.UUID(i)) for i in ids)
+    payload = json.loads(table.column("_payload")[0].as_py())
+    assert set(payload) == {"page_content", "metadata"} and isinstance(payload["metadata"]["tags"], list)
+
+    # The app's name is a collection: swap is refused with the way out, then adopt makes it an alias.
+    with pytest.raises(SwapRefused, match="reembed adopt"):
+        swap(COLLECTION, new, qdrant=str(app), output=out, force=True)
+    adopted = M.adopt(f"qdrant://{app}?collection={COLLECTION}", model=str(minilm))
+    assert adopted["collection"] == f"{COLLECTION}-v0" and adopted["same_results"] and adopted["points"] == 60
+    assert 0 <= adopted["window_seconds"] < 5 and "did not exist for" in adopted["window"]
+    assert langchain_answers(app, minilm, ids) == before  # through the alias, the same app answers the same
+
+    moved = swap(COLLECTION, new, qdrant=f"qdrant://{app}", output=out, force=True)
+    assert moved["to"] == new and moved["model"] == str(proj) and moved["dimension"] == 1024
+    after = langchain_answers(app, proj, ids)
+    assert after["top"][0] == before["top"][0]  # page_content, metadata.doc_id and nested metadata.tags
+    assert after["filtered"] == ["astro"] * 5  # the filter on metadata.topic
+    assert after["by_id"] == before["by_id"]  # get_by_ids with LangChain's own ids
+    with pytest.raises(Exception, match="384|1024|dim"):  # the old query model no longer fits
+        langchain_answers(app, minilm, ids)
+
+    # The old collection and the new one, in the same embedded folder, open at once in this process (as
+    # `reembed validate --old qdrant://APP?collection=documents-v0 --qdrant qdrant://APP?collection=documents`).
+    with M.open_store(f"qdrant://{app}?collection={COLLECTION}-v0", model=str(minilm), name="old") as old, \
+            M.open_store(f"qdrant://{app}?collection={COLLECTION}", model=str(proj), name="new") as now:
+        hits = M.dual_query("how do I make bread rise", old, now, k=3)
+        assert (old.dim, now.dim) == (384, 1024) and hits[0].text == before["top"][0][0]
+
+    back = rollback(COLLECTION, qdrant=str(app))
+    assert back["to"] == f"{COLLECTION}-v0" and back["model"] == str(minilm) and back["dimension"] == 384
+    assert langchain_answers(app, minilm, ids) == before
+
+
+def test_llamaindex_app_reads_the_new_collection_through_adopt_swap_and_rollback(tmp_path, minilm, proj):
+    app = tmp_path / "app"
+    ids = build_llamaindex_app(app, minilm)
+    before = llamaindex_answers(app, minilm, ids)
+    summary, table, out, new = _new_collection(tmp_path, app, proj, "llamaindex")
+    assert summary["layout"]["text_field"] == "_node_content.text"
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)  # node ids are the point ids
+    assert table.column("source_id").to_pylist()[:1] and "_node_content" not in table.column_names
+
+    M.adopt(f"qdrant://{app}?collection={COLLECTION}", model=str(minilm))
+    swap(COLLECTION, new, qdrant=str(app), output=out, force=True)
+    after = llamaindex_answers(app, proj, ids)
+    assert after["top"][0] == before["top"][0] and after["top"][0][1] == "cook-0"  # node rebuilt from _node_content
+    assert after["filtered"] == ["astro"] * 5
+    assert after["by_id"] == before["by_id"]
+    rollback(COLLECTION, qdrant=str(app))
+    assert llamaindex_answers(app, minilm, ids) == before
+
+
+def test_a_hand_made_payload_with_integer_ids_is_written_back_as_it_was(tmp_path):
+    """Arbitrary payloads (nested values, no text field reembed knows) and integer point ids."""
+    from qdrant_client import QdrantClient, models
+
+    rng = np.random.default_rng(0)
+    client = QdrantClient(path=str(tmp_path / "app"))
+    client.create_collection("docs", vectors_config=models.VectorParams(size=8, distance=models.Distance.COSINE))
+    payloads = [{"body": f"text {i}", "info": {"n": i, "tags": ["a", str(i)]}, "score": i / 2} for i in range(12)]
+    client.upsert("docs", points=[models.PointStruct(id=i * 7, vector=rng.standard_normal(8).tolist(), payload=p)
+                                  for i, p in enumerate(payloads)])
+    client.close()
+    summary = M.export(f"qdrant://{tmp_path}/app?collection=docs&text_field=body", str(tmp_path / "export"))
+    assert summary["layout"]["id_kind"] == "int" and summary["text_missing"] == 0
+    table = pa.concat_tables([t for _, t in read_parts(Location.from_uri(str(tmp_path / "export")))])
+    out = write_output(tmp_path / "out", table.column("id").to_pylist(), rng.standard_normal((12, 4)),
+                       model_info("new-model", 4), columns={c: table.column(c) for c in ("_payload", "_point_id")})
+    rec = build_indexes(out, IndexConfig(faiss="none", qdrant=str(tmp_path / "app"), collection="docs"),
+                        use_ray=False)["qdrant"]
+    client = Q.connect(str(tmp_path / "app"))
+    try:
+        got = {p.id: p.payload for p in client.scroll(rec["collection"], limit=100, with_payload=True)[0]}
+    finally:
+        client.close()
+    assert got == {i * 7: p for i, p in enumerate(payloads)}
+
+    # Without _point_id (migrate --point-ids derive) the ids are reembed's uuid5 of the document ids.
+    out = write_output(tmp_path / "out2", table.column("id").to_pylist(), rng.standard_normal((12, 4)),
+                       model_info("new-model", 4), columns={"_payload": table.column("_payload")})
+    rec = build_indexes(out, IndexConfig(faiss="none", qdrant=str(tmp_path / "app"), collection="derived"),
+                        use_ray=False)["qdrant"]
+    client = Q.connect(str(tmp_path / "app"))
+    try:
+        got = {p.id: p.payload for p in client.scroll(rec["collection"], limit=100, with_payload=True)[0]}
+    finally:
+        client.close()
+    assert got == {Q.point_id(str(i * 7)): p for i, p in enumerate(payloads)}
+
+
+def test_adopt_killed_inside_its_window_is_finished_by_a_rerun(tmp_path):
+    """SIGKILL between deleting the app's collection and creating the alias: the rerun creates the alias."""
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(path=str(tmp_path / "app"))
+    client.create_collection("docs", vectors_config=models.VectorParams(size=4, distance=models.Distance.DOT))
+    client.upsert("docs", points=[models.PointStruct(id=i, vector=[float(i), 1.0, 0.5, -1.0], payload={"k": i})
+                                  for i in range(30)])
+    client.close()
+    uri = f"qdrant://{tmp_path}/app?collection=docs"
+    code = f"import reembed.migrate as M; M.adopt({uri!r}, model='old-model')"
+    env = {**__import__("os").environ, "REEMBED_MIGRATE_KILL_AT": "adopt-window"}
+    killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    client = Q.connect(str(tmp_path / "app"))
+    try:
+        assert Q.collections(client) == ["docs-v0"] and Q.aliases(client) == {}  # the name is gone: in the window
+    finally:
+        client.close()
+    again = M.adopt(uri)
+    assert again["alias"] == "docs" and again["collection"] == "docs-v0" and again["resumed_window"]
+    third = M.adopt(uri)
+    assert third["changed"] is False and third["model"] == "old-model" and third["points"] == 30
+    client = Q.connect(str(tmp_path / "app"))
+    try:
+        assert Q.aliases(client) == {"docs": "docs-v0"} and Q.count(client, "docs") == 30
+    finally:
+        client.close()
+
+
+def test_adopt_refuses_what_it_cannot_adopt(tmp_path):
+    from qdrant_client import QdrantClient
+
+    QdrantClient(path=str(tmp_path / "app")).close()
+    with pytest.raises(MigrationError, match="no collection or alias named 'docs'"):
+        M.adopt(f"qdrant://{tmp_path}/app?collection=docs")
+    with pytest.raises(MigrationError, match="adopt takes a Qdrant collection"):
+        M.adopt(f"chroma://{tmp_path}/app?collection=docs")
+
+
+def test_one_process_opens_an_embedded_folder_once(tmp_path):
+    """The old store and the new collection in one folder, opened twice in one process: one client, shared;
+    the folder is free for another process once both are closed."""
+    a = Q.connect(str(tmp_path / "q"))
+    b = Q.connect(str(tmp_path / "q"))
+    try:
+        a.create_collection("x", vectors_config=__import__("qdrant_client").models.VectorParams(size=2, distance="Dot"))
+        assert Q.collections(b) == ["x"]
+        a.close()
+        assert Q.collections(b) == ["x"]  # b still works after a closed
+    finally:
+        a.close()
+        b.close()
+    other = subprocess.run([sys.executable, "-c", f"from qdrant_client import QdrantClient; "
+                            f"c = QdrantClient(path={str(tmp_path / 'q')!r}); print(c.get_collections()); c.close()"],
+                           capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr[-2000:]
+
+
+def test_adopt_and_versions_on_the_command_line(tmp_path, capsys):
+    """`reembed adopt` says what the window was and how long; `versions` takes the same qdrant:// URI and
+    shows the recorded model; `swap` onto the app's own collection name points at adopt."""
+    from qdrant_client import QdrantClient, models
+
+    from reembed.cli import main
+
+    client = QdrantClient(path=str(tmp_path / "app"))
+    client.create_collection("docs", vectors_config=models.VectorParams(size=3, distance=models.Distance.COSINE))
+    client.upsert("docs", points=[models.PointStruct(id=i, vector=[1.0, i, 2.0 - i]) for i in range(5)])
+    client.close()
+    uri = f"qdrant://{tmp_path}/app?collection=docs"
+    assert main(["adopt", "--store", uri, "--model", "old-model"]) == 0
+    out = capsys.readouterr().out
+    assert "adopted: docs is now an alias -> docs-v0 (5 points, query model old-model)" in out
+    assert re.search(r"window: the name 'docs' did not exist for [0-9.]+ ms", out)
+    assert "checked: 5 sample queries answer the same before and after" in out
+    assert main(["versions", "--qdrant", f"qdrant://{tmp_path}/app"]) == 0
+    assert re.search(r"docs-v0 +old-model +3 +5 +ready +docs", capsys.readouterr().out)
+    assert main(["adopt", "--store", uri]) == 0
+    assert "already an alias -> docs-v0; nothing changed" in capsys.readouterr().out
