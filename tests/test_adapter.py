@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from migrate_fixtures import model_info, write_export, write_output
+from migrate_fixtures import proj, space  # noqa: F401  (fixtures)
 from reembed import adapter as A
 from reembed.storage import Location
 
@@ -107,3 +108,23 @@ def test_too_few_pairs_and_no_old_side_are_one_line_errors(tmp_path):
         A.fit_output(out, kinds=["linear"])
     with pytest.raises(A.AdapterError, match="no adapter here"):
         A.load_adapter(Location.from_uri(str(tmp_path / "out")))
+
+
+def test_query_through_the_adapter_embeds_once_and_searches_both_stores(tmp_path, space, proj, minilm, capsys):
+    """`reembed query --adapter`: the new output's adapter (fitted on MiniLM -> its 1024-d projection) maps
+    the query into the old store's space; hits come from both stores, and another old model is refused."""
+    from migrate_fixtures import queries
+    from reembed.cli import main
+
+    out = write_output(tmp_path / "new", space["ids"], space["new"], model_info(proj, 1024), columns={"text": space["texts"]})
+    export = write_export(tmp_path / "export", space["ids"], space["texts"], space["old"])
+    report = A.fit_output(out, old=str(export), old_model=str(minilm), kinds=["procrustes"], sample=60)
+    assert report["kinds"]["procrustes"]["recall"]["adapter"] > 0.5  # a linear map of the old space: recovered
+    text = queries()[0]["query"]
+    assert main(["query", text, "--old", str(export), "--new", str(tmp_path / "new"), "--adapter", "--json",
+                 "--old-model", str(minilm)]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 10 and any("old" in h["ranks"] for h in hits) and any("new" in h["ranks"] for h in hits)
+    assert main(["query", text, "--old", str(export), "--new", str(tmp_path / "new"), "--adapter",
+                 "--old-model", str(proj)]) == 1
+    assert "fitted for the old model" in capsys.readouterr().err

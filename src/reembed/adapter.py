@@ -498,16 +498,16 @@ def load_adapter(output: str | Location, version: int | None = None) -> Adapter:
 
 
 def adapted_query(text: str, adapter: Adapter, new_store, old_store, k: int = K, method: str = "rrf",
-                  depth: int | None = None) -> list:
+                  depth: int | None = None, weights: dict[str, float] | None = None, rrf_k: int | None = None) -> list:
     """One embedding of ``text`` with the new model: the new store is searched with it, the old store
     with its adapted vector, and the two lists are fused (:func:`reembed.migrate.dual.fuse`)."""
-    from reembed.migrate.dual import fuse
+    from reembed.migrate.dual import RRF_K, fuse
 
     depth = depth or max(2 * k, 20)
     q = new_store.embed([text])
     results = {new_store.name: new_store.search(q, depth)[0],
                old_store.name: old_store.search(adapter.apply(q), depth)[0]}
-    return fuse(results, method)[:k]
+    return fuse(results, method, weights, rrf_k or RRF_K)[:k]
 
 
 def _normalize(m: np.ndarray) -> np.ndarray:

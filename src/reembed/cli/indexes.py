@@ -53,7 +53,7 @@ def register(sub) -> None:
                        description="List the collections of a Qdrant target (model, dimension, point count, state, "
                                    "aliases pointing at each) and, with --output, the FAISS index versions.")
     _target_args(v)
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print the versions as JSON")
     v.set_defaults(func=cmd_versions)
 
     s = sub.add_parser("swap", help="point an alias at another collection in one atomic call",
@@ -62,32 +62,32 @@ def register(sub) -> None:
                                    "has the query model's dimension, and unless the output's latest `reembed validate` "
                                    "report passed (--force skips that gate).")
     _target_args(s)
-    s.add_argument("--alias", required=True)
-    s.add_argument("--to", required=True, metavar="COLLECTION")
+    s.add_argument("--alias", required=True, help="the name the app queries (a Qdrant alias)")
+    s.add_argument("--to", required=True, metavar="COLLECTION", help="the versioned collection the alias moves to")
     s.add_argument("--dimension", type=int, help="dimension of the model the alias's users query with "
                    "(default: the output's model)")
     s.add_argument("--force", action="store_true", help="swap even without a passing validation report")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the move (from, to, query model) as JSON")
     s.set_defaults(func=cmd_swap)
 
     r = sub.add_parser("rollback", help="point an alias back at the collection it left in the last swap")
     _target_args(r)
-    r.add_argument("--alias", required=True)
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--alias", required=True, help="the alias to move back to the collection it left")
+    r.add_argument("--json", action="store_true", help="print the move (from, to, query model) as JSON")
     r.set_defaults(func=cmd_rollback)
 
     q = sub.add_parser("search", help="search an output's FAISS index with a text query",
                        description="Embed the query with the job's model (on the CPU, the query path the "
                                    "validation gate measures) and search the output's FAISS index; each hit is shown with "
                                    "its text (or another passthrough column, --show).")
-    q.add_argument("output", metavar="OUTPUT_URI")
+    q.add_argument("output", metavar="OUTPUT_URI", help="the output whose FAISS index is searched")
     q.add_argument("query", nargs="+", help="query text (one query per argument)")
     q.add_argument("-k", type=_positive_int, default=10, help="results per query (default 10)")
     q.add_argument("--version", type=int, help="FAISS index version (default: the newest)")
     q.add_argument("--show", metavar="COLUMN", help="passthrough column printed with each hit (default text, when "
                    "the job passed it through); --show none prints ids only")
     q.add_argument("--model", metavar="NAME_OR_PATH", help="the output's model, if not at the manifest's name on this machine")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the hits as JSON")
     add_storage_config(q)
     q.set_defaults(func=cmd_search)
 
@@ -106,8 +106,11 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from reembed.indexes.swap import collection_of, qdrant_target
+
+    collection = args.collection or collection_of(args.qdrant)  # qdrant://...?collection=NAME names it too
     flags = {"faiss": args.faiss, "faiss_memory": args.faiss_memory, "recall_target": args.recall_target,
-             "qdrant": args.qdrant, "collection": args.collection, "batch_size": args.batch_size,
+             "qdrant": qdrant_target(args.qdrant), "collection": collection, "batch_size": args.batch_size,
              "upload_workers": args.workers}
     for key, value in flags.items():
         if value is not None:

@@ -56,15 +56,20 @@ def register(subparsers) -> None:
     v.add_argument("--qdrant", metavar="URI", help="a built Qdrant collection, e.g. qdrant:///path?collection=docs")
     v.add_argument("-k", type=_positive, default=10, help="k for recall@k and overlap@k (default 10)")
     v.add_argument("--sample", type=_positive, default=200, help="documents sampled as queries (default 200)")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--norm-tol", type=float, default=1e-3)
-    v.add_argument("--paraphrase-min", type=float, default=0.55)
-    v.add_argument("--unrelated-max", type=float, default=0.45)
+    v.add_argument("--seed", type=int, default=0, help="seed of the sampled documents (default 0)")
+    v.add_argument("--norm-tol", type=float, default=1e-3, help="how far from 1 a normalized vector's norm may be "
+                   "(default 0.001)")
+    v.add_argument("--paraphrase-min", type=float, default=0.55, help="cosine a paraphrase pair must reach "
+                   "(default 0.55)")
+    v.add_argument("--unrelated-max", type=float, default=0.45, help="cosine an unrelated pair must stay under "
+                   "(default 0.45)")
     v.add_argument("--no-builtin-pairs", action="store_true", help="judge sanity only by --pairs (a domain model)")
-    v.add_argument("--min-ann-recall", type=float, default=0.90)
+    v.add_argument("--min-ann-recall", type=float, default=0.90, help="recall@k the built index must reach against "
+                   "exact search (default 0.90)")
     v.add_argument("--min-overlap", type=float, default=None, help="gate old/new neighbour overlap (default: report only)")
     v.add_argument("--ab-tolerance", type=float, default=0.02, help="how far new may fall below old on recall@k / nDCG@10")
-    v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where queries and pairs are embedded (default auto)")
     v.add_argument("--workers", type=_workers, default=None, metavar="N", help="shard tasks at once (default: "
                    "every CPU Ray has; 0: in this process, without Ray); the report is the same for any N")
     v.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
@@ -76,19 +81,24 @@ def register(subparsers) -> None:
         "query", help="search the old and the new store together (each with its own model) and fuse the results",
         description="Dual-store query for a gradual migration: embeds the text with each store's model, searches "
                     "both, and merges with reciprocal rank fusion or weighted per-store normalized scores.")
-    q.add_argument("text")
+    q.add_argument("text", help="the query text")
     q.add_argument("--old", required=True, metavar="URI", help="old store (chroma://, qdrant://, faiss://, export folder or output)")
     q.add_argument("--new", "--output", dest="new", required=True, metavar="URI",
                    help="new store (a reembed output, or chroma:// / qdrant:// / faiss://)")
     q.add_argument("--old-model", metavar="NAME_OR_PATH", help="the old store's model (default: its manifest's, if any)")
     q.add_argument("--new-model", metavar="NAME_OR_PATH", help="the new store's model (default: its manifest's, if any)")
-    q.add_argument("-k", type=_positive, default=10)
+    q.add_argument("-k", type=_positive, default=10, help="results to return (default 10)")
     q.add_argument("--depth", type=_positive, help="results taken from each store before fusion (default max(2k, 20))")
-    q.add_argument("--fusion", choices=FUSIONS, default="rrf")
+    q.add_argument("--fusion", choices=FUSIONS, default="rrf", help="how the two stores' lists are merged: rrf "
+                   "(ranks only, default) or weighted (per-store normalized scores)")
     q.add_argument("--weights", metavar="OLD,NEW", default="1,1", help="store weights (default 1,1)")
-    q.add_argument("--rrf-k", type=_positive, default=RRF_K)
-    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--rrf-k", type=_positive, default=RRF_K, help=f"the k of reciprocal rank fusion (default {RRF_K})")
+    q.add_argument("--adapter", nargs="?", const=0, type=int, metavar="VERSION",
+                   help="embed the query once, with the new model, and search the old store through the new "
+                        "output's drift adapter (`reembed adapter fit`; default its latest version)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the query is embedded (default auto)")
+    q.add_argument("--json", action="store_true", help="print the fused hits as JSON")
     add_storage_config(q)
     q.set_defaults(func=cmd_query)
 
@@ -102,7 +112,7 @@ def register(subparsers) -> None:
     a.add_argument("--model", metavar="NAME_OR_PATH", help="the model the app queries with (recorded on the copy, "
                    "so swap, rollback and versions can name it)")
     a.add_argument("--sample", type=_positive, default=32, help="stored vectors used as check queries (default 32)")
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--json", action="store_true", help="print the adoption record as JSON")
     a.set_defaults(func=cmd_adopt)
 
     m = subparsers.add_parser(
@@ -192,10 +202,17 @@ def cmd_query(args: argparse.Namespace) -> int:
             w_old, w_new = (float(x) for x in args.weights.split(","))
         except ValueError:
             raise MigrationError(f"--weights {args.weights!r}: expected two numbers OLD,NEW, e.g. 0.3,0.7") from None
+        adapter = _adapter(args) if args.adapter is not None else None
         with open_store(_store_or_location(args, args.old), args.old_model, "old", args.device) as old, \
                 open_store(_store_or_location(args, args.new), args.new_model, "new", args.device) as new:
-            hits = dual_query(args.text, old, new, k=args.k, method=args.fusion, weights={"old": w_old, "new": w_new},
-                              depth=args.depth, rrf_k=args.rrf_k)
+            if adapter is not None:
+                from reembed.adapter import adapted_query
+
+                hits = adapted_query(args.text, adapter, new, old, k=args.k, method=args.fusion,
+                                     depth=args.depth, weights={"old": w_old, "new": w_new}, rrf_k=args.rrf_k)
+            else:
+                hits = dual_query(args.text, old, new, k=args.k, method=args.fusion,
+                                  weights={"old": w_old, "new": w_new}, depth=args.depth, rrf_k=args.rrf_k)
         if args.json:
             print(json.dumps([h.__dict__ for h in hits], indent=1))
         else:
@@ -206,6 +223,19 @@ def cmd_query(args: argparse.Namespace) -> int:
         return 0
 
     return run()
+
+
+def _adapter(args: argparse.Namespace):
+    """The new output's drift adapter, checked against the output's model and the old model (when named)."""
+    from reembed.adapter import load_adapter, old_fingerprint
+    from reembed.manifest import Manifest
+
+    loc = location(args, args.new)
+    adapter = load_adapter(loc, args.adapter or None)
+    manifest = Manifest.load(loc)
+    old_fp = old_fingerprint(args.old_model, adapter.old_model.get("dimension")) if args.old_model else None
+    adapter.check(manifest.model.get("fingerprint") if manifest else None, old_fp)
+    return adapter
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
