@@ -129,6 +129,7 @@ def test_an_input_error_inside_a_read_task_is_one_line(tmp_path, tiny_model, ray
     assert type(e.value) is InputError and "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # 47 s: in `make test-slow` (CI runs both)
 def test_a_full_disk_is_one_line_and_the_resume_completes_exactly(tmp_path, tiny_model, ray_local, capsys, small_disk):
     disk, resize = small_disk
     docs = make_docs(1200)

@@ -101,7 +101,7 @@ class Progress:
         else:
             rate = self.done / (t - self.t0) if t > self.t0 else 0.0
         share = f" ({self.done / self.total:.0%})" if self.total else ""
-        left = f", about {_duration((self.total - self.done) / rate)} left" if rate > 0 and self.total else ""
+        left = f", about {human_seconds((self.total - self.done) / rate)} left" if rate > 0 and self.total else ""
         return f"{self.desc}: {self.done}/{self.total} {self.unit}s{share}, {rate:.1f} {self.unit}s/s{left}"
 
     def close(self) -> None:
@@ -121,12 +121,16 @@ def human_bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+def human_seconds(seconds: float) -> str:
+    """A duration as a person reads it: ``42 s``, ``3 min 20 s``, ``2 h 05 min``, ``3.5 days``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    if s < 3 * 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{seconds / 86400:.1f} days"
 
 
 def _isatty(stream) -> bool:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from reembed.cli import human_bytes, phase_table
+from reembed.phases import human_seconds
 from reembed.config import DEFAULT_MODEL, JobConfig, load_config, replace_path
 
 EXIT_OK, EXIT_FAIL = 0, 1
@@ -211,7 +212,7 @@ def format_dry_run(r: dict[str, Any]) -> str:
     if e.get("seconds") is not None:
         cost = (f", about {_usd(e['cost_usd'])} ({e['priced_as']} at ${e['usd_per_device_hour']}/h, prices of "
                 f"{e['prices_as_of']})" if "cost_usd" in e else f" (cost: {e.get('cost_note')})")
-        lines.append(f"estimate:    {_duration(e['seconds'])} of embedding at {e['docs_per_s']:.1f} docs/s{cost}; "
+        lines.append(f"estimate:    {human_seconds(e['seconds'])} of embedding at {e['docs_per_s']:.1f} docs/s{cost}; "
                      f"excludes {e['excludes']}")
     elif e.get("note"):
         lines.append(f"estimate:    none: {e['note']}")
@@ -223,12 +224,6 @@ def _usd(amount: float) -> str:
     return f"${amount:.2f}" if amount >= 0.01 else f"${amount:.2g}"
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 # -- the live run: state, rate, ETA, --follow -----------------------------------------------------------
 
 
@@ -318,13 +313,3 @@ def progress_line(s: dict[str, Any]) -> str:
         parts.append(f"ETA {human_seconds(lv['eta_seconds'])}")
     parts.append(f"on {lv.get('host')} pid {lv.get('pid')}")
     return "  ".join(p for p in parts if p)
-
-
-def human_seconds(seconds: float) -> str:
-    """``42 s``, ``3 min 20 s``, ``2 h 05 min``."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"

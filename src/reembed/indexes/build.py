@@ -50,6 +50,7 @@ from reembed import schema as S
 from reembed.cluster import init_ray
 from reembed.config import ConfigError, IndexConfig
 from reembed.errors import InputError
+from reembed.phases import human_seconds
 from reembed.indexes import faiss as faiss_index
 from reembed.indexes import qdrant as Q
 from reembed.indexes.progress import Progress
@@ -371,7 +372,7 @@ def _say_embedded_time(job: _QdrantLoad, client, first: tuple[int, dict[str, Any
         "data; above %d): at %.0f points/s, measured on the first %d, loading the %d left takes about %s. To load "
         "in parallel instead, point at a Qdrant server: reembed index %s --qdrant http://HOST:6333 (--workers N; "
         "QDRANT_API_KEY for its key). Going on with the embedded load.",
-        Q.describe(job.target), rows, Q.EMBEDDED_MAX_POINTS, rate, probe.num_rows, left, _duration(eta),
+        Q.describe(job.target), rows, Q.EMBEDDED_MAX_POINTS, rate, probe.num_rows, left, human_seconds(eta),
         _output_uri(job.loc), )
     job.shard(client, shard, rec, table.slice(probe.num_rows))
     return {"points_per_s": round(rate, 1), "points": left, "seconds": round(eta, 1)}
@@ -429,16 +430,6 @@ def _qdrant_load_task(job: _QdrantLoad, items: list[tuple[int, dict[str, Any]]])
 def _slim(rec: dict[str, Any]) -> dict[str, Any]:
     """What reading a shard needs of its commit record (a writer task carries only these)."""
     return {k: rec[k] for k in ("path", "sha256", "rows", "bytes") if k in rec}
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 def bounded_map(fn, items, workers: int) -> Iterator:
