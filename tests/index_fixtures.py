@@ -183,3 +183,14 @@ def cli_logging_reset():
     for handler in list(root.handlers):
         if type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
+
+
+# The FAISS tests' corpus: N seeded clustered DIM-d vectors, and fresh queries from the same clusters.
+CORPUS_N, CORPUS_DIM = 6000, 32
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Seeded clustered corpus and fresh queries drawn from the same clusters (not in the corpus)."""
+    x = clustered(CORPUS_N + 300, CORPUS_DIM, clusters=40, seed=7)
+    return x[:CORPUS_N], x[CORPUS_N:]

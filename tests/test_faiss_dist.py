@@ -27,14 +27,11 @@ from s3_fixtures import moto_server, s3_env, s3_user  # noqa: F401 (fixtures)
 
 faiss = pytest.importorskip("faiss")
 
-N, DIM, SHARD = 6000, 32, 500
+from index_fixtures import CORPUS_DIM as DIM, CORPUS_N as N, corpus  # noqa: E402,F401 (the shared corpus)
+
+SHARD = 500
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    """Seeded clustered corpus and fresh queries from the same clusters (not in the corpus)."""
-    x = clustered(N + 300, DIM, clusters=40, seed=7)
-    return x[:N], x[N:]
 
 
 def _recall(index, xb, xq, k=10) -> float:

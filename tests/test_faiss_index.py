@@ -11,14 +11,11 @@ from reembed.storage import Location
 
 faiss = pytest.importorskip("faiss")
 
-N, DIM, SHARD = 6000, 32, 500
+from index_fixtures import CORPUS_DIM as DIM, CORPUS_N as N, corpus  # noqa: E402,F401 (the shared corpus)
+
+SHARD = 500
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    """Seeded clustered corpus and fresh queries drawn from the same clusters (not in the corpus)."""
-    x = clustered(N + 300, DIM, clusters=40, seed=7)
-    return x[:N], x[N:]
 
 
 def _exact(xb, xq, k=10):
