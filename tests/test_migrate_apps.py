@@ -124,11 +124,7 @@ def test_a_hand_made_payload_with_integer_ids_is_written_back_as_it_was(tmp_path
                        model_info("new-model", 4), columns={c: table.column(c) for c in ("_payload", "_point_id")})
     rec = build_indexes(out, IndexConfig(faiss="none", qdrant=str(tmp_path / "app"), collection="docs"),
                         use_ray=False)["qdrant"]
-    client = Q.connect(str(tmp_path / "app"))
-    try:
-        got = {p.id: p.payload for p in client.scroll(rec["collection"], limit=100, with_payload=True)[0]}
-    finally:
-        client.close()
+    got = _payloads(tmp_path / "app", rec["collection"])
     assert got == {i * 7: p for i, p in enumerate(payloads)}
 
     # Without _point_id (migrate --point-ids derive) the ids are reembed's uuid5 of the document ids.
@@ -136,11 +132,7 @@ def test_a_hand_made_payload_with_integer_ids_is_written_back_as_it_was(tmp_path
                        model_info("new-model", 4), columns={"_payload": table.column("_payload")})
     rec = build_indexes(out, IndexConfig(faiss="none", qdrant=str(tmp_path / "app"), collection="derived"),
                         use_ray=False)["qdrant"]
-    client = Q.connect(str(tmp_path / "app"))
-    try:
-        got = {p.id: p.payload for p in client.scroll(rec["collection"], limit=100, with_payload=True)[0]}
-    finally:
-        client.close()
+    got = _payloads(tmp_path / "app", rec["collection"])
     assert got == {Q.point_id(str(i * 7)): p for i, p in enumerate(payloads)}
 
 
@@ -224,3 +216,12 @@ def test_adopt_and_versions_on_the_command_line(tmp_path, capsys):
     assert re.search(r"docs-v0 +old-model +3 +5 +ready +docs", capsys.readouterr().out)
     assert main(["adopt", "--store", uri]) == 0
     assert "already an alias -> docs-v0; nothing changed" in capsys.readouterr().out
+
+
+def _payloads(folder, collection: str) -> dict:
+    """point id -> payload of every point of ``collection`` in an embedded Qdrant folder."""
+    client = Q.connect(str(folder))
+    try:
+        return {p.id: p.payload for p in client.scroll(collection, limit=100, with_payload=True)[0]}
+    finally:
+        client.close()
