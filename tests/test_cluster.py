@@ -498,3 +498,46 @@ def _env_vars(node):
                 yield name, value
             else:
                 yield from _env_vars(v)
+
+
+def test_get_takes_a_reembed_error_out_of_rays_wrapper(ray_local):
+    """The one place that unwraps Ray's RayTaskError (scan's tasks, repair's checks and the run use it): a
+    ReembedError raised in a task comes out as its own class with its one line; anything else stays Ray's."""
+    from reembed import cluster
+    from reembed.errors import InputError
+
+    def _raise_input_error(path: str) -> None:  # defined here so Ray pickles it by value
+        raise InputError(f"{path}: row 3: no 'text' column; name it with --set input.text_column=...")
+
+    def _raise_value_error() -> None:
+        raise ValueError("not a user's mistake")
+
+    def _length(text: str) -> int:
+        return len(text)
+
+    ray = ray_local
+    with pytest.raises(InputError) as got:
+        cluster.get([ray.remote(_raise_input_error).remote("docs/a.parquet")])
+    assert type(got.value) is InputError
+    assert str(got.value) == "docs/a.parquet: row 3: no 'text' column; name it with --set input.text_column=..."
+    with pytest.raises(ray.exceptions.RayTaskError):
+        cluster.get(ray.remote(_raise_value_error).remote())
+    assert cluster.get([ray.remote(_length).remote("abc")]) == [3]
+
+
+def test_surface_finds_the_error_under_chained_wrappers():
+    from reembed import cluster
+    from reembed.errors import InputError
+
+    inner = InputError("in.jsonl: line 7: not JSON; fix the line or set input.on_bad_row=dead_letter\n\x1b[31mTraceback...")
+    try:
+        try:
+            raise inner
+        except InputError as e:
+            raise RuntimeError("Ray Data: operator failed after 1/1 attempts") from e
+    except RuntimeError as outer:
+        found = cluster.surface(outer)
+    assert isinstance(found, InputError)
+    assert str(found) == "in.jsonl: line 7: not JSON; fix the line or set input.on_bad_row=dead_letter"
+    plain = ValueError("x")
+    assert cluster.surface(plain) is plain

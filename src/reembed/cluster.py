@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import threading
+from typing import Any
 
 from reembed.errors import ReembedError
 
@@ -241,3 +242,55 @@ class _StderrFilter:
         view = memoryview(data)
         while view:
             view = view[os.write(self.original, view):]
+
+
+def get(refs: Any) -> Any:
+    """``ray.get(refs)``, with a :class:`ReembedError` raised in a task coming out as itself (see
+    :func:`surface`) instead of inside Ray's ``RayTaskError``; any other error is raised as Ray raised it."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        found = surface(e)
+        if isinstance(found, ReembedError):
+            raise found from None
+        raise
+
+
+def surface(e: BaseException) -> BaseException:
+    """The :class:`ReembedError` behind Ray's wrappers, or ``e`` itself if there is none.
+
+    Ray re-raises a task's exception as a ``RayTaskError`` (whose ``cause`` is the original, and which with
+    ``as_instanceof_cause`` also *is* an instance of the original's class, with Ray's whole coloured
+    traceback as its message); Ray Data chains its own exceptions on top. This walks ``cause`` /
+    ``__cause__`` / ``__context__`` to the error the task raised, and returns it with ANSI escapes and
+    any traceback text taken out of its message.
+    """
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        cause = getattr(node, "cause", None)
+        if isinstance(node, ReembedError) and not isinstance(cause, BaseException):
+            return _clean(node)
+        node = cause if isinstance(cause, BaseException) else (node.__cause__ or node.__context__)
+    return e
+
+
+def _clean(e: ReembedError) -> ReembedError:
+    # Our messages are one line; Ray Data appends lines of its own ("Failed to ... after 1/1 attempts").
+    text = str(e)
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    if line == text or not line:
+        return e
+    try:
+        clean = type(e)(line)
+    except Exception:  # a class with another constructor: keep it as it is
+        return e
+    clean.__cause__ = e.__cause__
+    return clean
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")

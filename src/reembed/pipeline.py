@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any, Iterator
@@ -27,9 +26,9 @@ import pyarrow.parquet as pq
 
 from reembed import cluster, embed, live, plan_store, storage
 from reembed import schema as S
-from reembed.cluster import init_ray  # also reached as pipeline.init_ray by indexes.build, until it imports cluster
+from reembed.cluster import init_ray, surface  # init_ray: also reached as pipeline.init_ray by indexes.build
 from reembed.config import JobConfig, validate
-from reembed.errors import ConcurrentWriteError, OutputRefused, ReembedError
+from reembed.errors import ConcurrentWriteError, OutputRefused
 from reembed.indexes import build as index_stage
 from reembed.embed.model import check_available
 from reembed.manifest import Manifest, ManifestError, now, read_recorded, write_failed
@@ -541,41 +540,6 @@ def _model_args(cfg: JobConfig) -> dict[str, Any]:
             "normalize": m.normalize, "backend": m.backend}
 
 
-def surface(e: BaseException) -> BaseException:
-    """The :class:`ReembedError` behind Ray's wrappers, or ``e`` itself if there is none.
-
-    Ray re-raises a task's exception as a ``RayTaskError`` (whose ``cause`` is the original, and which with
-    ``as_instanceof_cause`` also *is* an instance of the original's class, with Ray's whole coloured
-    traceback as its message); Ray Data chains its own exceptions on top. This walks ``cause`` /
-    ``__cause__`` / ``__context__`` to the error the task raised, and returns it with ANSI escapes and
-    any traceback text taken out of its message.
-    """
-    seen: set[int] = set()
-    node: BaseException | None = e
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        cause = getattr(node, "cause", None)
-        if isinstance(node, ReembedError) and not isinstance(cause, BaseException):
-            return _clean(node)
-        node = cause if isinstance(cause, BaseException) else (node.__cause__ or node.__context__)
-    return e
-
-
-def _clean(e: ReembedError) -> ReembedError:
-    # Our messages are one line; Ray Data appends lines of its own ("Failed to ... after 1/1 attempts").
-    text = str(e)
-    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
-    line = lines[0] if lines else ""
-    if line == text or not line:
-        return e
-    try:
-        clean = type(e)(line)
-    except Exception:  # a class with another constructor: keep it as it is
-        return e
-    clean.__cause__ = e.__cause__
-    return clean
-
-
 @contextlib.contextmanager
 def _ray_data_console() -> Iterator[None]:
     """While the dataset runs, Ray Data's console shows warnings and errors only (its progress bars and
@@ -609,7 +573,6 @@ class _RayDataConsoleFilter(logging.Filter):
         return err is None or surface(err) is err
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def _wipe(out: storage.Location) -> None:

@@ -27,7 +27,8 @@ import re
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from reembed.errors import ChecksumError, ManifestError, ReembedError, StorageError
+from reembed import cluster
+from reembed.errors import ChecksumError, ManifestError, StorageError
 from reembed.manifest import Manifest, read_recorded
 from reembed.storage import Location
 
@@ -165,7 +166,7 @@ def map_shards(fn: Callable[..., Any], loc: Location, items: Iterable[Any], *arg
             if not in_flight:
                 return
             done, in_flight = ray.wait(in_flight, num_returns=1)
-            yield _get(ray, done[0])
+            yield cluster.get(done[0])
     finally:
         for ref in in_flight:  # an error (or an abandoned generator): stop what is still running
             ray.cancel(ref)
@@ -216,13 +217,3 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-
-
-def _get(ray, ref) -> Any:
-    """``ray.get``, with a :class:`ReembedError` raised in the task coming out as itself."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, ReembedError):
-            raise e.cause from None
-        raise

@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from reembed.errors import InputError, ReembedError
+from reembed import cluster
+from reembed.errors import InputError
 from reembed.schema import id_strings
 from reembed.storage import Location
 
@@ -348,13 +349,7 @@ def run_tasks(fn: Callable[..., Any], args: list[tuple], use_ray: bool, num_cpus
     import ray
 
     remote = ray.remote(num_cpus=num_cpus, max_retries=3, retry_exceptions=[OSError])(fn)
-    refs = [remote.remote(*a) for a in args]
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, ReembedError):
-            raise e.cause from None
-        raise
+    return cluster.get([remote.remote(*a) for a in args])
 
 
 # ---------------------------------------------------------------------------------------------------
