@@ -170,7 +170,7 @@ def bench_size(root: Path, shards: int, shard_rows: int, max_minutes: float | No
         "commit_bytes_per_shard": round(log_bytes / max(committed, 1), 1),
         "commit_ms_median": round(1000 * sorted(commit_s)[len(commit_s) // 2], 3) if commit_s else None,
         "commit_ms_p99": round(1000 * sorted(commit_s)[int(0.99 * (len(commit_s) - 1))], 3) if commit_s else None,
-        "read_task_bytes": read_task_bytes(root / "out"),
+        **read_task_bytes(root / "out"),
         "first_block_s": round(first_block[0] - t0, 2) if first_block else None,
         "driver_cpu_s": round(cpu, 2), "driver_cpu_ms_per_shard": round(1000 * cpu / max(committed, 1), 3),
         "driver_cpu_ms_per_shard_steady": round(1000 * steady, 3) if steady is not None else None,
@@ -188,8 +188,9 @@ def bench_size(root: Path, shards: int, shard_rows: int, max_minutes: float | No
     }
 
 
-def read_task_bytes(out: Path) -> int:
-    """Pickled size of the largest of a few read tasks of the finished output's plan (all shards pending)."""
+def read_task_bytes(out: Path) -> dict[str, int]:
+    """Pickled size of the largest of a few read tasks of the finished output's plan (all shards pending),
+    and how many read tasks that plan makes."""
     import ray.cloudpickle as cloudpickle
 
     from reembed.manifest import Manifest
@@ -200,7 +201,8 @@ def read_task_bytes(out: Path) -> int:
     m = Manifest.load(loc)
     shards = list(range(m.shard_count))
     tasks = ShardDatasource(m.plan, loc, shards).get_read_tasks(len(shards))
-    return max(len(cloudpickle.dumps(t)) for t in [tasks[0], tasks[len(tasks) // 2], tasks[-1]])
+    return {"read_task_bytes": max(len(cloudpickle.dumps(t)) for t in [tasks[0], tasks[len(tasks) // 2], tasks[-1]]),
+            "read_tasks": len(tasks)}
 
 
 def _cpu() -> float:
@@ -211,7 +213,7 @@ def _cpu() -> float:
 def print_row(r: dict[str, Any]) -> None:
     print(f"{r['shards']:>7} shards {r['docs']:>8} docs  {r['committed']} committed{' (stopped)' if r['partial'] else ''}  "
           f"plan {r['plan_driver_cpu_s']} CPU-s  steady {r['driver_cpu_ms_per_shard_steady']} ms/shard  wall {r['wall_s']:>7.1f} s  commit {r['commit_bytes_per_shard']:>6.0f} B/shard "
-          f"{r['commit_ms_median']:>6.2f} ms (p99 {r['commit_ms_p99']:.2f})  read task {r['read_task_bytes']:>7} B  "
+          f"{r['commit_ms_median']:>6.2f} ms (p99 {r['commit_ms_p99']:.2f})  read task {r['read_task_bytes']:>7} B ({r['read_tasks']} tasks)  "
           f"first block {r['first_block_s']} s  driver {r['driver_cpu_ms_per_shard']:.2f} ms/shard "
           f"{r['driver_cpu_us_per_doc']:.1f} us/doc here, {r['driver_cpu_us_per_doc_at_10k_rows']:.2f} us/doc at "
           f"10k-row shards ({100 * r['driver_cpu_vs_old']:.1f}% of old)  "
