@@ -185,16 +185,17 @@ def partition_id_group(source: Location, tasks: Sequence[IdTask], id_column: str
                                pa.array(np.full(n, task.range_start, dtype=np.int64)), pa.array(row)],
                               schema=_IDS_SCHEMA))
         found.append((task, rows, n, count))
-    table = pa.concat_tables(parts).combine_chunks() if parts else _IDS_SCHEMA.empty_table()
-    part = id_partitions(table.column("id"), partitions)
+    table = pa.concat_tables(parts) if parts else _IDS_SCHEMA.empty_table()
+    batch = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=_IDS_SCHEMA)
+    part = id_partitions(batch.column(0), partitions)
     if partitions > 1:
         # Stable: rows keep plan order within a partition. uint16 keys sort by radix in numpy.
         order = np.argsort(part.astype(np.uint16 if partitions <= 1 << 16 else np.int64), kind="stable")
-        table = table.take(pa.array(order))
+        batch = batch.take(pa.array(order))
         bounds = np.searchsorted(part[order], np.arange(partitions + 1))
     else:
-        bounds = np.array([0, table.num_rows])
-    batches = [table.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p])) for p in range(partitions)]
+        bounds = np.array([0, batch.num_rows])
+    batches = [batch.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p])) for p in range(partitions)]
     work.write_bytes(_ipc_bytes(_IDS_SCHEMA, batches), IDS_DIR, f"{tasks[0].name}.arrow")
     written = tuple(p for p in range(partitions) if bounds[p + 1] > bounds[p])
     return [TaskIds(t, rows, n, written, count) for t, rows, n, count in found]
@@ -289,11 +290,13 @@ def duplicates_file(partition: int) -> str:
 
 
 _MUL = np.uint64(0x9E3779B97F4A7C15)
+_MASKS = np.array([(1 << (8 * r)) - 1 for r in range(9)], dtype=np.uint64)  # the low r bytes of a word
 
 
 def _string_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A 64-bit hash of each string's bytes, 8 bytes at a time: the loop runs over word positions (the
-    longest id / 8 steps), each step vectorized over the ids that long; a murmur3 finalizer mixes it."""
+    """A 64-bit hash of each string's bytes, 8 bytes at a time: the ids ordered longest first, so the
+    ids still long enough at word ``k`` are a prefix and each step is a few vectorized operations over
+    it (the longest id / 8 steps); a murmur3 finalizer mixes the result."""
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0)
     n = len(ids)
@@ -303,33 +306,36 @@ def _string_hash(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64 if wide else np.int32)[ids.offset:ids.offset + n + 1]
     offsets = offsets.astype(np.int64)
     base, end = int(offsets[0]), int(offsets[-1])
-    data = ids.buffers()[2]
     padded = np.zeros(end - base + 8, dtype=np.uint8)
     if end > base:
-        padded[:end - base] = np.frombuffer(data, dtype=np.uint8)[base:end]
+        padded[:end - base] = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[base:end]
     # Every byte position as the start of a little-endian 64-bit word (unaligned loads, no copy).
     words = np.ndarray(shape=(end - base + 1,), dtype="<u8", buffer=padded, strides=(1,))
-    lens = np.diff(offsets)
+    lens, pos = np.diff(offsets), offsets[:-1] - base
+    longest = int(lens.max())
+    order = None
+    if longest != int(lens.min()):
+        key = (longest - lens).astype(np.uint16 if longest < 1 << 16 else np.int64)
+        order = np.argsort(key, kind="stable")
+        lens, pos = lens[order], pos[order]
     with np.errstate(over="ignore"):
         h = lens.astype(np.uint64) * _MUL
-        active = np.flatnonzero(lens > 0)
-        pos = offsets[:-1] - base
         k = 0
-        while len(active):
-            left = lens[active] - 8 * k
-            w = words[pos[active] + 8 * k]
-            short = left < 8
-            if short.any():
-                w[short] &= (np.uint64(1) << (left[short].astype(np.uint64) * np.uint64(8))) - np.uint64(1)
-            x = (h[active] ^ w) * _MUL
-            h[active] = x ^ (x >> np.uint64(29))
-            active = active[left > 8]
+        while (m := int(np.count_nonzero(lens > 8 * k)) if order is not None else (n if longest > 8 * k else 0)):
+            left = lens[:m] - 8 * k
+            w = words[pos[:m] + 8 * k] & _MASKS[np.minimum(left, 8)]
+            x = (h[:m] ^ w) * _MUL
+            h[:m] = x ^ (x >> np.uint64(29))
             k += 1
         h ^= h >> np.uint64(33)
         h *= np.uint64(0xFF51AFD7ED558CCD)
         h ^= h >> np.uint64(33)
         h *= np.uint64(0xC4CEB9FE1A85EC53)
         h ^= h >> np.uint64(33)
+    if order is not None:
+        out = np.empty_like(h)
+        out[order] = h
+        return out
     return h
 
 

@@ -17,6 +17,7 @@ count, not the shard count.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any, Iterable, Iterator
@@ -165,10 +166,13 @@ def _read_one(fields: dict[str, Any], sp: plan_store.ShardPlan, source: Location
 
 
 def _reader(fields: dict[str, Any], plan_loc: Location, runs: tuple[tuple[int, int], ...], source: Location):
-    def read() -> Iterable[pa.Table]:
-        yield from read_shards(fields, plan_loc, (s for a, b in runs for s in range(a, b)), source)
+    # A partial of a module function pickles by reference: the task carries its arguments, not code.
+    return functools.partial(_read_runs, fields, plan_loc, runs, source)
 
-    return read
+
+def _read_runs(fields: dict[str, Any], plan_loc: Location, runs: tuple[tuple[int, int], ...],
+               source: Location) -> Iterator[pa.Table]:
+    yield from read_shards(fields, plan_loc, (s for a, b in runs for s in range(a, b)), source)
 
 
 def _group(index: pa.Table, pending: list[int], gz: set[int]) -> tuple[list[list[int]], dict[int, int], dict[int, set[int]]]:
