@@ -46,9 +46,10 @@ def test_a_read_task_is_a_few_kb_at_10k_shards(tmp_path):
     assert max(sizes) - max(task_sizes(small, small_out, [0, 1])) < 64  # independent of the plan's size
     # every other shard pending (a resume): runs of one shard each, still a few KB
     assert max(task_sizes(big, big_out, list(range(0, big["shards"], 2)))) < 4096
+    assert len(task_sizes(small, small_out, [0, 1])) == 1  # SHARDS_PER_TASK: two shards, one task
 
     # and a task reads its own shard only: the last one, from the last segments file
-    (task,) = ShardDatasource(big, big_out, [n + 1]).get_read_tasks(1)
+    (task,) = ShardDatasource(big, big_out, [n + 1]).get_read_tasks(1)  # a task reads only its own shard
     (table,) = list(task())
     assert table.column("id").to_pylist() == ["s1"] and table.column("_shard").to_pylist() == [n + 1]
 
@@ -58,6 +59,7 @@ def test_read_tasks_pack_consecutive_shards_and_never_split_a_gz_group():
     packed = pack_groups(groups, max_tasks=4)  # 11 shards -> about 3 a task; the gz group stays whole
     assert packed == [[0, 1], [2, 3, 4, 5, 6], [7, 8, 9], [10]]
     assert pack_groups(groups, max_tasks=7) == groups
+    assert pack_groups(groups, max_tasks=100, per_task=2) == [[0, 1], [2, 3, 4, 5, 6], [7, 8], [9, 10]]
     assert shard_runs([0, 1, 2, 5, 7, 8]) == ((0, 3), (5, 6), (7, 9))
     assert shard_runs(range(100_000)) == ((0, 100_000),)  # a fresh run's task: one run, whatever its size
 

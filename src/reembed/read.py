@@ -9,10 +9,10 @@ A read task carries only its shard ids (as runs of consecutive shards), the plan
 input's Locations and a few plan fields (a few KB whatever the size of the plan); on the worker it reads
 its own segments and duplicate rows from the plan's Parquet (:func:`reembed.plan_store.read_shard`) and
 yields one table per shard. The shards that read one ``.gz`` file share one task, which decompresses the
-file once. A plan of more than :data:`MAX_READ_TASKS` pending shards packs consecutive shards into that
-many tasks: Ray Data ``ray.put``s every read task on the driver before the first one starts (~10 ms each
-on a loaded machine: 480 s at 50,000 one-shard tasks), so the time to the first block follows the task
-count, not the shard count.
+file once. Consecutive shards share a task: :data:`SHARDS_PER_TASK` at least, and more so that there
+are at most :data:`MAX_READ_TASKS` tasks. Ray Data ``ray.put``s every read task on the driver before the
+first one starts (~10 ms each on a loaded machine: 480 s at 50,000 one-shard tasks), so the time to the
+first block follows the task count, not the shard count; and its executor's driver CPU is mostly per task.
 """
 
 from __future__ import annotations
@@ -40,14 +40,17 @@ FIELDS = ("id_column", "text_column", "passthrough", "passthrough_schema")
 """The plan summary's fields a read task carries."""
 MAX_READ_TASKS = 2048
 """Read tasks of one dataset at most: above it, consecutive shards share a task (see the module's doc)."""
+SHARDS_PER_TASK = 4
+"""Shards a read task takes at least (when there are that many): Ray Data's executor costs the driver
+~27 ms of CPU per read task on the 2-core VM, against ~4 ms per shard (bench/RESULTS.md, issue 12)."""
 FILES_NAMED = 4
 """Input files a read task's metadata names (Ray Data's statistics only): its size stays O(1)."""
 
 
 class ShardDatasource(Datasource):
-    """A Ray Data datasource over the pending shards of a plan: one read task per shard, or per group of
-    shards that share a ``.gz`` file; consecutive groups share a task when there are more than
-    ``max_tasks`` (default :data:`MAX_READ_TASKS`) of them.
+    """A Ray Data datasource over the pending shards of a plan: read tasks of consecutive shards,
+    ``per_task`` at least (default :data:`SHARDS_PER_TASK`) and at most ``max_tasks`` tasks (default
+    :data:`MAX_READ_TASKS`); the shards that share a ``.gz`` file are always in one task.
 
     ``out`` is the output (the plan is under ``out/plan``); ``source`` a Location on the input's
     filesystem (by default the plan's input root, opened here), so the storage settings it was opened
@@ -56,7 +59,7 @@ class ShardDatasource(Datasource):
     """
 
     def __init__(self, plan: dict[str, Any], out: Location, pending: list[int], source: Location | None = None,
-                 index: pa.Table | None = None, max_tasks: int = MAX_READ_TASKS):
+                 index: pa.Table | None = None, max_tasks: int = MAX_READ_TASKS, per_task: int = SHARDS_PER_TASK):
         self._fields = {k: plan[k] for k in FIELDS}
         self._plan_loc = out.child(PLAN_DIR)
         self._source = source or input_location(plan)
@@ -67,7 +70,7 @@ class ShardDatasource(Datasource):
         sizes = files.column("size").to_pylist()
         gz = {i for i, p in enumerate(files.column("path").to_pylist()) if scan.is_gzip(p)}
         groups, self._rows, self._files = _group(index, pending, gz)
-        self._groups = pack_groups(groups, max_tasks)
+        self._groups = pack_groups(groups, max_tasks, per_task)
         rows = max(1, plan["rows"])
         self._size = int(sum(sizes) * sum(self._rows.values()) / rows)
 
@@ -88,13 +91,13 @@ class ShardDatasource(Datasource):
         return tasks
 
 
-def pack_groups(groups: list[list[int]], max_tasks: int = MAX_READ_TASKS) -> list[list[int]]:
-    """Consecutive ``groups`` (each a read task's shards, in shard order) packed into at most about
-    ``max_tasks`` tasks of about the same number of shards; a group is never split."""
-    shards = sum(len(g) for g in groups)
-    if len(groups) <= max_tasks:
+def pack_groups(groups: list[list[int]], max_tasks: int = MAX_READ_TASKS, per_task: int = 1) -> list[list[int]]:
+    """Consecutive ``groups`` (each a read task's shards, in shard order) packed into tasks of at most
+    ``per_task`` shards, or more so that there are at most about ``max_tasks``; a group is never split."""
+    if len(groups) > max_tasks:
+        per_task = max(per_task, -(-sum(len(g) for g in groups) // max(1, max_tasks)))
+    if per_task <= 1:
         return groups
-    per_task = -(-shards // max(1, max_tasks))
     packed: list[list[int]] = []
     for g in groups:
         if packed and len(packed[-1]) + len(g) <= per_task:
