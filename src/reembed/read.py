@@ -123,7 +123,7 @@ def read_shards(fields: dict[str, Any], plan_loc: Location, shards: Iterable[int
     """Read each of ``shards`` (from the plan under ``plan_loc``) and yield its documents in plan order,
     each with its ``_reason`` (null for rows to embed), its shard and its position in the shard. A
     ``.gz`` file is decompressed once for all of them."""
-    plans = [plan_store.read_shard(plan_loc, s) for s in shards]
+    plans = plan_store.read_shards(plan_loc, shards)
     gz_slices: dict[str, list[tuple[int, int]]] = {}
     for sp in plans:
         paths = dict(zip(sp.files.column("file").to_pylist(), sp.files.column("path").to_pylist()))
