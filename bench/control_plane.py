@@ -19,6 +19,7 @@ Per size N (shards of ``--shard-rows`` documents):
     python bench/control_plane.py                            # 1k, 10k, 50k shards of 10 documents
     python bench/control_plane.py --sizes 1000,10000,20000 --shard-rows 10 --cpus 2
     python bench/control_plane.py --sizes 50000 --max-minutes 30   # stop after 30 min, report what ran
+    python bench/control_plane.py --sizes 50000 --max-minutes 30 --workdir /data/cp   # kept: run it again to resume
 
 Prints a table and writes ``bench/out/control_plane.json``. The baseline for driver CPU per document is
 issue 12's measurement of the old path (the driver sorted, encoded, hashed, wrote and verified every shard):
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                          "over the part that ran (best effort: Ray Data may not take the interrupt at once)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     ap.add_argument("--tmp", default=None, help="where inputs and outputs are written (default: system temp)")
+    ap.add_argument("--workdir", default=None,
+                    help="keep each size's input and output under WORKDIR/shards-N: running the same command "
+                         "again resumes a size that was stopped (the figures then cover the shards committed "
+                         "by that run; 'resumed_from' says how many were committed before it)")
     args = ap.parse_args(argv)
     import ray
 
@@ -76,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for n in [int(s) for s in args.sizes.split(",")]:
-        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
-            rows.append(bench_size(Path(d), n, args.shard_rows, args.max_minutes))
+        if args.workdir:
+            root = Path(args.workdir, f"shards-{n}")
+            root.mkdir(parents=True, exist_ok=True)
+            rows.append(bench_size(root, n, args.shard_rows, args.max_minutes))
+        else:
+            with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+                rows.append(bench_size(Path(d), n, args.shard_rows, args.max_minutes))
         print_row(rows[-1])
         result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                   "shard_rows": args.shard_rows, "dim": DIM, "old_driver_us_per_doc": OLD_DRIVER_US_PER_DOC,
@@ -98,10 +108,14 @@ def bench_size(root: Path, shards: int, shard_rows: int, max_minutes: float | No
     from reembed.config import load_config
 
     docs = shards * shard_rows
-    (root / "in").mkdir()
-    pq.write_table(pa.table({"id": pa.array(np.char.add("d", np.arange(docs).astype(str))),
-                             "text": pa.array(np.full(docs, "x"))}),
-                   root / "in" / "docs.parquet", row_group_size=max(shard_rows, 10_000))
+    before = 0
+    if (root / "out" / "manifest.json").exists():  # a kept --workdir: this run resumes
+        before = pipeline.status(str(root / "out"))["committed"]
+    else:
+        (root / "in").mkdir(exist_ok=True)
+        pq.write_table(pa.table({"id": pa.array(np.char.add("d", np.arange(docs).astype(str))),
+                                 "text": pa.array(np.full(docs, "x"))}),
+                       root / "in" / "docs.parquet", row_group_size=max(shard_rows, 10_000))
     cfg = load_config(None, [f"input.uri={root / 'in'}", f"output.uri={root / 'out'}", f"model.name=null-{DIM}",
                              f"plan.shard_rows={shard_rows}", "compute.min_actors=1", "compute.max_actors=1",
                              "compute.cpus_per_actor=1"])
@@ -143,7 +157,7 @@ def bench_size(root: Path, shards: int, shard_rows: int, max_minutes: float | No
             stop.start()
         try:
             summary = pipeline.run(cfg, embedder=NullEmbedder)
-            assert summary["complete"] and summary["embedded"] == docs, summary
+            assert summary["complete"] and summary["embedded"] == docs, {k: summary[k] for k in ("complete", "embedded")}
         except KeyboardInterrupt:
             if not stop or stop.is_alive():
                 raise
@@ -159,18 +173,19 @@ def bench_size(root: Path, shards: int, shard_rows: int, max_minutes: float | No
     t = time.perf_counter()
     status = pipeline.status(str(root / "out"))
     status_s = time.perf_counter() - t
-    assert status["committed"] == committed, (status["committed"], committed)
+    assert status["committed"] == before + committed, (status["committed"], before, committed)
     # Steady state: the driver's CPU between the first and the latest commit, per shard committed in
     # between (planning and start-up left out); the whole-run figure includes them.
     steady = (commit_cpu[-1] - commit_cpu[0]) / (committed - 1) if committed > 1 and len(commit_cpu) > 1 else None
     return {
-        "shards": shards, "docs": docs, "committed": committed, "partial": partial, "wall_s": round(wall, 2),
+        "shards": shards, "docs": docs, "committed": committed, "resumed_from": before, "total_committed": before + committed,
+        "partial": partial, "wall_s": round(wall, 2),
         "plan_wall_s": round(planned[0][0], 2) if planned else None,
         "plan_driver_cpu_s": round(planned[0][1], 3) if planned else None,
-        "commit_bytes_per_shard": round(log_bytes / max(committed, 1), 1),
+        "commit_bytes_per_shard": round(log_bytes / max(before + committed, 1), 1),
         "commit_ms_median": round(1000 * sorted(commit_s)[len(commit_s) // 2], 3) if commit_s else None,
         "commit_ms_p99": round(1000 * sorted(commit_s)[int(0.99 * (len(commit_s) - 1))], 3) if commit_s else None,
-        "read_task_bytes": read_task_bytes(root / "out"),
+        **read_task_bytes(root / "out"),
         "first_block_s": round(first_block[0] - t0, 2) if first_block else None,
         "driver_cpu_s": round(cpu, 2), "driver_cpu_ms_per_shard": round(1000 * cpu / max(committed, 1), 3),
         "driver_cpu_ms_per_shard_steady": round(1000 * steady, 3) if steady is not None else None,
@@ -188,8 +203,9 @@ def bench_size(root: Path, shards: int, shard_rows: int, max_minutes: float | No
     }
 
 
-def read_task_bytes(out: Path) -> int:
-    """Pickled size of the largest of a few read tasks of the finished output's plan (all shards pending)."""
+def read_task_bytes(out: Path) -> dict[str, int]:
+    """Pickled size of the largest of a few read tasks of the finished output's plan (all shards pending),
+    and how many read tasks that plan makes."""
     import ray.cloudpickle as cloudpickle
 
     from reembed.manifest import Manifest
@@ -200,7 +216,8 @@ def read_task_bytes(out: Path) -> int:
     m = Manifest.load(loc)
     shards = list(range(m.shard_count))
     tasks = ShardDatasource(m.plan, loc, shards).get_read_tasks(len(shards))
-    return max(len(cloudpickle.dumps(t)) for t in [tasks[0], tasks[len(tasks) // 2], tasks[-1]])
+    return {"read_task_bytes": max(len(cloudpickle.dumps(t)) for t in [tasks[0], tasks[len(tasks) // 2], tasks[-1]]),
+            "read_tasks": len(tasks)}
 
 
 def _cpu() -> float:
@@ -211,7 +228,7 @@ def _cpu() -> float:
 def print_row(r: dict[str, Any]) -> None:
     print(f"{r['shards']:>7} shards {r['docs']:>8} docs  {r['committed']} committed{' (stopped)' if r['partial'] else ''}  "
           f"plan {r['plan_driver_cpu_s']} CPU-s  steady {r['driver_cpu_ms_per_shard_steady']} ms/shard  wall {r['wall_s']:>7.1f} s  commit {r['commit_bytes_per_shard']:>6.0f} B/shard "
-          f"{r['commit_ms_median']:>6.2f} ms (p99 {r['commit_ms_p99']:.2f})  read task {r['read_task_bytes']:>7} B  "
+          f"{r['commit_ms_median']:>6.2f} ms (p99 {r['commit_ms_p99']:.2f})  read task {r['read_task_bytes']:>7} B ({r['read_tasks']} tasks)  "
           f"first block {r['first_block_s']} s  driver {r['driver_cpu_ms_per_shard']:.2f} ms/shard "
           f"{r['driver_cpu_us_per_doc']:.1f} us/doc here, {r['driver_cpu_us_per_doc_at_10k_rows']:.2f} us/doc at "
           f"10k-row shards ({100 * r['driver_cpu_vs_old']:.1f}% of old)  "

@@ -3,6 +3,7 @@ for one and several partitions, in-process and as Ray tasks."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import random
@@ -103,6 +104,36 @@ def test_duplicates_equal_in_memory_reference(tmp_path, partitions, seed):
     assert jsonl_rows == {i: len(f["ids"]) for i, f in enumerate(files) if f["format"] == "jsonl"}
 
 
+@pytest.mark.parametrize("task_ids", [None, 1, 150, 10_000])
+def test_any_partition_count_and_task_grouping_find_exactly_the_duplicates_of_one_partition(tmp_path, task_ids):
+    """P = 1, 2, 7, 64 partitions, units grouped into id tasks of ~1, ~150 and all rows: the same
+    duplicates, byte for byte, as one partition and as the in-memory reference."""
+    (tmp_path / "in").mkdir()
+    tasks, files = plant_corpus(tmp_path / "in", 3)
+    source = Location.from_uri(str(tmp_path / "in"))
+    one = dedup.find_duplicates(source, tasks, "id", Location.from_uri(str(tmp_path / "p1")), partitions=1)
+    counted = [dataclasses.replace(r.task, rows=r.rows) for r in one.tasks]  # rows known, as make_plan knows them
+    groups = len(dedup.group_tasks(counted, task_ids or dedup.task_size(64)))
+    assert groups == {None: 1, 1: len(counted), 10_000: 1}.get(task_ids, groups) and (task_ids != 150 or 1 < groups < len(counted))
+    ref = reference_duplicates(files)
+    assert stored_duplicates(Location.from_uri(str(tmp_path / "p1")), 1) == ref
+    for p in (2, 7, 64):
+        work = Location.from_uri(str(tmp_path / f"p{p}-{task_ids}"))
+        got = dedup.find_duplicates(source, counted, "id", work, partitions=p, task_ids=task_ids)
+        assert stored_duplicates(work, p) == ref, p
+        assert got.duplicates_by_file == one.duplicates_by_file
+        assert [(r.task, r.rows, r.non_null) for r in got.tasks] == [(t, r.rows, r.non_null) for t, r in zip(counted, one.tasks)]
+        assert sum(r.rows for r in got.tasks) == sum(len(f["ids"]) for f in files)
+
+
+def test_grouped_id_tasks_write_one_file_each(tmp_path):
+    tasks = [dedup.IdTask(i, f"f{i}", "parquet", rows=100) for i in range(10)] + [dedup.IdTask(10, "x", "parquet")]
+    groups = dedup.group_tasks(tasks, 250)
+    assert [len(g) for g in groups] == [2, 2, 2, 2, 2, 1]  # ~250 ids a task; a unit of unknown rows alone
+    assert [t for g in groups for t in g] == tasks
+    assert dedup.task_size(1) == dedup.TASK_IDS_MIN and dedup.task_size(10_000) == dedup.TASK_IDS_MAX
+
+
 def test_no_task_holds_more_than_its_partition(tmp_path):
     (tmp_path / "in").mkdir()
     tasks, files = plant_corpus(tmp_path / "in", 4)
@@ -110,12 +141,12 @@ def test_no_task_holds_more_than_its_partition(tmp_path):
     results = [dedup.partition_ids(source, t, "id", work, 7) for t in tasks]
     sizes = []
     for p in range(7):
-        files_p = work.list(dedup.IDS_DIR, f"p-{p:04d}")
-        ids = [x for i in files_p for x in pq.read_table(i.path).column("id").to_pylist()]
+        ids = [x for t in tasks for x in dedup.read_id_batch(work, t.name, p).column("id").to_pylist()]
         assert all(dedup.id_partitions(pa.array([x]), 7)[0] == p for x in set(ids))  # one id, one partition
         sizes.append(len(ids))
     assert sum(sizes) == sum(r.non_null for r in results)
     assert max(sizes) < 0.3 * sum(sizes)  # spread over the partitions, not gathered in one
+    assert len(work.list(dedup.IDS_DIR)) == len(tasks)  # one id file per task, not one per task and partition
 
 
 def test_first_wins_in_plan_order():

@@ -282,3 +282,60 @@ def test_a_save_or_commit_on_a_full_disk_is_one_line_and_keeps_what_is_stored(sm
     filler.unlink()
     m.commit_shard(1, rec)  # with room again, the same job goes on
     assert sorted(Manifest.load(m.loc).committed) == [0, 1]
+
+
+def test_committed_holds_under_100_bytes_per_shard_and_reads_each_record_when_asked(tmp_path):
+    """10,000 committed shards in a compacted part (as ``CommitLog.compact`` writes it: row groups of 10k
+    rows) plus commits after it: the loaded Manifest holds < 100 bytes per shard (traced Python heap),
+    also after a record was read; ``committed[s]`` and ``items()`` give back exactly what was committed.
+    (It held ~340 B per shard after loading and ~2.9 KB after the first record, when every record was
+    parsed into a dict on first use.)"""
+    import gc
+    import tracemalloc
+
+    from reembed import commits as C
+
+    n = 10_000
+    loc = Location.from_uri(str(tmp_path / "out"))
+    m = Manifest.create(loc, MODEL, {"shards": n + 20, "rows": 5 * (n + 20)}, {})
+
+    def rec(s: int) -> dict:
+        return {"rows": 5 - s % 2, "dead_letters": s % 2, "reasons": {"duplicate_id": 1} if s % 2 else {},
+                "truncated": 0, "tokens": 50 + s, "bytes": 1000 + s, "sha256": f"{s:064x}", "device_seconds": 0.01,
+                "epoch": 1, "writer": {"node": "n" * 56, "host_pid": "h:1"}, "path": f"shards/part-{s:05d}.e0001.parquet"}
+
+    order = [(s * 7919) % n for s in range(n)]  # committed out of shard order, as parallel writers do
+    rows = [{"seq": 0, "kind": "claim", "epoch": 1}] + [
+        {"seq": i + 1, "kind": "commit", "epoch": 1, "shard": s, "record": rec(s)} for i, s in enumerate(order)]
+    tables = (C._rows_table(rows[i:i + 10_000]) for i in range(0, len(rows), 10_000))
+    loc.write_bytes(C._part_bytes(tables, first=0, last=n, epoch=1), C.LOG_DIR, C.CHECKPOINTS, C._part_name(0, n))
+    m = Manifest.load(loc)
+    m.claim()
+    for s in range(n, n + 20):  # entries after the part
+        m.commit_shard(s, rec(s))
+
+    warm = Manifest.load(loc)  # imports and first-use caches out of the measurement
+    warm.committed[3]
+    del warm
+    gc.collect()
+    tracemalloc.start()
+    try:
+        m = Manifest.load(loc)
+        committed = m.committed
+        assert len(committed) == n + 20 and 17 in committed and n + 20 not in committed
+        got = committed[order[5_000]]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held / n < 100, f"{held / n:.0f} bytes per committed shard"
+    assert {k: v for k, v in got.items() if k != "committed_at"} == rec(order[5_000])
+    for s in (0, 1, n - 1, n, n + 19):
+        assert {k: v for k, v in committed[s].items() if k != "committed_at"} == rec(s)
+    with pytest.raises(KeyError):
+        committed[n + 20]
+    items = dict(committed.items())
+    assert sorted(items) == list(range(n + 20)) == list(committed)
+    assert all({k: v for k, v in r.items() if k != "committed_at"} == rec(s) for s, r in items.items())
+    t = m.totals()
+    assert t["dead_lettered"] == (n + 20) // 2 and t["reasons"] == {"duplicate_id": (n + 20) // 2}
+    assert m.pending() == []

@@ -16,7 +16,7 @@ from conftest import make_docs, write_jsonl
 from counting_fs import counting_location
 from reembed.config import InputConfig
 from reembed.plan import PLAN_DIR, make_plan
-from reembed.read import ShardDatasource
+from reembed.read import MAX_READ_TASKS, ShardDatasource, pack_groups, shard_runs
 from reembed.storage import Location
 
 
@@ -41,13 +41,44 @@ def test_a_read_task_is_a_few_kb_at_10k_shards(tmp_path):
     assert len(json.dumps(big)) < 8000  # the manifest's plan: a summary and 11 segments files, not 10k shards
 
     sizes = task_sizes(big, big_out, list(range(big["shards"])))
-    assert len(sizes) == n + 2 and max(sizes) < 4096, max(sizes)
+    # 10,002 shards in MAX_READ_TASKS tasks of 5 (Ray Data puts each task on the driver before the first runs)
+    assert len(sizes) == -(-(n + 2) // 5) <= MAX_READ_TASKS and max(sizes) < 4096, max(sizes)
     assert max(sizes) - max(task_sizes(small, small_out, [0, 1])) < 64  # independent of the plan's size
+    # every other shard pending (a resume): runs of one shard each, still a few KB
+    assert max(task_sizes(big, big_out, list(range(0, big["shards"], 2)))) < 4096
+    assert len(task_sizes(small, small_out, [0, 1])) == 1  # SHARDS_PER_TASK: two shards, one task
 
     # and a task reads its own shard only: the last one, from the last segments file
-    (task,) = ShardDatasource(big, big_out, [n + 1]).get_read_tasks(1)
+    (task,) = ShardDatasource(big, big_out, [n + 1]).get_read_tasks(1)  # a task reads only its own shard
     (table,) = list(task())
     assert table.column("id").to_pylist() == ["s1"] and table.column("_shard").to_pylist() == [n + 1]
+
+
+def test_read_tasks_pack_consecutive_shards_and_never_split_a_gz_group():
+    groups = [[0], [1], [2, 3, 4, 5, 6], [7], [8], [9], [10]]
+    packed = pack_groups(groups, max_tasks=4)  # 11 shards -> about 3 a task; the gz group stays whole
+    assert packed == [[0, 1], [2, 3, 4, 5, 6], [7, 8, 9], [10]]
+    assert pack_groups(groups, max_tasks=7) == groups
+    assert pack_groups(groups, max_tasks=100, per_task=2) == [[0, 1], [2, 3, 4, 5, 6], [7, 8], [9, 10]]
+    assert shard_runs([0, 1, 2, 5, 7, 8]) == ((0, 3), (5, 6), (7, 9))
+    assert shard_runs(range(100_000)) == ((0, 100_000),)  # a fresh run's task: one run, whatever its size
+
+
+def test_a_packed_task_reads_each_of_its_shards_once_in_order(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(40)], "text": [f"t {i}" for i in range(40)]}),
+                   tmp_path / "in" / "a.parquet")
+    out = Location.from_uri(str(tmp_path / "out"))
+    plan = make_plan(InputConfig(uri=str(tmp_path / "in")), 3, out.child(PLAN_DIR))
+    pending = [s for s in range(plan["shards"]) if s != 4]
+    ds = ShardDatasource(plan, out, pending, max_tasks=3)
+    tasks = ds.get_read_tasks(1)
+    assert ds.num_tasks == len(tasks) == 3
+    tables = [t for task in tasks for t in task()]
+    assert [t.column("_shard")[0].as_py() for t in tables] == pending  # one table per shard, in order
+    assert sum(t.metadata.num_rows for t in tasks) == 40 - 3
+    ids = pa.concat_tables(tables).column("id").to_pylist()
+    assert ids == [f"d{i}" for i in range(40) if i // 3 != 4]
 
 
 def test_gz_shards_share_one_task_that_decompresses_the_file_once(tmp_path):

@@ -199,3 +199,13 @@ def test_make_plan_equals_a_line_by_line_reference(tmp_path):
                 got += [(seg["file"], r, r) for r in range(seg["start"], seg["stop"])]
     assert got == [(f, r, n) for f, r, n, _ in ref]
     assert got_dups == want_dups
+
+    # A read task's shards read together: the same plans as one by one, each plan file opened once.
+    counts, counted = counting_location(tmp_path / "out" / "plan")
+    shards = list(range(plan["shards"]))
+    together = plan_store.read_shards(counted, shards)
+    for sp in together:
+        alone = plan_store.read_shard(plan_loc, sp.shard)
+        assert (sp.segments, sp.files, sp.duplicates) == (alone.segments, alone.files, alone.duplicates)
+    dup_opens = {p: n for p, n in counts.opens.items() if "/duplicates/" in p}
+    assert len(dup_opens) == 4 and set(dup_opens.values()) == {1}  # not once per shard

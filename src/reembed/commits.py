@@ -346,6 +346,7 @@ def read_state(loc: Location) -> "State":
         for entry in _read_from(loc, state.last_seq + 1):
             tail.apply(entry)
         state._apply_tail(tail)
+        state._trim()
         return state
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -369,7 +370,12 @@ class State:
         self._seq = np.full(0, -1, dtype=np.int64)  # per shard: seq of its effective commit, -1 if none
         self._counts = np.zeros((0, len(_COUNTS)), dtype=np.int64)
         self._device_s = np.zeros(0, dtype=np.float64)
-        self._reasons: dict[int, dict[str, int]] = {}  # only shards with dead letters
+        # Dead letters per shard and reason: one int32 column per reason code seen (a handful), not a dict
+        # per shard, so a state of N shards holds ~90 bytes per shard whatever its records say.
+        self._codes: list[str] = []
+        self._reason_counts = np.zeros((0, 0), dtype=np.int32)
+        self._n = 0  # shards 0.._n - 1 have been touched (the arrays may be longer until _trim)
+        self._cached_group: tuple | None = None  # the row group record() read last
         self._damaged: dict[int, dict[str, Any]] = {}  # retracted shards not committed again since
 
     @property
@@ -387,11 +393,8 @@ class State:
         """Rows embedded and dead-lettered (per reason), truncated, tokens, bytes, device seconds."""
         done = self._seq >= 0
         sums = self._counts[done].sum(axis=0) if len(self._seq) else np.zeros(len(_COUNTS), dtype=np.int64)
-        reasons: dict[str, int] = {}
-        for shard, per in self._reasons.items():
-            if done[shard]:
-                for k, v in per.items():
-                    reasons[k] = reasons.get(k, 0) + v
+        per_code = self._reason_counts[done].sum(axis=0, dtype=np.int64) if len(self._seq) else []
+        reasons = {code: int(n) for code, n in zip(self._codes, per_code) if n}
         rows, dead, truncated, tokens, size = (int(x) for x in sums)
         return {"embedded": rows, "dead_lettered": dead, "reasons": reasons, "truncated": truncated,
                 "tokens": tokens, "bytes": size, "device_seconds": float(self._device_s[done].sum())}
@@ -409,6 +412,27 @@ class State:
     def seq_of(self, shard: int) -> int:
         """The seq of ``shard``'s effective commit (-1 if it is not committed)."""
         return int(self._seq[shard]) if 0 <= shard < len(self._seq) else -1
+
+    def record(self, shard: int) -> dict[str, Any]:
+        """The record of ``shard``'s effective commit (KeyError if it is not committed), read from the
+        entries after the parts or from the one row group of the part that holds its seq: a few KB read,
+        nothing kept but the last row group read (so records looked up in commit order cost one read per
+        row group)."""
+        seq = self.seq_of(shard) if isinstance(shard, (int, np.integer)) else -1
+        if seq < 0:
+            raise KeyError(shard)
+        entry = self._tail_records.get(int(shard))
+        if entry is not None and entry["seq"] == seq:
+            return entry["record"]
+        lasts = [p.last for p in self._chain]
+        i = int(np.searchsorted(lasts, seq))  # the first part reaching seq; parts overlap only at a compaction
+        if i >= len(self._chain) or self._chain[i].first > seq:
+            raise KeyError(shard)
+        seqs, kinds, shards, records = self._row_group_of(self._chain[i], seq)
+        hit = np.flatnonzero((seqs == seq) & (shards == shard) & kinds)
+        if not len(hit):
+            raise KeyError(shard)
+        return json.loads(records[int(hit[-1])].as_py())
 
     def iter_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(shard, record) for every committed shard, in commit order, read part by part."""
@@ -429,6 +453,32 @@ class State:
         for shard, entry in self._tail_records.items():
             if self._seq[shard] == entry["seq"]:
                 yield shard, entry["seq"], entry["record"]
+
+    def _row_group_of(self, part: "_Part", seq: int):
+        """``(seqs, is_commit, shards, records)`` of the row group of ``part`` whose seq statistics hold
+        ``seq``; the last one read is kept."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        cached = self._cached_group
+        if cached is not None and cached[0] == part.name and cached[1] <= seq <= cached[2]:
+            return cached[3]
+        with self.loc.fs.open_input_file(self.loc.path(LOG_DIR, CHECKPOINTS, part.name)) as f:
+            pf = pq.ParquetFile(f)
+            si = pf.schema_arrow.get_field_index("seq")
+            for g in range(pf.metadata.num_row_groups):
+                st = pf.metadata.row_group(g).column(si).statistics
+                if st is not None and st.has_min_max and not st.min <= seq <= st.max:
+                    continue
+                t = pf.read_row_group(g, columns=["seq", "kind", "shard", "record"])
+                got = (t.column("seq").to_numpy(), pc.equal(t.column("kind"), "commit").to_numpy(zero_copy_only=False),
+                       t.column("shard").fill_null(-1).to_numpy(), t.column("record").combine_chunks())
+                if (got[0] == seq).any():
+                    lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (seq, seq)
+                    self._cached_group = (part.name, lo, hi, got)
+                    return got
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.astype(bool), empty, None
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -452,13 +502,14 @@ class State:
             for j, name in enumerate(_COUNTS):
                 self._counts[shards, j] = table.column(name).fill_null(0).to_numpy()[commits]
             self._device_s[shards] = table.column("device_seconds").fill_null(0.0).to_numpy()[commits]
+            if len(self._codes):
+                self._reason_counts[shards] = 0
             reasons = table.column("reasons").to_pylist()
-            for shard in shards[[reasons[i] is None for i in commits]].tolist():
-                self._reasons.pop(shard, None)
             some = [i for i in commits if reasons[i] is not None]
             if some:  # one JSON document for the whole part: per-row json.loads dominates otherwise
                 parsed = json.loads("[" + ",".join(reasons[i] for i in some) + "]")
-                self._reasons.update(zip(table.column("shard").take(some).to_pylist(), parsed))
+                for shard, per in zip(table.column("shard").take(some).to_pylist(), parsed):
+                    self._set_reasons(shard, per)
             if self._damaged:
                 for shard in shards.tolist():
                     self._damaged.pop(shard, None)
@@ -494,24 +545,37 @@ class State:
         if self._seq[shard] != rec.get("commit_seq"):
             return  # committed again after the check found it damaged
         self._seq[shard] = -1
-        self._reasons.pop(shard, None)
+        self._set_reasons(shard, None)
         self._tail_records.pop(shard, None)
         self._damaged[shard] = {"seq": seq, "reason": rec.get("reason"), "message": rec.get("message"),
                                 "commit_seq": rec.get("commit_seq")}
 
     def _set_reasons(self, shard: int, reasons: dict[str, int] | None) -> None:
-        if reasons:
-            self._reasons[shard] = reasons
-        else:
-            self._reasons.pop(shard, None)
+        if len(self._codes):
+            self._reason_counts[shard] = 0
+        for code, n in (reasons or {}).items():
+            if code not in self._codes:
+                self._codes.append(code)
+                self._reason_counts = np.concatenate(
+                    [self._reason_counts, np.zeros((len(self._reason_counts), 1), np.int32)], axis=1)
+            self._reason_counts[shard, self._codes.index(code)] = n
 
     def _grow(self, n: int) -> None:
+        self._n = max(self._n, n)
         if n <= len(self._seq):
             return
         size = max(n, 2 * len(self._seq), 1024)
         self._seq = np.concatenate([self._seq, np.full(size - len(self._seq), -1, dtype=np.int64)])
         self._counts = np.concatenate([self._counts, np.zeros((size - len(self._counts), len(_COUNTS)), np.int64)])
         self._device_s = np.concatenate([self._device_s, np.zeros(size - len(self._device_s))])
+        self._reason_counts = np.concatenate(
+            [self._reason_counts, np.zeros((size - len(self._reason_counts), len(self._codes)), np.int32)])
+
+    def _trim(self) -> None:
+        """Drop the arrays' spare capacity once the state is read (growth doubles them)."""
+        n = self._n
+        self._seq, self._counts, self._device_s = self._seq[:n].copy(), self._counts[:n].copy(), self._device_s[:n].copy()
+        self._reason_counts = self._reason_counts[:n].copy()
 
 
 # -- replay ---------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import ItemsView, Mapping, ValuesView
 from typing import Any, Iterator
 
 from reembed import storage
@@ -91,7 +91,6 @@ class Manifest:
         self._log = clog  # this job's handle on the commit log (None until there is a log)
         self._legacy_runs = list(data.get("runs", []))  # runs recorded in manifest.json by older versions
         self._state: State | None = None  # the log's committed state as last read (dropped on commit)
-        self._records: dict[int, dict[str, Any]] | None = None
         self._refresh_runs()
 
     # -- load / save ---------------------------------------------------------------------------------
@@ -280,7 +279,7 @@ class Manifest:
         return removed
 
     def _committed_paths(self) -> set[str]:
-        paths = set()
+        paths = set()  # held while a claim compares the listing with it, not kept
         for rec in self.committed.values():
             paths.add(rec["path"])
             if rec.get("dead_letter_path"):
@@ -312,8 +311,10 @@ class Manifest:
 
     @property
     def committed(self) -> "Committed":
-        """shard -> record of every committed shard: a read-only mapping whose ``in`` and ``len`` come
-        from the log's arrays; the records themselves are read (and their paths checked) on first use."""
+        """shard -> record of every committed shard: a read-only mapping whose ``in``, ``len`` and keys
+        come from the log's arrays (~90 bytes per shard); a record is read from the log when it is asked
+        for (``committed[s]``: one row group of one part) and its paths checked then; ``items()`` and
+        ``values()`` stream every record part by part, in commit order. No record is kept."""
         return Committed(self)
 
     @property
@@ -323,8 +324,17 @@ class Manifest:
         return len(shards) if isinstance(shards, list) else int(shards)
 
     def pending(self) -> list[int]:
-        done = self.committed
-        return [s for s in range(self.shard_count) if s not in done]
+        """The shards not committed, ascending (from the log's arrays: no record is read)."""
+        import numpy as np
+
+        n = self.shard_count
+        todo = np.ones(n, dtype=bool)
+        done = self.state().shards
+        todo[done[done < n]] = False
+        for k in self.data["shards"]:
+            if int(k) < n:
+                todo[int(k)] = False
+        return np.flatnonzero(todo).tolist()
 
     def is_complete(self) -> bool:
         return not self.pending()
@@ -351,20 +361,24 @@ class Manifest:
             self._state = read_state(self.loc)
         return self._state
 
-    def _records_by_shard(self) -> dict[int, dict[str, Any]]:
-        if self._records is None:
-            records = {int(k): v for k, v in self.data["shards"].items()}
-            for shard, rec in self.state().iter_records():
-                for field in _PATH_FIELDS:
-                    if rec.get(field) is not None:
-                        inside_output(self.loc, rec[field], f"shards.{shard:05d}.{field}")
-                records[shard] = rec
-            self._records = records
-        return self._records
+    def _checked(self, shard: int, rec: dict[str, Any]) -> dict[str, Any]:
+        """``rec`` once its paths are known to stay inside the output."""
+        for field in _PATH_FIELDS:
+            if rec.get(field) is not None:
+                inside_output(self.loc, rec[field], f"shards.{shard:05d}.{field}")
+        return rec
+
+    def _iter_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(shard, record) of every committed shard: the log's in commit order, then the legacy ones."""
+        state = self.state()
+        for shard, rec in state.iter_records():
+            yield shard, self._checked(shard, rec)
+        for k, rec in self.data["shards"].items():
+            if int(k) not in state:
+                yield int(k), rec
 
     def _forget(self) -> None:
         self._state = None
-        self._records = None
 
     def _refresh_runs(self) -> None:
         state = read_state(self.loc) if self._log is not None else None
@@ -430,9 +444,31 @@ class Committed(Mapping):
         return iter(sorted(shards))
 
     def __getitem__(self, shard: int) -> dict[str, Any]:
-        if shard not in self:
-            raise KeyError(shard)
-        return self._m._records_by_shard()[shard]
+        if shard in self._state:
+            return self._m._checked(int(shard), self._state.record(shard))
+        if shard in self._legacy:
+            return next(rec for k, rec in self._m.data["shards"].items() if int(k) == shard)
+        raise KeyError(shard)
+
+    def items(self) -> "ItemsView":
+        return _Streamed(self, lambda: self._m._iter_records())
+
+    def values(self) -> "ValuesView":
+        return _Streamed(self, lambda: (rec for _, rec in self._m._iter_records()))
+
+
+class _Streamed(ItemsView, ValuesView):
+    """``Committed.items()`` / ``values()``: the records streamed from the log part by part."""
+
+    def __init__(self, mapping: Committed, stream):
+        super().__init__(mapping)
+        self._stream = stream
+
+    def __iter__(self):
+        return self._stream()
+
+    def __contains__(self, item: object) -> bool:
+        return any(item == x for x in self)
 
 
 def inside_output(loc: Location, rel: Any, key: str) -> str:

@@ -138,10 +138,10 @@ def make_plan(cfg: InputConfig, shard_rows: int, work: storage.Location, on_bad_
                       "mtime_ns": mtime, "etag": stat.etag, "rows": rows, "dup_rows": 0})
         if fmt == "parquet":
             units.append(plan_store.Unit(i, rows))
-            id_tasks.append(D.IdTask(i, rel, fmt))
+            id_tasks.append(D.IdTask(i, rel, fmt, rows=rows))
         else:
             units += plan_store.jsonl_units(i, [r.range for r in parts])
-            id_tasks += [D.IdTask(i, rel, fmt, r.task.range_start, r.task.range_stop) for r in parts]
+            id_tasks += [D.IdTask(i, rel, fmt, r.task.range_start, r.task.range_stop, rows=r.rows) for r in parts]
     for b in bad:
         files.append({"file": -1, "path": b["rel"], "uri": b["path"], "format": "bad", "size": b["size"],
                       "mtime_ns": b["mtime_ns"], "etag": None, "rows": 0, "dup_rows": 0})

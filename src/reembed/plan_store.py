@@ -187,25 +187,42 @@ def shard_rows(index: pa.Table, shards: Iterable[int]) -> dict[int, int]:
 def read_shard(plan: Location, shard: int) -> ShardPlan:
     """One shard's segments, the ``files.parquet`` rows of their files, and the duplicates among their
     rows; only the row groups whose statistics can hold them are read."""
+    return read_shards(plan, [shard])[0]
+
+
+def read_shards(plan: Location, shards: Iterable[int]) -> list[ShardPlan]:
+    """:func:`read_shard` of each of ``shards`` (a read task's), each plan file opened once for all of
+    them: a task of K shards reads each ``duplicates/part-*`` file once, not K times."""
     import pyarrow.parquet as pq
 
+    shards = list(shards)
+    if not shards:
+        return []
     read: dict[str, list[int]] = {}
-    name = segments_file(shard)
-    if not plan.exists(name):
-        raise ManifestError(f"{plan.display(name)}: missing, so the plan has no shard {shard}; the plan and the "
-                            "manifest disagree (start a fresh output to re-plan)")
-    with plan.fs.open_input_file(plan.path(name)) as f:
-        pf = pq.ParquetFile(f)
-        meta = pf.schema_arrow.metadata or {}
-        if int(meta.get(_SHARDS_PER_PART_KEY, b"0")) != SHARDS_PER_PART:
-            raise ManifestError(f"{plan.display(name)}: written with {meta.get(_SHARDS_PER_PART_KEY, b'?').decode()} shards "
-                                f"a file, this version reads {SHARDS_PER_PART}; re-plan with this version")
-        partitions = int(meta.get(_PARTITIONS_KEY, b"0"))
-        segments, read[name] = _read_range(pf, "shard", shard, shard)
-    segments = segments.cast(SEGMENTS_SCHEMA)
-    if not segments.num_rows:
-        raise ManifestError(f"{plan.display(name)}: the plan has no shard {shard}; the plan and the manifest "
-                            "disagree (start a fresh output to re-plan)")
+    by_part: dict[str, list[int]] = {}
+    for shard in shards:
+        by_part.setdefault(segments_file(shard), []).append(shard)
+    parts, partitions = [], 0
+    for name, in_part in by_part.items():
+        if not plan.exists(name):
+            raise ManifestError(f"{plan.display(name)}: missing, so the plan has no shard {in_part[0]}; the plan and "
+                                "the manifest disagree (start a fresh output to re-plan)")
+        with plan.fs.open_input_file(plan.path(name)) as f:
+            pf = pq.ParquetFile(f)
+            meta = pf.schema_arrow.metadata or {}
+            if int(meta.get(_SHARDS_PER_PART_KEY, b"0")) != SHARDS_PER_PART:
+                raise ManifestError(f"{plan.display(name)}: written with {meta.get(_SHARDS_PER_PART_KEY, b'?').decode()} "
+                                    f"shards a file, this version reads {SHARDS_PER_PART}; re-plan with this version")
+            partitions = int(meta.get(_PARTITIONS_KEY, b"0"))
+            table, read[name] = _read_range(pf, "shard", min(in_part), max(in_part))
+        table = table.cast(SEGMENTS_SCHEMA)
+        table = table.filter(pc.is_in(table.column("shard"), pa.array(in_part, pa.int64())))
+        missing = set(in_part) - set(table.column("shard").to_pylist())
+        if missing:
+            raise ManifestError(f"{plan.display(name)}: the plan has no shard {min(missing)}; the plan and the "
+                                "manifest disagree (start a fresh output to re-plan)")
+        parts.append(table)
+    segments = pa.concat_tables(parts)
     file_ids = sorted(set(segments.column("file").to_pylist()))
     with plan.fs.open_input_file(plan.path(FILES)) as f:
         files, read[FILES] = _read_range(pq.ParquetFile(f), "file", file_ids[0], file_ids[-1])
@@ -218,7 +235,13 @@ def read_shard(plan: Location, shard: int) -> ShardPlan:
         dups.append(table)
     duplicates = (pa.concat_tables(dups).sort_by([("file", "ascending"), ("row", "ascending")])
                   if dups else DUPLICATES_SCHEMA.empty_table())
-    return ShardPlan(shard, segments, files, duplicates, read)
+    out = []
+    for shard in shards:
+        mine = segments.filter(pc.equal(segments.column("shard"), shard))
+        mine_files = files.filter(pc.is_in(files.column("file"), mine.column("file")))
+        out.append(ShardPlan(shard, mine, mine_files, _rows_in(duplicates, mine) if len(shards) > 1 else duplicates,
+                             read))
+    return out
 
 
 def read_files(plan: Location) -> pa.Table:
@@ -264,12 +287,17 @@ def _read_segment_rows(pf, segments: pa.Table) -> tuple[pa.Table, list[int]]:
         if any(lo <= (f, stop - 1) and (f, start) <= hi for f, start, stop in spans):
             groups.append(g)
     table = (pf.read_row_groups(groups) if groups else DUPLICATES_SCHEMA.empty_table()).cast(DUPLICATES_SCHEMA)
+    return _rows_in(table, segments), groups
+
+
+def _rows_in(table: pa.Table, segments: pa.Table) -> pa.Table:
+    """The rows of ``table`` (file, row, ...) inside one of ``segments``' ``[start, stop)`` of its file."""
     keep = pa.array([False] * table.num_rows, pa.bool_())
-    for f, start, stop in spans:
+    for f, start, stop in zip(*(segments.column(c).to_pylist() for c in ("file", "start", "stop"))):
         hit = pc.and_(pc.equal(table.column("file"), f),
                       pc.and_(pc.greater_equal(table.column("row"), start), pc.less(table.column("row"), stop)))
         keep = pc.or_(keep, hit)
-    return table.filter(keep), groups
+    return table.filter(keep)
 
 
 def _write_part(plan: Location, part: list[dict[str, int]], schema: pa.Schema, row_group: int) -> None:

@@ -5,14 +5,19 @@ Rows that cannot be embedded keep flowing with a reason code in ``_reason`` (one
 ledger counts every input row exactly once. Ids and texts take the canonical forms of
 :mod:`reembed.schema`, the same from Parquet and from JSON Lines.
 
-A read task carries only its shard ids, the plan folder's and the input's Locations and a few plan
-fields (a few KB whatever the size of the plan); on the worker it reads its own segments and duplicate
-rows from the plan's Parquet (:func:`reembed.plan_store.read_shard`). The shards that read one ``.gz``
-file share one task, which decompresses the file once and yields one table per shard.
+A read task carries only its shard ids (as runs of consecutive shards), the plan folder's and the
+input's Locations and a few plan fields (a few KB whatever the size of the plan); on the worker it reads
+its own segments and duplicate rows from the plan's Parquet (:func:`reembed.plan_store.read_shard`) and
+yields one table per shard. The shards that read one ``.gz`` file share one task, which decompresses the
+file once. Consecutive shards share a task: :data:`SHARDS_PER_TASK` at least, and more so that there
+are at most :data:`MAX_READ_TASKS` tasks. Ray Data ``ray.put``s every read task on the driver before the
+first one starts (~10 ms each on a loaded machine: 480 s at 50,000 one-shard tasks), so the time to the
+first block follows the task count, not the shard count; and its executor's driver CPU is mostly per task.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any, Iterable, Iterator
@@ -33,11 +38,19 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("id_column", "text_column", "passthrough", "passthrough_schema")
 """The plan summary's fields a read task carries."""
+MAX_READ_TASKS = 2048
+"""Read tasks of one dataset at most: above it, consecutive shards share a task (see the module's doc)."""
+SHARDS_PER_TASK = 4
+"""Shards a read task takes at least (when there are that many): Ray Data's executor costs the driver
+~27 ms of CPU per read task on the 2-core VM, against ~4 ms per shard (bench/RESULTS.md, issue 12)."""
+FILES_NAMED = 4
+"""Input files a read task's metadata names (Ray Data's statistics only): its size stays O(1)."""
 
 
 class ShardDatasource(Datasource):
-    """A Ray Data datasource over the pending shards of a plan: one read task per shard, or per group of
-    shards that share a ``.gz`` file.
+    """A Ray Data datasource over the pending shards of a plan: read tasks of consecutive shards,
+    ``per_task`` at least (default :data:`SHARDS_PER_TASK`) and at most ``max_tasks`` tasks (default
+    :data:`MAX_READ_TASKS`); the shards that share a ``.gz`` file are always in one task.
 
     ``out`` is the output (the plan is under ``out/plan``); ``source`` a Location on the input's
     filesystem (by default the plan's input root, opened here), so the storage settings it was opened
@@ -46,7 +59,7 @@ class ShardDatasource(Datasource):
     """
 
     def __init__(self, plan: dict[str, Any], out: Location, pending: list[int], source: Location | None = None,
-                 index: pa.Table | None = None):
+                 index: pa.Table | None = None, max_tasks: int = MAX_READ_TASKS, per_task: int = SHARDS_PER_TASK):
         self._fields = {k: plan[k] for k in FIELDS}
         self._plan_loc = out.child(PLAN_DIR)
         self._source = source or input_location(plan)
@@ -56,7 +69,8 @@ class ShardDatasource(Datasource):
         self._uris = files.column("uri").to_pylist()
         sizes = files.column("size").to_pylist()
         gz = {i for i, p in enumerate(files.column("path").to_pylist()) if scan.is_gzip(p)}
-        self._groups, self._rows, self._files = _group(index, pending, gz)
+        groups, self._rows, self._files = _group(index, pending, gz)
+        self._groups = pack_groups(groups, max_tasks, per_task)
         rows = max(1, plan["rows"])
         self._size = int(sum(sizes) * sum(self._rows.values()) / rows)
 
@@ -72,16 +86,44 @@ class ShardDatasource(Datasource):
         for group in self._groups:
             files = sorted({f for s in group for f in self._files[s]})
             meta = BlockMetadata(num_rows=sum(self._rows[s] for s in group), size_bytes=None, exec_stats=None,
-                                 input_files=tuple(self._uris[f] for f in files))
-            tasks.append(ReadTask(_reader(self._fields, self._plan_loc, tuple(group), self._source), meta))
+                                 input_files=tuple(self._uris[f] for f in files[:FILES_NAMED]))
+            tasks.append(ReadTask(_reader(self._fields, self._plan_loc, shard_runs(group), self._source), meta))
         return tasks
+
+
+def pack_groups(groups: list[list[int]], max_tasks: int = MAX_READ_TASKS, per_task: int = 1) -> list[list[int]]:
+    """Consecutive ``groups`` (each a read task's shards, in shard order) packed into tasks of at most
+    ``per_task`` shards, or more so that there are at most about ``max_tasks``; a group is never split."""
+    if len(groups) > max_tasks:
+        per_task = max(per_task, -(-sum(len(g) for g in groups) // max(1, max_tasks)))
+    if per_task <= 1:
+        return groups
+    packed: list[list[int]] = []
+    for g in groups:
+        if packed and len(packed[-1]) + len(g) <= per_task:
+            packed[-1].extend(g)
+        else:
+            packed.append(list(g))
+    return packed
+
+
+def shard_runs(shards: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """``shards`` (ascending) as runs ``(first, stop)`` of consecutive numbers: what a read task carries,
+    a few bytes for a fresh run's consecutive shards however many."""
+    runs: list[list[int]] = []
+    for s in shards:
+        if runs and runs[-1][1] == s:
+            runs[-1][1] = s + 1
+        else:
+            runs.append([s, s + 1])
+    return tuple((a, b) for a, b in runs)
 
 
 def read_shards(fields: dict[str, Any], plan_loc: Location, shards: Iterable[int], source: Location) -> Iterator[pa.Table]:
     """Read each of ``shards`` (from the plan under ``plan_loc``) and yield its documents in plan order,
     each with its ``_reason`` (null for rows to embed), its shard and its position in the shard. A
     ``.gz`` file is decompressed once for all of them."""
-    plans = [plan_store.read_shard(plan_loc, s) for s in shards]
+    plans = plan_store.read_shards(plan_loc, shards)
     gz_slices: dict[str, list[tuple[int, int]]] = {}
     for sp in plans:
         paths = dict(zip(sp.files.column("file").to_pylist(), sp.files.column("path").to_pylist()))
@@ -126,11 +168,14 @@ def _read_one(fields: dict[str, Any], sp: plan_store.ShardPlan, source: Location
     return table.append_column(S.POS, pa.array(np.arange(n, dtype=np.int64)))
 
 
-def _reader(fields: dict[str, Any], plan_loc: Location, shards: tuple[int, ...], source: Location):
-    def read() -> Iterable[pa.Table]:
-        yield from read_shards(fields, plan_loc, shards, source)
+def _reader(fields: dict[str, Any], plan_loc: Location, runs: tuple[tuple[int, int], ...], source: Location):
+    # A partial of a module function pickles by reference: the task carries its arguments, not code.
+    return functools.partial(_read_runs, fields, plan_loc, runs, source)
 
-    return read
+
+def _read_runs(fields: dict[str, Any], plan_loc: Location, runs: tuple[tuple[int, int], ...],
+               source: Location) -> Iterator[pa.Table]:
+    yield from read_shards(fields, plan_loc, (s for a, b in runs for s in range(a, b)), source)
 
 
 def _group(index: pa.Table, pending: list[int], gz: set[int]) -> tuple[list[list[int]], dict[int, int], dict[int, set[int]]]:
