@@ -46,6 +46,8 @@ def register(sub) -> None:
                    help="override a setting, e.g. --set index.faiss=hnsw (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-ray", action="store_true", help="run both builds on threads of this process instead of Ray tasks")
+    p.add_argument("--verify", action="store_true", help="hash every file of the finished FAISS build whole "
+                   "before calling it up to date (default: size, mtime and the first and last MiB)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=cmd_index)
 
@@ -117,7 +119,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
     output = Location.from_uri(args.output, cfg.storage)
     return _print_index(stage.build_indexes(output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
-                                            use_ray=not args.no_ray), args.json)
+                                            use_ray=not args.no_ray, verify=args.verify), args.json)
 
 
 def _print_index(results: dict[str, Any], as_json: bool) -> int:
