@@ -578,9 +578,9 @@ def read_shard(loc: Location, shard: int, rec: dict[str, Any], columns: list[str
 
 
 def inputs_key(manifest: Manifest) -> str:
-    """What an index is built from: the committed shards' bytes and the model."""
-    shards = [[s, rec["sha256"], rec["rows"]] for s, rec in sorted(manifest.committed.items())]
-    blob = json.dumps({"fingerprint": manifest.model["fingerprint"], "shards": shards})
+    """What an index is built from: the committed shards (:meth:`Manifest.committed_digest`, from the commit
+    log's arrays: no record is read) and the model."""
+    blob = json.dumps({"fingerprint": manifest.model["fingerprint"], "shards": manifest.committed_digest()})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -610,7 +610,8 @@ def state_of(manifest: Manifest) -> dict[str, Any]:
 
 
 def rows_of(manifest: Manifest) -> int:
-    return sum(rec["rows"] for rec in manifest.committed.values())
+    """Rows embedded over the committed shards, from the commit log's arrays (no record is read)."""
+    return int(manifest.totals()["embedded"])
 
 
 def _record(loc: Location, backend: str, state: dict[str, Any], archive: bool = False) -> None:
