@@ -255,3 +255,33 @@ def test_an_open_compares_the_fingerprint_and_hashes_only_with_verify(big_ids, m
         data[len(data) // 2] ^= 0xFF
         open(path, "wb").write(bytes(data))
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+# -- recall the plan cannot promise is said out loud --------------------------------------------------------
+
+
+def test_pq_without_reranking_names_the_budget_that_lets_reranking_in(caplog):
+    """200k x 1024 in 128M: the budget of bench/RESULTS.md's recall-0.097 run. The plan says it has no
+    re-ranking and what budget would have it; given that budget, auto re-ranks with SQ8 codes."""
+    with caplog.at_level("WARNING", logger="reembed.indexes.faiss"):
+        plan = F.plan_index(200_000, 1024, "auto", memory="128M")
+    assert plan.kind == "ivf" and plan.pq_m and not plan.refine
+    assert plan.refine_budget_bytes > plan.budget_bytes and "NO re-ranking" in plan.reason
+    assert F.human_bytes(plan.refine_budget_bytes) in caplog.text
+    roomier = F.plan_index(200_000, 1024, "auto", memory=plan.refine_budget_bytes)
+    assert roomier.refine == "SQ8" and roomier.refine_budget_bytes == 0
+    assert roomier.estimated_bytes <= plan.refine_budget_bytes
+
+
+def test_a_build_below_its_recall_target_says_so_with_the_fix(corpus, caplog):
+    xb, _ = corpus
+    plan = F.plan_index(len(xb), DIM, "ivf", memory="120K")  # PQ codes only: SQ8 codes do not fit
+    assert plan.pq_m and not plan.refine and plan.refine_budget_bytes
+    with caplog.at_level("WARNING", logger="reembed.indexes.faiss"):
+        built = _build(xb, plan, recall_target=0.999)
+    p = built.params
+    assert p["recall_met"] is False and p["recall_at_10"] < 0.999
+    assert "BELOW the target" in p["recall_warning"]
+    assert F.human_bytes(plan.refine_budget_bytes) in p["recall_warning"] and "BELOW" in caplog.text
+    met = _build(xb, F.plan_index(len(xb), DIM, "ivf", pq=True), recall_target=0.9)
+    assert met.params["recall_met"] is True and "recall_warning" not in met.params

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from reembed.cli.run import add_storage_config, location
@@ -123,6 +124,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _print_index(results: dict[str, Any], as_json: bool) -> int:
+    warning = (results.get("faiss") or {}).get("params", {}).get("recall_warning")
+    if warning:  # a published index below its recall target is said out loud, JSON or not
+        print(f"WARNING: {warning}", file=sys.stderr)
     if as_json:
         print(json.dumps(results, indent=1, default=str))
         return EXIT_OK

@@ -101,6 +101,8 @@ def build_indexes(output: str | Location, cfg: IndexConfig, ray_address: str | N
             secs = rec.get("seconds") or 0.0
             log.info("index %s: %d rows, %d bytes, %.1f s, %.1f rows/s (%s)", backend, rows, rec.get("bytes", 0),
                      secs, rows / secs if secs else 0.0, _what(backend, rec))
+            if (rec.get("params") or {}).get("recall_warning"):
+                log.warning("index %s: %s", backend, rec["params"]["recall_warning"])
         log.info("index: %s built in %.1f s", " and ".join(todo), time.monotonic() - t0)
     return results
 

@@ -47,7 +47,7 @@ from reembed import schema as S
 from reembed.errors import ManifestError, StorageError
 from reembed.indexes.exact import DEPTH, KnnHeap, normalize
 from reembed.indexes.faiss import (FOLDER, IDS_ROW_GROUP, K, FaissPlan, file_record, file_sha256, local_scratch,
-                                   new_index, publish_file, tune, tuning_queries, _check)
+                                   new_index, publish_file, tune, tuning_queries, _check, _shortfall)
 from reembed.storage import Location
 from reembed.write import read_shard_table
 
@@ -304,6 +304,7 @@ def merge(loc: Location, folder: str, plan: FaissPlan, records: Sequence[dict[st
               **file_record("ivfdata_", data), "ntotal": rows}
     params = {**asdict(plan), "planned_factory": plan.factory, "metric": "inner_product", "normalized": True,
               "ondisk": True, "search": setting, "recall_at_10": got, "recall_target": recall_target,
+              "recall_met": got >= recall_target, **_shortfall(plan, got, recall_target),
               "tuning_queries": int(len(xq)), "merge_seconds": round(time.monotonic() - t0, 3),
               "merge_cpu_seconds": round(time.process_time() - c0, 3),
               "peak_rss_bytes": _whoami()["peak_rss_bytes"]}
