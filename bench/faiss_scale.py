@@ -57,6 +57,9 @@ def main() -> None:
                     help="only time the training task on N clustered vectors into NLIST lists (GPU k-means when "
                          "faiss sees a GPU, then the CPU), e.g. 262144:4096")
     args = ap.parse_args()
+    # GNU OpenMP spins waiting threads by default: on a shared, oversubscribed machine that made faiss 5-14x
+    # slower (PQ training 11 s on one thread, 156 s on two at load ~25; 20 s with PASSIVE).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.train_only:
         return time_training(args.train_only, args.out, args.clusters)
 
@@ -70,7 +73,8 @@ def main() -> None:
     for attempt in range(1, 6 if args.ray else 1):  # on a loaded machine the raylet can miss its 30 s start-up window
         try:
             ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}})
+                     runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+                                               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}})
             have_ray = True
             break
         except Exception as e:  # Ray raises a bare Exception for this
@@ -92,6 +96,8 @@ def main() -> None:
         truth = exact(folder, xq)
         exact_s = time.monotonic() - t0 - write_s
         print(f"N={n}: corpus written in {write_s:.0f} s, exact kNN in {exact_s:.0f} s", flush=True)
+        results.setdefault("corpus", []).append({"n": n, "write_s": round(write_s, 1), "exact_s": round(exact_s, 1),
+                                                 "load_avg_1m": round(os.getloadavg()[0], 1)})
         for w in [int(s) for s in args.workers.split(",")]:
             if not have_ray and w > 1:
                 results["runs"].append({"n": n, "mode": "distributed", "workers": w, "not_measured": "Ray did not start"})
@@ -132,6 +138,7 @@ def run_distributed(folder: Path, n: int, workers: int, memory: str, xq, truth, 
             "train_s": params["train_seconds"], "add_s": params["add_seconds"], "merge_s": params["merge_seconds"],
             "peak_rss_mb": {k: round((v or 0) / 2**20) for k, v in peak.items()},
             "coordinator_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "cpu_s": params.get("cpu_seconds"), "coordinator_cpu_s": round(_cpu_self(), 1),
             "search": params["search"], "tuned_recall": params["recall_at_10"], "recall_at_10": round(got, 4),
             "index_bytes": files["bytes"] + files["ivfdata_bytes"], "load_avg_1m": [round(load[0], 1),
                                                                                     round(os.getloadavg()[0], 1)]}
@@ -155,12 +162,13 @@ def _single(folder: str, n: int, memory: str, xq, truth) -> dict[str, Any]:
     loc = Location.from_uri(folder)
     manifest = Manifest.load(loc)
     plan = F.plan_index(n, DIM, "ivf", memory)
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     train = F.sample_vectors(shard_tables(loc, manifest, ["embedding"]), n, plan.train_size)
     built = F.build(shard_tables(loc, manifest, ["id", "embedding"]), plan, train)
     wall = time.monotonic() - t0
     return {"n": n, "mode": "single-process", "workers": 1, "factory": built.params["factory"], "wall_s": round(wall, 1),
             "train_s": built.params["train_seconds"], "add_s": built.params["add_seconds"],
+            "cpu_s": round(time.process_time() - c0, 1), "load_avg_1m": round(os.getloadavg()[0], 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "search": built.params["search"], "recall_at_10": round(recall(built.index, xq, truth), 4)}
 
@@ -277,6 +285,12 @@ def recall(index, xq, truth, k: int = 10) -> float:
 
     found = index.search(xq, k)[1]
     return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]))
+
+
+def _cpu_self() -> float:
+    """CPU seconds of this process and its waited-for children (user + system)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _machine() -> dict[str, Any]:

@@ -13,7 +13,8 @@ whole-corpus passes this benchmark is about.
     python bench/validate_scale.py --rows 1000000 --workers 1,2
     python bench/validate_scale.py --rows 200000 --keep /tmp/vout   # keep (and reuse) the output
 
-Prints one line per run and writes ``--out`` (JSON): per run the wall seconds, rows/s, MB/s of shard bytes,
+Prints one line per run and writes ``--out`` (JSON): per run the wall seconds, the CPU seconds of this process and its local Ray
+(all of it: GCS, raylet, workers) in all and per shard, rows/s, MB/s of shard bytes,
 the report's integrity figures, and the machine and its load average before and after.
 """
 
@@ -86,17 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             for w in counts:
                 load0 = os.getloadavg()
+                cpu0, driver0 = _tree_cpu(), time.process_time()
                 t = time.monotonic()
                 report = V.validate(Location.from_uri(str(out)), settings=settings, write=False, workers=w)
                 secs = time.monotonic() - t
+                cpu, driver = _tree_cpu(cpu0), time.process_time() - driver0
                 g = report["gates"]["integrity"]
                 run = {"workers": w, "seconds": round(secs, 2), "rows_per_s": round(args.rows / secs),
+                       "cpu_s": round(cpu, 1), "cpu_s_per_shard": round(cpu / written["shards"], 3),
+                       "driver_cpu_s": round(driver, 2),
                        "mb_per_s": round(written["bytes"] / 1e6 / secs, 1), "integrity": g["status"],
                        "rows": g["rows"], "shards": g["shards"], "sampled": report["settings"]["sample"],
                        "norm": g["norm"], "load_before": [round(x, 1) for x in load0],
                        "load_after": [round(x, 1) for x in os.getloadavg()]}
                 runs.append(run)
-                print(f"workers={w}: {secs:.1f} s, {run['rows_per_s']} rows/s, {run['mb_per_s']} MB/s "
+                print(f"workers={w}: {secs:.1f} s, {cpu:.1f} CPU-s ({run['cpu_s_per_shard']} per shard; driver "
+                      f"{driver:.1f}), {run['rows_per_s']} rows/s, {run['mb_per_s']} MB/s "
                       f"(integrity {g['status']}, {g['rows']} rows; load {run['load_before'][0]} -> "
                       f"{run['load_after'][0]})", flush=True)
         ray.shutdown()
@@ -120,6 +126,33 @@ def main(argv: list[str] | None = None) -> int:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _tree_cpu(since: dict | None = None):
+    """CPU seconds (user + system) of this process and every process under it (the local Ray it started:
+    GCS, raylet, the workers that run validate's tasks), read from /proc. Without ``since``: a snapshot
+    {(pid, start): seconds}; with it: the seconds used since that snapshot (processes that ended meanwhile
+    are not counted)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields after the command: state ppid ... utime stime (11, 12) ... starttime (19)
+            procs[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, int(fields[19]))
+    mine, todo = set(), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        mine.add(pid)
+        todo.extend(p for p, (ppid, _, _) in procs.items() if ppid == pid and p not in mine)
+    now = {(p, procs[p][2]): procs[p][1] for p in mine if p in procs}
+    if since is None:
+        return now
+    return sum(v - since.get(k, 0.0) for k, v in now.items())
 
 
 def cpu_probe(out: Path, sample: int, shards: int) -> dict:

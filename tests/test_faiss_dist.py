@@ -245,6 +245,25 @@ def test_a_damaged_index_file_is_rebuilt_by_reembed_index(corpus, fast_tmp, caps
     assert cli.main(args) == 0 and _state(out) == rebuilt  # intact now: up to date, nothing done
 
 
+def test_index_says_out_loud_when_recall_stays_below_target_and_verify_hashes_whole(corpus, fast_tmp, capsys,
+                                                                                      monkeypatch):
+    xb, _ = corpus
+    out = write_output(fast_tmp / "out", xb[:3000], shard_rows=SHARD)
+    args = ["index", out, "--faiss", "ivf", "--faiss-memory", "120K", "--recall-target", "0.999", "--qdrant", "none",
+            "--no-ray"]
+    assert cli.main(args) == 0  # published: the index works, below its target
+    err = capsys.readouterr().err
+    rec = _state(out)
+    assert rec["params"]["recall_met"] is False and not rec["params"]["refine"]
+    assert "WARNING: FAISS" in err and "BELOW the target" in err and "re-ranking by SQ8 codes needs" in err
+    hashed = []
+    real = F._file_sha256
+    monkeypatch.setattr(F, "_file_sha256", lambda path: hashed.append(path) or real(path))
+    assert cli.main(args) == 0 and _state(out) == rec and hashed == []  # up to date by fingerprint
+    assert cli.main([*args, "--verify"]) == 0 and _state(out) == rec
+    assert len(hashed) == 3  # index, id map, inverted lists: each hashed whole
+
+
 # -- S3 ------------------------------------------------------------------------------------------------
 
 

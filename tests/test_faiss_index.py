@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -186,3 +188,100 @@ def test_ivf_trains_on_the_gpu_when_faiss_sees_one(corpus):
     built = _build(xb, F.plan_index(len(xb), DIM, "ivf"))
     assert built.params["device"] == "cuda"
     assert _recall(built.index.search(xq, 10)[1], _exact(xb, xq)) >= 0.95
+
+
+# -- open costs: a fingerprint instead of a whole-file hash, ids by row group ------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_ids(tmp_path_factory):
+    """A flat index of 300,000 8-d vectors (a 9.6 MB file: more than the fingerprint's two MiB) and its
+    id map of 300,000 ids in row groups of 65,536."""
+    n = 300_000
+    x = np.random.default_rng(5).standard_normal((n, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(8)
+    index.add(x)
+    import pyarrow as pa
+
+    built = F.FaissBuild(index, pa.chunked_array([pa.array([f"d{i}" for i in range(n)])]), {})
+    loc = Location.from_uri(str(tmp_path_factory.mktemp("big")))
+    return loc, F.write(loc, built, version=1), x
+
+
+def test_the_id_map_is_read_by_row_group_not_whole(big_ids):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    loc, rec, x = big_ids
+    whole = pq.read_table(loc.path(rec["ids_path"])).column("id")
+    whole_bytes = whole.nbytes
+    del whole
+    before = pa.total_allocated_bytes()
+    index, ids = F.read_index(loc, rec)
+    assert pa.total_allocated_bytes() - before < whole_bytes / 20  # the footer, not the ids
+    assert len(ids) == 300_000 and pq.ParquetFile(loc.path(rec["ids_path"])).metadata.num_row_groups == 5
+    top = index.search(x[[5, 250_001, 7]], 1)[1][:, 0]
+    assert ids.take(top) == ["d5", "d250001", "d7"]
+    assert ids.row_groups_read == 2  # rows 5 and 7 share the first row group; 250,001 is in the fourth
+    assert ids.take([7, 65_535, 65_536]) == ["d7", "d65535", "d65536"] and ids.row_groups_read == 3
+
+
+def test_an_open_compares_the_fingerprint_and_hashes_only_with_verify(big_ids, monkeypatch):
+    loc, rec, _ = big_ids
+    assert rec["bytes"] > 2 * F.EDGE and rec["mtime_ns"] and rec["edges_sha256"] and rec["ids_edges_sha256"]
+    hashed = []
+    real = F._file_sha256
+    monkeypatch.setattr(F, "_file_sha256", lambda path: hashed.append(path) or real(path))
+    F.read_index(loc, rec)
+    assert hashed == [] and F.damaged_files(loc, rec) == []  # no file hashed whole
+    F.read_index(loc, rec, verify=True)
+    assert len(hashed) == 2  # --verify: the index and the id map, whole
+    # Same size and mtime, damaged in the middle (outside the hashed edges): only a whole hash sees it.
+    path = loc.path(rec["path"])
+    stat = os.stat(path)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    try:
+        assert F.damaged_files(loc, rec) == [] and F.damaged_files(loc, rec, verify=True) == [loc.display(rec["path"])]
+        with pytest.raises(F.ChecksumError, match="sha256"):
+            F.read_index(loc, rec, verify=True)
+        os.utime(path)  # the same damage with a new mtime, as any rewrite leaves: found on open
+        with pytest.raises(F.ChecksumError, match="sha256"):
+            F.read_index(loc, rec)
+    finally:
+        data[len(data) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+# -- recall the plan cannot promise is said out loud --------------------------------------------------------
+
+
+def test_pq_without_reranking_names_the_budget_that_lets_reranking_in(caplog):
+    """200k x 1024 in 128M: the budget of bench/RESULTS.md's recall-0.097 run. The plan says it has no
+    re-ranking and what budget would have it; given that budget, auto re-ranks with SQ8 codes."""
+    with caplog.at_level("WARNING", logger="reembed.indexes.faiss"):
+        plan = F.plan_index(200_000, 1024, "auto", memory="128M")
+    assert plan.kind == "ivf" and plan.pq_m and not plan.refine
+    assert plan.refine_budget_bytes > plan.budget_bytes and "NO re-ranking" in plan.reason
+    assert F.human_bytes(plan.refine_budget_bytes) in caplog.text
+    roomier = F.plan_index(200_000, 1024, "auto", memory=plan.refine_budget_bytes)
+    assert roomier.refine == "SQ8" and roomier.refine_budget_bytes == 0
+    assert roomier.estimated_bytes <= plan.refine_budget_bytes
+
+
+def test_a_build_below_its_recall_target_says_so_with_the_fix(corpus, caplog):
+    xb, _ = corpus
+    plan = F.plan_index(len(xb), DIM, "ivf", memory="120K")  # PQ codes only: SQ8 codes do not fit
+    assert plan.pq_m and not plan.refine and plan.refine_budget_bytes
+    with caplog.at_level("WARNING", logger="reembed.indexes.faiss"):
+        built = _build(xb, plan, recall_target=0.999)
+    p = built.params
+    assert p["recall_met"] is False and p["recall_at_10"] < 0.999
+    assert "BELOW the target" in p["recall_warning"]
+    assert F.human_bytes(plan.refine_budget_bytes) in p["recall_warning"] and "BELOW" in caplog.text
+    met = _build(xb, F.plan_index(len(xb), DIM, "ivf", pq=True), recall_target=0.9)
+    assert met.params["recall_met"] is True and "recall_warning" not in met.params

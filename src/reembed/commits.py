@@ -434,6 +434,19 @@ class State:
             raise KeyError(shard)
         return json.loads(records[int(hit[-1])].as_py())
 
+    def digest(self) -> str:
+        """One sha256 of the committed set, from the arrays alone (no record is read): each committed shard,
+        the seq of its effective commit, its rows and bytes. Entries are create-only and never rewritten (a
+        compaction keeps the seqs), so (shard, seq) names one commit, and with it its file's sha256: the
+        digest changes when a shard is committed, re-committed or retracted, and nothing else changes it."""
+        import hashlib
+
+        done = np.flatnonzero(self._seq >= 0)
+        h = hashlib.sha256()
+        for a in (done, self._seq[done], self._counts[done][:, [_COUNTS.index("rows"), _COUNTS.index("bytes")]]):
+            h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+        return h.hexdigest()
+
     def iter_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(shard, record) for every committed shard, in commit order, read part by part."""
         for shard, _, rec in self.iter_commits():

@@ -324,17 +324,26 @@ class Manifest:
         return len(shards) if isinstance(shards, list) else int(shards)
 
     def pending(self) -> list[int]:
-        """The shards not committed, ascending (from the log's arrays: no record is read)."""
+        """The planned shards not committed, from the log's arrays (no commit record is read)."""
         import numpy as np
 
         n = self.shard_count
-        todo = np.ones(n, dtype=bool)
-        done = self.state().shards
-        todo[done[done < n]] = False
-        for k in self.data["shards"]:
-            if int(k) < n:
-                todo[int(k)] = False
-        return np.flatnonzero(todo).tolist()
+        done = np.zeros(n, dtype=bool)
+        shards = self.state().shards
+        done[shards[shards < n]] = True
+        for k in self.data["shards"]:  # records of outputs written before the commit log
+            if 0 <= int(k) < n:
+                done[int(k)] = True
+        return np.flatnonzero(~done).tolist()
+
+    def committed_digest(self) -> str:
+        """One sha256 of the committed shards that changes whenever one is added, replaced or retracted,
+        computed from the log's arrays (:meth:`State.digest`), not from every record."""
+        h = hashlib.sha256(self.state().digest().encode())
+        for k, rec in sorted(self.data["shards"].items(), key=lambda kv: int(kv[0])):  # pre-log outputs only
+            if int(k) not in self.state():
+                h.update(f"{int(k)}:{rec['sha256']};".encode())
+        return h.hexdigest()
 
     def is_complete(self) -> bool:
         return not self.pending()

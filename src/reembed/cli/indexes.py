@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from reembed.cli.run import add_storage_config, location
@@ -46,6 +47,8 @@ def register(sub) -> None:
                    help="override a setting, e.g. --set index.faiss=hnsw (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-ray", action="store_true", help="run both builds on threads of this process instead of Ray tasks")
+    p.add_argument("--verify", action="store_true", help="hash every file of the finished FAISS build whole "
+                   "before calling it up to date (default: size, mtime and the first and last MiB)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=cmd_index)
 
@@ -117,10 +120,13 @@ def cmd_index(args: argparse.Namespace) -> int:
             cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
     output = Location.from_uri(args.output, cfg.storage)
     return _print_index(stage.build_indexes(output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
-                                            use_ray=not args.no_ray), args.json)
+                                            use_ray=not args.no_ray, verify=args.verify), args.json)
 
 
 def _print_index(results: dict[str, Any], as_json: bool) -> int:
+    warning = (results.get("faiss") or {}).get("params", {}).get("recall_warning")
+    if warning:  # a published index below its recall target is said out loud, JSON or not
+        print(f"WARNING: {warning}", file=sys.stderr)
     if as_json:
         print(json.dumps(results, indent=1, default=str))
         return EXIT_OK

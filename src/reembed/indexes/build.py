@@ -64,9 +64,14 @@ STAGE = "index"
 EMBEDDED_PROBE_POINTS = 500  # points an embedded load times before saying how long it will take
 
 
-def build_indexes(output: str | Location, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True) -> dict[str, Any]:
+def build_indexes(output: str | Location, cfg: IndexConfig, ray_address: str | None = None, use_ray: bool = True,
+                  verify: bool = False) -> dict[str, Any]:
     """Build what ``cfg`` asks for (FAISS, Qdrant, or both in parallel) from the shards of ``output`` (a URI,
     or a Location, whose storage settings then travel with it into the build tasks).
+
+    ``verify``: a finished FAISS build counts as up to date only once every file's whole sha256 matches
+    (``reembed index --verify``); otherwise its recorded fingerprints are compared (size, mtime, first and
+    last MiB) and a file is hashed whole only when they differ.
 
     Returns ``{"faiss": record, "qdrant": record}`` for the backends built or found up to date.
     """
@@ -80,7 +85,7 @@ def build_indexes(output: str | Location, cfg: IndexConfig, ray_address: str | N
     results: dict[str, Any] = {}
     todo = []
     for backend in wanted:
-        current = faiss_current(loc, manifest, cfg) if backend == "faiss" else qdrant_current(manifest, cfg, target)
+        current = faiss_current(loc, manifest, cfg, verify) if backend == "faiss" else qdrant_current(manifest, cfg, target)
         if current is not None:
             log.info("index %s: up to date (%s), nothing to do", backend, _what(backend, current))
             results[backend] = current
@@ -96,6 +101,8 @@ def build_indexes(output: str | Location, cfg: IndexConfig, ray_address: str | N
             secs = rec.get("seconds") or 0.0
             log.info("index %s: %d rows, %d bytes, %.1f s, %.1f rows/s (%s)", backend, rows, rec.get("bytes", 0),
                      secs, rows / secs if secs else 0.0, _what(backend, rec))
+            if (rec.get("params") or {}).get("recall_warning"):
+                log.warning("index %s: %s", backend, rec["params"]["recall_warning"])
         log.info("index: %s built in %.1f s", " and ".join(todo), time.monotonic() - t0)
     return results
 
@@ -142,9 +149,10 @@ def faiss_request(cfg: IndexConfig) -> dict[str, Any]:
     return {"kind": cfg.faiss, "memory": cfg.faiss_memory, "recall_target": cfg.recall_target}
 
 
-def faiss_current(loc: Location, manifest: Manifest, cfg: IndexConfig) -> dict[str, Any] | None:
+def faiss_current(loc: Location, manifest: Manifest, cfg: IndexConfig, verify: bool = False) -> dict[str, Any] | None:
     """The FAISS record if a finished build of these inputs and settings is still on storage, intact: every
-    file's size and sha256 are checked (a damaged one is rebuilt, never reported up to date)."""
+    file's fingerprint is checked, its whole sha256 when that differs or with ``verify`` (a damaged one is
+    rebuilt, never reported up to date)."""
     rec = state_of(manifest).get("faiss")
     if not rec or rec.get("status") != "done":
         return None
@@ -154,7 +162,7 @@ def faiss_current(loc: Location, manifest: Manifest, cfg: IndexConfig) -> dict[s
     inside_output(loc, rec.get("ids_path"), "stages.index.faiss.ids_path")
     if rec.get("ivfdata_path") is not None:
         inside_output(loc, rec.get("ivfdata_path"), "stages.index.faiss.ivfdata_path")
-    damaged = faiss_index.damaged_files(loc, rec)
+    damaged = faiss_index.damaged_files(loc, rec, verify)
     if damaged:
         log.warning("FAISS v%s: %s missing or damaged (size or sha256 differs from the manifest); building it "
                     "again", rec.get("version"), ", ".join(damaged))
@@ -572,9 +580,9 @@ def read_shard(loc: Location, shard: int, rec: dict[str, Any], columns: list[str
 
 
 def inputs_key(manifest: Manifest) -> str:
-    """What an index is built from: the committed shards' bytes and the model."""
-    shards = [[s, rec["sha256"], rec["rows"]] for s, rec in sorted(manifest.committed.items())]
-    blob = json.dumps({"fingerprint": manifest.model["fingerprint"], "shards": shards})
+    """What an index is built from: the committed shards (:meth:`Manifest.committed_digest`, from the commit
+    log's arrays: no record is read) and the model."""
+    blob = json.dumps({"fingerprint": manifest.model["fingerprint"], "shards": manifest.committed_digest()})
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -604,7 +612,8 @@ def state_of(manifest: Manifest) -> dict[str, Any]:
 
 
 def rows_of(manifest: Manifest) -> int:
-    return sum(rec["rows"] for rec in manifest.committed.values())
+    """Rows embedded over the committed shards, from the commit log's arrays (no record is read)."""
+    return int(manifest.totals()["embedded"])
 
 
 def _record(loc: Location, backend: str, state: dict[str, Any], archive: bool = False) -> None:

@@ -17,10 +17,12 @@ a second copy of the data.
 
 Files: ``OUTPUT/indexes/faiss/index-vN.faiss`` and ``index-vN.ids.parquet`` (row i holds the document id
 of vector i); an IVF index, built by many workers (:mod:`reembed.indexes.faiss_dist`), keeps its inverted
-lists on disk in ``index-vN.ivfdata`` beside them, memory-mapped when searched. Their sha256 values go into
-the manifest and are checked before every load (faiss's reader trusts its input, and a corrupt file can
-crash the process instead of raising) and before ``reembed index`` calls a build up to date. Large files go
-to S3 as multipart uploads (:func:`publish_file`).
+lists on disk in ``index-vN.ivfdata`` beside them, memory-mapped when searched. Their sha256 values, hashed
+once when published, and a fingerprint (size, mtime, sha256 of the first and last MiB) go into the manifest;
+every load and ``reembed index``'s up-to-date check compare the fingerprint (faiss's reader trusts its input,
+and a corrupt file can crash the process instead of raising) and hash a file whole only when it differs,
+or with ``reembed index --verify``. The id map is read by row group (:class:`IdMap`). Large files go to S3
+as multipart uploads (:func:`publish_file`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "ivf", "hnsw")
 FOLDER = "indexes/faiss"
 K = 10  # recall@K is what the search setting is tuned for
+IDS_ROW_GROUP = 65_536  # ids per row group of an id map: a lookup decodes ~1.3 MB per result row group
 _EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
 _NPROBE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096, 8192)
 _K_FACTORS = (4, 8, 16, 32)
@@ -77,6 +80,7 @@ class FaissPlan:
     estimated_bytes: int = 0
     budget_bytes: int = 0
     reason: str = ""  # why this index: logged and recorded with the build
+    refine_budget_bytes: int = 0  # PQ without re-ranking: the budget at which SQ8 re-ranking codes would fit
 
     @property
     def needs_training(self) -> bool:
@@ -182,9 +186,37 @@ def plan_index(rows: int, dim: int, kind: str = "auto", memory: str | int = "16G
     est = _ivf_bytes(rows, dim, nlist, m, bits, refine)
     why += (f"; PQ{m}x{bits}" + (" re-ranked by SQ8 codes" if refine else "") + f" (~{hb(est)}), {nlist:,} lists, "
             f"trained on {train:,} vectors")
+    need = 0
+    if not refine:
+        # PQ codes alone order near neighbours coarsely: on tight clusters of 1024-d vectors PQ64 reached
+        # recall@10 0.10 (bench/RESULTS.md). Say so now, with the budget that lets re-ranking in.
+        need = _ivf_bytes(rows, dim, nlist, m, bits, "SQ8")
+        why += (f"; NO re-ranking: SQ8 codes would need a budget of ~{hb(need)} (this one is {hb(budget)}), and "
+                f"PQ codes alone may stay below the recall target (the build reports what it reached)")
+        log.warning("FAISS %s over %s vectors: no re-ranking within the %s budget, so recall@10 may stay below "
+                    "the target; index.faiss_memory >= %s (--faiss-memory) re-ranks with SQ8 codes", factory,
+                    f"{rows:,}", hb(budget), hb(need))
     return FaissPlan("ivf", factory, dim, rows, nlist=nlist, pq_m=m, pq_bits=bits, refine=refine,
                      train_size=train, train_bytes=train_bytes(train, nlist, dim), estimated_bytes=est,
-                     budget_bytes=budget, reason=why)
+                     budget_bytes=budget, reason=why, refine_budget_bytes=need)
+
+
+def recall_shortfall(plan: FaissPlan, got: float, target: float) -> str:
+    """"" when ``got`` reaches ``target``; else the loud one-line message a build below target carries (its
+    log line, ``params.recall_warning`` in the manifest, and what ``reembed index`` prints), with the fix."""
+    if got >= target:
+        return ""
+    hb = human_bytes
+    if plan.refine_budget_bytes:
+        fix = (f"re-ranking by SQ8 codes needs index.faiss_memory >= {hb(plan.refine_budget_bytes)} (--faiss-memory; "
+               f"this build had {hb(plan.budget_bytes)})")
+    elif plan.kind == "ivf" and plan.pq_m:
+        fix = (f"IVF-Flat needs index.faiss_memory >= {hb(_ivf_bytes(plan.rows, plan.dim, plan.nlist, 0, 0, ''))}; "
+               "or lower index.recall_target")
+    else:
+        fix = "raise index.faiss_memory or lower index.recall_target"
+    return (f"FAISS {plan.factory}: recall@10 {got:.3f} at its widest search setting is BELOW the target "
+            f"{target:.2f}: searches will miss neighbours; {fix}")
 
 
 def train_bytes(sample: int, nlist: int, dim: int) -> int:
@@ -322,10 +354,17 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
     params = {
         **asdict(plan), "factory": factory, "planned_factory": plan.factory, "metric": "inner_product",
         "normalized": True, "device": device, "search": setting, "recall_at_10": got, "recall_target": recall_target,
+        "recall_met": got >= recall_target, **_shortfall(plan, got, recall_target, factory),
         "tuning_queries": 0 if xq is None else len(xq), "train_seconds": round(train_s, 3),
         "add_seconds": round(add_s, 3), "seconds": round(time.monotonic() - t0, 3),
     }
     return FaissBuild(index, pa.chunked_array(ids), params)
+
+
+def _shortfall(plan: FaissPlan, got: float, target: float, factory: str | None = None) -> dict[str, str]:
+    """``{"recall_warning": ...}`` for a published build below target (none for an exact fallback)."""
+    msg = recall_shortfall(plan, got, target) if factory != "Flat" else ""
+    return {"recall_warning": msg} if msg else {}
 
 
 def new_index(plan: FaissPlan):
@@ -410,8 +449,7 @@ def tune(index, plan: FaissPlan, xq, exclude, heap, target: float) -> tuple[dict
                 best = ({"nprobe": p, **({"k_factor": kf} if kf else {})}, r)
                 if ok:
                     return best
-    log.warning("FAISS %s: recall@10 %.3f at the widest search setting %s, below the target %.2f",
-                plan.factory, best[1], best[0], target)
+    log.warning("%s (widest setting tried: %s)", recall_shortfall(plan, best[1], target), best[0])
     return best
 
 
@@ -440,19 +478,29 @@ def write(loc: Location, built: FaissBuild, version: int) -> dict[str, Any]:
     name = f"index-v{version}"
     with local_scratch(loc) as tmp:
         ids_tmp = os.path.join(tmp, f"{name}.ids.parquet")
-        pq.write_table(pa.table({S.ID: built.ids}), ids_tmp, compression="zstd")
+        pq.write_table(pa.table({S.ID: built.ids}), ids_tmp, compression="zstd", row_group_size=IDS_ROW_GROUP)
         ids = publish_file(loc, ids_tmp, f"{FOLDER}/{name}.ids.parquet")
         index_tmp = os.path.join(tmp, f"{name}.faiss")
         faiss.write_index(built.index, index_tmp)
         files = publish_file(loc, index_tmp, f"{FOLDER}/{name}.faiss")
-    return {"version": version, "path": files["path"], "bytes": files["bytes"], "sha256": files["sha256"],
-            "ids_path": ids["path"], "ids_bytes": ids["bytes"], "ids_sha256": ids["sha256"], "ntotal": built.ntotal}
+    return {"version": version, **file_record("", files), **file_record("ids_", ids), "ntotal": built.ntotal}
 
 
-def read_index(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedArray]:
-    """The index and id map a manifest records (``stages.index.faiss``), each read only once its path is
-    known to stay inside the output (:class:`ManifestError` otherwise) and its sha256 matches the record
+def file_record(prefix: str, published: dict[str, Any]) -> dict[str, Any]:
+    """A published file (:func:`publish_file`'s answer) as the manifest's ``{prefix}path``, ``{prefix}bytes``,
+    ``{prefix}sha256`` and the cheap fingerprint an open checks (``{prefix}mtime_ns``, ``{prefix}edges_sha256``)."""
+    return {f"{prefix}{k}": published[k] for k in ("path", "bytes", "sha256", *FINGERPRINT) if k in published}
+
+
+def read_index(loc: Location, record: dict[str, Any], verify: bool = False) -> tuple[Any, "IdMap"]:
+    """The index and id map a manifest records (``stages.index.faiss``), each opened only once its path is
+    known to stay inside the output (:class:`ManifestError` otherwise) and the file is the one recorded
     (:class:`ChecksumError`): faiss's reader trusts its input.
+
+    "The one recorded" is checked cheaply on every open: size, modification time and the sha256 of the
+    file's first and last MiB (:func:`check_file`); the whole file is hashed only when that fingerprint
+    differs (or is not recorded), or with ``verify``. The build hashed every file once; ``reembed index
+    --verify`` hashes them again. The id map is not read whole (:class:`IdMap`: row groups on demand).
 
     An index built by many workers keeps its inverted lists in ``index-vN.ivfdata`` beside the index file
     (``ivfdata_path`` in the record); they are memory-mapped, read-only, never loaded whole. On S3 the files
@@ -466,22 +514,25 @@ def read_index(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedAr
             raise ManifestError(f"{where}: the FAISS record has no {key}; rebuild with `reembed index`")
     ids_rel = inside_output(loc, record["ids_path"], "stages.index.faiss.ids_path")
     rel = inside_output(loc, record["path"], "stages.index.faiss.path")
-    ids_bytes = _read(loc, ids_rel)
-    _check(hashlib.sha256(ids_bytes).hexdigest(), record["ids_sha256"], loc.display(ids_rel))
-    ids = pq.read_table(pa.BufferReader(ids_bytes)).column(S.ID)
+    if loc.fs.type_name == "local":
+        check_file(loc, ids_rel, record, "ids_", verify)
+        ids = IdMap(loc, ids_rel)
+    else:
+        ids = IdMap(Location.from_uri(os.path.dirname(_local_copy(loc, ids_rel, record, "ids_", verify))),
+                    posixpath.basename(ids_rel))
     ondisk = record.get("ivfdata_path")
     if ondisk is not None:
         if not isinstance(record.get("ivfdata_sha256"), str):
             raise ManifestError(f"{where}: the FAISS record has no ivfdata_sha256; rebuild with `reembed index`")
         data_rel = inside_output(loc, ondisk, "stages.index.faiss.ivfdata_path")
-        local, local_data = _local_copy(loc, rel, record["sha256"]), _local_copy(loc, data_rel, record["ivfdata_sha256"])
+        local = _local_copy(loc, rel, record, "", verify)
+        local_data = _local_copy(loc, data_rel, record, "ivfdata_", verify)
         index = faiss.read_index(local, faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
         lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
         lists.filename = local_data  # the file records only its own name: the data is wherever it was copied
         lists.do_mmap()
     elif loc.fs.type_name == "local":
-        local = _local_copy(loc, rel, record["sha256"])
-        index = faiss.read_index(local)
+        index = faiss.read_index(_local_copy(loc, rel, record, "", verify))
     else:
         data = _read(loc, rel)
         _check(hashlib.sha256(data).hexdigest(), record["sha256"], loc.display(rel))
@@ -491,17 +542,110 @@ def read_index(loc: Location, record: dict[str, Any]) -> tuple[Any, pa.ChunkedAr
     return index, ids
 
 
-def damaged_files(loc: Location, record: dict[str, Any]) -> list[str]:
-    """The files of a recorded FAISS build that are missing or whose size or sha256 differs from the record
-    (empty when all are intact). Streams each file once; nothing is held in memory."""
+class IdMap:
+    """The id map of a FAISS build (row i: the document id of faiss id i), read by row group on demand:
+    opening reads the Parquet footer, :meth:`take` decodes only the row groups holding the asked rows
+    (the last few kept). At 1B vectors the map is ~20 GB; a search result touches ~k row groups of it."""
+
+    CACHED = 16  # decoded row groups kept (IDS_ROW_GROUP ids each)
+
+    def __init__(self, loc: Location, rel: str):
+        self._where = loc.display(rel)
+        try:
+            self._file = pq.ParquetFile(loc.fs.open_input_file(loc.path(rel)))
+        except (OSError, pa.ArrowInvalid) as e:
+            raise StorageError(f"{self._where}: not a readable id map ({e}); rebuild with `reembed index`") from e
+        meta = self._file.metadata
+        self._starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        self._cache: dict[int, pa.Array] = {}
+        self.row_groups_read = 0
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def take(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        """The document ids at ``positions`` (faiss ids), in that order."""
+        pos = np.asarray(positions, dtype=np.int64)
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(self)):
+            raise IndexError(f"{self._where}: position out of range 0..{len(self) - 1}")
+        groups = np.searchsorted(self._starts, pos, side="right") - 1
+        out: list[str] = [""] * len(pos)
+        for g in np.unique(groups).tolist():
+            column = self._group(g)
+            where = np.flatnonzero(groups == g)
+            for i, v in zip(where.tolist(), column.take(pa.array(pos[where] - self._starts[g])).to_pylist()):
+                out[i] = v
+        return out
+
+    def to_pylist(self) -> list[str]:
+        """Every id (reads the whole map: for small indexes and tests)."""
+        return self.take(np.arange(len(self)))
+
+    def _group(self, g: int) -> pa.Array:
+        if g not in self._cache:
+            if len(self._cache) >= self.CACHED:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[g] = self._file.read_row_group(g, columns=[S.ID]).column(0).combine_chunks()
+            self.row_groups_read += 1
+        return self._cache[g]
+
+
+def check_file(loc: Location, rel: str, record: dict[str, Any], prefix: str = "", verify: bool = False) -> str:
+    """Check that ``rel`` is the file recorded under ``{prefix}*`` in ``record``: its fingerprint (size,
+    mtime, sha256 of its first and last MiB) when recorded and ``verify`` is off, else (or when the
+    fingerprint differs) its whole sha256. Returns how ("fingerprint" or "sha256"); raises
+    :class:`StorageError` for a missing file and :class:`ChecksumError` for another one."""
+    if not loc.exists(rel):
+        raise StorageError(f"{loc.display(rel)}: missing, although {loc.display('manifest.json')} records it; "
+                           "rebuild with `reembed index`")
+    if not verify and _fingerprint_matches(loc, rel, record, prefix):
+        return "fingerprint"
+    digest, size = file_sha256(loc, rel)
+    _check(digest, record[f"{prefix}sha256"], loc.display(rel))
+    return "sha256"
+
+
+FINGERPRINT = ("mtime_ns", "edges_sha256")
+EDGE = 1 << 20  # bytes hashed at each end of a file for its fingerprint
+
+
+def fingerprint(loc: Location, rel: str) -> dict[str, Any]:
+    """What an open compares instead of hashing a whole file: ``bytes``, ``mtime_ns`` (None where the store
+    gives none) and ``edges_sha256``, the sha256 of the first and last MiB (the whole file up to 2 MiB)."""
+    info = loc.fs.get_file_info(loc.path(rel))
+    size = int(info.size)
+    h = hashlib.sha256()
+    with loc.fs.open_input_file(loc.path(rel)) as f:
+        if size <= 2 * EDGE:
+            h.update(f.read_at(size, 0) if size else b"")
+        else:
+            h.update(f.read_at(EDGE, 0))
+            h.update(f.read_at(EDGE, size - EDGE))
+    return {"bytes": size, "mtime_ns": info.mtime_ns, "edges_sha256": h.hexdigest()}
+
+
+def _fingerprint_matches(loc: Location, rel: str, record: dict[str, Any], prefix: str) -> bool:
+    want = {k: record.get(f"{prefix}{k}") for k in ("bytes", *FINGERPRINT)}
+    if None in want.values():
+        return False  # recorded by an older build: hash the whole file
+    return fingerprint(loc, rel) == want
+
+
+def damaged_files(loc: Location, record: dict[str, Any], verify: bool = False) -> list[str]:
+    """The files of a recorded FAISS build that are missing or differ from the record (empty when all are
+    intact): by their fingerprint (size, mtime, first and last MiB: :func:`check_file`), by their whole
+    sha256 when that differs, when none was recorded, or with ``verify`` (streamed, nothing held)."""
     bad = []
     for key in ("", "ids_", "ivfdata_"):
         path = record.get(f"{key}path")
         if key == "ivfdata_" and path is None:
             continue
         rel, _ = loc.contain(path)
-        if rel is None or not loc.exists(rel) or loc.size(rel) != record.get(f"{key}bytes", loc.size(rel)) \
-                or file_sha256(loc, rel)[0] != record.get(f"{key}sha256"):
+        try:
+            if rel is None or loc.size(rel) != record.get(f"{key}bytes", loc.size(rel)):
+                raise ChecksumError("size")
+            check_file(loc, rel, record, key, verify)
+        except (ChecksumError, StorageError, FileNotFoundError, KeyError):
             bad.append(loc.display(rel) if rel else str(path))
     return bad
 
@@ -518,7 +662,8 @@ def publish_file(loc: Location, local: str, rel: str, threshold: int | None = No
     """Move the finished local file ``local`` to ``rel`` in ``loc``: a rename on a local output (the file
     must be on the same filesystem: see :func:`local_scratch`), an upload otherwise, in parts above
     ``threshold`` on S3 (boto3's managed transfer through the Location's own client and retries).
-    Returns ``{"path", "bytes", "sha256"}``, the sha256 read from the local file before it leaves."""
+    Returns ``{"path", "bytes", "sha256", "mtime_ns", "edges_sha256"}``: the sha256 read from the local file
+    before it leaves, the fingerprint (:func:`fingerprint`) from the stored one."""
     digest, size = _file_sha256(local)
     if loc.fs.type_name == "local":
         target = loc.path(rel)
@@ -530,10 +675,10 @@ def publish_file(loc: Location, local: str, rel: str, threshold: int | None = No
         with open(local, "rb") as src, loc.fs.open_output_stream(loc.path(rel)) as dst:
             while block := src.read(1 << 22):
                 dst.write(block)
-    written = loc.size(rel)
-    if written != size:
-        raise StorageError(f"{loc.display(rel)}: stored {written} bytes of {size}")
-    return {"path": rel, "bytes": size, "sha256": digest}
+    stored = fingerprint(loc, rel)
+    if stored["bytes"] != size:
+        raise StorageError(f"{loc.display(rel)}: stored {stored['bytes']} bytes of {size}")
+    return {"path": rel, "sha256": digest, **stored}
 
 
 def upload_file(loc: Location, local: str, rel: str, threshold: int | None = None, chunk: int | None = None) -> None:
@@ -610,21 +755,27 @@ class local_scratch:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _local_copy(loc: Location, rel: str, sha256: str) -> str:
-    """A local path holding ``rel``'s bytes, checked against ``sha256``: the file itself on a local output,
-    else a copy in the cache folder (downloaded once per sha256)."""
+def _local_copy(loc: Location, rel: str, record: dict[str, Any], prefix: str, verify: bool = False) -> str:
+    """A local path holding ``rel``'s bytes, checked against the record (:func:`check_file`): the file itself
+    on a local output, else a copy in the cache folder (downloaded once per sha256; a cached copy is reused
+    while the stored file keeps its recorded size and mtime and the copy its size and edges)."""
+    sha256 = record[f"{prefix}sha256"]
     if loc.fs.type_name == "local":
-        local = loc.path(rel)
-        if not os.path.isfile(local):
-            raise StorageError(f"{loc.display(rel)}: missing, although {loc.display('manifest.json')} records it; "
-                               "rebuild with `reembed index`")
-        _check(_file_sha256(local)[0], sha256, loc.display(rel))
-        return local
+        check_file(loc, rel, record, prefix, verify)
+        return loc.path(rel)
     import tempfile
 
     folder = os.path.join(os.environ.get("REEMBED_CACHE") or tempfile.gettempdir(), "reembed-faiss", sha256[:32])
     os.makedirs(folder, exist_ok=True)
     local = os.path.join(folder, posixpath.basename(rel))
+    cache = Location.from_uri(folder)
+    name = posixpath.basename(rel)
+    if os.path.isfile(local) and not verify and record.get(f"{prefix}mtime_ns") is not None:
+        stored = loc.fs.get_file_info(loc.path(rel))
+        mine = fingerprint(cache, name)
+        if (stored.size, stored.mtime_ns) == (record.get(f"{prefix}bytes"), record[f"{prefix}mtime_ns"]) \
+                and (mine["bytes"], mine["edges_sha256"]) == (record.get(f"{prefix}bytes"), record.get(f"{prefix}edges_sha256")):
+            return local
     if not os.path.isfile(local) or _file_sha256(local)[0] != sha256:
         download_file(loc, rel, local)
         _check(_file_sha256(local)[0], sha256, loc.display(rel))

@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 from reembed import schema as S
 from reembed.errors import ManifestError, StorageError
 from reembed.indexes.exact import DEPTH, KnnHeap, normalize
-from reembed.indexes.faiss import (FOLDER, K, FaissPlan, file_sha256, local_scratch, new_index, publish_file, tune,
-                                   tuning_queries, _check)
+from reembed.indexes.faiss import (FOLDER, IDS_ROW_GROUP, K, FaissPlan, file_record, file_sha256, local_scratch,
+                                   new_index, publish_file, tune, tuning_queries, _check, _shortfall)
 from reembed.storage import Location
 from reembed.write import read_shard_table
 
@@ -105,9 +105,12 @@ def build_ivf(loc: Location, shards: Sequence[tuple[int, dict[str, Any]]], plan:
     _remove_empty_local_dirs(loc, BUILD, f"{FOLDER}/_tmp")
     peak = {"train": trained.get("peak_rss_bytes"), "add": max(r.get("peak_rss_bytes") or 0 for r in records),
             "merge": params.pop("peak_rss_bytes", None)}
+    fresh = [r for r in records if not r.get("reused")]
+    cpu = {"train": trained.get("cpu_seconds"), "add": round(sum(r.get("cpu_seconds") or 0 for r in fresh), 3),
+           "merge": params.pop("merge_cpu_seconds", None)}  # process CPU (all threads) of each step's tasks
     params.update(workers=workers if use_ray else 1, groups=len(groups), groups_reused=reused,
                   sample=trained["sample"], device=trained["device"], train_seconds=round(train_s, 3),
-                  add_seconds=round(add_s, 3), seconds=round(time.monotonic() - t0, 3), peak_rss_bytes=peak,
+                  add_seconds=round(add_s, 3), seconds=round(time.monotonic() - t0, 3), peak_rss_bytes=peak, cpu_seconds=cpu,
                   add_processes=len({r.get("writer") for r in records if not r.get("reused")}))
     return files, params
 
@@ -170,7 +173,7 @@ def train(loc: Location, folder: str, plan: FaissPlan, queries: int, seed: int, 
     publish it with the tuning queries; return the record (also published as ``train.json``)."""
     import faiss
 
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     x = np.concatenate([p[0] for p in parts])
     pos = np.concatenate([p[1] for p in parts])
     index = new_index(plan)
@@ -189,7 +192,8 @@ def train(loc: Location, folder: str, plan: FaissPlan, queries: int, seed: int, 
         np.savez(os.path.join(tmp, "queries.npz"), xq=xq, exclude=exclude.astype(np.int64))
         qfile = publish_file(loc, os.path.join(tmp, "queries.npz"), f"{folder}/queries.npz")
     record = {"factory": plan.factory, "sample": int(len(x)), "device": device, "files": {"trained": trained, "queries": qfile},
-              "seconds": round(time.monotonic() - t0, 3), **_whoami()}
+              "seconds": round(time.monotonic() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3),
+              **_whoami()}
     _create_record(loc, f"{folder}/train.json", record)
     log.info("FAISS %s: trained on %d vectors on %s in %.1f s", plan.factory, len(x), device, record["seconds"])
     return record
@@ -206,7 +210,7 @@ def add_group(loc: Location, folder: str, plan: FaissPlan, group: Group, trained
     done = _intact_record(loc, rel, expect)
     if done is not None:
         return {**done, "reused": True}
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     index = _read_faiss(loc, trained["files"]["trained"])
     xq, _ = _queries(loc, trained)
     heap = KnnHeap(xq, DEPTH * K + 1)
@@ -237,7 +241,8 @@ def add_group(loc: Location, folder: str, plan: FaissPlan, group: Group, trained
         np.savez(os.path.join(tmp, "knn.npz"), ids=knn_ids, scores=heap.scores)
         files["knn"] = publish_file(loc, os.path.join(tmp, "knn.npz"), f"{folder}/{group.name}.knn.npz")
     record = {**expect, "group": group.group, "shards": [group.shards[0][0], group.shards[-1][0]],
-              "ntotal": int(index.ntotal), "files": files, "seconds": round(time.monotonic() - t0, 3), **_whoami()}
+              "ntotal": int(index.ntotal), "files": files, "seconds": round(time.monotonic() - t0, 3),
+              "cpu_seconds": round(time.process_time() - c0, 3), **_whoami()}
     if record["ntotal"] != group.rows:
         raise ManifestError(f"{loc.display(rel)}: {record['ntotal']} vectors added, the commit records say {group.rows}")
     publish_group(loc, rel, record)
@@ -256,7 +261,7 @@ def merge(loc: Location, folder: str, plan: FaissPlan, records: Sequence[dict[st
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), time.process_time()
     records = sorted(records, key=lambda r: r["group"])
     name = f"index-v{version}"
     rows = sum(r["rows"] for r in records)
@@ -290,17 +295,18 @@ def merge(loc: Location, folder: str, plan: FaissPlan, records: Sequence[dict[st
                 if table.num_rows != r["rows"]:
                     raise ManifestError(f"{loc.display(r['files']['ids']['path'])}: {table.num_rows} ids, "
                                         f"the group holds {r['rows']} vectors")
-                writer.write_table(table.select([S.ID]).cast(pa.schema([(S.ID, pa.string())])))
+                writer.write_table(table.select([S.ID]).cast(pa.schema([(S.ID, pa.string())])),
+                                   row_group_size=IDS_ROW_GROUP)  # looked up by row group (faiss.IdMap)
         ids = publish_file(loc, ids_tmp, f"{FOLDER}/{name}.ids.parquet")
         data = publish_file(loc, data_tmp, f"{FOLDER}/{name}.ivfdata")
         files = publish_file(loc, os.path.join(tmp, f"{name}.faiss"), f"{FOLDER}/{name}.faiss")  # last: the index
-    record = {"version": version, "path": files["path"], "bytes": files["bytes"], "sha256": files["sha256"],
-              "ids_path": ids["path"], "ids_bytes": ids["bytes"], "ids_sha256": ids["sha256"],
-              "ivfdata_path": data["path"], "ivfdata_bytes": data["bytes"], "ivfdata_sha256": data["sha256"],
-              "ntotal": rows}
+    record = {"version": version, **file_record("", files), **file_record("ids_", ids),
+              **file_record("ivfdata_", data), "ntotal": rows}
     params = {**asdict(plan), "planned_factory": plan.factory, "metric": "inner_product", "normalized": True,
               "ondisk": True, "search": setting, "recall_at_10": got, "recall_target": recall_target,
+              "recall_met": got >= recall_target, **_shortfall(plan, got, recall_target),
               "tuning_queries": int(len(xq)), "merge_seconds": round(time.monotonic() - t0, 3),
+              "merge_cpu_seconds": round(time.process_time() - c0, 3),
               "peak_rss_bytes": _whoami()["peak_rss_bytes"]}
     return record, params
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from reembed import schema as S
 from reembed.embed import Embedder, query_backend
@@ -79,7 +78,7 @@ class Searcher:
         out = []
         for drow, irow in zip(D, I):
             keep = irow >= 0
-            ids = self.ids.take(pa.array(irow[keep])).to_pylist()
+            ids = self.ids.take(irow[keep])  # reads only the id map's row groups holding these rows
             out.append(list(zip(ids, (float(d) for d in drow[keep]))))
         return out
 
