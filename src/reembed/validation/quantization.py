@@ -59,6 +59,7 @@ class Codec:
     faiss_codec: bytes = b""  # a trained faiss index, serialized (its sa_encode / sa_decode are the codec)
     bounds: tuple[float, float] = (0.0, 0.0)  # int8: the quantile bounds
     how: str = ""
+    stored: bool = False  # the shards already hold the vectors this way: nothing more is lost
 
     def scores(self, q: np.ndarray, x: np.ndarray) -> np.ndarray:
         """The option's scores of unit queries ``q`` against unit vectors ``x`` (float32, one row each)."""
@@ -66,6 +67,8 @@ class Codec:
 
     def decode(self, x: np.ndarray) -> np.ndarray:
         """``x`` as the option stores it, decoded back to float32 (binary has no decoding: see :meth:`scores`)."""
+        if self.stored:
+            return x
         if self.option == "float16":
             return x.astype(np.float16).astype(np.float32)
         if self.faiss_codec:
@@ -116,8 +119,9 @@ def codecs(train: np.ndarray, dim: int, stored_dtype: str = "float32") -> list[C
     return [
         Codec("float32", "float32, exact" + (" (the stored float16 vectors: no float32 kept)" if stored16 else ""),
               (2 if stored16 else 4) * dim, how="the reference: exact cosine search"),
-        Codec("float16", "float16 shards" + (" (stored)" if stored16 else ""), 2 * dim,
-              how="exact search of the float16-rounded vectors"),
+        Codec("float16", "float16 shards" + (" (stored)" if stored16 else ""), 2 * dim, stored=stored16,
+              how="the stored float16 vectors: the reference itself" if stored16 else
+              "exact search of the float16-rounded vectors"),
         Codec("faiss_sq8", "FAISS SQ8", int(sq8.sa_code_size()), faiss_codec=_serialize(sq8),
               how=f"faiss SQ8 codec trained on {len(train):,} vectors (IndexScalarQuantizer)"),
         Codec("faiss_pq", f"FAISS PQ{m}x{bits}", int(pq.sa_code_size()), faiss_codec=_serialize(pq),
