@@ -10,7 +10,7 @@ reports them.
 Queries are the validation's sampled documents (``--sample``), each left out of its own results. CPU seconds
 (this process and its children) and the load average are recorded beside the wall time.
 
-    python bench/quantization.py --set wordnet --out bench/results/2026-11-30-quantization
+    python bench/quantization.py --set wordnet [--no-ray] --out bench/results/2026-11-30-quantization
     python bench/quantization.py --set clustered --rows 20000 --out bench/results/2026-11-30-quantization
 """
 
@@ -37,10 +37,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=1024, help="clustered: dimension (default 1024)")
     ap.add_argument("--sample", type=int, default=500, help="sampled documents as queries (default 500)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the output and results.json")
+    ap.add_argument("--no-ray", action="store_true", help="wordnet: embed in this process instead of `reembed run`")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     t0, load0 = time.monotonic(), os.getloadavg()
-    output = _wordnet(args.out) if args.set == "wordnet" else _clustered(args.out, args.rows, args.dim)
+    output = _wordnet(args.out, not args.no_ray) if args.set == "wordnet" else _clustered(args.out, args.rows, args.dim)
     from reembed import validation as V
 
     t1 = time.monotonic()
@@ -65,15 +66,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def _wordnet(out: Path) -> str:
-    """The glosses embedded by all-MiniLM-L6-v2 through the real job (resumes if already there)."""
-    from reembed import pipeline
-    from reembed.config import load_config
+def _wordnet(out: Path, ray: bool) -> str:
+    """The glosses embedded by all-MiniLM-L6-v2: through the real job (``ray``; resumes if already there), or
+    in this process by the query path's embedder (the same model and backend) and written as committed shards
+    (for a machine too loaded to start Ray)."""
     from reembed.testing import minilm_path
 
     target = out / "wordnet-minilm"
-    pipeline.run(load_config(None, [f"input.uri={DATA / 'wordnet_glosses.jsonl'}", f"output.uri={target}",
-                                    f"model.name={minilm_path()}", "plan.shard_rows=500", "input.passthrough=[text]"]))
+    if ray:
+        from reembed import pipeline
+        from reembed.config import load_config
+
+        pipeline.run(load_config(None, [f"input.uri={DATA / 'wordnet_glosses.jsonl'}", f"output.uri={target}",
+                                        f"model.name={minilm_path()}", "plan.shard_rows=500",
+                                        "input.passthrough=[text]"]))
+    elif not (target / "manifest.json").exists():
+        from index_fixtures import write_output
+        from reembed.indexes.search import text_embedder
+
+        texts = [json.loads(line)["text"] for line in (DATA / "wordnet_glosses.jsonl").read_text().splitlines()]
+        write_output(target, text_embedder(str(minilm_path()), None, "cpu")(texts), 500, model_name=str(minilm_path()))
     return str(target)
 
 

@@ -63,6 +63,33 @@ def test_the_writer_stores_float16_when_the_schema_says_so(tmp_path):
                                       S.shard_schema(8, pa.schema([pa.field("lang", pa.string())])))["bytes"]
 
 
+def test_float16_output_is_read_by_faiss_search_repair_and_validate(tmp_path, tiny_model):
+    from reembed import pipeline
+    from reembed.errors import OutputRefused
+    from reembed.indexes.build import run_faiss
+    from reembed.indexes.search import Searcher
+    from reembed.repair import config_from_manifest, repair
+
+    x = clustered(600, DIM, seed=7)
+    loc = Location.from_uri(write_output(tmp_path / "out", x, 200, model_name=str(tiny_model), dtype="float16"))
+    m = Manifest.load(loc)
+    assert repair(loc, check_only=True, workers=0)["damaged"] == []
+    assert config_from_manifest(m).output.dtype == "float16"  # a repair re-embeds as float16 too
+    assert run_faiss(loc, IndexConfig(faiss="flat", qdrant="none"))["ntotal"] == 600
+    hits = Searcher(loc).search_vectors(x[:5], k=1)
+    assert [h[0][0] for h in hits] == [f"d{i}" for i in range(5)]
+    report = V.validate(loc, settings=V.Settings(sample=40, builtin_pairs=False), workers=0)
+    assert report["gates"]["integrity"]["status"] == "pass", report["gates"]["integrity"]["message"]
+    rows = {o["option"]: o for o in report["quantization"]["options"]}  # there without being asked
+    assert rows["float32"]["bytes_per_vector"] == 2 * DIM and "stored float16" in rows["float32"]["label"]
+    assert rows["float16"]["recall_at_10"] == 1.0 and rows["float16"]["label"] == "float16 shards (stored)"
+    # A resume that asks for float32 is refused in one line (model and input settings otherwise the same).
+    cfg = load_config(None, ["input.uri=synthetic", f"output.uri={loc.root}", "input.passthrough=[text, lang]",
+                             "plan.shard_rows=200"])
+    with pytest.raises(OutputRefused, match="hold float16 vectors and this job asks for output.dtype=float32"):
+        pipeline.check_resume(m, cfg, m.model)
+
+
 @pytest.fixture(scope="module")
 def half_run(tiny_model, ray_local, tmp_path_factory):
     """A real job with ``output.dtype: float16``: 80 documents, CPU, the local Ray."""
@@ -78,6 +105,7 @@ def half_run(tiny_model, ray_local, tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_float16_run_writes_half_shards_that_every_reader_takes(half_run, tiny_model):
     from reembed import pipeline
     from reembed.errors import OutputRefused
@@ -264,37 +292,37 @@ def test_qdrant_quantization_is_configured_and_recorded(tmp_path, tiny_model):
 # The drift adapter's figures in the validation report and the cost report
 
 
-@pytest.mark.ray
-def test_adapter_figures_in_validate_and_cost(half_run, tmp_path, capsys):
-    from migrate_fixtures import write_export
+def test_adapter_figures_in_validate_and_cost(tmp_path, tiny_model, capsys):
+    """A real fit on the shards' own old_embedding column; the run record is hand-made as a CPU job writes it
+    (the Ray run of the cost tests is not repeated here)."""
+    from migrate_fixtures import model_info, write_output as write_paired
     from reembed import adapter as A
     from reembed.cli import main
 
-    loc = Location.from_uri(half_run["out"])
-    m = Manifest.load(loc)
-    ids, new = [], []
-    for _, rec in sorted(m.committed.items()):
-        t = pa.parquet.read_table(loc.path(rec["path"]))
-        ids += t.column(S.ID).to_pylist()
-        new.append(S.embedding_matrix(t.column(S.EMBEDDING)))
+    x = clustered(400, DIM, seed=8)
     rot = np.linalg.qr(np.random.default_rng(1).standard_normal((DIM, 24)))[0]  # an old 24-d space
-    old = np.vstack(new) @ rot + 0.01 * np.random.default_rng(2).standard_normal((len(ids), 24))
-    export = write_export(tmp_path / "export", ids, ["t"] * len(ids), old.astype(np.float32))
-    fit = A.fit_output(loc, old=str(export), old_model="old-model", kinds=("procrustes",), sample=80)
+    old = (x @ rot + 0.01 * np.random.default_rng(2).standard_normal((400, 24))).astype(np.float32)
+    loc = write_paired(tmp_path / "out", [f"d{i}" for i in range(400)], x, model_info(tiny_model, DIM, max_seq_length=128), shard_rows=100,
+                       columns={"old_embedding": S.embedding_array(old)})
+    m = Manifest.load(loc)
+    m.record_run({"device": "cpu", "cpus": 2, "device_count": 1, "wall_seconds": 40.0, "device_seconds": 30.0,
+                  "rows": 400, "tokens": 12_000, "backend": "onnx", "dtype": "float32"})
+    fit = A.fit_output(loc, old_model="old-model", kinds=("procrustes",), sample=400)
 
     report = V.validate(loc, settings=V.Settings(sample=20, builtin_pairs=False), workers=0)
     a = report["adapter"]
-    assert a["version"] == fit["version"] and a["kind"] == "procrustes"
+    assert a["version"] == fit["version"] and a["kind"] == "procrustes" and a["recovery"] > 0.9
     assert a["recall"] == fit["kinds"]["procrustes"]["recall"] and a["recovery"] == fit["kinds"]["procrustes"]["recovery"]
     assert f"recovery {100 * a['recovery']:.1f}%" in V.report_lines(report)[-1]
     assert "Drift adapter" in V.render_html(report)
 
-    assert main(["cost", half_run["out"], "--json"]) == 0
+    assert main(["cost", str(loc.root), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     [saving] = data["adapter"]
     [run] = data["runs"]
+    assert saving["usd_saved_per_1m_queries"] == pytest.approx(40.0 / 3600 * 2 * data["prices"]["cpu"] / 400 * 1e6)
     assert saving["usd_saved_per_1m_queries"] == pytest.approx(run["usd_per_1m_docs"])
-    assert saving["seconds_per_embedding"] == pytest.approx(run["wall_seconds"] * run["count"] / run["docs"], rel=1e-4)
-    assert saving["embeddings_per_query"] == {"without": 2, "with": 1} and "run out" in saving["source"]
+    assert saving["seconds_per_embedding"] == pytest.approx(40.0 * 2 / 400)
+    assert saving["embeddings_per_query"] == {"without": 2, "with": 1} and "device-seconds held per embedding" in saving["source"]
     assert math.isclose(saving["net_usd_saved_per_1m_queries"],
                         saving["usd_saved_per_1m_queries"] - saving["adapter_usd_per_1m_queries"])
