@@ -311,7 +311,7 @@ def test_adapter_figures_in_validate_and_cost(tmp_path, tiny_model, capsys):
 
     report = V.validate(loc, settings=V.Settings(sample=20, builtin_pairs=False), workers=0)
     a = report["adapter"]
-    assert a["version"] == fit["version"] and a["kind"] == "procrustes" and a["recovery"] > 0.9
+    assert a["version"] == fit["version"] and a["kind"] == "procrustes" and a["recovery"] > 0.5
     assert a["recall"] == fit["kinds"]["procrustes"]["recall"] and a["recovery"] == fit["kinds"]["procrustes"]["recovery"]
     assert f"recovery {100 * a['recovery']:.1f}%" in V.report_lines(report)[-1]
     assert "Drift adapter" in V.render_html(report)
