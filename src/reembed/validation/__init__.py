@@ -21,6 +21,11 @@ Gates, each ``pass``, ``fail``, ``info`` (reported, not gated) or ``skipped`` (n
   nDCG@10 of exact search in the old and the new space side by side; the new model must not fall more
   than ``ab_tolerance`` below the old one on either metric.
 
+Beside the gates (reported, never gated): with ``--quantization`` (or whenever the output stores float16 vectors
+or is indexed with SQ8 / PQ codes or a quantized Qdrant collection), the storage options' bytes per vector and
+recall@10 against float32 exact search (:mod:`.quantization`); and when the output has a saved drift adapter,
+its recovery figures from the fit record.
+
 **A Ray job.** The shards are read by Ray tasks (``workers`` at once, default every CPU Ray has; 0 runs
 them in this process), never by the driver: first the few shards holding the sampled documents (their
 vectors and texts become queries), then every committed shard once, in one pass that checks its file and

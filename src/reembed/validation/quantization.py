@@ -72,8 +72,6 @@ class Codec:
         if self.option == "float16":
             return x.astype(np.float16).astype(np.float32)
         if self.faiss_codec:
-            import faiss
-
             index = _faiss_codec(self.faiss_codec)
             return index.sa_decode(index.sa_encode(np.ascontiguousarray(x, np.float32)))
         if self.option == "qdrant_int8":
