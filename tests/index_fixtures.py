@@ -30,15 +30,15 @@ def clustered(n: int, dim: int, clusters: int = 40, spread: float = 0.6, seed: i
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def tables(vectors: np.ndarray, rows: int, prefix: str = "d") -> list[pa.Table]:
-    """Shard-shaped tables (id, embedding, text, lang) of ``rows`` rows each."""
+def tables(vectors: np.ndarray, rows: int, prefix: str = "d", dtype: str = "float32") -> list[pa.Table]:
+    """Shard-shaped tables (id, embedding, text, lang) of ``rows`` rows each; ``dtype`` the vectors' value type."""
     out = []
     for lo in range(0, len(vectors), rows):
         hi = min(lo + rows, len(vectors))
         ids = [f"{prefix}{i}" for i in range(lo, hi)]
         out.append(pa.table({
             S.ID: pa.array(ids, pa.string()),
-            S.EMBEDDING: S.embedding_array(vectors[lo:hi]),
+            S.EMBEDDING: S.embedding_array(vectors[lo:hi]).cast(S.embedding_type(vectors.shape[1], dtype)),
             S.TRUNCATED: pa.array([False] * (hi - lo)),
             "text": pa.array([f"text of {i}" for i in ids]),
             "lang": pa.array([LANGS[i % 3] for i in range(lo, hi)]),
@@ -46,16 +46,18 @@ def tables(vectors: np.ndarray, rows: int, prefix: str = "d") -> list[pa.Table]:
     return out
 
 
-def write_output(folder: Path, vectors: np.ndarray, shard_rows: int, model_name: str = "synthetic-model") -> str:
-    """A complete output at ``folder``: committed shards of ``vectors`` and a manifest; returns its path."""
+def write_output(folder: Path, vectors: np.ndarray, shard_rows: int, model_name: str = "synthetic-model",
+                 dtype: str = "float32") -> str:
+    """A complete output at ``folder``: committed shards of ``vectors`` (stored as ``dtype``, the output.dtype
+    setting) and a manifest; returns its path."""
     loc = Location.from_uri(str(folder))
-    parts = tables(vectors, shard_rows)
+    parts = tables(vectors, shard_rows, dtype=dtype)
     dim = vectors.shape[1]
     model = {"name": model_name, "revision": "r1", "dimension": dim, "normalize": True, "pooling": "cls",
              "dtype": "float32", "max_seq_length": 128,
              "fingerprint": hashlib.sha256(f"{model_name}/{dim}".encode()).hexdigest()[:16]}
     plan = {"input_uri": "synthetic", "id_column": "id", "text_column": "text", "passthrough": ["text", "lang"],
-            "shard_rows": shard_rows, "rows": len(vectors),
+            "shard_rows": shard_rows, "rows": len(vectors), S.VECTOR_DTYPE: dtype,
             "shards": [{"shard": i, "rows": t.num_rows, "segments": []} for i, t in enumerate(parts)]}
     m = Manifest.create(loc, model, plan, {"path": "plan/duplicates.parquet", "rows": 0, "sha256": ""})
     for i, t in enumerate(parts):

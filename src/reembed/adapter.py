@@ -470,6 +470,26 @@ def versions(loc: Location) -> list[int]:
                   and n.endswith(".json"))
 
 
+def saved_figures(loc: Location) -> dict[str, Any] | None:
+    """The newest saved adapter's recovery figures, from its fit record (``adapters/vNNNN.json``; the weights
+    are not read): version, kind, models, recall@k of adapter / new / old, recovery, basis, microseconds a
+    query. None when the output has no adapter; ``{"error": ...}`` for a record that cannot be read."""
+    have = versions(loc)
+    if not have:
+        return None
+    name = f"v{have[-1]:04d}.json"
+    try:
+        meta = json.loads(loc.read_bytes(ADAPTERS, name))
+        fig = meta["figures"]
+        return {"version": meta["version"], "kind": meta["kind"], "record": f"{ADAPTERS}/{name}",
+                "new_model": (meta.get("new_model") or {}).get("name"), "old_model": meta.get("old_model") or {},
+                "k": fig.get("k"), "basis": fig.get("basis"), "recall": fig.get("recall") or {},
+                "recovery": fig.get("recovery"), "us_per_query": fig.get("us_per_query"),
+                "pairs": (meta.get("report") or {}).get("pairs"), "held_out": (meta.get("report") or {}).get("held_out")}
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return {"version": have[-1], "record": f"{ADAPTERS}/{name}", "error": f"unreadable fit record ({e})"}
+
+
 def load_adapter(output: str | Location, version: int | None = None) -> Adapter:
     """The latest (or ``version``) adapter saved with ``output``; its weights are checked by sha256 and
     their file name must stay inside the output."""

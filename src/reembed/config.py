@@ -45,6 +45,9 @@ class OutputConfig:
     uri: str = ""
     # Start over on an existing output instead of resuming (deletes its shards and manifest).
     fresh: bool = False
+    # The shards' vector values: float32 (lossless, the default) or float16 (half the bytes; recall cost in
+    # `reembed validate --quantization`). Recorded in the manifest; a resume may not change it.
+    dtype: Literal["float32", "float16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -109,13 +112,17 @@ class StorageConfig:
 class IndexConfig:
     # Build the indexes at the end of `reembed run` (`reembed index` builds them whatever this says).
     enabled: bool = False
-    faiss: Literal["auto", "flat", "ivf", "hnsw", "none"] = "auto"
+    # sq8 (8-bit scalar codes) and pq (product-quantizer codes) are lossy by choice: see validate --quantization.
+    faiss: Literal["auto", "flat", "ivf", "hnsw", "sq8", "pq", "none"] = "auto"
     # FAISS memory budget: auto picks the index type from it, ivf switches to PQ codes above it.
     faiss_memory: str = "16G"
     recall_target: float = 0.95
     # "embedded" (OUTPUT/indexes/qdrant), a folder, an http(s):// server URL, or "none".
     qdrant: str = "embedded"
     collection: str = "documents"
+    # Qdrant's in-RAM vectors: none (lossless, the default), int8 (scalar, quantile 0.99, searched with
+    # rescoring) or binary (1 bit per dimension; for 1024-d and wider models), originals kept for rescoring.
+    qdrant_quantization: Literal["none", "int8", "binary"] = "none"
     batch_size: int = 256
     upload_workers: int = 4  # against a server; embedded Qdrant takes a single writer
 

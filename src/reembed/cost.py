@@ -106,6 +106,64 @@ def price_runs(outputs: Sequence[str], prices: dict[str, Any], settings: Any = N
     return rows
 
 
+def adapter_savings(outputs: Sequence[str], prices: dict[str, Any], settings: Any = None) -> list[dict[str, Any]]:
+    """For each output with a saved drift adapter (``adapters/vNNNN.json``): what serving through it saves per
+    1M queries. Without it a query is embedded twice (old model for the old store, new model for the new one);
+    through it once, by the new model, plus the adapter's matrix product. The saved embedding is priced at the
+    output's last recorded run: device-seconds held per document embedded (wall x devices / documents) x the
+    price per device-second, i.e. that run's $ per 1M documents; a document stands for a query (queries are
+    shorter, so this is an upper bound), and the new model's cost stands for the old one's (not measured here)."""
+    from reembed import storage
+    from reembed.adapter import saved_figures
+    from reembed.manifest import Manifest
+
+    out = []
+    for uri, label in zip(outputs, _labels(outputs)):
+        loc = storage.Location.from_uri(uri, settings)
+        figures = saved_figures(loc)
+        m = Manifest.load(loc)
+        if figures is None or figures.get("error") or m is None:
+            continue
+        runs = [r for r in m.data.get("runs", []) if r.get("rows") and r.get("wall_seconds")]
+        row: dict[str, Any] = {"output": label, "adapter": f"v{figures['version']} ({figures['kind']})",
+                               "recovery": figures.get("recovery"), "queries": 1_000_000}
+        if not runs:
+            out.append({**row, "usd_saved_per_1m_queries": None,
+                        "source": "no recorded run with embedded rows: nothing measured to price an embedding by"})
+            continue
+        priced = price_run(runs[-1], prices, f"{label} #{len(runs)}", model=m.model.get("name"))
+        held_per_doc = priced["wall_seconds"] * priced["count"] / priced["docs"]
+        saved = priced["usd_per_1m_docs"]
+        us = figures.get("us_per_query")
+        adapter_usd = (us or 0.0) * 1e-6 * float(prices["cpu"]) / 3600.0 * 1e6  # one CPU, per 1M queries
+        out.append({**row, "embeddings_per_query": {"without": 2, "with": 1},
+                    "seconds_per_embedding": round(held_per_doc, 6), "device": priced["device"],
+                    "usd_per_device_hour": priced["usd_per_device_hour"], "usd_saved_per_1m_queries": saved,
+                    "adapter_us_per_query": us, "adapter_usd_per_1m_queries": adapter_usd,
+                    "net_usd_saved_per_1m_queries": saved - adapter_usd,
+                    "source": f"run {priced['run']}: {priced['docs']} documents in {priced['wall_seconds']} s on "
+                              f"{priced['count']} x {priced['device']} = {held_per_doc:.6f} device-seconds held per "
+                              f"embedding, at {priced['usd_per_device_hour']} {prices['currency']}/device-hour "
+                              f"({prices['source']}); the new model's cost standing for the old model's, a document "
+                              "for a query (an upper bound); the adapter's own product priced at one CPU"})
+    return out
+
+
+def format_savings(rows: list[dict[str, Any]], prices: dict[str, Any]) -> str:
+    """The adapter savings as lines under the runs' table."""
+    lines = []
+    for r in rows:
+        if r["usd_saved_per_1m_queries"] is None:
+            lines.append(f"adapter {r['output']} {r['adapter']}: {r['source']}")
+            continue
+        recovery = "-" if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"
+        lines.append(f"adapter {r['output']} {r['adapter']}: serving through it embeds each query once instead of "
+                     f"twice: saves {prices['currency']} {r['usd_saved_per_1m_queries']:.4f} per 1M queries "
+                     f"(net of the adapter: {r['net_usd_saved_per_1m_queries']:.4f}); recovery {recovery}")
+        lines.append(f"  from {r['source']}")
+    return "\n".join(lines)
+
+
 def price_interrupted(attempt: dict[str, Any], like: dict[str, Any] | None, prices: dict[str, Any], label: str,
                       model: str | None = None) -> dict[str, Any]:
     """Price an attempt that recorded no run (see :func:`reembed.commits.attempts`): from its claim to its
@@ -211,7 +269,8 @@ def format_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str | Path) -> Path:
+def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str | Path,
+                 savings: Sequence[dict[str, Any]] = ()) -> Path:
     from reembed import report
 
     table_rows = [{  # a dozen narrow columns: the page holds them at laptop width (tested in Chromium)
@@ -239,6 +298,11 @@ def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str |
                                         "cluster's logical CPUs x price per CPU-hour). Busy device-seconds, tokens "
                                         "and the price used are in `reembed cost --json`."),
                        *[report.paragraph(f"{r['run']}: {r['note']}") for r in rows if r.get("note")]),
+        *([report.section("Serving through the drift adapter: saved per 1M queries",
+                          report.paragraph(format_savings(list(savings), prices)),
+                          report.bar_chart({r["output"]: r["usd_saved_per_1m_queries"] for r in savings
+                                            if r["usd_saved_per_1m_queries"] is not None}, unit=" $"))]
+          if savings else []),
         report.section("Prices", report.paragraph(f"{prices['currency']}, as of {prices['as_of']}; source: "
                                                   f"{prices['source']}"), report.table(price_rows)),
     ])

@@ -136,6 +136,7 @@ def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any
                                  dedup=cfg.plan.dedup, use_ray=True)
             except OSError as e:
                 raise write_failed(e, out.display(PLAN_DIR)) from e
+            plan[S.VECTOR_DTYPE] = cfg.output.dtype
             return Manifest.create(out, model_info, plan, {"rows": plan["duplicate_rows"], "mode": plan["dedup"]})
     with phases.phase("resume check", "resuming: checking the output's model, plan and input files"):
         check_resume(manifest, cfg, model_info)
@@ -190,6 +191,11 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
             "settings must not be mixed: use another --output, or --fresh to discard this one."
         )
     plan = manifest.plan
+    if S.vector_dtype(plan) != cfg.output.dtype:
+        raise OutputRefused(
+            f"{where}: this output's shards hold {S.vector_dtype(plan)} vectors and this job asks for "
+            f"output.dtype={cfg.output.dtype}; one output holds one dtype: set output.dtype={S.vector_dtype(plan)}, "
+            "use another --output, or --fresh to discard this one")
     mine = {"input_uri": cfg.input.uri, "id_column": cfg.input.id_column, "text_column": cfg.input.text_column,
             "passthrough": list(cfg.input.passthrough), "shard_rows": cfg.plan.shard_rows, "dedup": cfg.plan.dedup}
     diffs = [f"{k}: {plan.get(k)!r} -> {v!r}" for k, v in mine.items() if plan.get(k) != v]
@@ -326,7 +332,8 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
     expected = plan_store.shard_rows(index, pending)
     # Passthrough values may be null whatever the input's schema said (a JSON Lines row may lack the key).
     shard_schema = S.shard_schema(manifest.model["dimension"],
-                                  pa.schema([f.with_nullable(True) for f in passthrough_schema(plan)]))
+                                  pa.schema([f.with_nullable(True) for f in passthrough_schema(plan)]),
+                                  S.vector_dtype(plan))
     total_rows = sum(expected.values())
     stats = {"shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0, "bytes": 0,
              "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],

@@ -192,7 +192,9 @@ def config_from_manifest(manifest: Manifest) -> Any:
                     revision=revision if isinstance(revision, str) and _HUB_COMMIT.fullmatch(revision) else None,
                     dtype=dtype if dtype in ("float32", "float16", "bfloat16") else "auto",
                     backend="onnx-int8" if dtype == INT8_SPACE else "auto")
-    return JobConfig(input=inp, output=OutputConfig(uri=manifest.loc.uri), model=m,
+    from reembed.schema import vector_dtype
+
+    return JobConfig(input=inp, output=OutputConfig(uri=manifest.loc.uri, dtype=vector_dtype(plan)), model=m,
                      plan=PlanConfig(shard_rows=int(plan.get("shard_rows", PlanConfig.shard_rows)),
                                      dedup=plan.get("dedup", "hash")))
 

@@ -30,6 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# The shards' vector value types (``output.dtype``), and the plan key that records the output's.
+VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+VECTOR_DTYPE = "vector_dtype"
+
 # Output shard columns.
 ID = "id"
 EMBEDDING = "embedding"
@@ -64,13 +68,13 @@ DEAD_LETTER_SCHEMA = pa.schema(
 )
 
 
-def shard_schema(dim: int, passthrough: pa.Schema | None = None) -> pa.Schema:
-    """The schema of an output shard: ``id`` (string), ``embedding`` (``fixed_size_list<float32>[dim]``),
-    ``truncated`` (bool), then the passthrough columns as the plan typed them
-    (``plan.passthrough_schema(plan)``)."""
+def shard_schema(dim: int, passthrough: pa.Schema | None = None, dtype: str = "float32") -> pa.Schema:
+    """The schema of an output shard: ``id`` (string), ``embedding`` (``fixed_size_list<dtype>[dim]``, float32
+    unless ``output.dtype`` says float16), ``truncated`` (bool), then the passthrough columns as the plan typed
+    them (``plan.passthrough_schema(plan)``)."""
     fields = [
         pa.field(ID, pa.string(), nullable=False),
-        pa.field(EMBEDDING, embedding_type(dim), nullable=False),
+        pa.field(EMBEDDING, embedding_type(dim, dtype), nullable=False),
         pa.field(TRUNCATED, pa.bool_(), nullable=False),
     ]
     if passthrough is not None:
@@ -78,8 +82,13 @@ def shard_schema(dim: int, passthrough: pa.Schema | None = None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def embedding_type(dim: int) -> pa.DataType:
-    return pa.list_(pa.float32(), dim)
+def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
+    return pa.list_(VECTOR_DTYPES[dtype], dim)
+
+
+def vector_dtype(plan: dict[str, Any]) -> str:
+    """The shards' vector value type a manifest's plan records (outputs made before it was a setting: float32)."""
+    return plan.get(VECTOR_DTYPE) or "float32"
 
 
 def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -90,11 +99,12 @@ def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
-    """The (n, dim) float32 matrix behind a ``fixed_size_list<float32>`` column, without per-row Python."""
+    """The (n, dim) float32 matrix behind a ``fixed_size_list<float32>`` column, without per-row Python; a
+    float16 column (``output.dtype: float16``) is upcast, so every reader does its math in float32."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
 def id_strings(ids: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:

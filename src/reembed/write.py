@@ -168,12 +168,21 @@ def conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
         if field.name not in table.column_names:
             raise TypeError(f"{what}: column {field.name!r} is missing (have {table.column_names})")
         col = table.column(field.name)
+        if col.type != field.type and _narrower_vectors(col.type, field.type):
+            col = col.cast(field.type)  # output.dtype float16: the Embedder's float32 rounded to nearest, here
         if col.type != field.type:
             raise TypeError(f"{what}: column {field.name!r} is {col.type}, the shard schema says {field.type}")
         if not field.nullable and col.null_count:
             raise TypeError(f"{what}: column {field.name!r} holds {col.null_count} null(s) and may hold none")
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _narrower_vectors(have: pa.DataType, want: pa.DataType) -> bool:
+    """Whether ``have`` is a float32 vector column that the schema stores as float16 of the same size."""
+    return (pa.types.is_fixed_size_list(have) and pa.types.is_fixed_size_list(want)
+            and have.list_size == want.list_size and have.value_type == pa.float32()
+            and want.value_type == pa.float16())
 
 
 def _publish(loc: Location, data: bytes, rows: int, folder: str, name: str) -> None:

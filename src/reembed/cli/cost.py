@@ -6,7 +6,7 @@ import argparse
 import json
 
 from reembed.cli.run import add_storage_config, storage_settings
-from reembed.cost import format_table, load_prices, price_runs, write_report
+from reembed.cost import adapter_savings, format_savings, format_table, load_prices, price_runs, write_report
 
 DEFAULT_REPORT = "reembed-cost.html"
 
@@ -31,13 +31,16 @@ def register(subparsers) -> None:
 def cmd_cost(args: argparse.Namespace) -> int:
     prices = load_prices(args.prices)
     rows = price_runs(args.outputs, prices, storage_settings(args))
+    savings = adapter_savings(args.outputs, prices, storage_settings(args))
     report = args.report or (None if args.json else DEFAULT_REPORT)
     if report:
-        write_report(rows, prices, report)
+        write_report(rows, prices, report, savings)
     if args.json:
-        print(json.dumps({"prices": prices, "runs": rows, "report": report}, indent=1))
+        print(json.dumps({"prices": prices, "runs": rows, "adapter": savings, "report": report}, indent=1))
     else:
         print(format_table(rows, prices))
+        if savings:
+            print(format_savings(savings, prices))
         if report:
             print(f"report: {report}")
     return 0

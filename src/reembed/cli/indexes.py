@@ -32,13 +32,19 @@ def register(sub) -> None:
                     f"{Q.EMBEDDED_MAX_POINTS:,} points first says how long its load will take. " + _KEY_HELP,
     )
     p.add_argument("output", metavar="OUTPUT_URI", help="the job's output folder or URI")
-    p.add_argument("--faiss", choices=["auto", "flat", "ivf", "hnsw", "none"],
-                   help="FAISS index type (default auto: picked from corpus size and --faiss-memory); none skips it")
+    p.add_argument("--faiss", choices=["auto", "flat", "ivf", "hnsw", "sq8", "pq", "none"],
+                   help="FAISS index type (default auto: picked from corpus size and --faiss-memory, lossless where "
+                        "it fits); sq8 (8-bit codes, 1/4 of float32) and pq (PQ codes, 1/16 or less) are lossy by "
+                        "choice (`reembed validate --quantization` measures them); none skips it")
     p.add_argument("--faiss-memory", metavar="SIZE", help="FAISS memory budget, e.g. 16G (default 16G)")
     p.add_argument("--recall-target", type=float, help="recall@10 the search setting is tuned to (default 0.95)")
     p.add_argument("--qdrant", metavar="URL_OR_PATH", help="Qdrant server URL (http[s]://...), a folder for an "
                    "embedded Qdrant, or none (default: embedded, under OUTPUT/indexes/qdrant)")
     p.add_argument("--collection", help="collection name; versions are NAME-v1, NAME-v2, ... (default documents)")
+    p.add_argument("--quantization", choices=["none", "int8", "binary"],
+                   help="Qdrant's in-RAM vectors (default none): int8 scalar codes (quantile 0.99) or binary (1 bit a "
+                        "dimension, for 1024-d and wider models); searches rescore with the originals (oversampling 2); "
+                        "embedded Qdrant records it but searches exactly")
     p.add_argument("--batch-size", type=int, help="points per Qdrant upsert (default 256)")
     p.add_argument("--workers", type=int, help="Qdrant writers loading a server in parallel, as Ray tasks over "
                    "disjoint shards, gRPC when the server offers it (default 4); an embedded Qdrant takes one writer")
@@ -114,10 +120,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     collection = args.collection or collection_of(args.qdrant)  # qdrant://...?collection=NAME names it too
     flags = {"faiss": args.faiss, "faiss_memory": args.faiss_memory, "recall_target": args.recall_target,
              "qdrant": qdrant_target(args.qdrant), "collection": collection, "batch_size": args.batch_size,
-             "upload_workers": args.workers}
+             "upload_workers": args.workers, "qdrant_quantization": args.quantization}
     for key, value in flags.items():
         if value is not None:
-            cfg = replace_path(cfg, ["index", key], value, source=f"--{key.replace('_', '-')}")
+            flag = "quantization" if key == "qdrant_quantization" else key.replace("_", "-")
+            cfg = replace_path(cfg, ["index", key], value, source=f"--{flag}")
     output = Location.from_uri(args.output, cfg.storage)
     return _print_index(stage.build_indexes(output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
                                             use_ray=not args.no_ray, verify=args.verify), args.json)
@@ -165,10 +172,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
                   f"{r.get('path', '')}")
         if "qdrant" in out:
             print(f"qdrant {out['qdrant']['target']}:")
-            rows = [["collection", "model", "dim", "points", "state", "aliases"]]
+            rows = [["collection", "model", "dim", "points", "quantization", "state", "aliases"]]
             for c in out["qdrant"]["collections"]:
                 rows.append([c["collection"], str(c["model"] or "-"), str(c["dimension"]), str(c["points"]),
-                             str(c["state"] or "-"), ", ".join(c["aliases"]) or "-"])
+                             str(c.get("quantization") or "none"), str(c["state"] or "-"), ", ".join(c["aliases"]) or "-"])
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for r in rows:
                 print("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())

@@ -70,6 +70,10 @@ def register(subparsers) -> None:
     v.add_argument("--ab-tolerance", type=float, default=0.02, help="how far new may fall below old on recall@k / nDCG@10")
     v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where queries and pairs are embedded (default auto)")
+    v.add_argument("--quantization", action="store_true",
+                   help="add the storage options' table: bytes per vector and recall@10 against float32 exact search "
+                        "for float16 shards, FAISS SQ8 and PQ, Qdrant int8 and binary (with rescoring), measured in "
+                        "the same pass over the shards (always there when the output is stored or indexed quantized)")
     v.add_argument("--workers", type=_workers, default=None, metavar="N", help="shard tasks at once (default: "
                    "every CPU Ray has; 0: in this process, without Ray); the report is the same for any N")
     v.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
@@ -170,7 +174,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                               paraphrase_min=args.paraphrase_min, unrelated_max=args.unrelated_max,
                               min_ann_recall=args.min_ann_recall, min_overlap=args.min_overlap,
                               ab_tolerance=args.ab_tolerance, device=args.device,
-                              builtin_pairs=not args.no_builtin_pairs)
+                              builtin_pairs=not args.no_builtin_pairs, quantization=args.quantization)
         searchers, closers = _searchers(args)
         try:
             queries = args.queries
@@ -189,6 +193,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         else:
             for name, gate in report["gates"].items():
                 print(f"{name:13s} {gate['status'].upper():7s} {gate.get('message', '')}")
+            for line in V.report_lines(report):
+                print(line)
             loc = location(args, args.output)
             print(f"{'PASSED' if report['passed'] else 'FAILED'}: report at {loc.display(V.REPORT_HTML)}")
         return 0 if report["passed"] else 1

@@ -216,7 +216,9 @@ def run_faiss(output: str | Location, cfg: IndexConfig, workers: int | None = No
             recall_target=cfg.recall_target, workers=workers or 1, use_ray=use_ray,
             group_rows=group_rows or faiss_dist.GROUP_ROWS)
     else:
-        built = faiss_index.build(shard_tables(loc, manifest, [S.ID, S.EMBEDDING]), plan, None,
+        train = (faiss_index.sample_vectors(shard_tables(loc, manifest, [S.EMBEDDING]), rows, plan.train_size)
+                 if plan.needs_training else None)  # sq8 / pq codecs: one streaming pass for their sample
+        built = faiss_index.build(shard_tables(loc, manifest, [S.ID, S.EMBEDDING]), plan, train,
                                   recall_target=cfg.recall_target, exact_fallback=cfg.faiss == "auto")
         if built.ntotal != rows:
             raise ManifestError(f"FAISS index holds {built.ntotal} vectors, the manifest committed {rows}")
@@ -288,7 +290,7 @@ def run_qdrant(output: str | Location, cfg: IndexConfig, target: str, use_ray: b
             _record(loc, "qdrant", {**state, "status": "failed", "count": got, "finished_at": _stamp()})
             raise ManifestError(f"Qdrant {state['collection']} holds {got} points after loading, the manifest "
                                 f"committed {rows}; rerun `reembed index` to load a new version")
-        meta = {**_collection_meta(manifest, state["version"]), **(Q.metadata(client, state["collection"]).get(Q.META) or {})}
+        meta = {**_collection_meta(manifest, state["version"], cfg), **(Q.metadata(client, state["collection"]).get(Q.META) or {})}
         Q.set_metadata(client, state["collection"], {Q.META: {**meta, "state": "ready"}})
         state.update(status="done", count=got, shards=len(manifest.committed), resumed_shards=len(done), **loaded,
                      bytes=sum(r["bytes"] for r in manifest.committed.values()), started_at=started,
@@ -316,15 +318,20 @@ def _start_qdrant(loc: Location, manifest: Manifest, client, rec: dict[str, Any]
             cleared = Progress(loc, "qdrant", state["build"]).clear()
             log.warning("Qdrant %s: %s is gone; loading it again (%d progress records dropped)",
                         Q.describe(target), state["collection"], cleared)
-            Q.create_collection(client, state["collection"], dim, _collection_meta(manifest, state["version"]))
+            Q.create_collection(client, state["collection"], dim, _collection_meta(manifest, state["version"], cfg),
+                                cfg.qdrant_quantization)
         return state
     version = Q.next_version(client, cfg.collection)
     collection = Q.versioned(cfg.collection, version)
     state = {"status": "loading", "target": Q.describe(target), "name": cfg.collection, "collection": collection,
              "version": version, "inputs": inputs_key(manifest), "build": f"{collection}.{uuid.uuid4().hex[:8]}",
-             "batch_size": cfg.batch_size, "started_at": started}
+             "batch_size": cfg.batch_size, "quantization": cfg.qdrant_quantization, "started_at": started}
+    if cfg.qdrant_quantization == "binary" and dim < Q.BINARY_MIN_DIM:
+        log.warning("Qdrant %s: binary quantization of %d-d vectors loses much recall (Qdrant recommends it for "
+                    "%d-d and wider); `reembed validate --quantization` measures it; int8 keeps more",
+                    Q.describe(target), dim, Q.BINARY_MIN_DIM)
     _record(loc, "qdrant", state, archive=True)
-    Q.create_collection(client, collection, dim, _collection_meta(manifest, version))
+    Q.create_collection(client, collection, dim, _collection_meta(manifest, version, cfg), cfg.qdrant_quantization)
     return state
 
 
@@ -459,14 +466,14 @@ def bounded_map(fn, items, workers: int) -> Iterator:
 
 def _same_qdrant(rec: dict[str, Any] | None, manifest: Manifest, cfg: IndexConfig, target: str) -> bool:
     return bool(rec) and rec.get("inputs") == inputs_key(manifest) and rec.get("target") == Q.describe(target) \
-        and rec.get("name") == cfg.collection
+        and rec.get("name") == cfg.collection and (rec.get("quantization") or "none") == cfg.qdrant_quantization
 
 
-def _collection_meta(manifest: Manifest, version: int) -> dict[str, Any]:
+def _collection_meta(manifest: Manifest, version: int, cfg: IndexConfig) -> dict[str, Any]:
     m = manifest.model
     return {"model": m["name"], "revision": m.get("revision"), "dimension": m["dimension"],
             "fingerprint": m["fingerprint"], "output": _output_uri(manifest.loc), "rows": rows_of(manifest),
-            "version": version, "created_at": _stamp(), "state": "loading"}
+            "version": version, "quantization": cfg.qdrant_quantization, "created_at": _stamp(), "state": "loading"}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ Inner product on L2-normalized vectors (cosine), so scores mean the same as in Q
 * ``hnsw``  ``HNSW{M}``, no training;
 * ``ivf``   ``IVF{nlist},Flat``, or ``IVF{nlist},PQ{m}x{bits}`` re-ranked by a refine stage (``Refine(SQ8)``)
   when full vectors do not fit the memory budget (or ``pq=True``);
-* ``auto``  picks one of those from the corpus size and the memory budget, as autofaiss does.
+* ``auto``  picks one of those from the corpus size and the memory budget, as autofaiss does;
+* ``sq8``   ``SQ8``: 8-bit scalar codes (a quarter of float32), searched exhaustively, trained on a sample;
+* ``pq``    ``PQ{m}x{bits}``: product-quantizer codes of ``m`` bytes (a sixteenth of float32 or less),
+  searched exhaustively, trained on a sample. Both are lossy by explicit choice only (``auto`` never picks
+  them); ``reembed validate --quantization`` reports their bytes per vector and recall@10.
 
 IVF indexes are trained on a uniform sample (one streaming pass), then every index is filled shard by shard.
 After building, the search setting (``efSearch``, ``nprobe``, refine ``k_factor``) is tuned on sampled
@@ -52,7 +56,9 @@ from reembed.storage import Location
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "flat", "ivf", "hnsw")
+KINDS = ("auto", "flat", "ivf", "hnsw", "sq8", "pq")
+SQ8_TRAIN = 65_536  # vectors an SQ8 codec's per-dimension ranges are trained on (at most)
+PQ_TRAIN = 100_000  # vectors PQ's k-means is trained on (at most)
 FOLDER = "indexes/faiss"
 K = 10  # recall@K is what the search setting is tuned for
 IDS_ROW_GROUP = 65_536  # ids per row group of an id map: a lookup decodes ~1.3 MB per result row group
@@ -66,7 +72,7 @@ _VERSION_RE = re.compile(r"^index-v(\d+)\.faiss$")
 class FaissPlan:
     """What to build: the faiss factory string and the numbers behind it."""
 
-    kind: str  # flat | hnsw | ivf
+    kind: str  # flat | hnsw | ivf | sq8 | pq
     factory: str
     dim: int
     rows: int
@@ -84,7 +90,7 @@ class FaissPlan:
 
     @property
     def needs_training(self) -> bool:
-        return self.kind == "ivf"
+        return self.kind in ("ivf", "sq8", "pq")
 
 
 @dataclass
@@ -145,6 +151,18 @@ def plan_index(rows: int, dim: int, kind: str = "auto", memory: str | int = "16G
         why = f"index.faiss={kind} requested"
     if kind == "flat":
         return FaissPlan("flat", "Flat", dim, rows, estimated_bytes=4 * dim * rows, budget_bytes=budget, reason=why)
+    if kind == "sq8":
+        train = min(rows, SQ8_TRAIN)
+        return FaissPlan("sq8", "SQ8", dim, rows, train_size=train, train_bytes=train_bytes(train, 0, dim),
+                         estimated_bytes=rows * dim, budget_bytes=budget,
+                         reason=why + f": 8-bit scalar codes, {dim} bytes a vector, ranges trained on {train:,} vectors")
+    if kind == "pq":
+        m, bits = pq_shape(dim, rows)
+        train = min(rows, PQ_TRAIN)
+        return FaissPlan("pq", f"PQ{m}x{bits}", dim, rows, pq_m=m, pq_bits=bits, train_size=train,
+                         train_bytes=train_bytes(train, 0, dim), estimated_bytes=rows * math.ceil(m * bits / 8),
+                         budget_bytes=budget, reason=why + f": PQ{m}x{bits} codes, {math.ceil(m * bits / 8)} bytes a "
+                         f"vector, trained on {train:,} vectors")
     if kind == "hnsw":
         est = rows * (4 * dim + 8 * hnsw_m)
         return FaissPlan("hnsw", f"HNSW{hnsw_m}", dim, rows, hnsw_m=hnsw_m, estimated_bytes=est, budget_bytes=budget,
@@ -217,6 +235,15 @@ def recall_shortfall(plan: FaissPlan, got: float, target: float) -> str:
         fix = "raise index.faiss_memory or lower index.recall_target"
     return (f"FAISS {plan.factory}: recall@10 {got:.3f} at its widest search setting is BELOW the target "
             f"{target:.2f}: searches will miss neighbours; {fix}")
+
+
+def pq_shape(dim: int, rows: int) -> tuple[int, int]:
+    """(sub-quantizers, bits) of an explicit ``pq`` index: the most sub-quantizers dividing ``dim`` whose codes
+    take at most a sixteenth of the float32 vector, 8 bits each when there are 39 training points per
+    centroid (fewer bits below that: faiss's k-means needs them)."""
+    bits = 8 if rows >= 39 * 256 else 6 if rows >= 39 * 64 else 4
+    m = next(m for m in (96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if dim % m == 0 and m * bits <= max(8, 2 * dim))
+    return m, bits
 
 
 def train_bytes(sample: int, nlist: int, dim: int) -> int:
@@ -309,7 +336,7 @@ def build(tables: Iterable[pa.Table], plan: FaissPlan, train: tuple[np.ndarray, 
         if train is None:
             raise ValueError(f"{plan.factory} needs a training sample (sample_vectors)")
         x_train, pos = train
-        if gpus:
+        if gpus and plan.kind == "ivf":
             # k-means on the GPU (the costly part); the index itself stays on the CPU for writing.
             faiss.extract_index_ivf(index).clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
             device = "cuda"
@@ -377,7 +404,8 @@ def new_index(plan: FaissPlan):
     if plan.kind == "hnsw":
         faiss.downcast_index(index).hnsw.efConstruction = 80
     if plan.pq_m:
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+        inner = index if plan.kind == "pq" else faiss.extract_index_ivf(index)
+        faiss.downcast_index(inner).do_polysemous_training = False
     return index
 
 
@@ -428,6 +456,12 @@ def tune(index, plan: FaissPlan, xq, exclude, heap, target: float) -> tuple[dict
         return min(lows) >= target, round(float(per_query.mean()), 4)
 
     best: tuple[dict[str, Any], float] = ({}, 0.0)
+    if plan.kind in ("sq8", "pq"):  # exhaustive over codes: no setting to tune, the recall is what it is
+        ok, r = passes()
+        if not ok:
+            log.warning("FAISS %s: recall@10 %.3f, below the target %.2f (its codes lose that much; no search "
+                        "setting changes it)", plan.factory, r, target)
+        return {}, r
     if plan.kind == "hnsw":
         hnsw = faiss.downcast_index(index).hnsw
         for ef in _EF_SEARCH:

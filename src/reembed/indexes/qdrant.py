@@ -257,8 +257,9 @@ def next_version(client, name: str) -> int:
 # Loading
 
 
-def create_collection(client, collection: str, dim: int, meta: dict[str, Any]) -> None:
-    """Create ``collection`` (cosine, ``dim``) in bulk mode, with ``meta`` stored as its metadata."""
+def create_collection(client, collection: str, dim: int, meta: dict[str, Any], quantization: str = "none") -> None:
+    """Create ``collection`` (cosine, ``dim``) in bulk mode, with ``meta`` stored as its metadata and the
+    in-RAM vectors quantized as ``quantization`` says (:func:`quantization_config`)."""
     from qdrant_client import models
 
     client.create_collection(
@@ -266,8 +267,48 @@ def create_collection(client, collection: str, dim: int, meta: dict[str, Any]) -
         vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
         hnsw_config=models.HnswConfigDiff(m=0),
         optimizers_config=models.OptimizersConfigDiff(indexing_threshold=0),
+        quantization_config=quantization_config(quantization),
         metadata={META: meta},
     )
+
+
+QUANTIZATIONS = ("none", "int8", "binary")
+BINARY_MIN_DIM = 1024  # Qdrant recommends binary quantization for models this wide and wider
+OVERSAMPLING = 2.0  # candidates fetched by the quantized vectors per result, then rescored with the originals
+INT8_QUANTILE = 0.99
+
+
+def quantization_config(kind: str):
+    """Qdrant's quantization for ``index.qdrant_quantization``: None (lossless), scalar int8 (bounds at the
+    0.99 quantile, codes kept in RAM) or binary (one bit a dimension, in RAM); the original vectors stay on
+    disk for rescoring either way. Local mode (embedded Qdrant) stores the setting and searches exactly."""
+    from qdrant_client import models
+
+    if kind == "int8":
+        return models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
+            type=models.ScalarType.INT8, quantile=INT8_QUANTILE, always_ram=True))
+    if kind == "binary":
+        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
+    if kind != "none":
+        raise ValueError(f"Qdrant quantization must be one of {', '.join(QUANTIZATIONS)}, got {kind!r}")
+    return None
+
+
+def search_params(client, collection: str):
+    """The search parameters reembed's query paths send to ``collection``: for a quantized collection on a
+    server, rescoring with the original vectors over ``OVERSAMPLING`` times the candidates; else None (an
+    unquantized collection needs none, and embedded Qdrant searches exactly whatever it is sent)."""
+    from qdrant_client import models
+
+    kind = (metadata(client, collection).get(META) or {}).get("quantization") or "none"
+    if kind == "none" or is_embedded(client):
+        return None
+    return models.SearchParams(quantization=models.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING))
+
+
+def is_embedded(client) -> bool:
+    """Whether ``client`` is an embedded (local mode) Qdrant: a folder, no server."""
+    return bool(client.init_options.get("path") or client.init_options.get("location") == ":memory:")
 
 
 def upload(client, collection: str, tables: Iterable[pa.Table], batch_size: int = 256,
@@ -391,6 +432,7 @@ def versions(client) -> list[dict[str, Any]]:
             "points": count(client, name),
             "fingerprint": meta.get("fingerprint"),
             "state": meta.get("state"),
+            "quantization": meta.get("quantization") or "none",
             "expected_points": meta.get("rows"),
             "created_at": meta.get("created_at"),
             "aliases": sorted(a for a, c in where.items() if c == name),

@@ -177,7 +177,11 @@ def qdrant_searcher(client: Any, collection: str, id_field: str | None = "id", v
     back to the point id when a point has no such field)."""
     from qdrant_client import models
 
-    params = models.SearchParams(hnsw_ef=hnsw_ef) if hnsw_ef else None
+    from reembed.indexes import qdrant as Q
+
+    params = Q.search_params(client, collection)  # a quantized collection: rescored with the originals
+    if hnsw_ef:
+        params = models.SearchParams(hnsw_ef=hnsw_ef, quantization=params.quantization if params else None)
     fields = [id_field] if id_field else False
 
     def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

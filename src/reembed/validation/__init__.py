@@ -21,6 +21,11 @@ Gates, each ``pass``, ``fail``, ``info`` (reported, not gated) or ``skipped`` (n
   nDCG@10 of exact search in the old and the new space side by side; the new model must not fall more
   than ``ab_tolerance`` below the old one on either metric.
 
+Beside the gates (reported, never gated): with ``--quantization`` (or whenever the output stores float16 vectors
+or is indexed with SQ8 / PQ codes or a quantized Qdrant collection), the storage options' bytes per vector and
+recall@10 against float32 exact search (:mod:`.quantization`); and when the output has a saved drift adapter,
+its recovery figures from the fit record.
+
 **A Ray job.** The shards are read by Ray tasks (``workers`` at once, default every CPU Ray has; 0 runs
 them in this process), never by the driver: first the few shards holding the sampled documents (their
 vectors and texts become queries), then every committed shard once, in one pass that checks its file and
@@ -66,7 +71,9 @@ from reembed.validation.integrity import (OLD_EMBEDDING, SampleJob, ScanJob, Sea
                                         integrity_gate, old_side, sample_batch, scan_shards)
 from reembed.validation.queries import (PARAPHRASES, UNRELATED, LabelledQuery, Pair, builtin_pairs,  # noqa: F401
                                       load_pairs, load_queries)
-from reembed.validation.report import _json_default, render_html  # noqa: F401
+from reembed.adapter import saved_figures
+from reembed.validation import quantization
+from reembed.validation.report import _json_default, adapter_line, render_html  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +151,11 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     searches = [ShardSearch(S.EMBEDDING, queries_new, kx, dim)]
     if old_q is not None and len(old_q[2]):
         searches.append(ShardSearch(OLD_EMBEDDING, old_q[2], kq))
+    # The storage options' table: each option's candidates found in the same pass, by its codec.
+    codecs = _storage_codecs(loc, manifest, shards, rows, settings, tasks) if len(queries_new) and \
+        quantized_storage(manifest, settings) else []
+    first_codec = len(searches)
+    searches += [ShardSearch(S.EMBEDDING, _normalize(queries_new), c.depth(quantization.K), dim, codec=c) for c in codecs]
     relevant = frozenset(r for q in labelled for r in q.relevant)
     job = ScanJob(dim=dim, normalized=normalized, norm_tol=settings.norm_tol, searches=tuple(searches), watch=relevant,
                   unique_ids=(manifest.plan.get("dedup") or "hash") != "none")
@@ -195,6 +207,11 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     unknown = sorted(relevant - scan.seen)
     gates["ab"] = label_coverage(gates["ab"], unknown, len(relevant), sample_ids, manifest.plan.get("passthrough", []))
     gates = {name: gates[name] for name in ("integrity", "sanity_pairs", "ann_recall", "overlap", "ab")}
+    storage = None
+    if codecs:
+        exclude = list(sample_ids) + [None] * (len(queries_new) - n_sample)
+        storage = quantization.table(codecs, [scan.merged(first_codec + i, job) for i in range(len(codecs))],
+                                     exclude, quantization.K)
 
     report = {
         "format": 1,
@@ -208,6 +225,8 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
         "old": {"source": old_src, "model": old_model},
         "settings": dataclasses.asdict(settings),
         "gates": gates,
+        **({"quantization": storage} if storage else {}),
+        **({"adapter": adapter} if (adapter := saved_figures(loc)) else {}),
         "passed": all(g["status"] != FAIL for g in gates.values()),
         "seconds": round(time.monotonic() - t0, 3),
     }
@@ -245,6 +264,28 @@ def _sample(loc: Location, manifest: Manifest, shards: np.ndarray, rows: np.ndar
             old.extend(list(row["old"]) if row["old"] is not None else [None] * len(row["ids"]))
         texts.extend(row["texts"])
     return has_old, ids, _stack(new, job.dim), (old if has_old and job.old_column else None), texts
+
+
+def quantized_storage(manifest: Manifest, settings: Settings) -> bool:
+    """Whether the report carries the storage options' table: asked for, or the output stores float16 vectors,
+    has a FAISS index of SQ8 / PQ codes, or a quantized Qdrant collection."""
+    stage = state_of(manifest)
+    factory = str(((stage.get("faiss") or {}).get("params") or {}).get("factory") or "")
+    return (settings.quantization or S.vector_dtype(manifest.plan) == "float16" or "SQ" in factory or "PQ" in factory
+            or ((stage.get("qdrant") or {}).get("quantization") or "none") != "none")
+
+
+def _storage_codecs(loc: Location, manifest: Manifest, shards: np.ndarray, rows: np.ndarray, settings: Settings,
+                    tasks: dict[str, Any]) -> list:
+    """The table's codecs, the FAISS ones trained on a uniform sample of the output's vectors (every vector of
+    an output of at most ``quantization.TRAIN``), read by the same shard tasks as the sampled documents."""
+    total, dim = int(rows.sum()), int(manifest.model["dimension"])
+    if total <= quantization.TRAIN:
+        picks = np.arange(total, dtype=np.int64)
+    else:
+        picks = np.sort(np.random.default_rng(settings.seed + 1).choice(total, quantization.TRAIN, replace=False))
+    train = _sample(loc, manifest, shards, rows, picks, SampleJob(dim), tasks)[2]
+    return quantization.codecs(train, dim, S.vector_dtype(manifest.plan))
 
 
 def _old_queries(sample_old: list | None, labelled: Sequence[LabelledQuery], old_model: str | None, settings: Settings):
@@ -298,6 +339,22 @@ def _search_recall(searcher: Searcher, texts: list[str], exact: tuple[np.ndarray
     per = recall(found_ids, exact[0], exact[1], k)
     return {"recall": round(float(per.mean()), 4) if len(per) else float("nan"), "queries": len(texts),
             "index": searcher.record["path"], "via": "reembed search (text queries)"}
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The report's figures beside the gates, as the CLI prints them: the storage options' table and the saved
+    drift adapter's recovery."""
+    lines = []
+    q = report.get("quantization")
+    if q:
+        lines.append(f"storage options: recall@{q['k']} against {q['reference']} on {q['queries']} queries")
+        for row in q["options"]:
+            lines.append(f"  {row['label']:<28} {row['bytes_per_vector']:>6} B/vector  {row['compression']:>6}x  "
+                         f"recall@{q['k']} {row['recall_at_10']}")
+    a = report.get("adapter")
+    if a:
+        lines.append(adapter_line(a))
+    return lines
 
 
 def check_validation(output_loc: str | Location) -> tuple[bool, str]:

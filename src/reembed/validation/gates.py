@@ -28,6 +28,9 @@ class Settings:
     ab_tolerance: float = 0.02
     device: str = "auto"
     builtin_pairs: bool = True  # off for a domain model judged by its own --pairs file only
+    # The storage options' table (float16, FAISS SQ8 / PQ, Qdrant int8 / binary): bytes per vector and recall@10
+    # against float32 exact search. Also on whenever the output stores or indexes its vectors quantized.
+    quantization: bool = False
 
 
 NORM_EDGES = np.linspace(0.0, 2.0, 41)  # the integrity gate's histogram of vector norms (above 2: the last bin)

@@ -45,6 +45,9 @@ class Search:
     queries: np.ndarray
     k: int
     dim: int | None = None
+    # A storage option's codec (:class:`reembed.validation.quantization.Codec`): its top-k by the option's
+    # scores, with the exact scores beside them, instead of the exact top-k.
+    codec: Any = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,13 @@ class ShardScan:
 
     def top(self, i: int, job: ScanJob) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of search ``i``, as :func:`reembed.indexes.exact.exact_knn` returns them."""
-        scores, ids, _ = self._tops(job)[i] or _empty_top(job.searches[i])
+        scores, ids = self.merged(i, job)[:2]
         return scores, ids
+
+    def merged(self, i: int, job: ScanJob) -> tuple:
+        """Search ``i``'s merged result as the shards gave it: (scores, ids, keys) or, for a codec's search,
+        (its scores, ids, keys, exact scores)."""
+        return self._tops(job)[i] or _empty_top(job.searches[i])
 
     def _tops(self, job: ScanJob) -> list:
         return self.tops if self.tops else [None] * len(job.searches)
@@ -301,6 +309,10 @@ def _shard_top(shard: int, table: pa.Table, ids: list, search: Search, matrices:
     if not pa.types.is_fixed_size_list(col.type) or col.null_count or (search.dim and col.type.list_size != search.dim):
         return None
     matrix = matrices.get(search.column)
+    if search.codec is not None:
+        matrix = matrix if matrix is not None else S.embedding_matrix(col)
+        matrices[search.column] = matrix
+        return search.codec.top(shard, ids, matrix, search.queries, search.k, KEY_SPAN)
     heap = KnnHeap(search.queries, search.k)
     heap.add(ids, matrix if matrix is not None else S.embedding_matrix(col))
     keys = np.where(heap.ids != None, shard * KEY_SPAN + np.arange(search.k), _NO_KEY)  # noqa: E711 (elementwise)
@@ -311,16 +323,17 @@ def _merge_top(a, b, k: int):
     """The top-``k`` of two keyed top-k results: best score first, ties to the smaller key."""
     if a is None or b is None:
         return a if b is None else b
-    scores = np.concatenate([a[0], b[0]], axis=1)
-    ids = np.concatenate([a[1], b[1]], axis=1)
-    keys = np.concatenate([a[2], b[2]], axis=1)
-    order = np.lexsort((keys, -scores), axis=1)[:, :k]
-    return (np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1),
-            np.take_along_axis(keys, order, axis=1))
+    both = [np.concatenate([x, y], axis=1) for x, y in zip(a, b)]  # scores, ids, keys (, exact scores)
+    order = np.lexsort((both[2], -both[0]), axis=1)[:, :k]
+    return tuple(np.take_along_axis(x, order, axis=1) for x in both)
 
 
 def _empty_top(search: Search):
     n = len(search.queries)
+    if search.codec is not None:
+        from reembed.validation.quantization import empty_top
+
+        return empty_top(n, search.k)
     return (np.full((n, search.k), -np.inf, np.float32), np.full((n, search.k), None, object),
             np.full((n, search.k), _NO_KEY, np.int64))
 

@@ -57,6 +57,10 @@ def render_html(r: dict[str, Any]) -> str:
         parts.append(R.bar_chart({f"{i / 10:.1f}-{(i + 1) / 10:.1f}": float(c) for i, c in enumerate(ov["histogram"])}, unit=" docs"))
     sections.append(R.section("Old vs new neighbour overlap", *parts))
     sections.append(_ab(g["ab"], st.get("ab_tolerance")))
+    if r.get("quantization"):
+        sections.append(_storage(r["quantization"]))
+    if r.get("adapter"):
+        sections.append(_adapter(r["adapter"]))
     return R.page(f"reembed validation: {verdict}", sections)
 
 
@@ -74,6 +78,39 @@ def _integrity(integ: dict[str, Any], tol: float | None) -> str:
     else:
         parts.append(R.paragraph("(no readable shards)"))
     return R.section("Integrity", *parts)
+
+
+def _storage(q: dict[str, Any]) -> str:
+    """The storage options' table: bytes per vector and recall@10 against float32 exact search, and a bar each."""
+    rows = [{"option": o["label"], "bytes / vector": o["bytes_per_vector"], "x smaller": o["compression"],
+             f"recall@{q['k']}": o["recall_at_10"], "how": o["how"]} for o in q["options"]]
+    bars = {o["label"]: o["recall_at_10"] for o in q["options"] if o["recall_at_10"] is not None}
+    return R.section(f"Storage options: bytes per vector and recall@{q['k']}",
+                     R.paragraph(f"Each option against {q['reference']} on the same {q['queries']} queries "
+                                 f"(a sampled document left out of its own results). {q['note']}."),
+                     R.bar_chart(bars, top=1.0), R.table(rows))
+
+
+def _adapter(a: dict[str, Any]) -> str:
+    """The saved drift adapter's recovery, from its fit record."""
+    if a.get("error"):
+        return R.section("Drift adapter", R.paragraph(adapter_line(a), "fail"))
+    r = a.get("recall") or {}
+    bars = {name: r[key] for name, key in (("old query -> old store", "old"), ("new query -> adapter -> old store", "adapter"),
+                                           ("new query -> new store", "new")) if r.get(key) is not None}
+    return R.section(f"Drift adapter: recall@{a.get('k')} and recovery", R.paragraph(adapter_line(a)),
+                     R.bar_chart(bars, top=1.0))
+
+
+def adapter_line(a: dict[str, Any]) -> str:
+    """One line on the saved drift adapter's recovery (or why its record could not be read)."""
+    if a.get("error"):
+        return f"adapter v{a['version']}: {a['error']} ({a['record']})"
+    r = a.get("recall") or {}
+    rec = a.get("recovery")
+    return (f"adapter v{a['version']} ({a['kind']}): recall@{a.get('k')} {r.get('adapter')} through the adapter, new "
+            f"{r.get('new')}, old {r.get('old')}: recovery {'-' if rec is None else f'{100 * rec:.1f}%'} "
+            f"({a.get('basis')}, {a.get('held_out')} held-out pairs; {a['record']})")
 
 
 def _ab(ab: dict[str, Any], tol: float | None) -> str:

@@ -128,8 +128,11 @@ class QdrantStore(Store):
         layout = self.detect_layout()
         id_field = self.id_field or Q.PAYLOAD_ID
         text_key = self.text_field.split(".", 1)[0]  # LlamaIndex: the text is inside _node_content
-        reqs = [models.QueryRequest(query=v.tolist(), limit=k, using=self.vector, with_payload=[id_field, text_key])
-                for v in vectors]
+        if not hasattr(self, "_params"):  # read once: a quantized collection is searched with rescoring
+            self._params = Q.search_params(self.client, self.collection)
+        params = self._params
+        reqs = [models.QueryRequest(query=v.tolist(), limit=k, using=self.vector, with_payload=[id_field, text_key],
+                                    params=params) for v in vectors]
         results = Q.call_with_retry(lambda: self.client.query_batch_points(self.collection, requests=reqs),
                                     what=f"query {self.collection}")
         return [[(str((p.payload or {}).get(id_field, p.id)), self.sign * float(p.score),

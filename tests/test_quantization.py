@@ -1,0 +1,328 @@
+"""Storage quantization and its measured cost: float16 shards (``output.dtype``), FAISS SQ8 / PQ as explicit
+index kinds, Qdrant int8 / binary quantization, and the storage options' table of ``reembed validate``, whose
+every recall is checked against an independent computation here on the same queries. Also the drift adapter's
+figures in the validation report and ``reembed cost``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import embedded_rows, make_docs, write_parquet
+from index_fixtures import clustered, write_output
+from reembed import schema as S
+from reembed import validation as V
+from reembed.config import IndexConfig, load_config
+from reembed.manifest import Manifest
+from reembed.storage import Location
+from reembed.validation import quantization as Qz
+
+DIM = 32
+ROWS = 3000
+SAMPLE = 120
+
+
+# ---------------------------------------------------------------------------------------------------
+# Defaults stay lossless
+
+
+def test_defaults_are_lossless(tmp_path, tiny_model):
+    from reembed.indexes.faiss import plan_index
+
+    cfg = load_config()
+    assert cfg.output.dtype == "float32" and cfg.index.faiss == "auto" and cfg.index.qdrant_quantization == "none"
+    for rows in (500, 5_000, 200_000, 5_000_000):  # auto never picks SQ8 / PQ codes of its own without need
+        plan = plan_index(rows, 1024, "auto", "1T")
+        assert "SQ" not in plan.factory and "PQ" not in plan.factory, plan
+    out = write_output(tmp_path / "out", clustered(400, DIM), 100, model_name=str(tiny_model))
+    report = V.validate(out, settings=V.Settings(sample=20, builtin_pairs=False), workers=0)
+    assert "quantization" not in report and "adapter" not in report  # nothing quantized, nothing asked
+
+
+# ---------------------------------------------------------------------------------------------------
+# float16 shards
+
+
+def test_the_writer_stores_float16_when_the_schema_says_so(tmp_path):
+    from reembed.write import read_shard_table, write_shard
+
+    loc = Location.from_uri(str(tmp_path))
+    rows = embedded_rows(3, 9, dim=8)
+    schema = S.shard_schema(8, pa.schema([pa.field("lang", pa.string())]), "float16")
+    rec = write_shard(loc, 3, rows, schema)
+    table = read_shard_table(loc, rec)
+    assert table.schema.field(S.EMBEDDING).type == pa.list_(pa.float16(), 8)  # still a FixedSizeList
+    want = S.embedding_matrix(rows.column(S.EMBEDDING)).astype(np.float16)
+    got = S.embedding_matrix(table.column(S.EMBEDDING))
+    assert got.dtype == np.float32 and np.array_equal(got, want.astype(np.float32))  # round to nearest, upcast
+    assert rec["bytes"] < write_shard(Location.from_uri(str(tmp_path / "f32")), 3, rows,
+                                      S.shard_schema(8, pa.schema([pa.field("lang", pa.string())])))["bytes"]
+
+
+def test_float16_output_is_read_by_faiss_search_repair_and_validate(tmp_path, tiny_model):
+    from reembed import pipeline
+    from reembed.errors import OutputRefused
+    from reembed.indexes.build import run_faiss
+    from reembed.indexes.search import Searcher
+    from reembed.repair import config_from_manifest, repair
+
+    x = clustered(600, DIM, seed=7)
+    loc = Location.from_uri(write_output(tmp_path / "out", x, 200, model_name=str(tiny_model), dtype="float16"))
+    m = Manifest.load(loc)
+    assert repair(loc, check_only=True, workers=0)["damaged"] == []
+    assert config_from_manifest(m).output.dtype == "float16"  # a repair re-embeds as float16 too
+    assert run_faiss(loc, IndexConfig(faiss="flat", qdrant="none"))["ntotal"] == 600
+    hits = Searcher(loc).search_vectors(x[:5], k=1)
+    assert [h[0][0] for h in hits] == [f"d{i}" for i in range(5)]
+    report = V.validate(loc, settings=V.Settings(sample=40, builtin_pairs=False), workers=0)
+    assert report["gates"]["integrity"]["status"] == "pass", report["gates"]["integrity"]["message"]
+    rows = {o["option"]: o for o in report["quantization"]["options"]}  # there without being asked
+    assert rows["float32"]["bytes_per_vector"] == 2 * DIM and "stored float16" in rows["float32"]["label"]
+    assert rows["float16"]["recall_at_10"] == 1.0 and rows["float16"]["label"] == "float16 shards (stored)"
+    # A resume that asks for float32 is refused in one line (model and input settings otherwise the same).
+    cfg = load_config(None, ["input.uri=synthetic", f"output.uri={loc.root}", "input.passthrough=[text, lang]",
+                             "plan.shard_rows=200"])
+    with pytest.raises(OutputRefused, match="hold float16 vectors and this job asks for output.dtype=float32"):
+        pipeline.check_resume(m, cfg, m.model)
+
+
+@pytest.fixture(scope="module")
+def half_run(tiny_model, ray_local, tmp_path_factory):
+    """A real job with ``output.dtype: float16``: 80 documents, CPU, the local Ray."""
+    from reembed import pipeline
+
+    root = tmp_path_factory.mktemp("half")
+    docs = write_parquet(root / "docs" / "a.parquet", make_docs(80))
+    out = root / "out"
+    settings = [f"input.uri={docs.parent}", f"output.uri={out}", f"model.name={tiny_model}", "plan.shard_rows=30",
+                "output.dtype=float16"]
+    pipeline.run(load_config(None, settings))
+    return {"out": str(out), "docs": make_docs(80), "settings": settings}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_float16_run_writes_half_shards_that_every_reader_takes(half_run, tiny_model):
+    from reembed import pipeline
+    from reembed.errors import OutputRefused
+    from reembed.indexes.build import run_faiss
+    from reembed.indexes.search import Searcher, text_embedder
+    from reembed.repair import repair
+
+    loc = Location.from_uri(half_run["out"])
+    m = Manifest.load(loc)
+    assert m.plan[S.VECTOR_DTYPE] == "float16" and m.is_complete()
+    tables = [pa.parquet.read_table(loc.path(rec["path"])) for _, rec in sorted(m.committed.items())]
+    assert all(t.schema.field(S.EMBEDDING).type == pa.list_(pa.float16(), DIM) for t in tables)
+    got = np.vstack([S.embedding_matrix(t.column(S.EMBEDDING)) for t in tables])
+    want = text_embedder(str(tiny_model), None, "cpu")([d["text"] for d in half_run["docs"]])
+    assert np.abs(got - want).max() < 2e-3  # float16 of the same vectors
+
+    # A resume asking for float32 is refused in one line, before anything runs.
+    with pytest.raises(OutputRefused, match="float16 vectors.*output.dtype=float32.*one dtype"):
+        pipeline.run(load_config(None, [s for s in half_run["settings"] if "dtype" not in s]))
+
+    # Readers: repair's checks, FAISS, search, validate (integrity and the table, on of its own for float16).
+    assert repair(loc, check_only=True, workers=0)["damaged"] == []
+    from reembed.repair import config_from_manifest
+    assert config_from_manifest(m).output.dtype == "float16"  # a repair re-embeds as float16 too
+    rec = run_faiss(loc, IndexConfig(faiss="flat", qdrant="none"))
+    assert rec["ntotal"] == 80
+    hits = Searcher(loc).search_vectors(got[:3], k=1)
+    assert [h[0][0] for h in hits] == [d["id"] for d in half_run["docs"][:3]]
+    report = V.validate(loc, settings=V.Settings(sample=30, builtin_pairs=False), workers=0)
+    assert report["gates"]["integrity"]["status"] == "pass", report["gates"]["integrity"]["message"]
+    rows = {o["option"]: o for o in report["quantization"]["options"]}
+    assert rows["float32"]["bytes_per_vector"] == 2 * DIM and "stored float16" in rows["float32"]["label"]
+    assert rows["float16"]["recall_at_10"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The storage options' table against an independent computation
+
+
+@pytest.fixture(scope="module")
+def table_output(tmp_path_factory, tiny_model):
+    vectors = clustered(ROWS, DIM, clusters=30, spread=0.5, seed=4)
+    out = write_output(tmp_path_factory.mktemp("table") / "out", vectors, 500, model_name=str(tiny_model))
+    report = V.validate(out, settings=V.Settings(sample=SAMPLE, builtin_pairs=False, quantization=True), workers=0)
+    return vectors, report
+
+
+def test_every_option_recall_matches_an_independent_computation(table_output):
+    import faiss
+
+    x, report = table_output
+    q_table = report["quantization"]
+    rows = {o["option"]: o for o in q_table["options"]}
+    positions = np.sort(np.random.default_rng(0).choice(ROWS, SAMPLE, replace=False))  # validate's sample (seed 0)
+    q = x[positions]
+    assert q_table["queries"] == SAMPLE and q_table["k"] == 10
+
+    def topk(scores: np.ndarray, depth: int) -> np.ndarray:  # best first, ties by position
+        return np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)[:, :depth]
+
+    def without_self(order: np.ndarray) -> list[list[int]]:
+        return [[int(i) for i in row if i != p] for row, p in zip(order, positions)]
+
+    exact = q @ x.T
+    ref = [r[:10] for r in without_self(topk(exact, 11))]
+
+    def recall(found: list[list[int]]) -> float:
+        return float(np.mean([len(set(f[:10]) & set(r)) / 10 for f, r in zip(found, ref)]))
+
+    def rescored(scores: np.ndarray) -> list[list[int]]:
+        cands = [c[:20] for c in without_self(topk(scores, 21))]
+        return [sorted(c, key=lambda i, r=r: -exact[r, i])[:10] for r, c in enumerate(cands)]
+
+    x16 = x.astype(np.float16).astype(np.float32)
+    independent = {"float32": 1.0, "float16": recall(without_self(topk(q @ x16.T, 11)))}
+    for option, index in (("faiss_sq8", faiss.IndexScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_8bit,
+                                                                   faiss.METRIC_INNER_PRODUCT)),
+                          ("faiss_pq", faiss.IndexPQ(DIM, 8, 6, faiss.METRIC_INNER_PRODUCT))):
+        if option == "faiss_pq":
+            index.do_polysemous_training = False
+        index.train(x)  # the whole output is at most Qz.TRAIN vectors: trained on all of them
+        index.add(x)
+        _, found = index.search(q, 11)  # faiss's own search over its codes, not a decoded copy
+        independent[option] = recall(without_self(found))
+    lo, hi = np.quantile(x.ravel(), [0.005, 0.995])
+    x8 = lo + np.rint((np.clip(x, lo, hi) - lo) / (hi - lo) * 255) * (hi - lo) / 255
+    independent["qdrant_int8"] = recall(rescored(q @ x8.T))
+    signs = lambda m: np.where(m > 0, 1.0, -1.0)  # noqa: E731
+    independent["qdrant_binary"] = recall(rescored(signs(q) @ signs(x).T))
+
+    assert set(rows) == set(independent)
+    for option, value in independent.items():
+        assert rows[option]["recall_at_10"] == pytest.approx(value, abs=0.01), (option, rows[option], value)
+    # Exact bytes per vector: 4d, 2d, d, PQ8x6 = 6 bytes, d in RAM, d / 8 bits.
+    assert {o: r["bytes_per_vector"] for o, r in rows.items()} == {
+        "float32": 4 * DIM, "float16": 2 * DIM, "faiss_sq8": DIM, "faiss_pq": 6, "qdrant_int8": DIM,
+        "qdrant_binary": DIM // 8}
+    assert rows["faiss_pq"]["label"] == "FAISS PQ8x6"
+    # The options lose what they should, in order: float16 nothing to speak of, binary the most.
+    assert rows["float16"]["recall_at_10"] >= 0.98 and rows["qdrant_binary"]["recall_at_10"] < rows["faiss_sq8"]["recall_at_10"]
+
+
+def test_the_table_is_in_the_html_and_the_cli_lines(table_output, tmp_path):
+    from reembed.validation.report import render_html
+
+    _, report = table_output
+    html = render_html(report)
+    assert "Storage options" in html and "FAISS SQ8" in html and "Qdrant binary + rescore" in html and "<svg" in html
+    lines = V.report_lines(report)
+    assert lines[0].startswith("storage options: recall@10") and any("FAISS PQ8x6" in line for line in lines)
+
+
+def test_top_k_of_a_codec_merges_exactly_whatever_the_split(tiny_model):
+    """Binary codes tie massively: the shard-level candidates keep row order, so two splits agree."""
+    from reembed.validation import integrity as I
+
+    x = clustered(900, DIM, seed=2)
+    codec = Qz.codecs(x[:300], DIM)[-1]
+    q = x[:7]
+    depth = codec.depth(10)
+    ids = [f"d{i}" for i in range(900)]
+    one = codec.top(0, ids, x, q, depth, I.KEY_SPAN)
+    parts = [codec.top(s, ids[lo:lo + 300], x[lo:lo + 300], q, depth, I.KEY_SPAN) for s, lo in enumerate(range(0, 900, 300))]
+    merged = I._merge_top(I._merge_top(parts[2], parts[0], depth), parts[1], depth)
+    assert (merged[1] == one[1]).all() and np.allclose(merged[3], one[3])
+
+
+# ---------------------------------------------------------------------------------------------------
+# FAISS SQ8 / PQ as explicit kinds
+
+
+def test_faiss_sq8_and_pq_are_explicit_kinds(tmp_path, tiny_model):
+    from reembed.indexes.build import run_faiss
+    from reembed.indexes.faiss import plan_index
+    from reembed.indexes.search import Searcher
+
+    assert plan_index(50_000, 384, "sq8").factory == "SQ8"
+    assert plan_index(50_000, 384, "pq").factory == "PQ96x8" and plan_index(50_000, 384, "pq").estimated_bytes == 50_000 * 96
+    assert plan_index(2_000, 32, "pq").factory == "PQ16x4"
+    x = clustered(2_000, DIM, seed=5)
+    out = write_output(tmp_path / "out", x, 500, model_name=str(tiny_model))
+    loc = Location.from_uri(out)
+    for kind, factory in (("sq8", "SQ8"), ("pq", "PQ16x4")):
+        rec = run_faiss(loc, IndexConfig(faiss=kind, qdrant="none"))
+        assert rec["params"]["factory"] == factory and rec["ntotal"] == 2_000 and rec["params"]["search"] == {}
+        hits = Searcher(loc).search_vectors(x[:20], k=1)
+        assert sum(h[0][0] == f"d{i}" for i, h in enumerate(hits)) >= (19 if kind == "sq8" else 12)
+    # An output indexed with codes carries the table in its validation report without being asked.
+    assert V.quantized_storage(Manifest.load(loc), V.Settings())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Qdrant
+
+
+def test_qdrant_quantization_is_configured_and_recorded(tmp_path, tiny_model):
+    from qdrant_client import models
+
+    from reembed.indexes import qdrant as Q
+    from reembed.indexes.build import run_qdrant
+
+    assert Q.quantization_config("none") is None
+    int8 = Q.quantization_config("int8")
+    assert int8.scalar.type == models.ScalarType.INT8 and int8.scalar.quantile == 0.99 and int8.scalar.always_ram
+    assert isinstance(Q.quantization_config("binary"), models.BinaryQuantization)
+    out = write_output(tmp_path / "out", clustered(300, DIM, seed=6), 100, model_name=str(tiny_model))
+    target = str(tmp_path / "qdrant")
+    rec = run_qdrant(out, IndexConfig(faiss="none", qdrant=target, qdrant_quantization="int8"), target)
+    assert rec["quantization"] == "int8" and rec["count"] == 300
+    client = Q.connect(target)
+    try:
+        [version] = Q.versions(client)
+        assert version["quantization"] == "int8"
+        assert Q.is_embedded(client) and Q.search_params(client, rec["collection"]) is None  # local mode: exact
+    finally:
+        client.close()
+    # Another quantization is another build, not "up to date".
+    rec2 = run_qdrant(out, IndexConfig(faiss="none", qdrant=target, qdrant_quantization="binary"), target)
+    assert rec2["collection"] != rec["collection"] and rec2["quantization"] == "binary"
+    assert V.quantized_storage(Manifest.load(Location.from_uri(out)), V.Settings())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The drift adapter's figures in the validation report and the cost report
+
+
+def test_adapter_figures_in_validate_and_cost(tmp_path, tiny_model, capsys):
+    """A real fit on the shards' own old_embedding column; the run record is hand-made as a CPU job writes it
+    (the Ray run of the cost tests is not repeated here)."""
+    from migrate_fixtures import model_info, write_output as write_paired
+    from reembed import adapter as A
+    from reembed.cli import main
+
+    x = clustered(400, DIM, seed=8)
+    rot = np.linalg.qr(np.random.default_rng(1).standard_normal((DIM, 24)))[0]  # an old 24-d space
+    old = (x @ rot + 0.01 * np.random.default_rng(2).standard_normal((400, 24))).astype(np.float32)
+    loc = write_paired(tmp_path / "out", [f"d{i}" for i in range(400)], x, model_info(tiny_model, DIM, max_seq_length=128), shard_rows=100,
+                       columns={"old_embedding": S.embedding_array(old)})
+    m = Manifest.load(loc)
+    m.record_run({"device": "cpu", "cpus": 2, "device_count": 1, "wall_seconds": 40.0, "device_seconds": 30.0,
+                  "rows": 400, "tokens": 12_000, "backend": "onnx", "dtype": "float32"})
+    fit = A.fit_output(loc, old_model="old-model", kinds=("procrustes",), sample=400)
+
+    report = V.validate(loc, settings=V.Settings(sample=20, builtin_pairs=False), workers=0)
+    a = report["adapter"]
+    assert a["version"] == fit["version"] and a["kind"] == "procrustes" and a["recovery"] > 0.5
+    assert a["recall"] == fit["kinds"]["procrustes"]["recall"] and a["recovery"] == fit["kinds"]["procrustes"]["recovery"]
+    assert f"recovery {100 * a['recovery']:.1f}%" in V.report_lines(report)[-1]
+    assert "Drift adapter" in V.render_html(report)
+
+    assert main(["cost", str(loc.root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    [saving] = data["adapter"]
+    [run] = data["runs"]
+    assert saving["usd_saved_per_1m_queries"] == pytest.approx(40.0 / 3600 * 2 * data["prices"]["cpu"] / 400 * 1e6)
+    assert saving["usd_saved_per_1m_queries"] == pytest.approx(run["usd_per_1m_docs"])
+    assert saving["seconds_per_embedding"] == pytest.approx(40.0 * 2 / 400)
+    assert saving["embeddings_per_query"] == {"without": 2, "with": 1} and "device-seconds held per embedding" in saving["source"]
+    assert math.isclose(saving["net_usd_saved_per_1m_queries"],
+                        saving["usd_saved_per_1m_queries"] - saving["adapter_usd_per_1m_queries"])
