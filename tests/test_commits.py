@@ -39,7 +39,9 @@ def expected_totals(records: dict[int, dict]) -> dict:
             "truncated": sum(r["truncated"] for r in records.values()),
             "tokens": sum(r["tokens"] for r in records.values()),
             "bytes": sum(r["bytes"] for r in records.values()),
-            "device_seconds": pytest.approx(sum(r["device_seconds"] for r in records.values()))}
+            "device_seconds": pytest.approx(sum(r["device_seconds"] for r in records.values())),
+            "reused": sum(r.get("reused", 0) for r in records.values()),
+            "deduplicated": sum(r.get("deduplicated", 0) for r in records.values())}
 
 
 def assert_state(loc: Location, records: dict[int, dict], runs: list[dict] = ()) -> None:
@@ -99,6 +101,27 @@ def test_a_recommitted_shard_counts_once_with_its_last_record(tmp_path):
     clog.commit(1, records[1])
     clog.commit(5, records[5])
     assert_state(loc, records)
+
+
+def test_checkpoint_parts_written_before_the_reuse_counts_read_them_as_zero(tmp_path):
+    import pyarrow.parquet as pq
+
+    loc = Location.from_uri(str(tmp_path / "out"))
+    clog = CommitLog.create(loc, checkpoint_every=4)
+    records = {s: {**record(s), "reused": s, "deduplicated": 1} for s in range(6)}
+    for s, rec in records.items():
+        clog.commit(s, rec)
+    assert read_state(loc).totals["reused"] == 15 and read_state(loc).totals["deduplicated"] == 6
+    parted: set[int] = set()
+    for part in (tmp_path / "out" / "_log" / "_checkpoints").glob("*.parquet"):  # as an older reembed wrote them
+        t = pq.read_table(part)
+        parted.update(x for x in t.column("shard").to_pylist() if x is not None)
+        pq.write_table(t.drop_columns(["reused", "deduplicated"]).replace_schema_metadata(t.schema.metadata), part)
+    assert parted and parted < set(records)
+    totals = read_state(loc).totals  # the checkpointed shards count 0, those in the tail their records
+    tail = set(records) - parted
+    assert totals["reused"] == sum(tail) and totals["deduplicated"] == len(tail)
+    assert totals["embedded"] == sum(r["rows"] for r in records.values())
 
 
 def test_a_retracted_shard_leaves_the_committed_set_until_it_is_committed_again(tmp_path):

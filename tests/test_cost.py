@@ -145,3 +145,18 @@ def test_interrupted_attempts_are_counted_and_priced(recorded_run, tmp_path):
     assert cut["docs"] == 80 and f"epoch {epoch}" in cut["run"] and "lower bound" in cut["note"]
     table = cost.format_table(rows, prices)
     assert "1 interrupted attempt(s)" in table
+
+
+def test_an_incremental_run_shows_the_seconds_and_dollars_it_saved():
+    prices = cost.load_prices()
+    run = {"device": "cpu", "cpus": 2, "wall_seconds": 100.0, "embed_seconds": 60.0, "rows": 200, "tokens": 3000,
+           "rows_embedded": 30, "rows_reused": 150, "rows_deduplicated": 20}
+    row = cost.price_run(run, prices, "out2")
+    per_row = 60.0 / 30  # the run's measured embedding seconds per embedded row
+    assert row["saved_seconds"] == pytest.approx(170 * per_row)
+    assert row["saved_usd"] == pytest.approx(170 * per_row / 3600 * 2 * prices["cpu"])
+    assert "30 rows embedded, 150 reused and 20 copied" in cost.format_table([row], prices)
+    plain = cost.price_run({**run, "rows_embedded": 200, "rows_reused": 0, "rows_deduplicated": 0}, prices, "full")
+    assert plain["saved_seconds"] == 0 and "reused" not in cost.format_table([plain], prices)
+    nothing = cost.price_run({**run, "rows_embedded": 0, "rows_reused": 200, "rows_deduplicated": 0}, prices, "all")
+    assert nothing["saved_usd"] is None  # nothing embedded: no seconds per row to go by

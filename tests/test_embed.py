@@ -106,7 +106,12 @@ def test_ray_udf_keeps_every_row_in_place(tiny_model):
     live = [i for i in range(30) if reasons[i] is None]
     np.testing.assert_allclose(vectors[live], encode(tiny_model, [texts[i] for i in live]), atol=2e-6, rtol=0)
     assert not vectors[[3, 17]].any() and out.column("_tokens").to_numpy()[[3, 17]].tolist() == [0, 0]
-    assert out.column("_device_s").to_numpy()[live].min() > 0
+    # A text repeated in the block is embedded once: its copies cost no device time (and no tokens).
+    copied = out.column(S.COPIED).to_numpy(zero_copy_only=False)
+    firsts = [i for i in live if not copied[i]]
+    assert len(firsts) == len({texts[i] for i in live}) and copied.sum() == len(live) - len(firsts)
+    assert out.column("_device_s").to_numpy()[firsts].min() > 0
+    assert not out.column("_device_s").to_numpy()[copied].any()
 
 
 def test_backend_settings_that_cannot_work_are_clear_errors(tiny_model):

@@ -77,7 +77,8 @@ CHECKPOINTS = "_checkpoints"
 CHECKPOINT_EVERY = 1000
 KINDS = ("claim", "commit", "run", "retract")
 # Record fields summed into State.totals (Manifest.totals' names on the right).
-_COUNTS = ("rows", "dead_letters", "truncated", "tokens", "bytes")
+# "reused" and "deduplicated" (incremental runs, reembed.reuse) came later: parts written before read as 0.
+_COUNTS = ("rows", "dead_letters", "truncated", "tokens", "bytes", "reused", "deduplicated")
 _PROBE_BATCH_MAX = 64  # entries read in parallel when finding the end of the log on an object store
 _PROBE_THREADS = 16
 _UNSEEN_RETRIES = 5
@@ -395,9 +396,10 @@ class State:
         sums = self._counts[done].sum(axis=0) if len(self._seq) else np.zeros(len(_COUNTS), dtype=np.int64)
         per_code = self._reason_counts[done].sum(axis=0, dtype=np.int64) if len(self._seq) else []
         reasons = {code: int(n) for code, n in zip(self._codes, per_code) if n}
-        rows, dead, truncated, tokens, size = (int(x) for x in sums)
+        rows, dead, truncated, tokens, size, reused, deduplicated = (int(x) for x in sums)
         return {"embedded": rows, "dead_lettered": dead, "reasons": reasons, "truncated": truncated,
-                "tokens": tokens, "bytes": size, "device_seconds": float(self._device_s[done].sum())}
+                "tokens": tokens, "bytes": size, "device_seconds": float(self._device_s[done].sum()),
+                "reused": reused, "deduplicated": deduplicated}
 
     @property
     def damaged(self) -> dict[int, dict[str, Any]]:
@@ -513,7 +515,8 @@ class State:
             self._grow(int(shards.max()) + 1)
             self._seq[shards] = seq[commits]
             for j, name in enumerate(_COUNTS):
-                self._counts[shards, j] = table.column(name).fill_null(0).to_numpy()[commits]
+                if name in table.column_names:  # a part written before the column existed: 0
+                    self._counts[shards, j] = table.column(name).fill_null(0).to_numpy()[commits]
             self._device_s[shards] = table.column("device_seconds").fill_null(0.0).to_numpy()[commits]
             if len(self._codes):
                 self._reason_counts[shards] = 0
@@ -796,7 +799,9 @@ def _read_part(loc: Location, part: _Part, columns: list[str]):
     import pyarrow.parquet as pq
 
     with loc.fs.open_input_file(loc.path(LOG_DIR, CHECKPOINTS, part.name)) as f:
-        return pq.ParquetFile(f).read(columns=columns)
+        pf = pq.ParquetFile(f)
+        have = set(pf.schema_arrow.names)  # parts written before a count column existed lack it
+        return pf.read(columns=[c for c in columns if c in have])
 
 
 def _part_tables(loc: Location, chain: list[_Part], columns: list[str]):

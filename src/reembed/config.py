@@ -79,6 +79,9 @@ class PlanConfig:
     # order wins, later ones are dead-lettered) or "none" for inputs whose ids are known to be unique
     # (no id is read at planning; the manifest records that it was off).
     dedup: Literal["hash", "none"] = "hash"
+    # An earlier output of the same model (`reembed run --reuse OUT1`): rows whose id and text are unchanged
+    # there take its vectors instead of being embedded (reembed.reuse); planned once, with the plan.
+    reuse: Optional[str] = None
 
 
 @dataclass(frozen=True)

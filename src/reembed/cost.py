@@ -180,7 +180,7 @@ def price_interrupted(attempt: dict[str, Any], like: dict[str, Any] | None, pric
     if like is None:
         row = price_run({**run, "device": "cpu", "cpus": 1}, prices, label, model)
         row.update(device="unknown", count=0, usd_per_device_hour=None, cost_usd=None, usd_per_1m_docs=None,
-                   usd_per_1m_tokens=None, docs_per_s_per_device=None)
+                   usd_per_1m_tokens=None, docs_per_s_per_device=None, saved_usd=None)
         row["note"] = "no run recorded (interrupted, or still running); no recorded run says which device it held: not priced"
     else:
         keep = ("device", "accelerator", "device_count", "cpus", "backend", "dtype")
@@ -215,7 +215,8 @@ def price_run(run: dict[str, Any], prices: dict[str, Any], label: str, model: st
         unit = "CPU"
         utilisation = None  # busy time on CPU runs is the Embedder's compute time, not a device's
     cost = wall / 3600.0 * count * rate
-    return {
+    saved = savings(run, count, rate)
+    return {**saved, 
         "run": label, "model": model, "device": unit, "backend": run.get("backend"),
         "precision": _precision(run.get("dtype"), run.get("backend")), "interrupted": False, "note": "",
         "count": count, "usd_per_device_hour": rate,
@@ -227,6 +228,20 @@ def price_run(run: dict[str, Any], prices: dict[str, Any], label: str, model: st
         "docs_per_s_per_device": rows / wall / count if wall and count else None,
         "docs_per_s": rows / wall if wall else None,
     }
+
+
+def savings(run: dict[str, Any], count: int, rate: float) -> dict[str, Any]:
+    """What an incremental run did not spend: the rows it did not embed (reused from the ``--reuse`` output,
+    or copied from an identical text) x the seconds it measured per embedded row (its embedding stage's wall
+    time over the rows the model embedded) x ``count`` devices x ``rate`` per device-hour. None where the
+    run embedded nothing to measure by."""
+    reused, copied = int(run.get("rows_reused") or 0), int(run.get("rows_deduplicated") or 0)
+    embedded = int(run.get("rows_embedded", int(run.get("rows") or 0) - reused - copied) or 0)
+    per_row = float(run.get("embed_seconds") or run.get("wall_seconds") or 0.0) / embedded if embedded else None
+    seconds = (reused + copied) * per_row if per_row is not None else None
+    return {"rows_embedded": embedded, "rows_reused": reused, "rows_deduplicated": copied,
+            "saved_seconds": None if seconds is None else round(seconds, 3),
+            "saved_usd": None if seconds is None else seconds / 3600.0 * count * rate}
 
 
 def _device_price(prices: dict[str, Any], kind: str | None) -> float | None:
@@ -260,6 +275,11 @@ def format_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> str:
             f"{(r.get('precision') or '-')[:9]:<9} {r['count']:>3} {r['wall_seconds']:>9.1f} "
             f"{_pct(r['utilisation']):>6} {r['docs']:>10} {_f(r['docs_per_s_per_device'], 1):>11} "
             f"{_f(r['cost_usd'], 4):>10} {_f(r['usd_per_1m_docs'], 3):>10} {_f(r['usd_per_1m_tokens'], 4):>12}{mark}")
+    for r in rows:
+        if r.get("rows_reused") or r.get("rows_deduplicated"):
+            lines.append(f"{r['run']}: {r['rows_embedded']} rows embedded, {r['rows_reused']} reused and "
+                         f"{r['rows_deduplicated']} copied from identical texts: saved ~{_f(r['saved_seconds'], 1)} "
+                         f"embedding s, ${_f(r['saved_usd'], 4)} (at the run's measured seconds per embedded row)")
     lost = [r for r in rows if r.get("interrupted")]
     if lost:
         priced = sum(r["cost_usd"] for r in lost if r["cost_usd"] is not None)
@@ -297,7 +317,11 @@ def write_report(rows: list[dict[str, Any]], prices: dict[str, Any], path: str |
                        report.paragraph("Cost = wall hours x devices x price per device-hour (CPU runs: x the "
                                         "cluster's logical CPUs x price per CPU-hour). Busy device-seconds, tokens "
                                         "and the price used are in `reembed cost --json`."),
-                       *[report.paragraph(f"{r['run']}: {r['note']}") for r in rows if r.get("note")]),
+                       *[report.paragraph(f"{r['run']}: {r['note']}") for r in rows if r.get("note")],
+                       *[report.paragraph(f"{r['run']}: {r['rows_embedded']} rows embedded, {r['rows_reused']} reused, "
+                                          f"{r['rows_deduplicated']} copied from identical texts; saved about "
+                                          f"{_f(r['saved_seconds'], 1)} embedding seconds, ${_f(r['saved_usd'], 4)}")
+                         for r in rows if r.get("rows_reused") or r.get("rows_deduplicated")]),
         *([report.section("Serving through the drift adapter: saved per 1M queries",
                           report.paragraph(format_savings(list(savings), prices)),
                           report.bar_chart({r["output"]: r["usd_saved_per_1m_queries"] for r in savings

@@ -42,7 +42,8 @@ Layout of manifest.json::
 A shard record (a commit entry's ``record``): ``rows``, ``dead_letters``, ``reasons``, ``truncated``,
 ``bytes``, ``sha256``, ``path``, ``dead_letter_path``, ``dead_letter_bytes``, ``dead_letter_sha256``,
 ``tokens``, ``device_seconds``, ``epoch``, ``writer`` (node id and host:pid of the task that wrote it),
-``committed_at``.
+``committed_at``, ``reused`` (rows carried forward from a ``--reuse`` output) and ``deduplicated`` (rows whose
+vector was copied from an identical text of the same block).
 """
 
 from __future__ import annotations

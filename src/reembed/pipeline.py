@@ -129,11 +129,19 @@ def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any
     manifest = Manifest.load(out)
     source = storage.Location.from_uri(cfg.input.uri, cfg.storage)
     if manifest is None:
+        earlier = None
+        if cfg.plan.reuse:  # refused in a second (other model, no text hashes) before anything is planned
+            from reembed import reuse
+
+            earlier = storage.Location.from_uri(cfg.plan.reuse, cfg.storage)
+            old = reuse.open_earlier(earlier, model_info, out)
         start_ray(cfg, phases)  # counting and dedup run as Ray tasks
         with phases.phase("plan", "planning: listing the input, counting rows, finding duplicate ids"):
             try:
                 plan = make_plan(cfg.input, cfg.plan.shard_rows, out.child(PLAN_DIR), cfg.on_bad_file, source=source,
                                  dedup=cfg.plan.dedup, use_ray=True)
+                if earlier is not None:
+                    plan_reuse(plan, out, earlier, old, source)
             except OSError as e:
                 raise write_failed(e, out.display(PLAN_DIR)) from e
             plan[S.VECTOR_DTYPE] = cfg.output.dtype
@@ -141,6 +149,24 @@ def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any
     with phases.phase("resume check", "resuming: checking the output's model, plan and input files"):
         check_resume(manifest, cfg, model_info)
     return manifest
+
+
+def plan_reuse(plan: dict[str, Any], out: storage.Location, earlier: storage.Location, old: Manifest,
+               source: storage.Location) -> None:
+    """Add the reuse of ``earlier`` (``--reuse``) to ``plan``: the join as Ray tasks (:mod:`reembed.reuse`),
+    its summary under ``plan["reuse"]`` and its Parquet parts, with their sha256, under ``plan["store"]``."""
+    import functools
+
+    from reembed import read, reuse
+    from reembed.plan import _record
+
+    work = out.child(PLAN_DIR)
+    fields = {k: plan.get(k) for k in read.FIELDS if k != "reuse"}
+    reader = functools.partial(read.read_shards, fields, work, source=source)
+    plan["reuse"] = reuse.plan_reuse(earlier, old, plan, work, reader, use_ray=True)
+    parts = [reuse.part_file(p) for p in range(plan["reuse"]["partitions"])]
+    plan["store"]["reuse"] = [_record(work, reuse.REUSE_DIR, name) for name in parts]
+    plan["store"]["gone"] = [_record(work, reuse.GONE_DIR, name) for name in parts]
 
 
 def start_ray(cfg: JobConfig, phases: Phases) -> None:
@@ -199,6 +225,9 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
     mine = {"input_uri": cfg.input.uri, "id_column": cfg.input.id_column, "text_column": cfg.input.text_column,
             "passthrough": list(cfg.input.passthrough), "shard_rows": cfg.plan.shard_rows, "dedup": cfg.plan.dedup}
     diffs = [f"{k}: {plan.get(k)!r} -> {v!r}" for k, v in mine.items() if plan.get(k) != v]
+    planned_reuse = (plan.get("reuse") or {}).get("uri")
+    if planned_reuse != (storage.Location.from_uri(cfg.plan.reuse).uri if cfg.plan.reuse else None):
+        diffs.append(f"reuse: {planned_reuse!r} -> {cfg.plan.reuse!r}")
     if diffs:
         raise OutputRefused(
             f"{where}: this output was planned with other input settings ({'; '.join(diffs)}); "
@@ -211,8 +240,9 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
                             "finish it with that version, or --fresh to re-plan")
     for i, rec in enumerate(store["segments"]):
         read_recorded(manifest.loc, rec, f"plan.store.segments[{i}]")
-    for i, rec in enumerate(store["duplicates"]):
-        read_recorded(manifest.loc, rec, f"plan.store.duplicates[{i}]")
+    for key in ("duplicates", "reuse", "gone"):
+        for i, rec in enumerate(store.get(key, [])):
+            read_recorded(manifest.loc, rec, f"plan.store.{key}[{i}]")
     files = pq.read_table(pa.BufferReader(read_recorded(manifest.loc, store["files"], "plan.store.files")))
     check_input(plan, files, storage.Location.from_uri(cfg.input.uri, cfg.storage))
 
@@ -262,6 +292,13 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "complete": manifest.is_complete(),
         # Shards `reembed repair` found damaged and retracted, not re-embedded yet (they are also pending).
         "damaged": sorted(manifest.state().damaged),
+        # Incremental runs: rows written with a vector = embedded by the model + reused from the --reuse
+        # output + copied from an identical text of the same block.
+        "rows_embedded": t["embedded"] - t.get("reused", 0) - t.get("deduplicated", 0),
+        "rows_reused": t.get("reused", 0),
+        "rows_deduplicated": t.get("deduplicated", 0),
+        "reuse": plan.get("reuse"),
+        "gone": (plan.get("reuse") or {}).get("gone"),
     }
 
 
@@ -297,9 +334,10 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
     # own segments from the plan's Parquet under the output.
     index = plan_store.segment_index(manifest.loc.child(PLAN_DIR), manifest.shard_count)
     source = input_location(plan, cfg.storage)
+    earlier = storage.Location.from_uri(plan["reuse"]["uri"], cfg.storage) if plan.get("reuse") else None
 
     def dataset(todo: list[int]):
-        datasource = ShardDatasource(plan, manifest.loc, todo, source=source, index=index)
+        datasource = ShardDatasource(plan, manifest.loc, todo, source=source, index=index, earlier=earlier)
         ds = ray.data.read_datasource(datasource, num_cpus=cfg.compute.read_cpus,
                                       override_num_blocks=datasource.num_tasks)
         ds = ds.map_batches(
@@ -333,9 +371,10 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
     # Passthrough values may be null whatever the input's schema said (a JSON Lines row may lack the key).
     shard_schema = S.shard_schema(manifest.model["dimension"],
                                   pa.schema([f.with_nullable(True) for f in passthrough_schema(plan)]),
-                                  S.vector_dtype(plan))
+                                  S.vector_dtype(plan), text_hash=True)
     total_rows = sum(expected.values())
     stats = {"shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0, "bytes": 0,
+             "rows_reused": 0, "rows_deduplicated": 0,
              "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],
              # CPUs of the cluster the run held (what a cloud bills a CPU run for); GPU runs are billed per GPU.
              "cpus": int(resources.get("CPU", 0)),
@@ -371,6 +410,11 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
         stats["rows"], human_bytes(stats["bytes"]), secs, stats["rows"] / secs if secs else 0.0,
         stats["shards_committed"], stats["device_seconds"],
     )
+    stats["rows_embedded"] = stats["rows"] - stats["rows_reused"] - stats["rows_deduplicated"]
+    if stats["rows_reused"] or stats["rows_deduplicated"]:
+        log.info("embed: %d rows embedded by the model, %d reused from %s, %d copied from identical texts",
+                 stats["rows_embedded"], stats["rows_reused"], (plan.get("reuse") or {}).get("uri", "-"),
+                 stats["rows_deduplicated"])
     stats["embed_seconds"] = round(secs, 3)
     stats["device_seconds"] = round(stats["device_seconds"], 3)
     return stats
@@ -478,6 +522,8 @@ def _commit(manifest: Manifest, shard: int, rec: dict[str, Any], stats: dict[str
     stats["tokens"] += rec["tokens"]
     stats["device_seconds"] += rec["device_seconds"]
     stats["bytes"] += rec["bytes"]
+    stats["rows_reused"] += rec.get("reused", 0)
+    stats["rows_deduplicated"] += rec.get("deduplicated", 0)
     bar.update(rec["rows"] + rec["dead_letters"])
     log.debug("committed shard %05d: %d rows, %d dead letters, %d bytes (written on %s)", shard, rec["rows"],
              rec["dead_letters"], rec["bytes"], rec.get("writer", {}).get("host_pid"))

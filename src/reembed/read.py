@@ -29,15 +29,16 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from reembed import plan_store, scan
+from reembed import plan_store, reuse, scan
 from reembed import schema as S
 from reembed.plan import PLAN_DIR, InputError, input_location, misfit, passthrough_schema, passthrough_value
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("id_column", "text_column", "passthrough", "passthrough_schema")
-"""The plan summary's fields a read task carries."""
+FIELDS = ("id_column", "text_column", "passthrough", "passthrough_schema", "reuse")
+"""The plan summary's fields a read task carries (``reuse``: the summary of :func:`reembed.reuse.plan_reuse`,
+absent unless the run reuses an earlier output)."""
 MAX_READ_TASKS = 2048
 """Read tasks of one dataset at most: above it, consecutive shards share a task (see the module's doc)."""
 SHARDS_PER_TASK = 4
@@ -59,8 +60,11 @@ class ShardDatasource(Datasource):
     """
 
     def __init__(self, plan: dict[str, Any], out: Location, pending: list[int], source: Location | None = None,
-                 index: pa.Table | None = None, max_tasks: int = MAX_READ_TASKS, per_task: int = SHARDS_PER_TASK):
-        self._fields = {k: plan[k] for k in FIELDS}
+                 index: pa.Table | None = None, max_tasks: int = MAX_READ_TASKS, per_task: int = SHARDS_PER_TASK,
+                 earlier: Location | None = None):
+        self._fields = {k: plan.get(k) for k in FIELDS}
+        if self._fields["reuse"]:  # the --reuse output, opened with the job's storage settings
+            self._fields["earlier"] = earlier or Location.from_uri(plan["reuse"]["uri"])
         self._plan_loc = out.child(PLAN_DIR)
         self._source = source or input_location(plan)
         index = index if index is not None else plan_store.segment_index(self._plan_loc, plan["shards"])
@@ -133,7 +137,10 @@ def read_shards(fields: dict[str, Any], plan_loc: Location, shards: Iterable[int
     gz = {path: dict(zip(slices, scan.gz_line_slices(source, path, slices))) for path, slices in gz_slices.items()}
     pschema = passthrough_schema(fields)
     for sp in plans:
-        yield _read_one(fields, sp, source, pschema, gz)
+        table = _read_one(fields, sp, source, pschema, gz)
+        if fields.get("reuse") and fields.get("earlier") is not None:
+            table = reuse.attach(table, plan_loc, fields["reuse"], fields["earlier"])
+        yield table
 
 
 def read_shard(fields: dict[str, Any], plan_loc: Location, shard: int, source: Location) -> pa.Table:
@@ -165,7 +172,8 @@ def _read_one(fields: dict[str, Any], sp: plan_store.ShardPlan, source: Location
             "an input file changed since the plan was made (re-plan with --fresh)"
         )
     table = table.append_column(S.SHARD, pa.array(np.full(n, sp.shard, dtype=np.int32)))
-    return table.append_column(S.POS, pa.array(np.arange(n, dtype=np.int64)))
+    table = table.append_column(S.POS, pa.array(np.arange(n, dtype=np.int64)))
+    return table.append_column(S.TEXT_HASH, S.text_hashes(table.column(S.TEXT)))
 
 
 def _reader(fields: dict[str, Any], plan_loc: Location, runs: tuple[tuple[int, int], ...], source: Location):

@@ -38,6 +38,11 @@ VECTOR_DTYPE = "vector_dtype"
 ID = "id"
 EMBEDDING = "embedding"
 TRUNCATED = "truncated"
+TEXT_HASH = "text_hash"
+"""blake2b-128 of the embedded text's UTF-8 bytes (``fixed_size_binary(16)``; 128 bits, so two different
+texts of a billion-document corpus share a hash with odds below 1e-20). Every shard a job writes has it:
+``reembed run --reuse`` compares it to tell unchanged rows (see :mod:`reembed.reuse`)."""
+TEXT_HASH_BYTES = 16
 
 # Columns a document carries between the read stage, the Embedder and the shard writer.
 SHARD = "_shard"  # plan shard number
@@ -46,6 +51,12 @@ SOURCE_FILE = "_file"
 SOURCE_ROW = "_row"
 REASON = "_reason"  # dead-letter reason code, null for rows to embed
 TEXT = "_text"
+# Incremental runs (reembed.reuse): rows whose vector is carried forward from the earlier output, that
+# vector, and rows whose vector was copied from an identical text of the same block (not embedded again).
+REUSED = "_reused"
+OLD_EMBEDDING = "_old_embedding"
+OLD_TRUNCATED = "_old_truncated"
+COPIED = "_copied"
 
 # Dead-letter reason codes.
 INVALID_JSON = "invalid_json"  # a JSON Lines line that is not a JSON object
@@ -68,15 +79,19 @@ DEAD_LETTER_SCHEMA = pa.schema(
 )
 
 
-def shard_schema(dim: int, passthrough: pa.Schema | None = None, dtype: str = "float32") -> pa.Schema:
+def shard_schema(dim: int, passthrough: pa.Schema | None = None, dtype: str = "float32",
+                 text_hash: bool = False) -> pa.Schema:
     """The schema of an output shard: ``id`` (string), ``embedding`` (``fixed_size_list<dtype>[dim]``, float32
-    unless ``output.dtype`` says float16), ``truncated`` (bool), then the passthrough columns as the plan typed
-    them (``plan.passthrough_schema(plan)``)."""
+    unless ``output.dtype`` says float16), ``truncated`` (bool), with ``text_hash`` the :data:`TEXT_HASH` column
+    (the job always writes it; tables built by hand may leave it out), then the passthrough columns as the plan
+    typed them (``plan.passthrough_schema(plan)``)."""
     fields = [
         pa.field(ID, pa.string(), nullable=False),
         pa.field(EMBEDDING, embedding_type(dim, dtype), nullable=False),
         pa.field(TRUNCATED, pa.bool_(), nullable=False),
     ]
+    if text_hash:
+        fields.append(pa.field(TEXT_HASH, text_hash_type(), nullable=False))
     if passthrough is not None:
         fields.extend(passthrough)
     return pa.schema(fields)
@@ -89,6 +104,19 @@ def embedding_type(dim: int, dtype: str = "float32") -> pa.DataType:
 def vector_dtype(plan: dict[str, Any]) -> str:
     """The shards' vector value type a manifest's plan records (outputs made before it was a setting: float32)."""
     return plan.get(VECTOR_DTYPE) or "float32"
+
+
+def text_hash_type() -> pa.DataType:
+    return pa.binary(TEXT_HASH_BYTES)
+
+
+def text_hashes(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The :data:`TEXT_HASH` of each string (null for null): blake2b-128 of its UTF-8 bytes."""
+    import hashlib
+
+    values = _combined(texts).cast(pa.string()).to_pylist()
+    return pa.array([None if t is None else hashlib.blake2b(t.encode("utf-8"), digest_size=TEXT_HASH_BYTES).digest()
+                     for t in values], text_hash_type())
 
 
 def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:

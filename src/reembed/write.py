@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reembed import schema as S
+from reembed.reuse import carry_forward
 from reembed.manifest import read_recorded, shard_name, write_failed
 from reembed.storage import Location, ObjectExistsError, StorageError
 
@@ -121,6 +122,7 @@ def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema, e
     live_mask = pc.is_null(table.column(S.REASON))
     live = table.filter(live_mask)
     dead = table.filter(pc.invert(live_mask))
+    live, reused = carry_forward(live)  # an incremental run: the --reuse output's vectors, bit for bit
 
     out = conform(live, schema, f"shard {shard}")
     name = shard_name(shard, epoch)
@@ -136,6 +138,8 @@ def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema, e
         "device_seconds": float(pc.sum(live.column("_device_s")).as_py() or 0.0),
         "dead_letters": dead.num_rows,
         "reasons": dict(Counter(dead.column(S.REASON).to_pylist())),
+        "reused": reused,
+        "deduplicated": int(pc.sum(live.column(S.COPIED)).as_py() or 0) if S.COPIED in live.column_names else 0,
     }
     if epoch is not None:
         record["epoch"] = epoch

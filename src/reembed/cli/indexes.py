@@ -55,6 +55,9 @@ def register(sub) -> None:
     p.add_argument("--no-ray", action="store_true", help="run both builds on threads of this process instead of Ray tasks")
     p.add_argument("--verify", action="store_true", help="hash every file of the finished FAISS build whole "
                    "before calling it up to date (default: size, mtime and the first and last MiB)")
+    p.add_argument("--prune-from", metavar="COLLECTION", help="instead of building: delete from this existing "
+                   "collection (or alias) in the --qdrant target the ids OUTPUT's `reembed run --reuse` found gone "
+                   "from the input (plan/gone/), so a collection of the earlier output matches the new input")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=cmd_index)
 
@@ -126,6 +129,19 @@ def cmd_index(args: argparse.Namespace) -> int:
             flag = "quantization" if key == "qdrant_quantization" else key.replace("_", "-")
             cfg = replace_path(cfg, ["index", key], value, source=f"--{flag}")
     output = Location.from_uri(args.output, cfg.storage)
+    if getattr(args, "prune_from", None):
+        from reembed import reuse
+
+        from reembed.errors import UsageError
+
+        target = stage.qdrant_target(output, cfg.index)
+        if not target:
+            raise UsageError("--prune-from needs a Qdrant target: give --qdrant URL_OR_FOLDER")
+        done = reuse.prune(output, target, args.prune_from, cfg.index.batch_size)
+        print(json.dumps(done, indent=1) if args.json else
+              f"pruned:  {done['deleted']} of {done['gone']} gone ids deleted from {done['collection']} at "
+              f"{done['target']} ({done['count']} points now)")
+        return EXIT_OK
     return _print_index(stage.build_indexes(output, cfg.index, ray_address=args.address or cfg.compute.ray_address,
                                             use_ray=not args.no_ray, verify=args.verify), args.json)
 

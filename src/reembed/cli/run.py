@@ -81,6 +81,9 @@ def add_run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     r.add_argument("--on-bad-file", choices=["fail", "skip"], help="an unreadable input file stops the job (fail, "
                    "default) or is recorded in the manifest's ledger and skipped (skip)")
+    r.add_argument("--reuse", metavar="OUTPUT_URI", help="an earlier output of the same model: rows whose id and "
+                   "text are unchanged there take its vectors (bit for bit) instead of being embedded, and the ids it "
+                   "has that the input lacks are listed as gone; config key plan.reuse")
     r.add_argument("--fresh", action="store_true", help="discard an existing output (shards, dead letters, "
                    "manifest) and start over instead of resuming")
     r.add_argument("--dry-run", action="store_true", help="plan only: list files, rows, shards and duplicate "
@@ -99,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "input.passthrough": args.passthrough, "plan.shard_rows": args.shard_rows, "model.device": args.device,
         "model.dtype": args.dtype, "model.backend": args.backend, "model.batch_tokens": args.batch_tokens, "compute.min_actors": args.min_actors,
         "compute.max_actors": args.max_actors, "compute.ray_address": args.address, "on_bad_file": args.on_bad_file,
-        "output.fresh": True if args.fresh else None,
+        "output.fresh": True if args.fresh else None, "plan.reuse": getattr(args, "reuse", None),
     }
 
     cfg = load_config(args.config, args.overrides)
@@ -158,6 +161,11 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
         f"truncated:   {s['truncated']} embedded rows were longer than {m['max_seq_length']} tokens",
         f"tokens:      {s['tokens']} real tokens, {human_bytes(s['bytes'])} of shards, {s['device_seconds']} device-seconds",
     ]
+    if s.get("rows_reused") or s.get("rows_deduplicated") or s.get("reuse"):
+        lines.append(f"incremental: {s['rows_embedded']} rows embedded by the model, {s['rows_reused']} reused"
+                     + (f" from {s['reuse']['uri']}" if s.get("reuse") else "")
+                     + f", {s['rows_deduplicated']} copied from identical texts"
+                     + (f"; {s['gone']} ids of the earlier output are gone (plan/gone/)" if s.get("reuse") else ""))
     if s.get("rows_per_second"):
         lines.append(f"throughput:  {s['rows_per_second']} rows/s over all runs")
     if s["bad_files"]:

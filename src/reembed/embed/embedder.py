@@ -341,22 +341,29 @@ class Embedder:
     # -- Ray Data UDF ------------------------------------------------------------------------------
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        reasons = table.column(S.REASON)
-        live = np.flatnonzero(reasons.is_null().to_numpy(zero_copy_only=False))
+        todo = table.column(S.REASON).is_null().to_numpy(zero_copy_only=False)
+        if S.REUSED in table.column_names:  # carried forward from the --reuse output: the writer fills them
+            todo &= ~table.column(S.REUSED).to_numpy(zero_copy_only=False).astype(bool)
+        live = np.flatnonzero(todo)
         texts = table.column(S.TEXT).take(pa.array(live)).to_pylist() if len(live) else []
-        vectors, truncated, tokens, device_s = self.embed_detailed(texts)
+        unique, first, inverse = unique_texts(texts)  # identical texts of the block are embedded once
+        vectors, truncated, tokens, device_s = self.embed_detailed(unique)
         if self._crash_once:  # test hook: the crash tests kill this actor mid-batch, once
             testing.crash_once(self._crash_once)
         n = table.num_rows
         full = np.zeros((n, self.dim), dtype=np.float32)
-        full[live] = vectors
+        full[live] = vectors[inverse]
         flags = np.zeros(n, dtype=bool)
-        flags[live] = truncated
+        flags[live] = truncated[inverse]
         tok = np.zeros(n, dtype=np.int32)
-        tok[live] = tokens
+        tok[live[first]] = tokens  # the copies cost no tokens and no device time
         dev = np.zeros(n, dtype=np.float32)
-        dev[live] = device_s
+        dev[live[first]] = device_s
+        copied = np.zeros(n, dtype=bool)
+        copied[live] = True
+        copied[live[first]] = False
         table = table.drop_columns([S.TEXT])
+        table = table.append_column(S.COPIED, pa.array(copied))
         table = table.append_column(S.EMBEDDING, S.embedding_array(full))
         table = table.append_column(S.TRUNCATED, pa.array(flags))
         table = table.append_column("_tokens", pa.array(tok))
@@ -387,6 +394,20 @@ def check_backend(model: dict[str, Any], device: str = "auto", compile: bool = F
 def _flags(prep: Prepared) -> list[bool]:
     return prep.full if prep.full is not None else [False] * len(prep.feats)
 
+
+
+def unique_texts(texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(unique, first, inverse)``: the distinct texts in order of first appearance, the index of each one's
+    first row, and for every row the index of its text in ``unique`` (``texts[i] == unique[inverse[i]]``)."""
+    index: dict[str, int] = {}
+    first: list[int] = []
+    inverse = np.empty(len(texts), dtype=np.int64)
+    for i, t in enumerate(texts):
+        j = index.setdefault(t, len(first))
+        if j == len(first):
+            first.append(i)
+        inverse[i] = j
+    return [texts[i] for i in first], np.asarray(first, dtype=np.int64), inverse
 
 
 def token_budget_batches(lengths: Sequence[int] | np.ndarray, budget: int, max_rows: int = 1024) -> list[np.ndarray]:

@@ -54,7 +54,7 @@ TARGET = "target.json"
 DONE = "done"
 COMPLETE = "complete.json"
 # Columns of a shard that are neither text nor metadata.
-_NOT_METADATA = {S.ID, S.EMBEDDING, TEXT, OLD_EMBEDDING, "truncated"}
+_NOT_METADATA = {S.ID, S.EMBEDDING, TEXT, OLD_EMBEDDING, "truncated", S.TEXT_HASH}
 # Export renames metadata keys that collide with its own columns (``text`` -> ``meta_text``): undone here.
 _RESERVED_META = {f"meta_{k}": k for k in (S.ID, TEXT, OLD_EMBEDDING)}
 

@@ -1,0 +1,300 @@
+"""Incremental re-embedding (reembed.reuse): `reembed run --reuse OUT1` embeds only the new and changed rows,
+carries the others' vectors forward bit for bit, lists the gone ids (and `reembed index --prune-from` deletes
+them from a Qdrant collection), and a block's identical texts are embedded once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_docs, write_jsonl, write_parquet
+from reembed import cli, pipeline, reuse
+from reembed import schema as S
+from reembed.config import load_config
+from reembed.errors import OutputRefused
+from reembed.manifest import Manifest
+from reembed.storage import Location
+
+SHARD_ROWS = 50
+
+
+def cfg_for(inp, out, model, *extra):
+    return load_config(None, [f"input.uri={inp}", f"output.uri={out}", f"model.name={model}",
+                              f"plan.shard_rows={SHARD_ROWS}", "model.backend=torch", *extra])
+
+
+def vectors(out: Path) -> dict[str, bytes]:
+    """id -> the raw float32 bytes of its vector, over the committed shards."""
+    m = Manifest.load(Location.from_uri(str(out)))
+    found = {}
+    for rec in m.committed.values():
+        t = pq.read_table(out / rec["path"], columns=[S.ID, S.EMBEDDING])
+        for i, v in zip(t.column(S.ID).to_pylist(), S.embedding_matrix(t.column(S.EMBEDDING))):
+            assert i not in found, f"{i} written twice"
+            found[i] = v.tobytes()
+    return found
+
+
+def corpus(n: int = 200) -> list[dict]:
+    docs = make_docs(n)
+    for d in docs:  # make_docs repeats a text every 80 documents; these want distinct texts
+        d["text"] = f"{d['text']} {d['id']}"
+    return docs
+
+
+def changed_corpus(docs: list[dict]) -> tuple[list[dict], set[str], set[str], set[str]]:
+    """10% of the texts changed, 5% of the documents deleted, 5% added: (docs, changed, deleted, added ids)."""
+    n = len(docs)
+    picks = np.random.default_rng(7).permutation(n)
+    changed = {docs[i]["id"] for i in picks[: n // 10]}
+    deleted = {docs[i]["id"] for i in picks[n // 10: n // 10 + n // 20]}
+    new = [{**d, "text": d["text"] + " and then it changed"} if d["id"] in changed else dict(d)
+           for d in docs if d["id"] not in deleted]
+    added = [{**d, "text": f"{d['text']} {d['id']}"} for d in make_docs(n // 20, prefix="new", start=1000)]
+    return new + added, changed, deleted, {d["id"] for d in added}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model, ray_local):
+    """OUT1 of a 200-document corpus, and OUT2 of its next version (10% changed, 5% deleted, 5% added, half
+    of it Parquet, half JSON Lines) run with --reuse OUT1."""
+    root = tmp_path_factory.mktemp("reuse")
+    docs = corpus()
+    write_parquet(root / "v1" / "docs.parquet", docs)
+    first = pipeline.run(cfg_for(root / "v1", root / "out1", tiny_model))
+    new, changed, deleted, added = changed_corpus(docs)
+    write_parquet(root / "v2" / "a.parquet", new[:120])
+    write_jsonl(root / "v2" / "b.jsonl", new[120:])
+    second = pipeline.run(cfg_for(root / "v2", root / "out2", tiny_model, f"plan.reuse={root / 'out1'}"))
+    return {"root": root, "docs": docs, "new": new, "changed": changed, "deleted": deleted, "added": added,
+            "first": first, "second": second}
+
+
+@pytest.mark.slow
+def test_reuse_embeds_only_changed_and_added_rows_and_equals_a_full_run(runs, tiny_model):
+    root, docs, new = runs["root"], runs["docs"], runs["new"]
+    changed, deleted, added = runs["changed"], runs["deleted"], runs["added"]
+    assert runs["first"]["rows_embedded"] == len(docs) and runs["first"]["rows_reused"] == 0
+    s = runs["second"]
+    assert s["complete"] and s["embedded"] == len(new) == 200
+    assert s["rows_embedded"] == len(changed) + len(added) == 30  # exactly the changed and added rows
+    assert s["run"]["rows_embedded"] == 30 and s["run"]["rows_reused"] == 170
+    assert s["rows_reused"] == len(docs) - len(changed) - len(deleted) == 170
+    assert s["rows_deduplicated"] == 0
+    assert s["gone"] == len(deleted) == 10 and s["reuse"]["changed"] == len(changed)
+
+    old, got = vectors(root / "out1"), vectors(root / "out2")
+    kept = {d["id"] for d in docs} - changed - deleted
+    assert all(got[i] == old[i] for i in kept)  # carried forward, bit for bit
+    assert all(got[i] != old[i] for i in changed)  # re-embedded from their new text
+
+    full = pipeline.run(cfg_for(root / "v2", root / "full", tiny_model))
+    assert full["rows_embedded"] == len(new) and full["rows_reused"] == 0
+    want = vectors(root / "full")
+    assert set(want) == set(got) == {d["id"] for d in new}
+    ids = sorted(want)
+    np.testing.assert_allclose(np.stack([np.frombuffer(got[i], np.float32) for i in ids]),
+                               np.stack([np.frombuffer(want[i], np.float32) for i in ids]), atol=1e-5)
+
+    m = Manifest.load(Location.from_uri(str(root / "out2")))
+    gone = pa.concat_arrays(list(reuse.gone_ids(m.loc, m.plan))).to_pylist()
+    assert sorted(gone) == sorted(deleted)
+
+    again = pipeline.run(cfg_for(root / "v2", root / "out2", tiny_model, f"plan.reuse={root / 'out1'}"))
+    assert again["complete"] and again["rows_reused"] == 170 and again["rows_embedded"] == 30
+
+
+def earlier_output(folder: Path, model: dict, text_hash: bool = True) -> Path:
+    """An output as a run leaves it (manifest, commit log, one committed shard of five rows), made by hand."""
+    from conftest import embedded_rows
+    from reembed.write import write_shard
+
+    loc = Location.from_uri(str(folder))
+    m = Manifest.create(loc, model, {"shards": 1, "rows": 5}, {"rows": 0, "mode": "hash"})
+    rows = embedded_rows(0, 5, dim=model["dimension"])
+    if text_hash:
+        rows = rows.append_column(S.TEXT_HASH, S.text_hashes(pa.array([f"t{i}" for i in range(5)])))
+    m.commit_shard(0, write_shard(loc, 0, rows, S.shard_schema(model["dimension"], text_hash=text_hash)))
+    return folder
+
+
+def test_reuse_of_another_model_or_of_an_output_without_text_hashes_is_refused_in_one_line(tmp_path, tiny_model,
+                                                                                           capsys):
+    cfg = cfg_for(tmp_path / "in", tmp_path / "out", tiny_model)
+    write_parquet(tmp_path / "in" / "docs.parquet", corpus(10))
+    model = pipeline.inspect_model(cfg)
+    other = dict(model, max_seq_length=64, fingerprint="0" * 16)
+    earlier_output(tmp_path / "other-model", other)
+    with pytest.raises(OutputRefused, match="fingerprint") as e:
+        pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out", tiny_model, f"plan.reuse={tmp_path / 'other-model'}"))
+    assert "max_seq_length: 64 -> 128" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()  # refused before anything was planned
+
+    earlier_output(tmp_path / "no-hashes", model, text_hash=False)
+    with pytest.raises(OutputRefused, match="no text_hash column"):
+        pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out", tiny_model, f"plan.reuse={tmp_path / 'no-hashes'}"))
+
+    capsys.readouterr()
+    rc = cli.main(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model",
+                   str(tiny_model), "--backend", "torch", "--reuse", str(tmp_path / "other-model")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("reembed:")]
+    assert rc == 3 and len(errors) == 1 and errors[0].startswith("reembed: error: --reuse ")
+
+
+@pytest.mark.slow
+def test_prune_deletes_the_gone_ids_from_an_embedded_qdrant_collection(runs, capsys):
+    from reembed.indexes import qdrant as Q
+    from reembed.indexes.build import build_indexes
+
+    root = runs["root"]
+    folder = root / "qdrant"
+    built = build_indexes(str(root / "out1"), load_config(None, ["index.faiss=none", f"index.qdrant={folder}"]).index,
+                          use_ray=False)
+    collection = built["qdrant"]["collection"]
+    assert built["qdrant"]["count"] == len(runs["docs"])
+    rc = cli.main(["index", str(root / "out2"), "--qdrant", str(folder), "--prune-from", collection, "--json"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert '"deleted": 10' in out
+    client = Q.connect(str(folder))
+    try:
+        assert Q.count(client, collection) == len(runs["docs"]) - len(runs["deleted"])
+        deleted = [Q.point_id(i) for i in sorted(runs["deleted"])]
+        assert client.retrieve(collection, ids=deleted) == []
+        kept = [Q.point_id(d["id"]) for d in runs["docs"][:20] if d["id"] not in runs["deleted"]]
+        assert len(client.retrieve(collection, ids=kept)) == len(kept)
+    finally:
+        client.close()
+
+
+def test_prune_from_deletes_exactly_the_gone_ids_in_embedded_qdrant(tmp_path, capsys):
+    from qdrant_client import models
+
+    from reembed.indexes import qdrant as Q
+    from reembed.plan import _record
+
+    out = tmp_path / "out2"
+    loc = Location.from_uri(str(out))
+    gone = ["d3", "d7", "d8"]
+    loc.child("plan").write_bytes(reuse._parquet_bytes(pa.table({"id": gone}), []), "gone", reuse.part_file(0))
+    loc.child("plan").write_bytes(b"", "files.parquet")
+    store = {"files": _record(loc.child("plan"), "files.parquet"), "segments": [], "duplicates": [],
+             "reuse": [], "gone": [_record(loc.child("plan"), "gone", reuse.part_file(0))]}
+    model = {"name": "m", "dimension": 4, "fingerprint": "f" * 16}
+    Manifest.create(loc, model, {"shards": 0, "rows": 0, "store": store, "reuse": {"uri": "x", "gone": 3}}, {})
+    folder = tmp_path / "qdrant"
+    client = Q.connect(str(folder))
+    try:
+        Q.create_collection(client, "documents-v1", 4, {})
+        client.upsert("documents-v1", points=[models.PointStruct(id=Q.point_id(f"d{i}"), vector=[1.0, 0, 0, i],
+                                                                  payload={"id": f"d{i}"}) for i in range(10)])
+    finally:
+        client.close()
+    assert cli.main(["index", str(out), "--qdrant", str(folder), "--prune-from", "documents-v1"]) == 0
+    assert "3 of 3 gone ids deleted from documents-v1" in capsys.readouterr().out
+    client = Q.connect(str(folder))
+    try:
+        assert Q.count(client, "documents-v1") == 7
+        assert client.retrieve("documents-v1", ids=[Q.point_id(i) for i in gone]) == []
+        assert len(client.retrieve("documents-v1", ids=[Q.point_id(f"d{i}") for i in (0, 1, 2, 4, 5, 6, 9)])) == 7
+    finally:
+        client.close()
+    assert cli.main(["index", str(out), "--qdrant", str(folder), "--prune-from", "nope"]) == 1
+    assert "no collection or alias 'nope'" in capsys.readouterr().err
+
+
+def test_identical_texts_of_a_block_are_embedded_once_and_every_id_gets_the_vector(tiny_model, tmp_path):
+    from reembed.embed import Embedder
+    from reembed.write import write_shard
+
+    texts = [f"text number {i % 7} about rivers and data" for i in range(30)]  # 7 distinct texts
+    n = len(texts)
+    table = pa.table({S.ID: [f"d{i}" for i in range(n)], S.TEXT: texts, S.REASON: pa.nulls(n, pa.string()),
+                      S.SOURCE_FILE: ["f"] * n, S.SOURCE_ROW: np.arange(n), S.SHARD: np.zeros(n, np.int32),
+                      S.POS: np.arange(n)})
+    table = table.append_column(S.TEXT_HASH, S.text_hashes(table.column(S.TEXT)))
+    e = Embedder({"name": str(tiny_model), "device": "cpu", "backend": "torch"})
+    try:
+        got = e(table)
+        assert e.stats.rows == 7  # the model saw each text once
+        ref, _ = e.embed(sorted(set(texts)))
+    finally:
+        e.close()
+    assert int(np.sum(got.column(S.COPIED).to_numpy(zero_copy_only=False))) == n - 7
+    vecs = S.embedding_matrix(got.column(S.EMBEDDING))
+    by_text = dict(zip(sorted(set(texts)), ref))
+    for t, v in zip(texts, vecs):
+        np.testing.assert_allclose(v, by_text[t], atol=1e-5)
+    rec = write_shard(Location.from_uri(str(tmp_path)), 0, got, S.shard_schema(vecs.shape[1], text_hash=True))
+    assert rec["rows"] == n and rec["deduplicated"] == n - 7 and rec["reused"] == 0
+    written = pq.read_table(tmp_path / rec["path"])
+    assert written.column(S.TEXT_HASH).to_pylist() == S.text_hashes(pa.array(texts)).to_pylist()
+
+
+def test_join_partition_carries_unchanged_ids_and_lists_gone_ones(tmp_path):
+    work = Location.from_uri(str(tmp_path / "plan"))
+    h = S.text_hashes(pa.array(["a", "b", "c", "d", "B"]))
+    new = pa.table({"id": ["1", "2", "3", "5"], "shard": [0, 0, 1, 1], "pos": [0, 1, 0, 1],
+                    "text_hash": [h[0], h[4], h[2], h[3]]})  # 2 changed ("b" -> "B"), 4 gone, 5 added
+    old = pa.table({"id": ["1", "2", "3", "4"], "old_path": ["shards/x.parquet"] * 4, "old_row": [0, 1, 2, 3],
+                    "text_hash": h.slice(0, 4)})
+    assert reuse._write_partitions(work, "new", "g-0000000.parquet", new.cast(reuse._NEW_SCHEMA), 1) == (0,)
+    assert reuse._write_partitions(work, "old", "g-0000000.parquet", old.cast(reuse._OLD_SCHEMA), 1) == (0,)
+    counts = reuse.join_partition(work, 0, ["g-0000000.parquet"], ["g-0000000.parquet"])
+    assert counts == {"reusable": 2, "changed": 1, "gone": 1}
+    carried = reuse.shard_reuse(work, 1, 1)
+    assert carried.to_pylist() == [{"shard": 1, "pos": 0, "old_path": "shards/x.parquet", "old_row": 2}]
+    assert reuse.shard_reuse(work, 0, 1).column("old_row").to_pylist() == [0]
+    gone = pq.read_table(tmp_path / "plan" / "gone" / "part-0000.parquet")
+    assert gone.column("id").to_pylist() == ["4"]
+
+
+def test_carry_forward_writes_the_old_vectors_bit_for_bit():
+    rng = np.random.default_rng(0)
+    new, old = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
+    reused = np.array([True, False, True, False, False])
+    table = pa.table({S.EMBEDDING: S.embedding_array(new), S.TRUNCATED: np.zeros(5, bool), S.REUSED: reused,
+                      S.OLD_EMBEDDING: S.embedding_array(old), S.OLD_TRUNCATED: np.ones(5, bool)})
+    out, count = reuse.carry_forward(table)
+    got = S.embedding_matrix(out.column(S.EMBEDDING))
+    assert count == 2
+    assert got[reused].tobytes() == old[reused].tobytes() and got[~reused].tobytes() == new[~reused].tobytes()
+    assert out.column(S.TRUNCATED).to_pylist() == reused.tolist()
+
+
+@pytest.mark.slow
+def test_a_reuse_run_killed_and_rerun_is_exactly_once(runs, tiny_model, tmp_path):
+    root = runs["root"]
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "reembed", "run", "--input", str(root / "v2"), "--output", str(out), "--model",
+            str(tiny_model), "--shard-rows", "10", "--backend", "torch", "--reuse", str(root / "out1")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not list((out / "_log").glob("*.json"))[2:]:
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = Manifest.load(Location.from_uri(str(out)))
+    assert partial is not None and not partial.is_complete()
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    s = pipeline.status(str(out))
+    assert s["complete"] and s["rows_reused"] == 170 and s["rows_embedded"] == 30 and s["gone"] == 10
+    got, old = vectors(out), vectors(root / "out1")
+    assert set(got) == {d["id"] for d in runs["new"]}  # and none twice (vectors() checks)
+    kept = {d["id"] for d in runs["docs"]} - runs["changed"] - runs["deleted"]
+    assert all(got[i] == old[i] for i in kept)
