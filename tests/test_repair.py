@@ -131,3 +131,30 @@ def test_check_shard_files_names_each_kind_of_damage(tmp_path):
     assert summary["checked"] == 5 and [d["shard"] for d in summary["damaged"]] == [0, 1]
     assert sorted(Manifest.load(loc).state().damaged) == [0, 1]
     assert Manifest.load(loc).pending() == [0, 1]
+
+
+def test_repair_hashes_the_faiss_files_that_an_open_only_fingerprints(tmp_path, monkeypatch):
+    """A flipped byte inside the inverted lists, same size and mtime: an open's fingerprint (ends of the
+    file, here 64 bytes each) does not see it; repair hashes the files whole and names it."""
+    import os
+
+    from index_fixtures import clustered, write_output as write_vectors
+    from reembed.config import IndexConfig
+    from reembed.indexes import build as stage
+    from reembed.indexes import faiss as F
+    from reembed.repair import check_index_files
+
+    monkeypatch.setattr(F, "EDGE", 64)
+    out = write_vectors(tmp_path / "out", clustered(3000, 32, seed=1), shard_rows=500)
+    rec = stage.run_faiss(out, IndexConfig(faiss="ivf", qdrant="none"))
+    loc = Location.from_uri(out)
+    assert check_index_files(loc, Manifest.load(loc)) == []
+    path = Path(out) / rec["ivfdata_path"]
+    stat = path.stat()
+    assert stat.st_size > 4 * 64
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert F.damaged_files(loc, rec) == []  # the fingerprint matches
+    assert check_index_files(loc, Manifest.load(loc)) == [loc.display(rec["ivfdata_path"])]

@@ -15,6 +15,10 @@
    them again under its new epoch. The job's settings come from ``--config`` or, without one, from the
    manifest (input, plan and model settings; the resume's fingerprint check refuses a mismatch).
 
+The finished FAISS build's files are hashed whole too (:func:`check_index_files`: an open of the index
+compares only a fingerprint); damaged ones are named in the summary (``faiss_damaged``) and rebuilt by
+``reembed index``.
+
 :func:`check_shard_files` is the one definition of a damaged shard; ``reembed validate`` uses it too, and
 :func:`map_shards` (Ray tasks over batches of committed shards, results streamed) is how both fan out.
 """
@@ -73,7 +77,7 @@ def repair(output: str | Location, cfg: Any = None, *, check_only: bool = False,
     summary: dict[str, Any] = {
         "output": loc.uri, "checked": checked, "retracted": len(damaged),
         "damaged": [{k: d[k] for k in ("shard", "reason", "message")} for d in damaged[:LISTED]],
-        "earlier_damaged": sorted(before)[:LISTED], "run": None,
+        "earlier_damaged": sorted(before)[:LISTED], "run": None, "faiss_damaged": check_index_files(loc, manifest),
     }
     log.info("repair: %d committed shards checked, %d damaged%s, %.1f s", checked, len(damaged),
              f" ({len(before)} found damaged earlier)" if before else "", time.monotonic() - t0)
@@ -89,6 +93,23 @@ def repair(output: str | Location, cfg: Any = None, *, check_only: bool = False,
     summary["complete"] = after.is_complete()
     summary["seconds"] = round(time.monotonic() - t0, 3)
     return summary
+
+
+def check_index_files(loc: Location, manifest: Manifest) -> list[str]:
+    """The files of the output's finished FAISS build whose whole sha256 differs from the manifest (an open
+    compares only their fingerprint: :func:`reembed.indexes.faiss.check_file`); `reembed index` rebuilds them.
+    Hashed here, in this process: at 1B vectors ~36 GB read once per repair."""
+    from reembed.indexes.build import state_of
+    from reembed.indexes.faiss import damaged_files
+
+    rec = state_of(manifest).get("faiss")
+    if not rec or rec.get("status") != "done":
+        return []
+    bad = damaged_files(loc, rec, verify=True)
+    if bad:
+        log.warning("FAISS v%s: %s damaged (sha256 differs from the manifest); `reembed index %s` builds it again",
+                    rec.get("version"), ", ".join(bad), loc.uri)
+    return bad
 
 
 def check_batch(loc: Location, batch: Sequence[tuple[int, int, dict[str, Any]]]) -> dict[str, Any]:
