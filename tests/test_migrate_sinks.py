@@ -12,6 +12,8 @@ from reembed.errors import ChecksumError, MigrationError
 from reembed.migrate.sinks import SINKS_DIR, next_version, publish, rollback
 from sink_fixtures import N_DOCS, chroma_server, cli, expected_metadata, synthetic_output  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("ray_local")  # publish writes from Ray tasks: one local Ray for the module
+
 
 def read_collection(uri_path, name, host=None):
     import chromadb
