@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -27,6 +28,11 @@ def read_collection(uri_path, name, host=None):
         [got["documents"][i] for i in order], [got["metadatas"][i] for i in order]
 
 
+def writers_of(out) -> dict[str, str]:
+    """Each shard's done marker -> the process (host:pid) that wrote the shard."""
+    return {p.name: json.loads(p.read_text())["worker"] for p in (out / SINKS_DIR).glob("*/done/*.json")}
+
+
 def check_same_documents(col_data, ids, vectors, columns):
     _, got_ids, got_vecs, docs, metas = col_data
     assert got_ids == ids
@@ -40,6 +46,9 @@ def test_publish_into_a_persistent_chroma_keeps_ids_text_and_metadata(tmp_path):
     store = tmp_path / "chroma"
     summary = publish(out, f"chroma://{store}?collection=docs", batch_size=7)
     assert (summary["collection"], summary["version"], summary["count"]) == ("docs_v1", 1, N_DOCS)
+    # A local folder has one writer: a Ray actor, not this process (no vector passed through here).
+    assert len(summary["writers"]) == 1 and set(writers_of(tmp_path / "out").values()) == set(summary["writers"])
+    assert not summary["writers"][0].endswith(f":{os.getpid()}")
     assert summary["rows_written"] == N_DOCS and summary["shards"] == 3 and summary["shards_resumed"] == 0
     col, *rest = read_collection(store, "docs_v1")
     check_same_documents((col, *rest), ids, vectors, columns)
@@ -49,7 +58,7 @@ def test_publish_into_a_persistent_chroma_keeps_ids_text_and_metadata(tmp_path):
     markers = sorted(p.name for p in (tmp_path / "out" / SINKS_DIR).glob("*/done/*"))
     assert markers == ["part-00000.json", "part-00001.json", "part-00002.json"]
     # A rerun finds everything done: nothing written, same collection.
-    again = publish(out, f"chroma://{store}?collection=docs")
+    again = publish(out, f"chroma://{store}?collection=docs", use_ray=False)
     assert (again["collection"], again["rows_written"], again["shards_resumed"]) == ("docs_v1", 0, 3)
 
 
@@ -64,7 +73,7 @@ def test_a_failed_publish_resumes_into_the_same_collection(tmp_path):
     _, got_ids, *_ = read_collection(tmp_path / "chroma", "docs_v1")
     assert got_ids == ids[:25]  # shard 0 written and marked, shard 1 not
     shard1.write_bytes(good)
-    summary = publish(out, uri)
+    summary = publish(out, uri, use_ray=False)
     assert (summary["collection"], summary["shards_resumed"], summary["rows_written"]) == ("docs_v1", 1, 35)
     check_same_documents(read_collection(tmp_path / "chroma", "docs_v1"), ids, vectors, columns)
 
@@ -78,7 +87,7 @@ def test_swap_renames_the_app_collection_aside_and_rollback_renames_it_back(tmp_
     app.upsert(ids=["legacy-1", "legacy-2"], embeddings=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], documents=["a", "b"])
     out, ids, vectors, columns = synthetic_output(tmp_path / "out")
     uri = f"chroma://{store}?collection=docs"
-    summary = publish(out, uri, swap=True)
+    summary = publish(out, uri, swap=True, use_ray=False)
     swap = summary["swap"]
     assert swap["renames"] == [["docs", "docs_v0"], ["docs_v1", "docs"]] and swap["model"] == "test/new-model"
     assert 0 <= swap["window_seconds"] < 5
@@ -90,7 +99,7 @@ def test_swap_renames_the_app_collection_aside_and_rollback_renames_it_back(tmp_
     assert read_collection(store, "docs")[1] == ["legacy-1", "legacy-2"]
     # The next publish of a changed output takes the next free version.
     out2, *_ = synthetic_output(tmp_path / "out2", seed=1)
-    assert publish(out2, uri)["collection"] == "docs_v2"
+    assert publish(out2, uri, use_ray=False)["collection"] == "docs_v2"
 
 
 def test_publish_through_a_chroma_server_in_parallel(tmp_path, chroma_server):  # noqa: F811
@@ -98,6 +107,10 @@ def test_publish_through_a_chroma_server_in_parallel(tmp_path, chroma_server):  
     uri = f"chroma://{chroma_server}?collection=served"
     summary = publish(out, uri, workers=3, batch_size=10, swap=True)
     assert summary["collection"] == "served_v1" and summary["count"] == N_DOCS
+    # A server is written by Ray tasks: every shard's marker names a worker process, none is this one.
+    writers = writers_of(tmp_path / "out")
+    assert len(writers) == 3 and not any(w.endswith(f":{os.getpid()}") for w in writers.values())
+    assert sorted(set(writers.values())) == summary["writers"]
     assert summary["swap"]["renames"] == [["served_v1", "served"]]  # no app collection yet: nothing moved aside
     check_same_documents(read_collection(None, "served", host=chroma_server), ids, vectors, columns)
 
@@ -110,7 +123,7 @@ def test_next_version_counts_past_every_existing_version():
 def test_cli_publish_prints_one_line_and_refuses_bad_targets(tmp_path, cli, capsys):  # noqa: F811
     out, *_ = synthetic_output(tmp_path / "out")
     uri = f"chroma://{tmp_path / 'chroma'}?collection=docs"
-    assert cli(["publish", str(tmp_path / "out"), "--to", uri, "--swap"]) == 0
+    assert cli(["publish", str(tmp_path / "out"), "--to", uri, "--swap", "--no-ray"]) == 0
     printed = capsys.readouterr().out
     assert f"published {N_DOCS} documents (16-d, test/new-model)" in printed and "as docs_v1" in printed
     assert "swapped: docs_v1 -> docs" in printed
@@ -205,7 +218,7 @@ def test_publish_into_weaviate_creates_a_versioned_collection_with_ids_text_and_
     out, ids, vectors, columns = synthetic_output(tmp_path / "out")
     with WeaviateStandin() as wv:
         uri = f"weaviate://127.0.0.1:{wv.http_port}/Docs?grpc_port={wv.grpc_port}"
-        summary = publish(out, uri, batch_size=20)
+        summary = publish(out, uri, batch_size=20, use_ray=False)
         assert (summary["collection"], summary["count"]) == ("Docs_v1", N_DOCS)
         assert "Docs_v1" in wv.classes and "Docs" not in wv.classes
         assert wv.classes["Docs_v1"]["description"].startswith("reembed v1: test/new-model (16-d")
@@ -220,16 +233,71 @@ def test_publish_into_weaviate_creates_a_versioned_collection_with_ids_text_and_
         assert obj["properties"] == {**meta, "text": "text of document 2", "doc_id": "doc-002"}
         # A second publish of another output takes the next version; --swap is refused with what to do instead.
         out2, *_ = synthetic_output(tmp_path / "out2", seed=3)
-        assert publish(out2, uri)["collection"] == "Docs_v2"
+        assert publish(out2, uri, use_ray=False)["collection"] == "Docs_v2"
         with pytest.raises(MigrationError, match="point the app at 'Docs_v3' instead of --swap"):
-            publish(synthetic_output(tmp_path / "out3", seed=4)[0], uri, swap=True)
+            publish(synthetic_output(tmp_path / "out3", seed=4)[0], uri, swap=True, use_ray=False)
 
 
 def test_rerunning_a_finished_publish_with_swap_writes_nothing_and_swaps_once(tmp_path):
     out, ids, *_ = synthetic_output(tmp_path / "out")
     uri = f"chroma://{tmp_path / 'chroma'}?collection=docs"
-    first = publish(out, uri, swap=True)
+    first = publish(out, uri, swap=True, use_ray=False)
     assert first["swap"]["renames"] == [["docs_v1", "docs"]]
-    again = publish(out, uri, swap=True)
+    again = publish(out, uri, swap=True, use_ray=False)
     assert again["rows_written"] == 0 and again["swap"]["renames"] == [] and "already" in again["swap"]["note"]
     assert read_collection(tmp_path / "chroma", "docs")[1] == ids
+
+
+@pytest.mark.slow  # a second local Ray starts in the killed process
+def test_a_killed_publish_reruns_to_every_document_exactly_once(tmp_path, chroma_server):  # noqa: F811
+    """SIGKILL a real `reembed publish` (its driver, its local Ray and the writer tasks) once some shards are
+    marked, rerun the same command: the marked shards are skipped, the cut-off ones written again, and the
+    collection holds each document once (count = rows, ids unique, vectors as committed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import reembed
+
+    n = 1200  # 48 shards of 25
+    out, ids, vectors, _ = synthetic_output(tmp_path / "out", n=n)
+    uri = f"chroma://{chroma_server}?collection=killed"
+    command = [sys.executable, "-m", "reembed", "publish", str(tmp_path / "out"), "--to", uri, "--workers", "2",
+               "--batch-size", "5"]
+    src = str(Path(reembed.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+    marked_at_kill = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(writers_of(tmp_path / "out")) >= 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+                marked_at_kill = len(writers_of(tmp_path / "out"))
+                break
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind: its local Ray
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+    assert marked_at_kill is not None, f"never saw a shard marked: {proc.stderr.read().decode()[-2000:]}"
+    # Ray's workers run in their own sessions: a task in flight may finish its shard before it notices its
+    # raylet is gone. Wait until the markers stop changing.
+    marked, still = writers_of(tmp_path / "out"), time.monotonic()
+    while time.monotonic() - still < 5:
+        time.sleep(0.5)
+        if (now := writers_of(tmp_path / "out")) != marked:
+            marked, still = now, time.monotonic()
+    assert 2 <= len(marked) < 48, "killed after the end: nothing left to resume"
+
+    summary = publish(out, uri, workers=2, batch_size=50)
+    assert summary["collection"] == "killed_v1"  # the same collection, not a new version
+    assert (summary["shards_resumed"], summary["count"]) == (len(marked), n)
+    assert {k: v for k, v in writers_of(tmp_path / "out").items() if k in marked} == marked  # not written again
+    _, got_ids, got_vecs, *_ = read_collection(None, "killed_v1", host=chroma_server)
+    assert got_ids == ids and len(set(got_ids)) == n
+    np.testing.assert_allclose(got_vecs, vectors, atol=1e-6)
