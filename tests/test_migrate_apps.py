@@ -225,3 +225,63 @@ def _payloads(folder, collection: str) -> dict:
         return {p.id: p.payload for p in client.scroll(collection, limit=100, with_payload=True)[0]}
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dual write into an app's collection: the app's own library reads the document back as one of its own
+
+
+def test_dual_write_into_langchain_apps_writes_their_layout(tmp_path, tiny_model):
+    from langchain_qdrant import QdrantVectorStore
+    from qdrant_client import QdrantClient
+
+    from app_fixtures import langchain_embeddings
+
+    for side in ("old", "new"):
+        build_langchain_app(tmp_path / side, tiny_model)
+    new_id, text = str(uuid.uuid4()), "A brand new recipe: sourdough rises overnight in a cool kitchen."
+    with M.open_store(f"qdrant://{tmp_path / 'old'}?collection={COLLECTION}", str(tiny_model), "old") as old, \
+            M.open_store(f"qdrant://{tmp_path / 'new'}?collection={COLLECTION}", str(tiny_model), "new") as new:
+        docs = [{"id": new_id, "text": text, "topic": "food", "tags": ["food", "v2"]}]
+        M.dual_write(docs, old, new)
+        M.dual_write(docs, old, new)  # written again: replaced, not added
+    for side in ("old", "new"):
+        client = QdrantClient(path=str(tmp_path / side))
+        try:
+            assert client.count(COLLECTION, exact=True).count == 61  # the corpus' 60, and this one once
+            store = QdrantVectorStore(client=client, collection_name=COLLECTION,
+                                      embedding=langchain_embeddings(tiny_model))
+            (got,) = store.get_by_ids([new_id])
+            assert got.page_content == text and got.metadata["_id"] == new_id
+            assert {k: got.metadata[k] for k in ("topic", "tags")} == {"topic": "food", "tags": ["food", "v2"]}
+            assert store.similarity_search(text, k=1)[0].page_content == text
+        finally:
+            client.close()
+
+
+def test_dual_write_into_llamaindex_apps_writes_their_nodes(tmp_path, tiny_model):
+    from llama_index.core import VectorStoreIndex
+    from llama_index.vector_stores.qdrant import QdrantVectorStore
+    from qdrant_client import QdrantClient
+
+    from app_fixtures import llamaindex_embeddings
+
+    for side in ("old", "new"):
+        build_llamaindex_app(tmp_path / side, tiny_model)
+    text = "A brand new node about telescopes seeing faint galaxies."
+    with M.open_store(f"qdrant://{tmp_path / 'old'}?collection={COLLECTION}", str(tiny_model), "old") as old, \
+            M.open_store(f"qdrant://{tmp_path / 'new'}?collection={COLLECTION}", str(tiny_model), "new") as new:
+        M.dual_write([{"id": "late-7", "text": text, "source_id": "late-7", "topic": "astro"}], old, new)
+    node_id = str(uuid.uuid5(Q.NAMESPACE, "late-7"))  # not a UUID: the one point id rule
+    for side in ("old", "new"):
+        client = QdrantClient(path=str(tmp_path / side))
+        try:
+            store = QdrantVectorStore(client=client, collection_name=COLLECTION)
+            (node,) = store.get_nodes(node_ids=[node_id])
+            assert node.node_id == node_id and node.get_content() == text
+            assert node.metadata == {"source_id": "late-7", "topic": "astro"}
+            index = VectorStoreIndex.from_vector_store(store, embed_model=llamaindex_embeddings(tiny_model))
+            top = index.as_retriever(similarity_top_k=1).retrieve(text)
+            assert top[0].node.node_id == node_id and top[0].node.metadata["source_id"] == "late-7"
+        finally:
+            client.close()
