@@ -13,8 +13,6 @@ from reembed.errors import ChecksumError, MigrationError
 from reembed.migrate.sinks import SINKS_DIR, next_version, publish, rollback
 from sink_fixtures import N_DOCS, chroma_server, cli, expected_metadata, synthetic_output  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("ray_local")  # publish writes from Ray tasks: one local Ray for the module
-
 
 def read_collection(uri_path, name, host=None):
     import chromadb
@@ -41,7 +39,7 @@ def check_same_documents(col_data, ids, vectors, columns):
     assert metas == [expected_metadata(columns, i) for i in range(len(ids))]
 
 
-def test_publish_into_a_persistent_chroma_keeps_ids_text_and_metadata(tmp_path):
+def test_publish_into_a_persistent_chroma_keeps_ids_text_and_metadata(tmp_path, ray_local):
     out, ids, vectors, columns = synthetic_output(tmp_path / "out")
     store = tmp_path / "chroma"
     summary = publish(out, f"chroma://{store}?collection=docs", batch_size=7)
@@ -62,7 +60,7 @@ def test_publish_into_a_persistent_chroma_keeps_ids_text_and_metadata(tmp_path):
     assert (again["collection"], again["rows_written"], again["shards_resumed"]) == ("docs_v1", 0, 3)
 
 
-def test_a_failed_publish_resumes_into_the_same_collection(tmp_path):
+def test_a_failed_publish_resumes_into_the_same_collection(tmp_path, ray_local):
     out, ids, vectors, columns = synthetic_output(tmp_path / "out")
     shard1 = sorted((tmp_path / "out" / "shards").glob("part-00001*.parquet"))[0]
     good = shard1.read_bytes()
@@ -102,7 +100,7 @@ def test_swap_renames_the_app_collection_aside_and_rollback_renames_it_back(tmp_
     assert publish(out2, uri, use_ray=False)["collection"] == "docs_v2"
 
 
-def test_publish_through_a_chroma_server_in_parallel(tmp_path, chroma_server):  # noqa: F811
+def test_publish_through_a_chroma_server_in_parallel(tmp_path, chroma_server, ray_local):  # noqa: F811
     out, ids, vectors, columns = synthetic_output(tmp_path / "out")
     uri = f"chroma://{chroma_server}?collection=served"
     summary = publish(out, uri, workers=3, batch_size=10, swap=True)
@@ -166,7 +164,7 @@ def test_a_collection_of_another_dimension_is_refused(tmp_path):
 # Pinecone: the official client against a stand-in of one index's data plane (tests/pinecone_standin.py)
 
 
-def test_publish_into_pinecone_writes_a_versioned_namespace_that_exports_back_the_same(tmp_path, monkeypatch):
+def test_publish_into_pinecone_writes_a_versioned_namespace_that_exports_back_the_same(tmp_path, monkeypatch, ray_local):
     from pinecone_standin import PineconeStandin
     from reembed.migrate.export import export
     from reembed.migrate.stores import PineconeStore
@@ -249,7 +247,7 @@ def test_rerunning_a_finished_publish_with_swap_writes_nothing_and_swaps_once(tm
 
 
 @pytest.mark.slow  # a second local Ray starts in the killed process
-def test_a_killed_publish_reruns_to_every_document_exactly_once(tmp_path, chroma_server):  # noqa: F811
+def test_a_killed_publish_reruns_to_every_document_exactly_once(tmp_path, chroma_server, ray_local):  # noqa: F811
     """SIGKILL a real `reembed publish` (its driver, its local Ray and the writer tasks) once some shards are
     marked, rerun the same command: the marked shards are skipped, the cut-off ones written again, and the
     collection holds each document once (count = rows, ids unique, vectors as committed)."""
@@ -301,3 +299,34 @@ def test_a_killed_publish_reruns_to_every_document_exactly_once(tmp_path, chroma
     _, got_ids, got_vecs, *_ = read_collection(None, "killed_v1", host=chroma_server)
     assert got_ids == ids and len(set(got_ids)) == n
     np.testing.assert_allclose(got_vecs, vectors, atol=1e-6)
+
+
+def test_swap_and_rollback_move_a_weaviate_alias_in_one_call(tmp_path):
+    """Against a stand-in of Weaviate >= 1.32's alias API (tests/weaviate_standin.py, written from the API docs):
+    --swap creates the app's alias, a later --swap moves it, --rollback moves it back; a collection of the app's
+    name is refused with what to do."""
+    from reembed.migrate.stores import WeaviateStore, parse_uri
+    from weaviate_standin import WeaviateStandin, _completed
+
+    with WeaviateStandin(version="1.32.0") as wv:
+        uri = f"weaviate://127.0.0.1:{wv.http_port}/Docs?grpc_port={wv.grpc_port}"
+        first = publish(synthetic_output(tmp_path / "out1")[0], uri, swap=True, use_ray=False)
+        assert first["swap"]["renames"] == [["Docs", "Docs_v1"]] and wv.aliases == {"Docs": "Docs_v1"}
+        assert first["swap"]["model"] == "test/new-model" and "(created)" in first["swap"]["note"]
+        second = publish(synthetic_output(tmp_path / "out2", n=40, seed=1)[0], uri, swap=True, use_ray=False)
+        assert second["swap"]["renames"] == [["Docs", "Docs_v2"]] and wv.aliases == {"Docs": "Docs_v2"}
+        with WeaviateStore.from_uri(parse_uri(uri)) as app:  # the app's name answers with the new collection
+            assert app.handle.aggregate.over_all(total_count=True).total_count == 40
+        back = rollback(uri)
+        assert back["renames"] == [["Docs", "Docs_v1"]] and wv.aliases == {"Docs": "Docs_v1"}
+        with pytest.raises(MigrationError, match="no earlier Docs_v<N>"):
+            rollback(uri)
+
+        wv.classes["Notes"] = _completed({"class": "Notes"})  # an app that queries its collection itself
+        notes = f"weaviate://127.0.0.1:{wv.http_port}/Notes?grpc_port={wv.grpc_port}"
+        out3 = synthetic_output(tmp_path / "out3")[0]
+        with pytest.raises(MigrationError, match="'Notes' is a collection, and a Weaviate alias cannot take"):
+            publish(out3, notes, swap=True, use_ray=False)
+        assert wv.aliases == {"Docs": "Docs_v1"}  # nothing created
+        aliased = publish(out3, f"{notes}&alias=NotesLive", swap=True, use_ray=False)
+        assert aliased["swap"]["renames"] == [["NotesLive", "Notes_v1"]] and wv.aliases["NotesLive"] == "Notes_v1"

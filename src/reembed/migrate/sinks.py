@@ -40,6 +40,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -216,7 +217,11 @@ def sink_name(src, manifest: Manifest) -> str:
     the target URI and the committed shards (a changed output or another store gets its own progress)."""
     from reembed.indexes.build import inputs_key
 
-    key = hashlib.sha256(f"{src.shown}\n{inputs_key(manifest)}".encode()).hexdigest()[:12]
+    where = src.shown
+    if "alias" in src.options:  # which alias a --swap moves is not what was written: left out of the key
+        parts = urlsplit(where)
+        where = parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "alias"])).geturl()
+    key = hashlib.sha256(f"{where}\n{inputs_key(manifest)}".encode()).hexdigest()[:12]
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", sink_class(src.kind).base_name(src)).strip("-") or "default"
     return f"{src.kind}-{base}-{key}"
 
