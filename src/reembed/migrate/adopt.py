@@ -7,7 +7,11 @@ Qdrant aliases cannot shadow a collection, and a collection cannot be renamed, s
 reembed (it queries the collection ``documents`` itself) cannot be swapped as it is. Adopting it:
 
 1. copies ``documents`` into ``documents-v0`` (same point ids, vectors, payloads and payload indexes),
-   page by page, and checks the copy holds every point;
+   page by page, in Ray tasks, and checks the copy holds every point. From a server, this process scrolls the
+   point ids only (no payload, no vector) to find where every 8th page starts, and ``workers`` tasks copy those
+   runs of pages at once, each with its own client. An embedded folder can be open in one process only: this
+   process lets go of it and one task on this node copies every point, then this process opens it again;
+   copying straight from the store (not from ``reembed export``'s parts) keeps every named and sparse vector;
 2. queries both with a sample of the stored vectors and requires the same results;
 3. deletes ``documents`` and at once creates the alias ``documents`` -> ``documents-v0``: between the two
    calls the name does not exist (Qdrant has no atomic "collection to alias"); that window is measured and

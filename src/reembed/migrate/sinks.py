@@ -19,14 +19,22 @@ present. The app's name is never written. Chroma and Pinecone have no aliases: f
 its namespace; for Chroma ``--swap`` renames (Chroma renames a collection in place, keeping its data): the
 app's ``docs`` becomes ``docs_v<old>`` (``docs_v0`` for a collection reembed did not make: the backup),
 then ``docs_v2`` becomes ``docs``. For the few milliseconds between the two renames no collection is
-called ``docs``; the summary gives the measured window. ``--rollback`` renames back.
+called ``docs``; the summary gives the measured window. ``--rollback`` renames back. Weaviate (>= 1.32) moves a
+collection alias in one call (see :mod:`reembed.migrate.stores.weaviate`).
 
-**Streaming and resumable.** One shard at a time per worker (at most ``workers`` shards in memory, whatever
-the output's size), upserted in batches of ``batch_size``. Progress is create-only marker objects under
-``OUTPUT/_sinks/<name>/``: ``target.json`` (the versioned name, written create-only before the name is
-created, so a killed publish resumes into the same one) and ``done/part-00042.json`` per finished shard (a few
-bytes written atomically, O(1) per shard). A rerun skips the shards with a marker; an upsert is idempotent by id, so a shard cut off half way is
-simply written again. The count is checked against the output's rows at the end.
+**Written by Ray tasks, resumable.** This process only picks the name, schedules the writers and checks the
+count: no vector passes through it. A server (HTTP Chroma, Pinecone, Weaviate) is written by Ray tasks over
+batches of shards, ``workers`` at once, each with its own client, reading its shards from the output itself. A
+local Chroma folder allows one writing process (each process keeps its own HNSW copy of the folder, and a second
+writer corrupts it), so one Ray actor on this node (the folder is here) writes it shard by shard; afterwards this
+process drops chromadb's cached view of the folder (:meth:`ChromaStore.written_elsewhere`), which would not see
+the actor's writes. The store's key (``CHROMA_API_KEY`` ...) goes to the writers in their runtime environment.
+Each writer upserts one shard at a time in batches of ``batch_size``. Progress is create-only marker objects
+under ``OUTPUT/_sinks/<name>/``: ``target.json`` (the versioned name, written create-only before the name is
+created, so a killed publish resumes into the same one) and ``done/part-00042.json`` per finished shard (rows,
+seconds and the writer's ``host:pid``, a few bytes written atomically, O(1) per shard). A rerun skips the shards
+with a marker; an upsert is idempotent by id, so a shard cut off half way is simply written again. The count is
+checked against the output's rows at the end. ``use_ray=False`` (``--no-ray``) writes from this process.
 """
 
 from __future__ import annotations
