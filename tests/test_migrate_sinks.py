@@ -246,11 +246,11 @@ def test_rerunning_a_finished_publish_with_swap_writes_nothing_and_swaps_once(tm
     assert read_collection(tmp_path / "chroma", "docs")[1] == ids
 
 
-@pytest.mark.slow  # a second local Ray starts in the killed process
+@pytest.mark.slow
 def test_a_killed_publish_reruns_to_every_document_exactly_once(tmp_path, chroma_server, ray_local):  # noqa: F811
-    """SIGKILL a real `reembed publish` (its driver, its local Ray and the writer tasks) once some shards are
-    marked, rerun the same command: the marked shards are skipped, the cut-off ones written again, and the
-    collection holds each document once (count = rows, ids unique, vectors as committed)."""
+    """SIGKILL a real `reembed publish` (a driver of this session's Ray: Ray then ends its writer tasks) once
+    some shards are marked, rerun the same command: the marked shards are skipped, the cut-off ones written
+    again, and the collection holds each document once (count = rows, ids unique, vectors as committed)."""
     import signal
     import subprocess
     import sys
@@ -265,7 +265,8 @@ def test_a_killed_publish_reruns_to_every_document_exactly_once(tmp_path, chroma
     command = [sys.executable, "-m", "reembed", "publish", str(tmp_path / "out"), "--to", uri, "--workers", "2",
                "--batch-size", "5"]
     src = str(Path(reembed.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
     marked_at_kill = None
     try:
@@ -278,13 +279,13 @@ def test_a_killed_publish_reruns_to_every_document_exactly_once(tmp_path, chroma
             time.sleep(0.05)
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind: its local Ray
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
     assert marked_at_kill is not None, f"never saw a shard marked: {proc.stderr.read().decode()[-2000:]}"
-    # Ray's workers run in their own sessions: a task in flight may finish its shard before it notices its
-    # raylet is gone. Wait until the markers stop changing.
+    # A task in flight may finish its shard before Ray ends the dead driver's tasks: wait until the markers
+    # stop changing.
     marked, still = writers_of(tmp_path / "out"), time.monotonic()
     while time.monotonic() - still < 5:
         time.sleep(0.5)
