@@ -7,6 +7,7 @@ are embedded directly (no Ray) so this stays fast; `reembed migrate` end to end 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_langchain_app_reads_the_new_collection_through_adopt_swap_and_rollback(
     # The app's name is a collection: swap is refused with the way out, then adopt makes it an alias.
     with pytest.raises(SwapRefused, match="reembed adopt"):
         swap(COLLECTION, new, qdrant=str(app), output=out, force=True)
-    adopted = M.adopt(f"qdrant://{app}?collection={COLLECTION}", model=str(minilm))
+    adopted = M.adopt(f"qdrant://{app}?collection={COLLECTION}", model=str(minilm), use_ray=False)
     assert adopted["collection"] == f"{COLLECTION}-v0" and adopted["same_results"] and adopted["points"] == 60
     assert 0 <= adopted["window_seconds"] < 5 and "did not exist for" in adopted["window"]
     assert langchain_answers(app, minilm, ids) == before  # through the alias, the same app answers the same
@@ -96,7 +97,7 @@ def test_llamaindex_app_reads_the_new_collection_through_adopt_swap_and_rollback
     assert sorted(table.column("id").to_pylist()) == sorted(ids)  # node ids are the point ids
     assert table.column("source_id").to_pylist()[:1] and "_node_content" not in table.column_names
 
-    M.adopt(f"qdrant://{app}?collection={COLLECTION}", model=str(minilm))
+    M.adopt(f"qdrant://{app}?collection={COLLECTION}", model=str(minilm), use_ray=False)
     swap(COLLECTION, new, qdrant=str(app), output=out, force=True)
     after = llamaindex_answers(app, proj, ids)
     assert after["top"][0] == before["top"][0] and after["top"][0][1] == "cook-0"  # node rebuilt from _node_content
@@ -146,7 +147,7 @@ def test_adopt_killed_inside_its_window_is_finished_by_a_rerun(tmp_path):
                                   for i in range(30)])
     client.close()
     uri = f"qdrant://{tmp_path}/app?collection=docs"
-    code = f"import reembed.migrate as M; M.adopt({uri!r}, model='old-model')"
+    code = f"import reembed.migrate as M; M.adopt({uri!r}, model='old-model', use_ray=False)"
     env = {**__import__("os").environ, "REEMBED_MIGRATE_KILL_AT": "adopt-window"}
     killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -195,19 +196,25 @@ def test_one_process_opens_an_embedded_folder_once(tmp_path):
     assert other.returncode == 0, other.stderr[-2000:]
 
 
-def test_adopt_and_versions_on_the_command_line(tmp_path, capsys):
+def test_adopt_and_versions_on_the_command_line(tmp_path, capsys, ray_local):
     """`reembed adopt` says what the window was and how long; `versions` takes the same qdrant:// URI and
-    shows the recorded model; `swap` onto the app's own collection name points at adopt."""
+    shows the recorded model; `swap` onto the app's own collection name points at adopt. The embedded folder is
+    copied by one Ray task on this node, while this process has let go of it (one process may open it)."""
     from qdrant_client import QdrantClient, models
 
     from reembed.cli import main
 
-    client = QdrantClient(path=str(tmp_path / "app"))
-    client.create_collection("docs", vectors_config=models.VectorParams(size=3, distance=models.Distance.COSINE))
-    client.upsert("docs", points=[models.PointStruct(id=i, vector=[1.0, i, 2.0 - i]) for i in range(5)])
-    client.close()
+    for app in ("app", "app2"):
+        client = QdrantClient(path=str(tmp_path / app))
+        client.create_collection("docs", vectors_config=models.VectorParams(size=3, distance=models.Distance.COSINE))
+        client.upsert("docs", points=[models.PointStruct(id=i, vector=[1.0, i, 2.0 - i]) for i in range(5)])
+        client.close()
+    assert main(["adopt", "--store", f"qdrant://{tmp_path}/app2?collection=docs", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["copied_by"]) == 1 and not record["copied_by"][0].endswith(f":{os.getpid()}")
+    assert (record["points"], record["queries_checked"], record["same_results"]) == (5, 5, True)
     uri = f"qdrant://{tmp_path}/app?collection=docs"
-    assert main(["adopt", "--store", uri, "--model", "old-model"]) == 0
+    assert main(["adopt", "--store", uri, "--model", "old-model", "--no-ray"]) == 0
     out = capsys.readouterr().out
     assert "adopted: docs is now an alias -> docs-v0 (5 points, query model old-model)" in out
     assert re.search(r"window: the name 'docs' did not exist for [0-9.]+ ms", out)
@@ -224,4 +231,115 @@ def _payloads(folder, collection: str) -> dict:
     try:
         return {p.id: p.payload for p in client.scroll(collection, limit=100, with_payload=True)[0]}
     finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dual write into an app's collection: the app's own library reads the document back as one of its own
+
+
+def test_dual_write_into_langchain_apps_writes_their_layout(tmp_path, tiny_model):
+    from langchain_qdrant import QdrantVectorStore
+    from qdrant_client import QdrantClient
+
+    from app_fixtures import langchain_embeddings
+
+    for side in ("old", "new"):
+        build_langchain_app(tmp_path / side, tiny_model)
+    new_id, text = str(uuid.uuid4()), "A brand new recipe: sourdough rises overnight in a cool kitchen."
+    with M.open_store(f"qdrant://{tmp_path / 'old'}?collection={COLLECTION}", str(tiny_model), "old") as old, \
+            M.open_store(f"qdrant://{tmp_path / 'new'}?collection={COLLECTION}", str(tiny_model), "new") as new:
+        docs = [{"id": new_id, "text": text, "topic": "food", "tags": ["food", "v2"]}]
+        M.dual_write(docs, old, new)
+        M.dual_write(docs, old, new)  # written again: replaced, not added
+    for side in ("old", "new"):
+        client = QdrantClient(path=str(tmp_path / side))
+        try:
+            assert client.count(COLLECTION, exact=True).count == 61  # the corpus' 60, and this one once
+            store = QdrantVectorStore(client=client, collection_name=COLLECTION,
+                                      embedding=langchain_embeddings(tiny_model))
+            (got,) = store.get_by_ids([new_id])
+            assert got.page_content == text and got.metadata["_id"] == new_id
+            assert {k: got.metadata[k] for k in ("topic", "tags")} == {"topic": "food", "tags": ["food", "v2"]}
+            assert store.similarity_search(text, k=1)[0].page_content == text
+        finally:
+            client.close()
+
+
+def test_dual_write_into_llamaindex_apps_writes_their_nodes(tmp_path, tiny_model):
+    from llama_index.core import VectorStoreIndex
+    from llama_index.vector_stores.qdrant import QdrantVectorStore
+    from qdrant_client import QdrantClient
+
+    from app_fixtures import llamaindex_embeddings
+
+    for side in ("old", "new"):
+        build_llamaindex_app(tmp_path / side, tiny_model)
+    text = "A brand new node about telescopes seeing faint galaxies."
+    with M.open_store(f"qdrant://{tmp_path / 'old'}?collection={COLLECTION}", str(tiny_model), "old") as old, \
+            M.open_store(f"qdrant://{tmp_path / 'new'}?collection={COLLECTION}", str(tiny_model), "new") as new:
+        M.dual_write([{"id": "late-7", "text": text, "source_id": "late-7", "topic": "astro"}], old, new)
+    node_id = str(uuid.uuid5(Q.NAMESPACE, "late-7"))  # not a UUID: the one point id rule
+    for side in ("old", "new"):
+        client = QdrantClient(path=str(tmp_path / side))
+        try:
+            store = QdrantVectorStore(client=client, collection_name=COLLECTION)
+            (node,) = store.get_nodes(node_ids=[node_id])
+            assert node.node_id == node_id and node.get_content() == text
+            assert node.metadata == {"source_id": "late-7", "topic": "astro"}
+            index = VectorStoreIndex.from_vector_store(store, embed_model=llamaindex_embeddings(tiny_model))
+            top = index.as_retriever(similarity_top_k=1).retrieve(text)
+            assert top[0].node.node_id == node_id and top[0].node.metadata["source_id"] == "late-7"
+        finally:
+            client.close()
+
+
+def test_runs_of_pages_from_the_scrolled_starts_copy_every_point_once(tmp_path):
+    """What the copying tasks of a server adopt do, here one run after another on embedded Qdrant: the starts
+    come from scrolling ids only, each run scrolls its pages from its start, and together they copy each point
+    once (mixed integer and UUID ids, a last page that is not full)."""
+    from qdrant_client import QdrantClient, models
+
+    from reembed.migrate.adopt import _copy_points, _create_copy, page_starts
+
+    ids = list(range(0, 150, 3)) + [str(uuid.uuid5(uuid.NAMESPACE_URL, f"p{i}")) for i in range(47)]
+    client = QdrantClient(path=str(tmp_path / "app"))
+    client.create_collection("docs", vectors_config=models.VectorParams(size=4, distance=models.Distance.COSINE))
+    rng = np.random.default_rng(0)
+    client.upsert("docs", points=[models.PointStruct(id=i, vector=rng.standard_normal(4).tolist(), payload={"n": n})
+                                  for n, i in enumerate(ids)])
+    client.close()
+    client = Q.connect(str(tmp_path / "app"))
+    try:
+        starts = page_starts(client, "docs", page_size=7, every=3)
+        assert len(starts) == -(-len(ids) // 21) and starts[0] is None  # 97 points: 14 pages, 5 runs of 3
+        _create_copy(client, "docs", "docs-v0", "m")
+        runs = [_copy_points(client, "docs", "docs-v0", 7, 4, 0, start=s, pages=3) for s in starts]
+        assert [r["points"] for r in runs] == [21, 21, 21, 21, 13]
+        assert Q.count(client, "docs-v0") == len(ids)
+        copied = {p.id: p.payload for p in client.scroll("docs-v0", limit=200, with_payload=True)[0]}
+        assert copied == {p.id: p.payload for p in client.scroll("docs", limit=200, with_payload=True)[0]}
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(not os.environ.get("QDRANT_URL"), reason="QDRANT_URL not set (no Qdrant server here)")
+def test_adopt_on_a_server_copies_with_parallel_ray_tasks(ray_local):
+    from qdrant_client import models
+
+    url, name = os.environ["QDRANT_URL"], f"adopt-{uuid.uuid4().hex[:8]}"
+    client = Q.connect(url)
+    try:
+        client.create_collection(name, vectors_config=models.VectorParams(size=8, distance=models.Distance.COSINE))
+        rng = np.random.default_rng(1)
+        client.upsert(name, points=[models.PointStruct(id=i, vector=rng.standard_normal(8).tolist(), payload={"i": i})
+                                    for i in range(3000)])
+        result = M.adopt(f"{url.replace('http', 'qdrant', 1)}?collection={name}", page_size=100, workers=3)
+        assert result["points"] == 3000 and result["same_results"] and len(result["copied_by"]) >= 2
+        assert not any(w.endswith(f":{os.getpid()}") for w in result["copied_by"])
+        assert Q.aliases(client)[name] == result["collection"]
+    finally:
+        for c in (name, f"{name}-v0"):
+            if c in Q.collections(client):
+                client.delete_collection(c)
         client.close()

@@ -154,11 +154,13 @@ def check_shard_files(loc: Location, shard: int, rec: dict[str, Any], hostile: s
 
 
 def map_shards(fn: Callable[..., Any], loc: Location, items: Iterable[Any], *args: Any, total: int,
-               workers: int | None = None, ray_address: str | None = None) -> Iterator[Any]:
+               workers: int | None = None, ray_address: str | None = None,
+               options: dict[str, Any] | None = None) -> Iterator[Any]:
     """``fn(loc, batch, *args)`` over batches of ``items`` (``total`` of them), yielded as they finish, in
     any order. As Ray tasks of :data:`TASK_CPUS` each, at most ``workers`` at once (None: every CPU the
     cluster has); ``args`` are put in Ray's object store once, not shipped with every task. ``workers=0``
-    runs them in this process. ``items`` are read lazily: the driver holds at most ``workers`` batches."""
+    runs them in this process. ``items`` are read lazily: the driver holds at most ``workers`` batches.
+    ``options``: more Ray task options (a scheduling strategy, a runtime_env)."""
     if workers is not None and workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if workers == 0:
@@ -174,6 +176,8 @@ def map_shards(fn: Callable[..., Any], loc: Location, items: Iterable[Any], *arg
     slots = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     per_task = max(1, min(SHARDS_PER_TASK_MAX, math.ceil(total / (TASKS_PER_WORKER * slots))))
     remote = ray.remote(num_cpus=TASK_CPUS, max_retries=3, retry_exceptions=[OSError])(fn)
+    if options:
+        remote = remote.options(**options)
     shared = [ray.put(a) for a in args]
     in_flight: list[Any] = []
     batches = _batches(items, per_task)

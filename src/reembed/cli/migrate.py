@@ -116,6 +116,10 @@ def register(subparsers) -> None:
     a.add_argument("--model", metavar="NAME_OR_PATH", help="the model the app queries with (recorded on the copy, "
                    "so swap, rollback and versions can name it)")
     a.add_argument("--sample", type=_positive, default=32, help="stored vectors used as check queries (default 32)")
+    a.add_argument("--workers", type=int, default=4, help="Ray tasks copying a server's collection at once "
+                   "(default 4; an embedded folder is copied by one task)")
+    a.add_argument("--no-ray", action="store_true", help="copy in this process instead of Ray tasks")
+    a.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     a.add_argument("--json", action="store_true", help="print the adoption record as JSON")
     a.set_defaults(func=cmd_adopt)
 
@@ -247,7 +251,10 @@ def _adapter(args: argparse.Namespace):
 def cmd_adopt(args: argparse.Namespace) -> int:
     from reembed.migrate.adopt import adopt
 
-    result = adopt(args.store, model=args.model, sample=args.sample)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    result = adopt(args.store, model=args.model, sample=args.sample, use_ray=not args.no_ray, workers=args.workers,
+                   ray_address=args.address)
     if args.json:
         print(json.dumps(result, indent=1))
     elif not result["changed"]:

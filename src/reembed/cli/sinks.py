@@ -26,8 +26,10 @@ def register(subparsers) -> None:
                         "pinecone://INDEX?namespace=NS, weaviate://host:8080/Collection; options text_field=, space= "
                         "(Chroma). Keys come from CHROMA_API_KEY / PINECONE_API_KEY / WEAVIATE_API_KEY")
     p.add_argument("--batch-size", type=_positive, default=256, help="documents per upsert request (default 256)")
-    p.add_argument("--workers", type=_positive, default=4, help="shards written at once to a server (default 4; a "
-                   "local Chroma folder is written one shard at a time)")
+    p.add_argument("--workers", type=_positive, default=4, help="Ray tasks writing shards at once into a server "
+                   "(default 4; a local Chroma folder has one writer, a Ray actor on this node)")
+    p.add_argument("--no-ray", action="store_true", help="write from this process instead of Ray tasks (small outputs)")
+    p.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS, else a local Ray)")
     p.add_argument("--swap", action="store_true", help="then make the new collection the app's (Chroma: rename)")
     p.add_argument("--rollback", action="store_true", help="undo the last --swap on --to, and nothing else")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -47,7 +49,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if not args.output:
         raise UsageError("publish needs OUTPUT_URI (the reembed output to publish) and --to STORE_URI")
     summary = publish(location(args, args.output), args.target, batch_size=args.batch_size, workers=args.workers,
-                      swap=args.swap)
+                      swap=args.swap, use_ray=not args.no_ray, ray_address=args.address)
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0

@@ -19,14 +19,22 @@ present. The app's name is never written. Chroma and Pinecone have no aliases: f
 its namespace; for Chroma ``--swap`` renames (Chroma renames a collection in place, keeping its data): the
 app's ``docs`` becomes ``docs_v<old>`` (``docs_v0`` for a collection reembed did not make: the backup),
 then ``docs_v2`` becomes ``docs``. For the few milliseconds between the two renames no collection is
-called ``docs``; the summary gives the measured window. ``--rollback`` renames back.
+called ``docs``; the summary gives the measured window. ``--rollback`` renames back. Weaviate (>= 1.32) moves a
+collection alias in one call (see :mod:`reembed.migrate.stores.weaviate`).
 
-**Streaming and resumable.** One shard at a time per worker (at most ``workers`` shards in memory, whatever
-the output's size), upserted in batches of ``batch_size``. Progress is create-only marker objects under
-``OUTPUT/_sinks/<name>/``: ``target.json`` (the versioned name, written create-only before the name is
-created, so a killed publish resumes into the same one) and ``done/part-00042.json`` per finished shard (a few
-bytes written atomically, O(1) per shard). A rerun skips the shards with a marker; an upsert is idempotent by id, so a shard cut off half way is
-simply written again. The count is checked against the output's rows at the end.
+**Written by Ray tasks, resumable.** This process only picks the name, schedules the writers and checks the
+count: no vector passes through it. A server (HTTP Chroma, Pinecone, Weaviate) is written by Ray tasks over
+batches of shards, ``workers`` at once, each with its own client, reading its shards from the output itself. A
+local Chroma folder allows one writing process (each process keeps its own HNSW copy of the folder, and a second
+writer corrupts it), so one Ray actor on this node (the folder is here) writes it shard by shard; afterwards this
+process drops chromadb's cached view of the folder (:meth:`ChromaStore.written_elsewhere`), which would not see
+the actor's writes. The store's key (``CHROMA_API_KEY`` ...) goes to the writers in their runtime environment.
+Each writer upserts one shard at a time in batches of ``batch_size``. Progress is create-only marker objects
+under ``OUTPUT/_sinks/<name>/``: ``target.json`` (the versioned name, written create-only before the name is
+created, so a killed publish resumes into the same one) and ``done/part-00042.json`` per finished shard (rows,
+seconds and the writer's ``host:pid``, a few bytes written atomically, O(1) per shard). A rerun skips the shards
+with a marker; an upsert is idempotent by id, so a shard cut off half way is simply written again. The count is
+checked against the output's rows at the end. ``use_ray=False`` (``--no-ray``) writes from this process.
 """
 
 from __future__ import annotations
@@ -34,9 +42,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +56,7 @@ import pyarrow as pa
 from reembed import schema as S
 from reembed.errors import MigrationError, ObjectExistsError
 from reembed.manifest import Manifest, now
-from reembed.migrate.stores.base import OLD_EMBEDDING, TEXT, parse_uri
+from reembed.migrate.stores.base import ENV_KEYS, OLD_EMBEDDING, TEXT, parse_uri
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -59,8 +71,13 @@ _NOT_METADATA = {S.ID, S.EMBEDDING, TEXT, OLD_EMBEDDING, "truncated", S.TEXT_HAS
 _RESERVED_META = {f"meta_{k}": k for k in (S.ID, TEXT, OLD_EMBEDDING)}
 
 
-def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: int = 4, swap: bool = False) -> dict[str, Any]:
-    """Write every committed shard of ``output`` into a versioned name of the store at ``to``; returns the summary."""
+def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: int = 4, swap: bool = False,
+            use_ray: bool = True, ray_address: str | None = None) -> dict[str, Any]:
+    """Write every committed shard of ``output`` into a versioned name of the store at ``to``; returns the summary.
+
+    The shards are written by Ray tasks (``workers`` at once; one writer actor on this node for a local Chroma
+    folder); this process only picks the name, schedules the writers and checks the count. ``use_ray=False``
+    writes them in this process instead (small outputs, debugging)."""
     if batch_size < 1 or workers < 1:
         raise MigrationError(f"batch size and workers must be >= 1, got {batch_size} and {workers}")
     t0 = time.monotonic()
@@ -90,39 +107,37 @@ def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: 
         except ObjectExistsError:  # another publish of the same output and store got there first
             target = _read_json(loc, f"{state_dir}/{TARGET}")
         loc.delete_dir(f"{state_dir}/_tmp")  # publish's staging folder, empty once the file is in place
-    store = sink.open_target(src, target["collection"], dim=dim, normalized=normalized, about={**about, "version": target["version"]})
-    with store:
-        done = _done_shards(loc, state_dir)
-        todo = [(s, rec) for s, rec in sorted(manifest.committed.items()) if s not in done]
-        if done:
-            log.info("publish %s: resuming, %d of %d shards already written", target["collection"], len(done),
-                     len(done) + len(todo))
-        columns = _columns(manifest)
-        if TEXT not in columns:
-            log.warning("publish: %s carries no text column; the store gets vectors and metadata only (run the job "
-                        "with --passthrough text,...)", loc.display())
-        written = 0
-
-        def one(item: tuple[int, dict[str, Any]]) -> tuple[int, int]:
-            shard, rec = item
-            from reembed.indexes.build import read_shard
-
-            table = read_shard(loc, shard, rec, columns)
-            for ids, texts, vectors, metas in documents(table, batch_size):
-                store.upsert(ids, texts, vectors, metas)
-            return shard, table.num_rows
-
-        from reembed.indexes.build import bounded_map
-
-        for shard, n in bounded_map(one, todo, workers if sink.concurrent(src) else 1):
-            _mark_done(loc, state_dir, shard, n)
-            written += n
+    opened = {"dim": dim, "normalized": normalized, "about": {**about, "version": target["version"]}}
+    with sink.open_target(src, target["collection"], **opened):  # created here, once, before any writer runs
+        pass
+    done = _done_shards(loc, state_dir)
+    todo = [(s, _slim(rec)) for s, rec in sorted(manifest.committed.items()) if s not in done]
+    if done:
+        log.info("publish %s: resuming, %d of %d shards already written", target["collection"], len(done),
+                 len(done) + len(todo))
+    columns = _columns(manifest)
+    if TEXT not in columns:
+        log.warning("publish: %s carries no text column; the store gets vectors and metadata only (run the job "
+                    "with --passthrough text,...)", loc.display())
+    job = SinkWrite(loc, to, target["collection"], opened, state_dir, tuple(columns), batch_size)
+    if not use_ray:
+        results = [job.write(loc, todo)] if todo else []
+    elif sink.concurrent(src):
+        results = _write_parallel(job, todo, workers, ray_address)
+    else:
+        try:
+            results = _write_single(job, todo, ray_address)
+        finally:  # written by another process, finished or not: what this process has cached is stale
+            sink.written_elsewhere(src)
+    written = sum(r["rows"] for r in results)
+    with sink.open_target(src, target["collection"], **opened) as store:
         count = store.count()
-        if count != rows:
-            raise MigrationError(f"{src.shown}: {target['collection']} holds {count} documents after publishing, the "
-                                 f"output has {rows}; another writer may be using it - publish into a new name")
+    if count != rows:
+        raise MigrationError(f"{src.shown}: {target['collection']} holds {count} documents after publishing, the "
+                             f"output has {rows}; another writer may be using it - publish into a new name")
     summary = {**target, "count": count, "rows_written": written, "shards": len(manifest.committed),
-               "shards_resumed": len(done), "seconds": round(time.monotonic() - t0, 3)}
+               "shards_resumed": len(done), "writers": sorted({r["worker"] for r in results}),
+               "seconds": round(time.monotonic() - t0, 3)}
     if swap:
         summary["swap"] = sink.swap(src, target["collection"])
     loc.write_bytes(json.dumps({**summary, "finished_at": now()}, indent=1).encode(), f"{state_dir}/{COMPLETE}")
@@ -130,6 +145,60 @@ def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: 
     log.info("publish: %d rows (%d written now), %.1f s, %.1f rows/s -> %s %s", rows, written, secs,
              written / secs if secs else 0.0, src.shown, target["collection"])
     return summary
+
+
+@dataclass(frozen=True)
+class SinkWrite:
+    """What a writer needs to write shards into the target: small, so it travels into Ray tasks (the store URI
+    carries no secret; a key comes from the writer's environment, see :func:`_key_env`)."""
+
+    loc: Location
+    uri: str
+    collection: str
+    opened: dict[str, Any]  # dim, normalized, about: open_target's keywords
+    state_dir: str
+    columns: tuple[str, ...]
+    batch_size: int
+
+    def open(self):
+        src = parse_uri(self.uri)
+        return sink_class(src.kind).open_target(src, self.collection, **self.opened)
+
+    def write(self, loc: Location, items: list[tuple[int, dict[str, Any]]], store=None) -> dict[str, Any]:
+        """Write each shard of ``items`` (read here, one at a time, from ``loc``) and mark it done; returns
+        ``{"rows", "shards", "worker"}``. ``store``: an open target to reuse (the single writer's)."""
+        from reembed.indexes.build import read_shard
+
+        own = store is None
+        store = self.open() if own else store
+        rows = 0
+        try:
+            for shard, rec in items:
+                t0 = time.monotonic()
+                table = read_shard(loc, shard, rec, list(self.columns))
+                for ids, texts, vectors, metas in documents(table, self.batch_size):
+                    store.upsert(ids, texts, vectors, metas)
+                _mark_done(loc, self.state_dir, shard, table.num_rows, time.monotonic() - t0)
+                rows += table.num_rows
+        finally:
+            if own:
+                store.close()
+        return {"rows": rows, "shards": len(items), "worker": _worker()}
+
+
+class SingleWriter:
+    """The one writer of a store that allows one (a local Chroma folder), as a Ray actor: it keeps the store
+    open and is fed shards a batch at a time."""
+
+    def __init__(self, job: SinkWrite):
+        self.job = job
+        self.store = job.open()
+
+    def write(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        return self.job.write(self.job.loc, items, self.store)
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def rollback(to: str) -> dict[str, Any]:
@@ -156,7 +225,11 @@ def sink_name(src, manifest: Manifest) -> str:
     the target URI and the committed shards (a changed output or another store gets its own progress)."""
     from reembed.indexes.build import inputs_key
 
-    key = hashlib.sha256(f"{src.shown}\n{inputs_key(manifest)}".encode()).hexdigest()[:12]
+    where = src.shown
+    if "alias" in src.options:  # which alias a --swap moves is not what was written: left out of the key
+        parts = urlsplit(where)
+        where = parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "alias"])).geturl()
+    key = hashlib.sha256(f"{where}\n{inputs_key(manifest)}".encode()).hexdigest()[:12]
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", sink_class(src.kind).base_name(src)).strip("-") or "default"
     return f"{src.kind}-{base}-{key}"
 
@@ -183,6 +256,67 @@ def next_version(existing: Sequence[str], base: str, sep: str = "_v") -> tuple[s
 # Helpers
 
 
+def _write_parallel(job: SinkWrite, todo: list[tuple[int, dict[str, Any]]], workers: int,
+                    ray_address: str | None) -> list[dict[str, Any]]:
+    """A server: Ray tasks over batches of shards, ``workers`` at once, each with its own client."""
+    from reembed.repair import map_shards
+
+    if not todo:
+        return []
+    options = {"scheduling_strategy": "SPREAD", **_key_env(job.uri)}
+    return list(map_shards(_write_task, job.loc, todo, job, total=len(todo), workers=workers,
+                           ray_address=ray_address, options=options))
+
+
+def _write_task(loc: Location, items: list[tuple[int, dict[str, Any]]], job: SinkWrite) -> dict[str, Any]:
+    return job.write(loc, items)
+
+
+def _write_single(job: SinkWrite, todo: list[tuple[int, dict[str, Any]]], ray_address: str | None,
+                  per_call: int = 16) -> list[dict[str, Any]]:
+    """A local Chroma folder: Chroma allows one writing process per folder (each process keeps its own copy of
+    the HNSW index; two writers corrupt it), so one actor, on this node (the folder is here), writes every
+    shard in turn, ``per_call`` shards per call. Only shard records go to it; the vectors never come here."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from reembed.cluster import init_ray
+    from reembed.repair import _batches, _get
+
+    if not todo:
+        return []
+    init_ray(ray_address)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    writer = ray.remote(SingleWriter).options(num_cpus=1, scheduling_strategy=here, max_restarts=0,
+                                              **_key_env(job.uri)).remote(job)
+    results = []
+    try:
+        for batch in _batches(todo, per_call):
+            results.append(_get(ray, writer.write.remote(batch)))
+        _get(ray, writer.close.remote())
+    finally:
+        ray.kill(writer)
+    return results
+
+
+def _key_env(uri: str) -> dict[str, Any]:
+    """The store's key (``CHROMA_API_KEY`` ...) from this process's environment, for the writers' environment
+    (a cluster's workers do not share the driver's); nothing if it is not set."""
+    name = ENV_KEYS.get(parse_uri(uri).kind)
+    value = os.environ.get(name) if name else None
+    return {"runtime_env": {"env_vars": {name: value}}} if value else {}
+
+
+def _slim(rec: dict[str, Any]) -> dict[str, Any]:
+    from reembed.indexes.build import _slim as slim
+
+    return slim(rec)
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _complete_manifest(loc: Location) -> Manifest:
     from reembed.indexes.build import _load
 
@@ -203,9 +337,10 @@ def _done_shards(loc: Location, state_dir: str) -> set[int]:
     return done
 
 
-def _mark_done(loc: Location, state_dir: str, shard: int, rows: int) -> None:
-    # Written whole or not at all; a second writer of the same marker writes the same fact.
-    loc.write_bytes(json.dumps({"rows": rows}).encode(), f"{state_dir}/{DONE}/part-{shard:05d}.json")
+def _mark_done(loc: Location, state_dir: str, shard: int, rows: int, seconds: float) -> None:
+    # Written whole or not at all; a second writer of the same marker writes the same fact (and its own pid).
+    body = {"rows": rows, "seconds": round(seconds, 3), "worker": _worker(), "at": now()}
+    loc.write_bytes(json.dumps(body).encode(), f"{state_dir}/{DONE}/part-{shard:05d}.json")
 
 
 def _read_json(loc: Location, rel: str) -> dict[str, Any] | None:

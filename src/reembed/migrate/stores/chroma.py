@@ -165,6 +165,16 @@ class ChromaStore(Store):
     def count(self) -> int:
         return int(self.handle.count())
 
+    @staticmethod
+    def written_elsewhere(src: StoreURI) -> None:
+        """Forget this process's view of a local folder that another process (publish's writer) has written:
+        chromadb keeps one system per folder per process, whose HNSW readers do not see another process's
+        writes (a read then fails or misses documents). The next client reads the folder as it is on disk."""
+        if not src.host:
+            from chromadb.api.client import SharedSystemClient
+
+            SharedSystemClient.clear_system_cache()
+
     @classmethod
     def swap(cls, src: StoreURI, name: str) -> dict[str, Any]:
         """Make ``name`` the app's collection: app ``docs`` -> ``docs_v<its version, 0 if not reembed's>``,

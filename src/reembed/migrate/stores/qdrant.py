@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid as uuidlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -139,15 +140,25 @@ class QdrantStore(Store):
                   split_payload(dict(p.payload or {}), layout)[0]) for p in res.points] for res in results]
 
     def _upsert(self, ids, texts, vectors, metadata) -> None:
-        """Points keyed by :func:`reembed.indexes.qdrant.point_id`, with the document id in the payload as the
-        index stage stores it."""
+        """Points in the collection's own layout (:meth:`detect_layout`), so the app reads a dual-written document
+        as one of its own: LangChain's ``page_content`` + ``metadata``, LlamaIndex's ``_node_content`` node, else
+        the metadata flat beside the text and the document id as the index stage stores them. Point ids: an
+        app's ids (LangChain, LlamaIndex) are point ids already, so a UUID or unsigned integer id is kept as it
+        is and any other id becomes :func:`~reembed.indexes.qdrant.point_id`; in reembed's layout always the
+        latter. Either way the same document gets the same point in both stores, and writing it again replaces it."""
         from qdrant_client import models
 
+        layout = self.detect_layout() if self._has_points() else {"kind": "reembed"}
         id_field = self.id_field or Q.PAYLOAD_ID
         points = []
         for i, t, v, m in zip(ids, texts, vectors, metadata):
-            points.append(models.PointStruct(id=Q.point_id(i), vector={self.vector: v.tolist()} if self.vector else v.tolist(),
-                                             payload={**m, id_field: i, self.text_field: t}))
+            if layout["kind"] in ("langchain", "llamaindex"):
+                pid = app_point_id(i)
+                payload = app_payload(layout, str(pid), t, m)
+            else:
+                pid, payload = Q.point_id(i), {**m, id_field: i, self.text_field: t}
+            points.append(models.PointStruct(id=pid, vector={self.vector: v.tolist()} if self.vector else v.tolist(),
+                                             payload=payload))
         try:
             Q.call_with_retry(lambda: self.client.upsert(self.collection, points=points, wait=True),
                               what=f"upsert into {self.collection}")
@@ -156,6 +167,13 @@ class QdrantStore(Store):
 
     def close(self) -> None:
         self.client.close()
+
+    def _has_points(self) -> bool:
+        if self.layout["kind"] is not None:
+            return True
+        points, _ = Q.call_with_retry(lambda: self.client.scroll(self.collection, limit=1, with_payload=False,
+                                                                 with_vectors=False), what=f"scroll {self.collection}")
+        return bool(points)
 
     def _doc_id(self, payload: dict[str, Any], point_id: Any) -> str:
         if self.id_field:
@@ -173,6 +191,31 @@ def layout_of(payload: dict[str, Any]) -> dict[str, Any]:
     if Q.PAYLOAD_ID in keys:
         return {"kind": "reembed", "text_field": TEXT}
     return {"kind": "payload", "text_field": TEXT}
+
+
+def app_point_id(doc_id: str) -> int | str:
+    """The point id of an app's document: its id when Qdrant takes it as one (a UUID, an unsigned integer, as
+    LangChain's and LlamaIndex's ids are), else :func:`~reembed.indexes.qdrant.point_id` of it."""
+    text = str(doc_id)
+    if text.isdigit() and int(text) < 2**64:
+        return int(text)
+    try:
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        return Q.point_id(text)
+
+
+def app_payload(layout: dict[str, Any], node_id: str, text: str | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """One document's payload as the app's own library writes it (LangChain's ``QdrantVectorStore``, LlamaIndex's
+    ``node_to_metadata_dict`` for a ``TextNode`` without a source document)."""
+    if layout["kind"] == "langchain":
+        return {LANGCHAIN_TEXT: text, layout.get("metadata_field", LANGCHAIN_METADATA): dict(meta)}
+    node = {"id_": node_id, "embedding": None, "metadata": dict(meta), "excluded_embed_metadata_keys": [],
+            "excluded_llm_metadata_keys": [], "relationships": {}, "metadata_template": "{key}: {value}",
+            "metadata_separator": "\n", "text": text or "", "mimetype": "text/plain", "start_char_idx": None,
+            "end_char_idx": None, "text_template": "{metadata_str}\n\n{content}", "class_name": "TextNode"}
+    return {**meta, LLAMAINDEX_NODE: json.dumps(node, ensure_ascii=False), "_node_type": "TextNode",
+            "document_id": "None", "doc_id": "None", "ref_doc_id": "None"}
 
 
 def split_payload(payload: dict[str, Any], layout: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:

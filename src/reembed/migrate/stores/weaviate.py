@@ -9,15 +9,18 @@ As a publish target (:mod:`reembed.migrate.sinks`): the vectors go into a new co
 UUIDs (what ``export`` reads from Weaviate) are kept as object uuids; any other id becomes a uuid5 of it and is
 kept in the property ``id_field`` (default ``doc_id``), from which ``export ?id_field=doc_id`` reads it back.
 Metadata keys Weaviate reserves (``id``, ``_id``, ``_additional``, ``vector``) are stored as ``meta_<key>``.
-Collection aliases need weaviate-client >= 4.17 and Weaviate >= 1.32; with the pinned client there is no swap:
-the app points at the versioned collection. Tested against a stand-in (tests/weaviate_standin.py: the REST and
-gRPC calls the client makes, written from Weaviate's API and the client's own protobuf definitions), not
-against Weaviate itself.
+``--swap`` points a collection alias (Weaviate >= 1.32; the pinned weaviate-client 4.16 has ``client.alias``) at the
+new collection in one call: the alias is ``?alias=NAME``, else the URI's collection name, which must then be an
+alias already or free (an alias cannot take a collection's name). ``--rollback`` points it back at the highest
+earlier ``<Collection>_v<N>``. Before 1.32 there is no swap: the app points at the versioned collection. Tested
+against a stand-in (tests/weaviate_standin.py: the REST and gRPC calls the client makes, written from Weaviate's
+API docs and the client's own protobuf definitions, aliases included), not against Weaviate itself.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import uuid as uuidlib
 from typing import Any, Iterator
 
@@ -156,13 +159,79 @@ class WeaviateStore(Store):
 
     @classmethod
     def swap(cls, src: StoreURI, name: str) -> dict[str, Any]:
-        raise MigrationError(f"{src.shown}: collection aliases need weaviate-client >= 4.17 and Weaviate >= 1.32; point "
-                             f"the app at {name!r} instead of --swap")
+        """Point the alias the app queries (``?alias=``, default the collection name of the URI) at ``name``: one
+        call (``PUT /v1/aliases/<alias>``, or a create when there is no alias yet), so the app's name is never
+        absent. An alias cannot take a collection's name: an app querying its collection ``Docs`` itself is
+        refused, with what to do instead."""
+        alias = cls.alias_name(src)
+        client = _connect(src)
+        try:
+            _need_aliases(client, src, name)
+            current = client.alias.get(alias_name=alias)
+            if current is None and client.collections.exists(alias):
+                raise MigrationError(
+                    f"{src.shown}: {alias!r} is a collection, and a Weaviate alias cannot take a collection's name; "
+                    f"make the app query an alias: add &alias=NAME to --to (a new alias NAME -> {name!r} is created; "
+                    f"point the app at NAME once), or query {name!r} directly")
+            if current is not None and current.collection == name:
+                return cls._swapped(client, alias, name, [], f"the alias {alias!r} already points at {name!r}")
+            if current is None:
+                client.alias.create(alias_name=alias, target_collection=name)
+            else:
+                client.alias.update(alias_name=alias, new_target_collection=name)
+            got = client.alias.get(alias_name=alias)
+            if got is None or got.collection != name:
+                raise MigrationError(f"{src.shown}: the alias {alias!r} does not point at {name!r} after the swap "
+                                     f"({got.collection if got else 'no alias'}); run it again")
+            was = f"(was {current.collection!r})" if current is not None else "(created)"
+            return cls._swapped(client, alias, name, [[alias, name]],
+                                f"Weaviate alias {alias!r} -> {name!r} {was}, in one call: the name was never absent")
+        finally:
+            client.close()
 
     @classmethod
     def rollback(cls, src: StoreURI) -> dict[str, Any]:
-        raise MigrationError(f"{src.shown}: reembed never swapped a Weaviate collection; point the app back at its "
-                             "old collection")
+        """Point the alias back at the highest ``<Collection>_v<N>`` below the one it points at now."""
+        alias, base = cls.alias_name(src), cls.base_name(src)
+        client = _connect(src)
+        try:
+            _need_aliases(client, src)
+            current = client.alias.get(alias_name=alias)
+            if current is None:
+                raise MigrationError(f"{src.shown}: no Weaviate alias {alias!r} to roll back (reembed never swapped it)")
+            now_at = _version(base, current.collection)
+            names = list(client.collections.list_all(simple=True))
+            older = sorted(v for v in (_version(base, n) for n in names) if v is not None and
+                           (now_at is None or v < now_at))
+        finally:
+            client.close()
+        if not older:
+            raise MigrationError(f"{src.shown}: the alias {alias!r} points at {current.collection!r} and no earlier "
+                                 f"{base}_v<N> exists to roll back to")
+        return cls.swap(src, f"{base}_v{older[-1]}")
+
+    @staticmethod
+    def alias_name(src: StoreURI) -> str:
+        return src.option("alias") or WeaviateStore.base_name(src)
+
+    @staticmethod
+    def _swapped(client, alias: str, name: str, moves: list, note: str) -> dict[str, Any]:
+        desc = client.collections.export_config(name).description or ""
+        model = re.match(r"reembed v\d+: (.*) \(\d+-d", desc)
+        return {"renames": moves, "window_seconds": 0.0, "collection": alias,
+                "model": model.group(1) if model else None, "note": note}
+
+
+def _need_aliases(client, src: StoreURI, name: str | None = None) -> None:
+    version = client.get_meta().get("version", "0")
+    if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < (1, 32):
+        raise MigrationError(f"{src.shown}: this Weaviate is {version}; collection aliases need Weaviate >= 1.32: "
+                             f"upgrade it, or point the app at {repr(name) + ' instead of --swap' if name else 'its old collection'}")
+
+
+def _version(base: str, name: str) -> int | None:
+    m = re.fullmatch(re.escape(base) + r"_v(\d+)", name)
+    return int(m.group(1)) if m else None
 
 
 def _as_uuid(value: str) -> str | None:
