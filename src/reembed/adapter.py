@@ -325,7 +325,7 @@ def lookup_old(old: str, settings: Any, ids: list[str]) -> dict[str, np.ndarray]
         return out
     import ray
 
-    from reembed.cluster import init_ray
+    from reembed.cluster import get, init_ray
     from reembed.storage import list_inputs
 
     old_loc, files = list_inputs(Location.from_uri(old, settings), "*.parquet")
@@ -334,7 +334,7 @@ def lookup_old(old: str, settings: Any, ids: list[str]) -> dict[str, np.ndarray]
     init_ray(None)
     wanted = ray.put(sorted(set(ids)))
     found: dict[str, np.ndarray] = {}
-    for got in ray.get([_part_matches.remote(old_loc, f.path, wanted) for f in files]):
+    for got in get([_part_matches.remote(old_loc, f.path, wanted) for f in files]):
         found.update(got)
     return found
 
