@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -62,14 +63,35 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+STANDIN_KEYS = {"PINECONE_API_KEY": "test-key"}
+"""What the stand-in servers of tests/ accept (tests/pinecone_standin.py): not a secret."""
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray for the whole session: 2 CPUs, a small object store, loopback only."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
-                 log_to_driver=False, configure_logging=False)
+        # The stand-in stores' keys are in the environment the workers start with, as a cluster's nodes get a
+        # store's key from their own secret (reembed never sends one through Ray); this process keeps its own.
+        with _environ(STANDIN_KEYS):
+            ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
+                     log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

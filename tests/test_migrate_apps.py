@@ -220,7 +220,7 @@ def test_adopt_and_versions_on_the_command_line(tmp_path, capsys, ray_local):
     assert re.search(r"window: the name 'docs' did not exist for [0-9.]+ ms", out)
     assert "checked: 5 sample queries answer the same before and after" in out
     assert main(["versions", "--qdrant", f"qdrant://{tmp_path}/app"]) == 0
-    assert re.search(r"docs-v0 +old-model +3 +5 +ready +docs", capsys.readouterr().out)
+    assert re.search(r"docs-v0 +old-model +3 +5 +none +ready +docs", capsys.readouterr().out)
     assert main(["adopt", "--store", uri]) == 0
     assert "already an alias -> docs-v0; nothing changed" in capsys.readouterr().out
 

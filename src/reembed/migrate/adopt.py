@@ -238,13 +238,12 @@ def _copy_single(job: tuple, ray_address: str | None) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from reembed.cluster import init_ray
-    from reembed.repair import _get
+    from reembed.cluster import get, init_ray
 
     init_ray(ray_address)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(_copy_embedded).options(num_cpus=1, scheduling_strategy=here, max_retries=0)
-    result = _get(ray, task.remote(job))
+    result = get(task.remote(job))
     log.info("adopt: %s copied by one Ray task (%s): %d points", job[1], result["worker"], result["points"])
     return result
 

@@ -28,7 +28,10 @@ batches of shards, ``workers`` at once, each with its own client, reading its sh
 local Chroma folder allows one writing process (each process keeps its own HNSW copy of the folder, and a second
 writer corrupts it), so one Ray actor on this node (the folder is here) writes it shard by shard; afterwards this
 process drops chromadb's cached view of the folder (:meth:`ChromaStore.written_elsewhere`), which would not see
-the actor's writes. The store's key (``CHROMA_API_KEY`` ...) goes to the writers in their runtime environment.
+the actor's writes. The store's key (``CHROMA_API_KEY`` ...) is read by each writer from its own process environment, as the
+Qdrant loaders do (a local Ray's workers inherit this process's; a cluster's nodes get it from their own
+secret): it never goes into a task's arguments or Ray's runtime_env, which Ray shows in its dashboard and job
+records.
 Each writer upserts one shard at a time in batches of ``batch_size``. Progress is create-only marker objects
 under ``OUTPUT/_sinks/<name>/``: ``target.json`` (the versioned name, written create-only before the name is
 created, so a killed publish resumes into the same one) and ``done/part-00042.json`` per finished shard (rows,
@@ -56,7 +59,7 @@ import pyarrow as pa
 from reembed import schema as S
 from reembed.errors import MigrationError, ObjectExistsError
 from reembed.manifest import Manifest, now
-from reembed.migrate.stores.base import ENV_KEYS, OLD_EMBEDDING, TEXT, parse_uri
+from reembed.migrate.stores.base import OLD_EMBEDDING, TEXT, parse_uri
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -150,7 +153,7 @@ def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: 
 @dataclass(frozen=True)
 class SinkWrite:
     """What a writer needs to write shards into the target: small, so it travels into Ray tasks (the store URI
-    carries no secret; a key comes from the writer's environment, see :func:`_key_env`)."""
+    carries no secret; a key comes from the writer's own process environment)."""
 
     loc: Location
     uri: str
@@ -263,7 +266,7 @@ def _write_parallel(job: SinkWrite, todo: list[tuple[int, dict[str, Any]]], work
 
     if not todo:
         return []
-    options = {"scheduling_strategy": "SPREAD", **_key_env(job.uri)}
+    options = {"scheduling_strategy": "SPREAD"}
     return list(map_shards(_write_task, job.loc, todo, job, total=len(todo), workers=workers,
                            ray_address=ray_address, options=options))
 
@@ -280,31 +283,22 @@ def _write_single(job: SinkWrite, todo: list[tuple[int, dict[str, Any]]], ray_ad
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from reembed.cluster import init_ray
-    from reembed.repair import _batches, _get
+    from reembed.cluster import get, init_ray
+    from reembed.repair import _batches
 
     if not todo:
         return []
     init_ray(ray_address)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    writer = ray.remote(SingleWriter).options(num_cpus=1, scheduling_strategy=here, max_restarts=0,
-                                              **_key_env(job.uri)).remote(job)
+    writer = ray.remote(SingleWriter).options(num_cpus=1, scheduling_strategy=here, max_restarts=0).remote(job)
     results = []
     try:
         for batch in _batches(todo, per_call):
-            results.append(_get(ray, writer.write.remote(batch)))
-        _get(ray, writer.close.remote())
+            results.append(get(writer.write.remote(batch)))
+        get(writer.close.remote())
     finally:
         ray.kill(writer)
     return results
-
-
-def _key_env(uri: str) -> dict[str, Any]:
-    """The store's key (``CHROMA_API_KEY`` ...) from this process's environment, for the writers' environment
-    (a cluster's workers do not share the driver's); nothing if it is not set."""
-    name = ENV_KEYS.get(parse_uri(uri).kind)
-    value = os.environ.get(name) if name else None
-    return {"runtime_env": {"env_vars": {name: value}}} if value else {}
 
 
 def _slim(rec: dict[str, Any]) -> dict[str, Any]:
