@@ -410,3 +410,24 @@ def test_take_over_fences_the_live_run_and_a_killed_run_is_interrupted_then_resu
         ids.update(pq.read_table(out / rec["path"], columns=["id"]).column("id").to_pylist())
     assert ids == Counter(d["id"] for d in docs)
     assert status()["state"] == "SUCCEEDED"
+
+
+def test_a_run_that_cannot_write_its_end_on_a_full_disk_leaves_no_live_record(small_disk):
+    """The final record needs space; when the disk is full the ended run takes its record away instead, so the
+    rerun that `reembed` advises is not refused as a second live run (the same process reruns it here)."""
+    from reembed.storage import Location
+
+    disk, _ = small_disk
+    out = Location.from_uri(str(disk / "out"))
+    beat = live.Heartbeat.acquire(out, beat_s=60)
+    assert live.read(out)["state"] == "running"
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)  # fill the disk for real, unbuffered
+    try:
+        with pytest.raises(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    beat.finish("FAILED", "no space left on the device")
+    assert live.read(out) is None
+    live.refuse_if_live(out)  # no live run: nothing to refuse

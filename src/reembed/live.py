@@ -249,6 +249,7 @@ class Heartbeat:
             pass  # the run that took over owns the record now
         except (OSError, ReembedError) as e:
             log.warning("%s: could not record how this run ended (%s)", self.loc.display(LIVE), _one_line(e))
+            self._drop_if_mine()
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -331,6 +332,18 @@ class Heartbeat:
             if current is None or current.get("run_id") != self.record["run_id"]:
                 raise _TakenOver(current)
             self._write(None)
+
+    def _drop_if_mine(self) -> None:
+        """The final record could not be written (a full disk, say): take ours away, which needs no space, so
+        the output does not read as live after this run has ended (no record reads as no live run)."""
+        try:
+            with self._io, _output_lock(self.loc):
+                current = read(self.loc)
+                if current is not None and current.get("run_id") == self.record["run_id"]:
+                    self.loc.delete(LIVE)
+        except (OSError, ReembedError) as e:
+            log.warning("%s: could not remove this ended run's record either (%s); the next run may need "
+                        "--take-over", self.loc.display(LIVE), _one_line(e))
 
     def _write(self, version: str | None) -> None:
         """Write the record: on S3 only over the object at ``version`` (None: only if there is none);
