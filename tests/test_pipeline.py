@@ -230,6 +230,7 @@ def _committed(out: Path) -> dict:
     return committed_records(out)
 
 
+@pytest.mark.slow  # 80 s: in `make test-slow` (CI runs both)
 def test_resume_after_sigkill(tmp_path, tiny_model):
     docs = write_resume_corpus(tmp_path / "in")
     out = tmp_path / "out"
