@@ -211,10 +211,10 @@ def attach(table: pa.Table, plan_loc: Location, reuse: dict[str, Any], earlier: 
     rows = shard_reuse(plan_loc, int(table.column(S.SHARD)[0].as_py()), int(reuse["partitions"])) if n else None
     if rows is not None and rows.num_rows:
         ids, hashes = table.column(S.ID), table.column(S.TEXT_HASH)
-        paths = rows.column("old_path").to_pylist()
+        paths, which = np.unique(np.array(rows.column("old_path").to_pylist(), dtype=object), return_inverse=True)
         pos_all, old_all = rows.column("pos").to_numpy(), rows.column("old_row").to_numpy()
-        for path in sorted(set(paths)):
-            take = np.flatnonzero(np.array(paths, dtype=object) == path)
+        for k, path in enumerate(paths.tolist()):  # one pass over the rows, not one per old file
+            take = np.flatnonzero(which == k)
             pos, old_row = pos_all[take], old_all[take]
             with earlier.fs.open_input_file(earlier.path(path)) as f:
                 t = pq.ParquetFile(f).read(columns=[S.ID, S.EMBEDDING, S.TRUNCATED, S.TEXT_HASH])
