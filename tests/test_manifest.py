@@ -17,7 +17,7 @@ from s3_fixtures import moto_server, new_bucket, s3_env, s3_user  # noqa: F401 (
 from reembed import schema as S
 from reembed.cli import main
 from reembed.errors import ChecksumError, ConcurrentWriteError, ManifestError, StorageError
-from reembed.manifest import Manifest, read_recorded
+from reembed.manifest import Manifest, read_recorded, shard_name
 from reembed.storage import Location
 from reembed.write import read_shard_table, write_shard
 
@@ -339,3 +339,23 @@ def test_committed_holds_under_100_bytes_per_shard_and_reads_each_record_when_as
     t = m.totals()
     assert t["dead_lettered"] == (n + 20) // 2 and t["reasons"] == {"duplicate_id": (n + 20) // 2}
     assert m.pending() == []
+
+
+
+def test_clean_temp_removes_a_killed_writers_file_once_its_shard_is_committed(tmp_path):
+    """A writer killed mid-write (its node lost) leaves ``shards/_tmp/part-N.eE.parquet.<hex>``; another
+    attempt commits shard N. The end of the run removes that file, and only files like it: a temporary file
+    of a shard not committed (a live writer's) and any other name stay."""
+    m = make_output(tmp_path / "out", shards=3, commit=2)
+    tmp = tmp_path / "out" / "shards" / "_tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    stale = tmp / f"{shard_name(1, 2)}.c60688a81d35"
+    live = tmp / f"{shard_name(2, 2)}.0123456789ab"
+    other = tmp / "notes.txt"
+    for p in (stale, live, other):
+        p.write_bytes(b"half a parquet file")
+    assert 1 in m.committed and 2 not in m.committed
+    assert m.clean_temp("shards") == 1
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([live.name, other.name])
+    live.unlink(), other.unlink()
+    assert m.clean_temp("shards") == 1 and not tmp.exists()  # the emptied folder goes too

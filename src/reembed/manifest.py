@@ -257,8 +257,17 @@ class Manifest:
                     if pattern.fullmatch(posixpath.basename(info.path)):
                         self.loc.delete_path(info.path)
                         removed += 1
+        committed = self.committed
         for folder in folders:
-            removed += _remove_empty_dir(self.loc, posixpath.join(folder, "_tmp"))
+            # A writer killed mid-write (its node lost) leaves its temporary file; once its shard is
+            # committed by another attempt, that file can never be moved into place, so it goes now.
+            tmp_dir = posixpath.join(folder, "_tmp")
+            for info in self.loc.list(tmp_dir):
+                found = _TEMP_SHARD.fullmatch(posixpath.basename(info.path))
+                if found and int(found.group(1)) in committed:
+                    self.loc.delete_path(info.path)
+                    removed += 1
+            removed += _remove_empty_dir(self.loc, tmp_dir)
         if removed:
             log.debug("%s: removed %d temporary file(s) or folder(s)", self.loc.uri, removed)
         return removed
@@ -593,6 +602,9 @@ def _paths_under(node: Any, key: str) -> Iterator[tuple[str, Any]]:
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from _paths_under(v, f"{key}[{i}]")
+
+
+_TEMP_SHARD = re.compile(r"part-(\d{5,})\.[^/]*\.[0-9a-f]{12}")
 
 
 def _remove_empty_dir(loc: Location, rel: str) -> int:
