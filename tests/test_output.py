@@ -376,3 +376,23 @@ def test_the_demo_s_next_steps_work_exactly_as_printed(tmp_path, ray_tmp):
         assert proc.returncode == 0, (step, proc.stdout, proc.stderr[-3000:])
         assert shlex.split(step)[0] != "reembed" or proc.stdout  # something printed
     assert "the rocket reached orbit" in proc.stdout or "1." in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# status: what a stored vector is and costs
+
+
+@pytest.mark.parametrize("dtype, per_vector", [("float16", 2 * 48), ("float32", 4 * 48), (None, 4 * 48)])
+def test_status_shows_the_vector_dtype_and_bytes_per_vector(tmp_path, capsys, dtype, per_vector):
+    from reembed.manifest import Manifest
+    from reembed.storage import Location
+
+    model = {"name": "m", "revision": "r", "dimension": 48, "normalize": True, "pooling": "mean", "dtype": "float32",
+             "max_seq_length": 64, "fingerprint": "f" * 16}
+    plan = {"shards": 2, "rows": 10, **({"vector_dtype": dtype} if dtype else {})}  # None: before output.dtype
+    Manifest.create(Location.from_uri(str(tmp_path / "out")), model, plan, {"rows": 0, "mode": "hash"})
+    assert cli.main(["status", str(tmp_path / "out"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["vector_dtype"], s["bytes_per_vector"]) == (dtype or "float32", per_vector)
+    assert cli.main(["status", str(tmp_path / "out")]) == 0
+    assert f"vectors:     {dtype or 'float32'}, 48-d: {per_vector} bytes per vector" in capsys.readouterr().out

@@ -150,6 +150,55 @@ def test_reuse_of_another_model_or_of_an_output_without_text_hashes_is_refused_i
     assert rc == 3 and len(errors) == 1 and errors[0].startswith("reembed: error: --reuse ")
 
 
+def test_dry_run_checks_the_reuse_output_as_the_run_does_and_counts_it_only_as_ray_tasks(tmp_path, tiny_model,
+                                                                                          ray_local, capsys):
+    import json
+
+    cfg = cfg_for(tmp_path / "in", tmp_path / "out", tiny_model)
+    model = pipeline.inspect_model(cfg)
+    earlier_output(tmp_path / "out1", model)  # ids s0-0 .. s0-4, texts t0 .. t4
+    docs = [{"id": f"s0-{i}", "text": f"t{i}"} for i in range(3)] + [{"id": "s0-3", "text": "t3, changed"},
+                                                                     {"id": "n1", "text": "a new text"}]
+    write_parquet(tmp_path / "in" / "docs.parquet", docs)  # s0-4 is gone
+    argv = ["run", "--dry-run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model",
+            str(tiny_model), "--backend", "torch", "--reuse", str(tmp_path / "out1"), "--json"]
+
+    assert cli.main(argv) == 0  # checked, not counted: no pass over the input's texts
+    r = json.loads(capsys.readouterr().out)
+    u = r["reuse"]
+    assert (u["uri"], u["fingerprint"], u["old_rows"], u["old_complete"]) == (str(tmp_path / "out1"),
+                                                                                model["fingerprint"], 5, True)
+    assert u["reusable"] is None and "--count-reuse" in u["counted"] and r["pending_rows"] == 5
+    assert "text hash" in u["compared"] and "Ray tasks" in u["compared"]
+
+    assert cli.main([*argv, "--count-reuse", "--set", "output.dtype=float16"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    u = r["reuse"]
+    assert (u["reusable"], u["changed"], u["gone"]) == (3, 1, 1) and u["counted"].startswith("exact")
+    assert r["pending_rows"] == 2  # the changed and the new row
+    assert (r["vector_dtype"], r["bytes_per_vector"]) == ("float16", 2 * model["dimension"])
+    assert not (tmp_path / "out").exists()
+
+    assert cli.main(argv[:-1]) == 0
+    text = capsys.readouterr().out
+    assert f"reuse:       {tmp_path / 'out1'}: same model fingerprint {model['fingerprint']}, 5 committed rows" in text
+    assert "5 rows to embed (at most: the reused rows are not counted)" in text
+    assert f"vectors:     float32, {model['dimension']}-d: {4 * model['dimension']} bytes per vector" in text
+
+    # refused exactly as the run refuses it, in one line, before anything is planned
+    other = dict(model, max_seq_length=64, fingerprint="0" * 16)
+    earlier_output(tmp_path / "other-model", other)
+    earlier_output(tmp_path / "no-hashes", model, text_hash=False)
+    for old, why in (("other-model", "fingerprint"), ("no-hashes", "no text_hash column"), ("out", "own --output")):
+        with pytest.raises(OutputRefused if old != "out" else Exception) as by_run:
+            pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out", tiny_model, f"plan.reuse={tmp_path / old}"))
+        rc = cli.main([*argv[:-3], "--reuse", str(tmp_path / old)])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("reembed:")]
+        assert rc in (2, 3) and err == [f"reembed: error: {by_run.value}"] and why in err[0]
+    assert cli.main([*argv[:-3], "--count-reuse"]) == 2  # counting needs --reuse
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 @pytest.mark.slow
 def test_prune_deletes_the_gone_ids_from_an_embedded_qdrant_collection(runs, capsys):
     from reembed.indexes import qdrant as Q

@@ -32,12 +32,23 @@ log = logging.getLogger(__name__)
 SAMPLE_ROWS = 64  # texts embedded for a measured estimate
 SAMPLE_REPEATS = 2  # timed passes over the sample, after one warm-up pass
 FILES_LISTED = 20  # input files listed by name (the rest are counted)
+COMPARED = ("a row whose id is in the --reuse output with the same text hash (blake2b-128) carries that vector "
+            "forward; the hashes are compared by Ray tasks (key tasks over the input's and the earlier output's "
+            "shards, one join task per id partition), never in this process")
+NOT_COUNTED = ("not counted: it needs a pass over every input text (its hash), which the run does in its planning "
+               "Ray tasks; add --count-reuse to run those tasks now")
 
 
-def dry_run(cfg, phases=None) -> dict[str, Any]:
-    """The dry run of job ``cfg`` (a :class:`reembed.config.JobConfig`): the plan's summary, the model, and
-    an estimate of time and cost. Nothing is written under ``cfg.output.uri``."""
+def dry_run(cfg, phases=None, count_reuse: bool = False) -> dict[str, Any]:
+    """The dry run of job ``cfg`` (a :class:`reembed.config.JobConfig`): the plan's summary, the model, the
+    stored vectors' dtype and size, what ``--reuse`` would carry forward, and an estimate of time and cost.
+    Nothing is written under ``cfg.output.uri``.
+
+    With ``plan.reuse`` the earlier output is checked as the run checks it (the same refusals); how many rows
+    it would give is exact only after a pass over the input's texts (their hashes), which ``count_reuse``
+    runs as the run's own planning Ray tasks; otherwise the result says it was not counted."""
     from reembed import pipeline, storage
+    from reembed import schema as S
     from reembed.config import validate
     from reembed.embed.model import check_available
     from reembed.manifest import Manifest
@@ -52,15 +63,25 @@ def dry_run(cfg, phases=None) -> dict[str, Any]:
     existing = None if cfg.output.fresh else Manifest.load(out)
     with phases.phase("model check", f"checking the model {cfg.model.name} (loading it once on this machine's CPU)"):
         model_info = pipeline.inspect_model(cfg)
+    earlier = None
+    if existing is None and cfg.plan.reuse:  # as the run: refused before anything is planned
+        from reembed import reuse
+
+        with phases.phase("reuse check", f"checking the --reuse output {cfg.plan.reuse}"):
+            earlier = storage.Location.from_uri(cfg.plan.reuse, cfg.storage)
+            earlier = (earlier, reuse.open_earlier(earlier, model_info, out))
     pipeline.start_ray(cfg, phases)
     if existing is not None:
         with phases.phase("resume check", "reading the plan and the commit log of the existing output"):
             pipeline.check_resume(existing, cfg, model_info)
             plan, files, pending_rows = _existing(existing)
+        reused = _planned_reuse(plan)
     else:
         with phases.phase("plan", "planning (dry run): listing the input, counting rows, finding duplicate ids"):
-            plan, files = _plan(cfg)
-        pending_rows = plan["rows"]
+            plan, files = _plan(cfg, earlier if count_reuse else None)
+        reused = _reuse_summary(plan, *earlier) if earlier else None
+        pending_rows = plan["rows"] - ((reused or {}).get("reusable") or 0)
+    dtype = S.vector_dtype(existing.plan) if existing is not None else cfg.output.dtype
 
     import ray
 
@@ -83,6 +104,9 @@ def dry_run(cfg, phases=None) -> dict[str, Any]:
         "shard_rows": plan["shard_rows"],
         "pending_rows": pending_rows,
         "model": model_info,
+        "vector_dtype": dtype,
+        "bytes_per_vector": S.VECTOR_DTYPES[dtype].byte_width * int(model_info["dimension"]),
+        "reuse": reused,
         "pool": {k: pool[k] for k in ("device", "backend", "min", "max", "num_gpus", "num_cpus", "accelerator",
                                       "batch_tokens")},
         "estimate": estimate,
@@ -91,21 +115,52 @@ def dry_run(cfg, phases=None) -> dict[str, Any]:
     return result
 
 
-def _plan(cfg) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _plan(cfg, earlier=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Plan the input into a temporary folder on this machine (removed afterwards): the plan's summary and
-    the first input files."""
-    from reembed import plan_store, storage
-    from reembed.plan import make_plan
+    the first input files. ``earlier``: ``(Location, Manifest)`` of the ``--reuse`` output, whose reuse is
+    then planned too, by the run's own Ray tasks (its exact counts land in ``plan["reuse"]``)."""
+    from reembed import pipeline, plan_store, storage
+    from reembed.plan import PLAN_DIR, make_plan
 
     folder = tempfile.mkdtemp(prefix="reembed-dry-run-")
     try:
-        work = storage.Location.from_uri(os.path.join(folder, "plan"))
+        root = storage.Location.from_uri(folder)
+        work = root.child(PLAN_DIR)
         source = storage.Location.from_uri(cfg.input.uri, cfg.storage)
         plan = make_plan(cfg.input, cfg.plan.shard_rows, work, cfg.on_bad_file, source=source, dedup=cfg.plan.dedup,
                          use_ray=True)
+        if earlier is not None:
+            pipeline.plan_reuse(plan, root, earlier[0], earlier[1], source)
         return plan, _first_files(work, plan_store.FILES)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _reuse_summary(plan: dict[str, Any], earlier, old) -> dict[str, Any]:
+    """What ``--reuse`` would carry forward, for a new output: OUT1's committed rows from its commit log (no
+    pass over anything), and the exact counts when :func:`_plan` planned the reuse (``--count-reuse``)."""
+    totals = old.totals()
+    found = {"uri": earlier.uri, "fingerprint": old.model["fingerprint"], "fingerprint_matches": True,
+             "old_rows": int(totals["embedded"]), "old_shards_committed": len(old.committed),
+             "old_shards": old.shard_count, "old_complete": old.is_complete(), "compared": COMPARED}
+    counted = plan.get("reuse")
+    if counted:
+        found.update(counted="exact: the run's planning Ray tasks, run now (--count-reuse)",
+                     **{k: counted[k] for k in ("reusable", "changed", "gone")})
+    else:
+        found.update(counted=NOT_COUNTED, reusable=None, changed=None, gone=None)
+    return found
+
+
+def _planned_reuse(plan: dict[str, Any]) -> dict[str, Any] | None:
+    """What an existing output's plan carries forward: planned already, so its counts are exact."""
+    r = plan.get("reuse")
+    if not r:
+        return None
+    return {"uri": r["uri"], "fingerprint": r["fingerprint"], "fingerprint_matches": True, "old_rows": r["old_rows"],
+            "old_complete": r["old_complete"], "compared": COMPARED, "counted": "exact: from this output's plan",
+            "reusable": r["reusable"], "changed": r["changed"], "gone": r["gone"]}
+
 
 
 def _existing(manifest) -> tuple[dict[str, Any], list[dict[str, Any]], int]:

@@ -299,6 +299,9 @@ def summarize(manifest: Manifest) -> dict[str, Any]:
         "rows_deduplicated": t.get("deduplicated", 0),
         "reuse": plan.get("reuse"),
         "gone": (plan.get("reuse") or {}).get("gone"),
+        # What a stored vector is (output.dtype) and costs: the shards' embedding column holds dim of them.
+        "vector_dtype": S.vector_dtype(plan),
+        "bytes_per_vector": S.VECTOR_DTYPES[S.vector_dtype(plan)].byte_width * int(manifest.model["dimension"]),
     }
 
 

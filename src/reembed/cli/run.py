@@ -89,6 +89,9 @@ def add_run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--dry-run", action="store_true", help="plan only: list files, rows, shards and duplicate "
                    "ids, check the model, and estimate time and cost (tuned profile or a short sample on this "
                    "machine); writes nothing to the output and starts no Embedder actors")
+    r.add_argument("--count-reuse", action="store_true", help="with --dry-run --reuse: count exactly the rows the "
+                   "earlier output would give (a pass over the input's texts, as the run's planning Ray tasks); "
+                   "without it the dry run checks the earlier output and says what would be compared")
     r.add_argument("--json", action="store_true", help="print the final summary (with per-phase timings) as JSON")
     r.add_argument("--take-over", action="store_true", help="run even though another run is live on this output "
                    "(its heartbeat is fresh): that run is fenced at its next commit and this one continues from "
@@ -116,10 +119,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reembed import pipeline
 
     cfg = config_from_args(args)
+    if getattr(args, "count_reuse", False) and not (args.dry_run and cfg.plan.reuse):
+        from reembed.errors import UsageError
+
+        raise UsageError("--count-reuse counts what --reuse would carry forward in a dry run: give it with "
+                         "--dry-run and --reuse OUTPUT_URI")
     if args.dry_run:
         from reembed import dryrun
 
-        result = dryrun.dry_run(cfg)
+        result = dryrun.dry_run(cfg, count_reuse=getattr(args, "count_reuse", False))
         print(json.dumps(result, indent=1, default=str) if args.json else format_dry_run(result))
         return EXIT_OK
     summary = pipeline.run(cfg, take_over=getattr(args, "take_over", False))
@@ -153,6 +161,7 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
         f"output:      {s['output']}",
         f"model:       {m['name']} (revision {m['revision']}, {m['dimension']}-d, normalize={m['normalize']}, "
         f"dtype={m['dtype']}, max_seq_length={m['max_seq_length']}, fingerprint {m['fingerprint']})",
+        vectors_line(s["vector_dtype"], m["dimension"], s["bytes_per_vector"]),
         f"shards:      {s['committed']}/{s['shards']} committed, {len(s['pending'])} pending"
         + (f" ({', '.join(map(str, s['pending'][:10]))}{', ...' if len(s['pending']) > 10 else ''})" if s["pending"] else ""),
         f"rows:        input {s['input_rows']} = embedded {s['embedded']} + dead-lettered {s['dead_lettered']}"
@@ -188,6 +197,11 @@ def format_summary(s: dict[str, Any], status: bool = False) -> str:
 
 
 
+def vectors_line(dtype: str, dim: int, per_vector: int) -> str:
+    """What the shards store per vector (``output.dtype``) and what it costs."""
+    return f"vectors:     {dtype}, {dim}-d: {per_vector} bytes per vector (output.dtype)"
+
+
 def format_dry_run(r: dict[str, Any]) -> str:
     """What ``reembed run --dry-run`` found, for a person."""
     m, e, pool = r["model"], r["estimate"], r["pool"]
@@ -202,13 +216,17 @@ def format_dry_run(r: dict[str, Any]) -> str:
     if r["files"] > len(r["files_listed"]):
         lines.append(f"  ... and {r['files'] - len(r['files_listed'])} more")
     lines += [
-        f"shards:      {r['shards']} of up to {r['shard_rows']} rows; {r['pending_rows']} rows to embed",
+        f"shards:      {r['shards']} of up to {r['shard_rows']} rows; {r['pending_rows']} rows to embed"
+        + (" (at most: the reused rows are not counted)" if r.get("reuse") and r["reuse"]["reusable"] is None
+           else ""),
         f"model:       {m['name']} ({m['dimension']}-d, normalize={m['normalize']}, pooling {m['pooling']}, "
         f"max_seq_length={m['max_seq_length']}, fingerprint {m['fingerprint']})",
+        vectors_line(r["vector_dtype"], m["dimension"], r["bytes_per_vector"]),
         f"pool:        {pool['min']}-{pool['max']} Embedder actor(s) on {pool['device']}"
         + (f" ({pool['accelerator']})" if pool["accelerator"] else "") + f", {pool['backend']} backend, "
         f"batch budget {pool['batch_tokens'] or 'default'} tokens",
     ]
+    lines += reuse_lines(r.get("reuse"))
     if e.get("basis") == "profile":
         basis = f"tuned profile {e['profile']}: {e['docs_per_s_per_device']:.1f} docs/s per device"
     elif e.get("basis") == "sample":
@@ -226,6 +244,24 @@ def format_dry_run(r: dict[str, Any]) -> str:
         lines.append(f"estimate:    none: {e['note']}")
     lines.append("next:        the same command without --dry-run runs it")
     return "\n".join(lines)
+
+
+def reuse_lines(u: dict[str, Any] | None) -> list[str]:
+    """The dry run's ``--reuse`` lines: the earlier output as checked, how rows are matched, and the counts
+    (exact, or why not counted)."""
+    if not u:
+        return []
+    old = (f"{u['old_rows']} committed rows" + (f" in {u['old_shards_committed']} of {u['old_shards']} shards"
+                                                  if "old_shards" in u else "")
+           + ("" if u["old_complete"] else ", not complete: only committed shards are reused"))
+    lines = [f"reuse:       {u['uri']}: same model fingerprint {u['fingerprint']}, {old}",
+             f"  how:       {u['compared']}"]
+    if u.get("reusable") is None:
+        lines.append(f"  count:     {u['counted']}")
+    else:
+        lines.append(f"  count:     {u['reusable']} rows would be reused, {u['changed']} changed texts re-embedded, "
+                     f"{u['gone']} ids gone ({u['counted']})")
+    return lines
 
 
 def _usd(amount: float) -> str:
