@@ -307,6 +307,51 @@ def test_join_partition_carries_unchanged_ids_and_lists_gone_ones(tmp_path):
     assert gone.column("id").to_pylist() == ["4"]
 
 
+def test_a_read_task_of_several_shards_opens_each_reuse_part_once(tmp_path):
+    """The read stage's path, without Ray: a plan of five 2-row shards reusing a hand-made OUT1, its reuse
+    planned in three partitions; one read task of all the shards opens each reuse part once, not per shard."""
+    import functools
+
+    from counting_fs import counting_location
+    from reembed import read
+    from reembed.plan import make_plan
+
+    model = {"name": "m", "dimension": 4, "fingerprint": "f" * 16}
+    earlier = Location.from_uri(str(earlier_output(tmp_path / "out1", model)))  # s0-0 .. s0-4: t0 .. t4
+    docs = [{"id": f"s0-{i}", "text": f"t{i}" if i != 2 else "t2, changed"} for i in range(5)]
+    write_parquet(tmp_path / "in" / "docs.parquet", docs + [{"id": f"n{i}", "text": f"new {i}"} for i in range(5)])
+    cfg = cfg_for(tmp_path / "in", tmp_path / "out2", "m")
+    source, work = Location.from_uri(str(tmp_path / "in")), Location.from_uri(str(tmp_path / "out2" / "plan"))
+    plan = make_plan(cfg.input, 2, work, source=source)
+    fields = {k: plan.get(k) for k in read.FIELDS if k != "reuse"}
+    reader = functools.partial(read.read_shards, fields, work, source=source)
+    old = Manifest.load(earlier)
+    plan["reuse"] = reuse.plan_reuse(earlier, old, plan, work, reader)
+    assert plan["shards"] == 5 and plan["reuse"]["reusable"] == 4
+    assert plan["reuse"]["partitions"] == 1
+    by_shard = [reuse.shard_reuse(work, s, 1) for s in range(5)]
+    plan["reuse"]["partitions"] = 3  # spread over three parts: several parts for one task to open
+    for p in range(3):
+        rows = pa.concat_tables([by_shard[s] for s in range(5) if s % 3 == p])
+        work.write_bytes(reuse._parquet_bytes(rows, ["shard"]), reuse.REUSE_DIR, reuse.part_file(p))
+
+    counts, counted = counting_location(tmp_path / "out2" / "plan")
+    task = {**fields, "reuse": plan["reuse"], "earlier": earlier}
+    tables = list(read.read_shards(task, counted, range(5), source))
+    opens = {p: n for p, n in counts.opens.items() if f"/{reuse.REUSE_DIR}/" in p}
+    assert len(opens) == 3 and set(opens.values()) == {1}  # each part once for the task's five shards
+    got = {i: r for t in tables for i, r in zip(t.column(S.ID).to_pylist(), t.column(S.REUSED).to_pylist())}
+    assert {i for i, r in got.items() if r} == {"s0-0", "s0-1", "s0-3", "s0-4"}
+    alone = [read.read_shard(task, work, s, source) for s in range(5)]  # one shard at a time: the same rows
+    for a, b in zip(tables, alone):
+        assert a.select([S.ID, S.REUSED, S.OLD_EMBEDDING]).equals(b.select([S.ID, S.REUSED, S.OLD_EMBEDDING]))
+    reused = pa.concat_tables(tables)
+    reused = reused.filter(reused.column(S.REUSED))
+    old_vectors = vectors(tmp_path / "out1")
+    for i, v in zip(reused.column(S.ID).to_pylist(), S.embedding_matrix(reused.column(S.OLD_EMBEDDING))):
+        assert v.tobytes() == old_vectors[i]
+
+
 def test_carry_forward_writes_the_old_vectors_bit_for_bit():
     rng = np.random.default_rng(0)
     new, old = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)

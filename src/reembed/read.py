@@ -136,10 +136,12 @@ def read_shards(fields: dict[str, Any], plan_loc: Location, shards: Iterable[int
                 gz_slices.setdefault(paths[seg["file"]], []).append((seg["start"], seg["rows"]))
     gz = {path: dict(zip(slices, scan.gz_line_slices(source, path, slices))) for path, slices in gz_slices.items()}
     pschema = passthrough_schema(fields)
+    reusing = bool(fields.get("reuse")) and fields.get("earlier") is not None
+    carried = reuse.shards_reuse(plan_loc, [sp.shard for sp in plans], fields["reuse"]["partitions"]) if reusing else {}
     for sp in plans:
         table = _read_one(fields, sp, source, pschema, gz)
-        if fields.get("reuse") and fields.get("earlier") is not None:
-            table = reuse.attach(table, plan_loc, fields["reuse"], fields["earlier"])
+        if reusing:
+            table = reuse.attach(table, plan_loc, fields["reuse"], fields["earlier"], carried[sp.shard])
         yield table
 
 

@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reembed import plan_store
 from reembed import schema as S
 from reembed.dedup import id_partitions
 from reembed.errors import ConfigError, InputError, ManifestError, OutputRefused
@@ -197,18 +196,21 @@ def join_partition(work: Location, partition: int, new_names: list[str], old_nam
     return {"reusable": reuse.num_rows, "changed": int(changed), "gone": gone.num_rows}
 
 
-def attach(table: pa.Table, plan_loc: Location, reuse: dict[str, Any], earlier: Location) -> pa.Table:
+def attach(table: pa.Table, plan_loc: Location, reuse: dict[str, Any], earlier: Location,
+           rows: pa.Table | None = None) -> pa.Table:
     """One shard's documents (as the read stage yields them) with :data:`~reembed.schema.REUSED` and
     :data:`~reembed.schema.OLD_EMBEDDING` / ``OLD_TRUNCATED`` filled from OUT1 for the rows the plan
     carries forward. Reads only the OUT1 shard files that hold those rows; each old row must still have the
-    row's id and text hash (:class:`InputError` otherwise)."""
+    row's id and text hash (:class:`InputError` otherwise). ``rows``: the shard's rows of the reuse parts,
+    if the caller has them (:func:`shards_reuse`, once for a read task's shards); else they are read here."""
     import pyarrow.parquet as pq
 
     n, dim = table.num_rows, int(reuse["dimension"])
     reused = np.zeros(n, dtype=bool)
     vectors = np.zeros((n, dim), dtype=np.float32)
     truncated = np.zeros(n, dtype=bool)
-    rows = shard_reuse(plan_loc, int(table.column(S.SHARD)[0].as_py()), int(reuse["partitions"])) if n else None
+    if rows is None and n:
+        rows = shard_reuse(plan_loc, int(table.column(S.SHARD)[0].as_py()), int(reuse["partitions"]))
     if rows is not None and rows.num_rows:
         ids, hashes = table.column(S.ID), table.column(S.TEXT_HASH)
         paths, which = np.unique(np.array(rows.column("old_path").to_pylist(), dtype=object), return_inverse=True)
@@ -238,14 +240,28 @@ def attach(table: pa.Table, plan_loc: Location, reuse: dict[str, Any], earlier: 
 def shard_reuse(plan_loc: Location, shard: int, partitions: int) -> pa.Table:
     """``(shard, pos, old_path, old_row)`` of one shard's carried-forward rows, from the reuse parts (only
     the row groups whose ``shard`` statistics can hold it)."""
+    return shards_reuse(plan_loc, [shard], partitions)[shard]
+
+
+def shards_reuse(plan_loc: Location, shards: Iterable[int], partitions: int) -> dict[int, pa.Table]:
+    """:func:`shard_reuse` of each of ``shards`` (a read task's), each reuse part opened once for all of them
+    (as :func:`reembed.plan_store.read_shards` reads the plan): a row group is read if its ``shard``
+    statistics can hold one of ``shards``, so a task of consecutive shards reads about its own rows."""
     import pyarrow.parquet as pq
 
+    want = np.unique(np.fromiter(shards, dtype=np.int64))
+    if not len(want):
+        return {}
     parts = []
     for p in range(partitions):
         with plan_loc.fs.open_input_file(plan_loc.path(REUSE_DIR, part_file(p))) as f:
-            table, _ = plan_store._read_range(pq.ParquetFile(f), "shard", shard, shard)
-        parts.append(table.cast(REUSE_SCHEMA))
-    return pa.concat_tables(parts).sort_by("pos") if parts else REUSE_SCHEMA.empty_table()
+            parts.append(_read_shards_of(pq.ParquetFile(f), want))
+    rows = pa.concat_tables(parts) if parts else REUSE_SCHEMA.empty_table()
+    rows = rows.filter(pc.is_in(rows.column("shard"), pa.array(want))).sort_by([("shard", "ascending"),
+                                                                                ("pos", "ascending")])
+    shard = rows.column("shard").to_numpy()
+    bounds = np.searchsorted(shard, np.append(want, want[-1] + 1))
+    return {int(s): rows.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])) for i, s in enumerate(want)}
 
 
 def carry_forward(live: pa.Table) -> tuple[pa.Table, int]:
@@ -317,6 +333,21 @@ def _read_keys(work: Location, side: str, partition: int, names: list[str], sche
         with work.fs.open_input_file(work.path(KEYS_DIR, side, f"p-{partition:04d}", name)) as f:
             parts.append(pq.read_table(f).cast(schema))
     return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def _read_shards_of(pf, want: np.ndarray) -> pa.Table:
+    """The row groups of a reuse part whose ``shard`` statistics can hold one of ``want`` (sorted)."""
+    idx = pf.schema_arrow.get_field_index("shard")
+    groups = []
+    for g in range(pf.metadata.num_row_groups):
+        st = pf.metadata.row_group(g).column(idx).statistics
+        if st is None or not st.has_min_max:
+            groups.append(g)
+            continue
+        first = np.searchsorted(want, st.min)  # the first wanted shard >= the group's smallest
+        if first < len(want) and want[first] <= st.max:
+            groups.append(g)
+    return (pf.read_row_groups(groups) if groups else REUSE_SCHEMA.empty_table()).cast(REUSE_SCHEMA)
 
 
 def _parquet_bytes(table: pa.Table, stats: list[str]) -> bytes:
