@@ -225,40 +225,88 @@ def test_prune_deletes_the_gone_ids_from_an_embedded_qdrant_collection(runs, cap
         client.close()
 
 
-def test_prune_from_deletes_exactly_the_gone_ids_in_embedded_qdrant(tmp_path, capsys):
+def output_with_gone_parts(out: Path, parts: list[list[str]]) -> Location:
+    """An output of a `--reuse` run as far as `--prune-from` reads it: a manifest and its plan's gone parts."""
+    from reembed.plan import _record
+
+    loc = Location.from_uri(str(out))
+    plan = loc.child("plan")
+    for p, ids in enumerate(parts):
+        plan.write_bytes(reuse._parquet_bytes(pa.table({"id": pa.array(ids, pa.string())}), []), "gone",
+                         reuse.part_file(p))
+    plan.write_bytes(b"", "files.parquet")
+    store = {"files": _record(plan, "files.parquet"), "segments": [], "duplicates": [], "reuse": [],
+             "gone": [_record(plan, "gone", reuse.part_file(p)) for p in range(len(parts))]}
+    model = {"name": "m", "dimension": 4, "fingerprint": "f" * 16}
+    reused = {"uri": "x", "gone": sum(map(len, parts)), "partitions": len(parts)}
+    Manifest.create(loc, model, {"shards": 0, "rows": 0, "store": store, "reuse": reused}, {})
+    return loc
+
+
+def qdrant_of(folder: Path, points: int) -> str:
+    """An embedded Qdrant folder with ``documents-v1`` of points d0 .. d<points - 1>."""
     from qdrant_client import models
 
     from reembed.indexes import qdrant as Q
-    from reembed.plan import _record
 
-    out = tmp_path / "out2"
-    loc = Location.from_uri(str(out))
-    gone = ["d3", "d7", "d8"]
-    loc.child("plan").write_bytes(reuse._parquet_bytes(pa.table({"id": gone}), []), "gone", reuse.part_file(0))
-    loc.child("plan").write_bytes(b"", "files.parquet")
-    store = {"files": _record(loc.child("plan"), "files.parquet"), "segments": [], "duplicates": [],
-             "reuse": [], "gone": [_record(loc.child("plan"), "gone", reuse.part_file(0))]}
-    model = {"name": "m", "dimension": 4, "fingerprint": "f" * 16}
-    Manifest.create(loc, model, {"shards": 0, "rows": 0, "store": store, "reuse": {"uri": "x", "gone": 3}}, {})
-    folder = tmp_path / "qdrant"
     client = Q.connect(str(folder))
     try:
         Q.create_collection(client, "documents-v1", 4, {})
         client.upsert("documents-v1", points=[models.PointStruct(id=Q.point_id(f"d{i}"), vector=[1.0, 0, 0, i],
-                                                                  payload={"id": f"d{i}"}) for i in range(10)])
+                                                                  payload={"id": f"d{i}"}) for i in range(points)])
     finally:
         client.close()
-    assert cli.main(["index", str(out), "--qdrant", str(folder), "--prune-from", "documents-v1"]) == 0
-    assert "3 of 3 gone ids deleted from documents-v1" in capsys.readouterr().out
-    client = Q.connect(str(folder))
+    return str(folder)
+
+
+def remaining(folder: str) -> list[str]:
+    from reembed.indexes import qdrant as Q
+
+    client = Q.connect(folder)
     try:
-        assert Q.count(client, "documents-v1") == 7
-        assert client.retrieve("documents-v1", ids=[Q.point_id(i) for i in gone]) == []
-        assert len(client.retrieve("documents-v1", ids=[Q.point_id(f"d{i}") for i in (0, 1, 2, 4, 5, 6, 9)])) == 7
+        points, _ = client.scroll("documents-v1", limit=1000, with_payload=True)
+        return sorted((p.payload["id"] for p in points), key=lambda x: int(x[1:]))
     finally:
         client.close()
-    assert cli.main(["index", str(out), "--qdrant", str(folder), "--prune-from", "nope"]) == 1
+
+
+GONE_PARTS = [["d3", "d7"], ["d8", "x-never-indexed"], [], ["d15"]]  # 5 gone ids, 4 of them in the collection
+LEFT = [f"d{i}" for i in range(20) if i not in (3, 7, 8, 15)]
+
+
+def test_prune_from_deletes_exactly_the_gone_ids_from_embedded_qdrant_by_one_ray_actor(tmp_path, capsys, ray_local):
+    import json
+
+    out = output_with_gone_parts(tmp_path / "out2", GONE_PARTS)
+    folder = qdrant_of(tmp_path / "qdrant", 20)
+    assert cli.main(["index", out.uri, "--qdrant", folder, "--prune-from", "documents-v1", "--batch-size", "1",
+                     "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert (done["gone"], done["deleted"], done["count"]) == (5, 4, 16)
+    assert len(done["writers"]) == 1 and not done["writers"][0].endswith(f":{os.getpid()}")  # the one actor
+    assert remaining(folder) == LEFT
+
+    assert cli.main(["index", out.uri, "--qdrant", folder, "--prune-from", "documents-v1"]) == 0  # again: a no-op
+    assert "0 of 5 gone ids deleted from documents-v1" in capsys.readouterr().out and remaining(folder) == LEFT
+    assert cli.main(["index", out.uri, "--qdrant", folder, "--prune-from", "nope"]) == 1
     assert "no collection or alias 'nope'" in capsys.readouterr().err
+
+
+def test_prune_from_without_ray_and_a_server_task_delete_exactly_the_gone_ids(tmp_path, capsys):
+    out = output_with_gone_parts(tmp_path / "out2", GONE_PARTS)
+    folder = qdrant_of(tmp_path / "qdrant", 20)
+    assert cli.main(["index", out.uri, "--qdrant", folder, "--prune-from", "documents-v1", "--no-ray"]) == 0
+    assert "4 of 5 gone ids deleted from documents-v1 at" in capsys.readouterr().out
+    assert remaining(folder) == LEFT
+
+    # A server's task (here run in this process, on an embedded folder): its own parts' ids, in batches.
+    other = qdrant_of(tmp_path / "qdrant2", 20)
+    m = Manifest.load(out)
+    parts = list(enumerate(m.plan["store"]["gone"]))
+    job = reuse.Prune(other, "documents-v1", batch_size=1)
+    results = [reuse._prune_task(out, parts[:2], job), reuse._prune_task(out, parts[2:], job)]
+    assert [(r["gone"], r["parts"]) for r in results] == [(4, 2), (1, 2)]
+    assert remaining(other) == LEFT
 
 
 def test_identical_texts_of_a_block_are_embedded_once_and_every_id_gets_the_vector(tiny_model, tmp_path):

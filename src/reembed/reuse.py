@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -285,16 +286,13 @@ def carry_forward(live: pa.Table) -> tuple[pa.Table, int]:
 def gone_ids(out: Location, plan: dict[str, Any]) -> Iterator[pa.Array]:
     """The ids of the ``--reuse`` output that this output does not hold, one partition's at a time (each
     a sorted string array); nothing for an output planned without ``--reuse``."""
-    import pyarrow.parquet as pq
-
     from reembed.manifest import read_recorded
 
     reuse = plan.get("reuse")
     if not reuse:
         return
     for i, rec in enumerate(plan["store"]["gone"]):
-        data = read_recorded(out, rec, f"plan.store.gone[{i}]")
-        yield pq.read_table(pa.BufferReader(data)).column("id").combine_chunks()
+        yield _part_ids(read_recorded(out, rec, f"plan.store.gone[{i}]"))
 
 
 def part_file(partition: int) -> str:
@@ -358,16 +356,22 @@ def _parquet_bytes(table: pa.Table, stats: list[str]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def prune(out: Location, target: str, collection: str, batch_size: int = 1000) -> dict[str, Any]:
+def prune(out: Location, target: str, collection: str, batch_size: int = 1000, *, use_ray: bool = True,
+          ray_address: str | None = None, workers: int | None = None) -> dict[str, Any]:
     """Delete the ids of ``out``'s gone list (the ids of its ``--reuse`` output it does not hold) from an
     existing Qdrant ``collection`` (a name or an alias) at ``target``: the way to bring a collection of the
-    earlier output up to date in place. Returns ``{"collection", "target", "gone", "deleted", "count"}``."""
-    from qdrant_client import models
+    earlier output up to date in place. Returns ``{"collection", "target", "gone", "deleted", "count"}``.
 
+    The gone ids never pass through this process: a server is pruned by Ray tasks over the plan's ``gone``
+    parts (``workers`` at once, each with its own client, each deleting its own parts' ids in batches of
+    ``batch_size``); embedded Qdrant (a folder) allows one process, so one Ray actor on this node prunes it,
+    fed the parts' records a batch at a time (as :mod:`reembed.migrate.sinks` publishes into a local Chroma
+    folder). This process gets counts only. ``use_ray=False`` (``--no-ray``) deletes from this process."""
     from reembed.errors import QdrantError, UsageError
     from reembed.indexes import qdrant as Q
     from reembed.manifest import Manifest
 
+    t0 = time.monotonic()
     m = Manifest.load(out)
     if m is None:
         raise ManifestError(f"{out.uri}: no manifest.json here (not a reembed output)")
@@ -380,18 +384,123 @@ def prune(out: Location, target: str, collection: str, batch_size: int = 1000) -
             raise QdrantError(f"{Q.describe(target)}: no collection or alias {collection!r} to prune; name one "
                               "that `reembed versions` lists")
         before = Q.count(client, collection)
-        gone = 0
-        for ids in gone_ids(out, m.plan):
-            for i in range(0, len(ids), batch_size):
-                points = [Q.point_id(x) for x in ids.slice(i, batch_size).to_pylist()]
-                selector = models.PointIdsList(points=points)
-                Q.call_with_retry(lambda: client.delete(collection, points_selector=selector, wait=True),
-                                  what=f"delete from {collection}")
-                gone += len(points)
+        embedded = Q.is_embedded(client)
+    finally:
+        client.close()  # an embedded folder takes one process at a time: the actor opens it next
+    job = Prune(target, collection, batch_size)
+    parts = list(enumerate(m.plan["store"]["gone"]))
+    if not use_ray:
+        results = [job.delete(out, parts)] if parts else []
+    elif embedded:
+        results = _prune_single(out, job, parts, ray_address)
+    else:
+        from reembed.repair import map_shards
+
+        results = list(map_shards(_prune_task, out, parts, job, total=len(parts), workers=workers,
+                                  ray_address=ray_address, options={"scheduling_strategy": "SPREAD"}))
+    client = Q.connect(target)
+    try:
         after = Q.count(client, collection)
     finally:
         client.close()
-    log.info("prune: %d gone ids of %s deleted from %s (%d points -> %d)", before - after, out.uri, collection,
-             before, after)
+    gone = sum(r["gone"] for r in results)
+    log.info("prune: %d gone ids of %s deleted from %s (%d points -> %d) by %d writer(s), %.1f s", before - after,
+             out.uri, collection, before, after, len({r["worker"] for r in results}), time.monotonic() - t0)
     return {"collection": collection, "target": Q.describe(target), "gone": gone, "deleted": before - after,
-            "count": after}
+            "count": after, "writers": sorted({r["worker"] for r in results})}
+
+
+@dataclass(frozen=True)
+class Prune:
+    """What a pruning writer needs: small, so it travels into Ray tasks (``target`` carries no secret; a key
+    comes from the writer's own process environment, as for every Qdrant client here)."""
+
+    target: str
+    collection: str
+    batch_size: int = 1000
+
+    def delete(self, out: Location, parts: list[tuple[int, dict[str, str]]], client=None) -> dict[str, Any]:
+        """Delete the ids of the ``gone`` parts ``parts`` (``(index, record)``, each read here and checked
+        against its sha256) in batches; returns ``{"gone", "parts", "worker"}``. ``client``: an open client
+        to use (the single writer's)."""
+        from qdrant_client import models
+
+        from reembed.indexes import qdrant as Q
+        from reembed.manifest import read_recorded
+
+        own = client is None
+        client = Q.connect(self.target) if own else client
+        gone = 0
+        try:
+            for i, rec in parts:
+                ids = _part_ids(read_recorded(out, rec, f"plan.store.gone[{i}]"))
+                for start in range(0, len(ids), self.batch_size):
+                    selector = models.PointIdsList(points=[Q.point_id(x) for x in
+                                                           ids.slice(start, self.batch_size).to_pylist()])
+                    Q.call_with_retry(lambda: client.delete(self.collection, points_selector=selector, wait=True),
+                                      what=f"delete from {self.collection}")
+                gone += len(ids)
+        finally:
+            if own:
+                client.close()
+        return {"gone": gone, "parts": len(parts), "worker": _worker()}
+
+
+class SinglePruner:
+    """The one writer of an embedded Qdrant folder, as a Ray actor: it keeps the folder open and is fed the
+    gone parts' records a batch at a time."""
+
+    def __init__(self, job: Prune):
+        from reembed.indexes import qdrant as Q
+
+        self.job = job
+        self.client = Q.connect(job.target)
+
+    def delete(self, out: Location, parts: list[tuple[int, dict[str, str]]]) -> dict[str, Any]:
+        return self.job.delete(out, parts, self.client)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _part_ids(data: bytes) -> pa.Array:
+    """The ``id`` column of a ``gone`` part's Parquet bytes (sorted: the join task wrote it so)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(data), columns=["id"]).column("id").combine_chunks()
+
+
+def _prune_task(out: Location, parts: list[tuple[int, dict[str, str]]], job: Prune) -> dict[str, Any]:
+    return job.delete(out, parts)
+
+
+def _prune_single(out: Location, job: Prune, parts: list[tuple[int, dict[str, str]]], ray_address: str | None,
+                  per_call: int = 16) -> list[dict[str, Any]]:
+    """Embedded Qdrant: one actor, on this node (the folder is here), deletes every part's ids in turn,
+    ``per_call`` parts per call. Only the parts' records go to it; the ids never come here."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from reembed.cluster import get, init_ray
+    from reembed.repair import _batches
+
+    if not parts:
+        return []
+    init_ray(ray_address)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    pruner = ray.remote(SinglePruner).options(num_cpus=0.5, scheduling_strategy=here, max_restarts=0).remote(job)
+    results = []
+    try:
+        for batch in _batches(parts, per_call):
+            results.append(get(pruner.delete.remote(out, batch)))
+        get(pruner.close.remote())
+    finally:
+        ray.kill(pruner)
+    return results
+
+
+def _worker() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"

@@ -57,7 +57,9 @@ def register(sub) -> None:
                    "before calling it up to date (default: size, mtime and the first and last MiB)")
     p.add_argument("--prune-from", metavar="COLLECTION", help="instead of building: delete from this existing "
                    "collection (or alias) in the --qdrant target the ids OUTPUT's `reembed run --reuse` found gone "
-                   "from the input (plan/gone/), so a collection of the earlier output matches the new input")
+                   "from the input (plan/gone/), so a collection of the earlier output matches the new input; "
+                   "Ray tasks over the gone parts delete them from a server, one Ray actor from an embedded folder "
+                   "(--no-ray: this process)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.set_defaults(func=cmd_index)
 
@@ -137,7 +139,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         target = stage.qdrant_target(output, cfg.index)
         if not target:
             raise UsageError("--prune-from needs a Qdrant target: give --qdrant URL_OR_FOLDER")
-        done = reuse.prune(output, target, args.prune_from, cfg.index.batch_size)
+        done = reuse.prune(output, target, args.prune_from, cfg.index.batch_size, use_ray=not args.no_ray,
+                           ray_address=args.address or cfg.compute.ray_address, workers=cfg.index.upload_workers)
         print(json.dumps(done, indent=1) if args.json else
               f"pruned:  {done['deleted']} of {done['gone']} gone ids deleted from {done['collection']} at "
               f"{done['target']} ({done['count']} points now)")
