@@ -15,6 +15,12 @@ the embedding time and its cost:
   and the result says to run ``reembed tune`` on a GPU node.
 
 The cost is :func:`reembed.cost.price_run` of the estimated run, at the default price table.
+
+It shows the stored vectors' dtype (``output.dtype``) and bytes per vector. With ``--reuse OUT1`` it checks
+OUT1 with the run's own check (:func:`reembed.reuse.open_earlier`: the same refusals) and reports its committed
+rows from its commit log; the exact count of rows that would be carried forward needs every input text's hash,
+so it is computed only with ``--count-reuse``, by the run's own planning Ray tasks (into the temporary folder),
+and the result says which.
 """
 
 from __future__ import annotations

@@ -16,14 +16,19 @@ process holds the ids of either side:
    only counts. The parts are part of the plan (recorded with their sha256), so a resumed run reuses exactly
    the same rows.
 
-At run time a shard's read task reads its rows of the reuse parts (row-group statistics on ``shard``), then
-those rows' vectors from the OUT1 shard files that hold them (only those files, on the worker), checking that
+At run time a read task reads its shards' rows of the reuse parts, each part opened once for all its shards
+(row-group statistics on ``shard``: :func:`shards_reuse`), then each shard's rows' vectors from the OUT1 shard
+files that hold them (only those files, on the worker), checking that
 each old row still has the same id and text hash, and marks the rows :data:`~reembed.schema.REUSED`. The
 Embedder skips them; the shard writer (:func:`carry_forward`) writes the old vectors, bit for bit.
 
 OUT1 must have the same model fingerprint (name, revision, dimension, normalization, pooling, precision,
 max_seq_length) as this run, else :class:`OutputRefused`; an OUT1 written before shards had a text hash is
 refused too (its texts are not in it to hash). Only OUT1's committed shards are reused.
+
+``reembed index --prune-from COLLECTION`` (:func:`prune`) deletes the gone ids from a Qdrant collection of
+OUT1: Ray tasks over the ``gone`` parts for a server, one Ray actor for an embedded folder; counts only come
+back to the driver.
 """
 
 from __future__ import annotations
