@@ -286,10 +286,20 @@ def test_prune_from_deletes_exactly_the_gone_ids_from_embedded_qdrant_by_one_ray
     assert len(done["writers"]) == 1 and not done["writers"][0].endswith(f":{os.getpid()}")  # the one actor
     assert remaining(folder) == LEFT
 
-    assert cli.main(["index", out.uri, "--qdrant", folder, "--prune-from", "documents-v1"]) == 0  # again: a no-op
+    assert cli.main(["index", out.uri, "--qdrant", folder, "--prune-from", "documents-v1", "--no-ray"]) == 0  # again
     assert "0 of 5 gone ids deleted from documents-v1" in capsys.readouterr().out and remaining(folder) == LEFT
     assert cli.main(["index", out.uri, "--qdrant", folder, "--prune-from", "nope"]) == 1
     assert "no collection or alias 'nope'" in capsys.readouterr().err
+
+    # A server's path: its task, as a Ray task (one here: an embedded folder takes one process at a time).
+    from reembed.scan import run_tasks
+
+    other = qdrant_of(tmp_path / "qdrant2", 20)
+    job = reuse.Prune(other, "documents-v1", batch_size=2)
+    [done] = run_tasks(reuse._prune_task, [(out, list(enumerate(Manifest.load(out).plan["store"]["gone"])), job)],
+                       use_ray=True)
+    assert (done["gone"], done["parts"]) == (5, 4) and not done["worker"].endswith(f":{os.getpid()}")
+    assert remaining(other) == LEFT
 
 
 def test_prune_from_without_ray_and_a_server_task_delete_exactly_the_gone_ids(tmp_path, capsys):

@@ -58,6 +58,8 @@ SHARDS_PER_TASK = 8
 IDS_PER_PARTITION = 2_000_000
 """Ids (NEW's rows + OUT1's) per join partition: one task joins about that many."""
 MAX_PARTITIONS = 1024
+TASKS_PER_WRITER = 4
+"""Pruning a server: the gone parts go in about this many tasks per writer (``index.upload_workers``)."""
 ROW_GROUP = 4096
 """Rows per row group of a reuse part: a shard's read task fetches the one or two that hold its rows."""
 REUSE_SCHEMA = pa.schema([("shard", pa.int64()), ("pos", pa.int64()), ("old_path", pa.string()),
@@ -368,8 +370,8 @@ def prune(out: Location, target: str, collection: str, batch_size: int = 1000, *
     earlier output up to date in place. Returns ``{"collection", "target", "gone", "deleted", "count"}``.
 
     The gone ids never pass through this process: a server is pruned by Ray tasks over the plan's ``gone``
-    parts (``workers`` at once, each with its own client, each deleting its own parts' ids in batches of
-    ``batch_size``); embedded Qdrant (a folder) allows one process, so one Ray actor on this node prunes it,
+    parts (about :data:`TASKS_PER_WRITER` per one of ``workers``, run as the cluster's CPUs allow, each with its
+    own client, each deleting its own parts' ids in batches of ``batch_size``); embedded Qdrant (a folder) allows one process, so one Ray actor on this node prunes it,
     fed the parts' records a batch at a time (as :mod:`reembed.migrate.sinks` publishes into a local Chroma
     folder). This process gets counts only. ``use_ray=False`` (``--no-ray``) deletes from this process."""
     from reembed.errors import QdrantError, UsageError
@@ -399,10 +401,11 @@ def prune(out: Location, target: str, collection: str, batch_size: int = 1000, *
     elif embedded:
         results = _prune_single(out, job, parts, ray_address)
     else:
-        from reembed.repair import map_shards
+        from reembed.cluster import init_ray
 
-        results = list(map_shards(_prune_task, out, parts, job, total=len(parts), workers=workers,
-                                  ray_address=ray_address, options={"scheduling_strategy": "SPREAD"}))
+        init_ray(ray_address)
+        per_task = max(1, -(-len(parts) // (TASKS_PER_WRITER * max(1, workers or 1))))
+        results = run_tasks(_prune_task, [(out, group, job) for group in _chunks(parts, per_task)], use_ray=True)
     client = Q.connect(target)
     try:
         after = Q.count(client, collection)
@@ -487,7 +490,6 @@ def _prune_single(out: Location, job: Prune, parts: list[tuple[int, dict[str, st
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from reembed.cluster import get, init_ray
-    from reembed.repair import _batches
 
     if not parts:
         return []
@@ -496,7 +498,7 @@ def _prune_single(out: Location, job: Prune, parts: list[tuple[int, dict[str, st
     pruner = ray.remote(SinglePruner).options(num_cpus=0.5, scheduling_strategy=here, max_restarts=0).remote(job)
     results = []
     try:
-        for batch in _batches(parts, per_call):
+        for batch in _chunks(parts, per_call):
             results.append(get(pruner.delete.remote(out, batch)))
         get(pruner.close.remote())
     finally:
