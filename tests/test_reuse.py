@@ -225,6 +225,20 @@ def test_prune_deletes_the_gone_ids_from_an_embedded_qdrant_collection(runs, cap
         client.close()
 
 
+@pytest.mark.slow
+def test_dry_run_of_a_reuse_output_reports_its_planned_counts(runs, tiny_model, capsys):
+    import json
+
+    root = runs["root"]
+    argv = ["run", "--dry-run", "--input", str(root / "v2"), "--output", str(root / "out2"), "--model",
+            str(tiny_model), "--shard-rows", str(SHARD_ROWS), "--backend", "torch", "--reuse", str(root / "out1")]
+    assert cli.main([*argv, "--json"]) == 0
+    u = json.loads(capsys.readouterr().out)["reuse"]
+    assert (u["reusable"], u["changed"], u["gone"]) == (170, 20, 10) and u["counted"] == "exact: from this output's plan"
+    assert cli.main(argv) == 0
+    assert "count:     170 rows would be reused, 20 changed texts re-embedded, 10 ids gone" in capsys.readouterr().out
+
+
 def output_with_gone_parts(out: Path, parts: list[list[str]]) -> Location:
     """An output of a `--reuse` run as far as `--prune-from` reads it: a manifest and its plan's gone parts."""
     from reembed.plan import _record
