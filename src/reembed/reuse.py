@@ -367,13 +367,15 @@ def prune(out: Location, target: str, collection: str, batch_size: int = 1000, *
           ray_address: str | None = None, workers: int | None = None) -> dict[str, Any]:
     """Delete the ids of ``out``'s gone list (the ids of its ``--reuse`` output it does not hold) from an
     existing Qdrant ``collection`` (a name or an alias) at ``target``: the way to bring a collection of the
-    earlier output up to date in place. Returns ``{"collection", "target", "gone", "deleted", "count"}``.
+    earlier output up to date in place. Returns ``{"collection", "target", "gone", "deleted", "count",
+    "writers"}``.
 
     The gone ids never pass through this process: a server is pruned by Ray tasks over the plan's ``gone``
-    parts (about :data:`TASKS_PER_WRITER` per one of ``workers``, run as the cluster's CPUs allow, each with its
-    own client, each deleting its own parts' ids in batches of ``batch_size``); embedded Qdrant (a folder) allows one process, so one Ray actor on this node prunes it,
-    fed the parts' records a batch at a time (as :mod:`reembed.migrate.sinks` publishes into a local Chroma
-    folder). This process gets counts only. ``use_ray=False`` (``--no-ray``) deletes from this process."""
+    parts (about :data:`TASKS_PER_WRITER` per one of ``workers``, run as the cluster's CPUs allow, each with
+    its own client, each deleting its own parts' ids in batches of ``batch_size``); embedded Qdrant (a folder)
+    allows one process, so one Ray actor on this node prunes it, fed the parts' records a batch at a time (as
+    :mod:`reembed.migrate.sinks` publishes into a local Chroma folder). This process gets counts only.
+    ``use_ray=False`` (``--no-ray``) deletes from this process."""
     from reembed.errors import QdrantError, UsageError
     from reembed.indexes import qdrant as Q
     from reembed.manifest import Manifest
