@@ -571,24 +571,24 @@ class State:
 
 def read_records(loc: Location, commits: Iterable[tuple[int, int]]) -> dict[int, dict[str, Any]]:
     """shard -> record of each ``(shard, seq)`` in ``commits``: the records of those very commits, read
-    where a task runs, from the parts' row groups that hold their seqs (each read once) or, after the
-    parts, from the entries themselves. What a task carries instead of records: shard numbers and seqs
-    (from :meth:`State.seqs_of`), so no process holds every record. A seq that is no commit of its shard
-    (the log was rewritten meanwhile) is a :class:`ManifestError`."""
+    where a task runs, from the parts' row groups that hold their seqs (each read once) or else from the
+    entries themselves (after the parts, or a commit a compaction left out because the shard was committed
+    again since: entries are never deleted, so the commits a task was sent stay readable). What a task
+    carries instead of records: shard numbers and seqs (from :meth:`State.seqs_of`), so no process holds
+    every record. A seq that is no commit of its shard is a :class:`ManifestError`."""
     chain = _chain(loc)
     end = chain[-1].last if chain else -1
     lookup = _Lookup(loc, chain)
     out: dict[int, dict[str, Any]] = {}
     for shard, seq in sorted(((int(s), int(q)) for s, q in commits), key=lambda c: c[1]):
-        if seq <= end:
-            rec = lookup.record(shard, seq)
-        else:
-            entry = _read_entry(loc, seq)
+        rec = lookup.record(shard, seq) if seq <= end else None
+        if rec is None:
+            entry = _read_entry(loc, seq) if seq >= 0 else None
             ok = entry is not None and entry["kind"] == "commit" and entry.get("shard") == shard
             rec = entry["record"] if ok else None
         if rec is None:
             raise ManifestError(f"{loc.display(LOG_DIR, _entry_name(seq))}: no commit of shard {shard} at seq "
-                                f"{seq}; the commit log changed while it was read (another job?): run again")
+                                f"{seq}; the commit log does not match the shards a task was given: run again")
         out[shard] = rec
     return out
 
