@@ -543,9 +543,10 @@ class ShardRefs:
         return ShardRefs(shards, self.seqs[at].copy(), self.rows[at].copy(),
                          tuple((k, rec) for k, rec in self.legacy if k in keep))
 
-    def commits(self, loc: Location, batch: int = 1024) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    def commits(self, loc: Location, batch: int = 1024, checked: bool = True) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """``(shard, commit seq, record)`` of each shard, in shard order, read from the commit log at
-        ``loc`` ``batch`` records at a time (their paths checked to stay inside the output)."""
+        ``loc`` ``batch`` records at a time; ``checked``: their paths checked to stay inside the output
+        (``False`` for a caller that checks each path as it reads it and reports one outside as damage)."""
         from reembed.commits import read_records
 
         legacy = dict(self.legacy)
@@ -553,7 +554,8 @@ class ShardRefs:
             shards, seqs = self.shards[i:i + batch].tolist(), self.seqs[i:i + batch].tolist()
             got = read_records(loc, [(s, q) for s, q in zip(shards, seqs) if q >= 0])
             for s, q in zip(shards, seqs):
-                yield s, q, checked_record(loc, s, got[s] if q >= 0 else legacy[s])
+                rec = got[s] if q >= 0 else legacy[s]
+                yield s, q, checked_record(loc, s, rec) if checked else rec
 
     def records(self, loc: Location) -> Iterator[tuple[int, dict[str, Any]]]:
         """``(shard, record)`` of each shard, in shard order (see :meth:`commits`)."""
@@ -561,10 +563,11 @@ class ShardRefs:
             yield shard, rec
 
 
-def commits_of(loc: Location, items: "ShardRefs | Iterable[tuple[int, int, dict[str, Any]]]"
+def commits_of(loc: Location, items: "ShardRefs | Iterable[tuple[int, int, dict[str, Any]]]", checked: bool = True
                ) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """``(shard, seq, record)`` of a task's share: read from the log for :class:`ShardRefs`, else as given."""
-    return items.commits(loc) if isinstance(items, ShardRefs) else iter(items)
+    """``(shard, seq, record)`` of a task's share: read from the log for :class:`ShardRefs` (``checked``: see
+    :meth:`ShardRefs.commits`), else as given."""
+    return items.commits(loc, checked=checked) if isinstance(items, ShardRefs) else iter(items)
 
 
 def checked_record(loc: Location, shard: int, rec: dict[str, Any]) -> dict[str, Any]:

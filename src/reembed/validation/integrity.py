@@ -132,7 +132,7 @@ def scan_shards(loc: Location, items: ShardRefs | Iterable[tuple[int, int, dict[
 def scan_batch(loc: Location, batch: ShardRefs | Sequence[tuple[int, int, dict[str, Any]]], job: ScanJob) -> ShardScan:
     """A Ray task: read each shard of ``batch`` once (checked against its sha256) and return its figures."""
     out = ShardScan()
-    for shard, _, rec in commits_of(loc, batch):
+    for shard, _, rec in commits_of(loc, batch, checked=False):  # paths checked as each file is read
         out.merge(_scan_shard(loc, shard, rec, job), job)
     return out
 
@@ -170,7 +170,7 @@ def sample_batch(loc: Location, batch: ShardRefs | Sequence[tuple[int, dict[str,
     gives none (the integrity gate reports it)."""
     out = []
     if isinstance(batch, ShardRefs):
-        batch = [(shard, rec, want[shard]) for shard, rec in batch.records(loc)]
+        batch = [(shard, rec, want[shard]) for shard, _, rec in batch.commits(loc, checked=False)]
     for shard, rec, here in batch:
         row: dict[str, Any] = {"shard": shard, "columns": None, "ids": [], "new": None, "old": None, "texts": []}
         out.append(row)
