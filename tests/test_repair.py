@@ -158,3 +158,28 @@ def test_repair_hashes_the_faiss_files_that_an_open_only_fingerprints(tmp_path, 
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert F.damaged_files(loc, rec) == []  # the fingerprint matches
     assert check_index_files(loc, Manifest.load(loc)) == [loc.display(rec["ivfdata_path"])]
+
+
+@pytest.mark.ray
+def test_repair_hashes_each_faiss_file_in_a_ray_task_and_only_verdicts_come_back(tmp_path, monkeypatch, ray_local):
+    """With workers, every FAISS file is hashed by its own Ray task: hashing in this process fails the test."""
+    from index_fixtures import clustered, write_output as write_vectors
+    from reembed.config import IndexConfig
+    from reembed.indexes import build as stage
+    from reembed.indexes import faiss as F
+    from reembed.repair import check_index_files
+
+    out = write_vectors(tmp_path / "out", clustered(3000, 32, seed=1), shard_rows=500)
+    rec = stage.run_faiss(out, IndexConfig(faiss="ivf", qdrant="none"))
+    path = Path(out) / rec["ids_path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only a whole hash sees it
+    path.write_bytes(bytes(data))
+
+    def refuse(*args):
+        raise AssertionError("a FAISS file was hashed in the driver")
+
+    monkeypatch.setattr(F, "file_sha256", refuse)
+    monkeypatch.setattr(F, "_file_sha256", refuse)
+    loc = Location.from_uri(out)
+    assert check_index_files(loc, Manifest.load(loc), workers=2) == [loc.display(rec["ids_path"])]

@@ -62,7 +62,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -376,7 +376,7 @@ class State:
         self._codes: list[str] = []
         self._reason_counts = np.zeros((0, 0), dtype=np.int32)
         self._n = 0  # shards 0.._n - 1 have been touched (the arrays may be longer until _trim)
-        self._cached_group: tuple | None = None  # the row group record() read last
+        self._lookup: _Lookup | None = None  # reads records by seq (keeps the row group read last)
         self._damaged: dict[int, dict[str, Any]] = {}  # retracted shards not committed again since
 
     @property
@@ -426,15 +426,16 @@ class State:
         entry = self._tail_records.get(int(shard))
         if entry is not None and entry["seq"] == seq:
             return entry["record"]
-        lasts = [p.last for p in self._chain]
-        i = int(np.searchsorted(lasts, seq))  # the first part reaching seq; parts overlap only at a compaction
-        if i >= len(self._chain) or self._chain[i].first > seq:
+        if self._lookup is None:
+            self._lookup = _Lookup(self.loc, self._chain)
+        found = self._lookup.record(int(shard), seq)
+        if found is None:
             raise KeyError(shard)
-        seqs, kinds, shards, records = self._row_group_of(self._chain[i], seq)
-        hit = np.flatnonzero((seqs == seq) & (shards == shard) & kinds)
-        if not len(hit):
-            raise KeyError(shard)
-        return json.loads(records[int(hit[-1])].as_py())
+        return found
+
+    def seqs_of(self, shards: np.ndarray) -> np.ndarray:
+        """The seqs of the effective commits of ``shards`` (committed ones), from the log's arrays."""
+        return self._seq[np.asarray(shards, dtype=np.int64)].copy()
 
     def digest(self) -> str:
         """One sha256 of the committed set, from the arrays alone (no record is read): each committed shard,
@@ -468,32 +469,6 @@ class State:
         for shard, entry in self._tail_records.items():
             if self._seq[shard] == entry["seq"]:
                 yield shard, entry["seq"], entry["record"]
-
-    def _row_group_of(self, part: "_Part", seq: int):
-        """``(seqs, is_commit, shards, records)`` of the row group of ``part`` whose seq statistics hold
-        ``seq``; the last one read is kept."""
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        cached = self._cached_group
-        if cached is not None and cached[0] == part.name and cached[1] <= seq <= cached[2]:
-            return cached[3]
-        with self.loc.fs.open_input_file(self.loc.path(LOG_DIR, CHECKPOINTS, part.name)) as f:
-            pf = pq.ParquetFile(f)
-            si = pf.schema_arrow.get_field_index("seq")
-            for g in range(pf.metadata.num_row_groups):
-                st = pf.metadata.row_group(g).column(si).statistics
-                if st is not None and st.has_min_max and not st.min <= seq <= st.max:
-                    continue
-                t = pf.read_row_group(g, columns=["seq", "kind", "shard", "record"])
-                got = (t.column("seq").to_numpy(), pc.equal(t.column("kind"), "commit").to_numpy(zero_copy_only=False),
-                       t.column("shard").fill_null(-1).to_numpy(), t.column("record").combine_chunks())
-                if (got[0] == seq).any():
-                    lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (seq, seq)
-                    self._cached_group = (part.name, lo, hi, got)
-                    return got
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.astype(bool), empty, None
 
     # -- building ------------------------------------------------------------------------------------
 
@@ -592,6 +567,77 @@ class State:
         n = self._n
         self._seq, self._counts, self._device_s = self._seq[:n].copy(), self._counts[:n].copy(), self._device_s[:n].copy()
         self._reason_counts = self._reason_counts[:n].copy()
+
+
+def read_records(loc: Location, commits: Iterable[tuple[int, int]]) -> dict[int, dict[str, Any]]:
+    """shard -> record of each ``(shard, seq)`` in ``commits``: the records of those very commits, read
+    where a task runs, from the parts' row groups that hold their seqs (each read once) or else from the
+    entries themselves (after the parts, or a commit a compaction left out because the shard was committed
+    again since: entries are never deleted, so the commits a task was sent stay readable). What a task
+    carries instead of records: shard numbers and seqs (from :meth:`State.seqs_of`), so no process holds
+    every record. A seq that is no commit of its shard is a :class:`ManifestError`."""
+    chain = _chain(loc)
+    end = chain[-1].last if chain else -1
+    lookup = _Lookup(loc, chain)
+    out: dict[int, dict[str, Any]] = {}
+    for shard, seq in sorted(((int(s), int(q)) for s, q in commits), key=lambda c: c[1]):
+        rec = lookup.record(shard, seq) if seq <= end else None
+        if rec is None:
+            entry = _read_entry(loc, seq) if seq >= 0 else None
+            ok = entry is not None and entry["kind"] == "commit" and entry.get("shard") == shard
+            rec = entry["record"] if ok else None
+        if rec is None:
+            raise ManifestError(f"{loc.display(LOG_DIR, _entry_name(seq))}: no commit of shard {shard} at seq "
+                                f"{seq}; the commit log does not match the shards a task was given: run again")
+        out[shard] = rec
+    return out
+
+
+class _Lookup:
+    """Records by seq from a chain of parts: the one row group of the part that holds a seq (by its seq
+    statistics); the row group read last is kept, so seqs looked up in order cost one read per row group."""
+
+    def __init__(self, loc: Location, chain: list["_Part"]):
+        self.loc = loc
+        self.chain = chain
+        self.lasts = [p.last for p in chain]
+        self.cached: tuple | None = None
+
+    def record(self, shard: int, seq: int) -> dict[str, Any] | None:
+        i = int(np.searchsorted(self.lasts, seq))  # the first part reaching seq; parts overlap only at a compaction
+        if i >= len(self.chain) or self.chain[i].first > seq:
+            return None
+        seqs, kinds, shards, records = self._row_group_of(self.chain[i], seq)
+        hit = np.flatnonzero((seqs == seq) & (shards == shard) & kinds)
+        if not len(hit):
+            return None
+        return json.loads(records[int(hit[-1])].as_py())
+
+    def _row_group_of(self, part: "_Part", seq: int):
+        """``(seqs, is_commit, shards, records)`` of the row group of ``part`` whose seq statistics hold
+        ``seq``; the last one read is kept."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        cached = self.cached
+        if cached is not None and cached[0] == part.name and cached[1] <= seq <= cached[2]:
+            return cached[3]
+        with self.loc.fs.open_input_file(self.loc.path(LOG_DIR, CHECKPOINTS, part.name)) as f:
+            pf = pq.ParquetFile(f)
+            si = pf.schema_arrow.get_field_index("seq")
+            for g in range(pf.metadata.num_row_groups):
+                st = pf.metadata.row_group(g).column(si).statistics
+                if st is not None and st.has_min_max and not st.min <= seq <= st.max:
+                    continue
+                t = pf.read_row_group(g, columns=["seq", "kind", "shard", "record"])
+                got = (t.column("seq").to_numpy(), pc.equal(t.column("kind"), "commit").to_numpy(zero_copy_only=False),
+                       t.column("shard").fill_null(-1).to_numpy(), t.column("record").combine_chunks())
+                if (got[0] == seq).any():
+                    lo, hi = (st.min, st.max) if st is not None and st.has_min_max else (seq, seq)
+                    self.cached = (part.name, lo, hi, got)
+                    return got
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.astype(bool), empty, None
 
 
 # -- replay ---------------------------------------------------------------------------------------------

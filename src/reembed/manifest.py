@@ -57,7 +57,8 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import ItemsView, Mapping, ValuesView
+from collections.abc import ItemsView, Iterable, Mapping, ValuesView
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from reembed import storage
@@ -382,10 +383,26 @@ class Manifest:
 
     def _checked(self, shard: int, rec: dict[str, Any]) -> dict[str, Any]:
         """``rec`` once its paths are known to stay inside the output."""
-        for field in _PATH_FIELDS:
-            if rec.get(field) is not None:
-                inside_output(self.loc, rec[field], f"shards.{shard:05d}.{field}")
-        return rec
+        return checked_record(self.loc, shard, rec)
+
+    def refs(self, legacy: bool = True) -> "ShardRefs":
+        """Every committed shard as tasks carry them (:class:`ShardRefs`: numbers, commit seqs and rows, in
+        shard order), from the log's arrays: no record is read here. ``legacy``: include the records an
+        older reembed kept in manifest.json."""
+        import numpy as np
+
+        state = self.state()
+        shards = state.shards.astype(np.int64)
+        seqs, rows = state.seqs_of(shards), state.rows_of(shards)
+        old = tuple(sorted((int(k), rec) for k, rec in self.data["shards"].items() if int(k) not in state)) \
+            if legacy else ()
+        if old:
+            shards = np.concatenate([shards, np.array([k for k, _ in old], np.int64)])
+            seqs = np.concatenate([seqs, np.full(len(old), -1, np.int64)])
+            rows = np.concatenate([rows, np.array([int(rec["rows"]) for _, rec in old], np.int64)])
+            order = np.argsort(shards, kind="stable")
+            shards, seqs, rows = shards[order], seqs[order], rows[order]
+        return ShardRefs(shards, seqs, rows.astype(np.int64), old)
 
     def _iter_records(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(shard, record) of every committed shard: the log's in commit order, then the legacy ones."""
@@ -474,6 +491,91 @@ class Committed(Mapping):
 
     def values(self) -> "ValuesView":
         return _Streamed(self, lambda: (rec for _, rec in self._m._iter_records()))
+
+
+@dataclass(frozen=True, eq=False)
+class ShardRefs:
+    """Committed shards as a Ray task carries them: their numbers (ascending), the seqs of their effective
+    commits and their rows, three int64 arrays (24 bytes a shard) instead of a record each. The task reads
+    the records itself (:meth:`records`, :meth:`commits`: from the commit log's row groups, paths checked),
+    so the process that schedules the tasks holds O(tasks) and parses no record. Slicing
+    (``refs[i:j]``, ``refs[i::n]``) and :meth:`chunks` give the tasks' shares. ``legacy``: ``(shard,
+    record)`` of outputs an older reembed wrote (records kept in manifest.json, seq -1), carried whole."""
+
+    shards: Any
+    seqs: Any
+    rows: Any
+    legacy: tuple = ()
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, which: slice) -> "ShardRefs":
+        if not isinstance(which, slice):
+            raise TypeError("ShardRefs are sliced (refs[i:j], refs[i::n]); records come from records(loc)")
+        return self._take(which)
+
+    @property
+    def first(self) -> int:
+        return int(self.shards[0])
+
+    @property
+    def last(self) -> int:
+        return int(self.shards[-1])
+
+    def chunks(self, size: int) -> list["ShardRefs"]:
+        """Consecutive shares of at most ``size`` shards."""
+        return [self[i:i + size] for i in range(0, len(self), max(1, int(size)))]
+
+    def select(self, shards: Any) -> "ShardRefs":
+        """The refs of those of ``shards`` that are here (any order), in shard order."""
+        import numpy as np
+
+        want = np.unique(np.asarray(shards, dtype=np.int64))
+        at = np.searchsorted(self.shards, want)
+        inside = at < len(self.shards)
+        at = at[inside][self.shards[at[inside]] == want[inside]]
+        return self._take(at)
+
+    def _take(self, at: Any) -> "ShardRefs":
+        shards = self.shards[at].copy()
+        keep = set(shards.tolist()) if self.legacy else set()
+        return ShardRefs(shards, self.seqs[at].copy(), self.rows[at].copy(),
+                         tuple((k, rec) for k, rec in self.legacy if k in keep))
+
+    def commits(self, loc: Location, batch: int = 1024, checked: bool = True) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """``(shard, commit seq, record)`` of each shard, in shard order, read from the commit log at
+        ``loc`` ``batch`` records at a time; ``checked``: their paths checked to stay inside the output
+        (``False`` for a caller that checks each path as it reads it and reports one outside as damage)."""
+        from reembed.commits import read_records
+
+        legacy = dict(self.legacy)
+        for i in range(0, len(self), batch):
+            shards, seqs = self.shards[i:i + batch].tolist(), self.seqs[i:i + batch].tolist()
+            got = read_records(loc, [(s, q) for s, q in zip(shards, seqs) if q >= 0])
+            for s, q in zip(shards, seqs):
+                rec = got[s] if q >= 0 else legacy[s]
+                yield s, q, checked_record(loc, s, rec) if checked else rec
+
+    def records(self, loc: Location) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(shard, record)`` of each shard, in shard order (see :meth:`commits`)."""
+        for shard, _, rec in self.commits(loc):
+            yield shard, rec
+
+
+def commits_of(loc: Location, items: "ShardRefs | Iterable[tuple[int, int, dict[str, Any]]]", checked: bool = True
+               ) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """``(shard, seq, record)`` of a task's share: read from the log for :class:`ShardRefs` (``checked``: see
+    :meth:`ShardRefs.commits`), else as given."""
+    return items.commits(loc, checked=checked) if isinstance(items, ShardRefs) else iter(items)
+
+
+def checked_record(loc: Location, shard: int, rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec``, the commit record of ``shard``, once its paths are known to stay inside the output."""
+    for field in _PATH_FIELDS:
+        if rec.get(field) is not None:
+            inside_output(loc, rec[field], f"shards.{shard:05d}.{field}")
+    return rec
 
 
 class _Streamed(ItemsView, ValuesView):

@@ -3,8 +3,9 @@
     reembed repair OUTPUT [--config job.yaml] [--check-only] [--workers N]
 
 1. **Check.** Every committed shard's file (and its dead-letter file) is read and hashed in Ray tasks, a
-   batch of shards each and at most ``workers`` at once; the driver streams the records from the commit log
-   into the tasks and gets back only the damaged shards, so its memory does not grow with the output.
+   batch of shards each and at most ``workers`` at once; a task carries its shards' numbers and commit seqs
+   (:class:`~reembed.manifest.ShardRefs`) and reads their records from the commit log itself, and the
+   driver gets back only the damaged shards: it parses no record and holds O(tasks), not O(shards).
    Damaged: the file is missing, its sha256 is not the one committed, it cannot be read, or the record names
    a path outside the output (never followed: :meth:`Location.contain`).
 2. **Retract.** Each damaged shard gets one create-only ``retract`` entry in the commit log naming the
@@ -15,8 +16,8 @@
    them again under its new epoch. The job's settings come from ``--config`` or, without one, from the
    manifest (input, plan and model settings; the resume's fingerprint check refuses a mismatch).
 
-The finished FAISS build's files are hashed whole too (:func:`check_index_files`: an open of the index
-compares only a fingerprint); damaged ones are named in the summary (``faiss_damaged``) and rebuilt by
+The finished FAISS build's files are hashed whole too, one Ray task per file (:func:`check_index_files`: an
+open of the index compares only a fingerprint); damaged ones are named in the summary (``faiss_damaged``) and rebuilt by
 ``reembed index``.
 
 :func:`check_shard_files` is the one definition of a damaged shard; ``reembed validate`` uses it too, and
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from reembed import cluster
 from reembed.errors import ChecksumError, ManifestError, StorageError
-from reembed.manifest import Manifest, read_recorded
+from reembed.manifest import Manifest, ShardRefs, commits_of, read_recorded
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def repair(output: str | Location, cfg: Any = None, *, check_only: bool = False,
     before = dict(state.damaged)  # found by an earlier check and not repaired yet
     checked = 0
     damaged: list[dict[str, Any]] = []
-    for result in map_shards(check_batch, loc, state.iter_commits(), total=len(state), workers=workers,
+    # The tasks carry shard numbers and commit seqs and read the records themselves: none is parsed here.
+    for result in map_shards(check_batch, loc, manifest.refs(legacy=False), total=len(state), workers=workers,
                              ray_address=ray_address):
         checked += result["checked"]
         for d in result["damaged"]:
@@ -77,7 +79,8 @@ def repair(output: str | Location, cfg: Any = None, *, check_only: bool = False,
     summary: dict[str, Any] = {
         "output": loc.uri, "checked": checked, "retracted": len(damaged),
         "damaged": [{k: d[k] for k in ("shard", "reason", "message")} for d in damaged[:LISTED]],
-        "earlier_damaged": sorted(before)[:LISTED], "run": None, "faiss_damaged": check_index_files(loc, manifest),
+        "earlier_damaged": sorted(before)[:LISTED], "run": None,
+        "faiss_damaged": check_index_files(loc, manifest, workers, ray_address),
     }
     log.info("repair: %d committed shards checked, %d damaged%s, %.1f s", checked, len(damaged),
              f" ({len(before)} found damaged earlier)" if before else "", time.monotonic() - t0)
@@ -95,28 +98,41 @@ def repair(output: str | Location, cfg: Any = None, *, check_only: bool = False,
     return summary
 
 
-def check_index_files(loc: Location, manifest: Manifest) -> list[str]:
+def check_index_files(loc: Location, manifest: Manifest, workers: int | None = 0,
+                      ray_address: str | None = None) -> list[str]:
     """The files of the output's finished FAISS build whose whole sha256 differs from the manifest (an open
     compares only their fingerprint: :func:`reembed.indexes.faiss.check_file`); `reembed index` rebuilds them.
-    Hashed here, in this process: at 1B vectors ~36 GB read once per repair."""
+    Each file is hashed by its own Ray task (at 1B vectors ~36 GB read once per repair, the index, its ids and
+    its inverted lists at once, on the nodes), and only its verdict comes back; ``workers=0`` hashes them here."""
     from reembed.indexes.build import state_of
-    from reembed.indexes.faiss import damaged_files
+    from reembed.indexes.faiss import damaged_file, file_keys
 
     rec = state_of(manifest).get("faiss")
     if not rec or rec.get("status") != "done":
         return []
-    bad = damaged_files(loc, rec, verify=True)
+    if workers == 0:
+        found = [damaged_file(loc, rec, key, True) for key in file_keys(rec)]
+    else:
+        import ray
+
+        from reembed.cluster import init_ray
+
+        init_ray(ray_address)
+        task = ray.remote(num_cpus=TASK_CPUS, max_retries=3, retry_exceptions=[OSError])(damaged_file)
+        found = cluster.get([task.remote(loc, rec, key, True) for key in file_keys(rec)])
+    bad = [b for b in found if b is not None]
     if bad:
         log.warning("FAISS v%s: %s damaged (sha256 differs from the manifest); `reembed index %s` builds it again",
                     rec.get("version"), ", ".join(bad), loc.uri)
     return bad
 
 
-def check_batch(loc: Location, batch: Sequence[tuple[int, int, dict[str, Any]]]) -> dict[str, Any]:
-    """A Ray task: the files of a batch of committed shards ``(shard, commit seq, record)`` against their
-    sha256; returns how many were checked and the damaged ones (a few hundred bytes each)."""
+def check_batch(loc: Location, batch: ShardRefs | Sequence[tuple[int, int, dict[str, Any]]]) -> dict[str, Any]:
+    """A Ray task: the files of a batch of committed shards (:class:`ShardRefs`, whose records it reads from
+    the commit log, or ``(shard, commit seq, record)``) against their sha256; returns how many were checked and
+    the damaged ones (a few hundred bytes each)."""
     damaged = []
-    for shard, seq, rec in batch:
+    for shard, seq, rec in commits_of(loc, batch, checked=False):  # a path outside is damage "outside"
         _, damage = check_shard_files(loc, shard, rec)
         if damage is not None:
             damaged.append({**damage, "seq": seq})
@@ -236,6 +252,9 @@ def _damage(shard: int, rec: dict[str, Any], path_field: str, reason: str, messa
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    if isinstance(items, ShardRefs):  # shares of shard numbers and seqs: each task reads its records
+        yield from items.chunks(size)
+        return
     batch: list[Any] = []
     for item in items:
         batch.append(item)

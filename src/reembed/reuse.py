@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,9 @@ from reembed.dedup import id_partitions
 from reembed.errors import ConfigError, InputError, ManifestError, OutputRefused
 from reembed.scan import run_tasks
 from reembed.storage import Location
+
+if TYPE_CHECKING:
+    from reembed.manifest import ShardRefs
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +113,15 @@ def plan_reuse(earlier: Location, old, plan: dict[str, Any], work: Location,
     """Plan the reuse of ``old`` (OUT1's Manifest, from :func:`open_earlier`) for the plan ``plan`` whose
     folder is ``work``; ``read_shards(shards)`` yields NEW's shards as the read stage reads them. Writes
     ``reuse/`` and ``gone/`` under ``work`` and returns the summary the manifest keeps (``plan["reuse"]``)."""
-    from reembed.manifest import inside_output
-
     t0 = time.monotonic()
     for folder in (KEYS_DIR, REUSE_DIR, GONE_DIR):  # an interrupted earlier attempt's leftovers
         work.delete_dir(folder)
-    committed = [(shard, inside_output(earlier, rec["path"], f"shards.{shard:05d}.path"))
-                 for shard, rec in sorted(old.committed.items())]
+    committed = old.refs()  # OUT1's shard numbers and commit seqs: each key task reads its shards' records
     old_rows = int(old.totals()["embedded"])
     partitions = max(1, min(MAX_PARTITIONS, -(-(plan["rows"] + old_rows) // IDS_PER_PARTITION)))
-    new_groups = _chunks(list(range(plan["shards"])), SHARDS_PER_TASK)
+    new_groups = _chunks(range(plan["shards"]), SHARDS_PER_TASK)  # ranges: a task carries two numbers
     new = run_tasks(new_keys, [(read_shards, work, g, partitions) for g in new_groups], use_ray)
-    old_groups = _chunks(committed, SHARDS_PER_TASK)
+    old_groups = committed.chunks(SHARDS_PER_TASK)
     olds = run_tasks(old_keys, [(earlier, work, g, partitions) for g in old_groups], use_ray)
     names_new: dict[int, list[str]] = {p: [] for p in range(partitions)}
     names_old: dict[int, list[str]] = {p: [] for p in range(partitions)}
@@ -130,7 +130,7 @@ def plan_reuse(earlier: Location, old, plan: dict[str, Any], work: Location,
             names_new[p].append(_group_name(g[0]))
     for g, written in zip(old_groups, olds):
         for p in written:
-            names_old[p].append(_group_name(g[0][0]))
+            names_old[p].append(_group_name(g.first))
     counts = run_tasks(join_partition, [(work, p, names_new[p], names_old[p]) for p in range(partitions)], use_ray)
     work.delete_dir(KEYS_DIR)
     summary = {
@@ -163,10 +163,17 @@ def new_keys(read_shards: Callable[[list[int]], Iterable[pa.Table]], work: Locat
     return _write_partitions(work, "new", _group_name(shards[0]), pa.concat_tables(parts), partitions)
 
 
-def old_keys(earlier: Location, work: Location, group: list[tuple[int, str]], partitions: int) -> tuple[int, ...]:
-    """Key task over OUT1's committed shards ``group`` (shard, path): ``(id, old_path, old_row, text_hash)``."""
+def old_keys(earlier: Location, work: Location, group: "ShardRefs | list[tuple[int, str]]",
+             partitions: int) -> tuple[int, ...]:
+    """Key task over OUT1's committed shards ``group`` (:class:`~reembed.manifest.ShardRefs`, whose records
+    it reads from OUT1's commit log, or ``(shard, path)``): ``(id, old_path, old_row, text_hash)``."""
     import pyarrow.parquet as pq
 
+    from reembed.manifest import ShardRefs, inside_output
+
+    if isinstance(group, ShardRefs):
+        group = [(shard, inside_output(earlier, rec["path"], f"shards.{shard:05d}.path"))
+                 for shard, rec in group.records(earlier)]
     parts = []
     for _, path in group:
         with earlier.fs.open_input_file(earlier.path(path)) as f:
@@ -309,7 +316,7 @@ def part_file(partition: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _chunks(items: list, size: int) -> list[list]:
+def _chunks(items: list | range, size: int) -> list:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 

@@ -44,6 +44,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from reembed import schema as S
@@ -54,7 +55,7 @@ from reembed.phases import human_seconds
 from reembed.indexes import faiss as faiss_index
 from reembed.indexes import qdrant as Q
 from reembed.indexes.progress import Progress
-from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError, inside_output
+from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError, ShardRefs, inside_output
 from reembed.storage import Location
 from reembed.write import read_shard_table
 
@@ -212,7 +213,7 @@ def run_faiss(output: str | Location, cfg: IndexConfig, workers: int | None = No
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         version = faiss_index.next_version(loc, [r["version"] for r in history])
         files, params = faiss_dist.build_ivf(
-            loc, sorted(manifest.committed.items()), plan, version, inputs=base["inputs"],
+            loc, manifest.refs(), plan, version, inputs=base["inputs"],
             recall_target=cfg.recall_target, workers=workers or 1, use_ray=use_ray,
             group_rows=group_rows or faiss_dist.GROUP_ROWS)
     else:
@@ -272,11 +273,13 @@ def run_qdrant(output: str | Location, cfg: IndexConfig, target: str, use_ray: b
         if state["status"] == "done":
             return state
         progress = Progress(loc, "qdrant", state["build"])
-        done = progress.done() & set(manifest.committed)
-        todo = [(s, _slim(rec)) for s, rec in sorted(manifest.committed.items()) if s not in done]
+        committed = manifest.refs()  # numbers, seqs and rows: each writer reads its own shards' records
+        loaded_before = np.isin(committed.shards, np.fromiter(progress.done(), np.int64))
+        done = int(loaded_before.sum())
+        todo = committed._take(np.flatnonzero(~loaded_before))
         if done:
             log.info("Qdrant %s: resuming %s: %d of %d shards already loaded, %d to load", Q.describe(target),
-                     state["collection"], len(done), len(manifest.committed), len(todo))
+                     state["collection"], done, len(committed), len(todo))
         job = _QdrantLoad(loc, target, state["collection"], state["build"], cfg.batch_size,
                           tuple(manifest.plan.get("passthrough", [])))
         if Q.is_server(target):
@@ -292,8 +295,8 @@ def run_qdrant(output: str | Location, cfg: IndexConfig, target: str, use_ray: b
                                 f"committed {rows}; rerun `reembed index` to load a new version")
         meta = {**_collection_meta(manifest, state["version"], cfg), **(Q.metadata(client, state["collection"]).get(Q.META) or {})}
         Q.set_metadata(client, state["collection"], {Q.META: {**meta, "state": "ready"}})
-        state.update(status="done", count=got, shards=len(manifest.committed), resumed_shards=len(done), **loaded,
-                     bytes=sum(r["bytes"] for r in manifest.committed.values()), started_at=started,
+        state.update(status="done", count=got, shards=len(committed), resumed_shards=done, **loaded,
+                     bytes=int(manifest.totals()["bytes"]), started_at=started,
                      finished_at=_stamp(), seconds=round(time.monotonic() - t0, 3))
         _record(loc, "qdrant", state)
         return state
@@ -356,17 +359,17 @@ class _QdrantLoad:
         return n
 
 
-def _load_embedded(job: _QdrantLoad, client, todo: list[tuple[int, dict[str, Any]]], rows: int) -> dict[str, Any]:
+def _load_embedded(job: _QdrantLoad, client, todo: ShardRefs, rows: int) -> dict[str, Any]:
     """Every pending shard by this process, the one writer an embedded Qdrant allows."""
     t0 = time.monotonic()
-    left = sum(rec["rows"] for _, rec in todo)
+    left = int(todo.rows.sum())
     log.info("Qdrant %s: embedded Qdrant allows one writer: this process loads %d points (%d shards); a Qdrant "
              "server is loaded by --workers writers in parallel", Q.describe(job.target), left, len(todo))
     out: dict[str, Any] = {"writers": 1, "transport": "embedded"}
-    if todo and rows > Q.EMBEDDED_MAX_POINTS:
-        out["estimate"] = _say_embedded_time(job, client, todo[0], left, rows)
-        todo = todo[1:]
-    for shard, rec in todo:
+    records = todo.records(job.loc)
+    if len(todo) and rows > Q.EMBEDDED_MAX_POINTS:
+        out["estimate"] = _say_embedded_time(job, client, next(records), left, rows)
+    for shard, rec in records:
         job.shard(client, shard, rec)
     out["load_seconds"] = round(time.monotonic() - t0, 3)
     return out
@@ -393,13 +396,13 @@ def _say_embedded_time(job: _QdrantLoad, client, first: tuple[int, dict[str, Any
     return {"points_per_s": round(rate, 1), "points": left, "seconds": round(eta, 1)}
 
 
-def _load_server(job: _QdrantLoad, client, todo: list[tuple[int, dict[str, Any]]], workers: int,
+def _load_server(job: _QdrantLoad, client, todo: ShardRefs | list[tuple[int, dict[str, Any]]], workers: int,
                  use_ray: bool) -> dict[str, Any]:
     """Every pending shard by ``workers`` writers, each with a disjoint share: Ray tasks, or threads here."""
     t0 = time.monotonic()
     workers = max(1, min(workers, len(todo)))
     out: dict[str, Any] = {"writers": workers}
-    if not todo:
+    if not len(todo):
         out["transport"] = "grpc" if Q.uses_grpc(client) else "http"
     elif use_ray:
         import ray
@@ -421,7 +424,7 @@ def _load_server(job: _QdrantLoad, client, todo: list[tuple[int, dict[str, Any]]
         grpc_client = Q.connect(job.target, grpc=True)
         try:
             out["transport"] = "grpc" if Q.uses_grpc(grpc_client) else "http"
-            for _ in bounded_map(lambda item: job.shard(grpc_client, *item), todo, workers):
+            for _ in bounded_map(lambda item: job.shard(grpc_client, *item), _records(job.loc, todo), workers):
                 pass
         finally:
             grpc_client.close()
@@ -431,11 +434,12 @@ def _load_server(job: _QdrantLoad, client, todo: list[tuple[int, dict[str, Any]]
     return out
 
 
-def _qdrant_load_task(job: _QdrantLoad, items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-    """One writer, as a Ray task: its own client (gRPC when offered), its shards, a small summary back."""
+def _qdrant_load_task(job: _QdrantLoad, items: ShardRefs | list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """One writer, as a Ray task: its own client (gRPC when offered), its shards (their records read here,
+    from the commit log), a small summary back."""
     client = Q.connect(job.target, grpc=True)
     try:
-        rows = sum(job.shard(client, shard, rec) for shard, rec in items)
+        rows = sum(job.shard(client, shard, rec) for shard, rec in _records(job.loc, items))
         return {"rows": rows, "shards": len(items), "worker": f"{socket.gethostname()}:{os.getpid()}",
                 "transport": "grpc" if Q.uses_grpc(client) else "http"}
     finally:
@@ -443,8 +447,13 @@ def _qdrant_load_task(job: _QdrantLoad, items: list[tuple[int, dict[str, Any]]])
 
 
 def _slim(rec: dict[str, Any]) -> dict[str, Any]:
-    """What reading a shard needs of its commit record (a writer task carries only these)."""
+    """What reading a shard needs of its commit record."""
     return {k: rec[k] for k in ("path", "sha256", "rows", "bytes") if k in rec}
+
+
+def _records(loc: Location, items: ShardRefs | list[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(shard, record)`` of a writer's share: read from the commit log for ShardRefs, else as given."""
+    return items.records(loc) if isinstance(items, ShardRefs) else iter(items)
 
 
 def bounded_map(fn, items, workers: int) -> Iterator:
@@ -576,8 +585,8 @@ def _gather(waits: dict[str, Any]) -> dict[str, Any]:
 
 
 def shard_tables(loc: Location, manifest: Manifest, columns: list[str]) -> Iterator[pa.Table]:
-    """Every committed shard in shard order, sha256-checked, one at a time."""
-    for shard, rec in sorted(manifest.committed.items()):
+    """Every committed shard in shard order, sha256-checked, one at a time (records streamed from the log)."""
+    for shard, rec in manifest.refs().records(loc):
         yield read_shard(loc, shard, rec, columns)
 
 
@@ -603,11 +612,8 @@ def _load(loc: Location) -> Manifest:
             "from a complete output (rerun `reembed run` to finish it)"
         )
     if rows_of(m) == 0:
-        dead = sum(rec.get("dead_letters", 0) for rec in m.committed.values())
-        reasons: dict[str, int] = {}
-        for rec in m.committed.values():
-            for why, n in (rec.get("reasons") or {}).items():
-                reasons[why] = reasons.get(why, 0) + n
+        totals = m.totals()  # from the log's arrays: no record is read
+        dead, reasons = totals["dead_lettered"], totals["reasons"]
         why = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "no input rows"
         raise InputError(f"{loc.uri}: nothing to index: the output holds 0 embedded rows ({dead} dead-lettered: "
                          f"{why}); fix the input (see `reembed status {loc.uri}`) and rerun `reembed run`")

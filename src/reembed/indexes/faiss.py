@@ -669,19 +669,26 @@ def damaged_files(loc: Location, record: dict[str, Any], verify: bool = False) -
     """The files of a recorded FAISS build that are missing or differ from the record (empty when all are
     intact): by their fingerprint (size, mtime, first and last MiB: :func:`check_file`), by their whole
     sha256 when that differs, when none was recorded, or with ``verify`` (streamed, nothing held)."""
-    bad = []
-    for key in ("", "ids_", "ivfdata_"):
-        path = record.get(f"{key}path")
-        if key == "ivfdata_" and path is None:
-            continue
-        rel, _ = loc.contain(path)
-        try:
-            if rel is None or loc.size(rel) != record.get(f"{key}bytes", loc.size(rel)):
-                raise ChecksumError("size")
-            check_file(loc, rel, record, key, verify)
-        except (ChecksumError, StorageError, FileNotFoundError, KeyError):
-            bad.append(loc.display(rel) if rel else str(path))
-    return bad
+    return [bad for key in file_keys(record) if (bad := damaged_file(loc, record, key, verify)) is not None]
+
+
+def file_keys(record: dict[str, Any]) -> list[str]:
+    """The prefixes of the files a FAISS record names: the index, its ids, and its ``.ivfdata`` if on disk."""
+    return [key for key in ("", "ids_", "ivfdata_") if key != "ivfdata_" or record.get("ivfdata_path") is not None]
+
+
+def damaged_file(loc: Location, record: dict[str, Any], key: str, verify: bool = False) -> str | None:
+    """The file ``record[key + "path"]`` shown as a URI if it is missing or differs from the record, else
+    None (see :func:`damaged_files`; one file, so a task can check it alone)."""
+    path = record.get(f"{key}path")
+    rel, _ = loc.contain(path)
+    try:
+        if rel is None or loc.size(rel) != record.get(f"{key}bytes", loc.size(rel)):
+            raise ChecksumError("size")
+        check_file(loc, rel, record, key, verify)
+    except (ChecksumError, StorageError, FileNotFoundError, KeyError):
+        return loc.display(rel) if rel else str(path)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from reembed import schema as S
 from reembed.errors import ManifestError, StorageError
+from reembed.manifest import ShardRefs
 from reembed.indexes.exact import DEPTH, KnnHeap, normalize
 from reembed.indexes.faiss import (FOLDER, IDS_ROW_GROUP, K, FaissPlan, file_record, file_sha256, local_scratch,
                                    new_index, publish_file, tune, tuning_queries, _check, _shortfall)
@@ -61,23 +62,38 @@ QUERIES = 600
 
 @dataclass(frozen=True)
 class Group:
-    """Consecutive committed shards, added by one task; ``offset`` is the faiss id of its first row."""
+    """Consecutive committed shards, added by one task; ``offset`` is the faiss id of its first row.
+    ``shards``: :class:`~reembed.manifest.ShardRefs` (the task reads the records from the commit log), or
+    ``(shard, record)`` pairs."""
 
     group: int
     offset: int
     rows: int
-    shards: tuple[tuple[int, dict[str, Any]], ...]
+    shards: Any
 
     @property
     def name(self) -> str:
         return f"g{self.group:05d}"
 
+    @property
+    def first(self) -> int:
+        return self.shards.first if isinstance(self.shards, ShardRefs) else self.shards[0][0]
 
-def build_ivf(loc: Location, shards: Sequence[tuple[int, dict[str, Any]]], plan: FaissPlan, version: int, *,
+    @property
+    def last(self) -> int:
+        return self.shards.last if isinstance(self.shards, ShardRefs) else self.shards[-1][0]
+
+    def records(self, loc: Location):
+        """``(shard, record)`` of the group's shards, in order (read here, in the task, for ShardRefs)."""
+        return self.shards.records(loc) if isinstance(self.shards, ShardRefs) else iter(self.shards)
+
+
+def build_ivf(loc: Location, shards: "ShardRefs | Sequence[tuple[int, dict[str, Any]]]", plan: FaissPlan, version: int, *,
               inputs: str = "", recall_target: float = 0.95, workers: int = 1, use_ray: bool = False,
               group_rows: int = GROUP_ROWS, seed: int = 0, queries: int = QUERIES) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build, tune and publish the IVF index of ``plan`` over the committed ``shards`` (``(shard, record)`` in
-    shard order) as ``index-v{version}``; returns (its files' record, the build's params).
+    """Build, tune and publish the IVF index of ``plan`` over the committed ``shards`` (:class:`ShardRefs`, or
+    ``(shard, record)`` in shard order) as ``index-v{version}``; returns (its files' record, the build's
+    params). With ShardRefs each task reads its own shards' records: none passes through this process.
 
     ``use_ray``: the steps run as Ray tasks, ``workers`` of them at a time; else one after another here.
     """
@@ -115,12 +131,12 @@ def build_ivf(loc: Location, shards: Sequence[tuple[int, dict[str, Any]]], plan:
     return files, params
 
 
-def groups_of(shards: Sequence[tuple[int, dict[str, Any]]], group_rows: int = GROUP_ROWS,
+def groups_of(shards: "ShardRefs | Sequence[tuple[int, dict[str, Any]]]", group_rows: int = GROUP_ROWS,
               min_groups: int = MIN_GROUPS) -> list[Group]:
     """Split the shards (in order) into consecutive groups of about equal rows: at most ``group_rows`` rows
     each, and at least ``min_groups`` groups when there are that many shards. Depends on the shards only
     (never on the number of workers), so a rerun with other workers finds the same groups."""
-    rows = [int(rec["rows"]) for _, rec in shards]
+    rows = shards.rows.tolist() if isinstance(shards, ShardRefs) else [int(rec["rows"]) for _, rec in shards]
     total = sum(rows)
     n = max(1, min(len(shards), max(min_groups, -(-total // max(1, group_rows)))))
     out, start, offset, acc = [], 0, 0, 0
@@ -129,7 +145,7 @@ def groups_of(shards: Sequence[tuple[int, dict[str, Any]]], group_rows: int = GR
         last = i == len(rows) - 1
         # close the group once its share of rows is reached (and leave one shard per group still to come)
         if last or (acc >= total * (len(out) + 1) / n and len(rows) - i - 1 >= n - len(out) - 1):
-            block = tuple(shards[start:i + 1])
+            block = shards[start:i + 1] if isinstance(shards, ShardRefs) else tuple(shards[start:i + 1])
             size = sum(rows[start:i + 1])
             out.append(Group(len(out), offset, size, block))
             offset += size
@@ -139,7 +155,7 @@ def groups_of(shards: Sequence[tuple[int, dict[str, Any]]], group_rows: int = GR
 
 def build_key(inputs: str, plan: FaissPlan, groups: Sequence[Group], seed: int, queries: int) -> str:
     """What a build's partial work depends on: the inputs, the index, the groups, the seeds."""
-    layout = [[g.offset, g.rows, g.shards[0][0], g.shards[-1][0]] for g in groups]
+    layout = [[g.offset, g.rows, g.first, g.last] for g in groups]
     blob = json.dumps({"inputs": inputs, "plan": asdict(plan) | {"reason": ""}, "groups": layout, "seed": seed,
                        "queries": queries}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -159,7 +175,7 @@ def sample_group(loc: Location, group: Group, count: int, seed: int = 0) -> tupl
     """``count`` rows of ``group`` drawn uniformly (seeded by the group): (normalized vectors, faiss ids)."""
     picks = np.sort(np.random.default_rng([seed, 2, group.group]).choice(group.rows, size=count, replace=False))
     parts, offset = [], 0
-    for shard, rec in group.shards:
+    for shard, rec in group.records(loc):
         lo, hi = np.searchsorted(picks, [offset, offset + int(rec["rows"])])
         if hi > lo:  # a shard holding none of the picks is not read
             x = S.embedding_matrix(_read_shard(loc, shard, rec, [S.EMBEDDING]).column(S.EMBEDDING))
@@ -218,7 +234,7 @@ def add_group(loc: Location, folder: str, plan: FaissPlan, group: Group, trained
     refine = faiss.downcast_index(index).refine_index if plan.refine else None
     ids: list[pa.Array] = []
     offset = group.offset
-    for shard, rec in group.shards:
+    for shard, rec in group.records(loc):
         table = _read_shard(loc, shard, rec, [S.ID, S.EMBEDDING])
         x = normalize(S.embedding_matrix(table.column(S.EMBEDDING)))
         if x.shape[1] != plan.dim:
@@ -240,7 +256,7 @@ def add_group(loc: Location, folder: str, plan: FaissPlan, group: Group, trained
         files["ids"] = publish_file(loc, os.path.join(tmp, "ids.parquet"), f"{folder}/{group.name}.ids.parquet")
         np.savez(os.path.join(tmp, "knn.npz"), ids=knn_ids, scores=heap.scores)
         files["knn"] = publish_file(loc, os.path.join(tmp, "knn.npz"), f"{folder}/{group.name}.knn.npz")
-    record = {**expect, "group": group.group, "shards": [group.shards[0][0], group.shards[-1][0]],
+    record = {**expect, "group": group.group, "shards": [group.first, group.last],
               "ntotal": int(index.ntotal), "files": files, "seconds": round(time.monotonic() - t0, 3),
               "cpu_seconds": round(time.process_time() - c0, 3), **_whoami()}
     if record["ntotal"] != group.rows:

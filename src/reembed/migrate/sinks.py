@@ -58,7 +58,7 @@ import pyarrow as pa
 
 from reembed import schema as S
 from reembed.errors import MigrationError, ObjectExistsError
-from reembed.manifest import Manifest, now
+from reembed.manifest import Manifest, ShardRefs, now
 from reembed.migrate.stores.base import OLD_EMBEDDING, TEXT, parse_uri
 from reembed.storage import Location
 
@@ -88,7 +88,7 @@ def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: 
     manifest = _complete_manifest(loc)
     src = parse_uri(to)
     sink = sink_class(src.kind)
-    rows = sum(rec["rows"] for rec in manifest.committed.values())
+    rows = int(manifest.totals()["embedded"])  # from the commit log's arrays: no record is read here
     dim, normalized = int(manifest.model["dimension"]), bool(manifest.model.get("normalize"))
     state_dir = f"{SINKS_DIR}/{sink_name(src, manifest)}"
     about = {"model": manifest.model.get("name"), "fingerprint": manifest.model.get("fingerprint"), "dimension": dim}
@@ -113,18 +113,20 @@ def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: 
     opened = {"dim": dim, "normalized": normalized, "about": {**about, "version": target["version"]}}
     with sink.open_target(src, target["collection"], **opened):  # created here, once, before any writer runs
         pass
-    done = _done_shards(loc, state_dir)
-    todo = [(s, _slim(rec)) for s, rec in sorted(manifest.committed.items()) if s not in done]
+    committed = manifest.refs()  # numbers, seqs and rows: each writer reads its own shards' records
+    written_before = np.isin(committed.shards, np.fromiter(_done_shards(loc, state_dir), np.int64))
+    done = int(written_before.sum())
+    todo = committed._take(np.flatnonzero(~written_before))
     if done:
-        log.info("publish %s: resuming, %d of %d shards already written", target["collection"], len(done),
-                 len(done) + len(todo))
+        log.info("publish %s: resuming, %d of %d shards already written", target["collection"], done,
+                 done + len(todo))
     columns = _columns(manifest)
     if TEXT not in columns:
         log.warning("publish: %s carries no text column; the store gets vectors and metadata only (run the job "
                     "with --passthrough text,...)", loc.display())
     job = SinkWrite(loc, to, target["collection"], opened, state_dir, tuple(columns), batch_size)
     if not use_ray:
-        results = [job.write(loc, todo)] if todo else []
+        results = [job.write(loc, todo)] if len(todo) else []
     elif sink.concurrent(src):
         results = _write_parallel(job, todo, workers, ray_address)
     else:
@@ -138,8 +140,8 @@ def publish(output: str | Location, to: str, *, batch_size: int = 256, workers: 
     if count != rows:
         raise MigrationError(f"{src.shown}: {target['collection']} holds {count} documents after publishing, the "
                              f"output has {rows}; another writer may be using it - publish into a new name")
-    summary = {**target, "count": count, "rows_written": written, "shards": len(manifest.committed),
-               "shards_resumed": len(done), "writers": sorted({r["worker"] for r in results}),
+    summary = {**target, "count": count, "rows_written": written, "shards": len(committed),
+               "shards_resumed": done, "writers": sorted({r["worker"] for r in results}),
                "seconds": round(time.monotonic() - t0, 3)}
     if swap:
         summary["swap"] = sink.swap(src, target["collection"])
@@ -167,16 +169,17 @@ class SinkWrite:
         src = parse_uri(self.uri)
         return sink_class(src.kind).open_target(src, self.collection, **self.opened)
 
-    def write(self, loc: Location, items: list[tuple[int, dict[str, Any]]], store=None) -> dict[str, Any]:
-        """Write each shard of ``items`` (read here, one at a time, from ``loc``) and mark it done; returns
-        ``{"rows", "shards", "worker"}``. ``store``: an open target to reuse (the single writer's)."""
-        from reembed.indexes.build import read_shard
+    def write(self, loc: Location, items: ShardRefs | list[tuple[int, dict[str, Any]]], store=None) -> dict[str, Any]:
+        """Write each shard of ``items`` (read here, one at a time, from ``loc``; for :class:`ShardRefs` their
+        records too, from the commit log) and mark it done; returns ``{"rows", "shards", "worker"}``.
+        ``store``: an open target to reuse (the single writer's)."""
+        from reembed.indexes.build import _records, read_shard
 
         own = store is None
         store = self.open() if own else store
         rows = 0
         try:
-            for shard, rec in items:
+            for shard, rec in _records(loc, items):
                 t0 = time.monotonic()
                 table = read_shard(loc, shard, rec, list(self.columns))
                 for ids, texts, vectors, metas in documents(table, self.batch_size):
@@ -197,7 +200,7 @@ class SingleWriter:
         self.job = job
         self.store = job.open()
 
-    def write(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    def write(self, items: ShardRefs | list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
         return self.job.write(self.job.loc, items, self.store)
 
     def close(self) -> None:
@@ -259,34 +262,35 @@ def next_version(existing: Sequence[str], base: str, sep: str = "_v") -> tuple[s
 # Helpers
 
 
-def _write_parallel(job: SinkWrite, todo: list[tuple[int, dict[str, Any]]], workers: int,
+def _write_parallel(job: SinkWrite, todo: ShardRefs, workers: int,
                     ray_address: str | None) -> list[dict[str, Any]]:
     """A server: Ray tasks over batches of shards, ``workers`` at once, each with its own client."""
     from reembed.repair import map_shards
 
-    if not todo:
+    if not len(todo):
         return []
     options = {"scheduling_strategy": "SPREAD"}
     return list(map_shards(_write_task, job.loc, todo, job, total=len(todo), workers=workers,
                            ray_address=ray_address, options=options))
 
 
-def _write_task(loc: Location, items: list[tuple[int, dict[str, Any]]], job: SinkWrite) -> dict[str, Any]:
+def _write_task(loc: Location, items: ShardRefs, job: SinkWrite) -> dict[str, Any]:
     return job.write(loc, items)
 
 
-def _write_single(job: SinkWrite, todo: list[tuple[int, dict[str, Any]]], ray_address: str | None,
+def _write_single(job: SinkWrite, todo: ShardRefs, ray_address: str | None,
                   per_call: int = 16) -> list[dict[str, Any]]:
     """A local Chroma folder: Chroma allows one writing process per folder (each process keeps its own copy of
     the HNSW index; two writers corrupt it), so one actor, on this node (the folder is here), writes every
-    shard in turn, ``per_call`` shards per call. Only shard records go to it; the vectors never come here."""
+    shard in turn, ``per_call`` shards per call. Only shard numbers and commit seqs go to it (it reads the
+    records from the commit log); the vectors never come here."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from reembed.cluster import get, init_ray
     from reembed.repair import _batches
 
-    if not todo:
+    if not len(todo):
         return []
     init_ray(ray_address)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -299,12 +303,6 @@ def _write_single(job: SinkWrite, todo: list[tuple[int, dict[str, Any]]], ray_ad
     finally:
         ray.kill(writer)
     return results
-
-
-def _slim(rec: dict[str, Any]) -> dict[str, Any]:
-    from reembed.indexes.build import _slim as slim
-
-    return slim(rec)
 
 
 def _worker() -> str:

@@ -159,7 +159,7 @@ def validate(output: str | Location, *, queries: str | Sequence[LabelledQuery] |
     relevant = frozenset(r for q in labelled for r in q.relevant)
     job = ScanJob(dim=dim, normalized=normalized, norm_tol=settings.norm_tol, searches=tuple(searches), watch=relevant,
                   unique_ids=(manifest.plan.get("dedup") or "hash") != "none")
-    scan = scan_shards(loc, committed(manifest), job, total=len(shards), **tasks)
+    scan = scan_shards(loc, manifest.refs(), job, total=len(shards), **tasks)
     integrity = integrity_gate(scan, dim, normalized)
     pending = manifest.pending()
     if pending:
@@ -251,10 +251,10 @@ def _sample(loc: Location, manifest: Manifest, shards: np.ndarray, rows: np.ndar
     first = int(shards[0]) if len(shards) else None
     if first is not None:
         want.setdefault(first, np.zeros(0, np.int64))
-    items = sorted(((shard, rec, want[shard]) for shard, _, rec in committed(manifest) if shard in want),
-                   key=lambda item: item[0])
-    got = sorted((row for part in map_shards(sample_batch, loc, items, job, total=len(items), **tasks) for row in part),
-                 key=lambda row: row["shard"])
+    # Only the sampled shards' numbers and seqs go to the tasks, which read their records from the commit log.
+    items = manifest.refs().select(sorted(want))
+    got = sorted((row for part in map_shards(sample_batch, loc, items, job, want, total=len(items), **tasks)
+                  for row in part), key=lambda row: row["shard"])
     has_old = bool(got) and got[0]["columns"] is not None and OLD_EMBEDDING in got[0]["columns"]
     ids, new, old, texts = [], [], [], []
     for row in got:

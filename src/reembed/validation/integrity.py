@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from reembed import schema as S
 from reembed.errors import StorageError, ValidationError
 from reembed.indexes.exact import KnnHeap
-from reembed.manifest import Manifest
+from reembed.manifest import Manifest, ShardRefs, commits_of
 from reembed.migrate.stores.base import is_store_uri
 from reembed.repair import check_shard_files, map_shards
 from reembed.storage import Location, list_inputs
@@ -116,9 +116,10 @@ class ShardScan:
         return self.tops if self.tops else [None] * len(job.searches)
 
 
-def scan_shards(loc: Location, items: Iterable[tuple[int, int, dict[str, Any]]], job: ScanJob, *, total: int,
-                workers: int | None = None, ray_address: str | None = None) -> ShardScan:
-    """Every shard of ``items`` ``(shard, commit seq, record)`` through :func:`scan_batch`, merged."""
+def scan_shards(loc: Location, items: ShardRefs | Iterable[tuple[int, int, dict[str, Any]]], job: ScanJob, *,
+                total: int, workers: int | None = None, ray_address: str | None = None) -> ShardScan:
+    """Every shard of ``items`` (:class:`ShardRefs`: each task reads its shards' records from the commit log;
+    or ``(shard, commit seq, record)``) through :func:`scan_batch`, merged."""
     result = ShardScan()
     for part in map_shards(scan_batch, loc, items, job, total=total, workers=workers, ray_address=ray_address):
         result.merge(part, job)
@@ -128,10 +129,10 @@ def scan_shards(loc: Location, items: Iterable[tuple[int, int, dict[str, Any]]],
     return result
 
 
-def scan_batch(loc: Location, batch: Sequence[tuple[int, int, dict[str, Any]]], job: ScanJob) -> ShardScan:
+def scan_batch(loc: Location, batch: ShardRefs | Sequence[tuple[int, int, dict[str, Any]]], job: ScanJob) -> ShardScan:
     """A Ray task: read each shard of ``batch`` once (checked against its sha256) and return its figures."""
     out = ShardScan()
-    for shard, _, rec in batch:
+    for shard, _, rec in commits_of(loc, batch, checked=False):  # paths checked as each file is read
         out.merge(_scan_shard(loc, shard, rec, job), job)
     return out
 
@@ -161,12 +162,15 @@ class SampleJob:
     text_column: str | None = None
 
 
-def sample_batch(loc: Location, batch: Sequence[tuple[int, dict[str, Any], np.ndarray]], job: SampleJob
-                 ) -> list[dict[str, Any]]:
-    """A Ray task: the rows at ``positions`` of each shard ``(shard, record, positions)``: ids, vectors (old
-    ones too, when the shard has them) and texts, plus the shard's column names. A shard that fails its
-    checks gives none (the integrity gate reports it)."""
+def sample_batch(loc: Location, batch: ShardRefs | Sequence[tuple[int, dict[str, Any], np.ndarray]], job: SampleJob,
+                 want: dict[int, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """A Ray task: the rows at ``positions`` of each shard ``(shard, record, positions)`` (or of each shard of
+    :class:`ShardRefs`, its record read here from the commit log, at ``want[shard]``): ids, vectors (old ones
+    too, when the shard has them) and texts, plus the shard's column names. A shard that fails its checks
+    gives none (the integrity gate reports it)."""
     out = []
+    if isinstance(batch, ShardRefs):
+        batch = [(shard, rec, want[shard]) for shard, _, rec in batch.commits(loc, checked=False)]
     for shard, rec, here in batch:
         row: dict[str, Any] = {"shard": shard, "columns": None, "ids": [], "new": None, "old": None, "texts": []}
         out.append(row)
@@ -373,8 +377,8 @@ class OldSide:
         return self._scan(job).top(0, job)[1]
 
     def _scan(self, job: ScanJob) -> ShardScan:
-        return scan_shards(self.loc, committed(self.manifest), job, total=len(self.manifest.committed),
-                           workers=self.workers, ray_address=self.ray_address)
+        refs = self.manifest.refs()
+        return scan_shards(self.loc, refs, job, total=len(refs), workers=self.workers, ray_address=self.ray_address)
 
 
 def old_side(old: str, loc: Location, workers: int | None = None, ray_address: str | None = None) -> OldSide:

@@ -108,14 +108,16 @@ def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
 POINT_ID_FIELDS = ("point_id", "_point_id")  # --label-id-field for labels naming the store's point ids
 
 
-def relabel(labelled: list[LabelledQuery], loc: Location, field: str) -> list[LabelledQuery]:
+def relabel(labelled: list[LabelledQuery], loc: Location, field: str, workers: int | None = 0,
+            ray_address: str | None = None) -> list[LabelledQuery]:
     """``labelled`` with each relevant id rewritten from the app's own id (``field`` of each output row: a
     passthrough column, ``metadata.doc_id`` inside a nested or JSON column or the exported ``_payload``, or
     ``point_id`` for the store's point ids) to the output's id. An app id several rows share (the chunks of
     one document) makes all of them relevant; an id no row has stays as it is, so the A/B gate counts it
-    as not found. Streams the shards once, holding only the labelled ids."""
+    as not found. Reads the shards once, holding only the labelled ids: in Ray tasks (``workers`` at once,
+    None: every CPU Ray has), or with ``workers=0`` in this process, one shard at a time."""
     wanted = {r for q in labelled for r in q.relevant}
-    found = ids_by_field(loc, field, wanted)
+    found = ids_by_field(loc, field, wanted, workers, ray_address)
     out = []
     for q in labelled:
         grades: dict[str, float] = {}
@@ -126,10 +128,13 @@ def relabel(labelled: list[LabelledQuery], loc: Location, field: str) -> list[La
     return out
 
 
-def ids_by_field(loc: Location, field: str, wanted: set[str]) -> dict[str, list[str]]:
-    """app id -> output ids, for the app ids in ``wanted``, reading ``field`` from the committed shards."""
+def ids_by_field(loc: Location, field: str, wanted: set[str], workers: int | None = 0,
+                 ray_address: str | None = None) -> dict[str, list[str]]:
+    """app id -> output ids (in shard order), for the app ids in ``wanted``, reading ``field`` from the
+    committed shards: tasks of :func:`reembed.repair.map_shards`, each reading its own shards' records from
+    the commit log, so no record and no row passes through this process."""
     from reembed.manifest import Manifest
-    from reembed.write import read_shard_table
+    from reembed.repair import map_shards
 
     manifest = Manifest.load(loc)
     if manifest is None:
@@ -140,14 +145,31 @@ def ids_by_field(loc: Location, field: str, wanted: set[str]) -> dict[str, list[
         raise ValidationError(f"--label-id-field {field}: the output has no such field (its columns: id, "
                               f"{', '.join(columns) or 'no passthrough'}); pass the column through the job "
                               "(--passthrough) or name one it has, e.g. metadata.doc_id with _payload passed through")
+    refs = manifest.refs()
+    parts = map_shards(_ids_batch, loc, refs, source, frozenset(wanted), total=len(refs), workers=workers,
+                       ray_address=ray_address)
     out: dict[str, list[str]] = {}
-    for shard, rec in sorted(manifest.committed.items()):
+    for _, pairs in sorted(parts, key=lambda p: p[0]):  # shard order, whatever order the tasks ended in
+        for app_id, doc_id in pairs:
+            out.setdefault(app_id, []).append(doc_id)
+    return out
+
+
+def _ids_batch(loc: Location, batch: Any, source: tuple[str, list[str]], wanted: frozenset
+               ) -> tuple[int, list[tuple[str, str]]]:
+    """A task: ``(first shard, [(app id, output id), ...])`` of the rows of ``batch`` whose field is wanted."""
+    from reembed.manifest import commits_of
+    from reembed.write import read_shard_table
+
+    first, pairs = None, []
+    for shard, _, rec in commits_of(loc, batch):
+        first = shard if first is None else first
         table = read_shard_table(loc, rec, columns=["id", source[0]], verify=True, key=f"shards.{shard:05d}")
         for doc_id, value in zip(table.column("id").to_pylist(), table.column(source[0]).to_pylist()):
             app_id = _walk(value, source[1])
             if app_id is not None and str(app_id) in wanted:
-                out.setdefault(str(app_id), []).append(str(doc_id))
-    return out
+                pairs.append((str(app_id), str(doc_id)))
+    return (first if first is not None else -1), pairs
 
 
 def _field_source(field: str, columns: list[str]) -> tuple[str, list[str]] | None:

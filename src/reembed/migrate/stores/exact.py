@@ -33,7 +33,7 @@ class ExactStore(Store):
         from reembed.write import read_shard_table
 
         ids, blocks, texts = [], [], []
-        for _, rec in sorted(manifest.committed.items()):
+        for _, rec in manifest.refs().records(loc):  # streamed from the commit log, in shard order
             table = read_shard_table(loc, rec)
             ids.extend(table.column(S.ID).to_pylist())
             blocks.append(S.embedding_matrix(table.column(S.EMBEDDING)))
