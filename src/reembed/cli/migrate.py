@@ -185,7 +185,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if queries and args.label_id_field:
                 from reembed.validation.queries import load_queries, relabel
 
-                queries = relabel(load_queries(queries), location(args, args.output), args.label_id_field)
+                queries = relabel(load_queries(queries), location(args, args.output), args.label_id_field,
+                                   workers=args.workers, ray_address=args.address)
             report = V.validate(location(args, args.output), queries=queries, old=args.old, old_model=args.old_model,
                                 model=args.model, pairs=args.pairs, searchers=searchers, settings=settings,
                                 workers=args.workers, ray_address=args.address)

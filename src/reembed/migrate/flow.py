@@ -153,11 +153,12 @@ class _Flow:
         from reembed import validation as V
         from reembed.validation.queries import load_queries, relabel
 
+        workers, address = (None if self.s.use_ray else 0), self.job.compute.ray_address  # --no-ray: in this process
         labelled = load_queries(self.s.queries) if self.s.queries else []
         if labelled and self.s.label_id_field:
-            labelled = relabel(labelled, self.output_loc, self.s.label_id_field)
+            labelled = relabel(labelled, self.output_loc, self.s.label_id_field, workers=workers, ray_address=address)
         report = V.validate(self.output_loc, queries=labelled, old=self.export_loc.uri, old_model=self.s.old_model,
-                            settings=V.Settings(sample=self.s.sample))
+                            settings=V.Settings(sample=self.s.sample), workers=workers, ray_address=address)
         gates = {n: {"status": g["status"], "message": g.get("message", "")} for n, g in report["gates"].items()}
         if not report["passed"]:
             failed = "; ".join(f"{n}: {g['message']}" for n, g in gates.items() if g["status"] == V.FAIL)
