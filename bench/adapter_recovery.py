@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import sys
@@ -33,6 +34,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 DATA = ROOT / "tests" / "data"
+CHUNK = 1000
+THREADS = 1  # torch threads: on the shared 2-core VM one thread embeds 5x faster than two (OpenMP contention)
+log = logging.getLogger("adapter_recovery")
 
 
 def main(argv=None) -> int:
@@ -40,7 +44,12 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=4000, help="glosses to use (default all 4000)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "adapter"), help="results folder")
     ap.add_argument("--cache", default=str(ROOT / "bench" / "out" / "adapter-cache"), help="embeddings cache")
+    ap.add_argument("--wordnet", type=Path, help="the full WordNet (dpkg -x wordnet-base_*.deb ROOT): extra fit pairs")
+    ap.add_argument("--extra-fit", default="0",
+                    help="comma-separated numbers of extra fit glosses from --wordnet to compare (e.g. 0,20000,50000)")
+    ap.add_argument("--embed-only", action="store_true", help="only embed (and cache) the largest --extra-fit, then stop")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from reembed import adapter as A
     from reembed.migrate.dual import fuse
@@ -53,6 +62,23 @@ def main(argv=None) -> int:
                if any(r in have for r in q["relevant"])]
     texts, qtexts = [d["text"] for d in docs], [q["query"] for q in queries]
     relevant = [{r: 1.0 for r in q["relevant"]} for q in queries]
+
+    extra_ns = sorted({int(n) for n in args.extra_fit.split(",")})
+    extra_texts: list[str] = []
+    if extra_ns[-1] > 0:
+        if args.wordnet is None:
+            ap.error("--extra-fit needs --wordnet (the folder wordnet-base was extracted into)")
+        extra = fit_glosses(args.wordnet, set(ids.tolist()), {q["query"].lower() for q in queries})
+        if len(extra) < extra_ns[-1]:
+            ap.error(f"--extra-fit {extra_ns[-1]}: the full WordNet has only {len(extra)} eligible glosses")
+        extra_texts = [s["text"] for s in extra[: extra_ns[-1]]]
+    if args.embed_only:
+        embed_cached("minilm", texts, qtexts, args.cache, wait=False)
+        embed_cached("mpnet", texts, qtexts, args.cache, wait=False)
+        for c in range(0, len(extra_texts), CHUNK):
+            for which in ("minilm", "mpnet"):
+                _chunk(which, extra_texts[c: c + CHUNK], c // CHUNK, args.cache, CHUNK, wait=False)
+        return 0
 
     t0 = time.monotonic()
     old_d, old_q = embed_cached("minilm", texts, qtexts, args.cache)
@@ -118,21 +144,98 @@ def main(argv=None) -> int:
     return 0
 
 
-def embed_cached(which: str, texts, qtexts, cache: str):
+def embed_cached(which: str, texts, qtexts, cache: str, wait: bool = True):
+    """The evaluation corpus and queries embedded by one model, cached (claimed like a fit chunk)."""
     path = Path(cache) / f"{which}-{len(texts)}.npz"
-    if path.exists():
-        z = np.load(path)
-        return z["docs"], z["queries"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while not path.exists():
+        try:
+            os.close(os.open(f"{path}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            if not wait:
+                return None
+            time.sleep(5)
+            continue
+        t = time.monotonic()
+        model = _model(which)
+        d = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        q = model.encode(qtexts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        np.savez(f"{path}.tmp.npz", docs=d, queries=q)
+        os.replace(f"{path}.tmp.npz", path)
+        log.info("%s: embedded the %d evaluation glosses and %d queries in %.1f s", which, len(texts), len(qtexts),
+                 time.monotonic() - t)
+    z = np.load(path)
+    return z["docs"], z["queries"]
+
+
+def fit_glosses(wordnet_root: Path, exclude_ids: set, exclude_lemmas: set) -> list[dict]:
+    """Every synset of the full WordNet (``dpkg -x wordnet-base_*.deb ROOT``) that may be a fit pair: not in
+    the evaluation extract, and naming none of the query lemmas (so no labelled sense, nor another sense of
+    a query word, is seen in the fit). Ordered by ``sha256("fit:" + id)``, so the first N of a larger run
+    are the N of a smaller one (and their cached embeddings are shared)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import make_wordnet_extract as W
+
+    lexnames = W.read_lexnames(wordnet_root / W.LEXNAMES_MAN)
+    synsets = [s for pos, name in W.FILES.items() for s in W.read_data(wordnet_root / W.WORDNET / name, pos, lexnames)]
+    keep = [s for s in synsets if s["text"] and s["id"] not in exclude_ids
+            and not any(lemma.lower() in exclude_lemmas for lemma in s["lemmas"])]
+    return sorted(keep, key=lambda s: W.digest("fit", s["id"]))
+
+
+def embed_fit_cached(which: str, texts: list[str], cache: str, chunk: int = CHUNK, wait: bool = True) -> np.ndarray:
+    """The embeddings of the fit texts, cached by chunks of ``chunk`` texts in their fixed order, so a
+    larger N reuses every chunk a smaller one embedded. A chunk is claimed by a create-only ``.claim`` file,
+    so several processes (``--embed-only`` twice, one thread each) share the work; with ``wait`` a chunk
+    another process claimed is waited for. Progress is logged per chunk."""
+    out = []
+    for c in range(0, len(texts), chunk):
+        out.append(_chunk(which, texts[c: c + chunk], c // chunk, cache, chunk, wait))
+    return np.vstack([o for o in out if o is not None]) if out else np.zeros((0, 1), np.float32)
+
+
+def _chunk(which: str, part: list[str], n: int, cache: str, chunk: int, wait: bool):
+    path = Path(cache) / f"{which}-fit-{chunk}-{n:03d}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    whole = len(part) == chunk  # only whole chunks are cached: a partial one may grow with a larger N
+    while True:
+        if path.exists():
+            return np.load(path)[: len(part)]
+        try:
+            if whole:
+                os.close(os.open(f"{path}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            if not wait:
+                return None
+            time.sleep(5)
+    t, c = time.monotonic(), time.process_time()
+    vecs = _model(which).encode(part, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                show_progress_bar=False)
+    if whole:
+        np.save(f"{path}.tmp.npy", vecs)
+        os.replace(f"{path}.tmp.npy", path)
+    log.info("%s: embedded fit chunk %d (%d texts) in %.1f s wall, %.1f s CPU (%.1f/s), load %s", which, n,
+             len(part), time.monotonic() - t, time.process_time() - c, len(part) / (time.monotonic() - t),
+             os.getloadavg()[0])
+    return vecs
+
+
+_MODELS: dict = {}
+
+
+def _model(which: str):
+    if which in _MODELS:
+        return _MODELS[which]
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from reembed.models_pypi import minilm_folder, mpnet_folder
 
+    torch.set_num_threads(THREADS)
     model = SentenceTransformer(str(minilm_folder() if which == "minilm" else mpnet_folder()), device="cpu")
-    d = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    q = model.encode(qtexts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, docs=d, queries=q)
-    return d, q
+    _MODELS[which] = model
+    return model
 
 
 def _search(q, index, index_ids, k):
