@@ -19,7 +19,9 @@ Three kinds are fitted and compared on held-out pairs; the best is kept:
   projected on the top ``r`` directions of its fitted values.
 * ``mlp`` - the Procrustes map plus a small residual MLP trained with a cosine loss (torch, CPU, seconds).
 
-Each is judged, on pairs held out of the fit, by recall@k of ``new query -> adapter -> old index`` against
+``reembed adapter fit`` tunes each kind on pairs held out of its training pairs (``fit(..., tune=True)``):
+Procrustes with or without centring, the low-rank map's ridge and rank, the MLP's weight decay and the
+epoch it stops at. Each is then judged, on pairs held out of the fit, by recall@k of ``new query -> adapter -> old index`` against
 ``new query -> new index`` (the full re-embedding) and ``old query -> old index`` (no migration): on
 labelled queries when given (their texts embedded by both models), else on neighbour overlap with the new
 model's own neighbours (held-out documents as queries). ``recovery`` is the adapter's recall over the new
