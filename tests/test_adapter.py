@@ -59,6 +59,39 @@ def test_labelled_queries_are_scored_against_their_labels():
     assert broken["recall"]["new"] < 0.3  # wrong labels are not silently scored as right
 
 
+def test_settings_chosen_on_held_out_pairs_beat_the_least_regularised_fit_on_a_small_noisy_fit():
+    """``fit(..., tune=True)`` picks each kind's settings on pairs held out of the fit (never the test
+    documents): on 120 noisy pairs the chosen ridge beats the smallest one, the MLP stops early, and
+    Procrustes centres both sides when the old space has a common offset."""
+    new, old = drifted_pair(n=1000, seed=3)
+    new = A._normalize(new + 0.1 * np.random.default_rng(4).standard_normal(new.shape))
+    ids = np.array([f"d{i}" for i in range(1000)], dtype=object)
+    tr, te = slice(0, 120), slice(500, None)
+
+    def held_out(a):
+        return A.evaluate(a, new[te], old[te], ids[te])["recall"]["adapter"]
+
+    tuned = A.fit(new[tr], old[tr], "lowrank", tune=True)
+    tuning = tuned.figures["tuning"]
+    assert tuning["held_out_pairs"] == 12 and len(tuning["tried"]) == len(A.RIDGES) * 2  # ranks 32 and 48 (full)
+    assert not tuning["chosen"].startswith("ridge=0.001,")
+    least = A.Adapter("lowrank", A._lowrank(new[tr], old[tr], old.shape[1], ridge=min(A.RIDGES)))
+    assert held_out(tuned) >= held_out(least) + 0.01, (held_out(tuned), held_out(least), tuning["chosen"])
+
+    # the residual MLP stops once the held-out pairs stop improving: on pairs that teach nothing, at once
+    wrong = old[tr][np.random.default_rng(1).permutation(120)]
+    mlp = A.fit(new[tr], wrong, "mlp", epochs=30, tune=True)
+    stopped = int(mlp.figures["tuning"]["chosen"].split("epochs=")[1])
+    assert stopped < 10 and set(mlp.weights) == {"W", "W1", "b1", "W2", "b2"}
+
+    shifted = A._normalize(old + 0.8 * A._normalize(np.ones((1, old.shape[1]))))
+    pro = A.fit(new[tr], shifted[tr], "procrustes", tune=True)
+    assert pro.figures["tuning"]["chosen"] == "centre=True" and "b" in pro.weights
+    plain = A.fit(new[tr], shifted[tr], "procrustes")
+    assert (A.evaluate(pro, new[te], shifted[te], ids[te])["recall"]["adapter"]
+            > A.evaluate(plain, new[te], shifted[te], ids[te])["recall"]["adapter"])
+
+
 @pytest.mark.ray
 def test_fit_from_an_output_and_its_export_saves_a_versioned_checked_adapter(tmp_path, ray_local, capsys):
     from reembed.cli import main

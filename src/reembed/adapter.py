@@ -19,7 +19,9 @@ Three kinds are fitted and compared on held-out pairs; the best is kept:
   projected on the top ``r`` directions of its fitted values.
 * ``mlp`` - the Procrustes map plus a small residual MLP trained with a cosine loss (torch, CPU, seconds).
 
-Each is judged, on pairs held out of the fit, by recall@k of ``new query -> adapter -> old index`` against
+``reembed adapter fit`` tunes each kind on pairs held out of its training pairs (``fit(..., tune=True)``):
+Procrustes with or without centring, the low-rank map's ridge and rank, the MLP's weight decay and the
+epoch it stops at. Each is then judged, on pairs held out of the fit, by recall@k of ``new query -> adapter -> old index`` against
 ``new query -> new index`` (the full re-embedding) and ``old query -> old index`` (no migration): on
 labelled queries when given (their texts embedded by both models), else on neighbour overlap with the new
 model's own neighbours (held-out documents as queries). ``recovery`` is the adapter's recall over the new
@@ -105,18 +107,71 @@ class Adapter:
 
 
 def fit(x_new: np.ndarray, y_old: np.ndarray, kind: str, rank: int = 128, seed: int = 0,
-        epochs: int = 60, hidden: int = 256) -> Adapter:
-    """Fit one ``kind`` of adapter on paired rows (the same document in both spaces)."""
+        epochs: int = 60, hidden: int = 256, tune: bool = False) -> Adapter:
+    """Fit one ``kind`` of adapter on paired rows (the same document in both spaces).
+
+    With ``tune`` the kind's settings are chosen on pairs held out of the fit (``TUNE_HOLDOUT`` of them,
+    never any labelled query): for ``procrustes`` whether to centre both sides (a bias), for ``lowrank``
+    the ridge and the rank (full rank is plain ridge regression), for ``mlp`` the weight decay and the epoch
+    to stop at. The held-out figure is :func:`evaluate`'s neighbour overlap; the choice and every candidate's
+    figure are kept in ``adapter.figures["tuning"]``, and the chosen settings are refitted on all pairs
+    (the MLP keeps its early-stopped weights)."""
     x, y = _normalize(np.asarray(x_new, np.float32)), _normalize(np.asarray(y_old, np.float32))
     if len(x) != len(y) or len(x) < 2:
         raise AdapterError(f"need at least 2 paired vectors, got {len(x)} new and {len(y)} old")
+    if kind not in KINDS:
+        raise AdapterError(f"unknown adapter kind {kind!r}; use one of {', '.join(KINDS)}")
+    if tune and len(x) >= 20:
+        return _tuned(x, y, kind, rank, seed, epochs, hidden)
     if kind == "procrustes":
         return Adapter(kind, {"W": _procrustes(x, y)})
     if kind == "lowrank":
         return Adapter(kind, _lowrank(x, y, rank))
-    if kind == "mlp":
-        return Adapter(kind, _mlp(x, y, hidden, epochs, seed))
-    raise AdapterError(f"unknown adapter kind {kind!r}; use one of {', '.join(KINDS)}")
+    return Adapter(kind, _mlp(x, y, hidden, epochs, seed))
+
+
+TUNE_HOLDOUT = 0.1
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+WEIGHT_DECAYS = (1e-4, 1e-2)
+
+
+def _tuned(x: np.ndarray, y: np.ndarray, kind: str, rank: int, seed: int, epochs: int, hidden: int) -> Adapter:
+    order = np.random.default_rng(seed + 1).permutation(len(x))
+    cut = max(2, int(len(x) * TUNE_HOLDOUT))
+    val, train = order[:cut], order[cut:]
+    ids = np.arange(cut).astype(str).astype(object)
+    k = max(1, min(K, cut // 20))  # top-10 of a dozen held-out pairs would be nearly all of them
+
+    def score(weights: dict[str, np.ndarray]) -> tuple[float, float]:
+        fig = evaluate(Adapter(kind, weights), x[val], y[val], ids, k=k)
+        return fig["recall"]["adapter"], fig["mean_cosine_to_old"]
+
+    tried: dict[str, tuple[float, float]] = {}
+    if kind == "procrustes":
+        for centre in (False, True):
+            tried[f"centre={centre}"] = score(_procrustes_affine(x[train], y[train], centre))
+        best = max(tried, key=tried.get)
+        weights = _procrustes_affine(x, y, best == "centre=True")
+    elif kind == "lowrank":
+        ranks = sorted({r for r in (32, 64, rank, 256, min(x.shape[1], y.shape[1])) if r <= min(x.shape[1], y.shape[1])})
+        for ridge in RIDGES:
+            for r, w in _lowrank_ranks(x[train], y[train], ranks, ridge):
+                tried[f"ridge={ridge:g},rank={r}"] = score(w)
+        best = max(tried, key=tried.get)
+        ridge, r = (float(v.split("=")[1]) for v in best.split(","))
+        weights = _lowrank(x, y, int(r), ridge)
+    else:
+        runs = {}
+        for wd in WEIGHT_DECAYS:
+            w, stop = _mlp(x[train], y[train], hidden, epochs, seed, weight_decay=wd, val=(x[val], y[val]))
+            tried[f"weight_decay={wd:g},epochs={stop}"] = score(w)
+            runs[f"weight_decay={wd:g},epochs={stop}"] = w
+        best = max(tried, key=tried.get)
+        weights = runs[best]
+    log.info("adapter %s tuned on %d held-out pairs: %s (neighbour overlap %.3f)", kind, cut, best, tried[best][0])
+    figures = {"tuning": {"held_out_pairs": int(cut), "k": k, "chosen": best,
+                          "tried": {k: {"neighbour_overlap": v[0], "mean_cosine": v[1]} for k, v in tried.items()}}}
+    return Adapter(kind, weights, figures=figures)
 
 
 def _procrustes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -124,20 +179,47 @@ def _procrustes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (u @ vt).astype(np.float32)
 
 
-def _lowrank(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-2) -> dict[str, np.ndarray]:
+def _procrustes_affine(x: np.ndarray, y: np.ndarray, centre: bool) -> dict[str, np.ndarray]:
+    """Procrustes on the pairs, or on both sides centred (then a bias carries the old side's mean back)."""
+    if not centre:
+        return {"W": _procrustes(x, y)}
     mx, my = x.mean(axis=0), y.mean(axis=0)
-    xc, yc = x - mx, y - my
-    a = np.linalg.solve(xc.T @ xc + ridge * len(x) / x.shape[1] * np.eye(x.shape[1], dtype=np.float32), xc.T @ yc)
-    r = max(1, min(rank, *a.shape))
-    _, _, vt = np.linalg.svd(xc @ a, full_matrices=False)  # reduced-rank regression: top r output directions
-    p = vt[:r].T @ vt[:r]
-    w = (a @ p).astype(np.float32)
+    w = _procrustes(x - mx, y - my)
     return {"W": w, "b": (my - mx @ w).astype(np.float32)}
 
 
-def _mlp(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
+def _lowrank(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 1e-2) -> dict[str, np.ndarray]:
+    return next(_lowrank_ranks(x, y, [rank], ridge))[1]
+
+
+def _lowrank_ranks(x: np.ndarray, y: np.ndarray, ranks, ridge: float):
+    """(rank, weights) of the reduced-rank ridge map for each rank: one solve and one SVD for all."""
+    mx, my = x.mean(axis=0), y.mean(axis=0)
+    xc, yc = x - mx, y - my
+    a = np.linalg.solve(xc.T @ xc + ridge * len(x) / x.shape[1] * np.eye(x.shape[1], dtype=np.float32), xc.T @ yc)
+    _, _, vt = np.linalg.svd(xc @ a, full_matrices=False)  # reduced-rank regression: top r output directions
+    for rank in ranks:
+        r = max(1, min(rank, *a.shape))
+        w = (a @ (vt[:r].T @ vt[:r])).astype(np.float32)
+        yield r, {"W": w, "b": (my - mx @ w).astype(np.float32)}
+
+
+def _mlp(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: int, weight_decay: float = 1e-5,
+         val: tuple[np.ndarray, np.ndarray] | None = None, patience: int = 5):
+    """The Procrustes map plus a residual MLP (cosine loss). With ``val`` pairs, training stops once their
+    mean cosine has not improved for ``patience`` epochs and the best epoch's weights are returned, with
+    that epoch: ``(weights, epoch)``."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small model: more threads only add synchronisation (5x slower on a busy host)
+    try:
+        return _train_mlp(torch, x, y, hidden, epochs, seed, weight_decay, val, patience)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_mlp(torch, x, y, hidden, epochs, seed, weight_decay, val, patience):
     torch.manual_seed(seed)
     base = torch.from_numpy(_procrustes(x, y))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -145,9 +227,19 @@ def _mlp(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: int) -> d
     l2 = torch.nn.Linear(hidden, y.shape[1])
     torch.nn.init.zeros_(l2.weight)
     torch.nn.init.zeros_(l2.bias)  # starts as the Procrustes map: the residual only learns what it misses
-    opt = torch.optim.Adam([*l1.parameters(), *l2.parameters()], lr=1e-3, weight_decay=1e-5)
+    opt = torch.optim.AdamW([*l1.parameters(), *l2.parameters()], lr=1e-3, weight_decay=weight_decay)
     batch = 256
-    for _ in range(epochs):
+
+    def weights() -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {"W": base.numpy().copy(), "W1": l1.weight.T.contiguous().numpy().copy(),
+                    "b1": l1.bias.numpy().copy(), "W2": l2.weight.T.contiguous().numpy().copy(),
+                    "b2": l2.bias.numpy().copy()}
+
+    best, best_epoch, best_cos = weights(), 0, -np.inf
+    if val is not None:
+        best_cos = float(np.mean(np.sum(Adapter("mlp", best).apply(val[0]) * val[1], axis=1)))
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(xt))
         for i in range(0, len(xt), batch):
             idx = order[i:i + batch]
@@ -156,9 +248,16 @@ def _mlp(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: int) -> d
             opt.zero_grad()
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        return {"W": base.numpy(), "W1": l1.weight.T.contiguous().numpy(), "b1": l1.bias.numpy().copy(),
-                "W2": l2.weight.T.contiguous().numpy(), "b2": l2.bias.numpy().copy()}
+        if val is None:
+            continue
+        cos = float(np.mean(np.sum(Adapter("mlp", weights()).apply(val[0]) * val[1], axis=1)))
+        if cos > best_cos:
+            best, best_epoch, best_cos = weights(), epoch, cos
+        elif epoch - best_epoch >= patience:
+            break
+    if val is None:
+        return weights()
+    return best, best_epoch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,9 +342,11 @@ def fit_output(output: str | Location, old: str | None = None, old_model: str | 
     figures, fitted = {}, {}
     for kind in kinds:
         t = time.monotonic()
-        a = fit(x_new[train], y_old[train], kind, rank=rank, seed=seed)
+        a = fit(x_new[train], y_old[train], kind, rank=rank, seed=seed, tune=True)
         fit_s = time.monotonic() - t
         figures[kind] = evaluate(a, x_new[test], y_old[test], ids[test], queries=labelled)
+        if "tuning" in a.figures:
+            figures[kind]["tuning"] = a.figures["tuning"]
         figures[kind]["fit_seconds"] = round(fit_s, 3)
         figures[kind]["us_per_query"] = _query_cost(a, x_new[test])
         fitted[kind] = a
