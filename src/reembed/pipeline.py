@@ -252,6 +252,9 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
             f"{where}: this output was planned with other input settings ({'; '.join(diffs)}); "
             "use another --output, or --fresh to re-plan"
         )
+    if bool(plan.get("texts")) != cfg.plan.dedup_texts:
+        log.warning("%s: planned with plan.dedup_texts=%s; this resume follows its plan (--fresh re-plans)",
+                    where, str(bool(plan.get("texts"))).lower())
     # The plan's files, read back on the manifest's word: inside the output and unchanged.
     store = plan.get("store")
     if store is None:

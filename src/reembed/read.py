@@ -137,10 +137,14 @@ def read_shards(fields: dict[str, Any], plan_loc: Location, shards: Iterable[int
                 gz_slices.setdefault(paths[seg["file"]], []).append((seg["start"], seg["rows"]))
     gz = {path: dict(zip(slices, scan.gz_line_slices(source, path, slices))) for path, slices in gz_slices.items()}
     pschema = passthrough_schema(fields)
+    moved = None
+    if fields.get("texts") and plans:  # identical texts: the task's moved rows, each followers part read once
+        moved = texts.followers(plan_loc, min(sp.shard for sp in plans), max(sp.shard for sp in plans),
+                                int(fields["texts"]["partitions"]))
     for sp in plans:
         table = _read_one(fields, sp, source, pschema, gz)
-        if fields.get("texts"):
-            table = texts.mark(table, plan_loc, fields["texts"])
+        if moved is not None:
+            table = texts.mark(table, moved)
         if fields.get("reuse") and fields.get("earlier") is not None:
             table = reuse.attach(table, plan_loc, fields["reuse"], fields["earlier"])
         yield table

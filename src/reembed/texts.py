@@ -202,20 +202,25 @@ def pack_copies(moved: np.ndarray, first_copy: int, shard_rows: int) -> Iterator
         yield open_
 
 
-def mark(table: pa.Table, plan_loc: Location, texts: dict[str, Any]) -> pa.Table:
+def mark(table: pa.Table, followers_rows: pa.Table) -> pa.Table:
     """One regular shard's documents (as the read stage yields them) with :data:`~reembed.schema.MOVED` (rows a
     copy shard writes) and :data:`~reembed.schema.LEADER_POS` (the position of the row whose vector a row takes,
-    -1 for rows embedded or dead-lettered as usual)."""
+    -1 for rows embedded or dead-lettered as usual). ``followers_rows`` holds (at least) the shard's rows of the
+    followers parts (:func:`followers`)."""
     n = table.num_rows
     moved = np.zeros(n, dtype=bool)
     if n:
         shard = int(table.column(S.SHARD)[0].as_py())
-        rows = followers(plan_loc, shard, shard, int(texts["partitions"]))
+        rows = followers_rows.filter(pc.equal(followers_rows.column("shard"), shard))
         if rows.num_rows:
             pos = rows.column("pos").to_numpy()
-            same = pc.equal(table.column(S.TEXT_HASH).take(pa.array(pos)), rows.column("text_hash").cast(pa.binary(S.TEXT_HASH_BYTES)))
-            live = pc.is_null(table.column(S.REASON).take(pa.array(pos)))
-            if not (pc.all(same).as_py() and pc.all(live).as_py()):
+            if pos.max() >= n:
+                raise InputError(f"shard {shard}: the plan moves row {int(pos.max())} of {n}; an input file changed "
+                                 "since the plan was made (re-plan with --fresh)")
+            got = table.take(pa.array(pos))
+            same = pc.and_(pc.equal(got.column(S.TEXT_HASH), rows.column("text_hash")),
+                           pc.equal(got.column(S.ID), rows.column("id")))
+            if got.column(S.REASON).null_count != got.num_rows or not pc.all(same).as_py():
                 raise InputError(f"shard {shard}: the input no longer holds the texts this plan was made with; "
                                  "an input file changed since the plan was made (re-plan with --fresh)")
             moved[pos] = True
