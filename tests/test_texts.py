@@ -148,6 +148,7 @@ def test_each_distinct_text_is_embedded_once_and_every_id_gets_its_leaders_vecto
     tables = shard_tables(out)
     m = Manifest.load(Location.from_uri(str(out)))
     assert len(tables) == m.shard_count > m.plan["shards"]  # copy shards after the plan's
+    assert not (out / "_copies").exists()  # the gather round's files go once the copy shards are committed
     vec, lang = {}, {}
     for t in tables.values():
         for i, v, g in zip(t.column(S.ID).to_pylist(), S.embedding_matrix(t.column(S.EMBEDDING)),
@@ -226,3 +227,11 @@ def test_copy_shards_sharing_a_gz_file_go_to_one_task():
     got = [[c["shard"] for c in t] for t in copy_tasks(copies, [10, 11, 12, 13], index, {1})]
     assert got == [[10], [11, 12], [13]]
     assert [[c["shard"] for c in t] for t in copy_tasks(copies, [12, 13], index, set())] == [[12], [13]]
+
+
+def test_gather_tasks_take_whole_leader_shards_up_to_a_budget():
+    from reembed.copies import gather_groups
+
+    assert gather_groups({0: 5, 2: 4, 3: 2, 7: 9, 8: 1}, rows=10) == [(0, 2), (3, 3), (7, 8)]
+    assert gather_groups({4: 30}, rows=10) == [(4, 4)]
+    assert gather_groups({}, rows=10) == []

@@ -1,6 +1,21 @@
-"""The copy pass of corpus-wide identical texts (:mod:`reembed.texts`): once every regular shard is committed, the
-copy shards are written by plain Ray tasks, each reading its followers' rows from the input and their leaders'
-vectors from the committed leader shards; nothing goes to the Embedder. The driver handles records only."""
+"""The copy pass of corpus-wide identical texts (:mod:`reembed.texts`), once every regular shard is committed.
+
+Two rounds of Ray tasks; the driver handles records and file names only:
+
+1. **gather**: one task per range of leader shards (about :data:`GATHER_ROWS` needed vectors) reads the
+   ``texts/leaders/`` rows of its leaders (row-group statistics), each committed leader file once (its sha256
+   checked; the leader row found by its text hash and checked by its id), and writes ``_copies/g-SSSSSSS.arrow``:
+   for every :data:`CHUNK_ROWS` vectors, one Arrow IPC record batch per copy task, ``(text_hash, embedding,
+   truncated)`` of the texts that task needs (empty batches too, so batch ``chunk x tasks + k`` is task ``k``'s);
+2. **copy**: one task per group of consecutive copy shards (at most :data:`MAX_COPY_TASKS`; the copy shards of
+   one ``.gz`` file together) reads its batches of every gather file, its followers' rows from the input (their
+   ids and passthrough columns; each origin shard once) and writes its copy shards; nothing goes to the Embedder.
+
+So each leader file is read once per pass and each vector moves once, whatever the spread of the repeats: the
+vectors are shuffled to the copy shards (as :mod:`reembed.dedup` shuffles ids), not fetched by each copy shard
+from every leader file it touches. ``_copies/`` is rebuilt by every run that has copy shards pending and removed
+when they are committed.
+"""
 
 from __future__ import annotations
 
@@ -19,21 +34,30 @@ from reembed.manifest import Manifest
 from reembed.plan import PLAN_DIR
 from reembed.plan_store import read_files
 from reembed.storage import Location
-from reembed.texts import COPIES, TEXTS_DIR, followers
+from reembed.texts import COPIES, TEXTS_DIR, followers, leader_rows
 from reembed.write import read_shard_table, write_shard, writer_identity
 
 log = logging.getLogger(__name__)
 
 COPY_CPUS = 0.25
-"""CPUs of a copy task: it reads and writes, as a shard writer does."""
+"""CPUs of a gather or copy task: it reads and writes, as a shard writer does."""
+GATHERED = "_copies"
+"""The gather round's files, under the output (rebuilt by each run that copies; removed once done)."""
+GATHER_ROWS = 1_000_000
+"""Vectors one gather task aims at (it holds :data:`CHUNK_ROWS` of them at a time)."""
+CHUNK_ROWS = 100_000
+"""Vectors a gather task holds before it writes them out (~400 MB at 1024-d float32)."""
+MAX_COPY_TASKS = 1024
+"""Copy tasks at most: a gather file holds one batch per copy task per chunk, so its footer and the files a
+copy task opens stay small."""
 
 
 def run_copies(manifest: Manifest, pending: list[int], source: Location, schema: pa.Schema, index: pa.Table,
                commit: Callable[[int, dict[str, Any]], None], max_tasks: int = 4) -> int:
-    """Write the ``pending`` copy shards of ``manifest``'s plan as Ray tasks, at most ``max_tasks`` at once, and
-    ``commit(shard, record)`` each record as its task returns. Every regular shard must be committed (their
-    files hold the leaders). An error is raised once the tasks already running are committed or failed.
-    Returns the copy shards committed."""
+    """Write the ``pending`` copy shards of ``manifest``'s plan and ``commit(shard, record)`` each record as its
+    task returns (at most ``max_tasks`` copy tasks at once). Every regular shard must be committed (their files
+    hold the leaders). An error is raised once the tasks already running are committed or failed. Returns the
+    copy shards committed."""
     import ray
 
     from reembed import cluster
@@ -48,16 +72,30 @@ def run_copies(manifest: Manifest, pending: list[int], source: Location, schema:
     files = read_files(plan_loc)
     gz = {f for f, p in zip(files.column("file").to_pylist(), files.column("path").to_pylist())
           if f >= 0 and scan.is_gzip(p)}
-    tasks = copy_tasks(texts.read_copies(plan_loc), pending, index, gz)
+    tasks = read.pack_groups(copy_tasks(texts.read_copies(plan_loc), pending, index, gz), MAX_COPY_TASKS)
+    starts = np.array([t[0]["origin_first"] for t in tasks], dtype=np.int64)
+    stops = np.array([t[-1]["origin_stop"] for t in tasks], dtype=np.int64)
+    t0 = time.monotonic()
+    work = manifest.loc.child(GATHERED)
+    work.delete_dir()  # a killed run's, or another claim's: rebuilt from the committed leaders
+    groups = gather_groups(texts.moved_counts(plan_loc, "leads"))
+    partitions = int(plan["texts"]["partitions"])
+    gather = ray.remote(num_cpus=COPY_CPUS, max_retries=3, retry_exceptions=[OSError])(gather_task)
+    names = [gather_name(first) for first, _ in groups]
+    cluster.get([gather.remote(manifest.loc, partitions, first, last, starts, stops, int(manifest.model["dimension"]))
+                 for first, last in groups])
+    t1 = time.monotonic()
     fields = {k: plan.get(k) for k in read.FIELDS}
     remote = ray.remote(num_cpus=COPY_CPUS, max_retries=3, retry_exceptions=[OSError])(write_copies)
-    t0, done = time.monotonic(), 0
+    done = 0
     running: list[Any] = []
     error: BaseException | None = None
-    todo = list(tasks)
+    todo = list(enumerate(tasks))
     while todo or running:
         while todo and len(running) < max_tasks and error is None:
-            running.append(remote.remote(manifest.loc, fields, source, todo.pop(0), manifest.epoch, schema))
+            k, task = todo.pop(0)
+            running.append(remote.remote(manifest.loc, fields, source, task, manifest.epoch, schema, names, k,
+                                         len(tasks)))
         if not running:
             break
         ready, running = ray.wait(running, num_returns=1)
@@ -71,8 +109,83 @@ def run_copies(manifest: Manifest, pending: list[int], source: Location, schema:
                 todo.clear()
     if error is not None:
         raise error
-    log.info("copies: %d copy shards written in %d tasks, %.1f s", done, len(tasks), time.monotonic() - t0)
+    work.delete_dir()
+    log.info("copies: %d copy shards in %d tasks from %d gather tasks; gather %.1f s, copy %.1f s", done,
+             len(tasks), len(groups), t1 - t0, time.monotonic() - t1)
     return done
+
+
+def gather_groups(leads: dict[int, int], rows: int = GATHER_ROWS) -> list[tuple[int, int]]:
+    """Ranges ``(first, last)`` of leader shards (inclusive) whose needed vectors ``leads[shard]`` come to about
+    ``rows`` each (a shard is never split)."""
+    groups: list[list[int]] = []
+    filled = 0
+    for shard in sorted(leads):
+        if groups and filled + leads[shard] <= rows:
+            groups[-1][1] = shard
+            filled += leads[shard]
+        else:
+            groups.append([shard, shard])
+            filled = leads[shard]
+    return [(a, b) for a, b in groups]
+
+
+def gather_name(first: int) -> str:
+    return f"g-{first:07d}.arrow"
+
+
+def gather_task(out: Location, partitions: int, first: int, last: int, starts: np.ndarray, stops: np.ndarray,
+                dim: int) -> int:
+    """The gather task over leader shards ``first..last``: the vectors the copy tasks need from them, written
+    to ``_copies/g-<first>.arrow`` as :data:`CHUNK_ROWS`-vector chunks of one batch per copy task (task ``k``
+    has follower shards ``starts[k] <= shard < stops[k]``). Returns the chunks written."""
+    rows = leader_rows(out.child(PLAN_DIR), first, last, partitions)
+    shard = rows.column("shard").to_numpy()
+    k = np.searchsorted(starts, shard, side="right") - 1
+    keep = (k >= 0) & (shard < stops[np.maximum(k, 0)])  # follower shards of copy shards pending now
+    rows, k = rows.filter(pa.array(keep)), k[keep]
+    schema = pa.schema([("text_hash", S.text_hash_type()), (S.EMBEDDING, pa.list_(pa.float32(), dim)),
+                        (S.TRUNCATED, pa.bool_())])
+    tasks = len(starts)
+    manifest = Manifest.load(out)
+    sink = pa.BufferOutputStream()
+    chunks = 0
+    with pa.ipc.new_file(sink, schema) as w:
+        held: list[tuple[np.ndarray, pa.Table]] = []
+
+        def flush() -> None:
+            nonlocal chunks
+            which = np.concatenate([h[0] for h in held]) if held else np.zeros(0, np.int64)
+            table = pa.concat_tables([h[1] for h in held]) if held else schema.empty_table()
+            order = np.argsort(which, kind="stable")
+            table, which = table.take(pa.array(order)), which[order]
+            bounds = np.searchsorted(which, np.arange(tasks + 1))
+            for t in range(tasks):
+                piece = table.slice(int(bounds[t]), int(bounds[t + 1] - bounds[t]))
+                if piece.num_rows > 1:  # a text needed by two origin shards of one task: once
+                    lead = texts.leaders(piece.column("text_hash"))
+                    piece = piece.filter(pa.array(lead == np.arange(len(lead))))
+                w.write_batch(piece.combine_chunks().to_batches()[0] if piece.num_rows
+                              else pa.RecordBatch.from_pylist([], schema=schema))
+            held.clear()
+            chunks += 1
+
+        count = 0
+        leader_shard = rows.column("leader_shard").to_numpy()
+        for ls in np.unique(leader_shard).tolist():
+            sel = np.flatnonzero(leader_shard == ls)
+            vectors, truncated = leader_vectors(out, manifest, ls, rows.take(pa.array(sel)))
+            held.append((k[sel], pa.table([rows.column("text_hash").take(pa.array(sel)),
+                                           pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+                                           pa.array(truncated)], schema=schema)))
+            count += len(sel)
+            if count >= CHUNK_ROWS:
+                flush()
+                count = 0
+        if held or not chunks:
+            flush()
+    out.child(GATHERED).write_bytes(sink.getvalue().to_pybytes(), gather_name(first))
+    return chunks
 
 
 def copy_tasks(copies: pa.Table, pending: Iterable[int], index: pa.Table, gz_files: set[int]) -> list[list[dict]]:
@@ -100,10 +213,11 @@ def copy_tasks(copies: pa.Table, pending: Iterable[int], index: pa.Table, gz_fil
 
 
 def write_copies(out: Location, fields: dict[str, Any], source: Location, copies: list[dict], epoch: int | None,
-                 schema: pa.Schema) -> list[tuple[int, dict[str, Any]]]:
-    """The copy task: write each of ``copies`` (rows of ``copies.parquet``) as a shard whose rows are its
-    followers with their leaders' vectors; returns ``(shard, record)`` of each to commit. ``fields`` are the
-    read task's plan fields (:data:`reembed.read.FIELDS`)."""
+                 schema: pa.Schema, gathered: list[str], task: int, tasks: int) -> list[tuple[int, dict[str, Any]]]:
+    """The copy task ``task`` (of ``tasks``): write each of ``copies`` (rows of ``copies.parquet``) as a shard
+    whose rows are its followers with their leaders' vectors, taken from its batches of the ``gathered`` files;
+    returns ``(shard, record)`` of each to commit. ``fields`` are the read task's plan fields
+    (:data:`reembed.read.FIELDS`)."""
     plan_loc = out.child(PLAN_DIR)
     first, stop = min(c["origin_first"] for c in copies), max(c["origin_stop"] for c in copies)
     rows = followers(plan_loc, first, stop - 1, int(fields["texts"]["partitions"]))
@@ -124,7 +238,7 @@ def write_copies(out: Location, fields: dict[str, Any], source: Location, copies
     if found is None or found.num_rows != rows.num_rows:
         raise ManifestError(f"{plan_loc.display(TEXTS_DIR)}: copy shards {copies[0]['shard']}..{copies[-1]['shard']} "
                             "do not match their followers; start a fresh output to re-plan")
-    vectors, truncated = leader_vectors(out, rows, Manifest.load(out))
+    vectors, truncated = gathered_vectors(out.child(GATHERED), gathered, task, tasks, rows)
     origin = rows.column("shard").to_numpy()
     records = []
     for c in copies:
@@ -147,26 +261,40 @@ def write_copies(out: Location, fields: dict[str, Any], source: Location, copies
     return records
 
 
-def leader_vectors(out: Location, rows: pa.Table, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """The vectors and truncation flags of the leaders of ``rows`` (a followers table), from the committed
-    leader shards: each leader file read once (its sha256 checked), the leader row found by its text hash and
-    checked by its id."""
-    n = rows.num_rows
-    vectors = np.zeros((n, int(manifest.model["dimension"])), dtype=np.float32)
-    truncated = np.zeros(n, dtype=bool)
-    leader_shard = rows.column("leader_shard").to_numpy()
-    hashes = rows.column("text_hash").cast(pa.binary())
-    for ls in np.unique(leader_shard).tolist():
-        if ls not in manifest.committed:
-            raise ManifestError(f"{out.uri}: shard {ls} holds leaders of identical texts and is not committed; "
-                                "rerun to resume (regular shards are committed before copy shards)")
-        rec = manifest.committed[ls]
-        t = read_shard_table(out, rec, columns=[S.ID, S.TEXT_HASH, S.EMBEDDING, S.TRUNCATED], key=f"shards.{ls:05d}")
-        sel = np.flatnonzero(leader_shard == ls)
-        at = pc.index_in(hashes.take(pa.array(sel)), value_set=t.column(S.TEXT_HASH).combine_chunks().cast(pa.binary()))
-        if at.null_count or not pc.all(pc.equal(t.column(S.ID).take(at), rows.column("leader_id").take(pa.array(sel)))).as_py():
-            raise ManifestError(f"{out.display(rec['path'])}: does not hold the leader rows the plan names (their ids "
-                                "and texts); the output changed under its plan: start a fresh output")
-        vectors[sel] = S.embedding_matrix(t.column(S.EMBEDDING).take(at))
-        truncated[sel] = t.column(S.TRUNCATED).take(at).to_numpy(zero_copy_only=False)
-    return vectors, truncated
+def gathered_vectors(work: Location, names: list[str], task: int, tasks: int,
+                     rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors and truncation flags of ``rows``' texts (a followers table), from copy task ``task``'s
+    batches of the gather files ``names``."""
+    pieces = []
+    for name in names:
+        with work.fs.open_input_file(work.path(name)) as f:
+            reader = pa.ipc.open_file(f)
+            for c in range(reader.num_record_batches // tasks):
+                b = reader.get_batch(c * tasks + task)
+                if b.num_rows:
+                    pieces.append(b)
+    if not pieces:
+        raise ManifestError(f"{work.uri}: no gathered vectors for copy task {task}; rerun to resume")
+    table = pa.Table.from_batches(pieces).combine_chunks()
+    at = pc.index_in(rows.column("text_hash").cast(pa.binary()), value_set=table.column("text_hash").cast(pa.binary()))
+    if at.null_count:
+        raise ManifestError(f"{work.uri}: {at.null_count} of copy task {task}'s texts were not gathered; rerun to resume")
+    return (S.embedding_matrix(table.column(S.EMBEDDING).take(at)),
+            table.column(S.TRUNCATED).take(at).to_numpy(zero_copy_only=False))
+
+
+def leader_vectors(out: Location, manifest: Manifest, shard: int, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors and truncation flags of ``rows``' leaders (``texts/leaders/`` rows of leader shard ``shard``),
+    from its committed file (read once, its sha256 checked): each leader row found by its text hash and checked
+    by its id."""
+    if shard not in manifest.committed:
+        raise ManifestError(f"{out.uri}: shard {shard} holds leaders of identical texts and is not committed; "
+                            "rerun to resume (regular shards are committed before copy shards)")
+    rec = manifest.committed[shard]
+    t = read_shard_table(out, rec, columns=[S.ID, S.TEXT_HASH, S.EMBEDDING, S.TRUNCATED], key=f"shards.{shard:05d}")
+    at = pc.index_in(rows.column("text_hash").cast(pa.binary()),
+                     value_set=t.column(S.TEXT_HASH).combine_chunks().cast(pa.binary()))
+    if at.null_count or not pc.all(pc.equal(t.column(S.ID).take(at), rows.column("leader_id"))).as_py():
+        raise ManifestError(f"{out.display(rec['path'])}: does not hold the leader rows the plan names (their ids "
+                            "and texts); the output changed under its plan: start a fresh output")
+    return S.embedding_matrix(t.column(S.EMBEDDING).take(at)), t.column(S.TRUNCATED).take(at).to_numpy(zero_copy_only=False)

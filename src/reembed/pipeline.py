@@ -184,8 +184,9 @@ def plan_texts(plan: dict[str, Any], out: storage.Location, source: storage.Loca
     fields = {k: plan.get(k) for k in read.FIELDS if k not in ("reuse", "texts")}
     reader = functools.partial(read.read_shards, fields, work, source=source)
     plan["texts"] = texts.plan_texts(plan, work, reader, use_ray=True)
-    names = [texts.part_file(p) for p in range(plan["texts"]["partitions"])] + [texts.COPIES, texts.MOVED_COUNTS]
-    plan["store"]["texts"] = [_record(work, texts.TEXTS_DIR, name) for name in names]
+    parts = [texts.part_file(p) for p in range(plan["texts"]["partitions"])]
+    names = parts + [f"{texts.LEADERS_DIR}/{name}" for name in parts] + [texts.COPIES, texts.MOVED_COUNTS]
+    plan["store"]["texts"] = [_record(work, texts.TEXTS_DIR, *name.split("/")) for name in names]
 
 
 def start_ray(cfg: JobConfig, phases: Phases) -> None:

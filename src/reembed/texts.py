@@ -58,6 +58,9 @@ from reembed.storage import Location
 log = logging.getLogger(__name__)
 
 TEXTS_DIR = "texts"
+LEADERS_DIR = "leaders"
+"""Under ``texts/``: the moved followers again, by leader shard (``(leader_shard, text_hash, leader_id, shard)``,
+one row per text and follower shard): what the copy pass's gather tasks read."""
 KEYS_DIR = "_text_keys"
 COPIES = "copies.parquet"
 MOVED_COUNTS = "moved.parquet"
@@ -73,7 +76,9 @@ FOLLOWERS_SCHEMA = pa.schema([("shard", pa.int64()), ("pos", pa.int64()), ("id",
                               ("text_hash", S.text_hash_type())])
 COPIES_SCHEMA = pa.schema([("shard", pa.int64()), ("origin_first", pa.int64()), ("origin_stop", pa.int64()),
                           ("rows", pa.int64())])
-MOVED_SCHEMA = pa.schema([("shard", pa.int64()), ("moved", pa.int64())])
+MOVED_SCHEMA = pa.schema([("shard", pa.int64()), ("moved", pa.int64()), ("leads", pa.int64())])
+LEADERS_SCHEMA = pa.schema([("leader_shard", pa.int64()), ("text_hash", S.text_hash_type()), ("leader_id", pa.string()),
+                            ("shard", pa.int64())])
 _KEYS_SCHEMA = pa.schema([("text_hash", S.text_hash_type()), ("shard", pa.int64()), ("pos", pa.int64()),
                           ("id", pa.string())])
 
@@ -96,10 +101,12 @@ def plan_texts(plan: dict[str, Any], work: Location, read_shards: Callable[[list
         for p in parts:
             names[p].append(_key_name(g[0]))
     moved = np.zeros(shards, dtype=np.int64)
+    leads = np.zeros(shards, dtype=np.int64)
     rows = in_shard = 0
     for result in _map(partition_task, [(work, p, names[p], shards) for p in range(partitions)], use_ray,
                        stream=True):
         moved += result["moved"]
+        leads += result["leads"]
         rows += result["rows"]
         in_shard += result["in_shard"]
     work.delete_dir(KEYS_DIR)
@@ -108,9 +115,9 @@ def plan_texts(plan: dict[str, Any], work: Location, read_shards: Callable[[list
 
     work.write_bytes(_parquet_bytes(pa.Table.from_pylist(copies, schema=COPIES_SCHEMA), ROW_GROUP, ["shard"]),
                      TEXTS_DIR, COPIES)
-    has = np.flatnonzero(moved)
-    counts = pa.table({"shard": pa.array(has, pa.int64()), "moved": pa.array(moved[has], pa.int64())},
-                      schema=MOVED_SCHEMA)
+    has = np.flatnonzero(moved | leads)
+    counts = pa.table({"shard": pa.array(has, pa.int64()), "moved": pa.array(moved[has], pa.int64()),
+                       "leads": pa.array(leads[has], pa.int64())}, schema=MOVED_SCHEMA)
     work.write_bytes(_parquet_bytes(counts, ROW_GROUP, ["shard"]), TEXTS_DIR, MOVED_COUNTS)
     summary = {"partitions": partitions, "copies": len(copies), "rows": rows,
                "followers": int(moved.sum()) + in_shard, "moved": int(moved.sum()), "in_shard": in_shard}
@@ -165,8 +172,20 @@ def partition_task(work: Location, partition: int, names: list[str], shards: int
     from reembed.plan_store import _parquet_bytes
 
     work.write_bytes(_parquet_bytes(out, ROW_GROUP, ["shard"]), TEXTS_DIR, part_file(partition))
+    # By leader shard, one row per text and follower shard (a copy shard needs a text's vector once).
+    by_leader = out.select(["leader_shard", "text_hash", "leader_id", "shard"]).sort_by(
+        [("leader_shard", "ascending"), ("shard", "ascending")])
+    if by_leader.num_rows > 1:
+        key = pc.binary_join_element_wise(by_leader.column("text_hash").cast(pa.binary()),
+                                          by_leader.column("shard").cast(pa.string()).cast(pa.binary()), b"/")
+        first = leaders(key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key)
+        by_leader = by_leader.filter(pa.array(first == np.arange(len(first))))
+    work.write_bytes(_parquet_bytes(by_leader.cast(LEADERS_SCHEMA), ROW_GROUP, ["leader_shard"]), TEXTS_DIR,
+                     LEADERS_DIR, part_file(partition))
+    lead_shard = by_leader.column("leader_shard").to_numpy()
     return {"rows": table.num_rows, "in_shard": int((follower & ~moved).sum()),
-            "moved": np.bincount(shard[moved], minlength=shards).astype(np.int64)}
+            "moved": np.bincount(shard[moved], minlength=shards).astype(np.int64),
+            "leads": np.bincount(lead_shard, minlength=shards).astype(np.int64)}
 
 
 def leaders(hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -304,13 +323,31 @@ def read_copies(plan_loc: Location) -> pa.Table:
         return pq.read_table(f).cast(COPIES_SCHEMA)
 
 
-def moved_counts(plan_loc: Location) -> dict[int, int]:
-    """``{plan shard: rows its copy shards write}`` of the shards that have any."""
+def moved_counts(plan_loc: Location, column: str = "moved") -> dict[int, int]:
+    """``{plan shard: rows its copy shards write}`` of the shards that have any; ``column="leads"``: the
+    vectors of its leaders the copy shards need (one per text and follower shard)."""
     import pyarrow.parquet as pq
 
     with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, MOVED_COUNTS)) as f:
         t = pq.read_table(f)
-    return dict(zip(t.column("shard").to_pylist(), t.column("moved").to_pylist()))
+    return {s: n for s, n in zip(t.column("shard").to_pylist(), t.column(column).to_pylist()) if n}
+
+
+def leader_rows(plan_loc: Location, first: int, last: int, partitions: int) -> pa.Table:
+    """The rows of the ``texts/leaders/`` parts whose leader is in plan shards ``first..last`` (only the row
+    groups whose ``leader_shard`` statistics can hold them), sorted by leader shard."""
+    import pyarrow.parquet as pq
+
+    from reembed.plan_store import _read_range
+
+    parts = []
+    for p in range(partitions):
+        with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, LEADERS_DIR, part_file(p))) as f:
+            table, _ = _read_range(pq.ParquetFile(f), "leader_shard", first, last)
+        parts.append(table.cast(LEADERS_SCHEMA))
+    if not parts:
+        return LEADERS_SCHEMA.empty_table()
+    return pa.concat_tables(parts).sort_by([("leader_shard", "ascending"), ("shard", "ascending")])
 
 
 def hash_partitions(hashes: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
