@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=None, help="text partitions (default: the plan's rule)")
     p.add_argument("--out", type=Path, default=Path("/tmp/reembed-text-dedup"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--run", action="store_true",
+                   help="also run the job (reembed.pipeline.run with testing.NullEmbedder, 1024-d) with dedup_texts "
+                        "on and off on a local Ray of 2 CPUs: what the copy pass costs against embedding every row")
     args = p.parse_args(argv)
 
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -66,24 +69,70 @@ def main(argv: list[str] | None = None) -> int:
         for _ in read.read_shards(fields, work, list(range(a, min(a + texts.SHARDS_PER_TASK, plan["shards"]))), source):
             pass
     read_cpu = time.process_time() - c1
-    # The copy pass's scatter: the leader files each copy shard reads (one per distinct leader shard).
+    # The copy pass: the old design read one leader file per distinct leader shard of each copy shard (the
+    # scatter); the gather round reads each leader file once and each copy task opens one file per gather task.
     rows = texts.followers(work, 0, plan["shards"] - 1, summary["partitions"])
     origin, leader = rows.column("shard").to_numpy(), rows.column("leader_shard").to_numpy()
     per_copy = [len(np.unique(leader[(origin >= c["origin_first"]) & (origin < c["origin_stop"])]))
                 for c in texts.read_copies(work).to_pylist()]
+    leads = texts.moved_counts(work, "leads")
+    from reembed.copies import gather_groups
+
     result = {"docs": args.docs, "distinct": args.distinct, "shards": plan["shards"], **summary,
               "cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "docs_per_cpu_s": round(args.docs / cpu),
               "read_cpu_s": round(read_cpu, 3), "shuffle_cpu_s": round(cpu - read_cpu, 3),
               "shuffle_docs_per_cpu_s": round(args.docs / max(cpu - read_cpu, 1e-9)),
-              "leader_files_per_copy_shard": {"mean": round(float(np.mean(per_copy)), 1) if per_copy else 0,
-                                              "max": int(max(per_copy, default=0))},
+              "scatter_leader_files_per_copy_shard": {"mean": round(float(np.mean(per_copy)), 1) if per_copy else 0,
+                                                      "max": int(max(per_copy, default=0))},
+              "gathered_vectors": int(sum(leads.values())), "leader_files_read": len(leads),
+              "gather_tasks": len(gather_groups(leads)),
               "load_avg": [round(load0, 1), round(os.getloadavg()[0], 1)],
               "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.run:
+        result["runs"] = {mode: run_job(args, mode) for mode in ("true", "false")}
     print(json.dumps(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     return 0
+
+
+def run_job(args, mode: str) -> dict:
+    """The job on the bench's corpus with ``plan.dedup_texts`` = ``mode``; its copy log line's seconds."""
+    import logging
+    import resource
+
+    import ray
+
+    from reembed import pipeline
+    from reembed.config import load_config
+    from reembed.testing import NullEmbedder
+
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    copies: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            copies.append(record.getMessage())
+
+    handler = Grab()
+    logging.getLogger("reembed.copies").addHandler(handler)
+    logging.getLogger("reembed.copies").setLevel(logging.INFO)
+    out = args.out / f"out-{mode}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(None, [f"input.uri={args.out / 'in'}", f"output.uri={out}", "model.name=null-1024",
+                             f"plan.shard_rows={args.shard_rows}", f"plan.dedup_texts={mode}"])
+    c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    s = pipeline.run(cfg, embedder=NullEmbedder)
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    logging.getLogger("reembed.copies").removeHandler(handler)
+    return {"wall_s": round(time.monotonic() - w0, 1), "driver_cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, 1),
+            "rows_embedded": s["rows_embedded"], "rows_deduplicated": s["rows_deduplicated"],
+            "shards": s["shards"], "phases": {p["phase"]: p["seconds"] for p in s["phases"]},
+            "embed_seconds": s["run"].get("embed_seconds"), "copies_log": copies,
+            "load_avg": round(os.getloadavg()[0], 1)}
 
 
 def make_corpus(folder: Path, docs: int, distinct: float, files: int) -> None:

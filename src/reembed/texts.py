@@ -24,21 +24,19 @@ At run time:
   drops the moved rows (they are written by their copy shard) and gives each in-shard follower its leader's
   vector bit for bit (:func:`copy_in_shard`). So every regular shard holds its leaders, and
   all leaders are embedded in the first pass.
-* once every regular shard is committed, a second pass runs the copy shards as plain Ray tasks
-  (:func:`write_copies`): each reads its followers' rows from the input (for their ids and passthrough
-  columns; the origin shards of a ``.gz`` file together, decompressed once), their leaders' vectors from the
-  committed leader shards (each leader file once per task; the leader row found by its text hash and checked
-  by its id) and writes the shard: nothing goes to the Embedder. A resume runs the pending regular shards
-  first, then the pending copy shards.
+* once every regular shard is committed, a second pass (:mod:`reembed.copies`) writes the copy shards with plain
+  Ray tasks: gather tasks read each committed leader file once and shuffle the needed vectors to the copy tasks
+  (``texts/leaders/part-PPPP.parquet`` lists them by leader shard); each copy task reads its followers' rows
+  from the input (their ids and passthrough columns; the origin shards of a ``.gz`` file together, decompressed
+  once) and writes its shards: nothing goes to the Embedder. A resume runs the pending regular shards first,
+  then the pending copy shards.
 
 Every input row is still in exactly one committed shard: a moved follower is counted by its copy shard (its
 regular shard's record says how many it ``moved`` out). Copied rows count as ``deduplicated`` in the commit
 records, the summary and the cost report.
 
-Cost: the key tasks read the corpus once more at planning (as ``--reuse`` does), and the copy pass reads the
-origin shards of the followers again plus one committed leader file per distinct leader shard of each copy
-shard: cheap when the repeated texts' leaders are few (boilerplate), a scatter read when they are spread over
-many shards (see docs/SCALE.md).
+Cost: the key tasks read the corpus once more at planning (as ``--reuse`` does); the copy pass reads each leader
+file once and the followers' origin shards again (docs/SCALE.md).
 """
 
 from __future__ import annotations
