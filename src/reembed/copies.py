@@ -4,7 +4,7 @@ Two rounds of Ray tasks; the driver handles records and file names only:
 
 1. **gather**: one task per range of leader shards (about :data:`GATHER_ROWS` needed vectors) reads the
    ``texts/leaders/`` rows of its leaders (row-group statistics), each committed leader file once (its sha256
-   checked; the leader row found by its text hash and checked by its id), and writes ``_copies/g-SSSSSSS.arrow``:
+   checked; the leader row found by its text hash and checked by its id), and writes ``_copies/eEEEEEE/g-SSSSSSS.arrow``:
    for every :data:`CHUNK_ROWS` vectors, one Arrow IPC record batch per copy task, ``(text_hash, embedding,
    truncated)`` of the texts that task needs (empty batches too, so batch ``chunk x tasks + k`` is task ``k``'s);
 2. **copy**: one task per group of consecutive copy shards (at most :data:`MAX_COPY_TASKS`; the copy shards of
@@ -13,8 +13,9 @@ Two rounds of Ray tasks; the driver handles records and file names only:
 
 So each leader file is read once per pass and each vector moves once, whatever the spread of the repeats: the
 vectors are shuffled to the copy shards (as :mod:`reembed.dedup` shuffles ids), not fetched by each copy shard
-from every leader file it touches. ``_copies/`` is rebuilt by every run that has copy shards pending and removed
-when they are committed.
+from every leader file it touches. A job's gather files are under its epoch (``_copies/eEEEEEE/``): rebuilt by every
+run that has copy shards pending, removed when they are committed; a job removes the folders of earlier epochs,
+never a later one's (the job that fenced it may be using them).
 """
 
 from __future__ import annotations
@@ -76,14 +77,13 @@ def run_copies(manifest: Manifest, pending: list[int], source: Location, schema:
     starts = np.array([t[0]["origin_first"] for t in tasks], dtype=np.int64)
     stops = np.array([t[-1]["origin_stop"] for t in tasks], dtype=np.int64)
     t0 = time.monotonic()
-    work = manifest.loc.child(GATHERED)
-    work.delete_dir()  # a killed run's, or another claim's: rebuilt from the committed leaders
+    work = gather_folder(manifest.loc, manifest.epoch)
     groups = gather_groups(texts.moved_counts(plan_loc, "leads"))
     partitions = int(plan["texts"]["partitions"])
     gather = ray.remote(num_cpus=COPY_CPUS, max_retries=3, retry_exceptions=[OSError])(gather_task)
     names = [gather_name(first) for first, _ in groups]
-    cluster.get([gather.remote(manifest.loc, partitions, first, last, starts, stops, int(manifest.model["dimension"]))
-                 for first, last in groups])
+    cluster.get([gather.remote(manifest.loc, work, partitions, first, last, starts, stops,
+                               int(manifest.model["dimension"])) for first, last in groups])
     t1 = time.monotonic()
     fields = {k: plan.get(k) for k in read.FIELDS}
     remote = ray.remote(num_cpus=COPY_CPUS, max_retries=3, retry_exceptions=[OSError])(write_copies)
@@ -94,8 +94,8 @@ def run_copies(manifest: Manifest, pending: list[int], source: Location, schema:
     while todo or running:
         while todo and len(running) < max_tasks and error is None:
             k, task = todo.pop(0)
-            running.append(remote.remote(manifest.loc, fields, source, task, manifest.epoch, schema, names, k,
-                                         len(tasks)))
+            running.append(remote.remote(manifest.loc, fields, source, task, manifest.epoch, schema, work, names,
+                                         k, len(tasks)))
         if not running:
             break
         ready, running = ray.wait(running, num_returns=1)
@@ -110,6 +110,9 @@ def run_copies(manifest: Manifest, pending: list[int], source: Location, schema:
     if error is not None:
         raise error
     work.delete_dir()
+    root = manifest.loc.child(GATHERED)
+    if not root.list(recursive=True):  # no other job's gather files either
+        root.delete_dir()
     log.info("copies: %d copy shards in %d tasks from %d gather tasks; gather %.1f s, copy %.1f s", done,
              len(tasks), len(groups), t1 - t0, time.monotonic() - t1)
     return done
@@ -130,14 +133,28 @@ def gather_groups(leads: dict[int, int], rows: int = GATHER_ROWS) -> list[tuple[
     return [(a, b) for a, b in groups]
 
 
+def gather_folder(out: Location, epoch: int | None) -> Location:
+    """This job's folder for the gather round, ``_copies/eEEEEE/``, emptied; the folders of earlier epochs (a
+    killed run's, a fenced job's) are removed, a later epoch's (the job that fenced this one) are left alone."""
+    root = out.child(GATHERED)
+    prefix = root.path().rstrip("/") + "/"
+    mine = int(epoch or 0)
+    seen = {info.path[len(prefix):].split("/", 1)[0] for info in root.list(recursive=True)
+            if info.path.startswith(prefix)}
+    for name in seen:
+        if not (name.startswith("e") and name[1:].isdigit()) or int(name[1:]) <= mine:
+            root.delete_dir(name)
+    return root.child(f"e{mine:06d}")
+
+
 def gather_name(first: int) -> str:
     return f"g-{first:07d}.arrow"
 
 
-def gather_task(out: Location, partitions: int, first: int, last: int, starts: np.ndarray, stops: np.ndarray,
-                dim: int) -> int:
+def gather_task(out: Location, work: Location, partitions: int, first: int, last: int, starts: np.ndarray,
+                stops: np.ndarray, dim: int) -> int:
     """The gather task over leader shards ``first..last``: the vectors the copy tasks need from them, written
-    to ``_copies/g-<first>.arrow`` as :data:`CHUNK_ROWS`-vector chunks of one batch per copy task (task ``k``
+    to ``work`` (:func:`gather_folder`) as ``g-<first>.arrow`` as :data:`CHUNK_ROWS`-vector chunks of one batch per copy task (task ``k``
     has follower shards ``starts[k] <= shard < stops[k]``). Returns the chunks written."""
     rows = leader_rows(out.child(PLAN_DIR), first, last, partitions)
     shard = rows.column("shard").to_numpy()
@@ -184,7 +201,7 @@ def gather_task(out: Location, partitions: int, first: int, last: int, starts: n
                 count = 0
         if held or not chunks:
             flush()
-    out.child(GATHERED).write_bytes(sink.getvalue().to_pybytes(), gather_name(first))
+    work.write_bytes(sink.getvalue().to_pybytes(), gather_name(first))
     return chunks
 
 
@@ -213,9 +230,11 @@ def copy_tasks(copies: pa.Table, pending: Iterable[int], index: pa.Table, gz_fil
 
 
 def write_copies(out: Location, fields: dict[str, Any], source: Location, copies: list[dict], epoch: int | None,
-                 schema: pa.Schema, gathered: list[str], task: int, tasks: int) -> list[tuple[int, dict[str, Any]]]:
+                 schema: pa.Schema, work: Location, gathered: list[str], task: int,
+                 tasks: int) -> list[tuple[int, dict[str, Any]]]:
     """The copy task ``task`` (of ``tasks``): write each of ``copies`` (rows of ``copies.parquet``) as a shard
-    whose rows are its followers with their leaders' vectors, taken from its batches of the ``gathered`` files;
+    whose rows are its followers with their leaders' vectors, taken from its batches of the ``gathered`` files
+    under ``work``;
     returns ``(shard, record)`` of each to commit. ``fields`` are the read task's plan fields
     (:data:`reembed.read.FIELDS`)."""
     plan_loc = out.child(PLAN_DIR)
@@ -238,7 +257,7 @@ def write_copies(out: Location, fields: dict[str, Any], source: Location, copies
     if found is None or found.num_rows != rows.num_rows:
         raise ManifestError(f"{plan_loc.display(TEXTS_DIR)}: copy shards {copies[0]['shard']}..{copies[-1]['shard']} "
                             "do not match their followers; start a fresh output to re-plan")
-    vectors, truncated = gathered_vectors(out.child(GATHERED), gathered, task, tasks, rows)
+    vectors, truncated = gathered_vectors(work, gathered, task, tasks, rows)
     origin = rows.column("shard").to_numpy()
     records = []
     for c in copies:
