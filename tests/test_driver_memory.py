@@ -65,6 +65,6 @@ def write_corpus(folder: Path, docs: int) -> None:
     folder.mkdir()
     for f in range(FILES):
         lo, hi = f * docs // FILES, (f + 1) * docs // FILES
-        texts = [" ".join(rng.choices(WORDS, k=8)) for _ in range(lo, hi)]
+        texts = [" ".join(rng.choices(WORDS, k=8)) + f" {i}" for i in range(lo, hi)]  # distinct: no copy shards
         pq.write_table(pa.table({"id": [f"doc-{i:08d}" for i in range(lo, hi)], "text": texts}),
                        folder / f"part-{f}.parquet")

@@ -108,7 +108,8 @@ def test_a_resume_after_the_input_changed_is_refused_and_fresh_replans(tmp_path,
     reorder_lines(inp / "a.jsonl")
     with pytest.raises(InputError, match=r"a\.jsonl: modified since the plan was made.*--fresh"):
         pipeline.run(load_config(None, args))
-    assert len(before) == 3 and committed_records(out) == before
+    # 3 shards and 2 copy shards: b.jsonl's texts repeat a.jsonl's (make_docs), written once embedded (reembed.texts)
+    assert len(before) == 5 and committed_records(out) == before
     # --fresh re-plans: every file, the new one included
     summary = pipeline.run(load_config(None, [*args, "output.fresh=true"]))
     assert summary["complete"] and summary["embedded"] == 14

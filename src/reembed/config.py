@@ -79,6 +79,10 @@ class PlanConfig:
     # order wins, later ones are dead-lettered) or "none" for inputs whose ids are known to be unique
     # (no id is read at planning; the manifest records that it was off).
     dedup: Literal["hash", "none"] = "hash"
+    # Identical texts across the whole corpus are embedded once and the vector written for every id that
+    # carries the text (reembed.texts: planned by text hash; rows whose first occurrence is in another shard
+    # are written by copy shards after the regular ones). false: only a block's identical texts are.
+    dedup_texts: bool = True
     # An earlier output of the same model (`reembed run --reuse OUT1`): rows whose id and text are unchanged
     # there take its vectors instead of being embedded (reembed.reuse); planned once, with the plan.
     reuse: Optional[str] = None

@@ -332,7 +332,8 @@ class Manifest:
     def shard_count(self) -> int:
         """How many shards the plan has (a manifest of an older reembed lists them: it is their number)."""
         shards = self.plan["shards"]
-        return len(shards) if isinstance(shards, list) else int(shards)
+        copies = int((self.plan.get("texts") or {}).get("copies", 0))  # reembed.texts: numbered after the plan's
+        return (len(shards) if isinstance(shards, list) else int(shards)) + copies
 
     def pending(self) -> list[int]:
         """The planned shards not committed, from the log's arrays (no commit record is read)."""

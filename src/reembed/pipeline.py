@@ -140,6 +140,8 @@ def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any
             try:
                 plan = make_plan(cfg.input, cfg.plan.shard_rows, out.child(PLAN_DIR), cfg.on_bad_file, source=source,
                                  dedup=cfg.plan.dedup, use_ray=True)
+                if cfg.plan.dedup_texts:
+                    plan_texts(plan, out, source)
                 if earlier is not None:
                     plan_reuse(plan, out, earlier, old, source)
             except OSError as e:
@@ -167,6 +169,24 @@ def plan_reuse(plan: dict[str, Any], out: storage.Location, earlier: storage.Loc
     parts = [reuse.part_file(p) for p in range(plan["reuse"]["partitions"])]
     plan["store"]["reuse"] = [_record(work, reuse.REUSE_DIR, name) for name in parts]
     plan["store"]["gone"] = [_record(work, reuse.GONE_DIR, name) for name in parts]
+
+
+def plan_texts(plan: dict[str, Any], out: storage.Location, source: storage.Location) -> None:
+    """Add corpus-wide identical texts to ``plan`` (``plan.dedup_texts``): Ray tasks by text hash
+    (:mod:`reembed.texts`), the summary under ``plan["texts"]`` (its ``copies`` are shards numbered after the
+    plan's) and its Parquet parts, with their sha256, under ``plan["store"]["texts"]``."""
+    import functools
+
+    from reembed import read, texts
+    from reembed.plan import _record
+
+    work = out.child(PLAN_DIR)
+    fields = {k: plan.get(k) for k in read.FIELDS if k not in ("reuse", "texts")}
+    reader = functools.partial(read.read_shards, fields, work, source=source)
+    plan["texts"] = texts.plan_texts(plan, work, reader, use_ray=True)
+    parts = [texts.part_file(p) for p in range(plan["texts"]["partitions"])]
+    names = parts + [f"{texts.LEADERS_DIR}/{name}" for name in parts] + [texts.COPIES, texts.MOVED_COUNTS]
+    plan["store"]["texts"] = [_record(work, texts.TEXTS_DIR, *name.split("/")) for name in names]
 
 
 def start_ray(cfg: JobConfig, phases: Phases) -> None:
@@ -233,6 +253,9 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
             f"{where}: this output was planned with other input settings ({'; '.join(diffs)}); "
             "use another --output, or --fresh to re-plan"
         )
+    if bool(plan.get("texts")) != cfg.plan.dedup_texts:
+        log.warning("%s: planned with plan.dedup_texts=%s; this resume follows its plan (--fresh re-plans)",
+                    where, str(bool(plan.get("texts"))).lower())
     # The plan's files, read back on the manifest's word: inside the output and unchanged.
     store = plan.get("store")
     if store is None:
@@ -240,7 +263,7 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
                             "finish it with that version, or --fresh to re-plan")
     for i, rec in enumerate(store["segments"]):
         read_recorded(manifest.loc, rec, f"plan.store.segments[{i}]")
-    for key in ("duplicates", "reuse", "gone"):
+    for key in ("duplicates", "reuse", "gone", "texts"):
         for i, rec in enumerate(store.get(key, [])):
             read_recorded(manifest.loc, rec, f"plan.store.{key}[{i}]")
     files = pq.read_table(pa.BufferReader(read_recorded(manifest.loc, store["files"], "plan.store.files")))
@@ -335,7 +358,10 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
 
     # The input's Location carries the job's storage settings into every read task; each task reads its
     # own segments from the plan's Parquet under the output.
-    index = plan_store.segment_index(manifest.loc.child(PLAN_DIR), manifest.shard_count)
+    regular = int(plan["shards"])  # the plan's shards; copy shards of identical texts are numbered after them
+    index = plan_store.segment_index(manifest.loc.child(PLAN_DIR), regular)
+    copies = [s for s in pending if s >= regular]
+    pending = [s for s in pending if s < regular]
     source = input_location(plan, cfg.storage)
     earlier = storage.Location.from_uri(plan["reuse"]["uri"], cfg.storage) if plan.get("reuse") else None
 
@@ -371,11 +397,12 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
         return ds
 
     expected = plan_store.shard_rows(index, pending)
+    moved, copy_rows = _copy_rows(manifest, pending, copies)
     # Passthrough values may be null whatever the input's schema said (a JSON Lines row may lack the key).
     shard_schema = S.shard_schema(manifest.model["dimension"],
                                   pa.schema([f.with_nullable(True) for f in passthrough_schema(plan)]),
                                   S.vector_dtype(plan), text_hash=True)
-    total_rows = sum(expected.values())
+    total_rows = sum(expected.values()) - moved + copy_rows  # the rows the commits will account for
     stats = {"shards_committed": 0, "rows": 0, "tokens": 0, "device_seconds": 0.0, "bytes": 0,
              "rows_reused": 0, "rows_deduplicated": 0,
              "device": pool["device"], "device_count": pool["max"], "accelerator": pool["accelerator"],
@@ -386,7 +413,7 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
     t0 = time.monotonic()
     bar = Progress(total_rows, "embedded")
     if beat is not None:
-        beat.phase("embedding", rows_total=total_rows, shards_total=len(pending))
+        beat.phase("embedding", rows_total=total_rows, shards_total=len(pending) + len(copies))
         bar = live.Progress(bar, beat)
     todo, passes = list(pending), 0
     try:
@@ -401,6 +428,14 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
                 if lost:
                     log.warning("%d shard(s) lost their embedded rows with a node; embedding them again", len(lost))
                 todo = lost
+            if copies:  # identical texts: every leader is committed now
+                from reembed.copies import run_copies
+
+                if beat is not None:
+                    beat.phase("copying")
+                run_copies(manifest, copies, source, shard_schema, index,
+                           lambda shard, rec: _commit(manifest, shard, rec, stats, bar),
+                           max_tasks=max(4, int(WRITERS_PER_CPU * stats["cpus"])))
     finally:
         bar.close()
     secs = time.monotonic() - t0
@@ -530,6 +565,22 @@ def _commit(manifest: Manifest, shard: int, rec: dict[str, Any], stats: dict[str
     bar.update(rec["rows"] + rec["dead_letters"])
     log.debug("committed shard %05d: %d rows, %d dead letters, %d bytes (written on %s)", shard, rec["rows"],
              rec["dead_letters"], rec["bytes"], rec.get("writer", {}).get("host_pid"))
+
+
+def _copy_rows(manifest: Manifest, pending: list[int], copies: list[int]) -> tuple[int, int]:
+    """``(rows the pending regular shards move out to copy shards, rows of the pending copy shards)``."""
+    if "texts" not in manifest.plan:
+        return 0, 0
+    from reembed import texts
+
+    plan_loc = manifest.loc.child(PLAN_DIR)
+    counts = texts.moved_counts(plan_loc)
+    moved = sum(counts.get(s, 0) for s in pending)
+    table = texts.read_copies(plan_loc) if copies else None
+    want = set(copies)
+    rows = sum(r for s, r in zip(table.column("shard").to_pylist(), table.column("rows").to_pylist())
+               if s in want) if table is not None else 0
+    return moved, rows
 
 
 def _lost(e: BaseException) -> bool:

@@ -29,16 +29,17 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from reembed import plan_store, reuse, scan
+from reembed import plan_store, reuse, scan, texts
 from reembed import schema as S
 from reembed.plan import PLAN_DIR, InputError, input_location, misfit, passthrough_schema, passthrough_value
 from reembed.storage import Location
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("id_column", "text_column", "passthrough", "passthrough_schema", "reuse")
+FIELDS = ("id_column", "text_column", "passthrough", "passthrough_schema", "reuse", "texts")
 """The plan summary's fields a read task carries (``reuse``: the summary of :func:`reembed.reuse.plan_reuse`,
-absent unless the run reuses an earlier output)."""
+absent unless the run reuses an earlier output; ``texts``: that of :func:`reembed.texts.plan_texts`, absent
+when identical texts are not looked for across shards)."""
 MAX_READ_TASKS = 2048
 """Read tasks of one dataset at most: above it, consecutive shards share a task (see the module's doc)."""
 SHARDS_PER_TASK = 4
@@ -138,8 +139,14 @@ def read_shards(fields: dict[str, Any], plan_loc: Location, shards: Iterable[int
     pschema = passthrough_schema(fields)
     reusing = bool(fields.get("reuse")) and fields.get("earlier") is not None
     carried = reuse.shards_reuse(plan_loc, [sp.shard for sp in plans], fields["reuse"]["partitions"]) if reusing else {}
+    moved = None
+    if fields.get("texts") and plans:  # identical texts: the task's moved rows, each followers part read once
+        moved = texts.followers(plan_loc, min(sp.shard for sp in plans), max(sp.shard for sp in plans),
+                                int(fields["texts"]["partitions"]))
     for sp in plans:
         table = _read_one(fields, sp, source, pschema, gz)
+        if moved is not None:
+            table = texts.mark(table, moved)
         if reusing:
             table = reuse.attach(table, plan_loc, fields["reuse"], fields["earlier"], carried[sp.shard])
         yield table

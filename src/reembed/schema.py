@@ -57,6 +57,10 @@ REUSED = "_reused"
 OLD_EMBEDDING = "_old_embedding"
 OLD_TRUNCATED = "_old_truncated"
 COPIED = "_copied"
+# Corpus-wide identical texts (reembed.texts): rows a copy shard writes (not this shard), and the position of
+# the row of the same shard whose vector a row takes (-1: none).
+MOVED = "_moved"
+LEADER_POS = "_leader_pos"
 
 # Dead-letter reason codes.
 INVALID_JSON = "invalid_json"  # a JSON Lines line that is not a JSON object

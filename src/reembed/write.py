@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from reembed import schema as S
 from reembed.reuse import carry_forward
+from reembed.texts import copy_in_shard
 from reembed.manifest import read_recorded, shard_name, write_failed
 from reembed.storage import Location, ObjectExistsError, StorageError
 
@@ -122,7 +123,13 @@ def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema, e
     live_mask = pc.is_null(table.column(S.REASON))
     live = table.filter(live_mask)
     dead = table.filter(pc.invert(live_mask))
+    moved = 0
+    if S.MOVED in live.column_names:  # identical texts: these rows are written by their copy shard
+        keep = pc.invert(live.column(S.MOVED))
+        moved = live.num_rows - int(pc.sum(keep.cast(pa.int64())).as_py() or 0)
+        live = live.filter(keep)
     live, reused = carry_forward(live)  # an incremental run: the --reuse output's vectors, bit for bit
+    live, _ = copy_in_shard(live)  # identical texts of this shard: their leader's vector, bit for bit
 
     out = conform(live, schema, f"shard {shard}")
     name = shard_name(shard, epoch)
@@ -141,6 +148,8 @@ def write_shard(loc: Location, shard: int, table: pa.Table, schema: pa.Schema, e
         "reused": reused,
         "deduplicated": int(pc.sum(live.column(S.COPIED)).as_py() or 0) if S.COPIED in live.column_names else 0,
     }
+    if moved:
+        record["moved"] = moved  # rows of this plan shard that a copy shard writes (reembed.texts)
     if epoch is not None:
         record["epoch"] = epoch
     if dead.num_rows:

@@ -344,6 +344,9 @@ class Embedder:
         todo = table.column(S.REASON).is_null().to_numpy(zero_copy_only=False)
         if S.REUSED in table.column_names:  # carried forward from the --reuse output: the writer fills them
             todo &= ~table.column(S.REUSED).to_numpy(zero_copy_only=False).astype(bool)
+        if S.MOVED in table.column_names:  # identical texts (reembed.texts): the writers copy their leaders' vectors
+            todo &= ~table.column(S.MOVED).to_numpy(zero_copy_only=False).astype(bool)
+            todo &= table.column(S.LEADER_POS).to_numpy() < 0
         live = np.flatnonzero(todo)
         texts = table.column(S.TEXT).take(pa.array(live)).to_pylist() if len(live) else []
         unique, first, inverse = unique_texts(texts)  # identical texts of the block are embedded once

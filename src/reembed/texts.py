@@ -1,0 +1,394 @@
+"""Identical texts across the whole corpus are embedded once (``plan.dedup_texts``, on by default).
+
+Planned with the rest of the plan, by hash partitioning on the text hash (:data:`reembed.schema.TEXT_HASH`,
+blake2b-128), as :mod:`reembed.dedup` does for ids, so no process holds the corpus's hashes:
+
+1. one key task per group of plan shards reads them as the read stage will and writes the rows that will be
+   embedded as ``_text_keys/<first shard>.arrow``: ``(text_hash, shard, pos, id)``, one Arrow IPC record batch
+   per partition, rows in plan order within each;
+2. one task per partition reads its batch of every key file (in plan order) and finds, for each text, its
+   **leader**: the first row in plan order ``(shard, pos)``. Every later row of that text is a **follower**.
+   The followers whose leader is in another shard are written to ``plan/texts/part-PPPP.parquet`` as
+   ``(shard, pos, id, leader_shard, leader_id, text_hash)`` sorted by ``(shard, pos)`` in small row groups
+   (a shard's read task fetches the one or two that hold its rows); the task returns per-shard counts only.
+
+The driver then packs those followers, in plan order, into **copy shards** numbered after the plan's shards
+(``plan["shards"]`` .. ``+ copies``; ``plan/texts/copies.parquet``: ``(shard, origin_first, origin_stop, rows)``
+with whole origin shards' followers per copy shard, at most ``shard_rows`` rows).
+
+At run time:
+
+* a regular shard's read task marks its moved followers (:func:`mark`: :data:`~reembed.schema.MOVED`) and its
+  followers whose leader is in the same shard (:data:`~reembed.schema.LEADER_POS`, found from the shard's own
+  text hashes: the rule is the plan's, so it needs no plan file). The Embedder skips both; the shard writer
+  drops the moved rows (they are written by their copy shard) and gives each in-shard follower its leader's
+  vector bit for bit (:func:`copy_in_shard`). So every regular shard holds its leaders, and
+  all leaders are embedded in the first pass.
+* once every regular shard is committed, a second pass (:mod:`reembed.copies`) writes the copy shards with plain
+  Ray tasks: gather tasks read each committed leader file once and shuffle the needed vectors to the copy tasks
+  (``texts/leaders/part-PPPP.parquet`` lists them by leader shard); each copy task reads its followers' rows
+  from the input (their ids and passthrough columns; the origin shards of a ``.gz`` file together, decompressed
+  once) and writes its shards: nothing goes to the Embedder. A resume runs the pending regular shards first,
+  then the pending copy shards.
+
+Every input row is still in exactly one committed shard: a moved follower is counted by its copy shard (its
+regular shard's record says how many it ``moved`` out). Copied rows count as ``deduplicated`` in the commit
+records, the summary and the cost report.
+
+Cost: the key tasks read the corpus once more at planning (as ``--reuse`` does); the copy pass reads each leader
+file once and the followers' origin shards again (docs/SCALE.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from reembed import schema as S
+from reembed.errors import InputError
+from reembed.storage import Location
+
+log = logging.getLogger(__name__)
+
+TEXTS_DIR = "texts"
+LEADERS_DIR = "leaders"
+"""Under ``texts/``: the moved followers again, by leader shard (``(leader_shard, text_hash, leader_id, shard)``,
+one row per text and follower shard): what the copy pass's gather tasks read."""
+KEYS_DIR = "_text_keys"
+COPIES = "copies.parquet"
+MOVED_COUNTS = "moved.parquet"
+SHARDS_PER_TASK = 8
+"""Plan shards per key task."""
+HASHES_PER_PARTITION = 2_000_000
+"""Rows per text partition: one task finds the leaders of about that many."""
+MAX_PARTITIONS = 1024
+ROW_GROUP = 4096
+"""Rows per row group of a followers part: a shard's read task fetches the one or two that hold its rows."""
+FOLLOWERS_SCHEMA = pa.schema([("shard", pa.int64()), ("pos", pa.int64()), ("id", pa.string()),
+                              ("leader_shard", pa.int64()), ("leader_id", pa.string()),
+                              ("text_hash", S.text_hash_type())])
+COPIES_SCHEMA = pa.schema([("shard", pa.int64()), ("origin_first", pa.int64()), ("origin_stop", pa.int64()),
+                          ("rows", pa.int64())])
+MOVED_SCHEMA = pa.schema([("shard", pa.int64()), ("moved", pa.int64()), ("leads", pa.int64())])
+LEADERS_SCHEMA = pa.schema([("leader_shard", pa.int64()), ("text_hash", S.text_hash_type()), ("leader_id", pa.string()),
+                            ("shard", pa.int64())])
+_KEYS_SCHEMA = pa.schema([("text_hash", S.text_hash_type()), ("shard", pa.int64()), ("pos", pa.int64()),
+                          ("id", pa.string())])
+
+
+def plan_texts(plan: dict[str, Any], work: Location, read_shards: Callable[[list[int]], Iterable[pa.Table]],
+               use_ray: bool = False, partitions: int | None = None) -> dict[str, Any]:
+    """Find the corpus's repeated texts for the plan ``plan`` whose folder is ``work``; ``read_shards(shards)``
+    yields the plan's shards as the read stage reads them. Writes ``texts/`` under ``work`` and returns the
+    summary the manifest keeps (``plan["texts"]``): partitions, copy shards, follower counts."""
+    t0 = time.monotonic()
+    for folder in (KEYS_DIR, TEXTS_DIR):  # an interrupted earlier attempt's leftovers
+        work.delete_dir(folder)
+    shards = int(plan["shards"])
+    if partitions is None:
+        partitions = max(1, min(MAX_PARTITIONS, -(-int(plan["rows"]) // HASHES_PER_PARTITION)))
+    groups = [list(range(a, min(a + SHARDS_PER_TASK, shards))) for a in range(0, shards, SHARDS_PER_TASK)]
+    written = _map(key_task, [(read_shards, work, g, partitions) for g in groups], use_ray)
+    names: dict[int, list[str]] = {p: [] for p in range(partitions)}
+    for g, parts in zip(groups, written):
+        for p in parts:
+            names[p].append(_key_name(g[0]))
+    moved = np.zeros(shards, dtype=np.int64)
+    leads = np.zeros(shards, dtype=np.int64)
+    rows = in_shard = 0
+    for result in _map(partition_task, [(work, p, names[p], shards) for p in range(partitions)], use_ray,
+                       stream=True):
+        moved += result["moved"]
+        leads += result["leads"]
+        rows += result["rows"]
+        in_shard += result["in_shard"]
+    work.delete_dir(KEYS_DIR)
+    copies = list(pack_copies(moved, shards, int(plan["shard_rows"])))
+    from reembed.plan_store import _parquet_bytes
+
+    work.write_bytes(_parquet_bytes(pa.Table.from_pylist(copies, schema=COPIES_SCHEMA), ROW_GROUP, ["shard"]),
+                     TEXTS_DIR, COPIES)
+    has = np.flatnonzero(moved | leads)
+    counts = pa.table({"shard": pa.array(has, pa.int64()), "moved": pa.array(moved[has], pa.int64()),
+                       "leads": pa.array(leads[has], pa.int64())}, schema=MOVED_SCHEMA)
+    work.write_bytes(_parquet_bytes(counts, ROW_GROUP, ["shard"]), TEXTS_DIR, MOVED_COUNTS)
+    summary = {"partitions": partitions, "copies": len(copies), "rows": rows,
+               "followers": int(moved.sum()) + in_shard, "moved": int(moved.sum()), "in_shard": in_shard}
+    secs = time.monotonic() - t0
+    log.info("texts: %d rows, %d repeat an earlier text (%d in another shard: %d copy shards), %d partitions, "
+             "%.1f s, %.0f rows/s", rows, summary["followers"], summary["moved"], len(copies), partitions, secs,
+             rows / max(secs, 1e-9))
+    return summary
+
+
+def key_task(read_shards: Callable[[list[int]], Iterable[pa.Table]], work: Location, shards: list[int],
+             partitions: int) -> tuple[int, ...]:
+    """Key task over plan ``shards``: the rows to embed as ``(text_hash, shard, pos, id)``, hashed into
+    ``partitions`` by their text hash; returns the partitions it wrote rows for."""
+    from reembed.dedup import _ipc_bytes
+
+    parts = []
+    for table in read_shards(list(shards)):
+        live = table.filter(pc.is_null(table.column(S.REASON)))
+        parts.append(pa.table([live.column(S.TEXT_HASH), live.column(S.SHARD).cast(pa.int64()), live.column(S.POS),
+                               live.column(S.ID)], schema=_KEYS_SCHEMA))
+    table = pa.concat_tables(parts).combine_chunks() if parts else _KEYS_SCHEMA.empty_table()
+    part = hash_partitions(table.column("text_hash"), partitions)
+    order = np.argsort(part, kind="stable")  # stable: rows keep plan order within a partition
+    bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+    table = table.take(pa.array(order))
+    batches = [table.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p])) for p in range(partitions)]
+    work.write_bytes(_ipc_bytes(_KEYS_SCHEMA, batches), KEYS_DIR, _key_name(shards[0]))
+    return tuple(p for p in range(partitions) if bounds[p + 1] > bounds[p])
+
+
+def partition_task(work: Location, partition: int, names: list[str], shards: int) -> dict[str, Any]:
+    """One partition's leaders and followers: writes ``texts/part-PPPP.parquet`` (the followers whose leader
+    is in another shard) and returns ``{"rows", "in_shard", "moved"}`` (``moved``: per plan shard, an array)."""
+    batches = []
+    for name in names:  # in plan order: the key files are named by their first shard
+        with work.fs.open_input_file(work.path(KEYS_DIR, name)) as f:
+            b = pa.ipc.open_file(f).get_batch(partition)
+        if b.num_rows:
+            batches.append(b)
+    table = pa.Table.from_batches(batches, _KEYS_SCHEMA).combine_chunks() if batches else _KEYS_SCHEMA.empty_table()
+    leader = leaders(table.column("text_hash"))
+    shard = table.column("shard").to_numpy()
+    follower = leader != np.arange(len(leader))
+    moved = follower & (shard[leader] != shard)
+    take = pa.array(np.flatnonzero(moved))
+    lead = pa.array(leader[moved])
+    out = pa.table([table.column("shard").take(take), table.column("pos").take(take), table.column("id").take(take),
+                    table.column("shard").take(lead), table.column("id").take(lead),
+                    table.column("text_hash").take(take)], schema=FOLLOWERS_SCHEMA)
+    out = out.sort_by([("shard", "ascending"), ("pos", "ascending")])
+    from reembed.plan_store import _parquet_bytes
+
+    work.write_bytes(_parquet_bytes(out, ROW_GROUP, ["shard"]), TEXTS_DIR, part_file(partition))
+    # By leader shard, one row per text and follower shard (a copy shard needs a text's vector once).
+    by_leader = out.select(["leader_shard", "text_hash", "leader_id", "shard"]).sort_by(
+        [("leader_shard", "ascending"), ("shard", "ascending")])
+    if by_leader.num_rows > 1:
+        key = pc.binary_join_element_wise(by_leader.column("text_hash").cast(pa.binary()),
+                                          by_leader.column("shard").cast(pa.string()).cast(pa.binary()), b"/")
+        first = leaders(key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key)
+        by_leader = by_leader.filter(pa.array(first == np.arange(len(first))))
+    work.write_bytes(_parquet_bytes(by_leader.cast(LEADERS_SCHEMA), ROW_GROUP, ["leader_shard"]), TEXTS_DIR,
+                     LEADERS_DIR, part_file(partition))
+    lead_shard = by_leader.column("leader_shard").to_numpy()
+    return {"rows": table.num_rows, "in_shard": int((follower & ~moved).sum()),
+            "moved": np.bincount(shard[moved], minlength=shards).astype(np.int64),
+            "leads": np.bincount(lead_shard, minlength=shards).astype(np.int64)}
+
+
+def leaders(hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """For each row (in plan order), the index of the first row with the same text hash (itself for a leader)."""
+    n = len(hashes)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    if isinstance(hashes, pa.ChunkedArray):
+        hashes = hashes.combine_chunks()
+    # A hash table numbers distinct values in order of first appearance: value k first appears at the k-th
+    # row whose number exceeds every number before it.
+    codes = pc.dictionary_encode(hashes.cast(pa.binary())).indices.to_numpy()
+    top = np.maximum.accumulate(codes)
+    first = np.ones(n, dtype=bool)
+    first[1:] = top[1:] > top[:-1]
+    return np.flatnonzero(first)[codes]
+
+
+def pack_copies(moved: np.ndarray, first_copy: int, shard_rows: int) -> Iterator[dict[str, int]]:
+    """Copy shards from the moved followers per plan shard (``moved[s]``): the followers of whole plan shards,
+    in plan order, at most ``shard_rows`` rows a copy shard, numbered from ``first_copy``."""
+    shard, open_ = first_copy, None
+    for s in np.flatnonzero(moved).tolist():
+        n = int(moved[s])
+        if open_ is not None and open_["rows"] + n > shard_rows:
+            yield open_
+            shard, open_ = shard + 1, None
+        if open_ is None:
+            open_ = {"shard": shard, "origin_first": s, "origin_stop": s + 1, "rows": 0}
+        open_["origin_stop"] = s + 1
+        open_["rows"] += n
+    if open_ is not None:
+        yield open_
+
+
+def mark(table: pa.Table, followers_rows: pa.Table) -> pa.Table:
+    """One regular shard's documents (as the read stage yields them) with :data:`~reembed.schema.MOVED` (rows a
+    copy shard writes) and :data:`~reembed.schema.LEADER_POS` (the position of the row whose vector a row takes,
+    -1 for rows embedded or dead-lettered as usual). ``followers_rows`` holds (at least) the shard's rows of the
+    followers parts (:func:`followers`)."""
+    n = table.num_rows
+    moved = np.zeros(n, dtype=bool)
+    if n:
+        shard = int(table.column(S.SHARD)[0].as_py())
+        rows = followers_rows.filter(pc.equal(followers_rows.column("shard"), shard))
+        if rows.num_rows:
+            pos = rows.column("pos").to_numpy()
+            if pos.max() >= n:
+                raise InputError(f"shard {shard}: the plan moves row {int(pos.max())} of {n}; an input file changed "
+                                 "since the plan was made (re-plan with --fresh)")
+            got = table.take(pa.array(pos))
+            same = pc.and_(pc.equal(got.column(S.TEXT_HASH), rows.column("text_hash")),
+                           pc.equal(got.column(S.ID), rows.column("id")))
+            if got.column(S.REASON).null_count != got.num_rows or not pc.all(same).as_py():
+                raise InputError(f"shard {shard}: the input no longer holds the texts this plan was made with; "
+                                 "an input file changed since the plan was made (re-plan with --fresh)")
+            moved[pos] = True
+    leader_pos = in_shard_leaders(table, moved)
+    table = table.append_column(S.MOVED, pa.array(moved))
+    return table.append_column(S.LEADER_POS, pa.array(leader_pos, pa.int64()))
+
+
+def in_shard_leaders(table: pa.Table, moved: np.ndarray) -> np.ndarray:
+    """For each row, the position of the first earlier live row of the shard with the same text (-1: none,
+    or the row is dead-lettered or moved). Rows are in position order."""
+    n = table.num_rows
+    out = np.full(n, -1, dtype=np.int64)
+    live = np.asarray(pc.is_null(table.column(S.REASON)).to_numpy(zero_copy_only=False), dtype=bool) & ~moved
+    idx = np.flatnonzero(live)
+    if len(idx) > 1:
+        lead = leaders(table.column(S.TEXT_HASH).take(pa.array(idx)))
+        follower = lead != np.arange(len(idx))
+        out[idx[follower]] = idx[lead[follower]]
+    return out
+
+
+def copy_in_shard(live: pa.Table) -> tuple[pa.Table, int]:
+    """The shard writer's step: each row with a :data:`~reembed.schema.LEADER_POS` (and not carried forward from
+    a ``--reuse`` output) takes its leader's vector and truncation flag, bit for bit, and is marked
+    :data:`~reembed.schema.COPIED`. ``live`` holds the shard's written rows in position order (the leaders are
+    among them). Returns the table and how many rows were copied."""
+    if S.LEADER_POS not in live.column_names:
+        return live, 0
+    lead = live.column(S.LEADER_POS).to_numpy()
+    take = lead >= 0
+    if S.REUSED in live.column_names:
+        take &= ~live.column(S.REUSED).to_numpy(zero_copy_only=False).astype(bool)
+    count = int(take.sum())
+    if not count:
+        return live, 0
+    pos = live.column(S.POS).to_numpy()
+    src = np.searchsorted(pos, lead[take])
+    if not np.array_equal(pos[np.minimum(src, len(pos) - 1)], lead[take]):
+        raise RuntimeError("a row's leader is not among its shard's written rows")  # a bug upstream
+    rows = np.flatnonzero(take)
+    vectors = S.embedding_matrix(live.column(S.EMBEDDING)).copy()
+    vectors[rows] = vectors[src]
+    truncated = live.column(S.TRUNCATED).to_numpy(zero_copy_only=False).copy()
+    truncated[rows] = truncated[src]
+    copied = (live.column(S.COPIED).to_numpy(zero_copy_only=False).astype(bool).copy()
+              if S.COPIED in live.column_names else np.zeros(live.num_rows, dtype=bool))
+    copied[rows] = True
+    live = live.set_column(live.schema.get_field_index(S.EMBEDDING), S.EMBEDDING, S.embedding_array(vectors))
+    live = live.set_column(live.schema.get_field_index(S.TRUNCATED), S.TRUNCATED, pa.array(truncated))
+    if S.COPIED in live.column_names:
+        live = live.set_column(live.schema.get_field_index(S.COPIED), S.COPIED, pa.array(copied))
+    else:
+        live = live.append_column(S.COPIED, pa.array(copied))
+    return live, count
+
+
+def followers(plan_loc: Location, first: int, last: int, partitions: int) -> pa.Table:
+    """The moved followers of plan shards ``first..last`` (inclusive), sorted by ``(shard, pos)``, from the
+    followers parts (only the row groups whose ``shard`` statistics can hold them)."""
+    import pyarrow.parquet as pq
+
+    from reembed.plan_store import _read_range
+
+    parts = []
+    for p in range(partitions):
+        with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, part_file(p))) as f:
+            table, _ = _read_range(pq.ParquetFile(f), "shard", first, last)
+        parts.append(table.cast(FOLLOWERS_SCHEMA))
+    if not parts:
+        return FOLLOWERS_SCHEMA.empty_table()
+    return pa.concat_tables(parts).sort_by([("shard", "ascending"), ("pos", "ascending")])
+
+
+def read_copies(plan_loc: Location) -> pa.Table:
+    """``copies.parquet``: ``(shard, origin_first, origin_stop, rows)`` of every copy shard (O(copy shards):
+    the driver's view, as :func:`reembed.plan_store.segment_index` is for the plan's shards)."""
+    import pyarrow.parquet as pq
+
+    with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, COPIES)) as f:
+        return pq.read_table(f).cast(COPIES_SCHEMA)
+
+
+def moved_counts(plan_loc: Location, column: str = "moved") -> dict[int, int]:
+    """``{plan shard: rows its copy shards write}`` of the shards that have any; ``column="leads"``: the
+    vectors of its leaders the copy shards need (one per text and follower shard)."""
+    import pyarrow.parquet as pq
+
+    with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, MOVED_COUNTS)) as f:
+        t = pq.read_table(f)
+    return {s: n for s, n in zip(t.column("shard").to_pylist(), t.column(column).to_pylist()) if n}
+
+
+def leader_rows(plan_loc: Location, first: int, last: int, partitions: int) -> pa.Table:
+    """The rows of the ``texts/leaders/`` parts whose leader is in plan shards ``first..last`` (only the row
+    groups whose ``leader_shard`` statistics can hold them), sorted by leader shard."""
+    import pyarrow.parquet as pq
+
+    from reembed.plan_store import _read_range
+
+    parts = []
+    for p in range(partitions):
+        with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, LEADERS_DIR, part_file(p))) as f:
+            table, _ = _read_range(pq.ParquetFile(f), "leader_shard", first, last)
+        parts.append(table.cast(LEADERS_SCHEMA))
+    if not parts:
+        return LEADERS_SCHEMA.empty_table()
+    return pa.concat_tables(parts).sort_by([("leader_shard", "ascending"), ("shard", "ascending")])
+
+
+def hash_partitions(hashes: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
+    """The partition of each text hash: its first 8 bytes (already uniform: blake2b) modulo ``partitions``."""
+    n = len(hashes)
+    if partitions == 1 or not n:
+        return np.zeros(n, dtype=np.int64)
+    if isinstance(hashes, pa.ChunkedArray):
+        hashes = hashes.combine_chunks()
+    raw = np.frombuffer(hashes.buffers()[1], dtype=np.uint8)[hashes.offset * S.TEXT_HASH_BYTES:
+                                                              (hashes.offset + n) * S.TEXT_HASH_BYTES]
+    words = raw.reshape(n, S.TEXT_HASH_BYTES)[:, :8].copy().view("<u8").reshape(n)
+    return (words % np.uint64(partitions)).astype(np.int64)
+
+
+def part_file(partition: int) -> str:
+    return f"part-{partition:04d}.parquet"
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _key_name(first: int) -> str:
+    return f"s-{first:07d}.arrow"
+
+
+def _map(fn: Callable[..., Any], args: list[tuple], use_ray: bool, stream: bool = False) -> Iterable[Any]:
+    """``fn(*a)`` for each of ``args`` (Ray tasks when ``use_ray``); with ``stream``, results as they finish,
+    so the driver holds one at a time."""
+    from reembed.scan import run_tasks
+
+    if not (use_ray and stream):
+        return run_tasks(fn, args, use_ray)
+    return _streamed(fn, args)
+
+
+def _streamed(fn: Callable[..., Any], args: list[tuple]) -> Iterator[Any]:
+    import ray
+
+    from reembed import cluster
+
+    remote = ray.remote(num_cpus=0.5, max_retries=3, retry_exceptions=[OSError])(fn)
+    refs = [remote.remote(*a) for a in args]
+    while refs:
+        done, refs = ray.wait(refs, num_returns=1)
+        yield cluster.get(done[0])

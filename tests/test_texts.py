@@ -1,0 +1,237 @@
+"""Corpus-wide identical texts (reembed.texts, reembed.copies): within one run each distinct text is embedded
+once, and every id carrying it is written with its leader's vector (the text's first row in plan order), bit for
+bit, across shards far apart; the ledger stays exact and a run stopped between the passes resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_docs, write_jsonl, write_parquet
+from reembed import pipeline, plan, read, texts
+from reembed import schema as S
+from reembed.config import load_config
+from reembed.manifest import Manifest
+from reembed.storage import Location
+
+SHARD_ROWS = 40
+
+
+def cfg_for(inp, out, model, *extra):
+    return load_config(None, [f"input.uri={inp}", f"output.uri={out}", f"model.name={model}",
+                              f"plan.shard_rows={SHARD_ROWS}", "model.backend=torch", *extra])
+
+
+def repeated_corpus() -> list[dict]:
+    """240 documents (6 shards of 40): 60 distinct texts, most repeated in shards far apart (text k at rows k,
+    k + 97, k + 171, ...), some twice inside one shard, plus an empty text and a repeated id (dead letters)."""
+    base = make_docs(60)
+    texts_ = [f"{d['text']} number {i}" for i, d in enumerate(base)]
+    docs = []
+    for i in range(240):
+        k = (i * 37) % 60 if i >= 60 else i
+        docs.append({"id": f"d{i}", "text": texts_[k], "lang": "en" if i % 2 else "fr"})
+    docs[13]["text"] = docs[12]["text"]  # a repeat inside shard 0
+    docs[200]["text"] = "  "  # empty_text
+    docs[201]["id"] = "d5"  # duplicate_id
+    return docs
+
+
+def shard_tables(out: Path) -> dict[int, pa.Table]:
+    m = Manifest.load(Location.from_uri(str(out)))
+    return {s: pq.read_table(out / rec["path"]) for s, rec in m.committed.items()}
+
+
+def leaders_of(docs: list[dict]) -> dict[str, str]:
+    """id -> the id of its text's first live row in input order (itself for a leader)."""
+    seen_ids, first, out = set(), {}, {}
+    for d in docs:
+        if d["id"] in seen_ids or not d["text"].strip():
+            seen_ids.add(d["id"])
+            continue
+        seen_ids.add(d["id"])
+        out[d["id"]] = first.setdefault(d["text"], d["id"])
+    return out
+
+
+# -- the rule, without Ray ----------------------------------------------------------------------------------
+
+
+def test_leaders_are_first_occurrences_in_order():
+    h = S.text_hashes(pa.array(["a", "b", "a", "c", "b", "a"]))
+    assert texts.leaders(h).tolist() == [0, 1, 0, 3, 1, 0]
+    assert texts.leaders(S.text_hashes(pa.array([], pa.string()))).tolist() == []
+
+
+def test_copy_shards_pack_whole_plan_shards_in_order():
+    moved = np.array([0, 30, 0, 15, 10, 40, 0], dtype=np.int64)
+    got = list(texts.pack_copies(moved, 7, 40))
+    assert got == [{"shard": 7, "origin_first": 1, "origin_stop": 2, "rows": 30},
+                   {"shard": 8, "origin_first": 3, "origin_stop": 5, "rows": 25},
+                   {"shard": 9, "origin_first": 5, "origin_stop": 6, "rows": 40}]
+    assert list(texts.pack_copies(np.zeros(3, np.int64), 3, 40)) == []
+
+
+def test_hash_partitions_are_stable_and_spread():
+    h = S.text_hashes(pa.array([f"text {i}" for i in range(4000)]))
+    p = texts.hash_partitions(h, 8)
+    assert p.min() == 0 and p.max() == 7 and np.bincount(p).min() > 350
+    assert (texts.hash_partitions(h.slice(100, 50), 8) == p[100:150]).all()  # an offset array hashes the same
+
+
+def test_in_shard_followers_take_their_leaders_vector_bit_for_bit():
+    t = pa.table({S.TEXT_HASH: S.text_hashes(pa.array(["x", "y", "x", "z", "x", "y"])),
+                  S.REASON: pa.array([None, None, None, "empty_text", None, None], pa.string()),
+                  S.POS: pa.array(np.arange(6, dtype=np.int64))})
+    moved = np.array([False, False, False, False, True, False])
+    lead = texts.in_shard_leaders(t, moved)
+    assert lead.tolist() == [-1, -1, 0, -1, -1, 1]  # dead and moved rows are neither leaders nor followers
+    live = pa.table({S.POS: pa.array([0, 1, 2, 5], pa.int64()), S.LEADER_POS: pa.array([-1, -1, 0, 1], pa.int64()),
+                     S.EMBEDDING: S.embedding_array(np.arange(8, dtype=np.float32).reshape(4, 2)),
+                     S.TRUNCATED: pa.array([True, False, False, False])})
+    out, n = texts.copy_in_shard(live)
+    assert n == 2
+    assert S.embedding_matrix(out.column(S.EMBEDDING)).tolist() == [[0, 1], [2, 3], [0, 1], [2, 3]]
+    assert out.column(S.TRUNCATED).to_pylist() == [True, False, True, False]
+    assert out.column(S.COPIED).to_pylist() == [False, False, True, True]
+
+
+def test_plan_lists_the_followers_whose_leader_is_in_another_shard(tmp_path):
+    docs = repeated_corpus()
+    write_parquet(tmp_path / "in" / "a.parquet", docs[:130])
+    write_jsonl(tmp_path / "in" / "b.jsonl", docs[130:])
+    cfg = cfg_for(tmp_path / "in", tmp_path / "out", "unused").input
+    work = Location.from_uri(str(tmp_path / "out" / "plan"))
+    p = plan.make_plan(cfg, SHARD_ROWS, work)
+    fields = {k: p.get(k) for k in read.FIELDS if k not in ("reuse", "texts")}
+    source = plan.input_location(p)
+    summary = texts.plan_texts(p, work, lambda shards: read.read_shards(fields, work, shards, source), partitions=3)
+    lead = leaders_of(docs)
+    shard_of = {d["id"]: i // SHARD_ROWS for i, d in enumerate(docs)}
+    moved = {i for i, l in lead.items() if i != l and shard_of[i] != shard_of[l]}
+    in_shard = {i for i, l in lead.items() if i != l and shard_of[i] == shard_of[l]}
+    assert summary["moved"] == len(moved) and summary["in_shard"] == len(in_shard) >= 1
+    assert summary["rows"] == len(lead)
+    rows = texts.followers(work, 0, p["shards"] - 1, 3)
+    assert set(rows.column("id").to_pylist()) == moved
+    assert all(lead[i] == l for i, l in zip(rows.column("id").to_pylist(), rows.column("leader_id").to_pylist()))
+    copies = texts.read_copies(work)
+    assert sum(copies.column("rows").to_pylist()) == len(moved)
+    assert copies.column("shard").to_pylist() == list(range(p["shards"], p["shards"] + summary["copies"]))
+    assert not work.exists(texts.KEYS_DIR)
+
+
+# -- the job, on a local Ray -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_model, ray_local):
+    root = tmp_path_factory.mktemp("texts")
+    docs = repeated_corpus()
+    write_parquet(root / "in" / "a.parquet", docs[:130])
+    write_jsonl(root / "in" / "b.jsonl", docs[130:])
+    summary = pipeline.run(cfg_for(root / "in", root / "out", tiny_model, "input.passthrough=[lang]"))
+    return {"root": root, "docs": docs, "summary": summary}
+
+
+def test_each_distinct_text_is_embedded_once_and_every_id_gets_its_leaders_vector(job):
+    docs, out, s = job["docs"], job["root"] / "out", job["summary"]
+    lead = leaders_of(docs)
+    distinct = len(set(lead.values()))
+    assert s["complete"]
+    assert s["rows_embedded"] == distinct == 60
+    assert s["rows_deduplicated"] == len(lead) - distinct
+    tables = shard_tables(out)
+    m = Manifest.load(Location.from_uri(str(out)))
+    assert len(tables) == m.shard_count > m.plan["shards"]  # copy shards after the plan's
+    assert not (out / "_copies").exists()  # the gather round's files go once the copy shards are committed
+    vec, lang = {}, {}
+    for t in tables.values():
+        for i, v, g in zip(t.column(S.ID).to_pylist(), S.embedding_matrix(t.column(S.EMBEDDING)),
+                           t.column("lang").to_pylist()):
+            assert i not in vec, f"{i} written twice"
+            vec[i], lang[i] = v.tobytes(), g
+    assert set(vec) == set(lead)  # the ledger: every live id once
+    for i, l in lead.items():
+        assert vec[i] == vec[l], f"{i}'s vector is not its leader {l}'s"
+    first = {d["id"]: d["lang"] for d in reversed(docs)}  # passthrough from the follower's own row
+    assert all(lang[i] == first[i] for i in vec)
+    tokens = sum(rec["tokens"] for rec in m.committed.values())
+    assert tokens == s["tokens"] and tokens > 0
+    t = m.totals()
+    assert t["embedded"] + t["dead_lettered"] == len(docs)
+    assert t["reasons"] == {"empty_text": 1, "duplicate_id": 1}
+
+
+def test_the_vectors_are_what_the_model_gives_each_text(job, tiny_model, tmp_path):
+    from reembed import embed
+
+    e = embed.Embedder({"name": str(tiny_model), "device": "cpu", "dtype": "float32", "backend": "torch"})
+    try:
+        docs = [d for d in job["docs"] if d["text"].strip()]
+        want, _ = e.embed([d["text"] for d in docs[:60]])
+    finally:
+        e.close()
+    tables = shard_tables(job["root"] / "out")
+    got = {}
+    for t in tables.values():
+        got.update(zip(t.column(S.ID).to_pylist(), S.embedding_matrix(t.column(S.EMBEDDING))))
+    lead = leaders_of(job["docs"])
+    for d, w in zip(docs[:60], want):
+        np.testing.assert_allclose(got[lead[d["id"]]], w, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_off_embeds_across_shards_again(job, tiny_model, tmp_path):
+    s = pipeline.run(cfg_for(job["root"] / "in", tmp_path / "out", tiny_model, "plan.dedup_texts=false"))
+    m = Manifest.load(Location.from_uri(str(tmp_path / "out")))
+    assert "texts" not in m.plan and m.shard_count == m.plan["shards"]
+    assert s["rows_embedded"] > 60  # only a block's repeats were copied
+
+
+def test_a_run_stopped_between_the_passes_resumes_to_the_same_result(job, tiny_model, tmp_path, monkeypatch):
+    from reembed import copies
+
+    cfg = cfg_for(job["root"] / "in", tmp_path / "out", tiny_model, "input.passthrough=[lang]")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt("stopped between the passes")
+
+    monkeypatch.setattr(copies, "run_copies", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg)
+    m = Manifest.load(Location.from_uri(str(tmp_path / "out")))
+    assert m.pending() == list(range(m.plan["shards"], m.shard_count))  # every regular shard, no copy shard
+    monkeypatch.undo()
+    s = pipeline.run(cfg)
+    assert s["complete"] and s["run"]["rows_embedded"] == 0  # the resume only copied
+    assert s["rows_embedded"] == job["summary"]["rows_embedded"]
+    first = shard_tables(job["root"] / "out")
+    again = shard_tables(tmp_path / "out")
+    assert sorted(first) == sorted(again)
+    for shard in first:
+        assert first[shard].equals(again[shard]), f"shard {shard} differs"
+
+
+def test_copy_shards_sharing_a_gz_file_go_to_one_task():
+    from reembed.copies import copy_tasks
+
+    copies = pa.table({"shard": [10, 11, 12, 13], "origin_first": [0, 2, 4, 6], "origin_stop": [2, 4, 6, 8],
+                       "rows": [5, 5, 5, 5]})
+    # shards 2-5 read file 1 (a .gz), the others plain files 0 and 2
+    index = pa.table({"shard": [0, 1, 2, 3, 4, 5, 6, 7], "file": [0, 0, 1, 1, 1, 1, 2, 2], "rows": [9] * 8})
+    got = [[c["shard"] for c in t] for t in copy_tasks(copies, [10, 11, 12, 13], index, {1})]
+    assert got == [[10], [11, 12], [13]]
+    assert [[c["shard"] for c in t] for t in copy_tasks(copies, [12, 13], index, set())] == [[12], [13]]
+
+
+def test_gather_tasks_take_whole_leader_shards_up_to_a_budget():
+    from reembed.copies import gather_groups
+
+    assert gather_groups({0: 5, 2: 4, 3: 2, 7: 9, 8: 1}, rows=10) == [(0, 2), (3, 3), (7, 8)]
+    assert gather_groups({4: 30}, rows=10) == [(4, 4)]
+    assert gather_groups({}, rows=10) == []
