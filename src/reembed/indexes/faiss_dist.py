@@ -47,8 +47,8 @@ from reembed import schema as S
 from reembed.errors import ManifestError, StorageError
 from reembed.indexes.exact import DEPTH, KnnHeap, normalize
 from reembed.indexes.faiss import (FOLDER, IDS_ROW_GROUP, K, FaissPlan, file_record, file_sha256, local_scratch,
-                                   new_index, publish_file, tune, tuning_queries, _check, _shortfall,
-                                   _tuned_on)
+                                   new_index, publish_file, tune, tuning_queries, held_out, _check,
+                                   _shortfall, _tuned_on)
 from reembed.storage import Location
 from reembed.write import read_shard_table
 
@@ -183,10 +183,10 @@ def train(loc: Location, folder: str, plan: FaissPlan, queries: int, seed: int, 
         # k-means on the GPU (the costly part); the index itself stays on the CPU for writing.
         faiss.extract_index_ivf(index).clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(plan.dim))
         device = "cuda"
-    index.train(x)
+    xq, exclude = tuning_queries(x, pos, queries, np.random.default_rng(seed + 1))
+    index.train(held_out(x, pos, exclude))
     if device == "cuda":
         faiss.extract_index_ivf(index).clustering_index = None
-    xq, exclude = tuning_queries(x, pos, queries, np.random.default_rng(seed + 1))
     with local_scratch(loc) as tmp:
         faiss.write_index(index, os.path.join(tmp, "trained.faiss"))
         trained = publish_file(loc, os.path.join(tmp, "trained.faiss"), f"{folder}/trained.faiss")
