@@ -140,7 +140,8 @@ def run_distributed(folder: Path, n: int, workers: int, memory: str, xq, truth, 
             "peak_rss_mb": {k: round((v or 0) / 2**20) for k, v in peak.items()},
             "coordinator_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "cpu_s": params.get("cpu_seconds"), "coordinator_cpu_s": round(_cpu_self(), 1),
-            "search": params["search"], "tuned_recall": params["recall_at_10"], "recall_at_10": round(got, 4),
+            "search": params["search"], "tuned_recall": params["recall_at_10"], "tuned_on": params.get("tuned_on"),
+            "tuned_recall_off_corpus": params.get("recall_off_corpus"), "recall_at_10": round(got, 4),
             "index_bytes": files["bytes"] + files["ivfdata_bytes"], "load_avg_1m": [round(load[0], 1),
                                                                                     round(os.getloadavg()[0], 1)]}
 
