@@ -317,8 +317,12 @@ def test_the_recorded_recall_is_measured_on_queries_like_fresh_documents(corpus)
     for part in (docs, moved):
         assert abs(np.median(_top1(xb, tq[part], exclude[part])) - fresh) < 0.1
     assert np.median(_top1(xb, tq[off], exclude[off])) < fresh - 0.2
-    assert len(F.held_out(xb, pos, exclude)) == len(xb) - 400  # the query documents are held out of training too
-    assert len(F.held_out(xb[:3000], pos[:3000], np.arange(400))) == 3000  # unless that takes over a tenth of the sample
+    sample = xb.copy()
+    train = F.held_out(sample, pos, exclude)  # the query documents are held out of training too, without a copy
+    assert len(train) == len(xb) - 400 and np.shares_memory(train, sample)
+    held = np.isin(pos, exclude)
+    assert {r.tobytes() for r in train} == {r.tobytes() for r in xb[~held]}
+    assert len(F.held_out(xb[:3000].copy(), pos[:3000], np.arange(400))) == 3000  # unless that takes over a tenth
 
 
 def test_re_ranking_goes_deeper_than_32_when_the_neighbours_need_it():
