@@ -82,6 +82,7 @@ def main() -> None:
                 raise
             print(f"ray.init attempt {attempt}: {e}", flush=True)
             ray.shutdown()
+            _end_children()  # ray.shutdown() leaves a failed start's GCS, dashboard and monitors running
             time.sleep(10)
     results: dict[str, Any] = {
         "command": "python " + " ".join(sys.argv), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -139,7 +140,8 @@ def run_distributed(folder: Path, n: int, workers: int, memory: str, xq, truth, 
             "peak_rss_mb": {k: round((v or 0) / 2**20) for k, v in peak.items()},
             "coordinator_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "cpu_s": params.get("cpu_seconds"), "coordinator_cpu_s": round(_cpu_self(), 1),
-            "search": params["search"], "tuned_recall": params["recall_at_10"], "recall_at_10": round(got, 4),
+            "search": params["search"], "tuned_recall": params["recall_at_10"], "tuned_on": params.get("tuned_on"),
+            "tuned_recall_off_corpus": params.get("recall_off_corpus"), "recall_at_10": round(got, 4),
             "index_bytes": files["bytes"] + files["ivfdata_bytes"], "load_avg_1m": [round(load[0], 1),
                                                                                     round(os.getloadavg()[0], 1)]}
 
@@ -285,6 +287,31 @@ def recall(index, xq, truth, k: int = 10) -> float:
 
     found = index.search(xq, k)[1]
     return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]))
+
+
+def _end_children() -> None:
+    """SIGKILL every process under this one (at this point: only what a failed ``ray.init`` started). On this
+    machine a failed start left its gcs_server, dashboard, monitor and log monitor running, one set per try."""
+    import signal
+
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    mine, frontier = [], [os.getpid()]
+    while frontier:
+        kids = [pid for pid, ppid in parents.items() if ppid in frontier]
+        mine += kids
+        frontier = kids
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _cpu_self() -> float:

@@ -125,6 +125,8 @@ def test_ray_workers_build_the_recall_of_a_single_process_build(corpus, fast_tmp
     got = _recall(index, xb, xq)
     single = _single_process_recall(xb, xq, F.plan_index(N, DIM, "ivf", memory))
     assert got >= 0.95 and abs(got - single) <= 0.01, (got, single)
+    assert abs(p["recall_at_10"] - got) <= 0.03 and p["recall_met"] is True  # what it records is what fresh queries get
+    assert p["tuned_on"].endswith(F.TUNED_ON) and p["off_corpus"].endswith(F.OFF_CORPUS)
     assert ids.to_pylist()[:2] == ["d0", "d1"] and list(index.search(xb[[7, 4321]], 1)[1][:, 0]) == [7, 4321]
     assert not (Path(out) / "indexes/faiss/_build").exists() or not any((Path(out) / "indexes/faiss/_build").iterdir())
 

@@ -48,7 +48,8 @@ from reembed.errors import ManifestError, StorageError
 from reembed.manifest import ShardRefs
 from reembed.indexes.exact import DEPTH, KnnHeap, normalize
 from reembed.indexes.faiss import (FOLDER, IDS_ROW_GROUP, K, FaissPlan, file_record, file_sha256, local_scratch,
-                                   new_index, publish_file, tune, tuning_queries, _check, _shortfall)
+                                   new_index, publish_file, tune, tuning_queries, held_out, _check,
+                                   _shortfall, _tuned_on)
 from reembed.storage import Location
 from reembed.write import read_shard_table
 
@@ -198,10 +199,10 @@ def train(loc: Location, folder: str, plan: FaissPlan, queries: int, seed: int, 
         # k-means on the GPU (the costly part); the index itself stays on the CPU for writing.
         faiss.extract_index_ivf(index).clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(plan.dim))
         device = "cuda"
-    index.train(x)
+    xq, exclude = tuning_queries(x, pos, queries, np.random.default_rng(seed + 1))
+    index.train(held_out(x, pos, exclude))
     if device == "cuda":
         faiss.extract_index_ivf(index).clustering_index = None
-    xq, exclude = tuning_queries(x, pos, queries, np.random.default_rng(seed + 1))
     with local_scratch(loc) as tmp:
         faiss.write_index(index, os.path.join(tmp, "trained.faiss"))
         trained = publish_file(loc, os.path.join(tmp, "trained.faiss"), f"{folder}/trained.faiss")
@@ -299,7 +300,7 @@ def merge(loc: Location, folder: str, plan: FaissPlan, records: Sequence[dict[st
             raise ManifestError(f"{loc.display(folder)}: the merged index holds {index.ntotal} vectors, the groups {rows}")
         xq, exclude = _queries(loc, trained)
         heap = _merged_neighbours(loc, records, len(xq), DEPTH * K + 1)
-        setting, got = tune(index, plan, xq, exclude, heap, recall_target)
+        setting, got, off = tune(index, plan, xq, exclude, heap, recall_target)
         lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
         lists.filename = f"{name}.ivfdata"  # only its name: a reader maps the copy beside the index file
         faiss.write_index(index, os.path.join(tmp, f"{name}.faiss"))
@@ -321,7 +322,7 @@ def merge(loc: Location, folder: str, plan: FaissPlan, records: Sequence[dict[st
     params = {**asdict(plan), "planned_factory": plan.factory, "metric": "inner_product", "normalized": True,
               "ondisk": True, "search": setting, "recall_at_10": got, "recall_target": recall_target,
               "recall_met": got >= recall_target, **_shortfall(plan, got, recall_target),
-              "tuning_queries": int(len(xq)), "merge_seconds": round(time.monotonic() - t0, 3),
+              "tuning_queries": int(len(xq)), **_tuned_on(xq, off), "merge_seconds": round(time.monotonic() - t0, 3),
               "merge_cpu_seconds": round(time.process_time() - c0, 3),
               "peak_rss_bytes": _whoami()["peak_rss_bytes"]}
     return record, params
