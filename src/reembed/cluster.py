@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from reembed.errors import ReembedError
 
@@ -256,6 +256,33 @@ def get(refs: Any) -> Any:
         if isinstance(found, ReembedError):
             raise found from None
         raise
+
+
+def on_this_node(cls: type, args: tuple, batches: Iterable[Any], call: Callable[[Any, Any], Any],
+                 num_cpus: float, ray_address: str | None) -> list[Any]:
+    """Run ``cls(*args)`` as one Ray actor pinned to this node (for a store that allows one writing process
+    and lives in a folder here: embedded Qdrant, a local Chroma folder), ``call(actor, batch)`` for each of
+    ``batches`` in turn, then its ``close()``; the actor is killed whatever happens. Returns each call's
+    small result."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    init_ray(ray_address)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(cls).options(num_cpus=num_cpus, scheduling_strategy=here, max_restarts=0).remote(*args)
+    try:
+        results = [get(call(actor, batch)) for batch in batches]
+        get(actor.close.remote())
+    finally:
+        ray.kill(actor)
+    return results
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process: how a result or a marker names the worker that wrote it."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def surface(e: BaseException) -> BaseException:

@@ -47,6 +47,7 @@ from reembed.dedup import id_partitions
 from reembed.errors import ConfigError, InputError, ManifestError, OutputRefused
 from reembed.scan import run_tasks
 from reembed.storage import Location
+from reembed.cluster import worker_name
 
 if TYPE_CHECKING:
     from reembed.manifest import ShardRefs
@@ -460,7 +461,7 @@ class Prune:
         finally:
             if own:
                 client.close()
-        return {"gone": gone, "parts": len(parts), "worker": _worker()}
+        return {"gone": gone, "parts": len(parts), "worker": worker_name()}
 
 
 class SinglePruner:
@@ -495,28 +496,11 @@ def _prune_single(out: Location, job: Prune, parts: list[tuple[int, dict[str, st
                   per_call: int = 16) -> list[dict[str, Any]]:
     """Embedded Qdrant: one actor, on this node (the folder is here), deletes every part's ids in turn,
     ``per_call`` parts per call. Only the parts' records go to it; the ids never come here."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from reembed.cluster import get, init_ray
+    from reembed.cluster import on_this_node
 
     if not parts:
         return []
-    init_ray(ray_address)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    pruner = ray.remote(SinglePruner).options(num_cpus=0.5, scheduling_strategy=here, max_restarts=0).remote(job)
-    results = []
-    try:
-        for batch in _chunks(parts, per_call):
-            results.append(get(pruner.delete.remote(out, batch)))
-        get(pruner.close.remote())
-    finally:
-        ray.kill(pruner)
-    return results
+    return on_this_node(SinglePruner, (job,), _chunks(parts, per_call), lambda p, batch: p.delete.remote(out, batch),
+                        num_cpus=0.5, ray_address=ray_address)
 
 
-def _worker() -> str:
-    import os
-    import socket
-
-    return f"{socket.gethostname()}:{os.getpid()}"

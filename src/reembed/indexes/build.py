@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 import uuid
@@ -58,6 +57,7 @@ from reembed.indexes.progress import Progress
 from reembed.manifest import ConcurrentWriteError, Manifest, ManifestError, ShardRefs, inside_output
 from reembed.storage import Location
 from reembed.write import read_shard_table
+from reembed.cluster import worker_name
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ def _qdrant_load_task(job: _QdrantLoad, items: ShardRefs | list[tuple[int, dict[
     client = Q.connect(job.target, grpc=True)
     try:
         rows = sum(job.shard(client, shard, rec) for shard, rec in _records(job.loc, items))
-        return {"rows": rows, "shards": len(items), "worker": f"{socket.gethostname()}:{os.getpid()}",
+        return {"rows": rows, "shards": len(items), "worker": worker_name(),
                 "transport": "grpc" if Q.uses_grpc(client) else "http"}
     finally:
         client.close()

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -52,6 +51,7 @@ from reembed.indexes.faiss import (FOLDER, IDS_ROW_GROUP, K, FaissPlan, file_rec
                                    _shortfall, _tuned_on)
 from reembed.storage import Location
 from reembed.write import read_shard_table
+from reembed.cluster import worker_name
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +540,7 @@ def _whoami() -> dict[str, Any]:
     import resource
 
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return {"writer": f"{socket.gethostname()}:{os.getpid()}",
+    return {"writer": worker_name(),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
 
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import re
-import socket
 
 from reembed.errors import ManifestError, ObjectExistsError
 from reembed.storage import Location
+from reembed.cluster import worker_name
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class Progress:
         """Record ``shard`` as done, with a few small JSON values (rows, seconds); returns the bytes written."""
         if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < 10**10:
             raise ValueError(f"shard {shard!r} is not a shard number")
-        body = json.dumps({"shard": shard, **small, "at": _now(), "worker": _worker()},
+        body = json.dumps({"shard": shard, **small, "at": _now(), "worker": worker_name()},
                           separators=(",", ":")).encode()
         try:
             self.loc.publish(body, self.folder, _name(shard), exclusive=True)
@@ -91,10 +90,6 @@ class Progress:
 
 def _name(shard: int) -> str:
     return f"{shard:010d}.json"
-
-
-def _worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _now() -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 from typing import Any
 
@@ -37,6 +36,7 @@ import numpy as np
 from reembed.errors import MigrationError
 from reembed.indexes import qdrant as Q
 from reembed.manifest import now
+from reembed.cluster import worker_name
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _copy_task(_, runs: list[tuple[Any, int]], job: tuple) -> dict[str, Any]:
     finally:
         client.close()
     return {"points": sum(r["points"] for r in out), "sample": [v for r in out for v in r["sample"]],
-            "worker": out[0]["worker"] if out else _worker()}
+            "worker": out[0]["worker"] if out else worker_name()}
 
 
 def _copy_single(job: tuple, ray_address: str | None) -> dict[str, Any]:
@@ -292,11 +292,7 @@ def _copy_points(client, name: str, copy: str, page_size: int, sample: int, seed
                         reservoir[j] = p.vector
         done_pages += 1
         if offset is None or (pages is not None and done_pages >= pages):
-            return {"points": seen, "sample": reservoir, "worker": _worker()}
-
-
-def _worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+            return {"points": seen, "sample": reservoir, "worker": worker_name()}
 
 
 def _search(client, collection: str, vectors: list[Any], k: int) -> list[list[tuple[str, float]]]:

@@ -45,9 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -61,6 +59,7 @@ from reembed.errors import MigrationError, ObjectExistsError
 from reembed.manifest import Manifest, ShardRefs, now
 from reembed.migrate.stores.base import OLD_EMBEDDING, TEXT, parse_uri
 from reembed.storage import Location
+from reembed.cluster import worker_name
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +188,7 @@ class SinkWrite:
         finally:
             if own:
                 store.close()
-        return {"rows": rows, "shards": len(items), "worker": _worker()}
+        return {"rows": rows, "shards": len(items), "worker": worker_name()}
 
 
 class SingleWriter:
@@ -284,29 +283,13 @@ def _write_single(job: SinkWrite, todo: ShardRefs, ray_address: str | None,
     the HNSW index; two writers corrupt it), so one actor, on this node (the folder is here), writes every
     shard in turn, ``per_call`` shards per call. Only shard numbers and commit seqs go to it (it reads the
     records from the commit log); the vectors never come here."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from reembed.cluster import get, init_ray
+    from reembed.cluster import on_this_node
     from reembed.repair import _batches
 
     if not len(todo):
         return []
-    init_ray(ray_address)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    writer = ray.remote(SingleWriter).options(num_cpus=1, scheduling_strategy=here, max_restarts=0).remote(job)
-    results = []
-    try:
-        for batch in _batches(todo, per_call):
-            results.append(get(writer.write.remote(batch)))
-        get(writer.close.remote())
-    finally:
-        ray.kill(writer)
-    return results
-
-
-def _worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return on_this_node(SingleWriter, (job,), _batches(todo, per_call), lambda w, batch: w.write.remote(batch),
+                        num_cpus=1, ray_address=ray_address)
 
 
 def _complete_manifest(loc: Location) -> Manifest:
@@ -331,7 +314,7 @@ def _done_shards(loc: Location, state_dir: str) -> set[int]:
 
 def _mark_done(loc: Location, state_dir: str, shard: int, rows: int, seconds: float) -> None:
     # Written whole or not at all; a second writer of the same marker writes the same fact (and its own pid).
-    body = {"rows": rows, "seconds": round(seconds, 3), "worker": _worker(), "at": now()}
+    body = {"rows": rows, "seconds": round(seconds, 3), "worker": worker_name(), "at": now()}
     loc.write_bytes(json.dumps(body).encode(), f"{state_dir}/{DONE}/part-{shard:05d}.json")
 
 
