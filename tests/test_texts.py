@@ -218,19 +218,34 @@ def test_a_run_stopped_between_the_passes_resumes_to_the_same_result(job, tiny_m
 
 
 def test_copy_shards_sharing_a_gz_file_go_to_one_task():
-    from reembed.copies import copy_tasks
-
     copies = pa.table({"shard": [10, 11, 12, 13], "origin_first": [0, 2, 4, 6], "origin_stop": [2, 4, 6, 8],
                        "rows": [5, 5, 5, 5]})
     # shards 2-5 read file 1 (a .gz), the others plain files 0 and 2
     index = pa.table({"shard": [0, 1, 2, 3, 4, 5, 6, 7], "file": [0, 0, 1, 1, 1, 1, 2, 2], "rows": [9] * 8})
-    got = [[c["shard"] for c in t] for t in copy_tasks(copies, [10, 11, 12, 13], index, {1})]
-    assert got == [[10], [11, 12], [13]]
-    assert [[c["shard"] for c in t] for t in copy_tasks(copies, [12, 13], index, set())] == [[12], [13]]
+
+    def ranges(t):
+        return list(zip(t.column("first").to_pylist(), t.column("stop").to_pylist()))
+
+    got = texts.copy_task_table(copies, index, {1})
+    assert ranges(got) == [(10, 11), (11, 13), (13, 14)]
+    assert got.column("origin_first").to_pylist() == [0, 2, 6] and got.column("origin_stop").to_pylist() == [2, 6, 8]
+    assert got.column("rows").to_pylist() == [5, 10, 5] and got.column("task").to_pylist() == [0, 1, 2]
+    assert ranges(texts.copy_task_table(copies, index, set())) == [(10, 11), (11, 12), (12, 13), (13, 14)]
+    # a .gz file spanning shards 1-6 joins three copy shards whose origins only touch it at their ends
+    index = pa.table({"shard": [0, 1, 2, 3, 4, 5, 6, 7], "file": [0, 3, 3, 3, 3, 3, 3, 2], "rows": [9] * 8})
+    assert ranges(texts.copy_task_table(copies, index, {3})) == [(10, 14)]
+    # more groups than tasks: consecutive groups packed, a group never split (read.pack_groups' rule)
+    many = pa.table({"shard": list(range(100, 110)), "origin_first": list(range(0, 20, 2)),
+                     "origin_stop": list(range(2, 22, 2)), "rows": [1] * 10})
+    assert ranges(texts.copy_task_table(many, None, set(), max_tasks=4)) == [(100, 103), (103, 106), (106, 109),
+                                                                              (109, 110)]
+    want = read.pack_groups([[s] for s in range(100, 110)], 4)
+    assert ranges(texts.copy_task_table(many, None, set(), max_tasks=4)) == [(g[0], g[-1] + 1) for g in want]
+    assert texts.copy_task_table(many.slice(0, 0), None, set()).num_rows == 0
 
 
 def test_gather_tasks_take_whole_leader_shards_up_to_a_budget():
-    from reembed.copies import gather_groups
+    from reembed.texts import gather_groups
 
     assert gather_groups({0: 5, 2: 4, 3: 2, 7: 9, 8: 1}, rows=10) == [(0, 2), (3, 3), (7, 8)]
     assert gather_groups({4: 30}, rows=10) == [(4, 4)]

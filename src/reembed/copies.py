@@ -1,6 +1,8 @@
 """The copy pass of corpus-wide identical texts (:mod:`reembed.texts`), once every regular shard is committed.
 
-Two rounds of Ray tasks; the driver handles records and file names only:
+Two rounds of Ray tasks, planned with the rest of the plan (``plan/texts/tasks.parquet`` and ``gather.parquet``,
+:func:`reembed.texts.plan_copy_pass`); the driver holds those O(tasks) ranges, the commit log's arrays and file
+names, never a copy shard's row or a commit record:
 
 1. **gather**: one task per range of leader shards (about :data:`GATHER_ROWS` needed vectors) reads the
    ``texts/leaders/`` rows of its leaders (row-group statistics), each committed leader file once (its sha256
@@ -9,7 +11,8 @@ Two rounds of Ray tasks; the driver handles records and file names only:
    truncated)`` of the texts that task needs (empty batches too, so batch ``chunk x tasks + k`` is task ``k``'s);
 2. **copy**: one task per group of consecutive copy shards (at most :data:`MAX_COPY_TASKS`; the copy shards of
    one ``.gz`` file together) reads its batches of every gather file, its followers' rows from the input (their
-   ids and passthrough columns; each origin shard once) and writes its copy shards; nothing goes to the Embedder.
+   ids and passthrough columns; each origin shard once) and writes its copy shards not yet committed (a resume
+   hands it the committed ones of its range); nothing goes to the Embedder.
 
 So each leader file is read once per pass and each vector moves once, whatever the spread of the repeats: the
 vectors are shuffled to the copy shards (as :mod:`reembed.dedup` shuffles ids), not fetched by each copy shard
@@ -22,20 +25,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reembed import read, scan, texts
+from reembed import read, texts
 from reembed import schema as S
 from reembed.errors import InputError, ManifestError
 from reembed.manifest import Manifest
 from reembed.plan import PLAN_DIR
-from reembed.plan_store import read_files
 from reembed.storage import Location
-from reembed.texts import COPIES, TEXTS_DIR, followers, leader_rows
+from reembed.texts import COPIES, GATHER_ROWS, MAX_COPY_TASKS, TEXTS_DIR, followers, gather_groups, leader_rows  # noqa: F401
 from reembed.write import read_shard_table, write_shard, writer_identity
 
 log = logging.getLogger(__name__)
@@ -44,46 +47,53 @@ COPY_CPUS = 0.25
 """CPUs of a gather or copy task: it reads and writes, as a shard writer does."""
 GATHERED = "_copies"
 """The gather round's files, under the output (rebuilt by each run that copies; removed once done)."""
-GATHER_ROWS = 1_000_000
-"""Vectors one gather task aims at (it holds :data:`CHUNK_ROWS` of them at a time)."""
 CHUNK_ROWS = 100_000
 """Vectors a gather task holds before it writes them out (~400 MB at 1024-d float32)."""
-MAX_COPY_TASKS = 1024
-"""Copy tasks at most: a gather file holds one batch per copy task per chunk, so its footer and the files a
-copy task opens stay small."""
 
 
-def run_copies(manifest: Manifest, pending: list[int], source: Location, schema: pa.Schema, index: pa.Table,
+@dataclass(frozen=True)
+class CopyTask:
+    """One copy task as the driver hands it out: copy shards ``first <= shard < stop`` (one row of
+    ``texts/tasks.parquet``), whose followers are in plan shards ``origin_first <= shard < origin_stop``, and
+    ``done``: those of its copy shards already committed (a resume skips them), numbers only."""
+
+    first: int
+    stop: int
+    origin_first: int
+    origin_stop: int
+    done: tuple[int, ...] = ()
+
+
+def run_copies(manifest: Manifest, source: Location, schema: pa.Schema,
                commit: Callable[[int, dict[str, Any]], None], max_tasks: int = 4) -> int:
-    """Write the ``pending`` copy shards of ``manifest``'s plan and ``commit(shard, record)`` each record as its
+    """Write the pending copy shards of ``manifest``'s plan and ``commit(shard, record)`` each record as its
     task returns (at most ``max_tasks`` copy tasks at once). Every regular shard must be committed (their files
     hold the leaders). An error is raised once the tasks already running are committed or failed. Returns the
-    copy shards committed."""
+    copy shards committed.
+
+    The driver holds O(tasks): the copy tasks and gather ranges planned in ``plan/texts/`` (``tasks.parquet``,
+    ``gather.parquet``) and, from the commit log's arrays, which copy shards are committed; it reads no copy
+    shard's row and no commit record (each task reads its own)."""
     import ray
 
     from reembed import cluster
 
     plan = manifest.plan
     plan_loc = manifest.loc.child(PLAN_DIR)
-    regular = manifest.shard_count - int(plan["texts"]["copies"])
-    waiting = [s for s in manifest.pending() if s < regular]
-    if waiting:
-        raise RuntimeError(f"copy shards need every regular shard committed; {len(waiting)} are not "
-                           f"(first {waiting[0]}): rerun to resume")
-    files = read_files(plan_loc)
-    gz = {f for f, p in zip(files.column("file").to_pylist(), files.column("path").to_pylist())
-          if f >= 0 and scan.is_gzip(p)}
-    tasks = read.pack_groups(copy_tasks(texts.read_copies(plan_loc), pending, index, gz), MAX_COPY_TASKS)
-    starts = np.array([t[0]["origin_first"] for t in tasks], dtype=np.int64)
-    stops = np.array([t[-1]["origin_stop"] for t in tasks], dtype=np.int64)
+    tasks, refs = pending_tasks(manifest)
+    if not tasks:
+        return 0
+    starts = np.array([t.origin_first for t in tasks], dtype=np.int64)
+    stops = np.array([t.origin_stop for t in tasks], dtype=np.int64)
     t0 = time.monotonic()
     work = gather_folder(manifest.loc, manifest.epoch)
-    groups = gather_groups(texts.moved_counts(plan_loc, "leads"))
+    groups = texts.read_gather(plan_loc)
     partitions = int(plan["texts"]["partitions"])
     gather = ray.remote(num_cpus=COPY_CPUS, max_retries=3, retry_exceptions=[OSError])(gather_task)
     names = [gather_name(first) for first, _ in groups]
     cluster.get([gather.remote(manifest.loc, work, partitions, first, last, starts, stops,
-                               int(manifest.model["dimension"])) for first, last in groups])
+                               int(manifest.model["dimension"]), _refs_between(refs, first, last))
+                 for first, last in groups])
     t1 = time.monotonic()
     fields = {k: plan.get(k) for k in read.FIELDS}
     remote = ray.remote(num_cpus=COPY_CPUS, max_retries=3, retry_exceptions=[OSError])(write_copies)
@@ -94,8 +104,8 @@ def run_copies(manifest: Manifest, pending: list[int], source: Location, schema:
     while todo or running:
         while todo and len(running) < max_tasks and error is None:
             k, task = todo.pop(0)
-            running.append(remote.remote(manifest.loc, fields, source, task, manifest.epoch, schema, work, names,
-                                         k, len(tasks)))
+            running.append(remote.remote(manifest.loc, fields, source, with_done(task, refs.shards), manifest.epoch,
+                                         schema, work, names, k, len(tasks)))
         if not running:
             break
         ready, running = ray.wait(running, num_returns=1)
@@ -118,19 +128,46 @@ def run_copies(manifest: Manifest, pending: list[int], source: Location, schema:
     return done
 
 
-def gather_groups(leads: dict[int, int], rows: int = GATHER_ROWS) -> list[tuple[int, int]]:
-    """Ranges ``(first, last)`` of leader shards (inclusive) whose needed vectors ``leads[shard]`` come to about
-    ``rows`` each (a shard is never split)."""
-    groups: list[list[int]] = []
-    filled = 0
-    for shard in sorted(leads):
-        if groups and filled + leads[shard] <= rows:
-            groups[-1][1] = shard
-            filled += leads[shard]
-        else:
-            groups.append([shard, shard])
-            filled = leads[shard]
-    return [(a, b) for a, b in groups]
+def pending_tasks(manifest: Manifest) -> tuple[list[CopyTask], Any]:
+    """The copy tasks with a copy shard to write (each with the copy shards of its range already committed)
+    and :class:`~reembed.manifest.ShardRefs` of the committed shards (what the gather tasks read the leaders'
+    records by). From ``texts/tasks.parquet`` and the commit log's arrays: O(tasks) Python objects (an output
+    planned before the tasks file was gets it written now). Every regular shard must be committed."""
+    plan = manifest.plan
+    plan_loc = manifest.loc.child(PLAN_DIR)
+    regular = int(plan["shards"])
+    refs = manifest.refs(legacy=False)
+    committed = np.asarray(refs.shards, dtype=np.int64)
+    have = int(np.searchsorted(committed, regular))  # committed regular shards (the numbers are unique, sorted)
+    if have < regular:
+        missing = np.setdiff1d(np.arange(min(regular, have + 1)), committed[:have]) if have else np.zeros(1, np.int64)
+        first = int(missing[0]) if len(missing) else have
+        raise RuntimeError(f"copy shards need every regular shard committed; {regular - have} are not "
+                           f"(first {first}): rerun to resume")
+    if not plan_loc.exists(texts.TEXTS_DIR, texts.TASKS):  # planned by a reembed before the tasks file
+        log.warning("%s: planned before the copy tasks were; planning them now", plan_loc.display(texts.TEXTS_DIR))
+        texts.plan_copy_pass(plan_loc, regular, int(plan["shard_rows"]))
+    table = texts.read_tasks(plan_loc)
+    out = []
+    for first, stop, of, os_ in zip(*(table.column(c).to_pylist()
+                                      for c in ("first", "stop", "origin_first", "origin_stop"))):
+        lo, hi = np.searchsorted(committed, [first, stop])
+        if hi - lo < stop - first:
+            out.append(CopyTask(first, stop, of, os_))
+    return out, refs
+
+
+def with_done(task: CopyTask, committed: np.ndarray) -> CopyTask:
+    """``task`` with the copy shards of its range in ``committed`` (sorted shard numbers): set as the task is
+    submitted, so the driver holds them for the running tasks only."""
+    lo, hi = np.searchsorted(committed, [task.first, task.stop])
+    return replace(task, done=tuple(committed[lo:hi].tolist()))
+
+
+def _refs_between(refs: Any, first: int, last: int) -> Any:
+    """The slice of ``refs`` (ShardRefs, in shard order) of shards ``first..last``."""
+    lo, hi = np.searchsorted(refs.shards, [first, last + 1])
+    return refs[int(lo):int(hi)]
 
 
 def gather_folder(out: Location, epoch: int | None) -> Location:
@@ -152,10 +189,11 @@ def gather_name(first: int) -> str:
 
 
 def gather_task(out: Location, work: Location, partitions: int, first: int, last: int, starts: np.ndarray,
-                stops: np.ndarray, dim: int) -> int:
+                stops: np.ndarray, dim: int, leaders: Any) -> int:
     """The gather task over leader shards ``first..last``: the vectors the copy tasks need from them, written
     to ``work`` (:func:`gather_folder`) as ``g-<first>.arrow`` as :data:`CHUNK_ROWS`-vector chunks of one batch per copy task (task ``k``
-    has follower shards ``starts[k] <= shard < stops[k]``). Returns the chunks written."""
+    has follower shards ``starts[k] <= shard < stops[k]``); ``leaders``: ShardRefs of the committed shards
+    ``first..last`` (their records are read here). Returns the chunks written."""
     rows = leader_rows(out.child(PLAN_DIR), first, last, partitions)
     shard = rows.column("shard").to_numpy()
     k = np.searchsorted(starts, shard, side="right") - 1
@@ -164,7 +202,7 @@ def gather_task(out: Location, work: Location, partitions: int, first: int, last
     schema = pa.schema([("text_hash", S.text_hash_type()), (S.EMBEDDING, pa.list_(pa.float32(), dim)),
                         (S.TRUNCATED, pa.bool_())])
     tasks = len(starts)
-    manifest = Manifest.load(out)
+    records = dict(leaders.records(out))
     sink = pa.BufferOutputStream()
     chunks = 0
     with pa.ipc.new_file(sink, schema) as w:
@@ -191,7 +229,7 @@ def gather_task(out: Location, work: Location, partitions: int, first: int, last
         leader_shard = rows.column("leader_shard").to_numpy()
         for ls in np.unique(leader_shard).tolist():
             sel = np.flatnonzero(leader_shard == ls)
-            vectors, truncated = leader_vectors(out, manifest, ls, rows.take(pa.array(sel)))
+            vectors, truncated = leader_vectors(out, records.get(ls), ls, rows.take(pa.array(sel)))
             held.append((k[sel], pa.table([rows.column("text_hash").take(pa.array(sel)),
                                            pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
                                            pa.array(truncated)], schema=schema)))
@@ -205,41 +243,26 @@ def gather_task(out: Location, work: Location, partitions: int, first: int, last
     return chunks
 
 
-def copy_tasks(copies: pa.Table, pending: Iterable[int], index: pa.Table, gz_files: set[int]) -> list[list[dict]]:
-    """The pending copy shards grouped into tasks: one copy shard a task, except that copy shards whose origin
-    shards share a ``.gz`` input file go together (the task decompresses it once). ``index`` is
-    :func:`reembed.plan_store.segment_index`; ``gz_files`` the file indices of the ``.gz`` inputs."""
-    want = set(pending)
-    rows = [c for c in copies.to_pylist() if c["shard"] in want]
-    gz_of: dict[int, set[int]] = {}
-    if gz_files:
-        for s, f in zip(index.column("shard").to_pylist(), index.column("file").to_pylist()):
-            if f in gz_files:
-                gz_of.setdefault(s, set()).add(f)
-    tasks: list[list[dict]] = []
-    last_gz: set[int] = set()
-    for c in rows:  # in origin order: copies sharing a .gz file are neighbours
-        mine = set().union(*(gz_of.get(s, set()) for s in range(c["origin_first"], c["origin_stop"]))) if gz_of else set()
-        if tasks and mine & last_gz:
-            tasks[-1].append(c)
-            last_gz |= mine
-        else:
-            tasks.append([c])
-            last_gz = mine
-    return tasks
-
-
-def write_copies(out: Location, fields: dict[str, Any], source: Location, copies: list[dict], epoch: int | None,
+def write_copies(out: Location, fields: dict[str, Any], source: Location, job: CopyTask, epoch: int | None,
                  schema: pa.Schema, work: Location, gathered: list[str], task: int,
                  tasks: int) -> list[tuple[int, dict[str, Any]]]:
-    """The copy task ``task`` (of ``tasks``): write each of ``copies`` (rows of ``copies.parquet``) as a shard
-    whose rows are its followers with their leaders' vectors, taken from its batches of the ``gathered`` files
-    under ``work``;
-    returns ``(shard, record)`` of each to commit. ``fields`` are the read task's plan fields
-    (:data:`reembed.read.FIELDS`)."""
+    """The copy task ``task`` (of ``tasks``): write each copy shard of ``job`` not yet committed (its rows of
+    ``copies.parquet``, read here) as a shard whose rows are its followers with their leaders' vectors, taken
+    from its batches of the ``gathered`` files under ``work``; returns ``(shard, record)`` of each to commit.
+    ``fields`` are the read task's plan fields (:data:`reembed.read.FIELDS`)."""
     plan_loc = out.child(PLAN_DIR)
-    first, stop = min(c["origin_first"] for c in copies), max(c["origin_stop"] for c in copies)
-    rows = followers(plan_loc, first, stop - 1, int(fields["texts"]["partitions"]))
+    skip = set(job.done)
+    copies = [c for c in texts.read_copies(plan_loc, job.first, job.stop).to_pylist() if c["shard"] not in skip]
+    if not copies:
+        return []
+    rows = followers(plan_loc, copies[0]["origin_first"], copies[-1]["origin_stop"] - 1,
+                     int(fields["texts"]["partitions"]))
+    origin = rows.column("shard").to_numpy()
+    mine = np.zeros(len(origin), dtype=bool)  # the followers of the copy shards written now
+    for c in copies:
+        mine |= (origin >= c["origin_first"]) & (origin < c["origin_stop"])
+    if not mine.all():
+        rows = rows.filter(pa.array(mine))
     origins = sorted(set(rows.column("shard").to_pylist()))
     plain = {k: v for k, v in fields.items() if k not in ("texts", "reuse")}  # no marks, no --reuse vectors
     taken = []
@@ -302,14 +325,14 @@ def gathered_vectors(work: Location, names: list[str], task: int, tasks: int,
             table.column(S.TRUNCATED).take(at).to_numpy(zero_copy_only=False))
 
 
-def leader_vectors(out: Location, manifest: Manifest, shard: int, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The vectors and truncation flags of ``rows``' leaders (``texts/leaders/`` rows of leader shard ``shard``),
-    from its committed file (read once, its sha256 checked): each leader row found by its text hash and checked
-    by its id."""
-    if shard not in manifest.committed:
+def leader_vectors(out: Location, rec: dict[str, Any] | None, shard: int,
+                   rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors and truncation flags of ``rows``' leaders (``texts/leaders/`` rows of leader shard ``shard``,
+    whose commit record is ``rec``), from its committed file (read once, its sha256 checked): each leader row
+    found by its text hash and checked by its id."""
+    if rec is None:
         raise ManifestError(f"{out.uri}: shard {shard} holds leaders of identical texts and is not committed; "
                             "rerun to resume (regular shards are committed before copy shards)")
-    rec = manifest.committed[shard]
     t = read_shard_table(out, rec, columns=[S.ID, S.TEXT_HASH, S.EMBEDDING, S.TRUNCATED], key=f"shards.{shard:05d}")
     at = pc.index_in(rows.column("text_hash").cast(pa.binary()),
                      value_set=t.column(S.TEXT_HASH).combine_chunks().cast(pa.binary()))

@@ -185,7 +185,7 @@ def plan_texts(plan: dict[str, Any], out: storage.Location, source: storage.Loca
     reader = functools.partial(read.read_shards, fields, work, source=source)
     plan["texts"] = texts.plan_texts(plan, work, reader, use_ray=True)
     parts = [texts.part_file(p) for p in range(plan["texts"]["partitions"])]
-    names = parts + [f"{texts.LEADERS_DIR}/{name}" for name in parts] + [texts.COPIES, texts.MOVED_COUNTS]
+    names = parts + [f"{texts.LEADERS_DIR}/{name}" for name in parts] + list(texts.PLAN_FILES)
     plan["store"]["texts"] = [_record(work, texts.TEXTS_DIR, *name.split("/")) for name in names]
 
 
@@ -433,8 +433,7 @@ def _execute(cfg: JobConfig, manifest: Manifest, pending: list[int], embedder: A
 
                 if beat is not None:
                     beat.phase("copying")
-                run_copies(manifest, copies, source, shard_schema, index,
-                           lambda shard, rec: _commit(manifest, shard, rec, stats, bar),
+                run_copies(manifest, source, shard_schema, lambda shard, rec: _commit(manifest, shard, rec, stats, bar),
                            max_tasks=max(4, int(WRITERS_PER_CPU * stats["cpus"])))
     finally:
         bar.close()
@@ -576,11 +575,11 @@ def _copy_rows(manifest: Manifest, pending: list[int], copies: list[int]) -> tup
     plan_loc = manifest.loc.child(PLAN_DIR)
     counts = texts.moved_counts(plan_loc)
     moved = sum(counts.get(s, 0) for s in pending)
-    table = texts.read_copies(plan_loc) if copies else None
-    want = set(copies)
-    rows = sum(r for s, r in zip(table.column("shard").to_pylist(), table.column("rows").to_pylist())
-               if s in want) if table is not None else 0
-    return moved, rows
+    if not copies:
+        return moved, 0
+    state = manifest.state()  # the copy shards' rows: the plan's moved rows less those committed
+    done = state.shards[state.shards >= int(manifest.plan["shards"])]
+    return moved, int(manifest.plan["texts"]["moved"]) - int(state.rows_of(done).sum())
 
 
 def _lost(e: BaseException) -> bool:

@@ -14,7 +14,9 @@ blake2b-128), as :mod:`reembed.dedup` does for ids, so no process holds the corp
 
 The driver then packs those followers, in plan order, into **copy shards** numbered after the plan's shards
 (``plan["shards"]`` .. ``+ copies``; ``plan/texts/copies.parquet``: ``(shard, origin_first, origin_stop, rows)``
-with whole origin shards' followers per copy shard, at most ``shard_rows`` rows).
+with whole origin shards' followers per copy shard, at most ``shard_rows`` rows) and plans the copy pass's tasks
+(:func:`plan_copy_pass`: ``tasks.parquet``, ranges of copy shards, and ``gather.parquet``, ranges of leader shards),
+so that the run's driver reads O(tasks) rows, never a row per copy shard.
 
 At run time:
 
@@ -62,6 +64,18 @@ one row per text and follower shard): what the copy pass's gather tasks read."""
 KEYS_DIR = "_text_keys"
 COPIES = "copies.parquet"
 MOVED_COUNTS = "moved.parquet"
+TASKS = "tasks.parquet"
+"""The copy pass's copy tasks (:data:`TASKS_SCHEMA`, one row a task): what the run's driver reads of the copy
+shards, O(tasks)."""
+GATHER = "gather.parquet"
+"""The copy pass's gather tasks: ranges ``(first, last)`` of leader shards (:func:`gather_groups`)."""
+PLAN_FILES = (COPIES, MOVED_COUNTS, TASKS, GATHER)
+"""The files under ``plan/texts/`` besides the partitions' parts (their sha256 go in the plan's store)."""
+MAX_COPY_TASKS = 1024
+"""Copy tasks at most: a gather file holds one batch per copy task per chunk, so its footer and the files a
+copy task opens stay small."""
+GATHER_ROWS = 1_000_000
+"""Vectors one gather task aims at (it holds :data:`reembed.copies.CHUNK_ROWS` of them at a time)."""
 SHARDS_PER_TASK = 8
 """Plan shards per key task."""
 HASHES_PER_PARTITION = 2_000_000
@@ -74,6 +88,11 @@ FOLLOWERS_SCHEMA = pa.schema([("shard", pa.int64()), ("pos", pa.int64()), ("id",
                               ("text_hash", S.text_hash_type())])
 COPIES_SCHEMA = pa.schema([("shard", pa.int64()), ("origin_first", pa.int64()), ("origin_stop", pa.int64()),
                           ("rows", pa.int64())])
+TASKS_SCHEMA = pa.schema([("task", pa.int64()), ("first", pa.int64()), ("stop", pa.int64()),
+                          ("origin_first", pa.int64()), ("origin_stop", pa.int64()), ("rows", pa.int64())])
+"""A copy task: copy shards ``first <= shard < stop``, their followers in plan shards ``origin_first <= shard <
+origin_stop``, ``rows`` of them."""
+GATHER_SCHEMA = pa.schema([("first", pa.int64()), ("last", pa.int64())])
 MOVED_SCHEMA = pa.schema([("shard", pa.int64()), ("moved", pa.int64()), ("leads", pa.int64())])
 LEADERS_SCHEMA = pa.schema([("leader_shard", pa.int64()), ("text_hash", S.text_hash_type()), ("leader_id", pa.string()),
                             ("shard", pa.int64())])
@@ -108,22 +127,121 @@ def plan_texts(plan: dict[str, Any], work: Location, read_shards: Callable[[list
         rows += result["rows"]
         in_shard += result["in_shard"]
     work.delete_dir(KEYS_DIR)
-    copies = list(pack_copies(moved, shards, int(plan["shard_rows"])))
     from reembed.plan_store import _parquet_bytes
 
-    work.write_bytes(_parquet_bytes(pa.Table.from_pylist(copies, schema=COPIES_SCHEMA), ROW_GROUP, ["shard"]),
-                     TEXTS_DIR, COPIES)
     has = np.flatnonzero(moved | leads)
     counts = pa.table({"shard": pa.array(has, pa.int64()), "moved": pa.array(moved[has], pa.int64()),
                        "leads": pa.array(leads[has], pa.int64())}, schema=MOVED_SCHEMA)
     work.write_bytes(_parquet_bytes(counts, ROW_GROUP, ["shard"]), TEXTS_DIR, MOVED_COUNTS)
-    summary = {"partitions": partitions, "copies": len(copies), "rows": rows,
+    copies, tasks = plan_copy_pass(work, shards, int(plan["shard_rows"]), moved, leads)
+    summary = {"partitions": partitions, "copies": copies, "copy_tasks": tasks, "rows": rows,
                "followers": int(moved.sum()) + in_shard, "moved": int(moved.sum()), "in_shard": in_shard}
     secs = time.monotonic() - t0
-    log.info("texts: %d rows, %d repeat an earlier text (%d in another shard: %d copy shards), %d partitions, "
-             "%.1f s, %.0f rows/s", rows, summary["followers"], summary["moved"], len(copies), partitions, secs,
-             rows / max(secs, 1e-9))
+    log.info("texts: %d rows, %d repeat an earlier text (%d in another shard: %d copy shards in %d copy tasks), "
+             "%d partitions, %.1f s, %.0f rows/s", rows, summary["followers"], summary["moved"], copies, tasks,
+             partitions, secs, rows / max(secs, 1e-9))
     return summary
+
+
+def plan_copy_pass(work: Location, shards: int, shard_rows: int, moved: np.ndarray | None = None,
+                   leads: np.ndarray | None = None) -> tuple[int, int]:
+    """The copy pass's plan, made once with the rest of the plan so that the run's driver holds O(tasks):
+    ``texts/copies.parquet`` (the copy shards, :func:`pack_copies`), ``texts/tasks.parquet`` (the copy tasks:
+    ranges of copy shards, those sharing a ``.gz`` input file together, at most :data:`MAX_COPY_TASKS`) and
+    ``texts/gather.parquet`` (the gather tasks: ranges of leader shards, :func:`gather_groups`). ``moved`` and
+    ``leads`` are the per-plan-shard counts (read from ``texts/moved.parquet`` when not given: an output
+    planned before the tasks were). Returns ``(copy shards, copy tasks)``. The planning driver holds the plan's
+    per-shard counts here (an int64 a shard, as it does to sum the partition tasks' results)."""
+    from reembed.plan_store import _parquet_bytes, read_files, segment_index
+
+    if moved is None or leads is None:  # copies.parquet is there (and in the plan's checked files): kept
+        copies = read_copies(work)
+        leads = np.zeros(shards, np.int64)
+        for s, n in moved_counts(work, "leads").items():
+            leads[s] = n
+    else:
+        copies = pa.Table.from_pylist(list(pack_copies(moved, shards, shard_rows)), schema=COPIES_SCHEMA)
+        work.write_bytes(_parquet_bytes(copies, ROW_GROUP, ["shard"]), TEXTS_DIR, COPIES)
+    files = read_files(work)
+    gz = {f for f, p in zip(files.column("file").to_pylist(), files.column("path").to_pylist())
+          if f >= 0 and _is_gzip(p)}
+    index = segment_index(work, shards) if gz and copies.num_rows else None
+    tasks = copy_task_table(copies, index, gz, MAX_COPY_TASKS)
+    work.write_bytes(_parquet_bytes(tasks, ROW_GROUP, ["first"]), TEXTS_DIR, TASKS)
+    has = np.flatnonzero(leads)
+    groups = gather_groups(dict(zip(has.tolist(), leads[has].tolist())))
+    gather = pa.table({"first": pa.array([a for a, _ in groups], pa.int64()),
+                       "last": pa.array([b for _, b in groups], pa.int64())}, schema=GATHER_SCHEMA)
+    work.write_bytes(_parquet_bytes(gather, ROW_GROUP, ["first"]), TEXTS_DIR, GATHER)
+    return copies.num_rows, tasks.num_rows
+
+
+def copy_task_table(copies: pa.Table, index: pa.Table | None, gz_files: set[int],
+                    max_tasks: int = 1024) -> pa.Table:
+    """The copy tasks (:data:`TASKS_SCHEMA`) over ``copies`` (rows of ``copies.parquet``, in shard order): one
+    copy shard a task, except that copy shards whose origin shards share a ``.gz`` input file go together (the
+    task decompresses it once), then consecutive tasks packed so that there are at most about ``max_tasks``
+    (:func:`reembed.read.pack_groups`' rule). ``index`` is :func:`reembed.plan_store.segment_index` (needed only
+    with ``gz_files``, the file indices of the ``.gz`` inputs)."""
+    shard = copies.column("shard").to_numpy()
+    first = copies.column("origin_first").to_numpy()
+    stop = copies.column("origin_stop").to_numpy()
+    n = len(shard)
+    if not n:
+        return TASKS_SCHEMA.empty_table()
+    joins = np.zeros(n, dtype=bool)  # joins[i]: copy shard i goes with copy shard i - 1
+    if gz_files and index is not None and n > 1:
+        seg_shard = index.column("shard").to_numpy().astype(np.int64)
+        seg_file = index.column("file").to_numpy().astype(np.int64)
+        gz = np.isin(seg_file, np.fromiter(gz_files, np.int64))
+        if gz.any():
+            order = np.lexsort((seg_shard[gz], seg_file[gz]))
+            f, s = seg_file[gz][order], seg_shard[gz][order]
+            at = np.flatnonzero(np.r_[True, f[1:] != f[:-1]])
+            lo, hi = np.minimum.reduceat(s, at), np.maximum.reduceat(s, at)
+            # reach[s]: the last shard of a .gz file that starts at or before shard s (-1: none)
+            reach = np.full(int(max(hi.max(), stop.max())) + 1, -1, dtype=np.int64)
+            np.maximum.at(reach, lo, hi)
+            reach = np.maximum.accumulate(reach)
+            # a .gz file read by copy shard i - 1 and copy shard i spans from its origins to i's first origin
+            joins[1:] = reach[stop[:-1] - 1] >= first[1:]
+    starts = np.flatnonzero(~joins)  # the groups that must stay whole
+    sizes = np.diff(np.r_[starts, n])
+    per_task = -(-n // max(1, max_tasks)) if len(starts) > max_tasks else 1
+    task_of_group = np.zeros(len(starts), dtype=np.int64)
+    if per_task > 1:
+        k, filled = 0, 0
+        for g, size in enumerate(sizes.tolist()):
+            if g and filled + size > per_task:
+                k, filled = k + 1, 0
+            task_of_group[g] = k
+            filled += size
+    else:
+        task_of_group = np.arange(len(starts), dtype=np.int64)
+    task = np.repeat(task_of_group, sizes)
+    at = np.flatnonzero(np.r_[True, task[1:] != task[:-1]])
+    rows = copies.column("rows").to_numpy()
+    return pa.table({"task": pa.array(np.arange(len(at)), pa.int64()),
+                     "first": pa.array(shard[at], pa.int64()),
+                     "stop": pa.array(np.maximum.reduceat(shard, at) + 1, pa.int64()),
+                     "origin_first": pa.array(np.minimum.reduceat(first, at), pa.int64()),
+                     "origin_stop": pa.array(np.maximum.reduceat(stop, at), pa.int64()),
+                     "rows": pa.array(np.add.reduceat(rows, at), pa.int64())}, schema=TASKS_SCHEMA)
+
+
+def gather_groups(leads: dict[int, int], rows: int = GATHER_ROWS) -> list[tuple[int, int]]:
+    """Ranges ``(first, last)`` of leader shards (inclusive) whose needed vectors ``leads[shard]`` come to about
+    ``rows`` each (a shard is never split)."""
+    groups: list[list[int]] = []
+    filled = 0
+    for shard in sorted(leads):
+        if groups and filled + leads[shard] <= rows:
+            groups[-1][1] = shard
+            filled += leads[shard]
+        else:
+            groups.append([shard, shard])
+            filled = leads[shard]
+    return [(a, b) for a, b in groups]
 
 
 def key_task(read_shards: Callable[[list[int]], Iterable[pa.Table]], work: Location, shards: list[int],
@@ -312,13 +430,30 @@ def followers(plan_loc: Location, first: int, last: int, partitions: int) -> pa.
     return pa.concat_tables(parts).sort_by([("shard", "ascending"), ("pos", "ascending")])
 
 
-def read_copies(plan_loc: Location) -> pa.Table:
-    """``copies.parquet``: ``(shard, origin_first, origin_stop, rows)`` of every copy shard (O(copy shards):
-    the driver's view, as :func:`reembed.plan_store.segment_index` is for the plan's shards)."""
+def read_copies(plan_loc: Location, first: int | None = None, stop: int | None = None) -> pa.Table:
+    """``copies.parquet``: ``(shard, origin_first, origin_stop, rows)`` of the copy shards ``first <= shard <
+    stop`` (only the row groups whose statistics can hold them: what a copy task reads), or of every copy shard
+    (O(copy shards): for tests and benches, never the run's driver)."""
     import pyarrow.parquet as pq
 
+    from reembed.plan_store import _read_range
+
     with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, COPIES)) as f:
-        return pq.read_table(f).cast(COPIES_SCHEMA)
+        if first is None:
+            return pq.read_table(f).cast(COPIES_SCHEMA)
+        table, _ = _read_range(pq.ParquetFile(f), "shard", first, stop - 1)
+    return table.cast(COPIES_SCHEMA)
+
+
+def read_tasks(plan_loc: Location) -> pa.Table:
+    """``tasks.parquet``: the copy tasks (:data:`TASKS_SCHEMA`), at most about :data:`MAX_COPY_TASKS` rows."""
+    return _read_small(plan_loc, TASKS, TASKS_SCHEMA)
+
+
+def read_gather(plan_loc: Location) -> list[tuple[int, int]]:
+    """``gather.parquet``: the gather tasks' ranges ``(first, last)`` of leader shards."""
+    t = _read_small(plan_loc, GATHER, GATHER_SCHEMA)
+    return list(zip(t.column("first").to_pylist(), t.column("last").to_pylist()))
 
 
 def moved_counts(plan_loc: Location, column: str = "moved") -> dict[int, int]:
@@ -366,6 +501,19 @@ def part_file(partition: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def _read_small(plan_loc: Location, name: str, schema: pa.Schema) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, name)) as f:
+        return pq.read_table(f).cast(schema)
+
+
+def _is_gzip(path: str) -> bool:
+    from reembed.scan import is_gzip
+
+    return is_gzip(path)
 
 
 def _key_name(first: int) -> str:
