@@ -250,3 +250,106 @@ def test_gather_tasks_take_whole_leader_shards_up_to_a_budget():
     assert gather_groups({0: 5, 2: 4, 3: 2, 7: 9, 8: 1}, rows=10) == [(0, 2), (3, 3), (7, 8)]
     assert gather_groups({4: 30}, rows=10) == [(4, 4)]
     assert gather_groups({}, rows=10) == []
+
+
+# -- the copy pass's driver holds O(tasks) -----------------------------------------------------------------
+
+REGULAR = 1_500  # plan shards of 7 rows, 4 of each moved out (none of every tenth): 1,350 copy shards
+COPY_TASKS = 32
+
+
+class Handed(Exception):
+    pass
+
+
+def test_the_copy_pass_driver_reads_no_copy_shard_and_hands_out_task_ranges(tmp_path, monkeypatch):
+    """At 1,350 copy shards in 32 planned copy tasks, a third of them committed, the copy pass's driver
+    (``run_copies`` up to its Ray calls, which are captured) reads no row of ``copies.parquet`` or of any other
+    per-shard file of ``plan/texts/``, builds no pending list and reads no commit record: each task gets its range
+    of copy shards and the committed ones of it; the gather tasks ShardRefs. Then, as the tasks do, the ranges
+    give exactly the pending copy shards and the refs exactly the leaders' records."""
+    import pickle
+    from dataclasses import replace
+
+    import ray
+
+    from counting_fs import counting_location
+    from reembed import cluster, commits, copies
+    from reembed.commits import State
+    from reembed.plan_store import FILES, FILES_SCHEMA, _parquet_bytes
+
+    counts, loc = counting_location(tmp_path / "out")
+    work = loc.child("plan")
+    work.write_bytes(_parquet_bytes(FILES_SCHEMA.empty_table(), 100, ["file"]), FILES)
+    moved = np.where(np.arange(REGULAR) % 10 == 0, 0, 4).astype(np.int64)
+    leads = np.full(REGULAR, 3_000, np.int64)  # ~333 leader shards a gather task
+    monkeypatch.setattr(texts, "MAX_COPY_TASKS", COPY_TASKS)
+    n_copies, n_tasks = texts.plan_copy_pass(work, REGULAR, 7, moved, leads)
+    assert n_copies == 1_350 and n_tasks == COPY_TASKS
+    model = {"name": "m", "revision": "r", "dimension": 4, "normalize": True, "pooling": "cls", "dtype": "float32",
+             "max_seq_length": 8, "fingerprint": "f" * 16}
+    p = {"input_uri": "synthetic", "id_column": "id", "text_column": "text", "passthrough": [], "shard_rows": 7,
+         "rows": 7 * REGULAR, "shards": REGULAR,
+         "texts": {"copies": n_copies, "partitions": 1, "moved": int(moved.sum()), "copy_tasks": n_tasks}}
+    m = Manifest.create(loc, model, p, {"path": "plan/duplicates.parquet", "rows": 0, "sha256": ""})
+
+    def record(shard: int, rows: int) -> dict:
+        return {"path": f"shards/part-{shard:05d}.parquet", "rows": rows, "bytes": 100, "sha256": f"{shard:064x}",
+                "truncated": 0, "tokens": 0, "device_seconds": 0.0, "dead_letters": 0, "reasons": {}}
+
+    for shard in range(REGULAR):
+        m.commit_shard(shard, record(shard, 3))
+    plan_copies = texts.read_copies(work)
+    committed = {s for i, s in enumerate(plan_copies.column("shard").to_pylist()) if i % 3 == 0 or i < 60}
+    for s, r in zip(plan_copies.column("shard").to_pylist(), plan_copies.column("rows").to_pylist()):
+        if s in committed:
+            m.commit_shard(s, record(s, r))
+    m = Manifest.load(loc)
+    m.state()  # the commit log's arrays, as the job holds them before the copy pass
+
+    handed: dict = {"gather_task": [], "write_copies": []}
+
+    def fake_remote(**options):
+        def wrap(fn):
+            class Remote:
+                @staticmethod
+                def remote(*args):
+                    handed[fn.__name__].append(args)
+                    return args
+            return Remote
+        return wrap
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the copy pass's driver read something per shard")
+
+    counts.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "remote", fake_remote)
+        mp.setattr(ray, "wait", lambda refs, num_returns=1: (refs[:1], refs[1:]))
+        mp.setattr(cluster, "get", lambda refs: [] if isinstance(refs, tuple) else refs)
+        for name in ("iter_commits", "record"):
+            mp.setattr(State, name, refuse)
+        mp.setattr(commits, "read_records", refuse)
+        mp.setattr(Manifest, "pending", refuse)
+        mp.setattr(texts, "read_copies", refuse)
+        mp.setattr(texts, "moved_counts", refuse)
+        assert copies.run_copies(m, loc, pa.schema([]), refuse, max_tasks=4) == 0
+    opened = {path.rsplit("/plan/", 1)[-1] for path in counts.opens if "/plan/" in path}
+    assert opened == {"texts/tasks.parquet", "texts/gather.parquet"}, opened
+
+    tasks = [args[3] for args in handed["write_copies"]]
+    assert 0 < len(tasks) <= COPY_TASKS and all(isinstance(t, copies.CopyTask) for t in tasks)
+    starts, stops = handed["gather_task"][0][5:7]
+    assert starts.tolist() == [t.origin_first for t in tasks] and stops.tolist() == [t.origin_stop for t in tasks]
+    small = pickle.dumps(([replace(t, done=()) for t in tasks], starts, stops))
+    assert len(small) < 200 * COPY_TASKS, f"{len(small)} bytes of task ranges"
+    pending = set(range(REGULAR, REGULAR + n_copies)) - committed
+    written = set()
+    for t in tasks:  # each task's side: its rows of copies.parquet, less the committed ones it was handed
+        assert set(t.done) == {s for s in committed if t.first <= s < t.stop}
+        written |= set(texts.read_copies(work, t.first, t.stop).column("shard").to_pylist()) - set(t.done)
+    assert written == pending
+    groups = [(args[3], args[4]) for args in handed["gather_task"]]
+    assert groups == texts.read_gather(work) and len(groups) == 5
+    got = sorted(pair for args in handed["gather_task"] for pair in args[8].records(loc))
+    assert got == sorted((s, rec) for s, rec in m.committed.items() if s < REGULAR)
