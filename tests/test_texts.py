@@ -23,7 +23,7 @@ SHARD_ROWS = 40
 
 def cfg_for(inp, out, model, *extra):
     return load_config(None, [f"input.uri={inp}", f"output.uri={out}", f"model.name={model}",
-                              f"plan.shard_rows={SHARD_ROWS}", "model.backend=torch", *extra])
+                              f"plan.shard_rows={SHARD_ROWS}", "model.backend=torch", "plan.dedup_texts=true", *extra])
 
 
 def repeated_corpus() -> list[dict]:
@@ -183,6 +183,32 @@ def test_the_vectors_are_what_the_model_gives_each_text(job, tiny_model, tmp_pat
     lead = leaders_of(job["docs"])
     for d, w in zip(docs[:60], want):
         np.testing.assert_allclose(got[lead[d["id"]]], w, atol=1e-5)
+
+
+def test_dry_run_counts_what_the_run_copies_by_its_planning_tasks(job, tiny_model, tmp_path, capsys):
+    import json
+
+    from reembed import cli
+
+    s = job["summary"]
+    m = Manifest.load(Location.from_uri(str(job["root"] / "out")))
+    argv = ["run", "--dry-run", "--input", str(job["root"] / "in"), "--output", str(tmp_path / "out"), "--model",
+            str(tiny_model), "--backend", "torch", "--shard-rows", str(SHARD_ROWS)]
+    assert cli.main([*argv, "--set", "plan.dedup_texts=true", "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)["texts"]
+    assert t["counted"].startswith("exact") and t["copy_pass"] and "decision" not in t
+    assert t["distinct_texts"] == s["rows_embedded"] == 60
+    assert t["rows_deduplicated"] == s["rows_deduplicated"] and t["repeated_rows"] == s["rows_deduplicated"]
+    assert t["copy_shards"] == m.shard_count - m.plan["shards"] == m.plan["texts"]["copies"]
+    assert t["moved_rows"] == m.plan["texts"]["moved"] and t["rows"] == m.plan["texts"]["rows"]
+    assert t["saved_seconds"] > 0 and t["saved_usd"] > 0
+    assert not (tmp_path / "out").exists()
+
+    assert cli.main(argv) == 0  # auto (the default): the same counts and the decision, for a person
+    text = capsys.readouterr().out
+    assert f"texts:       60 distinct of {t['rows']} rows;" in text and "  auto:      " in text
+    assert cli.main([*argv, "--set", "plan.dedup_texts=false", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] is None
 
 
 @pytest.mark.slow

@@ -81,8 +81,9 @@ class PlanConfig:
     dedup: Literal["hash", "none"] = "hash"
     # Identical texts across the whole corpus are embedded once and the vector written for every id that
     # carries the text (reembed.texts: planned by text hash; rows whose first occurrence is in another shard
-    # are written by copy shards after the regular ones). false: only a block's identical texts are.
-    dedup_texts: bool = True
+    # are written by copy shards after the regular ones). false: only a block's identical texts are. auto:
+    # planned, then the copy pass is kept only where it costs less than the embedding it saves (reembed.texts.decide).
+    dedup_texts: Literal[True, False, "auto"] = "auto"
     # An earlier output of the same model (`reembed run --reuse OUT1`): rows whose id and text are unchanged
     # there take its vectors instead of being embedded (reembed.reuse); planned once, with the plan.
     reuse: Optional[str] = None

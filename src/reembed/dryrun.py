@@ -16,7 +16,10 @@ the embedding time and its cost:
 
 The cost is :func:`reembed.cost.price_run` of the estimated run, at the default price table.
 
-It shows the stored vectors' dtype (``output.dtype``) and bytes per vector. With ``--reuse OUT1`` it checks
+It shows the stored vectors' dtype (``output.dtype``) and bytes per vector. With ``plan.dedup_texts`` (true or auto)
+it counts the corpus's identical texts as the run does, by the run's planning Ray tasks (a pass over every text's
+hash, into the temporary folder): distinct texts, rows copied instead of embedded, copy shards, the embedding
+seconds and USD that saves at the estimate's rate, and with auto the decision (:func:`reembed.texts.decide`). With ``--reuse OUT1`` it checks
 OUT1 with the run's own check (:func:`reembed.reuse.open_earlier`: the same refusals) and reports its committed
 rows from its commit log; the exact count of rows that would be carried forward needs every input text's hash,
 so it is computed only with ``--count-reuse``, by the run's own planning Ray tasks (into the temporary folder),
@@ -41,6 +44,7 @@ FILES_LISTED = 20  # input files listed by name (the rest are counted)
 COMPARED = ("a row whose id is in the --reuse output with the same text hash (blake2b-128) carries that vector "
             "forward; the hashes are compared by Ray tasks (key tasks over the input's and the earlier output's "
             "shards, one join task per id partition), never in this process")
+TEXTS_COUNTED = "exact: the run's planning Ray tasks (text hashes, one task per partition), run now"
 NOT_COUNTED = ("not counted: it needs a pass over every input text (its hash), which the run does in its planning "
                "Ray tasks; add --count-reuse to run those tasks now")
 
@@ -82,10 +86,13 @@ def dry_run(cfg, phases=None, count_reuse: bool = False) -> dict[str, Any]:
             pipeline.check_resume(existing, cfg, model_info)
             plan, files, pending_rows = _existing(existing)
         reused = _planned_reuse(plan)
+        identical = texts_summary(plan, cfg.plan.dedup_texts, "exact: from this output's plan")
     else:
-        with phases.phase("plan", "planning (dry run): listing the input, counting rows, finding duplicate ids"):
+        with phases.phase("plan", "planning (dry run): listing the input, counting rows, finding duplicate ids"
+                          + (" and identical texts" if cfg.plan.dedup_texts else "")):
             plan, files = _plan(cfg, earlier if count_reuse else None)
         reused = _reuse_summary(plan, *earlier) if earlier else None
+        identical = texts_summary(plan, cfg.plan.dedup_texts, TEXTS_COUNTED)
         pending_rows = plan["rows"] - ((reused or {}).get("reusable") or 0)
     dtype = S.vector_dtype(existing.plan) if existing is not None else cfg.output.dtype
 
@@ -95,6 +102,8 @@ def dry_run(cfg, phases=None, count_reuse: bool = False) -> dict[str, Any]:
     pool = {**pipeline.plan_pool(cfg, resources), "cluster_cpus": int(resources.get("CPU", 0))}
     with phases.phase("estimate", "estimating the embedding time"):
         estimate = _estimate(cfg, pool, plan, pending_rows, files)
+    if identical is not None:
+        identical.update(texts_saved(identical["rows_deduplicated"], estimate))
     result = {
         "dry_run": True,
         "output": out.uri,
@@ -113,6 +122,7 @@ def dry_run(cfg, phases=None, count_reuse: bool = False) -> dict[str, Any]:
         "vector_dtype": dtype,
         "bytes_per_vector": S.VECTOR_DTYPES[dtype].byte_width * int(model_info["dimension"]),
         "reuse": reused,
+        "texts": identical,
         "pool": {k: pool[k] for k in ("device", "backend", "min", "max", "num_gpus", "num_cpus", "accelerator",
                                       "batch_tokens")},
         "estimate": estimate,
@@ -135,6 +145,9 @@ def _plan(cfg, earlier=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         source = storage.Location.from_uri(cfg.input.uri, cfg.storage)
         plan = make_plan(cfg.input, cfg.plan.shard_rows, work, cfg.on_bad_file, source=source, dedup=cfg.plan.dedup,
                          use_ray=True)
+        if cfg.plan.dedup_texts:  # as the run: the planning Ray tasks count the identical texts
+            pipeline.plan_texts(plan, root, source,
+                                auto=pipeline.texts_cluster(cfg) if cfg.plan.dedup_texts == "auto" else None)
         if earlier is not None:
             pipeline.plan_reuse(plan, root, earlier[0], earlier[1], source)
         return plan, _first_files(work, plan_store.FILES)
@@ -156,6 +169,40 @@ def _reuse_summary(plan: dict[str, Any], earlier, old) -> dict[str, Any]:
     else:
         found.update(counted=NOT_COUNTED, reusable=None, changed=None, gone=None)
     return found
+
+
+def texts_summary(plan: dict[str, Any], mode: Any, counted: str) -> dict[str, Any] | None:
+    """What ``plan.dedup_texts`` would save, from the plan's counts (``plan["texts"]``, and with ``auto`` the
+    decision in ``plan["dedup_texts"]``): distinct texts, rows copied instead of embedded, copy shards. None when
+    the texts were not counted (``plan.dedup_texts: false``)."""
+    t, decision = plan.get("texts"), plan.get("dedup_texts")
+    counts = t or (decision or {}).get("counts")
+    if not counts:
+        return None
+    copying = bool(t)
+    rows, followers, in_shard = int(counts["rows"]), int(counts["followers"]), int(counts["in_shard"])
+    found = {"mode": mode, "counted": counted, "rows": rows,
+             "distinct_texts": rows - followers, "repeated_rows": followers,
+             # without the copy pass a shard's own repeats are still copied (one block), the others embedded
+             "rows_deduplicated": followers if copying else in_shard,
+             "copy_pass": copying, "copy_shards": int(counts["copies"]) if copying else 0,
+             "moved_rows": int(counts["moved"]) if copying else 0}
+    if decision:
+        found["decision"] = {k: decision[k] for k in ("dedup", "rows_saved", "saved_s", "copy_pass_s", "embed_s_per_row",
+                                                      "device", "devices", "cpus", "copy_tasks")}
+    return found
+
+
+def texts_saved(rows: int, estimate: dict[str, Any]) -> dict[str, Any]:
+    """The embedding seconds and USD that ``rows`` copied rows save at the estimate's rate (None without one):
+    the estimate itself counts every pending row as embedded, so these come off it."""
+    rate = estimate.get("docs_per_s")
+    if not rate:
+        return {"saved_seconds": None, "saved_usd": None}
+    seconds = rows / rate
+    usd = estimate["cost_usd"] / estimate["seconds"] * seconds if estimate.get("cost_usd") and estimate.get("seconds") \
+        else None
+    return {"saved_seconds": round(seconds, 3), "saved_usd": None if usd is None else round(usd, 8)}
 
 
 def _planned_reuse(plan: dict[str, Any]) -> dict[str, Any] | None:

@@ -141,7 +141,7 @@ def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any
                 plan = make_plan(cfg.input, cfg.plan.shard_rows, out.child(PLAN_DIR), cfg.on_bad_file, source=source,
                                  dedup=cfg.plan.dedup, use_ray=True)
                 if cfg.plan.dedup_texts:
-                    plan_texts(plan, out, source)
+                    plan_texts(plan, out, source, auto=texts_cluster(cfg) if cfg.plan.dedup_texts == "auto" else None)
                 if earlier is not None:
                     plan_reuse(plan, out, earlier, old, source)
             except OSError as e:
@@ -171,10 +171,13 @@ def plan_reuse(plan: dict[str, Any], out: storage.Location, earlier: storage.Loc
     plan["store"]["gone"] = [_record(work, reuse.GONE_DIR, name) for name in parts]
 
 
-def plan_texts(plan: dict[str, Any], out: storage.Location, source: storage.Location) -> None:
+def plan_texts(plan: dict[str, Any], out: storage.Location, source: storage.Location,
+               auto: dict[str, Any] | None = None) -> None:
     """Add corpus-wide identical texts to ``plan`` (``plan.dedup_texts``): Ray tasks by text hash
     (:mod:`reembed.texts`), the summary under ``plan["texts"]`` (its ``copies`` are shards numbered after the
-    plan's) and its Parquet parts, with their sha256, under ``plan["store"]["texts"]``."""
+    plan's) and its Parquet parts, with their sha256, under ``plan["store"]["texts"]``. ``auto``
+    (``plan.dedup_texts: auto``: :func:`texts_cluster`): the copy pass is kept only where it costs less than the
+    embedding it saves (:func:`reembed.texts.decide`); the decision and its numbers go to ``plan["dedup_texts"]``."""
     import functools
 
     from reembed import read, texts
@@ -183,10 +186,32 @@ def plan_texts(plan: dict[str, Any], out: storage.Location, source: storage.Loca
     work = out.child(PLAN_DIR)
     fields = {k: plan.get(k) for k in read.FIELDS if k not in ("reuse", "texts")}
     reader = functools.partial(read.read_shards, fields, work, source=source)
-    plan["texts"] = texts.plan_texts(plan, work, reader, use_ray=True)
+    summary = texts.plan_texts(plan, work, reader, use_ray=True)
+    if auto is not None:
+        decision = plan["dedup_texts"] = texts.decide(summary, **auto)
+        log.info("plan.dedup_texts=auto: %s: %d rows repeat a text of another shard; embedding them ~%.1f s "
+                 "(%d %s device(s) at %.2g s a row), the copy pass ~%.1f s (%d tasks on %d CPUs)",
+                 "copy them" if decision["dedup"] else "embed them", decision["rows_saved"], decision["saved_s"],
+                 decision["devices"], decision["device"], decision["embed_s_per_row"], decision["copy_pass_s"],
+                 decision["copy_tasks"], decision["cpus"])
+        if not decision["dedup"]:
+            work.delete_dir(texts.TEXTS_DIR)
+            return
+    plan["texts"] = summary
     parts = [texts.part_file(p) for p in range(plan["texts"]["partitions"])]
     names = parts + [f"{texts.LEADERS_DIR}/{name}" for name in parts] + list(texts.PLAN_FILES)
     plan["store"]["texts"] = [_record(work, texts.TEXTS_DIR, *name.split("/")) for name in names]
+
+
+def texts_cluster(cfg: JobConfig) -> dict[str, Any]:
+    """What :func:`reembed.texts.decide` weighs against the cluster the run holds now: the device kind, how many
+    devices embed (GPUs; on CPU, the CPUs) and the CPUs the copy pass spreads over."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if gpus else "cpu")
+    return {"device": device, "devices": max(1, gpus) if device == "cuda" else cpus, "cpus": cpus}
 
 
 def start_ray(cfg: JobConfig, phases: Phases) -> None:
@@ -253,7 +278,7 @@ def check_resume(manifest: Manifest, cfg: JobConfig, model_info: dict[str, Any])
             f"{where}: this output was planned with other input settings ({'; '.join(diffs)}); "
             "use another --output, or --fresh to re-plan"
         )
-    if bool(plan.get("texts")) != cfg.plan.dedup_texts:
+    if cfg.plan.dedup_texts != "auto" and bool(plan.get("texts")) != cfg.plan.dedup_texts:
         log.warning("%s: planned with plan.dedup_texts=%s; this resume follows its plan (--fresh re-plans)",
                     where, str(bool(plan.get("texts"))).lower())
     # The plan's files, read back on the manifest's word: inside the output and unchanged.

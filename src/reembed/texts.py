@@ -76,6 +76,14 @@ MAX_COPY_TASKS = 1024
 copy task opens stay small."""
 GATHER_ROWS = 1_000_000
 """Vectors one gather task aims at (it holds :data:`reembed.copies.CHUNK_ROWS` of them at a time)."""
+EMBED_S_PER_ROW = {"cuda": 0.24e-3, "cpu": 0.044}
+"""``plan.dedup_texts: auto``'s embedding cost per row, in seconds of one device (a GPU; on CPU, one core): the
+H100 running the BGE-large architecture (4,251 docs/s, bench/RESULTS.md; a smaller model is faster, so auto errs
+towards embedding) and all-MiniLM-L6-v2 on a 2-core CPU (45.8 docs/s)."""
+COPY_CPU_S_PER_ROW = 0.5e-3
+"""The copy pass's CPU seconds per copied row (gather + copy; bench/copy_pass_cost.py)."""
+COPY_CPU_S_PER_TASK = 1.0
+"""The copy pass's CPU seconds per gather or copy task, whatever its rows (bench/copy_pass_cost.py)."""
 SHARDS_PER_TASK = 8
 """Plan shards per key task."""
 HASHES_PER_PARTITION = 2_000_000
@@ -133,8 +141,8 @@ def plan_texts(plan: dict[str, Any], work: Location, read_shards: Callable[[list
     counts = pa.table({"shard": pa.array(has, pa.int64()), "moved": pa.array(moved[has], pa.int64()),
                        "leads": pa.array(leads[has], pa.int64())}, schema=MOVED_SCHEMA)
     work.write_bytes(_parquet_bytes(counts, ROW_GROUP, ["shard"]), TEXTS_DIR, MOVED_COUNTS)
-    copies, tasks = plan_copy_pass(work, shards, int(plan["shard_rows"]), moved, leads)
-    summary = {"partitions": partitions, "copies": copies, "copy_tasks": tasks, "rows": rows,
+    copies, tasks, gathers = plan_copy_pass(work, shards, int(plan["shard_rows"]), moved, leads)
+    summary = {"partitions": partitions, "copies": copies, "copy_tasks": tasks, "gather_tasks": gathers, "rows": rows,
                "followers": int(moved.sum()) + in_shard, "moved": int(moved.sum()), "in_shard": in_shard}
     secs = time.monotonic() - t0
     log.info("texts: %d rows, %d repeat an earlier text (%d in another shard: %d copy shards in %d copy tasks), "
@@ -144,13 +152,13 @@ def plan_texts(plan: dict[str, Any], work: Location, read_shards: Callable[[list
 
 
 def plan_copy_pass(work: Location, shards: int, shard_rows: int, moved: np.ndarray | None = None,
-                   leads: np.ndarray | None = None) -> tuple[int, int]:
+                   leads: np.ndarray | None = None) -> tuple[int, int, int]:
     """The copy pass's plan, made once with the rest of the plan so that the run's driver holds O(tasks):
     ``texts/copies.parquet`` (the copy shards, :func:`pack_copies`), ``texts/tasks.parquet`` (the copy tasks:
     ranges of copy shards, those sharing a ``.gz`` input file together, at most :data:`MAX_COPY_TASKS`) and
     ``texts/gather.parquet`` (the gather tasks: ranges of leader shards, :func:`gather_groups`). ``moved`` and
     ``leads`` are the per-plan-shard counts (read from ``texts/moved.parquet`` when not given: an output
-    planned before the tasks were). Returns ``(copy shards, copy tasks)``. The planning driver holds the plan's
+    planned before the tasks were). Returns ``(copy shards, copy tasks, gather tasks)``. The planning driver holds the plan's
     per-shard counts here (an int64 a shard, as it does to sum the partition tasks' results)."""
     from reembed.plan_store import _parquet_bytes, read_files, segment_index
 
@@ -173,7 +181,30 @@ def plan_copy_pass(work: Location, shards: int, shard_rows: int, moved: np.ndarr
     gather = pa.table({"first": pa.array([a for a, _ in groups], pa.int64()),
                        "last": pa.array([b for _, b in groups], pa.int64())}, schema=GATHER_SCHEMA)
     work.write_bytes(_parquet_bytes(gather, ROW_GROUP, ["first"]), TEXTS_DIR, GATHER)
-    return copies.num_rows, tasks.num_rows
+    return copies.num_rows, tasks.num_rows, gather.num_rows
+
+
+def decide(summary: dict[str, Any], device: str, devices: int, cpus: int,
+           embed_s_per_row: float | None = None) -> dict[str, Any]:
+    """``plan.dedup_texts: auto``: whether the copy pass of the counted repeats (``summary``, from
+    :func:`plan_texts`) costs less than the embedding it saves, in seconds of the cluster's wall time:
+
+    * saved: ``moved`` rows (the followers whose leader is in another shard: the in-shard repeats are copied
+      either way) x ``embed_s_per_row`` (seconds of one device, a GPU or on CPU one core; default
+      :data:`EMBED_S_PER_ROW` of ``device``) / ``devices``;
+    * spent: ``moved`` x :data:`COPY_CPU_S_PER_ROW` + (copy tasks + gather tasks) x
+      :data:`COPY_CPU_S_PER_TASK`, CPU seconds spread over the cluster's ``cpus``.
+
+    Copy when saved > spent. Returns the decision with its numbers (what the plan stores and the log says)."""
+    per_row = float(embed_s_per_row if embed_s_per_row is not None else EMBED_S_PER_ROW.get(device, EMBED_S_PER_ROW["cuda"]))
+    moved = int(summary.get("moved", 0))
+    tasks = int(summary.get("copy_tasks", 0)) + int(summary.get("gather_tasks", 0))
+    saved = moved * per_row / max(1, int(devices))
+    spent = (moved * COPY_CPU_S_PER_ROW + tasks * COPY_CPU_S_PER_TASK) / max(1, int(cpus))
+    return {"mode": "auto", "dedup": bool(moved) and saved > spent, "rows_saved": moved,
+            "embed_s_per_row": per_row, "device": device, "devices": int(devices), "cpus": int(cpus),
+            "saved_s": round(saved, 3), "copy_pass_s": round(spent, 3), "copy_tasks": tasks,
+            "counts": {k: summary.get(k) for k in ("rows", "followers", "moved", "in_shard", "copies")}}
 
 
 def copy_task_table(copies: pa.Table, index: pa.Table | None, gz_files: set[int],

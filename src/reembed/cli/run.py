@@ -227,6 +227,7 @@ def format_dry_run(r: dict[str, Any]) -> str:
         f"batch budget {pool['batch_tokens'] or 'default'} tokens",
     ]
     lines += reuse_lines(r.get("reuse"))
+    lines += texts_lines(r.get("texts"))
     if e.get("basis") == "profile":
         basis = f"tuned profile {e['profile']}: {e['docs_per_s_per_device']:.1f} docs/s per device"
     elif e.get("basis") == "sample":
@@ -244,6 +245,25 @@ def format_dry_run(r: dict[str, Any]) -> str:
         lines.append(f"estimate:    none: {e['note']}")
     lines.append("next:        the same command without --dry-run runs it")
     return "\n".join(lines)
+
+
+def texts_lines(t: dict[str, Any] | None) -> list[str]:
+    """The dry run's identical-texts lines (``plan.dedup_texts``): counts, copy shards, what it saves."""
+    if t is None:
+        return ["texts:       not counted (plan.dedup_texts=false: only a block's identical texts are copied)"]
+    saved = (f"; saves ~{human_seconds(t['saved_seconds'])} of the estimate below"
+             + (f", about {_usd(t['saved_usd'])}" if t.get("saved_usd") is not None else "")
+             if t.get("saved_seconds") is not None else "")
+    lines = [f"texts:       {t['distinct_texts']} distinct of {t['rows']} rows; {t['rows_deduplicated']} rows copied "
+             f"instead of embedded" + (f" ({t['moved_rows']} by {t['copy_shards']} copy shards)" if t["copy_pass"]
+                                       else " (a shard's own repeats: no copy pass)") + saved,
+             f"  counted:   {t['counted']}"]
+    d = t.get("decision")
+    if d:
+        lines.append(f"  auto:      {'copy pass' if d['dedup'] else 'no copy pass'}: {d['rows_saved']} rows repeat a "
+                     f"text of another shard; embedding them ~{d['saved_s']:.1f} s on {d['devices']} {d['device']} "
+                     f"device(s), copying them ~{d['copy_pass_s']:.1f} s ({d['copy_tasks']} tasks on {d['cpus']} CPUs)")
+    return lines
 
 
 def reuse_lines(u: dict[str, Any] | None) -> list[str]:
