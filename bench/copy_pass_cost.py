@@ -107,7 +107,7 @@ def run_job(args, model: Path, fraction: float, mode: str) -> dict:
     from reembed.storage import Location
 
     texts_plan = Manifest.load(Location.from_uri(str(out))).plan.get("texts") or {}
-    return {"mode": mode, "wall_s": round(w1 - w0, 2), "cpu_s": round(c1 - c0, 2), "rows_embedded": s["rows_embedded"],
+    return {"mode": mode, "wall_s": round(w1 - w0, 2), "cpu_s": round(spent(c0, c1), 2), "rows_embedded": s["rows_embedded"],
             "rows_deduplicated": s["rows_deduplicated"], "rows_copied_by_copy_shards": int(texts_plan.get("moved", 0)),
             "copy_shards": int(texts_plan.get("copies", 0)), "stages": stages,
             "load_avg": [round(x, 1) for x in os.getloadavg()]}
@@ -120,14 +120,15 @@ def timed(fn, label: str, stages: dict):
             return fn(*a, **kw)
         finally:
             got = stages.setdefault(label, {"cpu_s": 0.0, "wall_s": 0.0})
-            got["cpu_s"] += cpu_seconds() - c0
+            got["cpu_s"] += spent(c0, cpu_seconds())
             got["wall_s"] += time.monotonic() - w0
             got["load_avg_1m"] = round(os.getloadavg()[0], 1)
     return wrapper
 
 
-def cpu_seconds() -> float:
-    """CPU seconds of this process and every process under it (live ones' utime + stime, and what they reaped)."""
+def cpu_seconds() -> dict[int, float]:
+    """A snapshot of the CPU seconds of this process and every process under it (utime + stime, and what each
+    reaped: cutime + cstime), by pid; :func:`spent` takes the difference of two."""
     parent: dict[int, int] = {}
     times: dict[int, float] = {}
     for name in os.listdir("/proc"):
@@ -140,16 +141,23 @@ def cpu_seconds() -> float:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         parent[int(name)] = int(fields[1])
-        times[int(name)] = sum(int(x) for x in fields[11:15]) / TICK  # utime stime cutime cstime
+        times[int(name)] = sum(int(x) for x in fields[11:15]) / TICK
     me = os.getpid()
-    total = 0.0
+    mine = {}
     for pid, t in times.items():
         p, seen = pid, 0
         while p and p != me and seen < 64:
             p, seen = parent.get(p, 0), seen + 1
         if p == me:
-            total += t
-    return total
+            mine[pid] = t
+    return mine
+
+
+def spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two snapshots: each live process's growth (a new one's whole time). A process that
+    ended in between is not counted past the first snapshot unless a process here reaped it (an underestimate of
+    its last moments: the Embedder actors that exit as the regular pass ends)."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 if __name__ == "__main__":

@@ -76,6 +76,31 @@ def test_copy_shards_pack_whole_plan_shards_in_order():
     assert list(texts.pack_copies(np.zeros(3, np.int64), 3, 40)) == []
 
 
+def test_auto_copies_when_the_embedding_saved_outweighs_the_copy_pass():
+    from reembed.texts import COPY_CPU_S_PER_ROW as ROW, COPY_CPU_S_PER_TASK as TASK, decide
+
+    many = {"rows": 10_000_000, "followers": 1_200_000, "moved": 1_000_000, "in_shard": 200_000, "copies": 100,
+            "copy_tasks": 100, "gather_tasks": 1}
+    d = decide(many, "cuda", devices=8, cpus=64)
+    saved, spent = 1_000_000 * 0.24e-3 / 8, (1_000_000 * ROW + 101 * TASK) / 64
+    assert d["saved_s"] == pytest.approx(saved, abs=1e-3) and d["copy_pass_s"] == pytest.approx(spent, abs=1e-3)
+    assert d["dedup"] == (saved > spent) and d["rows_saved"] == 1_000_000 and d["copy_tasks"] == 101
+    assert d["counts"] == {k: many[k] for k in ("rows", "followers", "moved", "in_shard", "copies")}
+    # the embedding cost per row decides: a fast model (0.01 ms a row) is not worth copying for
+    assert not decide(many, "cuda", 8, 64, embed_s_per_row=1e-8)["dedup"]
+    assert decide(many, "cuda", 8, 64, embed_s_per_row=1.0)["dedup"]
+    # few repeats: the tasks' fixed cost outweighs them; none: nothing to copy
+    few = dict(many, moved=100, copy_tasks=1, gather_tasks=1)
+    assert not decide(few, "cuda", 8, 64)["dedup"]
+    assert not decide(dict(many, moved=0, copy_tasks=0, gather_tasks=0), "cpu", 2, 2)["dedup"]
+    # on CPU the embedding is the expensive side: even 100 repeats are worth their one task
+    assert decide(dict(few, moved=1_000), "cpu", devices=64, cpus=64)["embed_s_per_row"] == texts.EMBED_S_PER_ROW["cpu"]
+    assert decide(dict(few, moved=1_000), "cpu", devices=64, cpus=64)["dedup"]
+    # more CPUs per GPU make the copy pass cheaper against the same devices' time
+    edge = dict(many, moved=200_000, copy_tasks=20)
+    assert decide(edge, "cuda", 8, 256)["copy_pass_s"] < decide(edge, "cuda", 8, 16)["copy_pass_s"]
+
+
 def test_hash_partitions_are_stable_and_spread():
     h = S.text_hashes(pa.array([f"text {i}" for i in range(4000)]))
     p = texts.hash_partitions(h, 8)
@@ -126,6 +151,26 @@ def test_plan_lists_the_followers_whose_leader_is_in_another_shard(tmp_path):
 
 
 # -- the job, on a local Ray -------------------------------------------------------------------------------
+
+
+def test_auto_stores_its_decision_in_the_plan_and_drops_the_copy_pass_it_refuses(tmp_path, ray_local):
+    docs = repeated_corpus()
+    write_parquet(tmp_path / "in" / "a.parquet", docs)
+    cfg = cfg_for(tmp_path / "in", tmp_path / "out", "unused").input
+    out = Location.from_uri(str(tmp_path / "out"))
+    work = out.child("plan")
+    p = plan.make_plan(cfg, SHARD_ROWS, work)
+    source = plan.input_location(p)
+    no = dict(p)  # 1,000 GPUs and one CPU: embedding the repeats takes no time, copying them does
+    pipeline.plan_texts(no, out, source, auto={"device": "cuda", "devices": 1000, "cpus": 1})
+    d = no["dedup_texts"]
+    assert "texts" not in no and not work.exists(texts.TEXTS_DIR) and "texts" not in no["store"]
+    assert d["mode"] == "auto" and not d["dedup"] and d["rows_saved"] == d["counts"]["moved"] > 0
+    assert d["saved_s"] < d["copy_pass_s"] and d["counts"]["rows"] == 238
+    yes = dict(p, store=dict(p["store"]))  # one CPU core embedding: copying is far cheaper
+    pipeline.plan_texts(yes, out, source, auto={"device": "cpu", "devices": 1, "cpus": 1})
+    assert yes["dedup_texts"]["dedup"] and yes["texts"]["moved"] == d["counts"]["moved"]
+    assert work.exists(texts.TEXTS_DIR, texts.TASKS) and len(yes["store"]["texts"]) == 2 * yes["texts"]["partitions"] + 4
 
 
 @pytest.fixture(scope="module")
