@@ -424,3 +424,48 @@ def test_the_copy_pass_driver_reads_no_copy_shard_and_hands_out_task_ranges(tmp_
     assert groups == texts.read_gather(work) and len(groups) == 5
     got = sorted(pair for args in handed["gather_task"] for pair in args[8].records(loc))
     assert got == sorted((s, rec) for s, rec in m.committed.items() if s < REGULAR)
+
+
+# -- with --reuse ------------------------------------------------------------------------------------------
+
+
+def test_a_reused_row_keeps_its_old_vector_though_its_text_repeats_in_other_shards(tmp_path, tiny_model, ray_local):
+    """OUT1 (made by hand, seeded vectors; r0 and r2 hold the same text with different vectors, as an output made
+    without corpus-wide copies may) and a new corpus of 3-row shards where each reused row's text also occurs
+    earlier, or later, in other shards under new ids: every reused row keeps its OUT1 vector bit for bit, the
+    new rows of a reused row's text take that vector, and a new text is embedded once."""
+    from reembed.write import write_shard
+
+    cfg = cfg_for(tmp_path / "in", tmp_path / "out", tiny_model, "plan.shard_rows=3")
+    model = pipeline.inspect_model(cfg)
+    dim = model["dimension"]
+    old_texts = {"r0": "alpha text", "r1": "beta text", "r2": "alpha text", "r3": "gamma text"}
+    old_vec = np.random.default_rng(7).standard_normal((4, dim)).astype(np.float32)
+    out1 = Location.from_uri(str(tmp_path / "out1"))
+    m1 = Manifest.create(out1, model, {"shards": 1, "rows": 4}, {"rows": 0, "mode": "hash"})
+    rows = pa.table({S.ID: list(old_texts), S.TEXT: list(old_texts.values()), S.REASON: pa.nulls(4, pa.string()),
+                     S.SOURCE_FILE: ["a.parquet"] * 4, S.SOURCE_ROW: pa.array(range(4), pa.int64()),
+                     S.SHARD: pa.array([0] * 4, pa.int32()), S.POS: pa.array(range(4), pa.int64()),
+                     S.EMBEDDING: S.embedding_array(old_vec), S.TRUNCATED: [False] * 4,
+                     "_tokens": pa.array([3] * 4, pa.int64()), "_device_s": pa.array([0.0] * 4),
+                     S.TEXT_HASH: S.text_hashes(pa.array(list(old_texts.values())))})
+    m1.commit_shard(0, write_shard(out1, 0, rows, S.shard_schema(dim, text_hash=True)))
+    new = [("n0", "alpha text"), ("r1", "beta text"), ("x0", "delta text"),    # shard 0
+           ("r0", "alpha text"), ("r3", "gamma text"), ("n1", "beta text"),    # shard 1
+           ("r2", "alpha text"), ("n2", "gamma text"), ("n3", "alpha text")]   # shard 2
+    write_parquet(tmp_path / "in" / "a.parquet", [{"id": i, "text": t} for i, t in new])
+    s = pipeline.run(cfg_for(tmp_path / "in", tmp_path / "out", tiny_model, "plan.shard_rows=3",
+                             f"plan.reuse={tmp_path / 'out1'}"))
+    assert s["complete"]
+    vec = {}
+    for t in shard_tables(tmp_path / "out").values():
+        for i, v in zip(t.column(S.ID).to_pylist(), S.embedding_matrix(t.column(S.EMBEDDING))):
+            assert i not in vec
+            vec[i] = v.tobytes()
+    assert set(vec) == {i for i, _ in new}
+    old = {i: old_vec[k].tobytes() for k, i in enumerate(old_texts)}
+    for i in ("r0", "r1", "r2", "r3"):  # carried forward, bit for bit, though n0 leads "alpha text"
+        assert vec[i] == old[i], f"{i} lost its carried-forward vector"
+    assert vec["n1"] == old["r1"] and vec["n2"] == old["r3"]  # new rows of a reused row's text: its vector
+    assert vec["n3"] == vec["n0"] and vec["n0"] not in old.values()  # a new text's leader, embedded once
+    assert s["rows_reused"] == 4 and s["rows_embedded"] == 2 and s["rows_deduplicated"] == 3

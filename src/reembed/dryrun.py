@@ -145,11 +145,11 @@ def _plan(cfg, earlier=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         source = storage.Location.from_uri(cfg.input.uri, cfg.storage)
         plan = make_plan(cfg.input, cfg.plan.shard_rows, work, cfg.on_bad_file, source=source, dedup=cfg.plan.dedup,
                          use_ray=True)
+        if earlier is not None:
+            pipeline.plan_reuse(plan, root, earlier[0], earlier[1], source)
         if cfg.plan.dedup_texts:  # as the run: the planning Ray tasks count the identical texts
             pipeline.plan_texts(plan, root, source,
                                 auto=pipeline.texts_cluster(cfg) if cfg.plan.dedup_texts == "auto" else None)
-        if earlier is not None:
-            pipeline.plan_reuse(plan, root, earlier[0], earlier[1], source)
         return plan, _first_files(work, plan_store.FILES)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -140,10 +140,10 @@ def open_output(cfg: JobConfig, out: storage.Location, model_info: dict[str, Any
             try:
                 plan = make_plan(cfg.input, cfg.plan.shard_rows, out.child(PLAN_DIR), cfg.on_bad_file, source=source,
                                  dedup=cfg.plan.dedup, use_ray=True)
+                if earlier is not None:  # first: the identical texts' plan keeps the carried-forward rows
+                    plan_reuse(plan, out, earlier, old, source)
                 if cfg.plan.dedup_texts:
                     plan_texts(plan, out, source, auto=texts_cluster(cfg) if cfg.plan.dedup_texts == "auto" else None)
-                if earlier is not None:
-                    plan_reuse(plan, out, earlier, old, source)
             except OSError as e:
                 raise write_failed(e, out.display(PLAN_DIR)) from e
             plan[S.VECTOR_DTYPE] = cfg.output.dtype

@@ -33,6 +33,9 @@ At run time:
   once) and writes its shards: nothing goes to the Embedder. A resume runs the pending regular shards first,
   then the pending copy shards.
 
+With ``--reuse`` (planned first), a row carried forward from the earlier output is never a follower: it keeps its
+old vector bit for bit even where its text first occurs elsewhere (its followers, if any, take that vector).
+
 Every input row is still in exactly one committed shard: a moved follower is counted by its copy shard (its
 regular shard's record says how many it ``moved`` out). Copied rows count as ``deduplicated`` in the commit
 records, the summary and the cost report.
@@ -105,7 +108,7 @@ MOVED_SCHEMA = pa.schema([("shard", pa.int64()), ("moved", pa.int64()), ("leads"
 LEADERS_SCHEMA = pa.schema([("leader_shard", pa.int64()), ("text_hash", S.text_hash_type()), ("leader_id", pa.string()),
                             ("shard", pa.int64())])
 _KEYS_SCHEMA = pa.schema([("text_hash", S.text_hash_type()), ("shard", pa.int64()), ("pos", pa.int64()),
-                          ("id", pa.string())])
+                          ("id", pa.string()), ("reused", pa.bool_())])
 
 
 def plan_texts(plan: dict[str, Any], work: Location, read_shards: Callable[[list[int]], Iterable[pa.Table]],
@@ -120,7 +123,8 @@ def plan_texts(plan: dict[str, Any], work: Location, read_shards: Callable[[list
     if partitions is None:
         partitions = max(1, min(MAX_PARTITIONS, -(-int(plan["rows"]) // HASHES_PER_PARTITION)))
     groups = [list(range(a, min(a + SHARDS_PER_TASK, shards))) for a in range(0, shards, SHARDS_PER_TASK)]
-    written = _map(key_task, [(read_shards, work, g, partitions) for g in groups], use_ray)
+    reuse_parts = int(plan["reuse"]["partitions"]) if plan.get("reuse") else 0  # planned first (--reuse)
+    written = _map(key_task, [(read_shards, work, g, partitions, reuse_parts) for g in groups], use_ray)
     names: dict[int, list[str]] = {p: [] for p in range(partitions)}
     for g, parts in zip(groups, written):
         for p in parts:
@@ -276,16 +280,26 @@ def gather_groups(leads: dict[int, int], rows: int = GATHER_ROWS) -> list[tuple[
 
 
 def key_task(read_shards: Callable[[list[int]], Iterable[pa.Table]], work: Location, shards: list[int],
-             partitions: int) -> tuple[int, ...]:
-    """Key task over plan ``shards``: the rows to embed as ``(text_hash, shard, pos, id)``, hashed into
-    ``partitions`` by their text hash; returns the partitions it wrote rows for."""
+             partitions: int, reuse_parts: int = 0) -> tuple[int, ...]:
+    """Key task over plan ``shards``: the rows to embed as ``(text_hash, shard, pos, id, reused)``, hashed into
+    ``partitions`` by their text hash; returns the partitions it wrote rows for. ``reuse_parts``: the plan's
+    ``--reuse`` partitions (0: none), whose rows carried forward are marked ``reused`` (never a follower)."""
     from reembed.dedup import _ipc_bytes
 
+    carried = {}
+    if reuse_parts:
+        from reembed.reuse import shards_reuse
+
+        carried = shards_reuse(work, shards, reuse_parts)
     parts = []
     for table in read_shards(list(shards)):
         live = table.filter(pc.is_null(table.column(S.REASON)))
+        reused = np.zeros(live.num_rows, dtype=bool)
+        rows = carried.get(int(table.column(S.SHARD)[0].as_py())) if table.num_rows else None
+        if rows is not None and rows.num_rows and live.num_rows:
+            reused = pc.is_in(live.column(S.POS), value_set=rows.column("pos")).to_numpy(zero_copy_only=False)
         parts.append(pa.table([live.column(S.TEXT_HASH), live.column(S.SHARD).cast(pa.int64()), live.column(S.POS),
-                               live.column(S.ID)], schema=_KEYS_SCHEMA))
+                               live.column(S.ID), pa.array(reused, pa.bool_())], schema=_KEYS_SCHEMA))
     table = pa.concat_tables(parts).combine_chunks() if parts else _KEYS_SCHEMA.empty_table()
     part = hash_partitions(table.column("text_hash"), partitions)
     order = np.argsort(part, kind="stable")  # stable: rows keep plan order within a partition
@@ -308,7 +322,9 @@ def partition_task(work: Location, partition: int, names: list[str], shards: int
     table = pa.Table.from_batches(batches, _KEYS_SCHEMA).combine_chunks() if batches else _KEYS_SCHEMA.empty_table()
     leader = leaders(table.column("text_hash"))
     shard = table.column("shard").to_numpy()
-    follower = leader != np.arange(len(leader))
+    # A row carried forward from the --reuse output keeps its own vector (bit for bit): never a follower,
+    # though a later row of its text may follow it (its shard file then holds that vector).
+    follower = (leader != np.arange(len(leader))) & ~table.column("reused").to_numpy(zero_copy_only=False)
     moved = follower & (shard[leader] != shard)
     take = pa.array(np.flatnonzero(moved))
     lead = pa.array(leader[moved])
