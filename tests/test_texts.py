@@ -355,7 +355,7 @@ def test_the_copy_pass_driver_reads_no_copy_shard_and_hands_out_task_ranges(tmp_
     moved = np.where(np.arange(REGULAR) % 10 == 0, 0, 4).astype(np.int64)
     leads = np.full(REGULAR, 3_000, np.int64)  # ~333 leader shards a gather task
     monkeypatch.setattr(texts, "MAX_COPY_TASKS", COPY_TASKS)
-    n_copies, n_tasks = texts.plan_copy_pass(work, REGULAR, 7, moved, leads)
+    n_copies, n_tasks, _ = texts.plan_copy_pass(work, REGULAR, 7, moved, leads)
     assert n_copies == 1_350 and n_tasks == COPY_TASKS
     model = {"name": "m", "revision": "r", "dimension": 4, "normalize": True, "pooling": "cls", "dtype": "float32",
              "max_seq_length": 8, "fingerprint": "f" * 16}

@@ -83,9 +83,9 @@ EMBED_S_PER_ROW = {"cuda": 0.24e-3, "cpu": 0.044}
 """``plan.dedup_texts: auto``'s embedding cost per row, in seconds of one device (a GPU; on CPU, one core): the
 H100 running the BGE-large architecture (4,251 docs/s, bench/RESULTS.md; a smaller model is faster, so auto errs
 towards embedding) and all-MiniLM-L6-v2 on a 2-core CPU (45.8 docs/s)."""
-COPY_CPU_S_PER_ROW = 0.5e-3
+COPY_CPU_S_PER_ROW = 1.2e-3
 """The copy pass's CPU seconds per copied row (gather + copy; bench/copy_pass_cost.py)."""
-COPY_CPU_S_PER_TASK = 1.0
+COPY_CPU_S_PER_TASK = 0.6
 """The copy pass's CPU seconds per gather or copy task, whatever its rows (bench/copy_pass_cost.py)."""
 SHARDS_PER_TASK = 8
 """Plan shards per key task."""
