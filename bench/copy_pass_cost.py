@@ -107,7 +107,8 @@ def run_job(args, model: Path, fraction: float, mode: str) -> dict:
     from reembed.storage import Location
 
     texts_plan = Manifest.load(Location.from_uri(str(out))).plan.get("texts") or {}
-    return {"mode": mode, "wall_s": round(w1 - w0, 2), "cpu_s": round(spent(c0, c1), 2), "rows_embedded": s["rows_embedded"],
+    return {"mode": mode, "wall_s": round(w1 - w0, 2), "cpu_s": round(spent(c0, c1), 2),
+            "rows_embedded": s["rows_embedded"],
             "rows_deduplicated": s["rows_deduplicated"], "rows_copied_by_copy_shards": int(texts_plan.get("moved", 0)),
             "copy_shards": int(texts_plan.get("copies", 0)), "stages": stages,
             "load_avg": [round(x, 1) for x in os.getloadavg()]}

@@ -38,7 +38,8 @@ from reembed.errors import InputError, ManifestError
 from reembed.manifest import Manifest
 from reembed.plan import PLAN_DIR
 from reembed.storage import Location
-from reembed.texts import COPIES, GATHER_ROWS, MAX_COPY_TASKS, TEXTS_DIR, followers, gather_groups, leader_rows  # noqa: F401
+from reembed.texts import COPIES, TEXTS_DIR, followers, leader_rows
+from reembed.texts import GATHER_ROWS, MAX_COPY_TASKS, gather_groups  # noqa: F401 (planned in texts since copies15)
 from reembed.write import read_shard_table, write_shard, writer_identity
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,8 @@ def pending_tasks(manifest: Manifest) -> tuple[list[CopyTask], Any]:
     committed = np.asarray(refs.shards, dtype=np.int64)
     have = int(np.searchsorted(committed, regular))  # committed regular shards (the numbers are unique, sorted)
     if have < regular:
-        missing = np.setdiff1d(np.arange(min(regular, have + 1)), committed[:have]) if have else np.zeros(1, np.int64)
-        first = int(missing[0]) if len(missing) else have
+        gaps = np.flatnonzero(committed[:have] != np.arange(have))
+        first = int(gaps[0]) if len(gaps) else have
         raise RuntimeError(f"copy shards need every regular shard committed; {regular - have} are not "
                            f"(first {first}): rerun to resume")
     if not plan_loc.exists(texts.TEXTS_DIR, texts.TASKS):  # planned by a reembed before the tasks file

@@ -19,8 +19,9 @@ The cost is :func:`reembed.cost.price_run` of the estimated run, at the default 
 It shows the stored vectors' dtype (``output.dtype``) and bytes per vector. With ``plan.dedup_texts`` (true or auto)
 it counts the corpus's identical texts as the run does, by the run's planning Ray tasks (a pass over every text's
 hash, into the temporary folder): distinct texts, rows copied instead of embedded, copy shards, the embedding
-seconds and USD that saves at the estimate's rate, and with auto the decision (:func:`reembed.texts.decide`). With ``--reuse OUT1`` it checks
-OUT1 with the run's own check (:func:`reembed.reuse.open_earlier`: the same refusals) and reports its committed
+seconds and USD that saves at the estimate's rate, and with auto the decision (:func:`reembed.texts.decide`).
+
+With ``--reuse OUT1`` it checks OUT1 with the run's own check (:func:`reembed.reuse.open_earlier`: the same refusals) and reports its committed
 rows from its commit log; the exact count of rows that would be carried forward needs every input text's hash,
 so it is computed only with ``--count-reuse``, by the run's own planning Ray tasks (into the temporary folder),
 and the result says which.
@@ -188,8 +189,8 @@ def texts_summary(plan: dict[str, Any], mode: Any, counted: str) -> dict[str, An
              "copy_pass": copying, "copy_shards": int(counts["copies"]) if copying else 0,
              "moved_rows": int(counts["moved"]) if copying else 0}
     if decision:
-        found["decision"] = {k: decision[k] for k in ("dedup", "rows_saved", "saved_s", "copy_pass_s", "embed_s_per_row",
-                                                      "device", "devices", "cpus", "copy_tasks")}
+        found["decision"] = {k: decision[k] for k in ("dedup", "rows_saved", "saved_s", "copy_pass_s",
+                                                      "embed_s_per_row", "device", "devices", "cpus", "copy_tasks")}
     return found
 
 

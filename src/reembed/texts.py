@@ -162,8 +162,8 @@ def plan_copy_pass(work: Location, shards: int, shard_rows: int, moved: np.ndarr
     ranges of copy shards, those sharing a ``.gz`` input file together, at most :data:`MAX_COPY_TASKS`) and
     ``texts/gather.parquet`` (the gather tasks: ranges of leader shards, :func:`gather_groups`). ``moved`` and
     ``leads`` are the per-plan-shard counts (read from ``texts/moved.parquet`` when not given: an output
-    planned before the tasks were). Returns ``(copy shards, copy tasks, gather tasks)``. The planning driver holds the plan's
-    per-shard counts here (an int64 a shard, as it does to sum the partition tasks' results)."""
+    planned before the tasks were). Returns ``(copy shards, copy tasks, gather tasks)``. The planning driver
+    holds the plan's per-shard counts here (an int64 a shard, as it does to sum the partition tasks' results)."""
     from reembed.plan_store import _parquet_bytes, read_files, segment_index
 
     if moved is None or leads is None:  # copies.parquet is there (and in the plan's checked files): kept
@@ -200,7 +200,9 @@ def decide(summary: dict[str, Any], device: str, devices: int, cpus: int,
       :data:`COPY_CPU_S_PER_TASK`, CPU seconds spread over the cluster's ``cpus``.
 
     Copy when saved > spent. Returns the decision with its numbers (what the plan stores and the log says)."""
-    per_row = float(embed_s_per_row if embed_s_per_row is not None else EMBED_S_PER_ROW.get(device, EMBED_S_PER_ROW["cuda"]))
+    if embed_s_per_row is None:
+        embed_s_per_row = EMBED_S_PER_ROW.get(device, EMBED_S_PER_ROW["cuda"])
+    per_row = float(embed_s_per_row)
     moved = int(summary.get("moved", 0))
     tasks = int(summary.get("copy_tasks", 0)) + int(summary.get("gather_tasks", 0))
     saved = moved * per_row / max(1, int(devices))
@@ -212,12 +214,14 @@ def decide(summary: dict[str, Any], device: str, devices: int, cpus: int,
 
 
 def copy_task_table(copies: pa.Table, index: pa.Table | None, gz_files: set[int],
-                    max_tasks: int = 1024) -> pa.Table:
+                    max_tasks: int | None = None) -> pa.Table:
     """The copy tasks (:data:`TASKS_SCHEMA`) over ``copies`` (rows of ``copies.parquet``, in shard order): one
     copy shard a task, except that copy shards whose origin shards share a ``.gz`` input file go together (the
     task decompresses it once), then consecutive tasks packed so that there are at most about ``max_tasks``
-    (:func:`reembed.read.pack_groups`' rule). ``index`` is :func:`reembed.plan_store.segment_index` (needed only
-    with ``gz_files``, the file indices of the ``.gz`` inputs)."""
+    (:func:`reembed.read.pack_groups`' rule; default :data:`MAX_COPY_TASKS`). ``index`` is
+    :func:`reembed.plan_store.segment_index` (needed only with ``gz_files``, the file indices of the ``.gz``
+    inputs)."""
+    max_tasks = MAX_COPY_TASKS if max_tasks is None else max_tasks
     shard = copies.column("shard").to_numpy()
     first = copies.column("origin_first").to_numpy()
     stop = copies.column("origin_stop").to_numpy()
