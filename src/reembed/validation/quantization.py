@@ -122,8 +122,8 @@ class Codec:
             order = _top_stable(s, depth)
             s = np.take_along_axis(s, order, axis=1)
         found = np.asarray(list(ids) + [None], dtype=object)[order]  # row -1 (none found): None
-        exact = np.where(order >= 0, np.take_along_axis(queries @ x.T, np.maximum(order, 0), axis=1), -np.inf) \
-            if order.size else np.zeros(order.shape, np.float32)
+        exact = np.where(order >= 0, np.einsum("qd,qkd->qk", queries, x[np.maximum(order, 0)]), -np.inf) \
+            if order.size else np.zeros(order.shape, np.float32)  # the candidates' own dot products only
         keys = shard * key_span + np.broadcast_to(np.arange(order.shape[1]), order.shape)
         return s.astype(np.float32), found, keys.astype(np.int64), exact.astype(np.float32)
 
