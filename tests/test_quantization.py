@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -152,7 +154,10 @@ QDRANT_ROWS = ("qdrant_int8", "qdrant_int8_no_rescore", "qdrant_binary", "qdrant
 def table_output(tmp_path_factory, tiny_model):
     vectors = clustered(ROWS, DIM, clusters=30, spread=0.5, seed=4)
     out = write_output(tmp_path_factory.mktemp("table") / "out", vectors, SHARD_ROWS, model_name=str(tiny_model))
+    edge_folders = set(Path(tempfile.gettempdir()).glob("reembed-qdrant-edge-*"))
     report = V.validate(out, settings=V.Settings(sample=SAMPLE, builtin_pairs=False, quantization=True), workers=0)
+    # Each shard's Qdrant Edge shards are removed once searched: none is left behind.
+    assert set(Path(tempfile.gettempdir()).glob("reembed-qdrant-edge-*")) <= edge_folders
     return vectors, report
 
 
@@ -216,8 +221,6 @@ def _edge_recalls(x: np.ndarray) -> dict[str, float]:
     """The Qdrant rows' recall@10 from Qdrant Edge searched directly here: one Edge shard of each quantization
     per 500-row shard of the output (as a collection holds one segment each), its quantized segment built by
     the optimizer, 11 results a query by the codes (rescored with oversampling 2, or not), merged by score."""
-    import tempfile
-
     import qdrant_edge as qe
 
     positions, _, recall = _reference(x)
