@@ -304,6 +304,23 @@ def test_the_emulated_qdrant_rows_match_their_numpy_scheme(table_output, numpy_r
         assert row["recall_at_10"] == pytest.approx(want[row["option"]], abs=0.01), (row, want[row["option"]])
 
 
+def test_without_qdrant_edge_the_qdrant_rows_are_emulated(monkeypatch):
+    """qdrant-edge-py not importable (a None in sys.modules makes its import fail, as when it is not installed):
+    the rows fall back to the emulation and say so; asking for the engine is refused in one line."""
+    import sys
+
+    from reembed.errors import ValidationError
+
+    x = clustered(300, DIM, seed=12)
+    assert all(c.engine == "0.9.0" for c in Qz.codecs(x, DIM) if c.qdrant)  # installed here: the engine by default
+    monkeypatch.setitem(sys.modules, "qdrant_edge", None)
+    assert Qz.edge_version() == ""
+    rows = [c for c in Qz.codecs(x, DIM) if c.qdrant]
+    assert len(rows) == 4 and all(not c.engine and c.how.startswith("emulated in numpy") for c in rows)
+    with pytest.raises(ValidationError, match="qdrant-edge-py is not installed.*pip install qdrant-edge-py==0.9.0"):
+        Qz.codecs(x, DIM, engine=True)
+
+
 def test_the_qdrant_rows_are_searched_quantized_by_qdrant_edge():
     """The engine's quantized path is the one measured: without rescoring, Qdrant's int8 scores are not the exact
     dot products and binary scores count agreeing bits; rescored, they are exact; a query built so that its
