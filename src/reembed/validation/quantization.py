@@ -5,21 +5,23 @@
 Each option is a codec applied to every committed shard inside the validation's one pass over the shards (the
 shard tasks of :mod:`.integrity`), never to a copy of the corpus in one process:
 
-=====================  =================================  ===============================================
+=====================  ===================================  ============================================
 option                 bytes per vector (``d`` dimensions)  how its recall@10 is measured
-=====================  =================================  ===============================================
-float32 (exact)        4d                                 the reference: exact cosine top-10
-float16 shards         2d                                 exact search of the float16-rounded vectors
-FAISS SQ8              d (faiss ``sa_code_size``)         faiss's trained SQ8 codec: search of its decoded
-                                                          vectors, which is what ``IndexScalarQuantizer`` does
-FAISS PQ{m}x{b}        m*b/8                              the same with faiss's trained PQ codec (``IndexPQ``)
-Qdrant int8 + rescore  16 * ceil(d / 16) + 4 in RAM       Qdrant's own engine (Qdrant Edge): the shard's
-                       (+ the originals on disk)          int8 codes searched, ``2 * 10`` candidates
-                                                          rescored with the originals
-Qdrant int8            the same                           the same search, scores of the codes only
-Qdrant binary          16 * ceil(d / 128) in RAM          one bit a dimension (in 128-bit words), searched
-  (+ rescore or not)   (+ the originals on disk)          by Qdrant Edge, rescored or not
-=====================  =================================  ===============================================
+=====================  ===================================  ============================================
+float32 (exact)        4d                                   the reference: exact cosine top-10
+float16 shards         2d                                   exact search of the float16-rounded vectors
+FAISS SQ8              d (faiss ``sa_code_size``)           faiss's trained SQ8 codec: search of its
+                                                            decoded vectors, which is what
+                                                            ``IndexScalarQuantizer`` does
+FAISS PQ{m}x{b}        m*b/8                                the same with faiss's trained PQ codec
+                                                            (``IndexPQ``)
+Qdrant int8 + rescore  16 * ceil(d / 16) + 4 in RAM         Qdrant's own engine (Qdrant Edge): the
+                       (+ the originals on disk)            shard's int8 codes searched, ``2 * 10``
+                                                            candidates rescored with the originals
+Qdrant int8            the same                             the same search, scores of the codes only
+Qdrant binary          16 * ceil(d / 128) in RAM            one bit a dimension (in 128-bit words),
+(rescored or not)      (+ the originals on disk)            searched by Qdrant Edge, rescored or not
+=====================  ===================================  ============================================
 
 **The Qdrant rows come from Qdrant's engine** when ``qdrant-edge-py`` (Qdrant's Rust engine in-process) is
 importable: each shard task puts each shard's vectors into a Qdrant Edge shard of that quantization in a local
