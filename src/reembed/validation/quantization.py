@@ -15,12 +15,12 @@ FAISS SQ8              d (faiss ``sa_code_size``)           faiss's trained SQ8 
                                                             ``IndexScalarQuantizer`` does
 FAISS PQ{m}x{b}        m*b/8                                the same with faiss's trained PQ codec
                                                             (``IndexPQ``)
-Qdrant int8 + rescore  16 * ceil(d / 16) + 4 in RAM         Qdrant's own engine (Qdrant Edge): the
-                       (+ the originals on disk)            shard's int8 codes searched, ``2 * 10``
-                                                            candidates rescored with the originals
-Qdrant int8            the same                             the same search, scores of the codes only
+Qdrant int8 + rescore  16 * ceil(d / 16) + 4 in RAM         Qdrant's own engine (Qdrant Edge) scores the
+                       (+ the originals on disk)            int8 codes; the top ``2 * 10`` by its scores
+                                                            rescored with the originals
+Qdrant int8            the same                             the top 10 by Qdrant's scores of the codes
 Qdrant binary          16 * ceil(d / 128) in RAM            one bit a dimension (in 128-bit words),
-(rescored or not)      (+ the originals on disk)            searched by Qdrant Edge, rescored or not
+(rescored or not)      (+ the originals on disk)            scored by Qdrant Edge, rescored or not
 =====================  ===================================  ============================================
 
 **The Qdrant rows come from Qdrant's engine** when ``qdrant-edge-py`` (Qdrant's Rust engine in-process) is
@@ -28,15 +28,18 @@ importable: each shard task puts each shard's vectors into a Qdrant Edge shard o
 temporary folder (removed after the shard), has the optimizer build the quantized segment (indexing threshold
 1 KB, HNSW ``m=0``: no graph, so the search is a full scan of the quantized vectors and the figure is the
 quantization's loss alone, as for the FAISS rows; an HNSW graph's own loss is what the ann_recall gate
-measures), and searches it with ``quantization: ignore=false, rescore=true|false, oversampling=2``, as
-:func:`reembed.indexes.qdrant.search_params` asks a server. One Edge shard a Parquet shard is one segment a
-shard in a Qdrant collection: int8 bounds are per segment, as Qdrant's are, and a shard of under 1 KB of
-vectors is searched exactly, as Qdrant searches a segment under its indexing threshold. The rescored results
-are merged by their exact scores (Qdrant rescores in each segment, then merges), the others by Qdrant's
-quantized scores. Embedded Qdrant (qdrant-client's local mode) would not do: it stores the quantization
-setting and searches exactly. Without ``qdrant-edge-py`` the rows are the numpy emulation of Qdrant's scheme
-(int8 codes between the 0.99-quantile bounds of the training sample, one sign bit a dimension; the top
-``2 * 10`` candidates by them over the whole output, rescored with float32), each row's ``how`` saying which.
+measures), and searches it with ``quantization: ignore=false, rescore=false``: Qdrant's own scores of the codes.
+The shards' candidates merge by those scores; the rescored rows then rescore the top ``2 * 10`` with the float32
+vectors, which is what Qdrant does (``rescore=true, oversampling=2``, as :func:`reembed.indexes.qdrant.search_params`
+asks a server) in a collection holding the whole output in one segment (the tests check it against Qdrant Edge's
+own rescoring). Qdrant rescores per segment, so a collection of many small segments rescores more candidates and
+recalls more (bench/RESULTS.md measures how much); one segment is the conservative figure, and the one a table
+of this output's options can give whatever its shards. Binary codes score the same in any segment; int8 bounds
+are per shard here, as per segment in Qdrant. A shard of under 1 KB of vectors is searched exactly, as Qdrant
+searches a segment under its indexing threshold. Embedded Qdrant (qdrant-client's local mode) would not do: it
+stores the quantization setting and searches exactly. Without ``qdrant-edge-py`` the rows are the numpy
+emulation of Qdrant's scheme (int8 codes between the 0.99-quantile bounds of the training sample, one sign bit a
+dimension, scored in numpy, then the same merge), each row's ``how`` saying which.
 
 The FAISS codecs are trained once, on a uniform sample of the output's vectors (:data:`TRAIN` at most; all of
 them for a smaller output), and travel to the shard tasks as faiss's serialized bytes. The queries are the
@@ -82,7 +85,7 @@ class Codec:
     rescore: bool = False  # candidates by the codes, re-ranked by the float32 vectors (Qdrant)
     faiss_codec: bytes = b""  # a trained faiss index, serialized (its sa_encode / sa_decode are the codec)
     qdrant: str = ""  # Qdrant's quantization of the row: "int8" | "binary"
-    engine: str = ""  # Qdrant rows: the qdrant-edge-py version that searches them ("" for the numpy emulation)
+    engine: str = ""  # Qdrant rows: the qdrant-edge-py version that scores them ("" for the numpy emulation)
     keep: bool = False  # engine: the next codec searches the same Edge shard, so it stays open after this one
     bounds: tuple[float, float] = (0.0, 0.0)  # emulated int8: the quantile bounds
     how: str = ""
@@ -109,9 +112,9 @@ class Codec:
         return x
 
     def depth(self, k: int) -> int:
-        """Candidates a shard keeps per query: k (or the emulated rescoring's candidates: Qdrant Edge rescores
-        its own), plus one for the query's own document."""
-        return (math.ceil(OVERSAMPLING * k) if self.rescore and not self.engine else k) + 1
+        """Candidates a shard keeps per query: k (or the rescoring's candidates), plus one for the query's own
+        document."""
+        return (math.ceil(OVERSAMPLING * k) if self.rescore else k) + 1
 
     def top(self, shard: int, ids: list, matrix: np.ndarray, queries: np.ndarray, depth: int, key_span: int):
         """One shard's candidates: (the option's scores, ids, merge keys, exact scores), ``depth`` per query,
@@ -176,9 +179,9 @@ def qdrant_codecs(train: np.ndarray, dim: int, engine: bool | None = None) -> li
     out = []
     for kind in ("int8", "binary"):
         for rescore in (True, False):
-            then = (f"{OVERSAMPLING:g}x candidates rescored with the float32 originals (on disk)" if rescore
-                    else "ranked by the codes' scores alone")
-            how = (f"Qdrant Edge {version} engine: {scheme[kind]} (per shard, as per segment), full scan, {then}"
+            then = (f"the top {OVERSAMPLING:g}x candidates over the whole output rescored with the float32 "
+                    "originals (on disk), as Qdrant does in one segment" if rescore else "ranked by the codes' scores")
+            how = (f"Qdrant Edge {version} engine: {scheme[kind]} scored by Qdrant (full scan), {then}"
                    if version else f"emulated in numpy ({EDGE_PACKAGE} not used): {scheme[kind]}, {then}")
             out.append(Codec(f"qdrant_{kind}" + ("" if rescore else "_no_rescore"),
                              f"Qdrant {kind} " + ("+ rescore" if rescore else "(no rescore)"),
@@ -220,16 +223,16 @@ def table(codec_list: Sequence[Codec], tops: Sequence[tuple], exclude: Sequence[
                      "recall_at_10": round(float(np.mean(per)), 4) if per else None, "rescore": codec.rescore,
                      "how": codec.how})
     engines = {c.engine for c in codec_list if c.qdrant}
-    qdrant = (f"the Qdrant rows searched by Qdrant's engine (Qdrant Edge {', '.join(sorted(engines))}), one "
-              "quantized segment a shard" if engines - {""} else "the Qdrant rows emulate its scheme (qdrant-edge-py "
-              "not installed; embedded Qdrant searches exactly)")
+    qdrant = (f"the Qdrant rows scored by Qdrant's engine (Qdrant Edge {', '.join(sorted(engines))}), rescored as "
+              "in one segment" if engines - {""} else "the Qdrant rows emulate its scheme (qdrant-edge-py not "
+              "installed; embedded Qdrant searches exactly)")
     return {"k": k, "queries": len(exclude), "reference": codec_list[0].label, "options": rows,
             "note": f"recall@10 against float32 exact search on the same queries; {qdrant}"}
 
 
 def results(codec: Codec, top: tuple, exclude: Sequence[Any], k: int) -> list[list[Any]]:
     """Per query, the ``k`` ids the option returns: its candidates without the query's own document, re-ranked
-    by exact score when it rescores (Qdrant Edge's rescored candidates come in that order already)."""
+    by exact score when it rescores."""
     scores, ids, _, exact = top
     out = []
     for row in range(len(ids)):
@@ -249,16 +252,17 @@ def empty_top(n: int, depth: int):
 
 
 def _edge_search(codec: Codec, shard: int, x: np.ndarray, queries: np.ndarray, depth: int):
-    """(Qdrant's scores, the rows they score (-1: none)) of ``queries`` against one shard's unit vectors ``x``,
-    ``depth`` per query in Qdrant's order, from a Qdrant Edge shard of ``codec.qdrant`` quantization."""
+    """(Qdrant's scores of the codes, the rows they score (-1: none)) of ``queries`` against one shard's unit
+    vectors ``x``, ``depth`` per query in Qdrant's order, from a Qdrant Edge shard of ``codec.qdrant``
+    quantization. Never rescored here: Qdrant rescores per segment, and these candidates are rescored once
+    merged over the whole output (:func:`results`)."""
     import qdrant_edge as qe
 
     if not len(x) or not len(queries):
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     edge = _EDGE.open(codec.qdrant, shard, x)
     try:
-        params = qe.SearchParams(quantization=qe.QuantizationSearchParams(
-            ignore=False, rescore=codec.rescore, oversampling=OVERSAMPLING if codec.rescore else None))
+        params = qe.SearchParams(quantization=qe.QuantizationSearchParams(ignore=False, rescore=False))
         hits = edge.query_batch(qe.QueryBatchRequest([qe.QueryRequest(limit=depth, query=qe.Query.Nearest(q),
                                                                       params=params) for q in queries.tolist()]))
     finally:
