@@ -3,8 +3,9 @@
 `reembed validate --quantization` searches one Qdrant Edge segment per shard of the output (the work stays in the
 shard tasks). Qdrant rescores ``oversampling x limit`` candidates in each segment, so with rescoring the figure
 rises with the number of segments; without it, it hardly moves. This bench searches the same vectors and the
-validation's sampled queries (seed 0, each query's own document left out) with the whole set in segments of
-``--segment`` rows, through the same Edge shards the validation builds.
+validation's sampled queries (seed 0, each query's own document filtered out: 10 results, Qdrant rescoring
+2 x 10 candidates per segment) with the whole set in segments of ``--segment`` rows, through the same Edge
+shards the validation builds.
 
     python bench/qdrant_edge_segments.py --vectors minilm-4000.npz --segment 4000 500 --out results.json
 """
@@ -52,13 +53,16 @@ def main(argv=None) -> int:
                     for rescore, per in hits.items():
                         params = qe.SearchParams(quantization=qe.QuantizationSearchParams(
                             ignore=False, rescore=rescore, oversampling=Qz.OVERSAMPLING if rescore else None))
-                        found = edge.query_batch(qe.QueryBatchRequest([qe.QueryRequest(
-                            limit=11, query=qe.Query.Nearest(v), params=params) for v in x[positions].tolist()]))
+                        found = edge.query_batch(qe.QueryBatchRequest([qe.QueryRequest(  # 10, not the query itself
+                            limit=10, query=qe.Query.Nearest(v), params=params,
+                            filter=qe.Filter(must_not=[qe.HasIdCondition({int(p) - lo})]) if lo <= p < lo + segment
+                            else None)
+                            for v, p in zip(x[positions].tolist(), positions)]))
                         for mine, got in zip(per, found):
                             mine += [(h.score, lo + h.id) for h in got]
                     edge.close()
             for rescore, per in hits.items():
-                got = [[i for _, i in sorted(h, key=lambda t: -t[0]) if i != p][:10] for h, p in zip(per, positions)]
+                got = [[i for _, i in sorted(h, key=lambda t: -t[0])][:10] for h in per]
                 recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, ref)]))
                 rows.append({"segment_rows": segment, "segments": -(-len(x) // segment), "quantization": kind,
                              "rescore": rescore, "recall_at_10": round(recall, 4)})

@@ -179,8 +179,8 @@ def qdrant_codecs(train: np.ndarray, dim: int, engine: bool | None = None) -> li
     out = []
     for kind in ("int8", "binary"):
         for rescore in (True, False):
-            then = (f"the top {OVERSAMPLING:g}x candidates over the whole output rescored with the float32 "
-                    "originals (on disk), as Qdrant does in one segment" if rescore else "ranked by the codes' scores")
+            then = (f"its top {math.ceil(OVERSAMPLING * K)} over the whole output rescored with the float32 "
+                    "originals (on disk), as Qdrant does in one segment" if rescore else "ranked by those scores")
             how = (f"Qdrant Edge {version} engine: {scheme[kind]} scored by Qdrant (full scan), {then}"
                    if version else f"emulated in numpy ({EDGE_PACKAGE} not used): {scheme[kind]}, {then}")
             out.append(Codec(f"qdrant_{kind}" + ("" if rescore else "_no_rescore"),
