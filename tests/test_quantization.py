@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -144,43 +146,59 @@ def test_float16_run_writes_half_shards_that_every_reader_takes(half_run, tiny_m
 # ---------------------------------------------------------------------------------------------------
 # The storage options' table against an independent computation
 
+SHARD_ROWS = 500
+QDRANT_ROWS = ("qdrant_int8", "qdrant_int8_no_rescore", "qdrant_binary", "qdrant_binary_no_rescore")
+
 
 @pytest.fixture(scope="module")
 def table_output(tmp_path_factory, tiny_model):
     vectors = clustered(ROWS, DIM, clusters=30, spread=0.5, seed=4)
-    out = write_output(tmp_path_factory.mktemp("table") / "out", vectors, 500, model_name=str(tiny_model))
+    out = write_output(tmp_path_factory.mktemp("table") / "out", vectors, SHARD_ROWS, model_name=str(tiny_model))
+    edge_folders = set(Path(tempfile.gettempdir()).glob("reembed-qdrant-edge-*"))
     report = V.validate(out, settings=V.Settings(sample=SAMPLE, builtin_pairs=False, quantization=True), workers=0)
+    # Each shard's Qdrant Edge shards are removed once searched: none is left behind.
+    assert set(Path(tempfile.gettempdir()).glob("reembed-qdrant-edge-*")) <= edge_folders
     return vectors, report
 
 
-def test_every_option_recall_matches_an_independent_computation(table_output):
-    import faiss
-
-    x, report = table_output
-    q_table = report["quantization"]
-    rows = {o["option"]: o for o in q_table["options"]}
-    positions = np.sort(np.random.default_rng(0).choice(ROWS, SAMPLE, replace=False))  # validate's sample (seed 0)
-    q = x[positions]
-    assert q_table["queries"] == SAMPLE and q_table["k"] == 10
-
-    def topk(scores: np.ndarray, depth: int) -> np.ndarray:  # best first, ties by position
-        return np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)[:, :depth]
-
-    def without_self(order: np.ndarray) -> list[list[int]]:
-        return [[int(i) for i in row if i != p] for row, p in zip(order, positions)]
-
-    exact = q @ x.T
-    ref = [r[:10] for r in without_self(topk(exact, 11))]
+def _reference(x: np.ndarray):
+    """validate's sampled positions (seed 0), their exact top-10 without themselves, and a recall function."""
+    positions = np.sort(np.random.default_rng(0).choice(ROWS, SAMPLE, replace=False))
+    exact = x[positions] @ x.T
+    ref = [r[:10] for r in _without_self(_topk(exact, 11), positions)]
 
     def recall(found: list[list[int]]) -> float:
         return float(np.mean([len(set(f[:10]) & set(r)) / 10 for f, r in zip(found, ref)]))
 
+    return positions, exact, recall
+
+
+def _topk(scores: np.ndarray, depth: int) -> np.ndarray:  # best first, ties by position
+    return np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)[:, :depth]
+
+
+def _without_self(order, positions) -> list[list[int]]:
+    return [[int(i) for i in row if i != p] for row, p in zip(order, positions)]
+
+
+@pytest.fixture(scope="module")
+def numpy_recalls(table_output) -> dict[str, float]:
+    return _numpy_recalls(table_output[0])
+
+
+def _numpy_recalls(x: np.ndarray) -> dict[str, float]:
+    """Every option's recall@10 computed here in numpy / faiss, the Qdrant rows by its scheme in numpy."""
+    import faiss
+
+    positions, exact, recall = _reference(x)
+    q = x[positions]
+
     def rescored(scores: np.ndarray) -> list[list[int]]:
-        cands = [c[:20] for c in without_self(topk(scores, 21))]
+        cands = [c[:20] for c in _without_self(_topk(scores, 21), positions)]
         return [sorted(c, key=lambda i, r=r: -exact[r, i])[:10] for r, c in enumerate(cands)]
 
     x16 = x.astype(np.float16).astype(np.float32)
-    independent = {"float32": 1.0, "float16": recall(without_self(topk(q @ x16.T, 11)))}
+    out = {"float32": 1.0, "float16": recall(_without_self(_topk(q @ x16.T, 11), positions))}
     for option, index in (("faiss_sq8", faiss.IndexScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_8bit,
                                                                    faiss.METRIC_INNER_PRODUCT)),
                           ("faiss_pq", faiss.IndexPQ(DIM, 8, 6, faiss.METRIC_INNER_PRODUCT))):
@@ -189,23 +207,180 @@ def test_every_option_recall_matches_an_independent_computation(table_output):
         index.train(x)  # the whole output is at most Qz.TRAIN vectors: trained on all of them
         index.add(x)
         _, found = index.search(q, 11)  # faiss's own search over its codes, not a decoded copy
-        independent[option] = recall(without_self(found))
+        out[option] = recall(_without_self(found, positions))
     lo, hi = np.quantile(x.ravel(), [0.005, 0.995])
     x8 = lo + np.rint((np.clip(x, lo, hi) - lo) / (hi - lo) * 255) * (hi - lo) / 255
-    independent["qdrant_int8"] = recall(rescored(q @ x8.T))
     signs = lambda m: np.where(m > 0, 1.0, -1.0)  # noqa: E731
-    independent["qdrant_binary"] = recall(rescored(signs(q) @ signs(x).T))
+    out["qdrant_int8"], out["qdrant_int8_no_rescore"] = recall(rescored(q @ x8.T)), recall(_without_self(_topk(q @ x8.T, 11), positions))
+    b = signs(q) @ signs(x).T
+    out["qdrant_binary"], out["qdrant_binary_no_rescore"] = recall(rescored(b)), recall(_without_self(_topk(b, 11), positions))
+    return out
 
+
+def _edge_recalls(x: np.ndarray) -> dict[str, float]:
+    """The Qdrant rows' recall@10 from Qdrant Edge searched directly here. Without rescoring: one Edge shard of
+    each quantization per 500-row shard of the output, 11 results a query by Qdrant's scores of the codes, merged
+    by score. Rescored: Qdrant's own rescoring (``rescore=true, oversampling=2``, 10 results, the query's own
+    document filtered out) in one Edge shard holding the whole output, i.e. one segment, the collection the
+    table's rescored rows stand for."""
+    import qdrant_edge as qe
+
+    positions, _, recall = _reference(x)
+    configs = {"int8": qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, always_ram=True),
+               "binary": qe.BinaryQuantizationConfig(always_ram=True)}
+
+    def search(kind: str, lo: int, hi: int, rescore: bool) -> list[list[tuple[float, int]]]:
+        """11 results a query (its own document among them) or, rescored, 10 without it (a filter), so that
+        Qdrant rescores 2 x 10 candidates as for a query that is not in the collection."""
+        with tempfile.TemporaryDirectory() as folder:
+            shard = qe.EdgeShard.create(folder, qe.EdgeConfig(
+                vectors=qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Cosine, quantization_config=configs[kind]),
+                hnsw_config=qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=1),
+                optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1)))
+            shard.update(qe.UpdateOperation.upsert_points([qe.Point(lo + i, v) for i, v in enumerate(x[lo:hi].tolist())]))
+            shard.optimize()
+            assert shard.info().indexed_vectors_count == hi - lo  # the quantized segment is built
+            params = qe.SearchParams(quantization=qe.QuantizationSearchParams(
+                ignore=False, rescore=rescore, oversampling=2.0 if rescore else None))
+            found = shard.query_batch(qe.QueryBatchRequest([qe.QueryRequest(
+                limit=10 if rescore else 11, query=qe.Query.Nearest(v), params=params,
+                filter=qe.Filter(must_not=[qe.HasIdCondition({int(p)})]) if rescore else None)
+                for v, p in zip(x[positions].tolist(), positions)]))
+            shard.close()
+        return [[(h.score, h.id) for h in hits] for hits in found]
+
+    def top10(per_query: list[list[tuple[float, int]]]) -> list[list[int]]:
+        return [[i for _, i in sorted(h, key=lambda t: -t[0]) if i != p][:10] for h, p in zip(per_query, positions)]
+
+    out = {}
+    for kind in configs:
+        merged: list[list[tuple[float, int]]] = [[] for _ in positions]
+        for lo in range(0, ROWS, SHARD_ROWS):
+            for mine, got in zip(merged, search(kind, lo, lo + SHARD_ROWS, rescore=False)):
+                mine += got
+        out[f"qdrant_{kind}_no_rescore"] = recall(top10(merged))
+        out[f"qdrant_{kind}"] = recall(top10(search(kind, 0, ROWS, rescore=True)))
+    return out
+
+
+def test_every_option_recall_matches_an_independent_computation(table_output, numpy_recalls):
+    x, report = table_output
+    q_table = report["quantization"]
+    rows = {o["option"]: o for o in q_table["options"]}
+    assert q_table["queries"] == SAMPLE and q_table["k"] == 10
+
+    independent = {**numpy_recalls, **_edge_recalls(x)}  # the Qdrant rows: Qdrant Edge searched here
     assert set(rows) == set(independent)
     for option, value in independent.items():
         assert rows[option]["recall_at_10"] == pytest.approx(value, abs=0.01), (option, rows[option], value)
-    # Exact bytes per vector: 4d, 2d, d, PQ8x6 = 6 bytes, d in RAM, d / 8 bits.
+    for option in QDRANT_ROWS:
+        assert rows[option]["how"].startswith(f"Qdrant Edge {Qz.edge_version()} engine"), rows[option]
+    assert "Qdrant Edge 0.9.0" in q_table["note"]
+    # Exact bytes per vector: 4d, 2d, d, PQ8x6 = 6 bytes; Qdrant int8 d codes + a float32, binary one 128-bit word.
     assert {o: r["bytes_per_vector"] for o, r in rows.items()} == {
-        "float32": 4 * DIM, "float16": 2 * DIM, "faiss_sq8": DIM, "faiss_pq": 6, "qdrant_int8": DIM,
-        "qdrant_binary": DIM // 8}
+        "float32": 4 * DIM, "float16": 2 * DIM, "faiss_sq8": DIM, "faiss_pq": 6, "qdrant_int8": DIM + 4,
+        "qdrant_int8_no_rescore": DIM + 4, "qdrant_binary": 16, "qdrant_binary_no_rescore": 16}
     assert rows["faiss_pq"]["label"] == "FAISS PQ8x6"
-    # The options lose what they should, in order: float16 nothing to speak of, binary the most.
-    assert rows["float16"]["recall_at_10"] >= 0.98 and rows["qdrant_binary"]["recall_at_10"] < rows["faiss_sq8"]["recall_at_10"]
+    # The options lose what they should: float16 nothing to speak of, binary codes alone the most, rescoring helps
+    recall = {o: r["recall_at_10"] for o, r in rows.items()}
+    assert recall["float16"] >= 0.98 and recall["qdrant_binary_no_rescore"] == min(recall.values())
+    assert recall["qdrant_binary_no_rescore"] < recall["qdrant_binary"] and recall["qdrant_int8_no_rescore"] <= recall["qdrant_int8"]
+
+
+def test_the_emulated_qdrant_rows_match_their_numpy_scheme(table_output, numpy_recalls):
+    """Without qdrant-edge-py the Qdrant rows are the numpy emulation: the codecs over the output's shards and
+    merged as the shard tasks do, each recall within 0.01 of the scheme computed here."""
+    from reembed.validation import integrity as I
+
+    x, _ = table_output
+    positions, _, _ = _reference(x)
+    codecs = Qz.codecs(x, DIM, engine=False)
+    qdrant = [c for c in codecs if c.qdrant]
+    assert [c.option for c in qdrant] == list(QDRANT_ROWS) and not any(c.engine for c in qdrant)
+    assert all(c.how.startswith("emulated in numpy") for c in qdrant)
+    ids = [f"d{i}" for i in range(ROWS)]
+    q = x[positions]
+    tops = []
+    for c in (codecs[0], *qdrant):
+        depth = c.depth(10)
+        parts = [c.top(s, ids[lo:lo + SHARD_ROWS], x[lo:lo + SHARD_ROWS], q, depth, I.KEY_SPAN)
+                 for s, lo in enumerate(range(0, ROWS, SHARD_ROWS))]
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = I._merge_top(merged, part, depth)
+        tops.append(merged)
+    table = Qz.table([codecs[0], *qdrant], tops, [ids[p] for p in positions], 10)
+    assert "emulate" in table["note"]
+    want = numpy_recalls
+    for row in table["options"][1:]:
+        assert row["recall_at_10"] == pytest.approx(want[row["option"]], abs=0.01), (row, want[row["option"]])
+
+
+def test_without_qdrant_edge_the_qdrant_rows_are_emulated(monkeypatch):
+    """qdrant-edge-py not importable (a None in sys.modules makes its import fail, as when it is not installed):
+    the rows fall back to the emulation and say so; asking for the engine is refused in one line."""
+    import sys
+
+    from reembed.errors import ValidationError
+
+    x = clustered(300, DIM, seed=12)
+    assert all(c.engine == "0.9.0" for c in Qz.codecs(x, DIM) if c.qdrant)  # installed here: the engine by default
+    monkeypatch.setitem(sys.modules, "qdrant_edge", None)
+    assert Qz.edge_version() == ""
+    rows = [c for c in Qz.codecs(x, DIM) if c.qdrant]
+    assert len(rows) == 4 and all(not c.engine and c.how.startswith("emulated in numpy") for c in rows)
+    with pytest.raises(ValidationError, match="qdrant-edge-py is not installed.*pip install qdrant-edge-py==0.9.0"):
+        Qz.codecs(x, DIM, engine=True)
+
+
+def test_the_qdrant_rows_are_searched_quantized_by_qdrant_edge():
+    """The engine's quantized path is the one measured: Qdrant's int8 scores are not the exact dot products and
+    its binary scores count agreeing bits; a query built so that its codes mislead ranks a worse vector first
+    unless rescored."""
+    from reembed.validation import integrity as I
+
+    x = clustered(1_000, DIM, seed=11)
+    codecs = {c.option: c for c in Qz.codecs(x, DIM, engine=True)}
+    q = Qz.normalize(x[:40] + 0.05)
+    ids = [f"d{i}" for i in range(1_000)]
+    for option in QDRANT_ROWS:
+        c = codecs[option]
+        assert c.engine == Qz.edge_version() == "0.9.0" and c.depth(10) == (21 if c.rescore else 11)
+        scores, found, _, exact = c.top(0, ids, x, q, c.depth(10), I.KEY_SPAN)
+        assert found.shape == (40, c.depth(10)) and (found != None).all()  # noqa: E711
+        gap = np.abs(scores - exact).max()  # Qdrant's scores of the codes, rescored or not (that comes after)
+        if c.qdrant == "int8":
+            assert 1e-4 < gap < 0.05, (option, gap)  # int8 codes: close to, not equal to, the dot products
+        else:
+            assert np.array_equal(scores, np.rint(scores)) and scores.max() <= DIM, option  # bit agreements
+    # A query whose binary codes mislead: one vector agrees with it in every sign but points elsewhere, the
+    # nearest one differs in one small component's sign. By the codes the former comes first; rescored, the latter.
+    query = np.abs(np.random.default_rng(3).standard_normal(DIM)).astype(np.float32) + 0.1
+    query[5] = 0.02
+    nearest, agreeing = query.copy(), np.ones(DIM, np.float32)
+    nearest[5] = -0.02
+    others = np.random.default_rng(4).standard_normal((200, DIM)).astype(np.float32)
+    data = Qz.normalize(np.vstack([others, agreeing, nearest]))
+    ids = [f"d{i}" for i in range(len(data))]
+    q1 = Qz.normalize(query[None])
+    assert (q1 @ data.T).argmax() == 201 and np.sign(data[200]).tolist() == np.sign(q1[0]).tolist()
+    for option, first in (("qdrant_binary_no_rescore", "d200"), ("qdrant_binary", "d201")):
+        c = codecs[option]
+        assert Qz.results(c, c.top(0, ids, data, q1, c.depth(10), I.KEY_SPAN), [None], 10)[0][0] == first, option
+
+
+@pytest.mark.parametrize("dim", [32, 33, 200, 384])
+def test_qdrant_bytes_per_vector_are_what_qdrant_edge_stores(tmp_path, dim):
+    """The table's Qdrant bytes per vector against the size of the quantized storage Qdrant Edge writes."""
+    x = Qz.normalize(np.random.default_rng(dim).standard_normal((300, dim)).astype(np.float32))
+    for kind in ("int8", "binary"):
+        folder = tmp_path / kind
+        edge = Qz._build_edge(kind, x, str(folder), 0)
+        edge.flush()
+        edge.close()
+        sizes = [f.stat().st_size for f in folder.rglob("quantized.data")]
+        assert sizes and max(sizes) == 300 * Qz.qdrant_bytes(kind, dim), (kind, dim, sizes)
+    assert Qz.qdrant_bytes("int8", 384) == 388 and Qz.qdrant_bytes("binary", 384) == 48
 
 
 def test_the_table_is_in_the_html_and_the_cli_lines(table_output, tmp_path):
@@ -214,16 +389,21 @@ def test_the_table_is_in_the_html_and_the_cli_lines(table_output, tmp_path):
     _, report = table_output
     html = render_html(report)
     assert "Storage options" in html and "FAISS SQ8" in html and "Qdrant binary + rescore" in html and "<svg" in html
+    assert "Qdrant Edge 0.9.0 engine" in html
     lines = V.report_lines(report)
     assert lines[0].startswith("storage options: recall@10") and any("FAISS PQ8x6" in line for line in lines)
+    assert sum("[Qdrant Edge 0.9.0 engine]" in line for line in lines) == 4
 
 
 def test_top_k_of_a_codec_merges_exactly_whatever_the_split(tiny_model):
-    """Binary codes tie massively: the shard-level candidates keep row order, so two splits agree."""
+    """Binary codes tie massively: the emulation's shard-level candidates keep row order, so two splits agree.
+    (Qdrant Edge breaks ties in its own order within a shard, as a collection does within a segment; the shards
+    are the output's, so its table too is the same for any number of tasks.)"""
     from reembed.validation import integrity as I
 
     x = clustered(900, DIM, seed=2)
-    codec = Qz.codecs(x[:300], DIM)[-1]
+    codec = Qz.codecs(x[:300], DIM, engine=False)[-1]
+    assert codec.option == "qdrant_binary_no_rescore" and not codec.engine
     q = x[:7]
     depth = codec.depth(10)
     ids = [f"d{i}" for i in range(900)]

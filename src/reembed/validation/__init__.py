@@ -350,7 +350,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"storage options: recall@{q['k']} against {q['reference']} on {q['queries']} queries")
         for row in q["options"]:
             lines.append(f"  {row['label']:<28} {row['bytes_per_vector']:>6} B/vector  {row['compression']:>6}x  "
-                         f"recall@{q['k']} {row['recall_at_10']}")
+                         f"recall@{q['k']} {row['recall_at_10']}"
+                         + (f"  [{row['how'].split(':')[0]}]" if row["option"].startswith("qdrant") else ""))
     a = report.get("adapter")
     if a:
         lines.append(adapter_line(a))
