@@ -201,8 +201,8 @@ def texts_saved(rows: int, estimate: dict[str, Any]) -> dict[str, Any]:
     if not rate:
         return {"saved_seconds": None, "saved_usd": None}
     seconds = rows / rate
-    usd = estimate["cost_usd"] / estimate["seconds"] * seconds if estimate.get("cost_usd") and estimate.get("seconds") \
-        else None
+    # the estimate's cost is proportional to its rows (its seconds are rounded: 0.0 for a small input)
+    usd = estimate["cost_usd"] * rows / estimate["rows"] if estimate.get("cost_usd") and estimate.get("rows") else None
     return {"saved_seconds": round(seconds, 3), "saved_usd": None if usd is None else round(usd, 8)}
 
 
