@@ -15,6 +15,12 @@ Old model all-MiniLM-L6-v2 (384-d), new model all-mpnet-base-v2 (768-d), both re
   it twice in the background: each process takes the chunks nobody claimed) fills the cache.
 * Each kind is fitted with its fixed settings and tuned on held-out fit pairs (``reembed.adapter.fit(...,
   tune=True)``); the best kind is the one with the best held-out pair figure, never chosen by the queries.
+* Query-like fit pairs, as a query log has them: ``--query-fit 0,N1,N2`` adds N distinct lemmas (words and
+  short phrases) of the full WordNet that are neither a query lemma nor a lemma of a labelled synset,
+  embedded by both models (cached by chunks of 1,000 like the glosses). The first 2,000 such lemmas are
+  never fitted: every run is judged on them (their new-model top-10 among the fit documents, kept by the
+  adapted query among the old vectors), and the best run is the one they choose.
+* The ``listwise`` kind trains the map on the new model's neighbour ranking instead of the old vector.
 * A partial migration: half the documents re-embedded (the new index holds them), the other half still
   in the old index; a query embedded once with the new model searches the new half directly and the old
   half through the best adapter, fused by RRF (``reembed.adapter.adapted_query``'s arithmetic), against
@@ -24,6 +30,8 @@ Old model all-MiniLM-L6-v2 (384-d), new model all-mpnet-base-v2 (768-d), both re
     apt-get download wordnet-base && dpkg -x wordnet-base_*.deb /tmp/wn
     python bench/adapter_recovery.py --wordnet /tmp/wn --extra-fit 20000 --embed-only &   # twice
     python bench/adapter_recovery.py --wordnet /tmp/wn --extra-fit 0,10000,20000 --out bench/results/...
+    python bench/adapter_recovery.py --wordnet /tmp/wn --query-fit 38000 --embed-only &   # twice
+    python bench/adapter_recovery.py --wordnet /tmp/wn --query-fit 0,10000,38000 --out bench/results/...
 """
 
 from __future__ import annotations

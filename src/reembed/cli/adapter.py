@@ -17,7 +17,8 @@ def register(subparsers) -> None:
                     "new vectors, so a query embedded once with the new model also searches the old store while the "
                     "re-embedding runs (Drift-Adapter, EMNLP 2025).")
     sub = a.add_subparsers(dest="adapter_command", required=True, metavar="{fit,show}")
-    f = sub.add_parser("fit", help="fit procrustes, low-rank and MLP adapters, judge them on held-out pairs, save the best")
+    f = sub.add_parser("fit", help="fit procrustes, low-rank, MLP and listwise adapters, judge them on held-out "
+                       "pairs, save the best")
     f.add_argument("output", metavar="OUTPUT_URI", help="the new output (a partial run is enough)")
     f.add_argument("--old", metavar="URI", help="the old side: an export folder (id + old_embedding) or a store URI; "
                    "default: the shards' old_embedding column")
