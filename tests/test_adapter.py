@@ -215,7 +215,7 @@ def test_query_log_reading_lines_and_json_lines_and_bad_files_in_one_line(tmp_pa
     assert A.read_query_log(str(jl)) == ["dog", "cat"]
     cases = {"missing.txt": (None, "no such query log"),
              "empty.txt": ("\n\n", "no queries in this query log"),
-             "broken.jsonl": ('{"text": "dog"}\n{"text": "ca\n', "broken.jsonl:2: not a JSON object"),
+             "broken.jsonl": ('{"text": "dog"}\n{"text": "ca\n', "broken.jsonl:2: not valid JSON"),
              "notext.jsonl": ('{"text": "dog"}\n{"query": "cat"}\n', 'notext.jsonl:2: "text" must be a non-empty'),
              "binary.txt": (b"\xff\xfe\x00bad", "not UTF-8 text")}
     for name, (body, message) in cases.items():

@@ -11,7 +11,7 @@ embedded once, with the new model, and searches
 and the two ranked lists are fused (:func:`reembed.migrate.dual.fuse`). One embedding per query instead of
 two models, and the old store keeps serving until the swap.
 
-Three kinds are fitted and compared on held-out pairs; the best is kept:
+Four kinds are fitted and compared on held-out pairs; the best is kept:
 
 * ``procrustes`` - orthogonal Procrustes: ``W`` with orthonormal rows (``d_new x d_old``) maximizing the
   agreement of ``x W`` with ``y``; no bias. The SVD of ``X^T Y``.
@@ -659,37 +659,36 @@ def _labelled(path: str, manifest, old_model: str | None, held_ids: np.ndarray, 
 
 
 def read_query_log(path: str, limit: int = DEFAULT_SAMPLE) -> list[str]:
-    """The first ``limit`` distinct texts of a query log: one query a line, or JSON Lines (the first
-    non-blank line starts with ``{``) with a ``text`` field. Blank lines are skipped."""
+    """The first ``limit`` distinct texts of a query log: one query a line, or JSON Lines (the file starts
+    with ``{``) with a ``text`` field. Blank lines are skipped."""
+    from reembed.storage import json_lines
+
     try:
         data = Location.from_uri(path).read_bytes()
     except (FileNotFoundError, IsADirectoryError) as e:
         raise AdapterError(f"{path}: no such query log; give a file of query texts (one a line, or JSON Lines "
                            "with a \"text\" field)") from e
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise AdapterError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a query log is one query a line "
-                           "or JSON Lines with a \"text\" field") from e
-    first = next((ln.strip() for ln in lines if ln.strip()), "")
     texts: dict[str, None] = {}
-    for n, line in enumerate(lines, 1):
-        if len(texts) >= limit:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if first.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise AdapterError(f"{path}:{n}: not a JSON object ({e}); the log's first line is JSON, so every "
-                                   "line must be {\"text\": ...}") from e
-            text = obj.get("text") if isinstance(obj, dict) else None
+    if data.lstrip()[:1] == b"{":
+        for n, obj in json_lines(data, path, AdapterError):
+            text = obj.get("text")
             if not isinstance(text, str) or not text.strip():
-                raise AdapterError(f"{path}:{n}: \"text\" must be a non-empty string")
-            line = text.strip()
-        texts[line] = None
+                raise AdapterError(f"{path}:{n}: \"text\" must be a non-empty string (a JSON Lines query log "
+                                   "has one {\"text\": ...} a line)")
+            texts[text.strip()] = None
+            if len(texts) >= limit:
+                break
+    else:
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise AdapterError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a query log is one query "
+                               "a line, or JSON Lines with a \"text\" field") from e
+        for line in lines:
+            if line.strip():
+                texts[line.strip()] = None
+                if len(texts) >= limit:
+                    break
     if not texts:
         raise AdapterError(f"{path}: no queries in this query log (empty file)")
     return list(texts)
