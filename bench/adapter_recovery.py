@@ -15,6 +15,12 @@ Old model all-MiniLM-L6-v2 (384-d), new model all-mpnet-base-v2 (768-d), both re
   it twice in the background: each process takes the chunks nobody claimed) fills the cache.
 * Each kind is fitted with its fixed settings and tuned on held-out fit pairs (``reembed.adapter.fit(...,
   tune=True)``); the best kind is the one with the best held-out pair figure, never chosen by the queries.
+* Query-like fit pairs, as a query log has them: ``--query-fit 0,N1,N2`` adds N distinct lemmas (words and
+  short phrases) of the full WordNet that are neither a query lemma nor a lemma of a labelled synset,
+  embedded by both models (cached by chunks of 1,000 like the glosses). The first 2,000 such lemmas are
+  never fitted: every run is judged on them (their new-model top-10 among the fit documents, kept by the
+  adapted query among the old vectors), and the best run is the one they choose.
+* The ``listwise`` kind trains the map on the new model's neighbour ranking instead of the old vector.
 * A partial migration: half the documents re-embedded (the new index holds them), the other half still
   in the old index; a query embedded once with the new model searches the new half directly and the old
   half through the best adapter, fused by RRF (``reembed.adapter.adapted_query``'s arithmetic), against
@@ -24,6 +30,8 @@ Old model all-MiniLM-L6-v2 (384-d), new model all-mpnet-base-v2 (768-d), both re
     apt-get download wordnet-base && dpkg -x wordnet-base_*.deb /tmp/wn
     python bench/adapter_recovery.py --wordnet /tmp/wn --extra-fit 20000 --embed-only &   # twice
     python bench/adapter_recovery.py --wordnet /tmp/wn --extra-fit 0,10000,20000 --out bench/results/...
+    python bench/adapter_recovery.py --wordnet /tmp/wn --query-fit 38000 --embed-only &   # twice
+    python bench/adapter_recovery.py --wordnet /tmp/wn --query-fit 0,10000,38000 --out bench/results/...
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 DATA = ROOT / "tests" / "data"
 CHUNK = 1000
+SELECT = 2000  # query-like lemmas held out of every fit: they choose the best run
 THREADS = 1  # torch threads: on the shared 2-core VM one thread embeds 5x faster than two (OpenMP contention)
 log = logging.getLogger("adapter_recovery")
 
@@ -59,7 +68,12 @@ def main(argv=None) -> int:
     ap.add_argument("--wordnet", type=Path, help="the full WordNet (dpkg -x wordnet-base_*.deb ROOT): extra fit pairs")
     ap.add_argument("--extra-fit", default="0",
                     help="comma-separated numbers of extra fit glosses from --wordnet to compare (e.g. 0,20000,50000)")
-    ap.add_argument("--untuned-mlp", action="store_true", help="also fit the MLP with the fixed settings (slow)")
+    ap.add_argument("--query-fit", default="0",
+                    help="comma-separated numbers of query-like fit pairs (full-WordNet lemmas that are neither a query "
+                         "nor a lemma of a labelled synset) to compare, e.g. 0,10000,30000")
+    ap.add_argument("--kinds", default="procrustes,lowrank,mlp,listwise", help="adapter kinds to fit")
+    ap.add_argument("--untuned-mlp", action="store_true",
+                    help="also fit the MLP and the listwise map with the fixed settings (slow)")
     ap.add_argument("--embed-only", action="store_true", help="only embed (and cache) the largest --extra-fit, then stop")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -77,7 +91,18 @@ def main(argv=None) -> int:
     relevant = [{r: 1.0 for r in q["relevant"]} for q in queries]
 
     extra_ns = sorted({int(n) for n in args.extra_fit.split(",")})
+    query_ns = sorted({int(n) for n in args.query_fit.split(",")})
     extra_texts: list[str] = []
+    lemma_texts: list[str] = []
+    if query_ns[-1] > 0:
+        if args.wordnet is None:
+            ap.error("--query-fit needs --wordnet (the folder wordnet-base was extracted into)")
+        labelled_lemmas = {lemma.lower() for d in docs if d["id"] in {r for q in queries for r in q["relevant"]}
+                           for lemma in d["lemmas"]}
+        lemmas = fit_lemmas(args.wordnet, {q["query"].lower() for q in queries} | labelled_lemmas)
+        if len(lemmas) < query_ns[-1]:
+            ap.error(f"--query-fit {query_ns[-1]}: the full WordNet has only {len(lemmas)} eligible lemmas")
+        lemma_texts = lemmas[: SELECT + query_ns[-1]]  # the first SELECT choose the best run, never fitted
     if extra_ns[-1] > 0:
         if args.wordnet is None:
             ap.error("--extra-fit needs --wordnet (the folder wordnet-base was extracted into)")
@@ -88,6 +113,9 @@ def main(argv=None) -> int:
     if args.embed_only:
         embed_cached("minilm", texts, qtexts, args.cache, wait=False)
         embed_cached("mpnet", texts, qtexts, args.cache, wait=False)
+        for c in range(0, len(lemma_texts), CHUNK):
+            for which in ("minilm", "mpnet"):
+                _chunk(which, lemma_texts[c: c + CHUNK], c // CHUNK, args.cache, CHUNK, wait=False, prefix="qfit")
         for c in range(0, len(extra_texts), CHUNK):
             for which in ("minilm", "mpnet"):
                 _chunk(which, extra_texts[c: c + CHUNK], c // CHUNK, args.cache, CHUNK, wait=False)
@@ -101,6 +129,7 @@ def main(argv=None) -> int:
 
     labelled = {r for rel in relevant for r in rel}
     fit_rows = np.array([i not in labelled for i in ids.tolist()])
+    x_docs, y_docs = new_d[fit_rows], old_d[fit_rows]  # the selection lemmas rank these (no labelled document)
     old_n, new_n = A._normalize(old_d), A._normalize(new_d)
 
     def rank(q, index, k=10):
@@ -112,46 +141,60 @@ def main(argv=None) -> int:
         return {"recall@10": round(float(rec), 4), "ndcg@10": round(float(nd), 4)}
 
     base = {"old": scores(rank(old_q, old_n), ids), "new": scores(rank(new_q, new_n), ids)}
+    lemma_old = embed_fit_cached("minilm", lemma_texts, args.cache, prefix="qfit")
+    lemma_new = embed_fit_cached("mpnet", lemma_texts, args.cache, prefix="qfit")
+    select_new = lemma_new[:SELECT]  # held out of every fit: which run is best (its new-model neighbours kept)
     extra_old = embed_fit_cached("minilm", extra_texts, args.cache)
     extra_new = embed_fit_cached("mpnet", extra_texts, args.cache)
 
     # Every kind, at every number of fit pairs, fitted as before (fixed settings) and tuned on held-out
     # fit pairs. The labelled queries only score; the best kind is chosen on the held-out pairs.
     runs, fitted = [], {}
-    for n_extra in extra_ns:
+    for n_extra, n_query in [(e, q) for e in extra_ns for q in query_ns]:
         x = np.vstack([new_d[fit_rows], extra_new[:n_extra]]) if n_extra else new_d[fit_rows]
         y = np.vstack([old_d[fit_rows], extra_old[:n_extra]]) if n_extra else old_d[fit_rows]
-        for kind in A.KINDS:
+        qpairs = (lemma_new[SELECT: SELECT + n_query], lemma_old[SELECT: SELECT + n_query]) if n_query else None
+        for kind in [k for k in A.KINDS if k in args.kinds.split(",")]:
             for tune in (False, True):
-                if not tune and kind == "mlp" and not args.untuned_mlp:
-                    continue  # 60 fixed epochs: minutes on the shared VM, and it overfits (see the 2026-11-30 run)
+                if not tune and kind in ("mlp", "listwise") and not args.untuned_mlp:
+                    continue  # fixed epochs: minutes on the shared VM, and the MLP overfits (see the 2026-11-30 run)
                 t, c = time.monotonic(), time.process_time()
-                a = A.fit(x, y, kind, rank=128, tune=tune)
+                a = A.fit(x, y, kind, rank=128, tune=tune, queries=qpairs)
                 fit_s, fit_cpu = time.monotonic() - t, time.process_time() - c
                 got = scores(A._top(a.apply(new_q), old_n, 10), ids)
                 tuning = a.figures.get("tuning") or {}
                 held = (tuning.get("tried") or {}).get(tuning.get("chosen"), {})
-                runs.append({"fit_pairs": len(x), "extra_pairs": n_extra, "kind": kind, "tuned": tune,
+                runs.append({"fit_pairs": len(x), "extra_pairs": n_extra, "query_pairs": n_query, "kind": kind,
+                             "tuned": tune,
                              "settings": tuning.get("chosen", "fixed (rank 128, ridge 0.01, 60 epochs)"),
                              **got, "recovery_recall": round(got["recall@10"] / base["new"]["recall@10"], 4),
                              "recovery_ndcg": round(got["ndcg@10"] / base["new"]["ndcg@10"], 4),
                              "held_out_neighbour_overlap": held.get("neighbour_overlap"),
                              "held_out_mean_cosine": held.get("mean_cosine"),
+                             "held_out_basis": tuning.get("basis"),
+                             "selection_overlap": round(A.query_overlap(a, select_new, x_docs, y_docs), 4)
+                             if len(select_new) else None,
                              "fit_seconds": round(fit_s, 2), "fit_cpu_seconds": round(fit_cpu, 2),
                              "us_per_query": A._query_cost(a, new_q)})
-                fitted[(n_extra, kind, tune)] = a
-                log.info("%6d pairs %-10s %-5s recall@10 %.3f  recovery %.1f%%  (%s)  fit %.1f s", len(x), kind,
-                         "tuned" if tune else "fixed", got["recall@10"], 100 * runs[-1]["recovery_recall"],
-                         runs[-1]["settings"], fit_s)
-    last = [r for r in runs if r["extra_pairs"] == extra_ns[-1] and r["tuned"]]
-    chosen = max(last, key=lambda r: (r["held_out_neighbour_overlap"], r["held_out_mean_cosine"]))
+                fitted[(n_extra, n_query, kind, tune)] = a
+                log.info("%6d + %6d query pairs %-10s %-5s recall@10 %.3f  recovery %.1f%%  selection %s  (%s)  "
+                         "fit %.1f s", len(x), n_query, kind, "tuned" if tune else "fixed", got["recall@10"],
+                         100 * runs[-1]["recovery_recall"], runs[-1]["selection_overlap"], runs[-1]["settings"], fit_s)
+    if len(select_new):  # every run is judged on the same held-out lemmas: the best of all runs
+        chosen = max(runs, key=lambda r: r["selection_overlap"])
+        chosen_by = (f"{SELECT} held-out lemmas (never fitted): overlap of their new-model top-10 among the "
+                     f"{int(fit_rows.sum())} fit documents")
+    else:
+        last = [r for r in runs if r["extra_pairs"] == extra_ns[-1] and r["tuned"]]
+        chosen = max(last, key=lambda r: (r["held_out_neighbour_overlap"], r["held_out_mean_cosine"]))
+        chosen_by = "held-out fit pairs (neighbour overlap, then mean cosine)"
     best = chosen["kind"]
 
     # A partial migration: the first half (by a seeded shuffle) re-embedded, the rest still old.
     rng = np.random.default_rng(0)
     migrated = np.zeros(len(ids), bool)
     migrated[rng.permutation(len(ids))[: len(ids) // 2]] = True
-    a = fitted[(extra_ns[-1], best, True)]
+    a = fitted[(chosen["extra_pairs"], chosen["query_pairs"], best, chosen["tuned"])]
     fused_rows, new_only_rows = [], []
     for qi in range(len(queries)):
         nq = new_q[qi: qi + 1]
@@ -163,7 +206,7 @@ def main(argv=None) -> int:
         "old_store_alone": base["old"],
         "new_half_plus_old_half_via_adapter": _score_lists(fused_rows, relevant),
         "new_half_alone": _score_lists(new_only_rows, relevant),
-        "adapter": best, "fit_pairs": chosen["fit_pairs"],
+        "adapter": best, "fit_pairs": chosen["fit_pairs"], "query_pairs": chosen["query_pairs"],
     }
     usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
@@ -176,8 +219,11 @@ def main(argv=None) -> int:
               "docs": len(ids), "queries": len(queries), "extract_fit_pairs": int(fit_rows.sum()),
               "extra_fit_source": "full WordNet 3.0 (wordnet-base): synsets outside the extract naming no query lemma, "
                                   "in sha256('fit:' + id) order" if extra_ns[-1] else None,
+              "query_fit_source": f"full WordNet 3.0 lemmas (lower-cased, distinct), none a query lemma or a lemma of a "
+                                  f"labelled synset, in sha256('qfit:' + lemma) order; the first {SELECT} choose the best "
+                                  "run (never fitted), the next N are the query-like fit pairs" if query_ns[-1] else None,
               "embed_seconds": round(embed_s, 1), "baseline": base, "runs": runs,
-              "best": {"kind": best, "chosen_by": "held-out fit pairs (neighbour overlap, then mean cosine)", **chosen},
+              "best": {"kind": best, "chosen_by": chosen_by, **chosen},
               "partial_migration": partial}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,19 +271,33 @@ def fit_glosses(wordnet_root: Path, exclude_ids: set, exclude_lemmas: set) -> li
     return sorted(keep, key=lambda s: W.digest("fit", s["id"]))
 
 
-def embed_fit_cached(which: str, texts: list[str], cache: str, chunk: int = CHUNK, wait: bool = True) -> np.ndarray:
+def fit_lemmas(wordnet_root: Path, exclude_lemmas: set) -> list[str]:
+    """Query-like fit texts, as a query log has them: every distinct lemma (word or short phrase, lower-cased)
+    of the full WordNet that is not in ``exclude_lemmas`` (the query lemmas and every lemma of a labelled
+    synset), ordered by ``sha256("qfit:" + lemma)`` so the first N of a larger run are those of a smaller one."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import make_wordnet_extract as W
+
+    lexnames = W.read_lexnames(wordnet_root / W.LEXNAMES_MAN)
+    seen = {lemma.lower() for pos, name in W.FILES.items()
+            for s in W.read_data(wordnet_root / W.WORDNET / name, pos, lexnames) for lemma in s["lemmas"]}
+    return sorted(seen - exclude_lemmas, key=lambda lemma: W.digest("qfit", lemma))
+
+
+def embed_fit_cached(which: str, texts: list[str], cache: str, chunk: int = CHUNK, wait: bool = True,
+                     prefix: str = "fit") -> np.ndarray:
     """The embeddings of the fit texts, cached by chunks of ``chunk`` texts in their fixed order, so a
     larger N reuses every chunk a smaller one embedded. A chunk is claimed by a create-only ``.claim`` file,
     so several processes (``--embed-only`` twice, one thread each) share the work; with ``wait`` a chunk
     another process claimed is waited for. Progress is logged per chunk."""
     out = []
     for c in range(0, len(texts), chunk):
-        out.append(_chunk(which, texts[c: c + chunk], c // chunk, cache, chunk, wait))
+        out.append(_chunk(which, texts[c: c + chunk], c // chunk, cache, chunk, wait, prefix))
     return np.vstack([o for o in out if o is not None]) if out else np.zeros((0, 1), np.float32)
 
 
-def _chunk(which: str, part: list[str], n: int, cache: str, chunk: int, wait: bool):
-    path = Path(cache) / f"{which}-fit-{chunk}-{n:03d}.npy"
+def _chunk(which: str, part: list[str], n: int, cache: str, chunk: int, wait: bool, prefix: str = "fit"):
+    path = Path(cache) / f"{which}-{prefix}-{chunk}-{n:03d}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     whole = len(part) == chunk  # only whole chunks are cached: a partial one may grow with a larger N
     while True:
@@ -257,7 +317,7 @@ def _chunk(which: str, part: list[str], n: int, cache: str, chunk: int, wait: bo
     if whole:
         np.save(f"{path}.tmp.npy", vecs)
         os.replace(f"{path}.tmp.npy", path)
-    log.info("%s: embedded fit chunk %d (%d texts) in %.1f s wall, %.1f s CPU (%.1f/s), load %s", which, n,
+    log.info("%s: embedded %s chunk %d (%d texts) in %.1f s wall, %.1f s CPU (%.1f/s), load %s", which, prefix, n,
              len(part), time.monotonic() - t, time.process_time() - c, len(part) / (time.monotonic() - t),
              os.getloadavg()[0])
     return vecs

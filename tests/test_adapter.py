@@ -161,3 +161,92 @@ def test_query_through_the_adapter_embeds_once_and_searches_both_stores(tmp_path
     assert main(["query", text, "--old", str(export), "--new", str(tmp_path / "new"), "--adapter",
                  "--old-model", str(proj)]) == 1
     assert "fitted for the old model" in capsys.readouterr().err
+
+
+def underweighted_pair(n: int, d: int = 32, seed: int = 0):
+    """Two models that see the same latent directions, but the old one under-weights half of them (x 0.15):
+    its nearest neighbours follow the other half, the new model's follow all of them. A map that reproduces
+    the old vector inherits the old ranking; the old vectors still hold every direction, so a map that
+    targets the new model's ranking can re-weight them (the new model's ranking is reachable)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, d))
+    weight = np.where(np.arange(d) < d // 2, 1.0, 0.15)
+    rotation = np.linalg.qr(np.random.default_rng(99).standard_normal((d, d)))[0]  # the same new model for every call
+    return A._normalize(z @ rotation), A._normalize(z * weight)
+
+
+def test_the_ranking_loss_keeps_more_of_the_new_models_neighbours_than_the_vector_loss():
+    """``listwise`` (KL between the new model's and the adapted query's softmax over the fit documents)
+    against the vector-loss kinds, on query-like pairs and unseen documents: it keeps clearly more of the
+    new model's top-10, where reproducing the old vector cannot."""
+    new, old = underweighted_pair(1000)
+    q_new, q_old = underweighted_pair(900, seed=1)
+    docs, unseen = slice(0, 600), slice(600, None)
+    got = {}
+    for kind in ("procrustes", "lowrank", "listwise"):
+        a = A.fit(new[docs], old[docs], kind, rank=32, queries=(q_new[:600], q_old[:600]), epochs=30)
+        got[kind] = A.query_overlap(a, q_new[600:], new[unseen], old[unseen])
+    assert set(A.fit(new[:50], old[:50], "listwise", epochs=1).weights) == {"W", "b"}
+    assert got["listwise"] >= max(got["procrustes"], got["lowrank"]) + 0.05, got
+    assert A.Adapter("listwise", A._listwise(new[docs], old[docs], q_new[:0], q_old[:0], epochs=0)).apply(
+        new[:2]).shape == (2, old.shape[1])  # no query log: the documents are the queries
+
+
+def test_tuned_listwise_and_query_pairs_are_judged_on_held_out_queries():
+    new, old = underweighted_pair(400, seed=2)
+    q_new, q_old = underweighted_pair(300, seed=3)
+    a = A.fit(new, old, "listwise", tune=True, queries=(q_new, q_old))
+    tuning = a.figures["tuning"]
+    assert tuning["basis"] == "held-out queries" and tuning["held_out_queries"] == 30
+    assert len(tuning["tried"]) == len(A.LISTWISE_GRID) and tuning["chosen"].startswith("temperature=")
+    pro = A.fit(new, old, "procrustes", tune=True, queries=(q_new, q_old))
+    assert pro.figures["tuning"]["basis"] == "held-out queries"
+    with pytest.raises(A.AdapterError, match="query pairs must be"):
+        A.fit(new, old, "procrustes", queries=(q_new, q_old[:10]))
+
+
+def test_query_log_reading_lines_and_json_lines_and_bad_files_in_one_line(tmp_path):
+    plain = tmp_path / "log.txt"
+    plain.write_text("cheap flights\n\n  hotel paris \ncheap flights\nweather\n")
+    assert A.read_query_log(str(plain)) == ["cheap flights", "hotel paris", "weather"]  # distinct, blank lines skipped
+    assert A.read_query_log(str(plain), limit=2) == ["cheap flights", "hotel paris"]
+    jl = tmp_path / "log.jsonl"
+    jl.write_text('{"text": "dog", "ts": 1}\n{"text": "cat"}\n')
+    assert A.read_query_log(str(jl)) == ["dog", "cat"]
+    cases = {"missing.txt": (None, "no such query log"),
+             "empty.txt": ("\n\n", "no queries in this query log"),
+             "broken.jsonl": ('{"text": "dog"}\n{"text": "ca\n', "broken.jsonl:2: not valid JSON"),
+             "notext.jsonl": ('{"text": "dog"}\n{"query": "cat"}\n', 'notext.jsonl:2: "text" must be a non-empty'),
+             "binary.txt": (b"\xff\xfe\x00bad", "not UTF-8 text")}
+    for name, (body, message) in cases.items():
+        if body is not None:
+            (tmp_path / name).write_bytes(body if isinstance(body, bytes) else body.encode())
+        with pytest.raises(A.AdapterError, match=message):
+            A.read_query_log(str(tmp_path / name))
+
+
+def test_fit_with_a_query_log_embeds_it_with_both_models(tmp_path, space, proj, minilm, capsys):
+    """`reembed adapter fit --query-log`: the log's texts are embedded by the output's model (MiniLM's
+    1024-d projection) and by --old-model (MiniLM), and join the fit; a bad log is one line, exit 1."""
+    from reembed.cli import main
+
+    out = write_output(tmp_path / "new", space["ids"], space["new"], model_info(proj, 1024))
+    export = write_export(tmp_path / "export", space["ids"], space["texts"], space["old"])
+    log_file = tmp_path / "queries.jsonl"
+    log_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["cheap flights", "a recipe", "tax forms",
+                                                                          "how do vaccines work", "football scores"] * 5))
+    args = ["adapter", "fit", str(tmp_path / "new"), "--old", str(export), "--old-model", str(minilm),
+            "--sample", "60", "--kinds", "procrustes,listwise", "--no-save"]
+    assert main(args + ["--query-log", str(log_file), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["query_pairs"] == 5 and set(report["kinds"]) == {"procrustes", "listwise"}
+    assert report["kinds"]["procrustes"]["recall"]["adapter"] > 0.5  # the old space, linearly projected: recovered
+    assert main(args[:-3] + ["--kinds", "procrustes", "--no-save", "--query-log", str(log_file)]) == 0
+    assert "5 query-log pairs" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
+    assert main(args + ["--query-log", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and 'bad.jsonl:2: "text" must be a non-empty string' in err
+    assert main(args[:5] + args[7:] + ["--query-log", str(log_file)]) == 1
+    assert "--query-log needs --old-model" in capsys.readouterr().err

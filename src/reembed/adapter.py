@@ -11,13 +11,23 @@ embedded once, with the new model, and searches
 and the two ranked lists are fused (:func:`reembed.migrate.dual.fuse`). One embedding per query instead of
 two models, and the old store keeps serving until the swap.
 
-Three kinds are fitted and compared on held-out pairs; the best is kept:
+Four kinds are fitted and compared on held-out pairs; the best is kept:
 
 * ``procrustes`` - orthogonal Procrustes: ``W`` with orthonormal rows (``d_new x d_old``) maximizing the
   agreement of ``x W`` with ``y``; no bias. The SVD of ``X^T Y``.
 * ``lowrank`` - an affine map of rank ``r`` (reduced-rank ridge regression): the least-squares map, then
   projected on the top ``r`` directions of its fitted values.
 * ``mlp`` - the Procrustes map plus a small residual MLP trained with a cosine loss (torch, CPU, seconds).
+* ``listwise`` - an affine map (from the Procrustes one) trained to reproduce the **new model's neighbour
+  ranking** rather than the old vector: KL(softmax(q_new . D_new / t) || softmax(s * A(q_new) . D_old)) over
+  the fit documents D (both vectors known), for fit queries q (the query-log pairs and the documents
+  themselves, each left out of its own list), plus ``alpha`` times the cosine loss to the old vector
+  (torch, CPU, one thread).
+
+Query-like pairs: the pairs are documents, but the adapter serves queries (often a few words). A query log
+(``reembed adapter fit --query-log FILE``), embedded by both models, gives ``fit(..., queries=(q_new,
+q_old))`` pairs of the served distribution: added to the pairs of the vector-loss kinds, and the
+listwise kind's training queries.
 
 ``reembed adapter fit`` tunes each kind on pairs held out of its training pairs (``fit(..., tune=True)``):
 Procrustes with or without centring, the low-rank map's ridge and rank, the MLP's weight decay and the
@@ -58,7 +68,7 @@ from reembed.storage import Location
 
 log = logging.getLogger(__name__)
 
-KINDS = ("procrustes", "lowrank", "mlp")
+KINDS = ("procrustes", "lowrank", "mlp", "listwise")
 ADAPTERS = "adapters"
 OLD_EMBEDDING = "old_embedding"
 DEFAULT_SAMPLE = 20_000
@@ -86,7 +96,7 @@ class Adapter:
         x = np.asarray(x, dtype=np.float32)
         w = self.weights
         y = x @ w["W"] + (w["b"] if "b" in w else 0.0)
-        if self.kind == "mlp":
+        if "W1" in w:  # the residual MLP (mlp; listwise with a hidden layer)
             h = np.maximum(x @ w["W1"] + w["b1"], 0.0)
             y = y + h @ w["W2"] + w["b2"]
         return _normalize(y.astype(np.float32))
@@ -107,7 +117,8 @@ class Adapter:
 
 
 def fit(x_new: np.ndarray, y_old: np.ndarray, kind: str, rank: int = 128, seed: int = 0,
-        epochs: int = 60, hidden: int = 256, tune: bool = False) -> Adapter:
+        epochs: int = 60, hidden: int = 256, tune: bool = False,
+        queries: tuple[np.ndarray, np.ndarray] | None = None) -> Adapter:
     """Fit one ``kind`` of adapter on paired rows (the same document in both spaces).
 
     With ``tune`` the kind's settings are chosen on pairs held out of the fit (``TUNE_HOLDOUT`` of them,
@@ -115,14 +126,23 @@ def fit(x_new: np.ndarray, y_old: np.ndarray, kind: str, rank: int = 128, seed: 
     the ridge and the rank (full rank is plain ridge regression), for ``mlp`` the weight decay and the epoch
     to stop at. The held-out figure is :func:`evaluate`'s neighbour overlap; the choice and every candidate's
     figure are kept in ``adapter.figures["tuning"]``, and the chosen settings are refitted on all pairs
-    (the MLP keeps its early-stopped weights)."""
+    (the MLP and the listwise map keep their early-stopped weights).
+
+    ``queries`` = (new, old) vectors of query-like texts (a query log embedded by both models): more pairs
+    for the vector-loss kinds, the training queries of ``listwise``; with ``tune``, a tenth of them is held
+    out too, and the held-out figure becomes theirs (their new-model neighbours among the fit documents,
+    kept by the adapted query among the old vectors), the distribution the adapter serves."""
     x, y = _normalize(np.asarray(x_new, np.float32)), _normalize(np.asarray(y_old, np.float32))
     if len(x) != len(y) or len(x) < 2:
         raise AdapterError(f"need at least 2 paired vectors, got {len(x)} new and {len(y)} old")
     if kind not in KINDS:
         raise AdapterError(f"unknown adapter kind {kind!r}; use one of {', '.join(KINDS)}")
+    qx, qy = _query_pairs(queries, x.shape[1], y.shape[1])
     if tune and len(x) >= 20:
-        return _tuned(x, y, kind, rank, seed, epochs, hidden)
+        return _tuned(x, y, kind, rank, seed, epochs, hidden, qx, qy)
+    if kind == "listwise":
+        return Adapter(kind, _listwise(x, y, qx, qy, seed=seed, epochs=epochs))
+    x, y = np.vstack([x, qx]), np.vstack([y, qy])
     if kind == "procrustes":
         return Adapter(kind, {"W": _procrustes(x, y)})
     if kind == "lowrank":
@@ -130,48 +150,89 @@ def fit(x_new: np.ndarray, y_old: np.ndarray, kind: str, rank: int = 128, seed: 
     return Adapter(kind, _mlp(x, y, hidden, epochs, seed))
 
 
+def _query_pairs(queries, d_new: int, d_old: int) -> tuple[np.ndarray, np.ndarray]:
+    if queries is None:
+        return np.zeros((0, d_new), np.float32), np.zeros((0, d_old), np.float32)
+    qx, qy = (_normalize(np.asarray(q, np.float32)) for q in queries)
+    if len(qx) != len(qy) or qx.shape[1] != d_new or qy.shape[1] != d_old:
+        raise AdapterError(f"query pairs must be (n, {d_new}) new and (n, {d_old}) old vectors, "
+                           f"got {qx.shape} and {qy.shape}")
+    return qx, qy
+
+
 TUNE_HOLDOUT = 0.1
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 WEIGHT_DECAYS = (1e-4, 1e-2)
 
 
-def _tuned(x: np.ndarray, y: np.ndarray, kind: str, rank: int, seed: int, epochs: int, hidden: int) -> Adapter:
+def _tuned(x: np.ndarray, y: np.ndarray, kind: str, rank: int, seed: int, epochs: int, hidden: int,
+           qx: np.ndarray, qy: np.ndarray) -> Adapter:
     order = np.random.default_rng(seed + 1).permutation(len(x))
     cut = max(2, int(len(x) * TUNE_HOLDOUT))
     val, train = order[:cut], order[cut:]
+    q_order = np.random.default_rng(seed + 2).permutation(len(qx))
+    q_cut = int(len(qx) * TUNE_HOLDOUT) if len(qx) >= 20 else 0
+    q_val, q_train = q_order[:q_cut], q_order[q_cut:]
     ids = np.arange(cut).astype(str).astype(object)
     k = max(1, min(K, cut // 20))  # top-10 of a dozen held-out pairs would be nearly all of them
 
     def score(weights: dict[str, np.ndarray]) -> tuple[float, float]:
-        fig = evaluate(Adapter(kind, weights), x[val], y[val], ids, k=k)
+        a = Adapter(kind, weights)
+        fig = evaluate(a, x[val], y[val], ids, k=k)
+        if q_cut:  # the served distribution: held-out queries' new-model neighbours among the fit documents
+            return query_overlap(a, qx[q_val], x[train], y[train], K), fig["mean_cosine_to_old"]
         return fig["recall"]["adapter"], fig["mean_cosine_to_old"]
 
+    # the vector-loss kinds fit on documents and query pairs together
+    fx, fy = np.vstack([x[train], qx[q_train]]), np.vstack([y[train], qy[q_train]])
+    ax, ay = np.vstack([x, qx]), np.vstack([y, qy])
     tried: dict[str, tuple[float, float]] = {}
     if kind == "procrustes":
         for centre in (False, True):
-            tried[f"centre={centre}"] = score(_procrustes_affine(x[train], y[train], centre))
+            tried[f"centre={centre}"] = score(_procrustes_affine(fx, fy, centre))
         best = max(tried, key=tried.get)
-        weights = _procrustes_affine(x, y, best == "centre=True")
+        weights = _procrustes_affine(ax, ay, best == "centre=True")
     elif kind == "lowrank":
         ranks = sorted({r for r in (32, 64, rank, 256, min(x.shape[1], y.shape[1])) if r <= min(x.shape[1], y.shape[1])})
         for ridge in RIDGES:
-            for r, w in _lowrank_ranks(x[train], y[train], ranks, ridge):
+            for r, w in _lowrank_ranks(fx, fy, ranks, ridge):
                 tried[f"ridge={ridge:g},rank={r}"] = score(w)
         best = max(tried, key=tried.get)
         ridge, r = (float(v.split("=")[1]) for v in best.split(","))
-        weights = _lowrank(x, y, int(r), ridge)
-    else:
+        weights = _lowrank(ax, ay, int(r), ridge)
+    elif kind == "mlp":
         runs = {}
         for wd in WEIGHT_DECAYS:
-            w, stop = _mlp(x[train], y[train], hidden, epochs, seed, weight_decay=wd, val=(x[val], y[val]))
+            w, stop = _mlp(fx, fy, hidden, epochs, seed, weight_decay=wd, val=(x[val], y[val]))
             tried[f"weight_decay={wd:g},epochs={stop}"] = score(w)
             runs[f"weight_decay={wd:g},epochs={stop}"] = w
         best = max(tried, key=tried.get)
         weights = runs[best]
-    log.info("adapter %s tuned on %d held-out pairs: %s (neighbour overlap %.3f)", kind, cut, best, tried[best][0])
-    figures = {"tuning": {"held_out_pairs": int(cut), "k": k, "chosen": best,
+    else:
+        runs = {}
+        vq = qx[q_val] if q_cut else x[val]  # early stop on the held-out queries (or held-out documents)
+        for t, alpha in LISTWISE_GRID:
+            w, stop = _listwise(x[train], y[train], qx[q_train], qy[q_train], t, alpha, seed,
+                                min(epochs, LISTWISE_EPOCHS), val=vq)
+            name = f"temperature={t:g},alpha={alpha:g},epochs={stop}"
+            tried[name], runs[name] = score(w), w
+        best = max(tried, key=tried.get)
+        weights = runs[best]
+    basis = "held-out queries" if q_cut else "held-out pairs"
+    log.info("adapter %s tuned on %d %s: %s (neighbour overlap %.3f)", kind, q_cut or cut, basis, best, tried[best][0])
+    figures = {"tuning": {"held_out_pairs": int(cut), "held_out_queries": int(q_cut), "basis": basis,
+                          "k": K if q_cut else k, "chosen": best,
                           "tried": {k: {"neighbour_overlap": v[0], "mean_cosine": v[1]} for k, v in tried.items()}}}
     return Adapter(kind, weights, figures=figures)
+
+
+def query_overlap(adapter: Adapter, q_new: np.ndarray, x_docs: np.ndarray, y_docs: np.ndarray, k: int = K) -> float:
+    """How much of the new model's top-``k`` documents (``q_new`` over ``x_docs``) the adapted queries find
+    among the same documents' old vectors ``y_docs``: the neighbour overlap of query-like texts."""
+    kk = min(k, len(x_docs))
+    truth = _top(_normalize(q_new), _normalize(x_docs), kk)
+    got = _top(adapter.apply(q_new), _normalize(y_docs), kk)
+    return float(np.mean([len(set(a) & set(t)) / kk for a, t in zip(got, truth)]))
 
 
 def _procrustes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -260,6 +321,81 @@ def _train_mlp(torch, x, y, hidden, epochs, seed, weight_decay, val, patience):
     return best, best_epoch
 
 
+LISTWISE_GRID = ((0.05, 0.0), (0.02, 0.0), (0.05, 0.5))  # (temperature, alpha) tried by fit(tune=True)
+LISTWISE_EPOCHS = 12  # the most a tuned fit trains (it stops earlier once the held-out queries stop improving)
+LISTWISE_DOCS = 4096  # the documents each query is ranked over (a seeded subset of the pairs)
+
+
+def _listwise(x: np.ndarray, y: np.ndarray, qx: np.ndarray, qy: np.ndarray, temperature: float = 0.05,
+              alpha: float = 0.0, seed: int = 0, epochs: int = LISTWISE_EPOCHS, val: np.ndarray | None = None,
+              patience: int = 3, lr: float = 1e-3, batch: int = 256):
+    """An affine map, started at Procrustes, trained so that the adapted query ranks the documents' old
+    vectors as the new model ranks their new vectors: KL(softmax(q_new . D_new / t) || softmax(s A(q) . D_old))
+    with a learnt scale ``s`` (the old model's cosines spread differently), plus ``alpha`` x the cosine loss
+    to the pair's old vector. D is up to ``LISTWISE_DOCS`` of the pairs; the queries are ``qx`` and every
+    pair's new vector (left out of its own list). With ``val`` (new-model vectors of held-out queries) the
+    epoch with the best :func:`query_overlap` among D is kept: ``(weights, epoch)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        docs = np.sort(rng.choice(len(x), min(len(x), LISTWISE_DOCS), replace=False))
+        dn, do = torch.from_numpy(x[docs]), torch.from_numpy(y[docs])
+        slot = np.full(len(x), -1)
+        slot[docs] = np.arange(len(docs))  # a document query's own column, to leave it out
+        qn = torch.from_numpy(np.vstack([qx, x]))
+        qo = torch.from_numpy(np.vstack([qy, y]))
+        own = torch.from_numpy(np.concatenate([np.full(len(qx), -1), slot]))
+        w0 = _procrustes(x, y)
+        w = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+        b = torch.nn.Parameter(torch.zeros(y.shape[1]))
+        scale = torch.nn.Parameter(torch.tensor(1.0 / temperature))
+        opt = torch.optim.Adam([w, b, scale], lr=lr)
+
+        def weights() -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                return {"W": w.numpy().copy(), "b": b.numpy().copy()}
+
+        def overlap() -> float:
+            return query_overlap(Adapter("listwise", weights()), val, x[docs], y[docs])
+
+        best, best_epoch = weights(), 0
+        best_score = overlap() if val is not None else -np.inf
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(len(qn))
+            for i in range(0, len(qn), batch):
+                idx = order[i:i + batch]
+                q = qn[idx]
+                mapped = torch.nn.functional.normalize(q @ w + b, dim=1)
+                teacher = q @ dn.T / temperature
+                student = scale * (mapped @ do.T)
+                mine = own[idx]
+                rows = torch.nonzero(mine >= 0).squeeze(1)
+                if len(rows):
+                    teacher[rows, mine[rows]] = -1e9
+                    student = student.index_put((rows, mine[rows]), torch.tensor(-1e9))
+                loss = torch.nn.functional.kl_div(torch.log_softmax(student, 1), torch.log_softmax(teacher, 1),
+                                                  log_target=True, reduction="batchmean")
+                if alpha:
+                    loss = loss + alpha * (1 - torch.nn.functional.cosine_similarity(mapped, qo[idx]).mean())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if val is None:
+                continue
+            score = overlap()
+            if score > best_score:
+                best, best_epoch, best_score = weights(), epoch, score
+            elif epoch - best_epoch >= patience:
+                break
+        return weights() if val is None else (best, best_epoch)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Judging
 
@@ -316,10 +452,14 @@ def _recall(found: Sequence[str], relevant: dict[str, float], k: int) -> float:
 
 def fit_output(output: str | Location, old: str | None = None, old_model: str | None = None,
                queries: str | None = None, kinds: Sequence[str] = KINDS, sample: int = DEFAULT_SAMPLE,
-               rank: int = 128, seed: int = 0, save: bool = True) -> dict[str, Any]:
+               rank: int = 128, seed: int = 0, save: bool = True, query_log: str | None = None) -> dict[str, Any]:
     """Fit the adapters of ``kinds`` on up to ``sample`` pairs of ``output`` and ``old`` (an export
     folder or store URI; default: the shards' own ``old_embedding`` column), judge them on held-out
-    pairs, and save the best with the output. Returns the report (every kind's figures, the chosen one)."""
+    pairs, and save the best with the output. Returns the report (every kind's figures, the chosen one).
+
+    ``query_log``: a file of query texts (one a line, or JSON Lines with a ``text`` field; the first
+    ``sample`` distinct ones are read), embedded by the output's model and by ``old_model``: query-like
+    pairs added to every kind's fit (:func:`fit`'s ``queries``)."""
     from reembed.manifest import Manifest
 
     t0 = time.monotonic()
@@ -330,6 +470,9 @@ def fit_output(output: str | Location, old: str | None = None, old_model: str | 
     for kind in kinds:
         if kind not in KINDS:
             raise AdapterError(f"unknown adapter kind {kind!r}; use one of {', '.join(KINDS)}")
+    if query_log and not old_model:
+        raise AdapterError("--query-log needs --old-model: the old model embeds the logged queries for the old side")
+    logged = read_query_log(query_log, sample) if query_log else None  # a bad file fails before the pairs are read
     ids, x_new, y_old = pairs(loc, manifest, old, sample, seed)
     if len(ids) < 50:
         raise AdapterError(f"{loc.display()}: only {len(ids)} documents are both committed and in the old store; "
@@ -339,10 +482,11 @@ def fit_output(output: str | Location, old: str | None = None, old_model: str | 
     cut = max(1, int(len(ids) * HOLDOUT))
     test, train = order[:cut], order[cut:]
     labelled = _labelled(queries, manifest, old_model, ids[test], x_new.shape[1], y_old.shape[1]) if queries else None
+    query_pairs = _embed_both(logged, manifest, old_model, x_new.shape[1], y_old.shape[1]) if logged else None
     figures, fitted = {}, {}
     for kind in kinds:
         t = time.monotonic()
-        a = fit(x_new[train], y_old[train], kind, rank=rank, seed=seed, tune=True)
+        a = fit(x_new[train], y_old[train], kind, rank=rank, seed=seed, tune=True, queries=query_pairs)
         fit_s = time.monotonic() - t
         figures[kind] = evaluate(a, x_new[test], y_old[test], ids[test], queries=labelled)
         if "tuning" in a.figures:
@@ -358,7 +502,8 @@ def fit_output(output: str | Location, old: str | None = None, old_model: str | 
     chosen.new_model = {k: manifest.model.get(k) for k in ("name", "dimension", "fingerprint")}
     chosen.old_model = _old_identity(old, old_model, y_old.shape[1])
     chosen.figures = figures[best]
-    report = {"output": loc.uri, "pairs": len(ids), "train": len(train), "held_out": len(test), "kinds": figures,
+    report = {"output": loc.uri, "pairs": len(ids), "train": len(train), "held_out": len(test),
+              "query_pairs": len(logged) if logged else 0, "kinds": figures,
               "chosen": best, "new_model": chosen.new_model, "old_model": chosen.old_model,
               "seconds": round(time.monotonic() - t0, 3)}
     if save:
@@ -511,6 +656,53 @@ def _labelled(path: str, manifest, old_model: str | None, held_ids: np.ndarray, 
     q_new = query_embedder(manifest.model, expect_dim=d_new)(texts)
     q_old = text_embedder(old_model, None, "cpu", expect_dim=d_old)(texts)
     return q_new, q_old, [q.relevant for q in qs]
+
+
+def read_query_log(path: str, limit: int = DEFAULT_SAMPLE) -> list[str]:
+    """The first ``limit`` distinct texts of a query log: one query a line, or JSON Lines (the file starts
+    with ``{``) with a ``text`` field. Blank lines are skipped."""
+    from reembed.storage import json_lines
+
+    try:
+        data = Location.from_uri(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise AdapterError(f"{path}: no such query log; give a file of query texts (one a line, or JSON Lines "
+                           "with a \"text\" field)") from e
+    texts: dict[str, None] = {}
+    if data.lstrip()[:1] == b"{":
+        for n, obj in json_lines(data, path, AdapterError):
+            text = obj.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise AdapterError(f"{path}:{n}: \"text\" must be a non-empty string (a JSON Lines query log "
+                                   "has one {\"text\": ...} a line)")
+            texts[text.strip()] = None
+            if len(texts) >= limit:
+                break
+    else:
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise AdapterError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a query log is one query "
+                               "a line, or JSON Lines with a \"text\" field") from e
+        for line in lines:
+            if line.strip():
+                texts[line.strip()] = None
+                if len(texts) >= limit:
+                    break
+    if not texts:
+        raise AdapterError(f"{path}: no queries in this query log (empty file)")
+    return list(texts)
+
+
+def _embed_both(texts: list[str], manifest, old_model: str, d_new: int, d_old: int) -> tuple[np.ndarray, np.ndarray]:
+    """The query log's texts embedded by the output's model and by the old model: query-like pairs."""
+    from reembed.indexes.search import query_embedder, text_embedder
+
+    t = time.monotonic()
+    q_new = query_embedder(manifest.model, expect_dim=d_new)(texts)
+    q_old = text_embedder(old_model, None, "cpu", expect_dim=d_old)(texts)
+    log.info("query log: %d texts embedded by both models in %.1f s", len(texts), time.monotonic() - t)
+    return np.asarray(q_new, np.float32), np.asarray(q_old, np.float32)
 
 
 def _query_cost(adapter: Adapter, x: np.ndarray, n: int = 1000) -> float:

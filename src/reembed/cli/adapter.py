@@ -17,7 +17,8 @@ def register(subparsers) -> None:
                     "new vectors, so a query embedded once with the new model also searches the old store while the "
                     "re-embedding runs (Drift-Adapter, EMNLP 2025).")
     sub = a.add_subparsers(dest="adapter_command", required=True, metavar="{fit,show}")
-    f = sub.add_parser("fit", help="fit procrustes, low-rank and MLP adapters, judge them on held-out pairs, save the best")
+    f = sub.add_parser("fit", help="fit procrustes, low-rank, MLP and listwise adapters, judge them on held-out "
+                       "pairs, save the best")
     f.add_argument("output", metavar="OUTPUT_URI", help="the new output (a partial run is enough)")
     f.add_argument("--old", metavar="URI", help="the old side: an export folder (id + old_embedding) or a store URI; "
                    "default: the shards' old_embedding column")
@@ -25,6 +26,9 @@ def register(subparsers) -> None:
                    "and embeds --queries for it")
     f.add_argument("--queries", metavar="FILE", help='labelled queries, JSON Lines {"query": ..., "relevant": [ids]}; '
                    "default: judged by neighbour overlap with the new model")
+    f.add_argument("--query-log", metavar="FILE", help="query texts (one a line, or JSON Lines with a \"text\" field), "
+                   "embedded by both models (needs --old-model): query-like pairs added to the fit, and the "
+                   "listwise kind's training queries")
     f.add_argument("--kinds", default=",".join(KINDS), help=f"adapter kinds to fit (default {','.join(KINDS)})")
     f.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, help=f"paired documents to use (default {DEFAULT_SAMPLE}; "
                    "a fifth are held out to judge)")
@@ -47,11 +51,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     report = fit_output(location(args, args.output), old=args.old, old_model=args.old_model, queries=args.queries,
-                        kinds=kinds, sample=args.sample, rank=args.rank, seed=args.seed, save=not args.no_save)
+                        kinds=kinds, sample=args.sample, rank=args.rank, seed=args.seed, save=not args.no_save,
+                        query_log=args.query_log)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"{report['pairs']} pairs ({report['train']} to fit, {report['held_out']} held out); "
+    logged = f", {report['query_pairs']} query-log pairs" if report.get("query_pairs") else ""
+    print(f"{report['pairs']} pairs ({report['train']} to fit, {report['held_out']} held out{logged}); "
           f"judged by {report['kinds'][report['chosen']]['basis']}")
     print(f"{'kind':<11} {'recall@10':>9} {'new':>6} {'old':>6} {'recovery':>9} {'cos':>6} {'fit s':>7} {'us/query':>9}")
     for kind, fig in report["kinds"].items():
