@@ -158,6 +158,7 @@ class FaultProxy:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._busy = 0  # requests being handled: a delayed one is still forwarded after its client died
         host, port = self.upstream.removeprefix("http://").split(":")
         proxy = self
 
@@ -168,6 +169,15 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
+                with proxy._lock:
+                    proxy._busy += 1
+                try:
+                    self._forward()
+                finally:
+                    with proxy._lock:
+                        proxy._busy -= 1
+
+            def _forward(self) -> None:
                 body = self._read_body()
                 fault = proxy._match(self.command, self.path)
                 if fault is not None and fault.delay:
@@ -254,6 +264,18 @@ class FaultProxy:
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Wait until no request is being handled (those of a killed client included: once read, a delayed
+        request is still forwarded), so that what the store holds stops changing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._busy:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the fault proxy still handles {self._busy} requests after {timeout} s")
+            time.sleep(0.05)
 
     def clear(self) -> None:
         with self._lock:

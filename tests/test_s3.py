@@ -514,6 +514,7 @@ def test_run_killed_then_resumed_through_faults_keeps_ledger_exact_and_secrets_p
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         kill_leftovers(ray_tmp)
+    fault_proxy.wait_idle()  # a commit the proxy was delaying still lands after the kill
     first = stored_manifest(server, bucket, "emb/v1")
     regular = first["plan"]["shards"]
     total = regular + int((first["plan"].get("texts") or {}).get("copies", 0))  # copy shards of repeated texts
