@@ -74,6 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="procrustes,lowrank,mlp,listwise", help="adapter kinds to fit")
     ap.add_argument("--untuned-mlp", action="store_true",
                     help="also fit the MLP and the listwise map with the fixed settings (slow)")
+    ap.add_argument("--listwise-grid", help="the listwise kind's tuning grid, TEMPERATURE:ALPHA,... (default the "
+                    "product's reembed.adapter.LISTWISE_GRID)")
+    ap.add_argument("--listwise-docs", type=int,
+                    help="documents each listwise query is ranked over (default the product's LISTWISE_DOCS)")
     ap.add_argument("--embed-only", action="store_true", help="only embed (and cache) the largest --extra-fit, then stop")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -82,6 +86,10 @@ def main(argv=None) -> int:
     from reembed.migrate.dual import fuse
     from reembed.storage import json_lines
 
+    if args.listwise_grid:  # bench-only overrides of the product's listwise settings (recorded in the JSON)
+        A.LISTWISE_GRID = tuple(tuple(float(v) for v in g.split(":")) for g in args.listwise_grid.split(","))
+    if args.listwise_docs:
+        A.LISTWISE_DOCS = args.listwise_docs
     docs = [o for _, o in json_lines((DATA / "wordnet_glosses.jsonl").read_bytes(), "glosses")][: args.docs]
     ids = np.array([d["id"] for d in docs], dtype=object)
     have = set(ids.tolist())
@@ -222,6 +230,7 @@ def main(argv=None) -> int:
               "query_fit_source": f"full WordNet 3.0 lemmas (lower-cased, distinct), none a query lemma or a lemma of a "
                                   f"labelled synset, in sha256('qfit:' + lemma) order; the first {SELECT} choose the best "
                                   "run (never fitted), the next N are the query-like fit pairs" if query_ns[-1] else None,
+              "listwise_grid": [list(g) for g in A.LISTWISE_GRID], "listwise_docs": A.LISTWISE_DOCS,
               "embed_seconds": round(embed_s, 1), "baseline": base, "runs": runs,
               "best": {"kind": best, "chosen_by": chosen_by, **chosen},
               "partial_migration": partial}
