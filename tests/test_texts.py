@@ -213,6 +213,17 @@ def test_each_distinct_text_is_embedded_once_and_every_id_gets_its_leaders_vecto
     assert t["reasons"] == {"empty_text": 1, "duplicate_id": 1}
 
 
+def test_moved_rows_sums_the_plan_shards_asked_for(job):
+    m = Manifest.load(Location.from_uri(str(job["root"] / "out")))
+    plan_loc = m.loc.child(plan.PLAN_DIR)
+    counts = texts.moved_counts(plan_loc)
+    regular = range(int(m.plan["shards"]))
+    assert texts.moved_rows(plan_loc, list(regular)) == int(m.plan["texts"]["moved"]) > 0
+    some = [s for s in regular if s % 2]
+    assert texts.moved_rows(plan_loc, some) == sum(counts.get(s, 0) for s in some)
+    assert texts.moved_rows(plan_loc, []) == 0
+
+
 def test_the_vectors_are_what_the_model_gives_each_text(job, tiny_model, tmp_path):
     from reembed import embed
 

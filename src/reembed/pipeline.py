@@ -598,8 +598,7 @@ def _copy_rows(manifest: Manifest, pending: list[int], copies: list[int]) -> tup
     from reembed import texts
 
     plan_loc = manifest.loc.child(PLAN_DIR)
-    counts = texts.moved_counts(plan_loc)
-    moved = sum(counts.get(s, 0) for s in pending)
+    moved = texts.moved_rows(plan_loc, pending)
     if not copies:
         return moved, 0
     state = manifest.state()  # the copy shards' rows: the plan's moved rows less those committed

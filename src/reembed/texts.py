@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -515,6 +515,17 @@ def moved_counts(plan_loc: Location, column: str = "moved") -> dict[int, int]:
     with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, MOVED_COUNTS)) as f:
         t = pq.read_table(f)
     return {s: n for s, n in zip(t.column("shard").to_pylist(), t.column(column).to_pylist()) if n}
+
+
+def moved_rows(plan_loc: Location, shards: Sequence[int]) -> int:
+    """The rows that plan shards ``shards`` move out to copy shards, summed from the counts' columns (no
+    per-shard Python objects)."""
+    import pyarrow.parquet as pq
+
+    with plan_loc.fs.open_input_file(plan_loc.path(TEXTS_DIR, MOVED_COUNTS)) as f:
+        t = pq.read_table(f, columns=["shard", "moved"])
+    want = np.isin(t.column("shard").to_numpy(), np.asarray(shards, dtype=np.int64))
+    return int(t.column("moved").to_numpy()[want].sum())
 
 
 def leader_rows(plan_loc: Location, first: int, last: int, partitions: int) -> pa.Table:
