@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", default="procrustes,lowrank,mlp,listwise", help="adapter kinds to fit")
     ap.add_argument("--untuned-mlp", action="store_true",
                     help="also fit the MLP and the listwise map with the fixed settings (slow)")
-    ap.add_argument("--listwise-grid", help="the listwise kind's tuning grid, TEMPERATURE:ALPHA,... (default the "
+    ap.add_argument("--listwise-grid", help="the listwise kind's tuning grid, TEMPERATURE:ALPHA[:HIDDEN],... (default the "
                     "product's reembed.adapter.LISTWISE_GRID)")
     ap.add_argument("--listwise-docs", type=int,
                     help="documents each listwise query is ranked over (default the product's LISTWISE_DOCS)")
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     from reembed.storage import json_lines
 
     if args.listwise_grid:  # bench-only overrides of the product's listwise settings (recorded in the JSON)
-        A.LISTWISE_GRID = tuple(tuple(float(v) for v in g.split(":")) for g in args.listwise_grid.split(","))
+        A.LISTWISE_GRID = tuple((*(float(v) for v in g.split(":")[:2]), int((g.split(":") + ["0"] * 3)[2]))
+                                for g in args.listwise_grid.split(","))
     if args.listwise_docs:
         A.LISTWISE_DOCS = args.listwise_docs
     docs = [o for _, o in json_lines((DATA / "wordnet_glosses.jsonl").read_bytes(), "glosses")][: args.docs]
@@ -137,7 +138,6 @@ def main(argv=None) -> int:
 
     labelled = {r for rel in relevant for r in rel}
     fit_rows = np.array([i not in labelled for i in ids.tolist()])
-    x_docs, y_docs = new_d[fit_rows], old_d[fit_rows]  # the selection lemmas rank these (no labelled document)
     old_n, new_n = A._normalize(old_d), A._normalize(new_d)
 
     def rank(q, index, k=10):
@@ -154,6 +154,10 @@ def main(argv=None) -> int:
     select_new = lemma_new[:SELECT]  # held out of every fit: which run is best (its new-model neighbours kept)
     extra_old = embed_fit_cached("minilm", extra_texts, args.cache)
     extra_new = embed_fit_cached("mpnet", extra_texts, args.cache)
+    # the selection lemmas rank these: the extract's fit documents (no labelled one) and every extra gloss,
+    # the same documents for every run
+    x_docs = np.vstack([new_d[fit_rows], extra_new]) if len(extra_texts) else new_d[fit_rows]
+    y_docs = np.vstack([old_d[fit_rows], extra_old]) if len(extra_texts) else old_d[fit_rows]
 
     # Every kind, at every number of fit pairs, fitted as before (fixed settings) and tuned on held-out
     # fit pairs. The labelled queries only score; the best kind is chosen on the held-out pairs.
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
     if len(select_new):  # every run is judged on the same held-out lemmas: the best of all runs
         chosen = max(runs, key=lambda r: r["selection_overlap"])
         chosen_by = (f"{SELECT} held-out lemmas (never fitted): overlap of their new-model top-10 among the "
-                     f"{int(fit_rows.sum())} fit documents")
+                     f"{len(x_docs)} fit documents ({int(fit_rows.sum())} of the extract, {len(extra_texts)} extra)")
     else:
         last = [r for r in runs if r["extra_pairs"] == extra_ns[-1] and r["tuned"]]
         chosen = max(last, key=lambda r: (r["held_out_neighbour_overlap"], r["held_out_mean_cosine"]))

@@ -101,6 +101,26 @@ def test_auto_copies_when_the_embedding_saved_outweighs_the_copy_pass():
     assert decide(edge, "cuda", 8, 256)["copy_pass_s"] < decide(edge, "cuda", 8, 16)["copy_pass_s"]
 
 
+def test_auto_weighs_the_devices_the_pool_can_grow_to():
+    """An autoscaling cluster that has scaled down while the plan is made: with ``compute.max_actors`` the
+    devices are those the Embedder pool grows to, not the GPUs Ray reports now."""
+    scaled_down = {"CPU": 16.0, "GPU": 1.0}
+
+    def cluster(*overrides):
+        return pipeline.texts_cluster(load_config(None, ["model.device=auto", *overrides]), scaled_down)
+
+    assert cluster() == {"device": "cuda", "devices": 1, "cpus": 16}
+    assert cluster("compute.max_actors=64") == {"device": "cuda", "devices": 64, "cpus": 16}
+    assert cluster("compute.max_actors=64", "compute.gpus_per_actor=0.5")["devices"] == 32
+    assert pipeline.texts_cluster(load_config(None, ["model.device=cpu"]), {"CPU": 8.0})["devices"] == 8
+    assert pipeline.texts_cluster(load_config(None, ["model.device=cpu", "compute.max_actors=4",
+                                                     "compute.cpus_per_actor=8"]), {"CPU": 8.0})["devices"] == 32
+    many = {"moved": 1_000_000, "copy_tasks": 100, "gather_tasks": 1}
+    # on 1 GPU the embedding saved outweighs the copy pass; spread over the 64 the pool grows to, it does not
+    assert texts.decide(many, **cluster())["dedup"]
+    assert not texts.decide(many, **cluster("compute.max_actors=64"))["dedup"]
+
+
 def test_hash_partitions_are_stable_and_spread():
     h = S.text_hashes(pa.array([f"text {i}" for i in range(4000)]))
     p = texts.hash_partitions(h, 8)

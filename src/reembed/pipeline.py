@@ -203,15 +203,24 @@ def plan_texts(plan: dict[str, Any], out: storage.Location, source: storage.Loca
     plan["store"]["texts"] = [_record(work, texts.TEXTS_DIR, *name.split("/")) for name in names]
 
 
-def texts_cluster(cfg: JobConfig) -> dict[str, Any]:
-    """What :func:`reembed.texts.decide` weighs against the cluster the run holds now: the device kind, how many
-    devices embed (GPUs; on CPU, the CPUs) and the CPUs the copy pass spreads over."""
-    import ray
+def texts_cluster(cfg: JobConfig, resources: dict[str, float] | None = None) -> dict[str, Any]:
+    """What :func:`reembed.texts.decide` weighs: the device kind, how many devices embed and the CPUs the copy
+    pass spreads over. The devices are those the Embedder pool can grow to when ``compute.max_actors`` is set
+    (``max_actors`` x ``gpus_per_actor`` GPUs; on CPU x ``cpus_per_actor`` cores), so an autoscaling cluster
+    (KubeRay) that has scaled down while the plan is made is not judged as the smaller one; else the GPUs (on
+    CPU, the CPUs) of the cluster now (``resources``, default ``ray.cluster_resources()``)."""
+    if resources is None:
+        import ray
 
-    resources = ray.cluster_resources()
+        resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if gpus else "cpu")
-    return {"device": device, "devices": max(1, gpus) if device == "cuda" else cpus, "cpus": cpus}
+    c = cfg.compute
+    if device == "cuda":
+        devices = max(1, round(c.max_actors * c.gpus_per_actor) if c.max_actors else gpus)
+    else:
+        devices = max(1, int(c.max_actors * (c.cpus_per_actor or 1)) if c.max_actors and c.cpus_per_actor else cpus)
+    return {"device": device, "devices": devices, "cpus": cpus}
 
 
 def start_ray(cfg: JobConfig, phases: Phases) -> None:
