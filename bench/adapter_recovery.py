@@ -78,6 +78,7 @@ def main(argv=None) -> int:
                     "product's reembed.adapter.LISTWISE_GRID)")
     ap.add_argument("--listwise-docs", type=int,
                     help="documents each listwise query is ranked over (default the product's LISTWISE_DOCS)")
+    ap.add_argument("--seed", type=int, default=0, help="the fits' seed (their splits, sampling and initial weights)")
     ap.add_argument("--embed-only", action="store_true", help="only embed (and cache) the largest --extra-fit, then stop")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
                 if not tune and kind in ("mlp", "listwise") and not args.untuned_mlp:
                     continue  # fixed epochs: minutes on the shared VM, and the MLP overfits (see the 2026-11-30 run)
                 t, c = time.monotonic(), time.process_time()
-                a = A.fit(x, y, kind, rank=128, tune=tune, queries=qpairs)
+                a = A.fit(x, y, kind, rank=128, tune=tune, queries=qpairs, seed=args.seed)
                 fit_s, fit_cpu = time.monotonic() - t, time.process_time() - c
                 got = scores(A._top(a.apply(new_q), old_n, 10), ids)
                 tuning = a.figures.get("tuning") or {}

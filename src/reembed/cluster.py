@@ -134,6 +134,7 @@ def _start_local(ray, level: int) -> None:
             return
         except Exception as e:
             if attempt == LOCAL_START_RETRIES or "timed out during startup" not in str(e):
+                _shutdown_quietly(ray)  # the node processes a failed start left behind must not outlive it
                 raise
             log.warning("Ray's local node did not start within %d s (a busy machine?); trying once more",
                         NODE_START_TIMEOUT_S)
