@@ -38,7 +38,23 @@ def chunks(w, pre, m):
     return np.vstack([np.load(C+f'{w}-{pre}-1000-{i:03d}.npy') for i in range(-(-m//1000))])[:m]
 ex_o, ex_n = chunks('minilm','fit',a.extra), chunks('mpnet','fit',a.extra)
 lem_o, lem_n = chunks('minilm','qfit',2000+a.lemmas), chunks('mpnet','qfit',2000+a.lemmas)
-sel_n = lem_n[:2000]; qx, qy = lem_n[2000:], lem_o[2000:]
+sel_n = lem_n[:2000]
+import adapter_recovery as B, make_wordnet_extract as W
+from pathlib import Path
+qlem = {q['query'].lower() for q in qs}
+lab_lemmas = {l.lower() for d in docs if d['id'] in labelled for l in d['lemmas']}
+sel_lemmas = B.fit_lemmas(Path('/tmp/wn'), qlem | lab_lemmas)[:2000]
+extra_ids = [s_['id'] for s_ in B.fit_glosses(Path('/tmp/wn'), set(ids.tolist()), qlem)[:a.extra]]
+doc_ids = [d['id'] for d in docs if d['id'] not in labelled] + extra_ids
+lex = W.read_lexnames(Path('/tmp/wn') / W.LEXNAMES_MAN)
+by_lemma = {}
+for pos, name in W.FILES.items():
+    for s_ in W.read_data(Path('/tmp/wn') / W.WORDNET / name, pos, lex):
+        for l in s_['lemmas']: by_lemma.setdefault(l.lower(), set()).add(s_['id'])
+pos_of = {d: i for i, d in enumerate(doc_ids)}
+sel_rel = [[pos_of[i] for i in by_lemma.get(l, ()) if i in pos_of] for l in sel_lemmas]
+lab_rows = [i for i, r in enumerate(sel_rel) if r]
+print('labelled selection lemmas', len(lab_rows), flush=True); qx, qy = lem_n[2000:], lem_o[2000:]
 x = A._normalize(np.vstack([nd[fit], ex_n])); y = A._normalize(np.vstack([od[fit], ex_o]))
 odn, ndn = A._normalize(od), A._normalize(nd)
 def rec(q):
@@ -68,8 +84,10 @@ def weights():
         return w
 def ev(ep, t0):
     ad = A.Adapter('listwise', weights())
+    got = A._top(ad.apply(sel_n[lab_rows]), A._normalize(y), 10)
+    sel_lab = float(np.mean([len(set(g) & set(sel_rel[i])) / min(10, len(sel_rel[i])) for g, i in zip(got, lab_rows)]))
     r = rec(ad.apply(nq)); s = A.query_overlap(ad, sel_n, x, y); s37 = A.query_overlap(ad, sel_n, x[:int(fit.sum())], y[:int(fit.sum())])
-    print(json.dumps({'tag': a.tag, 'epoch': ep, 'recall': round(r, 4), 'recovery': round(r/newr, 4), 'sel_all': round(s, 4), 'sel_3700': round(s37, 4), 's': round(time.time()-t0)}), flush=True)
+    print(json.dumps({'tag': a.tag, 'epoch': ep, 'recall': round(r, 4), 'recovery': round(r/newr, 4), 'sel_all': round(s, 4), 'sel_lab': round(sel_lab, 4), 'sel_3700': round(s37, 4), 's': round(time.time()-t0)}), flush=True)
 ema = None
 def raw():
     with torch.no_grad():
