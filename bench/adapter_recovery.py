@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     from reembed.storage import json_lines
 
     if args.listwise_grid:  # bench-only overrides of the product's listwise settings (recorded in the JSON)
-        A.LISTWISE_GRID = tuple((*(float(v) for v in g.split(":")[:2]), int((g.split(":") + ["0"] * 3)[2]))
-                                for g in args.listwise_grid.split(","))
+        points = [g.split(":") for g in args.listwise_grid.split(",")]  # HIDDEN left out: the affine map alone
+        A.LISTWISE_GRID = tuple((float(p[0]), float(p[1]), int(p[2]) if len(p) > 2 else 0) for p in points)
     if args.listwise_docs:
         A.LISTWISE_DOCS = args.listwise_docs
     docs = [o for _, o in json_lines((DATA / "wordnet_glosses.jsonl").read_bytes(), "glosses")][: args.docs]

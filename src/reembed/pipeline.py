@@ -219,7 +219,7 @@ def texts_cluster(cfg: JobConfig, resources: dict[str, float] | None = None) -> 
     if device == "cuda":
         devices = max(1, round(c.max_actors * c.gpus_per_actor) if c.max_actors else gpus)
     else:
-        devices = max(1, int(c.max_actors * (c.cpus_per_actor or 1)) if c.max_actors and c.cpus_per_actor else cpus)
+        devices = max(1, int(c.max_actors * c.cpus_per_actor) if c.max_actors and c.cpus_per_actor else cpus)
     return {"device": device, "devices": devices, "cpus": cpus}
 
 
